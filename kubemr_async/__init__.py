@@ -1,0 +1,22 @@
+"""kubemr-async: Kubernetes-native, masterless MapReduce for Python.
+
+The public API is small: a :class:`Job` with ``async def`` callbacks (or the low-level
+:class:`JobWorker`), the :class:`TaskContext` every callback receives, and
+:func:`partition_for` for low-level jobs that partition by themselves.
+"""
+
+from .api import Job, JobWorker, TaskContext
+from .errors import JobFailed, KubemrError, PermanentTaskError, TaskError, UsageError
+
+
+__all__ = [
+    "Job",
+    "JobFailed",
+    "JobWorker",
+    "KubemrError",
+    "PermanentTaskError",
+    "TaskContext",
+    "TaskError",
+    "UsageError",
+
+]

@@ -1,0 +1,254 @@
+"""The user's face of kubemr-async: a :class:`Job` with ``async def`` callbacks.
+
+Two ways to write a job:
+
+* key/value (most users): decorate ``map`` (emits ``(key, value)`` pairs), optionally
+  ``combine``, and ``reduce``; the framework partitions, shuffles, sorts and writes
+  ``key<TAB>value`` lines. ``sum``/``count``/``min``/``max`` are built in and run
+  vectorized on both sides of the shuffle.
+* low level (the seed's interface, full control): subclass :class:`JobWorker` with
+  ``map(task_id, input) -> {partition: output string}`` and
+  ``reduce(partition, inputs) -> output string``; inputs and outputs are plain strings whose
+  meaning is up to you, and :class:`TaskContext` offers helpers to fetch and store objects.
+
+A job module defines one module-level ``Job`` or ``JobWorker`` instance; workers import the
+module by path or name and find it (see :func:`load_job`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from . import shuffle
+from .errors import JobDefinitionError, PermanentTaskError
+
+Builtin = shuffle.Combiner
+BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
+MapInput = Literal["text", "bytes", "name"]
+
+MapFn = Callable[[Any, "TaskContext"], Union[Awaitable[None], AsyncIterator[tuple[Any, Any]]]]
+ReduceFn = Callable[[Any, list[Any], "TaskContext"], Union[Awaitable[Any], AsyncIterator[Any]]]
+
+
+@dataclass
+class TaskContext:
+    """What a callback knows about the attempt it runs in, and how it emits and does I/O."""
+
+    job: str
+    task: str
+    attempt: int
+    partitions: int
+    input: str = ""
+    args: Mapping[str, str] = field(default_factory=dict)
+    scratch: str = ""
+    log: logging.LoggerAdapter[logging.Logger] = field(
+        default_factory=lambda: logging.LoggerAdapter(logging.getLogger("kubemr.user"), {}))
+    _keys: list[Any] = field(default_factory=list, repr=False)
+    _values: list[Any] = field(default_factory=list, repr=False)
+    _tables: list[shuffle.Table] = field(default_factory=list, repr=False)
+
+    def emit(self, key: Any, value: Any) -> None:
+        """Emit one pair (fine for modest volumes; prefer :meth:`emit_batch` in hot loops)."""
+        self._keys.append(key)
+        self._values.append(value)
+
+    def emit_batch(self, keys: Any, values: Any) -> None:
+        """Emit many pairs at once: sequences, numpy or Arrow arrays; ``values`` may be a scalar."""
+        try:
+            self._tables.append(shuffle.pairs_to_table(keys, values))
+        except shuffle.ShuffleError as exc:
+            raise PermanentTaskError(str(exc)) from exc
+
+    def _emitted(self) -> shuffle.Table:
+        tables = list(self._tables)
+        try:
+            if self._keys or not tables:
+                tables.insert(0, shuffle.pairs_to_table(self._keys, self._values))
+            return shuffle.concat_tables(tables)
+        except shuffle.ShuffleError as exc:
+            raise PermanentTaskError(str(exc)) from exc
+        finally:
+            self._keys, self._values, self._tables = [], [], []
+
+    def output_url(self, name: str) -> str:
+        """A location in the job's storage that belongs to this attempt alone.
+
+        Low-level jobs write their outputs here: a zombie attempt that lost its lease writes
+        to its own URLs, so it can never overwrite what the winning attempt committed.
+        """
+        return f"{self.scratch.rstrip('/')}/{name}"
+
+    async def fetch(self, url: str) -> bytes:
+        """Read a whole object: a local path or an ``s3://bucket/key`` URL."""
+        from .storage.urls import open_url
+
+        store, key = open_url(url)
+        try:
+            return await store.get(key)
+        finally:
+            await store.aclose()
+
+    async def store(self, url: str, data: bytes | str) -> str:
+        """Write an object atomically and return its URL (what a low-level job returns)."""
+        from .storage.urls import open_url
+
+        store, key = open_url(url)
+        try:
+            await store.put(key, data.encode() if isinstance(data, str) else data)
+            return store.url(key)
+        finally:
+            await store.aclose()
+
+
+class Job:
+    """A key/value MapReduce job built from decorated ``async def`` callbacks."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.map_fn: MapFn | None = None
+        self.map_input: MapInput = "text"
+        self.combiner: Builtin | ReduceFn | None = None
+        self.reducer: Builtin | ReduceFn | None = None
+
+    def map(self, fn: MapFn | None = None, *, input: MapInput = "text") -> Any:
+        """Register the map callback: ``async def fn(input, ctx)``.
+
+        ``input`` chooses what the callback receives per input split: ``"text"`` (str,
+        undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the input
+        string itself, for callbacks that do their own I/O). The callback either yields
+        ``(key, value)`` pairs or calls ``ctx.emit``/``ctx.emit_batch``.
+        """
+        if input not in ("text", "bytes", "name"):
+            raise JobDefinitionError(f"map input must be 'text', 'bytes' or 'name', got {input!r}")
+
+        def register(func: MapFn) -> MapFn:
+            _require_callable("map", func)
+            self.map_fn, self.map_input = func, input
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def combine(self, fn: Builtin | ReduceFn) -> Any:
+        """Register a map-side combiner: a built-in name or ``async def fn(key, values, ctx)``."""
+        self.combiner = _builtin_or_callable("combine", fn)
+        return fn
+
+    def reduce(self, fn: Builtin | ReduceFn) -> Any:
+        """Register the reducer: a built-in name or ``async def fn(key, values, ctx)``.
+
+        A callable returns (or yields) the value(s) written as ``key<TAB>value`` lines;
+        returning None writes nothing for that key.
+        """
+        self.reducer = _builtin_or_callable("reduce", fn)
+        return fn
+
+    def check(self, where: str) -> None:
+        if self.map_fn is None:
+            raise JobDefinitionError(f"{where}: the job has no map callback (use @job.map)")
+        if self.reducer is None:
+            raise JobDefinitionError(f"{where}: the job has no reducer (use job.reduce(...))")
+
+    @property
+    def map_side_combiner(self) -> Builtin | ReduceFn | None:
+        """Built-in reducers are associative, so they also combine map-side by default."""
+        if self.combiner is not None:
+            return self.combiner
+        return self.reducer if isinstance(self.reducer, str) else None
+
+
+class JobWorker:
+    """The seed's low-level interface: partition and do I/O yourself; strings in and out."""
+
+    name = ""
+
+    async def map(self, task_id: int, input: str, ctx: TaskContext) -> Mapping[int, str]:
+        raise NotImplementedError
+
+    async def reduce(self, partition: int, inputs: list[str], ctx: TaskContext) -> str:
+        raise NotImplementedError
+
+
+AnyJob = Job | JobWorker
+
+
+def _require_callable(role: str, fn: Any) -> None:
+    if not callable(fn):
+        raise JobDefinitionError(f"{role} callback must be callable, got {type(fn).__name__}")
+
+
+def _builtin_or_callable(role: str, fn: Any) -> Any:
+    if isinstance(fn, str):
+        if fn not in BUILTINS:
+            raise JobDefinitionError(
+                f"unknown built-in {role} {fn!r}; choose one of {', '.join(BUILTINS)}")
+        return fn
+    _require_callable(role, fn)
+    return fn
+
+
+async def call_user(fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Await a callback that returns a value, returns an awaitable, or is an async generator."""
+    result = fn(*args)
+    if inspect.isasyncgen(result):
+        return [item async for item in result]
+    if inspect.isawaitable(result):
+        result = await result
+    return [] if result is None else [result]
+
+
+def load_job(ref: str) -> AnyJob:
+    """Import a job module (a ``.py`` path, or ``package.module`` with an optional ``:attr``).
+
+    Raises JobDefinitionError with a one-line reason: missing file, import failure, no job,
+    or several jobs without ``:attr`` to choose.
+    """
+    target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
+    module: Any
+    if target.endswith(".py") or "/" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise JobDefinitionError(f"job module {target} does not exist")
+        name = f"kubemr_user_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise JobDefinitionError(f"job module {target} cannot be imported")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise JobDefinitionError(
+                f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise JobDefinitionError(
+                f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
+    if attr:
+        found = getattr(module, attr, None)
+        if not isinstance(found, Job | JobWorker):
+            raise JobDefinitionError(f"{ref}: {attr} is not a kubemr_async Job or JobWorker")
+        return _checked(found, ref)
+    jobs: Sequence[AnyJob] = [v for v in vars(module).values() if isinstance(v, Job | JobWorker)]
+    if not jobs:
+        raise JobDefinitionError(
+            f"job module {ref} defines no job (expected a module-level kubemr_async.Job "
+            "or JobWorker instance)")
+    if len(jobs) > 1:
+        raise JobDefinitionError(f"job module {ref} defines several jobs; name one as {ref}:NAME")
+    return _checked(jobs[0], ref)
+
+
+def _checked(job: AnyJob, ref: str) -> AnyJob:
+    if isinstance(job, Job):
+        job.check(ref)
+    return job

@@ -1,0 +1,41 @@
+"""Exceptions that carry the context a user needs to act on them (job, task, attempt).
+
+Every error that reaches the CLI is rendered as one line, so each class formats its
+context into its message instead of relying on a traceback.
+"""
+
+from __future__ import annotations
+
+
+class KubemrError(Exception):
+    """Base class: anything kubemr-async raises on purpose."""
+
+
+class UsageError(KubemrError):
+    """Bad input from the user (flags, paths, job modules); reported before any work starts."""
+
+
+class JobDefinitionError(UsageError):
+    """A job module that cannot be loaded or defines no usable job."""
+
+
+class TaskError(KubemrError):
+    """A task attempt failed; names the job, task and attempt so the status says where."""
+
+    def __init__(self, job: str, task: str, attempt: int, message: str) -> None:
+        super().__init__(f"job {job}: task {task} attempt {attempt}: {message}")
+        self.job = job
+        self.task = task
+        self.attempt = attempt
+        self.message = message
+
+
+class PermanentTaskError(KubemrError):
+    """Raised inside a task when retrying cannot help (e.g. a key that cannot be serialised).
+
+    The runtime fails the task at once instead of burning the remaining attempts.
+    """
+
+
+class JobFailed(KubemrError):
+    """The job reached the Failed (or Cancelled) phase; the message is the stamped reason."""

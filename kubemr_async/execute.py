@@ -1,0 +1,96 @@
+"""Run one task's user code and the shuffle on bytes already fetched: compute, no framework I/O.
+
+The runtime fetches inputs and writes outputs on its own event loop; these coroutines run
+on the separate user loop (see runtime.UserLoop) so a callback that hogs the CPU cannot
+starve heartbeats. Built-in reducers never call into per-record Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import shuffle
+from .api import Job, JobWorker, TaskContext, call_user
+from .errors import PermanentTaskError
+
+
+def _map_argument(job: Job, data: bytes, ctx: TaskContext) -> object:
+    if job.map_input == "bytes":
+        return data
+    if job.map_input == "name":
+        return ctx.input
+    # surrogateescape keeps undecodable bytes: encoding the str back yields the input exactly.
+    return data.decode("utf-8", "surrogateescape")
+
+
+async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext) -> shuffle.Table:
+    """Call a Python reduce/combine once per key group; their values become the output rows."""
+    keys: list[object] = []
+    values: list[object] = []
+    for key, group in shuffle.iter_groups(table):
+        for value in await call_user(fn, key, group, ctx):  # type: ignore[arg-type]
+            keys.append(key)
+            values.append(value)
+    try:
+        return shuffle.concat_tables([shuffle.pairs_to_table(keys, values), ctx._emitted()])
+    except shuffle.ShuffleError as exc:
+        raise PermanentTaskError(str(exc)) from exc
+
+
+async def run_map(job: Job, data: bytes, ctx: TaskContext) -> dict[int, bytes]:
+    """Map one split: user map, map-side combine, partition; returns encoded non-empty runs."""
+    assert job.map_fn is not None
+    pairs = await call_user(job.map_fn, _map_argument(job, data, ctx), ctx)
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise PermanentTaskError(
+                f"map must yield (key, value) tuples, got {type(item).__name__}: {item!r:.80}")
+        ctx.emit(*item)
+    table = ctx._emitted()
+    combiner = job.map_side_combiner
+    if isinstance(combiner, str):
+        table = shuffle.combine(table, combiner)
+    elif combiner is not None:
+        table = await _apply_user_reduce(combiner, shuffle.sort_by_key(table), ctx)
+    parts = shuffle.partition(table, ctx.partitions)
+    return {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
+
+
+async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext) -> bytes:
+    """Reduce one partition from every map's run; returns the ``key<TAB>value`` text."""
+    tables = [shuffle.decode_run(run) for run in runs]
+    if isinstance(job.reducer, str):
+        return shuffle.format_lines(shuffle.merge_runs(tables, job.reducer))
+    # A map-side built-in combiner already merged counts; merge_runs finishes that merge.
+    merged = shuffle.merge_runs(tables, None)
+    return shuffle.format_lines(await _apply_user_reduce(job.reducer, merged, ctx))
+
+
+async def run_low_level_map(worker: JobWorker, index: int, task_input: str,
+                            ctx: TaskContext) -> dict[int, str]:
+    outputs = await worker.map(index, task_input, ctx)
+    if not isinstance(outputs, Mapping):
+        raise PermanentTaskError(
+            f"JobWorker.map must return a mapping of partition -> output string, "
+            f"got {type(outputs).__name__}")
+    checked: dict[int, str] = {}
+    for partition, output in outputs.items():
+        if not isinstance(partition, int) or not 0 <= partition < ctx.partitions:
+            raise PermanentTaskError(
+                f"JobWorker.map returned partition {partition!r}; "
+                f"expected an int in [0, {ctx.partitions})")
+        if not isinstance(output, str):
+            raise PermanentTaskError(
+                f"JobWorker.map output for partition {partition} must be str, "
+                f"got {type(output).__name__}")
+        checked[partition] = output
+    return checked
+
+
+async def run_low_level_reduce(worker: JobWorker, partition: int, inputs: list[str],
+                               ctx: TaskContext) -> str:
+    output = await worker.reduce(partition, inputs, ctx)
+    if not isinstance(output, str):
+        raise PermanentTaskError(
+            f"JobWorker.reduce must return an output string, got {type(output).__name__}")
+    return output

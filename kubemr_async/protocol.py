@@ -1,0 +1,320 @@
+"""The task state machine as pure code: every transition is a conditional JSON Patch.
+
+No I/O happens here. A worker reads records from a StateStore, asks this module what to
+write, and sends the returned :class:`Update`; the store applies it only if its ``test``
+operations still hold, so two workers racing for one task cannot both win.
+
+Layout (why it scales): the job has one small record (``job``) and every task has its own
+record (``map-00042``, ``reduce-00003``). A claim, a lease renewal or a commit rewrites only
+the task's own record, whose size depends on the number of reducers but never on the number
+of tasks, so the cost per write stays flat as jobs grow (the original kubemr rewrote one
+ever-growing object per claim, which is why its author abandoned the design).
+
+Task lifecycle::
+
+    pending --claim--> running --commit--> committed
+       ^                  |  \\--fail (failures == maxAttempts)--> failed
+       |--fail/release----/
+       |--lease expired (counted as a failure)
+
+``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
+lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
+leases) against ``maxAttempts``. Every write bumps ``seq``, and every guarded write tests
+it, which makes each update a compare-and-swap on the whole record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .spec import JobSpec
+
+JOB_KEY = "job"
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class TaskKind(StrEnum):
+    MAP = "map"
+    REDUCE = "reduce"
+
+
+class JobPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
+
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Update:
+    """A conditional write: apply ``ops`` (JSON Patch) to record ``key`` if its tests hold."""
+
+    key: str
+    ops: tuple[dict[str, Any], ...]
+
+
+def map_key(index: int) -> str:
+    return f"map-{index:05d}"
+
+
+def reduce_key(partition: int) -> str:
+    return f"reduce-{partition:05d}"
+
+
+def task_name(body: Mapping[str, Any]) -> str:
+    return map_key(body["index"]) if body["kind"] == TaskKind.MAP else reduce_key(body["index"])
+
+
+# --- initial records ----------------------------------------------------------------
+
+
+def new_job(spec: JobSpec) -> Body:
+    """The job record; it stays Pending until every task record exists."""
+    return {
+        "spec": spec.to_dict(),
+        "phase": JobPhase.PENDING.value,
+        "maps": 0,
+        "results": [],
+        "error": None,
+        "seq": 0,
+    }
+
+
+def new_task(kind: TaskKind, index: int, task_input: str | None = None,
+             byte_range: tuple[int, int] | None = None) -> Body:
+    return {
+        "kind": kind.value,
+        "index": index,
+        "input": task_input,
+        "range": list(byte_range) if byte_range else None,
+        "state": TaskState.PENDING.value,
+        "attempt": 0,
+        "failures": 0,
+        "worker": "",
+        "leaseExpires": 0.0,
+        "outputs": None,
+        "error": "",
+        "seq": 0,
+    }
+
+
+def start_job(job: Body, map_count: int) -> Update:
+    """Pending -> Running, once the planner has written every task record."""
+    return Update(JOB_KEY, (
+        _test("phase", JobPhase.PENDING.value),
+        *_write(job, phase=JobPhase.RUNNING.value, maps=map_count),
+    ))
+
+
+# --- guarded task transitions -------------------------------------------------------
+
+
+def _test(field: str, value: Any) -> dict[str, Any]:
+    return {"op": "test", "path": f"/{field}", "value": value}
+
+
+def _write(body: Mapping[str, Any], **fields: Any) -> list[dict[str, Any]]:
+    """Replace ``fields`` and bump ``seq``, guarded by a test of the seq we read."""
+    ops: list[dict[str, Any]] = [_test("seq", body["seq"])]
+    ops += [{"op": "replace", "path": f"/{name}", "value": value} for name, value in fields.items()]
+    ops.append({"op": "replace", "path": "/seq", "value": body["seq"] + 1})
+    return ops
+
+
+def _held_by(body: Mapping[str, Any], worker: str) -> list[dict[str, Any]]:
+    """Tests that the caller still holds the attempt it thinks it holds (the seed's lock)."""
+    return [_test("worker", worker), _test("attempt", body["attempt"])]
+
+
+def lease_expired(body: Mapping[str, Any], now: float) -> bool:
+    return body["state"] == TaskState.RUNNING and float(body["leaseExpires"]) < now
+
+
+def claim(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float,
+          max_attempts: int) -> Update:
+    """Claim a pending task, or take over one whose holder stopped renewing its lease.
+
+    Taking over counts the lost attempt as a failure; if that was the last allowed one
+    the update fails the task instead of claiming it.
+    """
+    key = task_name(body)
+    if body["state"] == TaskState.RUNNING:
+        if not lease_expired(body, now):
+            raise ValueError(f"task {key} is held by {body['worker']} until its lease expires")
+        reason = (f"lease expired: worker {body['worker']} stopped renewing "
+                  f"during attempt {body['attempt']}")
+        failures = body["failures"] + 1
+        if failures >= max_attempts:
+            return Update(key, tuple(_write(body, state=TaskState.FAILED.value, failures=failures,
+                                            worker="", error=reason)))
+        extra: dict[str, Any] = {"failures": failures, "error": reason}
+    elif body["state"] == TaskState.PENDING:
+        extra = {}
+    else:
+        raise ValueError(f"task {key} is {body['state']}, not claimable")
+    return Update(key, tuple(_write(
+        body, state=TaskState.RUNNING.value, worker=worker, attempt=body["attempt"] + 1,
+        leaseExpires=now + lease_seconds, **extra,
+    )))
+
+
+def renew(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float) -> Update:
+    """Extend the holder's lease; fails (lost race) if the task was taken over meanwhile."""
+    return Update(task_name(body), (*_held_by(body, worker),
+                                    *_write(body, leaseExpires=now + lease_seconds)))
+
+
+def commit(body: Mapping[str, Any], worker: str, outputs: Any) -> Update:
+    """Publish the attempt's outputs; only the current holder's commit can succeed."""
+    return Update(task_name(body), (*_held_by(body, worker), *_write(
+        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0)))
+
+
+def fail(body: Mapping[str, Any], worker: str, error: str, max_attempts: int,
+         permanent: bool = False) -> Update:
+    """Record a failed attempt: back to pending for a retry, or failed for good."""
+    failures = body["failures"] + 1
+    final = permanent or failures >= max_attempts
+    state = TaskState.FAILED if final else TaskState.PENDING
+    return Update(task_name(body), (*_held_by(body, worker), *_write(
+        body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error)))
+
+
+def release(body: Mapping[str, Any], worker: str) -> Update:
+    """Give a claim back without counting a failure (graceful shutdown, SIGTERM)."""
+    return Update(task_name(body), (*_held_by(body, worker), *_write(
+        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0)))
+
+
+# --- reading a whole job ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    maps_done: int
+    maps_total: int
+    reduces_done: int
+    reduces_total: int
+    running: int
+    failed: int
+
+
+class JobView:
+    """A consistent picture of one job's records, as a worker's watch cache holds them."""
+
+    def __init__(self, records: Mapping[str, Body]) -> None:
+        self.records = records
+        self.job: Body | None = records.get(JOB_KEY)
+        tasks = [body for key, body in records.items() if key != JOB_KEY]
+        self.maps = sorted((t for t in tasks if t["kind"] == TaskKind.MAP),
+                           key=lambda t: t["index"])
+        self.reduces = sorted((t for t in tasks if t["kind"] == TaskKind.REDUCE),
+                              key=lambda t: t["index"])
+
+    @property
+    def phase(self) -> JobPhase:
+        return JobPhase(self.job["phase"]) if self.job else JobPhase.PENDING
+
+    @property
+    def complete(self) -> bool:
+        """Every task record the job record promises has been seen."""
+        if self.job is None or self.phase == JobPhase.PENDING:
+            return False
+        reducers = int(self.job["spec"]["reducers"])
+        return len(self.maps) == self.job["maps"] and len(self.reduces) == reducers
+
+    @property
+    def maps_committed(self) -> bool:
+        return self.complete and all(t["state"] == TaskState.COMMITTED for t in self.maps)
+
+    def progress(self) -> Progress:
+        tasks = [*self.maps, *self.reduces]
+        maps_total = self.job["maps"] if self.job else len(self.maps)
+        reduces_total = int(self.job["spec"]["reducers"]) if self.job else len(self.reduces)
+        return Progress(
+            maps_done=sum(t["state"] == TaskState.COMMITTED for t in self.maps),
+            maps_total=maps_total,
+            reduces_done=sum(t["state"] == TaskState.COMMITTED for t in self.reduces),
+            reduces_total=reduces_total,
+            running=sum(t["state"] == TaskState.RUNNING for t in tasks),
+            failed=sum(t["state"] == TaskState.FAILED for t in tasks),
+        )
+
+    def claimable(self, now: float) -> list[Body]:
+        """Tasks a worker may try to claim now: maps first, reduces once all maps committed."""
+        if self.phase != JobPhase.RUNNING or not self.complete:
+            return []
+        stage = self.reduces if self.maps_committed else self.maps
+        return [t for t in stage
+                if t["state"] == TaskState.PENDING or lease_expired(t, now)]
+
+    def next_lease_expiry(self) -> float | None:
+        """When the earliest running lease runs out: the latest a waiting worker should look."""
+        leases = [float(t["leaseExpires"]) for t in (*self.maps, *self.reduces)
+                  if t["state"] == TaskState.RUNNING]
+        return min(leases) if leases else None
+
+    def map_outputs(self, partition: int) -> list[Any]:
+        """The committed outputs of every map for one reduce partition, in map order."""
+        return [m["outputs"][str(partition)] for m in self.maps
+                if str(partition) in (m["outputs"] or {})]
+
+    def verdict(self) -> Update | None:
+        """The job's final write, if the tasks have decided it and nobody stamped it yet.
+
+        Any worker (or the operator) may send it; the test on ``seq`` makes it idempotent.
+        """
+        if self.job is None or self.phase != JobPhase.RUNNING or not self.complete:
+            return None
+        failed = next((t for t in (*self.maps, *self.reduces)
+                       if t["state"] == TaskState.FAILED), None)
+        if failed is not None:
+            error = {"task": task_name(failed), "attempt": failed["attempt"],
+                     "message": failed["error"]}
+            return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.FAILED.value,
+                                                error=error)))
+        if self.reduces and all(t["state"] == TaskState.COMMITTED for t in self.reduces):
+            results = [t["outputs"] for t in self.reduces]
+            return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
+                                                results=results)))
+        return None
+
+
+def cancel(job: Mapping[str, Any], reason: str) -> Update:
+    return Update(JOB_KEY, (_test("phase", job["phase"]), *_write(
+        job, phase=JobPhase.CANCELLED.value,
+        error={"task": "", "attempt": 0, "message": reason})))
+
+
+def plan(spec: JobSpec, map_inputs: Iterable[tuple[str, tuple[int, int] | None]]) -> list[tuple[str, Body]]:
+    """Every task record of a new job: one map per input split, one reduce per partition."""
+    records = [(map_key(i), new_task(TaskKind.MAP, i, task_input, byte_range))
+               for i, (task_input, byte_range) in enumerate(map_inputs)]
+    records += [(reduce_key(r), new_task(TaskKind.REDUCE, r)) for r in range(spec.reducers)]
+    return records
+
+
+def format_error(error: Mapping[str, Any] | None) -> str:
+    """The one-line reason of a Failed job, as the CLI and the status print it."""
+    if not error:
+        return "unknown error"
+    if not error.get("task"):
+        return str(error.get("message", ""))
+    return f"task {error['task']} attempt {error['attempt']}: {error['message']}"

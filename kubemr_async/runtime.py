@@ -1,0 +1,297 @@
+"""The worker: one event loop running a watch, a claim loop, heartbeats and streaming I/O.
+
+There is no master. Every worker follows the job's records through ``StateStore.watch``,
+picks a claimable task, and claims it with a guarded patch; losing that race is normal. A
+claimed task runs while a heartbeat renews its lease; the result is committed with another
+guarded patch that only the current holder can win. Whoever sees the job decided stamps
+the verdict.
+
+User callbacks run on a second event loop in a dedicated thread (:class:`UserLoop`): a
+callback that computes for 30 s without awaiting blocks only that thread, while this loop
+keeps renewing the lease (CPython switches threads every few milliseconds, and numpy/Arrow
+release the GIL). Framework I/O (reading splits, fetching and writing runs) stays here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from . import execute, protocol, shuffle
+from .api import AnyJob, Job, TaskContext
+from .errors import JobDefinitionError, PermanentTaskError
+from .inputs import read_split
+from .protocol import Body, JobPhase, JobView, TaskKind, TaskState
+from .spec import JobSpec
+from .state.base import StateStore
+from .storage.base import BlobStore
+from .storage.urls import open_url
+
+log = logging.getLogger("kubemr.worker")
+T = TypeVar("T")
+
+_PERMANENT = (PermanentTaskError, JobDefinitionError, shuffle.ShuffleError)
+
+
+class UserLoop:
+    """A private event loop in a daemon thread where user callbacks run."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kubemr-user",
+                                        daemon=True)
+        self._thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        # A callback still hogging the thread is abandoned: the thread is a daemon.
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=1.0)
+
+
+class LeaseLost(Exception):
+    """Another worker took the task over; this attempt's results must be thrown away."""
+
+
+class Worker:
+    """Runs tasks of one job until the job is decided, deleted, or the worker is stopped."""
+
+    def __init__(self, job_name: str, job: AnyJob, store: StateStore, blobs: BlobStore,
+                 worker_id: str, *, io_concurrency: int = 16,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.job_name = job_name
+        self.job = job
+        self.store = store
+        self.blobs = blobs
+        self.worker_id = worker_id
+        self.clock = clock
+        self._io = asyncio.Semaphore(io_concurrency)
+        self._records: dict[str, Body] = {}
+        self._changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._job_deleted = False
+        self._current: asyncio.Task[Any] | None = None
+        self.tasks_done = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming and hand the current task back (graceful shutdown on SIGTERM)."""
+        self._stopping.set()
+        self._changed.set()
+        if self._current is not None:
+            self._current.cancel()
+
+    async def run(self) -> JobPhase:
+        """Work until the job finishes; returns the phase the job was in when we left."""
+        records, revision = await self.store.snapshot(self.job_name)
+        self._records = {key: rec.body for key, rec in records.items()}
+        self.spec = JobSpec.from_dict(self.job_name, self._records[protocol.JOB_KEY]["spec"])
+        self.prefix = self.spec.output.rstrip("/") or self.job_name
+        self.user = UserLoop()
+        watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
+        try:
+            return await self._claim_loop()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            self.user.close()
+
+    async def _watch(self, since: str) -> None:
+        async for event in self.store.watch(self.job_name, since):
+            self._remember(event.record.key, event.record.body)
+        self._job_deleted = True
+        self._changed.set()
+
+    def _remember(self, key: str, body: Body) -> None:
+        # Our own writes are applied at once; the watch may deliver them (or older ones) later.
+        known = self._records.get(key)
+        if known is None or body["seq"] >= known["seq"]:
+            self._records[key] = body
+            self._changed.set()
+
+    async def _write(self, update: protocol.Update) -> Body | None:
+        record = await self.store.patch(self.job_name, update)
+        if record is None:
+            return None
+        self._remember(record.key, record.body)
+        return record.body
+
+    # --- the claim loop ---------------------------------------------------------------
+
+    async def _claim_loop(self) -> JobPhase:
+        while True:
+            view = JobView(self._records)
+            if self._job_deleted or view.phase.finished or self._stopping.is_set():
+                return view.phase
+            verdict = view.verdict()
+            if verdict is not None:
+                await self._stamp_verdict(verdict)
+                continue
+            self._changed.clear()
+            now = self.clock()
+            candidates = view.claimable(now)
+            # Spread workers over different tasks so most claims win on the first try.
+            random.shuffle(candidates)
+            for body in candidates:
+                if self._stopping.is_set():
+                    break
+                update = protocol.claim(body, self.worker_id, now, self.spec.lease_seconds,
+                                        self.spec.max_attempts)
+                claimed = await self._write(update)
+                if claimed is not None and claimed["state"] == TaskState.RUNNING:
+                    await self._execute(claimed)
+                    break
+            else:
+                await self._wait_for_change(view)
+
+    async def _wait_for_change(self, view: JobView) -> None:
+        expiry = view.next_lease_expiry()
+        timeout = 2.0 if expiry is None else min(2.0, max(0.05, expiry - self.clock() + 0.01))
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _stamp_verdict(self, verdict: protocol.Update) -> None:
+        job = await self._write(verdict)
+        if job is None:
+            return
+        log.info("job decided", extra={"job": self.job_name, "phase": job["phase"],
+                                       "worker": self.worker_id})
+        if job["phase"] == JobPhase.SUCCEEDED and isinstance(self.job, Job):
+            # Intermediate runs are only garbage once the job is decided.
+            removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
+            log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
+
+    # --- one attempt ------------------------------------------------------------------
+
+    async def _execute(self, body: Body) -> None:
+        task = protocol.task_name(body)
+        attempt = int(body["attempt"])
+        context = {"job": self.job_name, "task": task, "attempt": attempt,
+                   "worker": self.worker_id}
+        log.info("claimed", extra=context)
+        holder = _Holder(body)
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(holder, lost), name="kubemr-heartbeat")
+        self._current = work = asyncio.create_task(self._perform(body), name=task)
+        lost_waiter = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait({work, lost_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if lost.is_set():
+                work.cancel()
+                log.warning("lease lost; abandoning attempt", extra=context)
+                return
+            try:
+                outputs = work.result()
+            except asyncio.CancelledError:
+                async with holder.lock:
+                    await self._write(protocol.release(holder.body, self.worker_id))
+                log.info("released on shutdown", extra=context)
+                return
+            except Exception as exc:
+                message = _describe(exc)
+                permanent = isinstance(exc, _PERMANENT)
+                log.warning("attempt failed", extra={**context, "error": message,
+                                                     "permanent": permanent})
+                async with holder.lock:
+                    await self._write(protocol.fail(holder.body, self.worker_id, message,
+                                                    self.spec.max_attempts, permanent))
+                return
+            async with holder.lock:
+                committed = await self._write(protocol.commit(holder.body, self.worker_id,
+                                                              outputs))
+            if committed is None:
+                log.warning("commit lost: the task was taken over", extra=context)
+            else:
+                self.tasks_done += 1
+                log.info("committed", extra=context)
+        finally:
+            self._current = None
+            for helper in (heartbeat, lost_waiter):
+                helper.cancel()
+            await asyncio.gather(heartbeat, lost_waiter, return_exceptions=True)
+
+    async def _heartbeat(self, holder: _Holder, lost: asyncio.Event) -> None:
+        interval = self.spec.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            async with holder.lock:
+                try:
+                    renewed = await self._write(protocol.renew(
+                        holder.body, self.worker_id, self.clock(), self.spec.lease_seconds))
+                except Exception as exc:  # a flaky store: try again before the lease runs out
+                    log.warning("lease renewal failed; retrying",
+                                extra={"job": self.job_name, "error": _describe(exc)})
+                    continue
+                if renewed is None:
+                    lost.set()
+                    return
+                holder.body = renewed
+
+    async def _perform(self, body: Body) -> Any:
+        ctx = TaskContext(job=self.job_name, task=protocol.task_name(body),
+                          attempt=int(body["attempt"]), partitions=self.spec.reducers,
+                          input=body["input"] or "", args=self.spec.args,
+                          scratch=self.blobs.url(f"{self.prefix}/user/{protocol.task_name(body)}"
+                                                 f"/attempt-{body['attempt']}"))
+        index = int(body["index"])
+        if body["kind"] == TaskKind.MAP:
+            if isinstance(self.job, Job):
+                return await self._map(self.job, body, ctx)
+            outputs = await self.user.run(
+                execute.run_low_level_map(self.job, index, ctx.input, ctx))
+            return {str(p): out for p, out in outputs.items()}
+        inputs = JobView(self._records).map_outputs(index)
+        if isinstance(self.job, Job):
+            runs = await self._gather(self.blobs.get(key) for key in inputs)
+            text = await self.user.run(execute.run_reduce(self.job, runs, ctx))
+            key = f"{self.prefix}/output/part-{index:05d}.attempt-{ctx.attempt}"
+            await self.blobs.put(key, text)
+            return self.blobs.url(key)
+        return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
+
+    async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str]:
+        source, key = open_url(body["input"])
+        try:
+            start, end = body["range"]
+            async with self._io:
+                data = await read_split(source, key, start, end, await source.size(key))
+        finally:
+            await source.aclose()
+        runs = await self.user.run(execute.run_map(job, data, ctx))
+        base = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}"
+        keys = {r: f"{base}/part-{r:05d}.run" for r in runs}
+        await self._gather(self.blobs.put(keys[r], run) for r, run in runs.items())
+        return {str(r): k for r, k in keys.items()}
+
+    async def _gather(self, jobs: Any) -> list[Any]:
+        async def bounded(aw: Awaitable[T]) -> T:
+            async with self._io:
+                return await aw
+
+        return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+class _Holder:
+    """The latest body of the task we hold; heartbeats and the final write take turns."""
+
+    def __init__(self, body: Body) -> None:
+        self.body = body
+        self.lock = asyncio.Lock()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and where in user code it came from (last frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"

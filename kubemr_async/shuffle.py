@@ -1,0 +1,737 @@
+"""Vectorized shuffle: split, partition, sort, group, combine and the intermediate run format.
+
+Everything here is pure (bytes in, bytes out; no network, no disk) and works on Arrow
+columns, so the per-record cost is paid in C, not in the Python interpreter. A shuffle
+table has two columns, ``key`` and ``value``. Each column has one *kind*:
+
+=========  ==================  ===========================================================
+kind       Arrow type          Python values
+=========  ==================  ===========================================================
+str        utf8                ``str``
+bytes      binary              ``bytes``
+int        int64               ``int`` in the int64 range
+float      float64             ``float`` (and ``int`` mixed into float values)
+bool       bool                ``bool``
+json       binary + metadata   ``None``, ``list``, ``tuple``, ``dict`` with str keys, nested
+=========  ==================  ===========================================================
+
+JSON values are stored as their orjson encoding with sorted keys (equal dicts give equal
+bytes, so they group and hash alike) and the field carries ``{b"kubemr.codec": b"json"}``
+so readers turn them back into Python objects. A column with no rows has Arrow type null
+and takes the kind of whatever it is concatenated with.
+
+Run format (version 1)
+----------------------
+A run is one partition of one map attempt's output, sorted by key::
+
+    offset  size  field
+    0       6     magic b"KMRRUN"
+    6       1     format version, 1
+    7       8     payload length, uint64 little-endian
+    15      4     CRC32 (zlib.crc32) of the payload, uint32 little-endian
+    19      n     payload: an Arrow IPC stream (schema with field metadata + batches),
+                  buffers compressed with lz4
+
+The IPC stream is self-describing, so a reader needs nothing but the bytes. The length and
+CRC catch truncated or damaged objects before Arrow parses them; a damaged run raises
+:class:`CorruptRunError` and the runtime re-runs the map task that wrote it. lz4 won over
+zstd and over no compression: on wordcount runs it encodes and decodes faster than zstd at
+a size close to it, and both compressors beat writing raw bytes once the run crosses a
+network (see ``benchmarks/bench_shuffle.py``).
+
+Why the partition hash is our own
+---------------------------------
+Every map task must send a key to the same reducer, whichever process, machine or library
+version computed it. Python's ``hash()`` of str is salted per process, and the hashes in
+numpy, pyarrow and polars are internal details that change between releases. So keys are
+hashed with FNV-1a 64 over a documented canonical byte form (see :func:`stable_hash`),
+computed with numpy so that it stays vectorized.
+"""
+
+from __future__ import annotations
+
+import reprlib
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = [
+    "Combiner",
+    "CorruptRunError",
+    "ShuffleError",
+    "Table",
+    "combine",
+    "concat_tables",
+    "decode_run",
+    "encode_run",
+    "format_lines",
+    "iter_groups",
+    "merge_combiner",
+    "merge_runs",
+    "pairs_to_table",
+    "partition",
+    "partition_for",
+    "partition_ids",
+    "sort_by_key",
+    "split_words",
+    "stable_hash",
+]
+
+Table: TypeAlias = pa.Table
+Combiner = Literal["sum", "count", "min", "max"]
+_Kind = Literal["str", "bytes", "int", "float", "bool", "json", "null"]
+_Role = Literal["key", "value"]
+
+
+class ShuffleError(ValueError):
+    """A key or value cannot be shuffled (unsupported type, mixed key types, out of range)."""
+
+
+class CorruptRunError(ValueError):
+    """An intermediate run failed its magic, version, length or checksum check."""
+
+
+_CODEC = b"kubemr.codec"
+_JSON_METADATA = {_CODEC: b"json"}
+# Datetimes and dataclasses would encode as strings/objects and decode as something else,
+# so make orjson reject them like any other unsupported type.
+_JSON_OPTIONS = (
+    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+_ARROW_TYPES: dict[_Kind, pa.DataType] = {
+    "str": pa.string(),
+    "bytes": pa.binary(),
+    "json": pa.binary(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "null": pa.null(),
+}
+_KIND_NAMES: dict[_Kind, str] = {
+    "str": "str",
+    "bytes": "bytes",
+    "json": "JSON value",
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "null": "null",
+}
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 40
+_SHORT.maxother = 40
+
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+_INT32_MAX = 2**31 - 1
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+# Below this many strings still being hashed, one numpy call per byte position costs more
+# than finishing those strings in plain Python.
+_PYTHON_TAIL = 32
+
+_MAGIC = b"KMRRUN"
+_VERSION = 1
+_HEADER = struct.Struct("<6sBQI")
+_COMPRESSION = "lz4"
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+def split_words(data: bytes) -> pa.Array:
+    """Return exactly the tokens of ``data.split()`` as an Arrow binary array."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size > _INT32_MAX:
+        raise ShuffleError(f"split_words takes chunks below 2 GiB, got {raw.size} bytes")
+    # A non-word byte on either side makes every word start and end at an edge.
+    padded = np.zeros(raw.size + 2, dtype=np.bool_)
+    word = padded[1:-1]
+    # The six ASCII whitespace bytes are 9..13 and 32; uint8 wrap-around makes 9..13 one
+    # comparison, which is cheaper than a 256-entry lookup table.
+    np.greater(raw - np.uint8(9), np.uint8(4), out=word)
+    word &= raw != np.uint8(32)
+    flags = padded.view(np.int8)
+    edges = np.flatnonzero(flags[1:] != flags[:-1])
+    offsets = np.zeros(edges.size // 2 + 1, dtype=np.int32)
+    np.cumsum(edges[1::2] - edges[0::2], out=offsets[1:])
+    mask = pa.Array.from_buffers(
+        pa.bool_(), raw.size, [None, pa.py_buffer(np.packbits(word, bitorder="little"))]
+    )
+    # Arrow's filter compacts bytes about twice as fast as numpy boolean indexing.
+    letters = pc.filter(pa.array(raw), mask).to_numpy()
+    return pa.Array.from_buffers(
+        pa.binary(), offsets.size - 1, [None, pa.py_buffer(offsets), pa.py_buffer(letters)]
+    )
+
+
+# --------------------------------------------------------------------------- building tables
+
+
+def pairs_to_table(keys: Any, values: Any) -> Table:
+    """Build a shuffle table from keys and values (or one value for every key).
+
+    ``keys`` is a Python sequence, a numpy array or an Arrow array. ``values`` is the same
+    or a single scalar; lists, tuples, ranges and arrays are taken as one value per key.
+    """
+    if isinstance(keys, str | bytes | bytearray) or not _is_column(keys, allow_sequence=True):
+        raise ShuffleError(f"keys must be a sequence or an array, got {type(keys).__name__}")
+    key_array, key_kind = _column(keys, "key")
+    if key_kind == "float":
+        key_array = pa.array(_canonical_floats(key_array.to_numpy()))
+    if _is_column(values, allow_sequence=False):
+        value_array, value_kind = _column(values, "value")
+        if len(value_array) != len(key_array):
+            raise ShuffleError(f"got {len(key_array)} keys but {len(value_array)} values")
+    else:
+        value_array, value_kind = _broadcast(values, len(key_array))
+    return _make_table(key_array, key_kind, value_array, value_kind)
+
+
+def concat_tables(tables: Sequence[Table]) -> Table:
+    """Concatenate shuffle tables, promoting int values to float where floats appear.
+
+    Values of different kinds (other than bytes) become JSON; keys of different kinds are
+    an error because they have no common order.
+    """
+    if not tables:
+        return _make_table(pa.nulls(0), "null", pa.nulls(0), "null")
+    key_kinds = [_kind(t.schema.field("key")) for t in tables]
+    value_kinds = [_kind(t.schema.field("value")) for t in tables]
+    key_kind = _unify(key_kinds, "key")
+    value_kind = _unify(value_kinds, "value")
+    schema = _schema(key_kind, value_kind)
+    parts = [
+        pa.table(
+            [
+                _convert(t.column("key"), k, key_kind),
+                _convert(t.column("value"), v, value_kind),
+            ],
+            schema=schema,
+        )
+        for t, k, v in zip(tables, key_kinds, value_kinds, strict=True)
+    ]
+    return pa.concat_tables(parts)
+
+
+def _is_column(obj: Any, *, allow_sequence: bool) -> bool:
+    if isinstance(obj, pa.Array | pa.ChunkedArray | list | tuple | range):
+        return True
+    if isinstance(obj, np.ndarray):
+        return obj.ndim > 0
+    return allow_sequence and isinstance(obj, Sequence)
+
+
+def _column(obj: Any, role: _Role) -> tuple[pa.Array, _Kind]:
+    if isinstance(obj, pa.ChunkedArray):
+        obj = obj.combine_chunks()
+    if isinstance(obj, pa.Array):
+        return _from_arrow(obj, role)
+    if isinstance(obj, np.ndarray):
+        return _from_numpy(obj, role)
+    return _from_python(list(obj), role)
+
+
+def _from_arrow(array: pa.Array, role: _Role) -> tuple[pa.Array, _Kind]:
+    kind = _arrow_kind(array.type)
+    if array.null_count or kind is None:
+        return _from_python(array.to_pylist(), role)
+    if pa.types.is_uint64(array.type) and len(array):
+        largest = int(pc.max(array).as_py())
+        if largest >= 2**63:
+            raise _out_of_range(role, largest)
+    return array.cast(_ARROW_TYPES[kind]), kind
+
+
+def _from_numpy(array: npt.NDArray[Any], role: _Role) -> tuple[pa.Array, _Kind]:
+    if array.ndim != 1:
+        raise ShuffleError(f"{role}s must be one-dimensional, got an array of shape {array.shape}")
+    code = array.dtype.kind
+    if code == "O":
+        return _from_python(array.tolist(), role)
+    if code == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise _out_of_range(role, int(array.max()))
+    conversions: dict[str, tuple[Any, _Kind]] = {
+        "b": (np.bool_, "bool"),
+        "i": (np.int64, "int"),
+        "u": (np.int64, "int"),
+        "f": (np.float64, "float"),
+    }
+    if code in conversions:
+        dtype, kind = conversions[code]
+        return pa.array(array.astype(dtype, copy=False)), kind
+    if code == "U":
+        return pa.array(array, pa.string()), "str"
+    if code == "S":
+        return pa.array(array, pa.binary()), "bytes"
+    raise ShuffleError(f"{role} of numpy dtype {array.dtype} is not serialisable")
+
+
+def _from_python(items: list[Any], role: _Role) -> tuple[pa.Array, _Kind]:
+    kinds: dict[type, _Kind] = {}
+    for cls in set(map(type, items)):
+        kind = _python_kind(cls)
+        if kind is None:
+            example = next(x for x in items if type(x) is cls)
+            raise ShuffleError(
+                f"{role} of type {cls.__name__} is not serialisable: {_SHORT.repr(example)}"
+            )
+        kinds[cls] = kind
+    distinct = set(kinds.values())
+    if not distinct:
+        return pa.nulls(0), "null"
+    if len(distinct) == 1:
+        (kind,) = distinct
+    elif role == "value" and distinct == {"int", "float"}:
+        kind = "float"
+    elif role == "value" and "bytes" not in distinct:
+        kind = "json"
+    else:
+        first, second = _clashing_types(kinds)
+        a = next(x for x in items if type(x) is first)
+        b = next(x for x in items if type(x) is second)
+        raise ShuffleError(
+            f"{role}s mix types {first.__name__} and {second.__name__} "
+            f"({_SHORT.repr(a)} and {_SHORT.repr(b)}); one table holds one {role} type"
+        )
+    return _encode_python(items, kind, role), kind
+
+
+def _clashing_types(kinds: dict[type, _Kind]) -> tuple[type, type]:
+    ordered = sorted(kinds, key=lambda cls: cls.__name__)
+    first = ordered[0]
+    second = next(cls for cls in ordered if kinds[cls] != kinds[first])
+    return first, second
+
+
+def _python_kind(cls: type) -> _Kind | None:
+    # bool before int: bool is an int subclass but a kind of its own.
+    if issubclass(cls, bool | np.bool_):
+        return "bool"
+    if issubclass(cls, int | np.integer):
+        return "int"
+    if issubclass(cls, float | np.floating):
+        return "float"
+    if issubclass(cls, str):
+        return "str"
+    if issubclass(cls, bytes):
+        return "bytes"
+    if cls is type(None) or issubclass(cls, list | tuple | dict):
+        return "json"
+    return None
+
+
+def _encode_python(items: list[Any], kind: _Kind, role: _Role) -> pa.Array:
+    if kind == "json":
+        encoded = []
+        for item in items:
+            try:
+                encoded.append(orjson.dumps(item, option=_JSON_OPTIONS))
+            except orjson.JSONEncodeError as exc:
+                raise ShuffleError(
+                    f"{role} of type {type(item).__name__} is not serialisable: "
+                    f"{_SHORT.repr(item)} ({exc})"
+                ) from exc
+        return pa.array(encoded, pa.binary())
+    try:
+        return pa.array(items, _ARROW_TYPES[kind])
+    except (OverflowError, pa.ArrowInvalid) as exc:
+        if kind == "int":
+            bad = next(x for x in items if not -(2**63) <= x < 2**63)
+            raise _out_of_range(role, int(bad)) from exc
+        # Arrow refuses ints that a float64 cannot hold exactly; Python rounds them.
+        try:
+            return pa.array([float(x) for x in items], pa.float64())
+        except OverflowError:
+            bad = next(x for x in items if abs(x) > 2**1023)
+            raise ShuffleError(
+                f"{role} of type int is too large for a float: {_SHORT.repr(bad)}"
+            ) from exc
+
+
+def _out_of_range(role: _Role, number: int) -> ShuffleError:
+    return ShuffleError(f"{role} of type int is out of the int64 range: {_SHORT.repr(number)}")
+
+
+def _broadcast(value: Any, length: int) -> tuple[pa.Array, _Kind]:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    one, kind = _from_python([value], "value")
+    return pa.repeat(one[0], length), kind
+
+
+def _canonical_floats(numbers: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    # Adding +0.0 turns -0.0 into 0.0; every NaN becomes numpy's one quiet NaN. Equal keys
+    # must have equal bits, or they would group, sort and hash apart.
+    canonical = numbers + 0.0
+    canonical[np.isnan(canonical)] = np.nan
+    return canonical
+
+
+def _arrow_kind(arrow_type: pa.DataType) -> _Kind | None:
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "str"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "bytes"
+    if pa.types.is_integer(arrow_type):
+        return "int"
+    if pa.types.is_floating(arrow_type):
+        return "float"
+    if pa.types.is_boolean(arrow_type):
+        return "bool"
+    return None
+
+
+def _kind(field: pa.Field) -> _Kind:
+    if pa.types.is_null(field.type):
+        return "null"
+    if field.metadata and field.metadata.get(_CODEC) == b"json":
+        return "json"
+    kind = _arrow_kind(field.type)
+    if kind is None:
+        raise ShuffleError(f"column {field.name!r} has unsupported Arrow type {field.type}")
+    return kind
+
+
+def _field(name: _Role, kind: _Kind) -> pa.Field:
+    return pa.field(name, _ARROW_TYPES[kind], metadata=_JSON_METADATA if kind == "json" else None)
+
+
+def _schema(key_kind: _Kind, value_kind: _Kind) -> pa.Schema:
+    return pa.schema([_field("key", key_kind), _field("value", value_kind)])
+
+
+def _make_table(keys: Any, key_kind: _Kind, values: Any, value_kind: _Kind) -> Table:
+    return pa.table([keys, values], schema=_schema(key_kind, value_kind))
+
+
+def _unify(kinds: list[_Kind], role: _Role) -> _Kind:
+    distinct = set(kinds) - {"null"}
+    if not distinct:
+        return "null"
+    if len(distinct) == 1:
+        return distinct.pop()
+    if role == "value" and distinct == {"int", "float"}:
+        return "float"
+    if role == "value" and "bytes" not in distinct:
+        return "json"
+    first, second = sorted(_KIND_NAMES[k] for k in distinct)[:2]
+    raise ShuffleError(f"cannot concatenate {role}s of type {first} and {second}")
+
+
+def _convert(column: pa.ChunkedArray, source: _Kind, target: _Kind) -> pa.ChunkedArray:
+    if source == target:
+        return column
+    if source == "null" or (source, target) == ("int", "float"):
+        return column.cast(_ARROW_TYPES[target])
+    return pa.chunked_array([_encode_python(_to_python(column, source), "json", "value")])
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def stable_hash(keys: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.uint64]:
+    """FNV-1a 64 of each key's canonical bytes, identical on every machine and version.
+
+    Canonical bytes: the UTF-8 bytes of a str, the raw bytes of bytes and of JSON values,
+    8 little-endian bytes of an int64 (two's complement), 8 little-endian bytes of a
+    float64 with -0.0 as 0.0 and every NaN as 0x7ff8000000000000, and 1 byte for a bool.
+    """
+    array = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if array.null_count and not pa.types.is_null(array.type):
+        raise ShuffleError("cannot hash null keys")
+    kind = _arrow_kind(array.type)
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if kind in ("str", "bytes"):
+        return _fnv_binary(array)
+    if kind == "int":
+        return _fnv_words(array.cast(pa.int64()).to_numpy().view(np.uint64))
+    if kind == "float":
+        numbers = _canonical_floats(array.cast(pa.float64()).to_numpy())
+        return _fnv_words(numbers.view(np.uint64))
+    if kind == "bool":
+        flags = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.uint64)
+        return (_FNV_OFFSET ^ flags) * _FNV_PRIME
+    raise ShuffleError(f"cannot hash keys of Arrow type {array.type}")
+
+
+def partition_ids(keys: pa.Array | pa.ChunkedArray, partitions: int) -> npt.NDArray[np.int64]:
+    """The reduce partition of each key: ``stable_hash(keys) % partitions``."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, got {partitions}")
+    return (stable_hash(keys) % np.uint64(partitions)).astype(np.int64)
+
+
+def _fnv_words(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    hashes = np.full(words.size, _FNV_OFFSET, dtype=np.uint64)
+    for shift in range(0, 64, 8):
+        hashes ^= (words >> np.uint64(shift)) & np.uint64(0xFF)
+        hashes *= _FNV_PRIME
+    return hashes
+
+
+def _fnv_binary(array: pa.Array) -> npt.NDArray[np.uint64]:
+    """Hash all strings at once, one byte position per step.
+
+    Strings are ordered longest first, so the strings still being hashed at position j are
+    always a prefix of that order and each step is a few whole-slice numpy operations; total
+    work is the total number of bytes plus one step per byte of the longest string.
+    """
+    n = len(array)
+    offset_type = (
+        np.int64
+        if pa.types.is_large_binary(array.type) or pa.types.is_large_string(array.type)
+        else np.int32
+    )
+    _, offset_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(
+        offset_buffer,
+        dtype=offset_type,
+        count=n + 1,
+        offset=array.offset * np.dtype(offset_type).itemsize,
+    ).astype(np.int64)
+    data = np.frombuffer(data_buffer or b"", dtype=np.uint8)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max())
+    # Stable argsort of a <= 16-bit key is a radix sort in numpy: much faster than int64.
+    sort_key = (longest - lengths).astype(np.uint16) if longest < 2**16 else -lengths
+    order = np.argsort(sort_key, kind="stable")
+    starts = offsets[:-1][order]
+    sorted_lengths = lengths[order]
+    # still[j] = how many strings are longer than j bytes.
+    still = n - np.searchsorted(sorted_lengths[::-1], np.arange(longest), side="right")
+    hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    position = 0
+    while position < longest and still[position] >= _PYTHON_TAIL:
+        active = int(still[position])
+        head = hashes[:active]
+        head ^= data[starts[:active] + position]
+        head *= _FNV_PRIME
+        position += 1
+    if position < longest:
+        raw = data.data
+        for i in range(int(still[position])):
+            value = int(hashes[i])
+            begin = int(starts[i])
+            for byte in raw[begin + position : begin + int(sorted_lengths[i])]:
+                value = ((value ^ byte) * 0x100000001B3) & _MASK64
+            hashes[i] = value
+    result = np.empty(n, dtype=np.uint64)
+    result[order] = hashes
+    return result
+
+
+# --------------------------------------------------------------------------- group, sort, partition
+
+
+def merge_combiner(combiner: Combiner) -> Combiner:
+    """The combiner that merges already-combined values: counts add up, the rest repeat."""
+    return "sum" if combiner == "count" else combiner
+
+
+_COMBINABLE: dict[str, frozenset[_Kind]] = {
+    "sum": frozenset({"int", "float", "bool", "null"}),
+    "count": frozenset({"str", "bytes", "int", "float", "bool", "json", "null"}),
+    "min": frozenset({"str", "bytes", "int", "float", "bool", "null"}),
+    "max": frozenset({"str", "bytes", "int", "float", "bool", "null"}),
+}
+
+
+def combine(table: Table, combiner: Combiner) -> Table:
+    """One row per distinct key, its values folded with ``combiner`` (in arbitrary key order)."""
+    if combiner not in _COMBINABLE:
+        raise ValueError(f"unknown combiner {combiner!r}; expected one of {sorted(_COMBINABLE)}")
+    key_kind = _kind(table.schema.field("key"))
+    value_kind = _kind(table.schema.field("value"))
+    if value_kind not in _COMBINABLE[combiner]:
+        raise ShuffleError(
+            f"combiner {combiner!r} does not apply to values of type {_KIND_NAMES[value_kind]}"
+        )
+    summing_bools = combiner == "sum" and value_kind == "bool"
+    result_kind: _Kind = "int" if combiner == "count" or summing_bools else value_kind
+    if table.num_rows == 0:
+        return _make_table(
+            table.column("key"), key_kind, pa.nulls(0, _ARROW_TYPES[result_kind]), result_kind
+        )
+    if summing_bools:
+        table = table.set_column(1, "value", table.column("value").cast(pa.int64()))
+    options = pc.CountOptions(mode="all") if combiner == "count" else None
+    # One thread: workers already run one process per core, and the single-threaded hash
+    # aggregation is both faster here and deterministic in its output order.
+    grouped = table.group_by("key", use_threads=False).aggregate([("value", combiner, options)])
+    return _make_table(
+        grouped.column("key"), key_kind, grouped.column(f"value_{combiner}"), result_kind
+    )
+
+
+def sort_by_key(table: Table) -> Table:
+    """Rows ordered by key (bytewise for str/bytes/JSON, numeric for numbers), stable."""
+    if table.num_rows < 2:
+        return table
+    return table.take(_sort_order(table.column("key")))
+
+
+def _sort_order(keys: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    return np.asarray(pc.sort_indices(keys).to_numpy(), dtype=np.int64)
+
+
+def partition(table: Table, partitions: int) -> list[Table]:
+    """Split rows by ``partition_ids``; each of the ``partitions`` tables is sorted by key."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, got {partitions}")
+    if table.num_rows == 0:
+        return [table for _ in range(partitions)]
+    keys = table.column("key")
+    ids = partition_ids(keys, partitions)
+    order = _sort_order(keys)
+    # Sorting once and then stably grouping by partition keeps every partition sorted; a
+    # stable argsort of a 16-bit key is a radix pass.
+    small = ids.astype(np.uint16) if partitions <= 2**16 else ids
+    order = order[np.argsort(small[order], kind="stable")]
+    bounds = np.zeros(partitions + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ids, minlength=partitions), out=bounds[1:])
+    shuffled = table.take(order)
+    return [
+        shuffled.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(partitions)
+    ]
+
+
+# --------------------------------------------------------------------------- run format
+
+
+def encode_run(table: Table) -> bytes:
+    """Serialise a table as a checksummed run (format in the module docstring)."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=_COMPRESSION, use_threads=False)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    payload = sink.getvalue()
+    header = _HEADER.pack(_MAGIC, _VERSION, payload.size, zlib.crc32(payload))
+    return b"".join((header, memoryview(payload)))
+
+
+def decode_run(data: bytes | bytearray | memoryview) -> Table:
+    """Parse a run written by :func:`encode_run`; damage raises :class:`CorruptRunError`."""
+    view = memoryview(data)
+    if len(view) < _HEADER.size:
+        raise CorruptRunError(
+            f"run is truncated: {len(view)} bytes, shorter than the {_HEADER.size}-byte header"
+        )
+    magic, version, length, crc = _HEADER.unpack_from(view)
+    if magic != _MAGIC:
+        raise CorruptRunError(f"not a kubemr run: magic {bytes(magic)!r}, expected {_MAGIC!r}")
+    if version != _VERSION:
+        raise CorruptRunError(
+            f"unsupported run format version {version}, this reader knows {_VERSION}"
+        )
+    payload = view[_HEADER.size :]
+    if len(payload) != length:
+        raise CorruptRunError(
+            f"run payload is {len(payload)} bytes, header says {length} (truncated or padded)"
+        )
+    actual = zlib.crc32(payload)
+    if actual != crc:
+        raise CorruptRunError(
+            f"run checksum mismatch: crc32 {actual:#010x}, header says {crc:#010x}"
+        )
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptRunError(f"run payload is not a valid Arrow stream: {exc}") from exc
+
+
+def merge_runs(tables: Sequence[Table], combiner: Combiner | None) -> Table:
+    """The reduce input: all runs of one partition, combined if asked, sorted by key."""
+    merged = concat_tables(tables)
+    if combiner is not None:
+        merged = combine(merged, merge_combiner(combiner))
+    return sort_by_key(merged)
+
+
+# --------------------------------------------------------------------------- reduce side
+
+
+def iter_groups(table: Table) -> Iterator[tuple[Any, list[Any]]]:
+    """Yield ``(key, values)`` in ascending key order, as Python objects."""
+    if table.num_rows == 0:
+        return
+    key_kind = _kind(table.schema.field("key"))
+    value_kind = _kind(table.schema.field("value"))
+    keys = table.column("key").combine_chunks()
+    if not _is_sorted(keys, key_kind):
+        table = sort_by_key(table)
+        keys = table.column("key").combine_chunks()
+    starts = _group_starts(keys, key_kind)
+    group_keys = _to_python(keys.take(starts), key_kind)
+    values = _to_python(table.column("value"), value_kind)
+    ends = [*starts[1:].tolist(), len(values)]
+    for key, start, end in zip(group_keys, starts.tolist(), ends, strict=True):
+        yield key, values[start:end]
+
+
+def _is_sorted(keys: pa.Array, kind: _Kind) -> bool:
+    if kind == "float" or len(keys) < 2:
+        # NaN compares false to everything, so let the sort place float keys.
+        return kind != "float"
+    return bool(pc.all(pc.less_equal(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py())
+
+
+def _group_starts(keys: pa.Array, kind: _Kind) -> npt.NDArray[np.int64]:
+    if kind == "float":
+        # Compare bits: canonical NaN keys are one group although NaN != NaN.
+        bits = keys.to_numpy().view(np.int64)
+        changed = bits[1:] != bits[:-1]
+    else:
+        changed = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(
+            zero_copy_only=False
+        )
+    return np.concatenate(([0], np.flatnonzero(changed) + 1)).astype(np.int64)
+
+
+def _to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
+    items: list[Any] = column.to_pylist()
+    if kind == "json":
+        return [orjson.loads(item) for item in items]
+    return items
+
+
+def format_lines(table: Table) -> bytes:
+    """The reduce's text output: ``key\\tvalue\\n`` per row, in table order."""
+    if table.num_rows == 0:
+        return b""
+    keys = _text(table.column("key").combine_chunks(), _kind(table.schema.field("key")))
+    values = _text(table.column("value").combine_chunks(), _kind(table.schema.field("value")))
+    terminated = pc.binary_join_element_wise(values, pa.scalar(b""), pa.scalar(b"\n"))
+    lines = pc.binary_join_element_wise(keys, terminated, pa.scalar(b"\t"))
+    offsets = np.frombuffer(
+        lines.buffers()[1], dtype=np.int32, count=len(lines) + 1, offset=lines.offset * 4
+    )
+    text: bytes = lines.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
+    return text
+
+
+def _text(column: pa.Array, kind: _Kind) -> pa.Array:
+    if kind == "int":
+        return column.cast(pa.string()).cast(pa.binary())
+    if kind == "float":
+        # Arrow prints 1.0 as "1" and 1e-05 as "0.00001"; the output promises repr().
+        return pa.array([repr(x).encode() for x in column.to_pylist()], pa.binary())
+    if kind == "bool":
+        return pc.if_else(column, pa.scalar(b"true"), pa.scalar(b"false"))
+    return column.cast(pa.binary())
+
+
+def partition_for(key: Any, partitions: int) -> int:
+    """The partition of one key, as :func:`partition` assigns it (for low-level jobs)."""
+    keys = pairs_to_table([key], None).column("key")
+    return int(partition_ids(keys, partitions)[0])

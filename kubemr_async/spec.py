@@ -1,0 +1,98 @@
+"""The job specification shared by every backend: what to run, on what, with which limits.
+
+The same fields appear in the ``MapReduceJob`` custom resource (camelCase in ``spec``) and in
+the embedded store's job record, so ``to_dict``/``from_dict`` use the resource's spelling.
+Validation lives here so `kubemr run`, the operator and the CRD agree on what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+MIB = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 64 * MIB
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_SECONDS = 30.0
+MAX_REDUCERS = 10_000
+
+# RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to know about a job, fixed when the job is created."""
+
+    name: str
+    job: str
+    inputs: tuple[str, ...]
+    reducers: int = 1
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    args: Mapping[str, str] = field(default_factory=dict)
+    output: str = ""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "inputs": list(self.inputs),
+            "reducers": self.reducers,
+            "maxAttempts": self.max_attempts,
+            "leaseSeconds": self.lease_seconds,
+            "chunkSize": self.chunk_size,
+            "args": dict(self.args),
+            "output": self.output,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> JobSpec:
+        return cls(
+            name=name,
+            job=str(data.get("job", "")),
+            inputs=tuple(str(i) for i in data.get("inputs", ())),
+            reducers=int(data.get("reducers", 1)),
+            max_attempts=int(data.get("maxAttempts", DEFAULT_MAX_ATTEMPTS)),
+            lease_seconds=float(data.get("leaseSeconds", DEFAULT_LEASE_SECONDS)),
+            chunk_size=int(data.get("chunkSize", DEFAULT_CHUNK_SIZE)),
+            args={str(k): str(v) for k, v in dict(data.get("args") or {}).items()},
+            output=str(data.get("output", "")),
+        )
+
+
+def validate(spec: JobSpec) -> None:
+    """Raise UsageError naming the first invalid field; mirrors the CRD schema's rules."""
+    if not _NAME.match(spec.name):
+        raise UsageError(
+            f"job name {spec.name!r} is invalid: use lowercase letters, digits and '-', "
+            "at most 63 characters"
+        )
+    if not spec.job:
+        raise UsageError("job: a job module is required")
+    if not spec.inputs:
+        raise UsageError("inputs: at least one input is required")
+    if not 1 <= spec.reducers <= MAX_REDUCERS:
+        raise UsageError(f"reducers must be between 1 and {MAX_REDUCERS}, got {spec.reducers}")
+    if spec.max_attempts < 1:
+        raise UsageError(f"maxAttempts must be at least 1, got {spec.max_attempts}")
+    if spec.lease_seconds <= 0:
+        raise UsageError(f"leaseSeconds must be positive, got {spec.lease_seconds}")
+    if spec.chunk_size <= 0:
+        raise UsageError(f"chunk size must be positive, got {spec.chunk_size}")
+
+
+def parse_size(text: str) -> int:
+    """Parse '64MiB', '512k', '1G' or plain bytes; UsageError on anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise UsageError(f"invalid size {text!r}: use bytes or a suffix like 64MiB, 512k, 1G")
+    number, unit = int(match.group(1)), match.group(2)
+    return number * 1024 ** " kmgt".index(unit or " ")

@@ -1,0 +1,62 @@
+"""The StateStore protocol: the only thing workers need from a coordination backend.
+
+Four verbs are enough for masterless coordination: read everything once (``snapshot``),
+follow changes (``watch``), create records, and apply a guarded JSON Patch (``patch``) where
+a failed ``test`` is a normal lost race reported as ``None``, not an exception. Every
+backend passes the same contract suite (tests/test_state_contract.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from ..protocol import Body, Update
+
+
+class JobNotFound(LookupError):
+    """The job (or one of its records) does not exist, e.g. it was deleted."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of a job: its key, its JSON body, and the store's version of it."""
+
+    key: str
+    body: Body
+    revision: str
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: Literal["PUT", "DELETE"]
+    record: Record
+
+
+class StateStore(Protocol):
+    async def create(self, job: str, records: Sequence[tuple[str, Body]]) -> None:
+        """Create records that do not exist yet; existing ones are left alone (idempotent)."""
+
+    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
+        """All records of ``job`` and the revision to watch from; JobNotFound if none."""
+
+    def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+        """Changes to ``job``'s records after ``since``, in order, until the job is deleted."""
+
+    async def patch(self, job: str, update: Update) -> Record | None:
+        """Apply ``update`` atomically; ``None`` if a test failed (another writer won)."""
+
+    async def delete(self, job: str) -> None:
+        """Remove the job and all its records."""
+
+    async def jobs(self) -> list[str]:
+        """Names of the jobs in this store."""
+
+    async def aclose(self) -> None: ...
+
+
+def decode_body(raw: Any) -> Body:
+    if not isinstance(raw, dict):
+        raise TypeError(f"record body must be a JSON object, got {type(raw).__name__}")
+    return raw

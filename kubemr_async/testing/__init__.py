@@ -1,0 +1,90 @@
+"""Real test environment: a Kubernetes control plane, an S3 server and a stand-in kubelet.
+
+The project tests against real servers instead of mocks (see DESIGN.md, "Real parts, not
+mocks"): ``TestCluster`` runs etcd + kube-apiserver + kube-controller-manager on loopback,
+``S3Server`` runs an S3-compatible server, and ``FakeKubelet`` plays the one part we cannot
+run here, turning Pods into local processes. The binaries come from the ``hack/ensure-*``
+scripts, which build them from the Go module proxy once and cache them.
+
+The classes live in submodules that are imported lazily, so importing this package (as
+every submodule does, for the helpers below) stays cheap.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubemr_async.testing.cluster import TestCluster
+    from kubemr_async.testing.kubelet import FakeKubelet
+    from kubemr_async.testing.s3server import S3Server
+
+__all__ = ["FakeKubelet", "S3Server", "TestCluster", "TestEnvError"]
+
+#: The source checkout holding ``hack/``; the helpers are meant for an editable install.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestEnvError(RuntimeError):
+    """A test server could not be obtained or started; the message says why."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that is free right now.
+
+    There is a small window before the server binds it; on a test machine that is an
+    acceptable trade for not having to parse port numbers out of server logs.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_ensure_script(name: str, *args: str) -> str:
+    """Run ``hack/<name>`` and return the last line of its stdout.
+
+    The scripts may build binaries for tens of minutes on first use; their progress goes to
+    our stderr so a person (or ``pytest -s``) sees what is happening.
+    """
+    script = REPO_ROOT / "hack" / name
+    if not script.is_file():
+        raise TestEnvError(f"{script} not found: kubemr_async.testing needs a source checkout")
+    proc = subprocess.run(
+        ["bash", str(script), *args], stdout=subprocess.PIPE, stderr=sys.stderr, text=True
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise TestEnvError(f"{script} failed with exit code {proc.returncode}; see its stderr")
+    return lines[-1]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """Last lines of a server log, to put the actual cause into startup errors."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def __getattr__(name: str) -> object:
+    if name == "TestCluster":
+        from kubemr_async.testing.cluster import TestCluster
+
+        return TestCluster
+    if name == "S3Server":
+        from kubemr_async.testing.s3server import S3Server
+
+        return S3Server
+    if name == "FakeKubelet":
+        from kubemr_async.testing.kubelet import FakeKubelet
+
+        return FakeKubelet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,561 @@
+"""A real single-node Kubernetes control plane on loopback, for tests and local runs.
+
+``TestCluster`` runs etcd, kube-apiserver and kube-controller-manager as local processes.
+The apiserver is configured like a production one in the ways this project depends on:
+TLS with a CA we generate, RBAC authorization, bound service-account tokens (TokenRequest)
+and the default admission chain, including ServiceAccount admission. The controller-manager
+makes batch Jobs create Pods and garbage-collects dependents by ownerReference. No kubelet or
+scheduler runs; ``kubemr_async.testing.kubelet.FakeKubelet`` runs Pods as local processes.
+
+Run ``python -m kubemr_async.testing.cluster`` to get a cluster to poke at by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import datetime
+import http.client
+import importlib.util
+import ipaddress
+import json
+import secrets
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from kubemr_async.testing import (
+    REPO_ROOT,
+    TestEnvError,
+    free_port,
+    log_tail,
+    run_ensure_script,
+)
+
+#: Where the in-cluster "kubernetes" Service would live; part of the serving cert's SANs.
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+_SERVICE_IP = "10.0.0.1"
+_ISSUER = "https://kubernetes.default.svc.cluster.local"
+_SERVING_DNS_NAMES = [
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+]
+_START_TIMEOUT = 180.0
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the apiserver; ``status`` lets tests assert on 403 vs 404."""
+
+    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+        super().__init__(f"{method} {path} -> HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+def pinned_versions() -> dict[str, str]:
+    """The Kubernetes and etcd versions ``hack/ensure-k8s-binaries.sh`` builds.
+
+    Read from the script so it stays the single place the versions are written down.
+    """
+    out = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "ensure-k8s-binaries.sh"), "--print-versions"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.split())
+
+
+def write_kubeconfig(path: Path, server: str, ca_pem: bytes, token: str) -> Path:
+    """Write a kubeconfig that authenticates with a bearer token; returns ``path``."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kubemr-test",
+                "cluster": {
+                    "server": server,
+                    "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "kubemr-test-user", "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "kubemr-test",
+                "context": {"cluster": "kubemr-test", "user": "kubemr-test-user"},
+            }
+        ],
+        "current-context": "kubemr-test",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+def make_pki(directory: Path) -> None:
+    """Create ca.{crt,key}, apiserver.{crt,key} (serving) and sa.{key,pub} (token signing).
+
+    We generate our own CA instead of letting the apiserver self-sign so that clients can
+    verify TLS properly with ``ca.crt``, exactly as they would against a real cluster. Uses
+    the ``cryptography`` package when installed (it comes with the test extras) and the
+    ``openssl`` command otherwise.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("cryptography") is not None:
+        _make_pki_cryptography(directory)
+    else:
+        _make_pki_openssl(directory)
+
+
+def _make_pki_cryptography(directory: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def new_key(name: str) -> rsa.RSAPrivateKey:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (directory / name).write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        return key
+
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=365))
+
+    ca_key = new_key("ca.key")
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubemr-test-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    serving_key = new_key("apiserver.key")
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in _SERVING_DNS_NAMES]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", _SERVICE_IP)]
+    serving_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(serving_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "apiserver.crt").write_bytes(serving_cert.public_bytes(serialization.Encoding.PEM))
+
+    sa_key = new_key("sa.key")
+    (directory / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _make_pki_openssl(directory: Path) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "365",
+        "-subj",
+        "/CN=kubemr-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    sans = ",".join(
+        [f"DNS:{n}" for n in _SERVING_DNS_NAMES] + ["IP:127.0.0.1", f"IP:{_SERVICE_IP}"]
+    )
+    (directory / "apiserver.ext").write_text(
+        f"subjectAltName={sans}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "365",
+        "-extfile",
+        "apiserver.ext",
+        "-out",
+        "apiserver.crt",
+    )
+    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key")
+    openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+
+
+class TestCluster:
+    """etcd + kube-apiserver + kube-controller-manager on loopback, in a temp dir.
+
+    Use as a context manager or call ``start()``/``stop()``. After start: ``server`` is the
+    HTTPS URL, ``ca_file`` the CA bundle, ``admin_token`` a bearer token in group
+    ``system:masters`` and ``kubeconfig_path`` an admin kubeconfig using both.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        """``bin_dir`` defaults to what ``hack/ensure-k8s-binaries.sh`` provides."""
+        self._bin_dir = bin_dir
+        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._tmp: Path | None = None
+        self.admin_token = ""
+        self.server = ""
+        self.port = 0
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    @property
+    def root(self) -> Path:
+        """The temp dir holding data, certs and one ``<process>.log`` per process."""
+        if self._tmp is None:
+            raise TestEnvError("TestCluster is not started")
+        return self._tmp
+
+    @property
+    def ca_file(self) -> Path:
+        return self.root / "pki" / "ca.crt"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.root / "admin.kubeconfig"
+
+    def start(self) -> Self:
+        """Start all processes and wait until Jobs can run; raise TestEnvError if not."""
+        bin_dir = self._bin_dir or Path(run_ensure_script("ensure-k8s-binaries.sh"))
+        self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-kube-"))
+        atexit.register(self.stop)
+        try:
+            self._start(bin_dir)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, bin_dir: Path) -> None:
+        pki = self.root / "pki"
+        make_pki(pki)
+
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        self._spawn(
+            "etcd",
+            bin_dir / "etcd",
+            "--name=kubemr-test",
+            f"--data-dir={self.root / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=kubemr-test={peer_url}",
+            # Test data is disposable; skipping fsync makes every API write much faster.
+            "--unsafe-no-fsync",
+        )
+        self._wait("etcd", lambda: _http_ok(f"{etcd_url}/health"))
+
+        self.admin_token = secrets.token_hex(20)
+        (self.root / "tokens.csv").write_text(
+            f'{self.admin_token},kubemr-admin,kubemr-admin,"system:masters"\n'
+        )
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self._spawn(
+            "kube-apiserver",
+            bin_dir / "kube-apiserver",
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}",
+            f"--cert-dir={pki}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={self.root / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            f"--service-account-issuer={_ISSUER}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            # The "kubernetes" Service endpoint would be 127.0.0.1, which Endpoints
+            # validation rejects; nothing here needs that Service, so don't reconcile it.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+        )
+        self._wait("kube-apiserver", lambda: self._request("GET", "/readyz")[0] == 200)
+        write_kubeconfig(
+            self.kubeconfig_path, self.server, self.ca_file.read_bytes(), self.admin_token
+        )
+
+        self._spawn(
+            "kube-controller-manager",
+            bin_dir / "kube-controller-manager",
+            f"--kubeconfig={self.kubeconfig_path}",
+            "--controllers=*",
+            "--leader-elect=false",
+            "--use-service-account-credentials=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--cluster-name=kubemr-test",
+            # Nothing scrapes its metrics; not serving spares us its authn/z delegation.
+            "--secure-port=0",
+        )
+        # The serviceaccount controller creating "default" shows the controllers run; Pods
+        # cannot be admitted into a namespace before its default ServiceAccount exists.
+        self._wait(
+            "kube-controller-manager",
+            lambda: (
+                self._request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+            ),
+        )
+
+    def stop(self) -> None:
+        """Stop all processes (newest first) and delete the temp dir. Idempotent."""
+        atexit.unregister(self.stop)
+        for _, proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, exe: Path, *args: str) -> None:
+        log = (self.root / f"{name}.log").open("wb")
+        with log:
+            proc = subprocess.Popen(
+                [str(exe), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.root
+            )
+        self._procs.append((name, proc))
+
+    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+        proc = next(p for n, p in self._procs if n == name)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise TestEnvError(
+                    f"{name} exited with code {proc.returncode} during startup; "
+                    f"log tail:\n{log_tail(self.root / f'{name}.log')}"
+                )
+            try:
+                if ready():
+                    return
+            except (OSError, http.client.HTTPException):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TestEnvError(
+                    f"{name} not ready after {_START_TIMEOUT:.0f}s; "
+                    f"log tail:\n{log_tail(self.root / f'{name}.log')}"
+                )
+            time.sleep(0.2)
+
+    # ---------------------------------------------------------------------- API access
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        token: str | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=30)
+        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        token: str | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """Call the REST API (as admin unless ``token`` is given) and return decoded JSON.
+
+        A deliberately thin client: tests use it to set up and inspect state without
+        depending on the code under test. Raises ApiError on non-2xx answers.
+        """
+        status, raw = self._request(method, path, body, token, content_type)
+        if not 200 <= status < 300:
+            raise ApiError(status, method, path, raw.decode(errors="replace"))
+        return json.loads(raw) if raw else None
+
+    def create_namespace(self, name: str) -> None:
+        """Create a namespace and wait for its default ServiceAccount, so Pods are admitted."""
+        self.api("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.api("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default")
+                return
+            except ApiError as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
+    def token_for(
+        self,
+        namespace: str,
+        service_account: str,
+        audience: str | None = None,
+        expiration_seconds: int = 3600,
+    ) -> str:
+        """Mint a bound token for a ServiceAccount with the TokenRequest API."""
+        spec: dict[str, Any] = {"expirationSeconds": expiration_seconds}
+        if audience is not None:
+            spec["audiences"] = [audience]
+        resp = self.api(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
+        token: str = resp["status"]["token"]
+        return token
+
+    def kubeconfig_for_token(self, token: str, path: Path) -> Path:
+        """Write a kubeconfig for this cluster that authenticates with ``token``."""
+        return write_kubeconfig(path, self.server, self.ca_file.read_bytes(), token)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return bool(resp.status == 200)
+    except urllib.error.URLError:
+        return False
+
+
+def main() -> None:
+    """Start a cluster (and optionally a FakeKubelet) and keep it up until Ctrl-C."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--kubelet", action="store_true", help="also run Pods as local processes (FakeKubelet)"
+    )
+    args = parser.parse_args()
+    with TestCluster() as cluster:
+        print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)
+        print(f"# server {cluster.server}, logs in {cluster.root}", flush=True)
+        if args.kubelet:
+            from kubemr_async.testing.kubelet import FakeKubelet
+
+            kubelet = FakeKubelet(cluster.kubeconfig_path, log_dir=cluster.root / "pods")
+            kubelet.start()
+            print(f"# FakeKubelet running; pod logs in {cluster.root / 'pods'}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if args.kubelet:
+                kubelet.stop()
+
+
+if __name__ == "__main__":
+    main()

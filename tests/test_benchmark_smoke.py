@@ -1,0 +1,102 @@
+"""Smoke test for the word-count benchmark: corpus properties and peer agreement.
+
+No timing assertions: this only guards the benchmark's *correctness* machinery (the
+corpus really exercises raw bytes and all whitespace kinds; peers agree).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import corpus, wordcount  # noqa: E402
+
+SIZE = 1 << 20
+FILES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> corpus.Corpus:
+    return corpus.ensure_corpus(tmp_path_factory.mktemp("bench"), SIZE, FILES, seed=7)
+
+
+def _read_all(c: corpus.Corpus) -> bytes:
+    return b"".join(p.read_bytes() for p in c.paths)
+
+
+def test_requested_size_and_layout(tiny: corpus.Corpus) -> None:
+    assert tiny.generated
+    assert len(tiny.paths) == FILES
+    assert sum(p.stat().st_size for p in tiny.paths) == SIZE
+    assert [p.stat().st_size for p in tiny.paths] == [SIZE // FILES] * FILES
+    # Only data files in the input directory: it is passed as-is to `kubemr run --input`.
+    assert sorted(tiny.directory.iterdir()) == sorted(tiny.paths)
+
+
+def test_deterministic_and_cached(tiny: corpus.Corpus, tmp_path: Path) -> None:
+    again = corpus.ensure_corpus(tmp_path, SIZE, FILES, seed=7)
+    assert again.generated
+    assert _read_all(again) == _read_all(tiny)
+    # Second call with the same parameters reuses the files.
+    cached = corpus.ensure_corpus(tmp_path, SIZE, FILES, seed=7)
+    assert not cached.generated
+    other = corpus.ensure_corpus(tmp_path, SIZE, FILES, seed=8)
+    assert _read_all(other) != _read_all(tiny)
+
+
+def test_cache_invalidated_by_wrong_size(tmp_path: Path) -> None:
+    c = corpus.ensure_corpus(tmp_path, 4096, 2, seed=1)
+    original = c.paths[0].read_bytes()
+    c.paths[0].write_bytes(original[:-1])
+    again = corpus.ensure_corpus(tmp_path, 4096, 2, seed=1)
+    assert again.generated
+    assert again.paths[0].read_bytes() == original
+
+
+def test_content_exercises_bytes_case_and_whitespace(tiny: corpus.Corpus) -> None:
+    data = _read_all(tiny)
+    with pytest.raises(UnicodeDecodeError):
+        data.decode("utf-8")
+    assert b"\xe9" in data
+    # Bytes str.split() would split on (after a latin-1 decode) but bytes.split() won't.
+    assert any(b in data for b in (b"\x1c", b"\x1f", b"\x85", b"\xa0"))
+    for sep in (b" ", b"\n", b"\t", b"\r\n", b"  ", b"\x0b", b"\x0c"):
+        assert sep in data, sep
+    words = set(data.split())
+    lower = {w for w in words if w.isalpha() and w.islower()}
+    assert any(w.capitalize() in words for w in lower)
+    assert any(w.upper() in words for w in lower if len(w) > 1)
+    assert len(words) > 10_000
+
+
+def test_counter_and_mp_pool_agree(tiny: corpus.Corpus) -> None:
+    paths = [str(p) for p in tiny.paths]
+    ref = wordcount.peer_counter(paths, 1)
+    assert sum(ref.values()) == len(_read_all(tiny).split())
+    assert wordcount.peer_mp_pool(paths, 2) == ref
+
+
+def test_kubemr_output_parser(tmp_path: Path) -> None:
+    (tmp_path / "part-00000").write_bytes(b"caf\xe9\t3\nThe\t1\n")
+    (tmp_path / "part-00001").write_bytes(b"the\t2\n")
+    (tmp_path / "_SUCCESS").write_text("{}")
+    assert wordcount.parse_kubemr_output(tmp_path) == {b"caf\xe9": 3, b"The": 1, b"the": 2}
+    (tmp_path / "part-00002").write_bytes(b"the\t5\n")
+    with pytest.raises(wordcount.PeerError, match="duplicate"):
+        wordcount.parse_kubemr_output(tmp_path)
+
+
+def test_table_reports_failures() -> None:
+    results = [
+        wordcount.Result("counter", seconds=2.0, runs=[2.0]),
+        wordcount.Result("kubemr", seconds=1.0, runs=[1.0], correct=False, error="x"),
+    ]
+    table = wordcount.format_table(results, 10**6)
+    assert "2.00x" in table
+    assert "FAIL" in table

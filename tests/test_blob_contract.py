@@ -1,0 +1,84 @@
+"""The BlobStore contract: every backend must pass exactly these tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from .backends import BlobFactory, fs_backend
+
+from kubemr_async.storage.base import BlobNotFound
+
+pytestmark = pytest.mark.anyio
+
+BACKENDS = ["fs"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def blob_backend(request: pytest.FixtureRequest, tmp_path: Path
+                       ) -> AsyncIterator[BlobFactory]:
+    if request.param == "fs":
+        async with fs_backend(tmp_path) as factory:
+            yield factory
+    else:  # pragma: no cover - other backends register themselves in BACKENDS
+        yield request.getfixturevalue(f"{request.param}_blob_backend")
+
+
+async def test_put_get_ranges_and_size(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    data = bytes(range(256)) * 1000
+    await store.put("job/map/00000/attempt-1/part-00000.run", data)
+    key = "job/map/00000/attempt-1/part-00000.run"
+    assert await store.get(key) == data
+    assert await store.get(key, 10, 20) == data[10:20]
+    assert await store.get(key, 255_990) == data[255_990:]
+    assert await store.get(key, 255_990, 999_999) == data[255_990:]
+    assert await store.size(key) == len(data)
+    await store.aclose()
+
+
+async def test_missing_objects_raise_blob_not_found(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    with pytest.raises(BlobNotFound):
+        await store.get("nope/missing")
+    with pytest.raises(BlobNotFound):
+        await store.size("nope/missing")
+    await store.aclose()
+
+
+async def test_overwrite_replaces_whole_object(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    await store.put("k/obj", b"a" * 100_000)
+    await store.put("k/obj", b"short")
+    assert await store.get("k/obj") == b"short"
+    await store.aclose()
+
+
+async def test_list_and_delete_prefix(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    keys = ["j/map/00000/a", "j/map/00001/b", "j/output/part-00000", "jx/other"]
+    await asyncio.gather(*(store.put(k, k.encode()) for k in keys))
+    assert await store.list("j/map/") == keys[:2]
+    assert await store.list("j/") == keys[:3]
+    assert await store.delete_prefix("j/map/") == 2
+    assert await store.list("j/") == ["j/output/part-00000"]
+    assert await store.list("missing/") == []
+    await store.aclose()
+
+
+async def test_concurrent_puts_are_never_torn(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    payloads = [bytes([i]) * 300_000 for i in range(8)]
+    await asyncio.gather(*(store.put("race/obj", p) for p in payloads))
+    assert await store.get("race/obj") in payloads
+    await store.aclose()
+
+
+async def test_url_names_the_object(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    await store.put("u/obj", b"x")
+    assert store.url("u/obj").endswith("u/obj")
+    await store.aclose()

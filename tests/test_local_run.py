@@ -1,0 +1,206 @@
+"""`kubemr run` end to end: real worker processes, the SQLite store, files on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBEMR = str(Path(sys.executable).parent / "kubemr")
+DATA = ROOT / "examples" / "data"
+
+
+def kubemr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KUBEMR, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def reference_lines(files: list[Path]) -> list[bytes]:
+    counts: Counter[bytes] = Counter()
+    for path in files:
+        counts.update(path.read_bytes().split())
+    return sorted(word + b"\t" + str(n).encode() for word, n in counts.items())
+
+
+def output_lines(out: Path) -> list[bytes]:
+    lines: list[bytes] = []
+    for part in sorted(out.glob("part-*")):
+        lines += part.read_bytes().splitlines()
+    return sorted(lines)
+
+
+@pytest.mark.parametrize(("example", "extra"), [
+    ("wordcount.py", ["--reducers", "3", "--chunk-size", "7k", "--workers", "3"]),
+    ("wordcount.py", ["--reducers", "1", "--workers", "1"]),
+    ("wordcount_lowlevel.py", ["--reducers", "2", "--workers", "2"]),
+])
+def test_examples_match_an_independent_reference(tmp_path: Path, example: str,
+                                                 extra: list[str]) -> None:
+    out = tmp_path / "out"
+    result = kubemr("run", str(ROOT / "examples" / example), "--input", str(DATA),
+                    "--output", str(out), *extra)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    files = sorted(DATA.iterdir())
+    assert output_lines(out) == reference_lines(files)
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    reducers = int(extra[extra.index("--reducers") + 1])
+    assert manifest["parts"] == [f"part-{r:05d}" for r in range(reducers)]
+    assert not list(tmp_path.glob(".out.*")), "the work directory is cleaned up"
+
+
+def test_key_value_outputs_are_sorted_within_each_partition(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA),
+                    "-o", str(out), "--reducers", "2")
+    assert result.returncode == 0, result.stderr
+    for part in out.glob("part-*"):
+        words = [line.split(b"\t")[0] for line in part.read_bytes().splitlines()]
+        assert words == sorted(words)
+
+
+def test_non_utf8_bytes_and_case_are_kept(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i",
+                    str(DATA / "mixed-bytes.txt"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = output_lines(out)
+    assert b"caf\xe9\t100" in lines and b"CAF\xc3\x89\t50" in lines and b"caf\xc3\xa9\t50" in lines
+
+
+JOB_RAISES = """
+from kubemr_async import Job
+job = Job("boom")
+
+@job.map
+async def m(text, ctx):
+    if "poison" in text:
+        raise ValueError("poison line found")
+    for w in text.split():
+        yield w, 1
+
+job.reduce("sum")
+"""
+
+JOB_BAD_KEY = """
+from kubemr_async import Job
+job = Job("badkey")
+
+@job.map
+async def m(text, ctx):
+    yield {1, 2}, 1
+
+job.reduce("sum")
+"""
+
+JOB_USER_REDUCE = """
+from kubemr_async import Job
+job = Job("lengths")
+
+@job.map
+async def m(text, ctx):
+    for w in text.split():
+        ctx.emit(len(w), w)
+
+@job.reduce
+async def r(key, values, ctx):
+    return ",".join(sorted(set(values)))
+"""
+
+
+def write_job(tmp_path: Path, source: str, name: str = "job.py") -> Path:
+    path = tmp_path / name
+    path.write_text(source)
+    return path
+
+
+def test_callback_errors_are_retried_then_fail_the_job_naming_the_task(tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("fine words\npoison here\n")
+    out = tmp_path / "out"
+    result = kubemr("run", str(write_job(tmp_path, JOB_RAISES)), "-i", str(data), "-o",
+                    str(out), "--max-attempts", "2")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("kubemr: error: job boom-")
+    assert "task map-00000 attempt 2: ValueError: poison line found" in error
+    assert not out.exists(), "no partial output may be presented"
+
+
+def test_non_serialisable_key_fails_at_once_with_the_type(tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("x\n")
+    result = kubemr("run", str(write_job(tmp_path, JOB_BAD_KEY)), "-i", str(data), "-o",
+                    str(tmp_path / "out"), "--max-attempts", "5")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert "task map-00000 attempt 1" in error, "a permanent error is not retried"
+    assert "set" in error
+
+
+def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("a bb cc ddd a\n")
+    out = tmp_path / "out"
+    result = kubemr("run", str(write_job(tmp_path, JOB_USER_REDUCE)), "-i", str(data), "-o",
+                    str(out), "--reducers", "1")
+    assert result.returncode == 0, result.stderr
+    assert (out / "part-00000").read_bytes() == b"1\ta\n2\tbb,cc\n3\tddd\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--input", "{tmp}/missing.txt"], "input {tmp}/missing.txt does not exist"),
+    (["--input", "{tmp}/*.nomatch"], "matches no files"),
+    (["--workers", "0"], "--workers"),
+    (["--reducers", "0"], "--reducers"),
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--chunk-size", "lots"], "invalid size"),
+    (["--max-attempts", "0"], "--max-attempts"),
+])
+def test_bad_flags_and_inputs_fail_with_one_clear_line(tmp_path: Path, args: list[str],
+                                                       message: str) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("a\n")
+    argv = ["run", str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "out")]
+    if "--input" not in args:
+        argv += ["--input", str(data)]
+    result = kubemr(*argv, *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    (None, "does not exist"),
+    ("x = 1\n", "defines no job"),
+    ("import no_such_module_xyz\n", "failed to import: ModuleNotFoundError"),
+    ("from kubemr_async import Job\njob = Job('j')\njob.reduce('sum')\n", "no map callback"),
+])
+def test_bad_job_modules(tmp_path: Path, source: str | None, message: str) -> None:
+    module = tmp_path / "job.py" if source is None else write_job(tmp_path, source)
+    data = tmp_path / "in.txt"
+    data.write_text("a\n")
+    result = kubemr("run", str(module), "-i", str(data), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000").write_text("old results\n")
+    argv = ["run", str(ROOT / "examples" / "wordcount.py"), "-i",
+            str(DATA / "kubemr-story.txt"), "-o", str(out)]
+    refused = kubemr(*argv)
+    assert refused.returncode == 2
+    assert "already holds results; pass --overwrite" in refused.stderr
+    assert (out / "part-00000").read_text() == "old results\n"
+    replaced = kubemr(*argv, "--overwrite", "--reducers", "1")
+    assert replaced.returncode == 0, replaced.stderr
+    assert output_lines(out) == reference_lines([DATA / "kubemr-story.txt"])

@@ -1,0 +1,230 @@
+"""The task state machine, exercised as pure code (no store, no I/O).
+
+An in-memory dict with :func:`apply_patch` stands in for a store here only because the
+protocol is pure; the real stores are covered by the contract suite and the race tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubemr_async import protocol
+from kubemr_async.patch import PatchTestFailed, apply_patch
+from kubemr_async.protocol import JobPhase, JobView, TaskKind, TaskState
+from kubemr_async.spec import JobSpec
+
+SPEC = JobSpec(name="wc", job="wc.py", inputs=("a",), reducers=2, max_attempts=3,
+               lease_seconds=10.0)
+
+
+def new_records(maps: int = 3) -> dict[str, dict[str, Any]]:
+    records = {protocol.JOB_KEY: protocol.new_job(SPEC)}
+    records.update(protocol.plan(SPEC, [(f"in-{i}", (0, 10)) for i in range(maps)]))
+    upd = protocol.start_job(records[protocol.JOB_KEY], maps)
+    records[protocol.JOB_KEY] = apply_patch(records[protocol.JOB_KEY], upd.ops)
+    return records
+
+
+def write(records: dict[str, dict[str, Any]], update: protocol.Update) -> dict[str, Any] | None:
+    try:
+        records[update.key] = apply_patch(records[update.key], update.ops)
+    except PatchTestFailed:
+        return None
+    return records[update.key]
+
+
+def test_plan_creates_maps_then_reduces_and_job_waits_for_start() -> None:
+    records = dict(protocol.plan(SPEC, [("x", (0, 5)), ("y", None)]))
+    assert list(records) == ["map-00000", "map-00001", "reduce-00000", "reduce-00001"]
+    assert records["map-00001"]["range"] is None
+    pending_job = {protocol.JOB_KEY: protocol.new_job(SPEC), **records}
+    assert JobView(pending_job).claimable(0.0) == [], "a Pending job offers no work"
+
+
+def test_only_one_of_two_claims_on_the_same_read_wins() -> None:
+    records = new_records()
+    body = records["map-00000"]
+    first = write(records, protocol.claim(body, "w1", 0.0, 10.0, 3))
+    second = write(records, protocol.claim(body, "w2", 0.0, 10.0, 3))
+    assert first is not None and first["worker"] == "w1" and first["attempt"] == 1
+    assert second is None
+    with pytest.raises(ValueError, match="held by w1"):
+        protocol.claim(records["map-00000"], "w2", 5.0, 10.0, 3)
+
+
+def test_reduces_become_claimable_only_after_every_map_commits() -> None:
+    records = new_records(maps=2)
+    for i in range(2):
+        view = JobView(records)
+        assert all(t["kind"] == TaskKind.MAP for t in view.claimable(0.0))
+        body = write(records, protocol.claim(records[protocol.map_key(i)], "w", 0.0, 10, 3))
+        assert body is not None
+        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}"})) is not None
+    view = JobView(records)
+    assert [t["kind"] for t in view.claimable(0.0)] == ["reduce", "reduce"]
+    assert view.map_outputs(0) == ["run-0", "run-1"]
+    assert view.map_outputs(1) == []
+
+
+def test_expired_lease_is_taken_over_as_a_counted_failure() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
+    assert held is not None
+    assert JobView(records).claimable(5.0) == [records["map-00001"], records["map-00002"]]
+    assert records["map-00000"] in JobView(records).claimable(10.5)
+    taken = write(records, protocol.claim(held, "w2", 10.5, 10.0, 3))
+    assert taken is not None
+    assert (taken["worker"], taken["attempt"], taken["failures"]) == ("w2", 2, 1)
+    assert "w1 stopped renewing" in taken["error"]
+    # The zombie can neither renew nor commit any more.
+    assert write(records, protocol.renew(held, "w1", 11.0, 10.0)) is None
+    assert write(records, protocol.commit(held, "w1", {"0": "zombie"})) is None
+    assert records["map-00000"]["outputs"] is None
+
+
+def test_renew_extends_the_lease_and_keeps_the_holder() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
+    assert held is not None
+    renewed = write(records, protocol.renew(held, "w1", 8.0, 10.0))
+    assert renewed is not None and renewed["leaseExpires"] == 18.0
+    assert records["map-00000"] not in JobView(records).claimable(12.0)
+
+
+def test_failures_retry_until_max_attempts_then_fail_the_job() -> None:
+    records = new_records()
+    for attempt in range(1, 4):
+        body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
+        assert body is not None and body["attempt"] == attempt
+        failed = write(records, protocol.fail(body, "w", f"boom {attempt}", 3))
+        assert failed is not None
+        expected = TaskState.FAILED if attempt == 3 else TaskState.PENDING
+        assert failed["state"] == expected
+    verdict = JobView(records).verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == JobPhase.FAILED
+    assert job["error"] == {"task": "map-00001", "attempt": 3, "message": "boom 3"}
+    assert protocol.format_error(job["error"]) == "task map-00001 attempt 3: boom 3"
+
+
+def test_permanent_failure_skips_remaining_attempts() -> None:
+    records = new_records()
+    body = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10.0, 3))
+    assert body is not None
+    failed = write(records, protocol.fail(body, "w", "bad key", 3, permanent=True))
+    assert failed is not None and failed["state"] == TaskState.FAILED
+
+
+def test_lease_expiry_on_the_last_attempt_fails_the_task() -> None:
+    records = new_records()
+    spec_max = 1
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, spec_max))
+    assert held is not None
+    out = write(records, protocol.claim(held, "w2", 11.0, 10.0, spec_max))
+    assert out is not None and out["state"] == TaskState.FAILED and out["worker"] == ""
+
+
+def test_release_returns_the_task_without_counting_a_failure() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
+    assert held is not None
+    released = write(records, protocol.release(held, "w1"))
+    assert released is not None
+    assert (released["state"], released["failures"], released["attempt"]) == ("pending", 0, 1)
+    again = write(records, protocol.claim(released, "w2", 1.0, 10.0, 3))
+    assert again is not None and again["attempt"] == 2, "attempt numbers are never reused"
+
+
+def test_success_verdict_orders_results_by_partition_and_is_idempotent() -> None:
+    records = new_records(maps=1)
+    for key in ["map-00000", "reduce-00001", "reduce-00000"]:
+        body = write(records, protocol.claim(records[key], "w", 0.0, 10.0, 3))
+        assert body is not None
+        assert write(records, protocol.commit(body, "w", f"out-{key}")) is not None
+    view = JobView(records)
+    verdict = view.verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == JobPhase.SUCCEEDED
+    assert job["results"] == ["out-reduce-00000", "out-reduce-00001"]
+    assert write(records, verdict) is None, "a second stamp of the same verdict loses"
+    assert JobView(records).verdict() is None
+
+
+def test_write_size_does_not_grow_with_the_number_of_tasks() -> None:
+    sizes = []
+    for maps in (10, 1000):
+        records = new_records(maps=maps)
+        body = records[protocol.map_key(5)]  # the same task in a small and a large job
+        claim = protocol.claim(body, "worker-abc", 0.0, 10.0, 3)
+        held = write(records, claim)
+        assert held is not None
+        commit = protocol.commit(held, "worker-abc", {"0": "x/map/00009/attempt-1/part-00000"})
+        sizes.append((len(orjson.dumps(claim.ops)), len(orjson.dumps(commit.ops)),
+                      len(orjson.dumps(records[commit.key]))))
+    assert sizes[0] == sizes[1]
+
+
+# --- randomized interleavings: many workers, one store, arbitrary schedules --------------
+
+ACTIONS = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(
+    ["claim", "renew", "commit", "fail", "release", "tick"])), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ACTIONS)
+def test_any_schedule_commits_each_task_at_most_once_with_the_winners_output(
+        schedule: list[tuple[int, str]]) -> None:
+    records = new_records(maps=3)
+    now = 0.0
+    held: dict[int, dict[str, Any]] = {}  # worker -> the body it believes it holds
+    commits: dict[str, str] = {}
+    for worker_no, action in schedule:
+        worker = f"w{worker_no}"
+        if action == "tick":
+            now += 4.0
+            continue
+        if action == "claim" and worker_no not in held:
+            options = JobView(records).claimable(now)
+            if options:
+                body = options[worker_no % len(options)]
+                won = write(records, protocol.claim(body, worker, now, 10.0, 3))
+                if won is not None and won["state"] == TaskState.RUNNING:
+                    held[worker_no] = won
+            continue
+        body = held.get(worker_no)
+        if body is None:
+            continue
+        key = protocol.task_name(body)
+        if action == "renew":
+            renewed = write(records, protocol.renew(body, worker, now, 10.0))
+            if renewed is None:
+                del held[worker_no]
+            else:
+                held[worker_no] = renewed
+        elif action == "commit":
+            output = f"{key}@attempt-{body['attempt']}"
+            if write(records, protocol.commit(body, worker, output)) is not None:
+                assert key not in commits, f"{key} committed twice"
+                commits[key] = output
+            del held[worker_no]
+        elif action == "fail":
+            write(records, protocol.fail(body, worker, "boom", 3))
+            del held[worker_no]
+        elif action == "release":
+            write(records, protocol.release(body, worker))
+            del held[worker_no]
+    for key, output in commits.items():
+        final = records[key]
+        assert final["state"] == TaskState.COMMITTED
+        assert final["outputs"] == output == f"{key}@attempt-{final['attempt']}"
+        assert final["failures"] < 3
+    for body in records.values():
+        if body.get("kind") and body["state"] == TaskState.FAILED:
+            assert body["failures"] >= 3

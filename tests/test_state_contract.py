@@ -1,0 +1,144 @@
+"""The StateStore contract: every backend must pass exactly these tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubemr_async import protocol
+from kubemr_async.protocol import Update
+from kubemr_async.state.base import JobNotFound, StateStore
+
+from .backends import StoreFactory, sqlite_backend
+
+pytestmark = pytest.mark.anyio
+
+BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def state_backend(request: pytest.FixtureRequest, tmp_path: Path
+                        ) -> AsyncIterator[StoreFactory]:
+    if request.param == "sqlite":
+        async with sqlite_backend(tmp_path) as factory:
+            yield factory
+    else:  # pragma: no cover - other backends register themselves in BACKENDS
+        factory = request.getfixturevalue(f"{request.param}_state_backend")
+        yield factory
+
+
+def body(n: int = 0, worker: str = "") -> dict[str, Any]:
+    return {"kind": "map", "index": n, "worker": worker, "seq": 0, "data": {"n": n}}
+
+
+def claim(key: str, seq: int, worker: str) -> Update:
+    return Update(key, (
+        {"op": "test", "path": "/worker", "value": ""},
+        {"op": "test", "path": "/seq", "value": seq},
+        {"op": "replace", "path": "/worker", "value": worker},
+        {"op": "replace", "path": "/seq", "value": seq + 1},
+    ))
+
+
+async def test_create_is_idempotent_and_snapshot_reads_everything(
+        state_backend: StoreFactory) -> None:
+    store = await state_backend()
+    await store.create("job-a", [("job", {"phase": "Pending", "seq": 0}), ("map-00000", body())])
+    await store.create("job-a", [("map-00000", body(99)), ("map-00001", body(1))])
+    records, revision = await store.snapshot("job-a")
+    assert sorted(records) == ["job", "map-00000", "map-00001"]
+    assert records["map-00000"].body["data"] == {"n": 0}, "create must not overwrite"
+    assert revision
+    assert "job-a" in await store.jobs()
+
+
+async def test_snapshot_of_unknown_job_raises(state_backend: StoreFactory) -> None:
+    store = await state_backend()
+    with pytest.raises(JobNotFound):
+        await store.snapshot("no-such-job")
+
+
+async def test_guarded_patch_applies_or_reports_a_lost_race(state_backend: StoreFactory) -> None:
+    store = await state_backend()
+    await store.create("job-b", [("job", {"seq": 0}), ("map-00000", body())])
+    won = await store.patch("job-b", claim("map-00000", 0, "w1"))
+    assert won is not None and won.body["worker"] == "w1" and won.body["seq"] == 1
+    lost = await store.patch("job-b", claim("map-00000", 0, "w2"))
+    assert lost is None
+    records, _ = await store.snapshot("job-b")
+    assert records["map-00000"].body["worker"] == "w1"
+    with pytest.raises(JobNotFound):
+        await store.patch("job-b", claim("map-09999", 0, "w1"))
+
+
+async def test_concurrent_claims_from_separate_clients_have_one_winner(
+        state_backend: StoreFactory) -> None:
+    clients = [await state_backend() for _ in range(8)]
+    await clients[0].create("job-c", [("job", {"seq": 0}), ("map-00000", body())])
+    results = await asyncio.gather(*(
+        c.patch("job-c", claim("map-00000", 0, f"w{i}")) for i, c in enumerate(clients)))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    records, _ = await clients[-1].snapshot("job-c")
+    assert records["map-00000"].body["worker"] == winners[0].body["worker"]
+
+
+async def test_watch_delivers_later_changes_from_other_clients_in_order(
+        state_backend: StoreFactory) -> None:
+    reader, writer = await state_backend(), await state_backend()
+    await writer.create("job-d", [("job", {"seq": 0}), ("map-00000", body()),
+                                  ("map-00001", body(1))])
+    _, revision = await reader.snapshot("job-d")
+    seen: list[tuple[str, str]] = []
+
+    async def follow() -> None:
+        async for event in reader.watch("job-d", revision):
+            seen.append((event.record.key, event.record.body["worker"]))
+            if len(seen) == 2:
+                return
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.1)
+    assert await writer.patch("job-d", claim("map-00001", 0, "wa")) is not None
+    assert await writer.patch("job-d", claim("map-00000", 0, "wb")) is not None
+    await asyncio.wait_for(watcher, 20)
+    assert seen == [("map-00001", "wa"), ("map-00000", "wb")]
+
+
+async def test_watch_ends_when_the_job_is_deleted(state_backend: StoreFactory) -> None:
+    store = await state_backend()
+    await store.create("job-e", [("job", {"seq": 0}), ("map-00000", body())])
+    _, revision = await store.snapshot("job-e")
+
+    async def drain() -> None:
+        async for _ in store.watch("job-e", revision):
+            pass
+
+    watcher = asyncio.create_task(drain())
+    await asyncio.sleep(0.1)
+    await store.delete("job-e")
+    await asyncio.wait_for(watcher, 30)
+    with pytest.raises(JobNotFound):
+        await store.snapshot("job-e")
+
+
+async def test_protocol_records_round_trip(state_backend: StoreFactory) -> None:
+    """Real task records (floats, None, nested outputs) survive the backend unchanged."""
+    from kubemr_async.spec import JobSpec
+
+    store: StateStore = await state_backend()
+    spec = JobSpec(name="job-f", job="x.py", inputs=("a",), reducers=2)
+    records = [(protocol.JOB_KEY, protocol.new_job(spec)),
+               *protocol.plan(spec, [("a", (0, 1))])]
+    await store.create("job-f", records)
+    snap, _ = await store.snapshot("job-f")
+    assert {k: r.body for k, r in snap.items()} == dict(records)
+    held = protocol.claim(snap["map-00000"].body, "w", 1.5, 30.0, 3)
+    after = await store.patch("job-f", held)
+    assert after is not None and after.body["leaseExpires"] == 31.5
+    done = await store.patch("job-f", protocol.commit(after.body, "w", {"1": "k"}))
+    assert done is not None and done.body["outputs"] == {"1": "k"}
