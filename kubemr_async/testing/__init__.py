@@ -12,9 +12,12 @@ every submodule does, for the helpers below) stays cheap.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,14 @@ if TYPE_CHECKING:
     from kubemr_async.testing.kubelet import FakeKubelet
     from kubemr_async.testing.s3server import S3Server
 
-__all__ = ["FakeKubelet", "S3Server", "TestCluster", "TestEnvError"]
+__all__ = [
+    "FakeKubelet",
+    "S3Server",
+    "ServerProcesses",
+    "TestCluster",
+    "TestEnvError",
+    "free_port",
+]
 
 #: The source checkout holding ``hack/``; the helpers are meant for an editable install.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +82,64 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except OSError as exc:
         return f"<cannot read {path}: {exc}>"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerProcesses:
+    """Child server processes, each logging to ``<log_dir>/<name>.log``.
+
+    Shared by the cluster and the S3 server so both fail the same way: a server that exits
+    or never becomes ready raises TestEnvError carrying the tail of its log.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        with (self._log_dir / f"{name}.log").open("wb") as log:
+            self._procs[name] = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self._log_dir,
+            )
+
+    def wait_ready(self, name: str, ready: Callable[[], bool], timeout: float = 180.0) -> None:
+        """Poll ``ready()`` (connection errors count as "not yet") until true."""
+        proc = self._procs[name]
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise TestEnvError(
+                    f"{name} exited with code {proc.returncode} during startup; log tail:\n"
+                    + log_tail(self._log_dir / f"{name}.log")
+                )
+            try:
+                if ready():
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                raise TestEnvError(
+                    f"{name} not ready after {timeout:.0f}s; log tail:\n"
+                    + log_tail(self._log_dir / f"{name}.log")
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM everything (newest first), SIGKILL what lingers after 15 s."""
+        procs = list(reversed(self._procs.values()))
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
 
 
 def __getattr__(name: str) -> object:

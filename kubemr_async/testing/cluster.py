@@ -28,18 +28,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import yaml
 
 from kubemr_async.testing import (
     REPO_ROOT,
+    ServerProcesses,
     TestEnvError,
     free_port,
-    log_tail,
     run_ensure_script,
 )
 
@@ -54,7 +52,6 @@ _SERVING_DNS_NAMES = [
     "kubernetes.default.svc",
     "kubernetes.default.svc.cluster.local",
 ]
-_START_TIMEOUT = 180.0
 
 
 class ApiError(Exception):
@@ -274,8 +271,8 @@ class TestCluster:
     def __init__(self, bin_dir: Path | None = None) -> None:
         """``bin_dir`` defaults to what ``hack/ensure-k8s-binaries.sh`` provides."""
         self._bin_dir = bin_dir
-        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._tmp: Path | None = None
+        self._procs: ServerProcesses | None = None
         self.admin_token = ""
         self.server = ""
         self.port = 0
@@ -301,35 +298,38 @@ class TestCluster:
         """Start all processes and wait until Jobs can run; raise TestEnvError if not."""
         bin_dir = self._bin_dir or Path(run_ensure_script("ensure-k8s-binaries.sh"))
         self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-kube-"))
+        self._procs = ServerProcesses(self._tmp)
         atexit.register(self.stop)
         try:
-            self._start(bin_dir)
+            self._start(bin_dir, self._procs)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, bin_dir: Path) -> None:
+    def _start(self, bin_dir: Path, procs: ServerProcesses) -> None:
         pki = self.root / "pki"
         make_pki(pki)
 
         etcd_port, peer_port = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
-        self._spawn(
+        procs.spawn(
             "etcd",
-            bin_dir / "etcd",
-            "--name=kubemr-test",
-            f"--data-dir={self.root / 'etcd'}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=kubemr-test={peer_url}",
-            # Test data is disposable; skipping fsync makes every API write much faster.
-            "--unsafe-no-fsync",
+            [
+                str(bin_dir / "etcd"),
+                "--name=kubemr-test",
+                f"--data-dir={self.root / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=kubemr-test={peer_url}",
+                # Test data is disposable; skipping fsync makes every API write much faster.
+                "--unsafe-no-fsync",
+            ],
         )
-        self._wait("etcd", lambda: _http_ok(f"{etcd_url}/health"))
+        procs.wait_ready("etcd", lambda: _http_ok(f"{etcd_url}/health"))
 
         self.admin_token = secrets.token_hex(20)
         (self.root / "tokens.csv").write_text(
@@ -337,49 +337,53 @@ class TestCluster:
         )
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
-        self._spawn(
+        procs.spawn(
             "kube-apiserver",
-            bin_dir / "kube-apiserver",
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={self.port}",
-            f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}",
-            f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            f"--token-auth-file={self.root / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-issuer={_ISSUER}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            # The "kubernetes" Service endpoint would be 127.0.0.1, which Endpoints
-            # validation rejects; nothing here needs that Service, so don't reconcile it.
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
+            [
+                str(bin_dir / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={self.root / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                # The "kubernetes" Service endpoint would be 127.0.0.1, which Endpoints
+                # validation rejects; nothing here needs that Service, so don't reconcile it.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+            ],
         )
-        self._wait("kube-apiserver", lambda: self._request("GET", "/readyz")[0] == 200)
+        procs.wait_ready("kube-apiserver", lambda: self._request("GET", "/readyz")[0] == 200)
         write_kubeconfig(
             self.kubeconfig_path, self.server, self.ca_file.read_bytes(), self.admin_token
         )
 
-        self._spawn(
+        procs.spawn(
             "kube-controller-manager",
-            bin_dir / "kube-controller-manager",
-            f"--kubeconfig={self.kubeconfig_path}",
-            "--controllers=*",
-            "--leader-elect=false",
-            "--use-service-account-credentials=false",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            "--cluster-name=kubemr-test",
-            # Nothing scrapes its metrics; not serving spares us its authn/z delegation.
-            "--secure-port=0",
+            [
+                str(bin_dir / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig_path}",
+                "--controllers=*",
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--cluster-name=kubemr-test",
+                # Nothing scrapes its metrics; not serving spares us its authn/z delegation.
+                "--secure-port=0",
+            ],
         )
         # The serviceaccount controller creating "default" shows the controllers run; Pods
         # cannot be admitted into a namespace before its default ServiceAccount exists.
-        self._wait(
+        procs.wait_ready(
             "kube-controller-manager",
             lambda: (
                 self._request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
@@ -389,16 +393,9 @@ class TestCluster:
     def stop(self) -> None:
         """Stop all processes (newest first) and delete the temp dir. Idempotent."""
         atexit.unregister(self.stop)
-        for _, proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in reversed(self._procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs.clear()
+        if self._procs is not None:
+            self._procs.stop()
+            self._procs = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -406,42 +403,8 @@ class TestCluster:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-    def _spawn(self, name: str, exe: Path, *args: str) -> None:
-        log = (self.root / f"{name}.log").open("wb")
-        with log:
-            proc = subprocess.Popen(
-                [str(exe), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.root
-            )
-        self._procs.append((name, proc))
-
-    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
-        proc = next(p for n, p in self._procs if n == name)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise TestEnvError(
-                    f"{name} exited with code {proc.returncode} during startup; "
-                    f"log tail:\n{log_tail(self.root / f'{name}.log')}"
-                )
-            try:
-                if ready():
-                    return
-            except (OSError, http.client.HTTPException):
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TestEnvError(
-                    f"{name} not ready after {_START_TIMEOUT:.0f}s; "
-                    f"log tail:\n{log_tail(self.root / f'{name}.log')}"
-                )
-            time.sleep(0.2)
 
     # ---------------------------------------------------------------------- API access
 

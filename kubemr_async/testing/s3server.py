@@ -1,0 +1,140 @@
+"""A real S3-compatible server on loopback, for tests, benchmarks and local runs.
+
+``S3Server`` starts whatever ``hack/ensure-s3-server.sh`` provides: Versity's versitygw
+(posix backend, objects stored as plain files in a temp dir) when Go could build it, else
+moto's server mode. Both speak S3 over HTTP with path-style addressing and check SigV4
+signatures against the fixed test credentials (versitygw strictly; moto accepts any).
+
+Run ``python -m kubemr_async.testing.s3server`` to get one to poke at by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Self
+
+from kubemr_async.testing import ServerProcesses, TestEnvError, free_port, run_ensure_script
+
+
+class S3Server:
+    """An S3 server process with its own temp storage; ``start()``/``stop()`` or ``with``.
+
+    Clients should use ``endpoint_url``, ``access_key``, ``secret_key`` and ``region``, and
+    path-style addressing (virtual-host style would need DNS for ``<bucket>.127.0.0.1``).
+    """
+
+    def __init__(
+        self,
+        executable: Path | None = None,
+        *,
+        access_key: str = "kubemr-test-access",
+        secret_key: str = "kubemr-test-secret-key",
+        region: str = "us-east-1",
+    ) -> None:
+        """``executable`` defaults to what ``hack/ensure-s3-server.sh`` provides."""
+        self._executable = executable
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.region = region
+        self.endpoint_url = ""
+        self.kind = ""
+        self._tmp: Path | None = None
+        self._procs: ServerProcesses | None = None
+
+    @property
+    def root(self) -> Path:
+        """Temp dir holding the server log (``<kind>.log``) and, for versitygw, the data."""
+        if self._tmp is None:
+            raise TestEnvError("S3Server is not started")
+        return self._tmp
+
+    def client_env(self) -> dict[str, str]:
+        """The standard AWS environment variables pointing an SDK client at this server.
+
+        botocore reads ``AWS_ENDPOINT_URL`` itself, so processes we spawn (a Pod run by
+        FakeKubelet, the CLI) reach this server without extra configuration.
+        """
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+        }
+
+    def start(self) -> Self:
+        """Start the server and wait until it answers HTTP; raise TestEnvError if not."""
+        exe = self._executable or Path(run_ensure_script("ensure-s3-server.sh"))
+        self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-s3-"))
+        self._procs = ServerProcesses(self._tmp)
+        port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        if exe.name == "versitygw":
+            self.kind = "versitygw"
+            data = self._tmp / "data"
+            data.mkdir()
+            argv = [
+                str(exe),
+                f"--access={self.access_key}",
+                f"--secret={self.secret_key}",
+                f"--region={self.region}",
+                f"--port=127.0.0.1:{port}",
+                "--quiet",  # no per-request line on stdout; it would skew throughput runs
+                "posix",
+                str(data),
+            ]
+        else:
+            self.kind = "moto"
+            argv = [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+        try:
+            self._procs.spawn(self.kind, argv)
+            self._procs.wait_ready(self.kind, self._answers_http, timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _answers_http(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoint_url, timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True  # an S3 error document (e.g. 403 for anonymous) means it is up
+        except urllib.error.URLError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server and delete its data. Idempotent."""
+        if self._procs is not None:
+            self._procs.stop()
+            self._procs = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """Start a server, print how to reach it and keep it up until Ctrl-C."""
+    with S3Server() as server:
+        for key, value in server.client_env().items():
+            print(f"export {key}={value}", flush=True)
+        print(f"# {server.kind} serving from {server.root}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
