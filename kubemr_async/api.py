@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from . import shuffle
 from .errors import JobDefinitionError, PermanentTaskError
@@ -34,8 +34,8 @@ Builtin = shuffle.Combiner
 BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
 MapInput = Literal["text", "bytes", "name"]
 
-MapFn = Callable[[Any, "TaskContext"], Union[Awaitable[None], AsyncIterator[tuple[Any, Any]]]]
-ReduceFn = Callable[[Any, list[Any], "TaskContext"], Union[Awaitable[Any], AsyncIterator[Any]]]
+MapFn = Callable[[Any, "TaskContext"], Awaitable[None] | AsyncIterator[tuple[Any, Any]]]
+ReduceFn = Callable[[Any, list[Any], "TaskContext"], Awaitable[Any] | AsyncIterator[Any]]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 
 from . import logs, protocol
-from .api import Job, load_job
+from .api import AnyJob, Job, load_job
 from .errors import JobFailed, UsageError
 from .inputs import expand_inputs, plan_splits
 from .protocol import JobPhase, JobView
@@ -70,12 +70,9 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     started = time.monotonic()
-    output = output.resolve()
-    check_output(output, overwrite)
-    job = load_job(job_ref)  # fail fast, before any process starts
+    output, job, job_ref = await asyncio.to_thread(_prepare, output, overwrite, job_ref)
     name = job_name_for(job_ref, job.name)
-    spec = JobSpec(name=name, job=str(Path(job_ref).resolve()) if job_ref.endswith(".py")
-                   else job_ref, inputs=tuple(inputs), reducers=reducers,
+    spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
                    max_attempts=max_attempts, lease_seconds=lease_seconds,
                    chunk_size=chunk_size, args=args or {})
     if isinstance(job, Job):
@@ -105,6 +102,16 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         return LocalRunResult(output, name, parts, time.monotonic() - started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare(output: Path, overwrite: bool, job_ref: str) -> tuple[Path, AnyJob, str]:
+    """Checks that need no worker: the output is free and the job module loads."""
+    output = output.resolve()
+    check_output(output, overwrite)
+    job = load_job(job_ref)  # fail fast, before any process starts
+    if job_ref.endswith(".py"):  # workers may run from another directory
+        job_ref = str(Path(job_ref).resolve())
+    return output, job, job_ref
 
 
 async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
@@ -158,7 +165,7 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
 
 
 async def _spawn_worker(work: Path, name: str, index: int) -> asyncio.subprocess.Process:
-    log = open(work / f"worker-{index}.log", "wb")  # noqa: SIM115 - handed to the child
+    log = await asyncio.to_thread(open, work / f"worker-{index}.log", "wb")
     try:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),

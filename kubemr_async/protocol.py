@@ -303,7 +303,8 @@ def cancel(job: Mapping[str, Any], reason: str) -> Update:
         error={"task": "", "attempt": 0, "message": reason})))
 
 
-def plan(spec: JobSpec, map_inputs: Iterable[tuple[str, tuple[int, int] | None]]) -> list[tuple[str, Body]]:
+def plan(spec: JobSpec,
+         map_inputs: Iterable[tuple[str, tuple[int, int] | None]]) -> list[tuple[str, Body]]:
     """Every task record of a new job: one map per input split, one reduce per partition."""
     records = [(map_key(i), new_task(TaskKind.MAP, i, task_input, byte_range))
                for i, (task_input, byte_range) in enumerate(map_inputs)]

@@ -15,6 +15,7 @@ release the GIL). Framework I/O (reading splits, fetching and writing runs) stay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -65,7 +66,7 @@ class Worker:
     """Runs tasks of one job until the job is decided, deleted, or the worker is stopped."""
 
     def __init__(self, job_name: str, job: AnyJob, store: StateStore, blobs: BlobStore,
-                 worker_id: str, *, io_concurrency: int = 16,
+                 worker_id: str, *, data_prefix: str = "", io_concurrency: int = 16,
                  clock: Callable[[], float] = time.time) -> None:
         self.job_name = job_name
         self.job = job
@@ -73,6 +74,8 @@ class Worker:
         self.blobs = blobs
         self.worker_id = worker_id
         self.clock = clock
+        # Where this job's runs and outputs live inside ``blobs`` (attempt-unique keys below).
+        self.prefix = data_prefix.rstrip("/") or job_name
         self._io = asyncio.Semaphore(io_concurrency)
         self._records: dict[str, Body] = {}
         self._changed = asyncio.Event()
@@ -95,7 +98,6 @@ class Worker:
         records, revision = await self.store.snapshot(self.job_name)
         self._records = {key: rec.body for key, rec in records.items()}
         self.spec = JobSpec.from_dict(self.job_name, self._records[protocol.JOB_KEY]["spec"])
-        self.prefix = self.spec.output.rstrip("/") or self.job_name
         self.user = UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -156,10 +158,8 @@ class Worker:
     async def _wait_for_change(self, view: JobView) -> None:
         expiry = view.next_lease_expiry()
         timeout = 2.0 if expiry is None else min(2.0, max(0.05, expiry - self.clock() + 0.01))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def _stamp_verdict(self, verdict: protocol.Update) -> None:
         job = await self._write(verdict)

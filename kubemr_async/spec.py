@@ -95,4 +95,4 @@ def parse_size(text: str) -> int:
     if not match:
         raise UsageError(f"invalid size {text!r}: use bytes or a suffix like 64MiB, 512k, 1G")
     number, unit = int(match.group(1)), match.group(2)
-    return number * 1024 ** " kmgt".index(unit or " ")
+    return int(number * 1024 ** " kmgt".index(unit or " "))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .backends import BlobFactory, fs_backend
-
 from kubemr_async.storage.base import BlobNotFound
+
+from .backends import BlobFactory, fs_backend
 
 pytestmark = pytest.mark.anyio
 

@@ -60,7 +60,8 @@ def test_plan_splits_cuts_by_chunk_size() -> None:
 
 
 @pytest.mark.anyio
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=400).map(lambda b: b.replace(b"\r", b"\n")),
        chunk=st.integers(1, 64))
 async def test_splits_cover_every_line_exactly_once(tmp_path: Path, data: bytes,

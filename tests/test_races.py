@@ -190,7 +190,7 @@ async def test_sigterm_hands_the_claim_back_at_once(tmp_path: Path) -> None:
     await store.patch("slow", protocol.start_job(records["job"].body, 1))
     procs = [await _spawn_worker(tmp_path, "slow", i) for i in range(2)]
     try:
-        while not started.exists():
+        while not started.exists():  # noqa: ASYNC110 - another process creates it
             await asyncio.sleep(0.05)
         records, _ = await store.snapshot("slow")
         holder = records["map-00000"].body["worker"]

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from kubemr_async import protocol
-from kubemr_async.protocol import Update
+from kubemr_async.protocol import TaskKind, Update
+from kubemr_async.spec import JobSpec
 from kubemr_async.state.base import JobNotFound, StateStore
 
 from .backends import StoreFactory, sqlite_backend
@@ -31,27 +32,29 @@ async def state_backend(request: pytest.FixtureRequest, tmp_path: Path
         yield factory
 
 
-def body(n: int = 0, worker: str = "") -> dict[str, Any]:
-    return {"kind": "map", "index": n, "worker": worker, "seq": 0, "data": {"n": n}}
+def job_record(name: str, reducers: int = 1) -> tuple[str, dict[str, Any]]:
+    spec = JobSpec(name=name, job="job.py", inputs=("in",), reducers=reducers)
+    return protocol.JOB_KEY, protocol.new_job(spec)
 
 
-def claim(key: str, seq: int, worker: str) -> Update:
-    return Update(key, (
-        {"op": "test", "path": "/worker", "value": ""},
-        {"op": "test", "path": "/seq", "value": seq},
-        {"op": "replace", "path": "/worker", "value": worker},
-        {"op": "replace", "path": "/seq", "value": seq + 1},
-    ))
+def task(n: int) -> tuple[str, dict[str, Any]]:
+    return protocol.map_key(n), protocol.new_task(TaskKind.MAP, n, f"in-{n}", (0, 10))
+
+
+def claim(body: dict[str, Any], worker: str) -> Update:
+    return protocol.claim(body, worker, 1.0, 30.0, 3)
 
 
 async def test_create_is_idempotent_and_snapshot_reads_everything(
         state_backend: StoreFactory) -> None:
     store = await state_backend()
-    await store.create("job-a", [("job", {"phase": "Pending", "seq": 0}), ("map-00000", body())])
-    await store.create("job-a", [("map-00000", body(99)), ("map-00001", body(1))])
+    await store.create("job-a", [job_record("job-a"), task(0)])
+    _, changed = task(0)
+    changed["input"] = "changed"
+    await store.create("job-a", [(protocol.map_key(0), changed), task(1)])
     records, revision = await store.snapshot("job-a")
     assert sorted(records) == ["job", "map-00000", "map-00001"]
-    assert records["map-00000"].body["data"] == {"n": 0}, "create must not overwrite"
+    assert records["map-00000"].body["input"] == "in-0", "create must not overwrite"
     assert revision
     assert "job-a" in await store.jobs()
 
@@ -64,23 +67,24 @@ async def test_snapshot_of_unknown_job_raises(state_backend: StoreFactory) -> No
 
 async def test_guarded_patch_applies_or_reports_a_lost_race(state_backend: StoreFactory) -> None:
     store = await state_backend()
-    await store.create("job-b", [("job", {"seq": 0}), ("map-00000", body())])
-    won = await store.patch("job-b", claim("map-00000", 0, "w1"))
+    await store.create("job-b", [job_record("job-b"), task(0)])
+    before = task(0)[1]
+    won = await store.patch("job-b", claim(before, "w1"))
     assert won is not None and won.body["worker"] == "w1" and won.body["seq"] == 1
-    lost = await store.patch("job-b", claim("map-00000", 0, "w2"))
+    lost = await store.patch("job-b", claim(before, "w2"))
     assert lost is None
     records, _ = await store.snapshot("job-b")
     assert records["map-00000"].body["worker"] == "w1"
     with pytest.raises(JobNotFound):
-        await store.patch("job-b", claim("map-09999", 0, "w1"))
+        await store.patch("job-b", claim(task(9999)[1], "w1"))
 
 
 async def test_concurrent_claims_from_separate_clients_have_one_winner(
         state_backend: StoreFactory) -> None:
     clients = [await state_backend() for _ in range(8)]
-    await clients[0].create("job-c", [("job", {"seq": 0}), ("map-00000", body())])
+    await clients[0].create("job-c", [job_record("job-c"), task(0)])
     results = await asyncio.gather(*(
-        c.patch("job-c", claim("map-00000", 0, f"w{i}")) for i, c in enumerate(clients)))
+        c.patch("job-c", claim(task(0)[1], f"w{i}")) for i, c in enumerate(clients)))
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     records, _ = await clients[-1].snapshot("job-c")
@@ -90,8 +94,7 @@ async def test_concurrent_claims_from_separate_clients_have_one_winner(
 async def test_watch_delivers_later_changes_from_other_clients_in_order(
         state_backend: StoreFactory) -> None:
     reader, writer = await state_backend(), await state_backend()
-    await writer.create("job-d", [("job", {"seq": 0}), ("map-00000", body()),
-                                  ("map-00001", body(1))])
+    await writer.create("job-d", [job_record("job-d"), task(0), task(1)])
     _, revision = await reader.snapshot("job-d")
     seen: list[tuple[str, str]] = []
 
@@ -103,15 +106,15 @@ async def test_watch_delivers_later_changes_from_other_clients_in_order(
 
     watcher = asyncio.create_task(follow())
     await asyncio.sleep(0.1)
-    assert await writer.patch("job-d", claim("map-00001", 0, "wa")) is not None
-    assert await writer.patch("job-d", claim("map-00000", 0, "wb")) is not None
+    assert await writer.patch("job-d", claim(task(1)[1], "wa")) is not None
+    assert await writer.patch("job-d", claim(task(0)[1], "wb")) is not None
     await asyncio.wait_for(watcher, 20)
     assert seen == [("map-00001", "wa"), ("map-00000", "wb")]
 
 
 async def test_watch_ends_when_the_job_is_deleted(state_backend: StoreFactory) -> None:
     store = await state_backend()
-    await store.create("job-e", [("job", {"seq": 0}), ("map-00000", body())])
+    await store.create("job-e", [job_record("job-e"), task(0)])
     _, revision = await store.snapshot("job-e")
 
     async def drain() -> None:
@@ -128,8 +131,6 @@ async def test_watch_ends_when_the_job_is_deleted(state_backend: StoreFactory) -
 
 async def test_protocol_records_round_trip(state_backend: StoreFactory) -> None:
     """Real task records (floats, None, nested outputs) survive the backend unchanged."""
-    from kubemr_async.spec import JobSpec
-
     store: StateStore = await state_backend()
     spec = JobSpec(name="job-f", job="x.py", inputs=("a",), reducers=2)
     records = [(protocol.JOB_KEY, protocol.new_job(spec)),
@@ -142,3 +143,6 @@ async def test_protocol_records_round_trip(state_backend: StoreFactory) -> None:
     assert after is not None and after.body["leaseExpires"] == 31.5
     done = await store.patch("job-f", protocol.commit(after.body, "w", {"1": "k"}))
     assert done is not None and done.body["outputs"] == {"1": "k"}
+    started = await store.patch("job-f", protocol.start_job(snap[protocol.JOB_KEY].body, 1))
+    assert started is not None and started.body["phase"] == "Running"
+    assert started.body["spec"] == spec.to_dict(), "the job record keeps its spec"

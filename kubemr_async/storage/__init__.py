@@ -1,4 +1,4 @@
-"""Blob backends: where inputs, intermediate runs and results live (files locally, S3 in a cluster)."""
+"""Blob backends: where inputs, runs and results live (files locally, S3 in a cluster)."""
 
 from .base import BlobNotFound, BlobStore
 

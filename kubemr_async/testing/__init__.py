@@ -128,12 +128,14 @@ class ServerProcesses:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM everything (newest first), SIGKILL what lingers after 15 s."""
-        procs = list(reversed(self._procs.values()))
-        for proc in procs:
+        """Stop each process in reverse start order, SIGKILL if it lingers for 15 s.
+
+        One at a time, because later servers depend on earlier ones: an apiserver whose
+        etcd vanished first hangs in its graceful shutdown.
+        """
+        for proc in reversed(self._procs.values()):
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -274,6 +274,7 @@ class TestCluster:
         self._tmp: Path | None = None
         self._procs: ServerProcesses | None = None
         self.admin_token = ""
+        self.etcd_url = ""
         self.server = ""
         self.port = 0
 
@@ -312,7 +313,7 @@ class TestCluster:
         make_pki(pki)
 
         etcd_port, peer_port = free_port(), free_port()
-        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        etcd_url = self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         procs.spawn(
             "etcd",
