@@ -232,7 +232,8 @@ def _render_batch(pool: _Pool, rng: np.random.Generator, tokens: int) -> npt.NDA
     # One gather: output byte i comes from pool byte (src_start - out_start)[token] + i.
     src = np.repeat(pool.offset[ids] - out_starts, lens)
     src += np.arange(len(src), dtype=np.int64)
-    return pool.data[src]
+    out: npt.NDArray[np.uint8] = pool.data[src]
+    return out
 
 
 def render_file(pool: _Pool, seed: int, index: int, size: int) -> bytes:

@@ -28,13 +28,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 try:  # imported as part of the repo (tests, `python -m benchmarks.wordcount`)
     from benchmarks.corpus import DEFAULT_SEED, Corpus, default_data_dir, ensure_corpus
 except ModuleNotFoundError:  # run as a script: make the sibling module importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from corpus import DEFAULT_SEED, Corpus, default_data_dir, ensure_corpus
+    from corpus import (  # type: ignore[import-not-found,no-redef]
+        DEFAULT_SEED,
+        Corpus,
+        default_data_dir,
+        ensure_corpus,
+    )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("counter", "mp-pool", "dask-bag", "kubemr")
@@ -93,7 +99,7 @@ def peer_dask_bag(paths: Sequence[str], workers: int) -> WordCounts:
     # "spawn" context, as a dask user would get it.
     import dask.bag as db
 
-    bag = db.from_sequence(list(paths), npartitions=len(paths))
+    bag = db.from_sequence(list(paths), npartitions=len(paths))  # type: ignore[no-untyped-call]
     freqs = bag.map(read_split).flatten().frequencies()
     pairs = freqs.compute(scheduler="processes", num_workers=workers)
     return dict(pairs)
@@ -228,44 +234,44 @@ def timed(fn: Callable[[], WordCounts]) -> tuple[float, WordCounts]:
     return time.perf_counter() - t0, out
 
 
-def run_peer(
-    name: str,
-    corpus: Corpus,
-    workers: int,
-    repeat: int,
-    reference: WordCounts | None,
-    kubemr: KubemrOptions,
-) -> tuple[Result, WordCounts | None]:
+def run_once(
+    name: str, corpus: Corpus, workers: int, kubemr: KubemrOptions
+) -> tuple[float, WordCounts]:
     paths = [str(p) for p in corpus.paths]
-    result = Result(name)
-    last: WordCounts | None = None
-    for i in range(repeat):
-        print(f"  {name}: run {i + 1}/{repeat} ...", end="", flush=True, file=sys.stderr)
-        try:
-            if name == "kubemr":
-                seconds, counts = run_kubemr(kubemr, corpus.directory)
-            elif name == "counter":
-                seconds, counts = timed(lambda: peer_counter(paths, workers))
-            elif name == "mp-pool":
-                seconds, counts = timed(lambda: peer_mp_pool(paths, workers))
-            elif name == "dask-bag":
-                seconds, counts = timed(lambda: peer_dask_bag(paths, workers))
-            else:
-                raise PeerError(f"unknown peer {name!r}")
-        except Exception as exc:  # any failure is reported in the table, not a crash
-            print(" failed", file=sys.stderr)
-            msg = str(exc) if isinstance(exc, PeerError) else f"{type(exc).__name__}: {exc}"
-            result.error = msg
-            result.correct = False
-            return result, last
-        print(f" {seconds:.2f} s", file=sys.stderr)
-        result.runs.append(seconds)
-        last = counts
-        if reference is not None and counts != reference:
-            result.correct = False
-            result.error = diff_summary(reference, counts)
+    if name == "kubemr":
+        return run_kubemr(kubemr, corpus.directory)
+    if name == "counter":
+        return timed(lambda: peer_counter(paths, workers))
+    if name == "mp-pool":
+        return timed(lambda: peer_mp_pool(paths, workers))
+    if name == "dask-bag":
+        return timed(lambda: peer_dask_bag(paths, workers))
+    raise PeerError(f"unknown peer {name!r}")
+
+
+def record_run(
+    result: Result,
+    label: str,
+    run: Callable[[], tuple[float, WordCounts]],
+    reference: WordCounts | None,
+) -> WordCounts | None:
+    """Run once, append the time to `result`, check against `reference` if given."""
+    print(f"  {result.peer} {label} ...", end="", flush=True, file=sys.stderr)
+    try:
+        seconds, counts = run()
+    except Exception as exc:  # any failure is reported in the table, not a crash
+        print(" failed", file=sys.stderr)
+        result.error = str(exc) if isinstance(exc, PeerError) else f"{type(exc).__name__}: {exc}"
+        result.correct = False
+        result.seconds = None
+        return None
+    print(f" {seconds:.2f} s", file=sys.stderr)
+    result.runs.append(seconds)
     result.seconds = min(result.runs)
-    return result, last
+    if reference is not None and counts != reference:
+        result.correct = False
+        result.error = diff_summary(reference, counts)
+    return counts
 
 
 def machine_info() -> list[str]:
@@ -403,28 +409,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "kubemr" in args.only:
         print("kubemr: " + " ".join(kubemr_command(kubemr, corpus.directory, Path("<tmp>"))))
 
-    # The Counter result is the reference, so it always runs first; it is only reported
-    # (and its time only matters) when selected.
+    # The Counter result is the reference, so it runs first; it is only reported when
+    # selected. Repeats go round-robin over the peers rather than peer by peer, so load
+    # drifting on a shared machine hits every peer alike and the ratios stay fair.
     print("running peers:", file=sys.stderr)
-    ref_result, reference = run_peer("counter", corpus, args.workers, 1, None, kubemr)
+    results = {name: Result(name) for name in PEERS if name in args.only}
+    ref_result = results.get("counter", Result("counter"))
+    reference = record_run(
+        ref_result,
+        f"round 1/{args.repeat} (reference)",
+        partial(run_once, "counter", corpus, args.workers, kubemr),
+        None,
+    )
     if reference is None:
         print(f"reference (counter) failed: {ref_result.error}", file=sys.stderr)
         return 2
-    results: list[Result] = []
-    for name in PEERS:
-        if name not in args.only:
-            continue
-        if name == "counter":
-            if args.repeat > 1:
-                more, _ = run_peer(name, corpus, args.workers, args.repeat - 1, reference, kubemr)
-                ref_result.runs += more.runs
-                ref_result.seconds = min(ref_result.runs)
-                ref_result.correct = more.correct
-                ref_result.error = more.error
-            results.append(ref_result)
-            continue
-        res, _ = run_peer(name, corpus, args.workers, args.repeat, reference, kubemr)
-        results.append(res)
+    for rnd in range(args.repeat):
+        for name, res in results.items():
+            if (rnd == 0 and name == "counter") or (res.error and res.seconds is None):
+                continue  # already ran as the reference / failed to run: do not retry
+            record_run(
+                res,
+                f"round {rnd + 1}/{args.repeat}",
+                partial(run_once, name, corpus, args.workers, kubemr),
+                reference,
+            )
 
     tokens = sum(reference.values())
     print()
@@ -437,13 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ln)
     print(f"settings: --workers {args.workers}, best of {args.repeat}")
     print()
-    print(format_table(results, corpus.size_bytes))
+    print(format_table(list(results.values()), corpus.size_bytes))
     print()
     print(
         "MB/s = 10^6 bytes of input per wall-clock second; 'kubemr x faster' = peer seconds "
         "/ kubemr seconds (>1: kubemr is faster)."
     )
-    failed = [r for r in results if not r.correct]
+    failed = [r for r in results.values() if not r.correct]
     for r in failed:
         print(f"\n{r.peer}: {'ERROR' if r.seconds is None else 'FAIL'}\n{r.error}")
     print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s")

@@ -129,6 +129,7 @@ make_wrapper() {
 }
 
 BUILD_DIR="$VERSION_DIR/build"
+rm -rf "$VERSION_DIR"/bin.partial.*  # leftovers of killed builds; we hold the lock
 STAGE_DIR=$(mktemp -d "$VERSION_DIR/bin.partial.XXXXXX")
 trap 'rm -rf "$STAGE_DIR"' EXIT
 

@@ -27,11 +27,12 @@ build_versitygw() {
   exec 9>"$CACHE/s3/$VERSITYGW_VERSION/.lock"
   flock 9
   [[ -x "$BIN_DIR/versitygw" ]] && return 0
-  local stage
+  local stage ldflags
+  rm -rf "$CACHE/s3/$VERSITYGW_VERSION"/bin.partial.*  # leftovers of killed builds
   stage=$(mktemp -d "$CACHE/s3/$VERSITYGW_VERSION/bin.partial.XXXXXX")
   log "building versitygw $VERSITYGW_VERSION from the Go module proxy"
   local start=$SECONDS
-  local ldflags="-s -w -X main.Version=$VERSITYGW_VERSION -X main.BuildTime=$(date -u +%FT%TZ)"
+  ldflags="-s -w -X main.Version=$VERSITYGW_VERSION -X main.BuildTime=$(date -u +%FT%TZ)"
   if ! CGO_ENABLED=0 GOBIN="$stage" go install -trimpath -ldflags "$ldflags" \
     "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" >&2; then
     rm -rf "$stage"

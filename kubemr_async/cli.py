@@ -112,6 +112,55 @@ def run(
 
 
 @app.command()
+def worker() -> None:
+    """Run one worker inside a pod (configured by the environment the operator sets)."""
+    import os
+
+    from . import logs
+    from .pod import run_pod_worker
+
+    logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
+    raise typer.Exit(_guard(lambda: asyncio.run(run_pod_worker())))
+
+
+@app.command()
+def operator(
+    namespace: Annotated[str | None, typer.Option(
+        "--namespace", "-n", help="Watch one namespace (default: all namespaces).")] = None,
+    operator_namespace: Annotated[str, typer.Option(
+        envvar="KUBEMR_OPERATOR_NAMESPACE", help="Namespace holding the S3 Secret.")]
+    = "kubemr-system",
+    s3_secret: Annotated[str | None, typer.Option(
+        envvar="KUBEMR_S3_SECRET", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.")]
+    = None,
+    s3_endpoint: Annotated[str, typer.Option(envvar="KUBEMR_S3_ENDPOINT",
+                                             help="S3 endpoint URL for workers.")] = "",
+    s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
+    kubeconfig: Annotated[str | None, typer.Option(help="Path to a kubeconfig file.")] = None,
+    context: Annotated[str | None, typer.Option(help="Kubeconfig context to use.")] = None,
+) -> None:
+    """Run the operator: reconcile MapReduceJobs into task records, RBAC and worker Jobs."""
+    import os
+
+    from . import logs
+    from .kube import api_client
+    from .operator import Operator, OperatorConfig
+
+    logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
+    config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
+                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region)
+
+    async def main() -> None:
+        api = await api_client(kubeconfig, context)
+        try:
+            await Operator(api, config).run()
+        finally:
+            await api.close()
+
+    _guard(lambda: asyncio.run(main()))
+
+
+@app.command()
 def version() -> None:
     """Print the kubemr-async version."""
     typer.echo(package_version("kubemr-async"))

@@ -297,10 +297,11 @@ class JobView:
         return None
 
 
-def cancel(job: Mapping[str, Any], reason: str) -> Update:
+def abort(job: Mapping[str, Any], phase: JobPhase, reason: str) -> Update:
+    """End a job from outside the task flow: Cancelled by a user, or Failed for a reason no
+    task owns (a job module that does not load, worker pods that cannot run)."""
     return Update(JOB_KEY, (_test("phase", job["phase"]), *_write(
-        job, phase=JobPhase.CANCELLED.value,
-        error={"task": "", "attempt": 0, "message": reason})))
+        job, phase=phase.value, error={"task": "", "attempt": 0, "message": reason})))
 
 
 def plan(spec: JobSpec,

@@ -139,6 +139,9 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 # than finishing those strings in plain Python.
 _PYTHON_TAIL = 32
 
+# Rows checked for duplicates before choosing how to sort string keys.
+_DUPLICATE_SAMPLE = 1024
+
 _MAGIC = b"KMRRUN"
 _VERSION = 1
 _HEADER = struct.Struct("<6sBQI")
@@ -370,9 +373,10 @@ def _broadcast(value: Any, length: int) -> tuple[pa.Array, _Kind]:
 
 
 def _canonical_floats(numbers: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    # Adding +0.0 turns -0.0 into 0.0; every NaN becomes numpy's one quiet NaN. Equal keys
-    # must have equal bits, or they would group, sort and hash apart.
-    canonical = numbers + 0.0
+    # Equal keys must have equal bits, or they would group, sort and hash apart: -0.0
+    # becomes 0.0 and every NaN numpy's one quiet NaN.
+    canonical = numbers.copy()
+    canonical[canonical == 0] = 0.0
     canonical[np.isnan(canonical)] = np.nan
     return canonical
 
@@ -588,36 +592,51 @@ def sort_by_key(table: Table) -> Table:
 def _sort_order(keys: pa.ChunkedArray) -> npt.NDArray[np.int64]:
     """Stable ascending order of ``keys``.
 
-    Arrow's string sort compares whole strings (~170 ns per key). Sorting the first eight
-    bytes as big-endian uint64 numbers gives the same order except among keys that share
-    them, and those few are then ordered by Arrow alone.
+    Arrow's string sort compares whole strings: ~170 ns per key, and several times that
+    with many duplicates. Distinct keys (the usual case: a combined table) go through
+    :func:`_prefix_order`. Otherwise the distinct strings are found in one hash pass and
+    sorted that way, and rows are ordered by the rank of their string with a radix sort.
     """
     array = keys.combine_chunks()
     if _arrow_kind(array.type) not in ("str", "bytes"):
         return np.asarray(pc.sort_indices(array).to_numpy(), dtype=np.int64)
-    prefixes = _prefixes(*_binary_layout(array))
+    # A duplicate among the first rows predicts many; either branch gives the same order.
+    sample = array.slice(0, _DUPLICATE_SAMPLE)
+    if pc.count_distinct(sample).as_py() == len(sample):
+        return _prefix_order(array)
+    encoded = pc.dictionary_encode(array)
+    distinct = len(encoded.dictionary)
+    rank = np.empty(distinct, dtype=np.int64)
+    rank[_prefix_order(encoded.dictionary)] = np.arange(distinct)
+    ranks = rank[encoded.indices.to_numpy()]
+    # numpy's stable argsort is a radix sort for 16-bit keys: two passes cover any rank.
+    order = np.argsort((ranks & 0xFFFF).astype(np.uint16), kind="stable")
+    if distinct > 1 << 16:
+        order = order[np.argsort((ranks[order] >> 16).astype(np.uint16), kind="stable")]
+    return order.astype(np.int64, copy=False)
+
+
+def _prefix_order(strings: pa.Array) -> npt.NDArray[np.int64]:
+    """Stable ascending order of strings, fast when few share their first eight bytes.
+
+    Sorting the first eight bytes as big-endian integers orders every pair of strings that
+    differ there; only strings sharing their first eight bytes with another go through
+    Arrow's comparison sort, with the row number last so that equal strings stay in order.
+    """
+    prefixes = _prefixes(*_binary_layout(strings))
     order = np.argsort(prefixes)
     ranked = prefixes[order]
     tie = ranked[1:] == ranked[:-1]
-    in_tie = np.zeros(len(array), dtype=np.bool_)
+    in_tie = np.zeros(len(strings), dtype=np.bool_)
     in_tie[1:] = tie
     in_tie[:-1] |= tie
     tied = np.flatnonzero(in_tie)
-    if tied.size > len(array) // 2:
-        # Mostly duplicates: the prefix pass bought nothing.
-        return np.asarray(pc.sort_indices(array).to_numpy(), dtype=np.int64)
     if tied.size:
-        run_starts = np.ones(len(array), dtype=np.bool_)
+        run_starts = np.ones(len(strings), dtype=np.bool_)
         run_starts[1:] = ~tie
         members = order[tied]
-        # The original position is the last sort key: equal keys keep their input order,
-        # which the unstable prefix argsort did not.
         tied_rows = pa.table(
-            {
-                "run": np.cumsum(run_starts)[tied],
-                "key": array.take(members),
-                "row": members,
-            }
+            {"run": np.cumsum(run_starts)[tied], "key": strings.take(members), "row": members}
         )
         by = [("run", "ascending"), ("key", "ascending"), ("row", "ascending")]
         order[tied] = members[pc.sort_indices(tied_rows, sort_keys=by).to_numpy()]
@@ -756,7 +775,7 @@ def _to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
     items: list[Any] = column.to_pylist()
     if kind == "json":
         return [orjson.loads(item) for item in items]
-    return items
+    return items[::-1]
 
 
 def format_lines(table: Table) -> bytes:

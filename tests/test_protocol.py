@@ -228,3 +228,13 @@ def test_any_schedule_commits_each_task_at_most_once_with_the_winners_output(
     for body in records.values():
         if body.get("kind") and body["state"] == TaskState.FAILED:
             assert body["failures"] >= 3
+
+
+def test_abort_stamps_a_reason_no_task_owns_and_only_once() -> None:
+    records = new_records()
+    update = protocol.abort(records[protocol.JOB_KEY], JobPhase.FAILED, "image cannot be pulled")
+    job = write(records, update)
+    assert job is not None and job["phase"] == JobPhase.FAILED
+    assert protocol.format_error(job["error"]) == "image cannot be pulled"
+    assert write(records, update) is None
+    assert JobView(records).claimable(0.0) == [] and JobView(records).verdict() is None

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -231,7 +231,7 @@ def test_job_pods_run_via_controller_manager_and_fake_kubelet(
             "stringData": {"key": "s3cr3t"},
         },
     )
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "MY_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
@@ -277,6 +277,27 @@ def test_failing_pod_fails_the_job_with_its_exit_code(
 
 @pytest.mark.kube
 @pytest.mark.slow
+def test_parallel_pods_run_exactly_once_with_two_kubelets(
+    kube_cluster: TestCluster, fake_kubelet: FakeKubelet, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    ran = tmp_path / "ran"
+    job = job_manifest(
+        "fanout", f"import os; open({str(ran)!r}, 'a').write(os.environ['HOSTNAME'] + '\\n')"
+    )
+    job["spec"].update(completions=4, parallelism=4)
+    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns):  # competes with the fixture
+        kube_cluster.api("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
+        assert wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "fanout")) == (
+            "Complete"
+        )
+    pods = sorted(p["metadata"]["name"] for p in job_pods(kube_cluster, ns, "fanout"))
+    assert len(pods) == 4
+    assert sorted(ran.read_text().split()) == pods
+
+
+@pytest.mark.kube
+@pytest.mark.slow
 def test_deleting_a_job_garbage_collects_and_kills_its_pods(
     kube_cluster: TestCluster, fake_kubelet: FakeKubelet, kube_namespace: str
 ) -> None:
@@ -318,10 +339,21 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------- S3
 
 
+@pytest.fixture(params=["preferred", "moto-fallback"])
+def any_s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
+    """The session's server, and moto's server mode that the ensure script falls back to."""
+    if request.param == "preferred":
+        yield request.getfixturevalue("s3_server")
+    else:
+        with S3Server(Path(sys.executable).parent / "moto_server") as server:
+            yield server
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_s3_server_speaks_the_s3_we_use(s3_server: S3Server) -> None:
+async def test_s3_server_speaks_the_s3_we_use(any_s3_server: S3Server) -> None:
+    s3_server = any_s3_server
     async with get_session().create_client(
         "s3",
         endpoint_url=s3_server.endpoint_url,

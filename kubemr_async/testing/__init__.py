@@ -12,13 +12,16 @@ every submodule does, for the helpers below) stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -142,6 +145,23 @@ class ServerProcesses:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM, so ``kill <pid>`` cleans up the servers like Ctrl-C.
+
+    SIGINT is reset to Python's handler because shells start background jobs with it
+    ignored.
+    """
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
 
 
 def __getattr__(name: str) -> object:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import contextlib
 import datetime
 import http.client
 import importlib.util
@@ -39,6 +40,7 @@ from kubemr_async.testing import (
     TestEnvError,
     free_port,
     run_ensure_script,
+    wait_for_interrupt,
 )
 
 #: Where the in-cluster "kubernetes" Service would live; part of the serving cert's SANs.
@@ -496,29 +498,22 @@ def _http_ok(url: str) -> bool:
 
 
 def main() -> None:
-    """Start a cluster (and optionally a FakeKubelet) and keep it up until Ctrl-C."""
+    """Start a cluster (and optionally a FakeKubelet) and keep it up until Ctrl-C/SIGTERM."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--kubelet", action="store_true", help="also run Pods as local processes (FakeKubelet)"
     )
     args = parser.parse_args()
-    with TestCluster() as cluster:
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(TestCluster())
         print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)
         print(f"# server {cluster.server}, logs in {cluster.root}", flush=True)
         if args.kubelet:
             from kubemr_async.testing.kubelet import FakeKubelet
 
-            kubelet = FakeKubelet(cluster.kubeconfig_path, log_dir=cluster.root / "pods")
-            kubelet.start()
+            stack.enter_context(FakeKubelet(cluster.kubeconfig_path, log_dir=cluster.root / "pods"))
             print(f"# FakeKubelet running; pod logs in {cluster.root / 'pods'}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            if args.kubelet:
-                kubelet.stop()
+        wait_for_interrupt()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ The test cluster has no nodes, container runtime or scheduler, but the project's
 workers must really run for end-to-end tests. ``FakeKubelet`` watches Pods and, for each
 unscheduled Pending Pod, does what a kubelet would do in the ways that matter here:
 
+* claims the Pod with an annotation, so several FakeKubelets can share a cluster;
 * mints a token for the Pod's ServiceAccount with the TokenRequest API, bound to the Pod,
   and hands it to the process as ``KUBECONFIG`` (the stand-in for the projected token), so
   RBAC applies to the workload exactly as in a cluster;
-* runs the first container's ``command`` + ``args`` with the container's ``env``/``envFrom``
-  resolved (values, fieldRefs, Secret and ConfigMap keys) and ``$(VAR)`` references expanded;
+* runs the first container's ``command`` + ``args`` in a fresh per-Pod working directory,
+  with the container's ``env``/``envFrom`` resolved (values, fieldRefs, Secret and
+  ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
 * reports phase Running, then Succeeded/Failed with the exit code, through pods/status;
 * keeps the output (``logs()``), and kills the process group when the Pod is deleted.
 
@@ -32,9 +34,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,8 @@ from kubemr_async.testing import TestEnvError
 
 log = logging.getLogger(__name__)
 
+#: Set on Pods a FakeKubelet runs; the value identifies which one.
+CLAIM_ANNOTATION = "testing.kubemr.io/fake-kubelet"
 _TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
 _KILL_GRACE_MAX = 10.0  # cap on terminationGracePeriodSeconds; tests should not wait 30 s
 _WATCH_SECONDS = 240  # relist this often, so a missed event cannot strand a Pod
@@ -154,6 +160,8 @@ class FakeKubelet:
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._core: Any = None
+        self._api: Any = None
+        self._id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
     # ---------------------------------------------------------------------- public API
 
@@ -177,8 +185,9 @@ class FakeKubelet:
 
     def stop(self) -> None:
         """Stop watching and kill the processes still running. Idempotent."""
-        if self._thread is not None and self._loop is not None and self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            if self._thread.is_alive() and self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
             self._thread.join()
             self._thread = None
         if self._own_root:
@@ -195,9 +204,9 @@ class FakeKubelet:
         cfg = client.Configuration()
         await config.load_kube_config(config_file=str(self._kubeconfig), client_configuration=cfg)
         async with client.ApiClient(cfg) as api:
-            self._core = client.CoreV1Api(api)
+            self._api, self._core = api, client.CoreV1Api(api)
             try:
-                await self._watch_forever(api)
+                await self._watch_forever()
             finally:
                 await asyncio.shield(self._kill_all())
 
@@ -217,7 +226,7 @@ class FakeKubelet:
             self._error = exc
             log.exception("FakeKubelet crashed")
 
-    async def _watch_forever(self, api: Any) -> None:
+    async def _watch_forever(self) -> None:
         args: tuple[str, ...] = ()
         if self._namespace is None:
             list_fn = self._core.list_pod_for_all_namespaces
@@ -226,7 +235,7 @@ class FakeKubelet:
         first = True
         while True:
             try:
-                listing = api.sanitize_for_serialization(await list_fn(*args))
+                listing = self._api.sanitize_for_serialization(await list_fn(*args))
                 for pod in listing["items"]:
                     self._on_pod("ADDED", pod)
                 live = {p["metadata"]["uid"] for p in listing["items"]}
@@ -258,11 +267,7 @@ class FakeKubelet:
         if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
             self._on_gone(uid)
             return
-        if (
-            uid not in self._runs
-            and not pod["spec"].get("nodeName")
-            and pod.get("status", {}).get("phase", "Pending") == "Pending"
-        ):
+        if uid not in self._runs and self._wants(pod):
             run = _PodRun(
                 grace=min(
                     float(pod["spec"].get("terminationGracePeriodSeconds", 30)), _KILL_GRACE_MAX
@@ -271,6 +276,45 @@ class FakeKubelet:
             self._runs[uid] = run
             run.task = asyncio.create_task(self._run_pod(pod, run))
             run.task.add_done_callback(_log_failure)
+
+    def _wants(self, pod: Json) -> bool:
+        """An unscheduled Pending Pod that no other FakeKubelet has claimed."""
+        meta = pod["metadata"]
+        return (
+            not pod["spec"].get("nodeName")
+            and not meta.get("deletionTimestamp")
+            and pod.get("status", {}).get("phase", "Pending") == "Pending"
+            and (meta.get("annotations") or {}).get(CLAIM_ANNOTATION, self._id) == self._id
+        )
+
+    async def _claim(self, pod: Json) -> bool:
+        """Annotate the Pod as ours, conditional on its resourceVersion.
+
+        Two FakeKubelets watching the same namespace (a session-wide one and a test's own,
+        say) would otherwise both run the Pod; the precondition lets exactly one win.
+        """
+        meta = pod["metadata"]
+        while True:
+            patch = {
+                "metadata": {
+                    "annotations": {CLAIM_ANNOTATION: self._id},
+                    "resourceVersion": meta["resourceVersion"],
+                }
+            }
+            try:
+                await self._core.patch_namespaced_pod(meta["name"], meta["namespace"], patch)
+                return True
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                if exc.status != 409:
+                    raise
+            # Changed since we saw it (maybe by the Job controller): look again.
+            fresh = await self._core.read_namespaced_pod(meta["name"], meta["namespace"])
+            pod = self._api.sanitize_for_serialization(fresh)
+            meta = pod["metadata"]
+            if not self._wants(pod):
+                return False
 
     def _on_gone(self, uid: str) -> None:
         run = self._runs.get(uid)
@@ -312,8 +356,10 @@ class FakeKubelet:
         container = pod["spec"]["containers"][0]
         log_path = self._root / ns / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        workdir = self._root / "work" / ns / name
+        workdir = self._root / ".work" / ns / name  # "." keeps it apart from namespaces
         workdir.mkdir(parents=True, exist_ok=True)
+        if not await self._claim(pod):
+            return
         started = _now()
         try:
             kubeconfig = await self._pod_kubeconfig(pod, workdir)
@@ -380,6 +426,7 @@ class FakeKubelet:
     async def _env(self, pod: Json, container: Json) -> dict[str, str]:
         ns = pod["metadata"]["namespace"]
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        env["HOSTNAME"] = pod["metadata"]["name"]  # as in a container; often a worker id
         env.update(self._extra_env)
         for source in container.get("envFrom", []):
             optional = (source.get("secretRef") or source.get("configMapRef") or {}).get(

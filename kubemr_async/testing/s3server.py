@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Self
 
-from kubemr_async.testing import ServerProcesses, TestEnvError, free_port, run_ensure_script
+from kubemr_async.testing import (
+    ServerProcesses,
+    TestEnvError,
+    free_port,
+    run_ensure_script,
+    wait_for_interrupt,
+)
 
 
 class S3Server:
@@ -124,16 +129,12 @@ class S3Server:
 
 
 def main() -> None:
-    """Start a server, print how to reach it and keep it up until Ctrl-C."""
+    """Start a server, print how to reach it and keep it up until Ctrl-C/SIGTERM."""
     with S3Server() as server:
         for key, value in server.client_env().items():
             print(f"export {key}={value}", flush=True)
         print(f"# {server.kind} serving from {server.root}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        wait_for_interrupt()
 
 
 if __name__ == "__main__":

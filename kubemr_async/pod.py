@@ -1,0 +1,73 @@
+"""`kubemr worker`: the runtime inside a worker pod, on the Kubernetes and S3 backends.
+
+Everything comes from the environment the operator sets (job name and namespace, the pod
+name as worker id, S3 endpoint and credentials from a Secret), so the pod spec stays the
+only place where a job's wiring is written down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+
+from . import protocol
+from .api import load_job
+from .errors import JobDefinitionError, UsageError
+from .kube import api_client
+from .protocol import JobPhase
+from .runtime import Worker
+from .spec import JobSpec
+from .state.kube import KubeStateStore
+from .storage.s3 import S3BlobStore
+from .storage.urls import split_s3
+
+log = logging.getLogger("kubemr.worker")
+
+
+def _require(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if not value:
+        raise UsageError(f"environment variable {name} is not set (the operator sets it)")
+    return value
+
+
+async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
+    """Work on the job named by the environment until it is decided; the exit code."""
+    job_name = _require(env, "KUBEMR_JOB")
+    namespace = _require(env, "KUBEMR_NAMESPACE")
+    worker_id = env.get("KUBEMR_WORKER_ID") or socket.gethostname()
+    api = await api_client()
+    try:
+        store = KubeStateStore(api, namespace)
+        records, _ = await store.snapshot(job_name)
+        job_record = records[protocol.JOB_KEY].body
+        if JobPhase(job_record["phase"]).finished:
+            return 0
+        spec = JobSpec.from_dict(job_name, job_record["spec"])
+        context = {"job": job_name, "worker": worker_id}
+        try:
+            job = load_job(spec.job)
+        except JobDefinitionError as exc:
+            # Every pod of this image would fail the same way: decide the job instead of
+            # letting pods crash until the Job's backoff limit runs out.
+            await store.patch(job_name, protocol.abort(job_record, JobPhase.FAILED, str(exc)))
+            log.error("job module unusable; job failed", extra={**context, "error": str(exc)})
+            return 1
+        bucket, key = split_s3(spec.output)
+        blobs = S3BlobStore.from_env(bucket)
+        try:
+            prefix = f"{key.strip('/')}/{job_name}".lstrip("/")
+            worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
+            phase = await worker.run()
+            log.info("worker done", extra={**context, "phase": phase.value,
+                                           "count": worker.tasks_done})
+        finally:
+            await blobs.aclose()
+        return 0
+    finally:
+        await api.close()
