@@ -7,7 +7,7 @@ The public API is small: a :class:`Job` with ``async def`` callbacks (or the low
 
 from .api import Job, JobWorker, TaskContext
 from .errors import JobFailed, KubemrError, PermanentTaskError, TaskError, UsageError
-
+from .shuffle import partition_for
 
 __all__ = [
     "Job",

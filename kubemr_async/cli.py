@@ -136,6 +136,8 @@ def operator(
     s3_endpoint: Annotated[str, typer.Option(envvar="KUBEMR_S3_ENDPOINT",
                                              help="S3 endpoint URL for workers.")] = "",
     s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
+    worker_backoff_limit: Annotated[int, typer.Option(
+        help="Failed worker pods tolerated before a job fails.")] = 4,
     kubeconfig: Annotated[str | None, typer.Option(help="Path to a kubeconfig file.")] = None,
     context: Annotated[str | None, typer.Option(help="Kubeconfig context to use.")] = None,
 ) -> None:
@@ -148,7 +150,8 @@ def operator(
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
     config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
-                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region)
+                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
+                            worker_backoff_limit=worker_backoff_limit)
 
     async def main() -> None:
         api = await api_client(kubeconfig, context)

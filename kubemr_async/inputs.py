@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UsageError
+from .spec import JobSpec
 from .storage.base import BlobStore
 from .storage.urls import is_s3
 
@@ -70,6 +71,13 @@ def plan_splits(objects: Sequence[tuple[str, int]], chunk_size: int) -> list[Spl
         for start in range(0, size, chunk_size):
             splits.append((url, (start, min(size, start + chunk_size))))
     return splits
+
+
+async def plan_inputs(spec: JobSpec) -> list[Split]:
+    """The map tasks' inputs: data splits, or the input strings themselves."""
+    if not spec.split_inputs:
+        return [(text, None) for text in spec.inputs]
+    return plan_splits(await expand_inputs(spec.inputs), spec.chunk_size)
 
 
 async def _line_start(store: BlobStore, key: str, pos: int, size: int,

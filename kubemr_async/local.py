@@ -29,7 +29,7 @@ import orjson
 from . import logs, protocol
 from .api import AnyJob, Job, load_job
 from .errors import JobFailed, UsageError
-from .inputs import expand_inputs, plan_splits
+from .inputs import plan_inputs
 from .protocol import JobPhase, JobView
 from .spec import JobSpec
 from .state.sqlite import SQLiteStateStore
@@ -74,11 +74,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     name = job_name_for(job_ref, job.name)
     spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
                    max_attempts=max_attempts, lease_seconds=lease_seconds,
-                   chunk_size=chunk_size, args=args or {})
-    if isinstance(job, Job):
-        splits = plan_splits(await expand_inputs(inputs), chunk_size)
-    else:  # the low-level interface gets each input string as is
-        splits = [(text, None) for text in inputs]
+                   chunk_size=chunk_size, args=args or {}, split_inputs=isinstance(job, Job))
+    splits = await plan_inputs(spec)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.kubemr-", dir=output.parent))

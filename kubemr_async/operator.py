@@ -29,7 +29,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from . import protocol
 from .crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION
 from .errors import KubemrError
-from .inputs import expand_inputs, plan_splits
+from .inputs import plan_inputs
 from .protocol import JobPhase, JobView
 from .spec import JobSpec
 from .state.kube import KubeStateStore, task_namespace_for
@@ -38,7 +38,6 @@ log = logging.getLogger("kubemr.operator")
 
 Body = dict[str, Any]
 FINALIZER = "kubemr.io/cleanup"
-WORKER_BACKOFF_LIMIT = 4
 PROGRESS_INTERVAL = 1.0
 RESYNC_SECONDS = 30.0
 # Reasons a pod can sit in Waiting forever; the Job controller never fails such pods.
@@ -56,6 +55,8 @@ class OperatorConfig:
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     worker_command: list[str] = field(default_factory=lambda: ["kubemr", "worker"])
+    # Failed worker pods tolerated before the job fails (workers crash, they do not err).
+    worker_backoff_limit: int = 4
     image_pull_policy: str = "IfNotPresent"
 
 
@@ -111,8 +112,14 @@ class Operator:
         try:
             await asyncio.gather(self._watch_jobs(), self._resync())
         finally:
-            for task in [*self._followers.values(), *self._tasks]:
-                task.cancel()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop progress followers and pending reconciles (the API client is the caller's)."""
+        tasks = [*self._followers.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _list_jobs(self, **kwargs: Any) -> Body:
         if self.config.namespace:
@@ -213,7 +220,7 @@ class Operator:
         name = mrj["metadata"]["name"]
         try:
             spec = JobSpec.from_dict(name, mrj["spec"])
-            splits = plan_splits(await expand_inputs(spec.inputs), spec.chunk_size)
+            splits = await plan_inputs(spec)
         except KubemrError as exc:
             # Nothing was planned, so no worker can hold a claim: a plain status write is safe.
             reason = f"invalid job: {exc}"
@@ -337,7 +344,7 @@ class Operator:
             "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
                          "labels": _labels(name), "ownerReferences": [_owner(mrj)]},
             "spec": {"parallelism": int(spec.get("workers", 2)),
-                     "backoffLimit": WORKER_BACKOFF_LIMIT, "template": pod},
+                     "backoffLimit": self.config.worker_backoff_limit, "template": pod},
         }
 
     async def _check_workers(self, mrj: Body, store: KubeStateStore) -> None:

@@ -248,6 +248,9 @@ class Worker:
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
                 return await self._map(self.job, body, ctx)
+            if body["range"] is not None:
+                raise PermanentTaskError(
+                    "a low-level JobWorker job gets its inputs verbatim: set splitInputs: false")
             outputs = await self.user.run(
                 execute.run_low_level_map(self.job, index, ctx.input, ctx))
             return {str(p): out for p, out in outputs.items()}
@@ -261,18 +264,24 @@ class Worker:
         return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
 
     async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str]:
-        source, key = open_url(body["input"])
-        try:
-            start, end = body["range"]
-            async with self._io:
-                data = await read_split(source, key, start, end, await source.size(key))
-        finally:
-            await source.aclose()
+        data = b"" if job.map_input == "name" else await self._read_input(body)
         runs = await self.user.run(execute.run_map(job, data, ctx))
         base = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}"
         keys = {r: f"{base}/part-{r:05d}.run" for r in runs}
         await self._gather(self.blobs.put(keys[r], run) for r, run in runs.items())
         return {str(r): k for r, k in keys.items()}
+
+    async def _read_input(self, body: Body) -> bytes:
+        """The task's split (or, for unsplit inputs, the whole object)."""
+        source, key = open_url(body["input"])
+        try:
+            async with self._io:
+                if body["range"] is None:
+                    return await source.get(key)
+                start, end = body["range"]
+                return await read_split(source, key, start, end, await source.size(key))
+        finally:
+            await source.aclose()
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:

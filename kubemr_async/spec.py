@@ -37,6 +37,9 @@ class JobSpec:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     args: Mapping[str, str] = field(default_factory=dict)
     output: str = ""
+    # Key/value jobs read their inputs as data, cut into line-aligned chunks; low-level
+    # JobWorker jobs get each input string verbatim (one map per string).
+    split_inputs: bool = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -51,6 +54,7 @@ class JobSpec:
             "chunkSize": self.chunk_size,
             "args": dict(self.args),
             "output": self.output,
+            "splitInputs": self.split_inputs,
         }
 
     @classmethod
@@ -65,6 +69,7 @@ class JobSpec:
             chunk_size=int(data.get("chunkSize", DEFAULT_CHUNK_SIZE)),
             args={str(k): str(v) for k, v in dict(data.get("args") or {}).items()},
             output=str(data.get("output", "")),
+            split_inputs=bool(data.get("splitInputs", True)),
         )
 
 

@@ -6,14 +6,18 @@ turn; adding a backend here makes it pass (or fail) the very same tests.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from kubemr_async.state.base import StateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.base import BlobStore
 from kubemr_async.storage.fs import FileBlobStore
+from kubemr_async.storage.s3 import S3BlobStore, S3Config
+from kubemr_async.testing.s3server import S3Server
 
 StoreFactory = Callable[[], Awaitable[StateStore]]
 BlobFactory = Callable[[], Awaitable[BlobStore]]
@@ -41,3 +45,38 @@ async def fs_backend(tmp_path: Path) -> AsyncIterator[BlobFactory]:
         return FileBlobStore(tmp_path / "blobs")
 
     yield open_client
+
+
+@asynccontextmanager
+async def s3_backend(server: S3Server, **options: Any) -> AsyncIterator[BlobFactory]:
+    """Clients of a fresh bucket on the real S3 server; the bucket is emptied and removed.
+
+    ``options`` override S3Config fields (e.g. a low multipart threshold).
+    """
+    config = s3_config(server, **options)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    admin = S3BlobStore(bucket, config)
+    client = await admin._client()
+    await client.create_bucket(Bucket=bucket)
+    opened: list[S3BlobStore] = [admin]
+
+    async def open_client() -> BlobStore:
+        store = S3BlobStore(bucket, config)
+        opened.append(store)
+        return store
+
+    try:
+        yield open_client
+    finally:
+        await admin.delete_prefix("")
+        await client.delete_bucket(Bucket=bucket)
+        for store in opened:
+            await store.aclose()
+
+
+def s3_config(server: S3Server, **options: Any) -> S3Config:
+    """A config pointing at the test server with its fixed test credentials."""
+    values: dict[str, Any] = {
+        "endpoint_url": server.endpoint_url, "region": server.region,
+        "access_key_id": server.access_key, "secret_access_key": server.secret_key}
+    return S3Config(**(values | options))

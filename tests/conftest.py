@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_env"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

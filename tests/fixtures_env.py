@@ -8,14 +8,21 @@ real server errors instead of being skipped quietly.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from kubemr_async.testing.cluster import TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.cluster import ApiError
 from kubemr_async.testing.s3server import S3Server
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_DIR = ROOT / "charts" / "kubemr-async" / "crds"
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +37,12 @@ def fake_kubelet(
     kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FakeKubelet]:
     """Runs every unscheduled Pod in the session's cluster as a local process."""
+    # Pods see the repository the way a job image built from it would: examples/ and the
+    # test jobs importable as modules (examples.wordcount, tests.jobs.attempts).
     with FakeKubelet(
-        kube_cluster.kubeconfig_path, log_dir=tmp_path_factory.mktemp("pod-logs")
+        kube_cluster.kubeconfig_path,
+        log_dir=tmp_path_factory.mktemp("pod-logs"),
+        extra_env={"PYTHONPATH": str(ROOT)},
     ) as kubelet:
         yield kubelet
 
@@ -50,3 +61,28 @@ def s3_server() -> Iterator[S3Server]:
     """An S3-compatible server on loopback, shared by the whole session."""
     with S3Server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def crds(kube_cluster: TestCluster) -> None:
+    """Install the chart's CRDs (the one source of truth) and wait until they are served."""
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    names = []
+    for manifest in sorted(CRD_DIR.glob("*.yaml")):
+        crd = yaml.safe_load(manifest.read_text())
+        names.append(crd["metadata"]["name"])
+        try:
+            kube_cluster.api("POST", path, crd)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+    deadline = time.monotonic() + 60
+    for name in names:
+        while True:
+            conditions = (kube_cluster.api("GET", f"{path}/{name}").get("status") or {}).get(
+                "conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} was not established")
+            time.sleep(0.1)

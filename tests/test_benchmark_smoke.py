@@ -100,3 +100,35 @@ def test_table_reports_failures() -> None:
     table = wordcount.format_table(results, 10**6)
     assert "2.00x" in table
     assert "FAIL" in table
+
+
+def _fake_kubemr(tmp_path: Path, body: str) -> str:
+    exe = tmp_path / "fake-kubemr"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nfrom pathlib import Path\n{body}")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_kubemr_peer_success_and_failure(tiny: corpus.Corpus, tmp_path: Path) -> None:
+    # A stand-in CLI honouring the output contract: part files plus _SUCCESS.
+    ok = _fake_kubemr(
+        tmp_path,
+        "from collections import Counter\n"
+        "a = sys.argv\n"
+        "inp, out = Path(a[a.index('--input') + 1]), Path(a[a.index('--output') + 1])\n"
+        "c = Counter(w for p in sorted(inp.iterdir()) for w in p.read_bytes().split())\n"
+        "out.mkdir(parents=True)\n"
+        "for i in range(2):\n"
+        "    lines = [w + b'\\t' + str(n).encode() + b'\\n' for w, n in sorted(c.items())"
+        " if hash(w) % 2 == i]\n"
+        "    (out / f'part-{i:05d}').write_bytes(b''.join(lines))\n"
+        "(out / '_SUCCESS').write_text('{}')\n",
+    )
+    opts = wordcount.KubemrOptions(executable=ok, workers=2, work_dir=tmp_path)
+    _, counts = wordcount.run_kubemr(opts, tiny.directory)
+    assert counts == wordcount.peer_counter([str(p) for p in tiny.paths], 1)
+
+    bad = _fake_kubemr(tmp_path, "sys.stderr.write('boom: no such job\\n')\nsys.exit(3)\n")
+    opts = wordcount.KubemrOptions(executable=bad, workers=2, work_dir=tmp_path)
+    with pytest.raises(wordcount.PeerError, match=r"exited 3[\s\S]*boom: no such job"):
+        wordcount.run_kubemr(opts, tiny.directory)

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
 from kubemr_async.storage.base import BlobNotFound
+from kubemr_async.testing.s3server import S3Server
 
-from .backends import BlobFactory, fs_backend
+from .backends import BlobFactory, fs_backend, s3_backend
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["fs"]
+BACKENDS = ["fs", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.slow])]
+
+
+@pytest.fixture
+def s3_blob_backend(s3_server: S3Server) -> AbstractAsyncContextManager[BlobFactory]:
+    """A fresh bucket per test on the session's real S3 server (made on entry)."""
+    return s3_backend(s3_server)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -23,8 +31,13 @@ async def blob_backend(request: pytest.FixtureRequest, tmp_path: Path
     if request.param == "fs":
         async with fs_backend(tmp_path) as factory:
             yield factory
-    else:  # pragma: no cover - other backends register themselves in BACKENDS
-        yield request.getfixturevalue(f"{request.param}_blob_backend")
+    else:
+        # Other backends register a *sync* fixture ``<name>_blob_backend`` returning an
+        # async context manager that yields a factory: an async fixture cannot be requested
+        # dynamically from inside this running async one (anyio refuses to re-enter).
+        backend = request.getfixturevalue(f"{request.param}_blob_backend")
+        async with backend as factory:
+            yield factory
 
 
 async def test_put_get_ranges_and_size(blob_backend: BlobFactory) -> None:

@@ -12,6 +12,7 @@ every submodule does, for the helpers below) stays cheap.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import signal
@@ -29,14 +30,7 @@ if TYPE_CHECKING:
     from kubemr_async.testing.kubelet import FakeKubelet
     from kubemr_async.testing.s3server import S3Server
 
-__all__ = [
-    "FakeKubelet",
-    "S3Server",
-    "ServerProcesses",
-    "TestCluster",
-    "TestEnvError",
-    "free_port",
-]
+__all__ = ["FakeKubelet", "S3Server", "TestCluster", "TestEnvError", "free_port"]
 
 #: The source checkout holding ``hack/``; the helpers are meant for an editable install.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,18 +57,24 @@ def free_port() -> int:
 def run_ensure_script(name: str, *args: str) -> str:
     """Run ``hack/<name>`` and return the last line of its stdout.
 
-    The scripts may build binaries for tens of minutes on first use; their progress goes to
-    our stderr so a person (or ``pytest -s``) sees what is happening.
+    The scripts may build binaries for many minutes on first use; their progress is
+    echoed to our stderr so a person (or ``pytest -s``) sees what is happening, and the
+    last lines go into the error if the script fails.
     """
     script = REPO_ROOT / "hack" / name
     if not script.is_file():
         raise TestEnvError(f"{script} not found: kubemr_async.testing needs a source checkout")
-    proc = subprocess.run(
-        ["bash", str(script), *args], stdout=subprocess.PIPE, stderr=sys.stderr, text=True
-    )
-    lines = proc.stdout.strip().splitlines()
+    with subprocess.Popen(
+        ["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stderr is not None and proc.stdout is not None
+        tail: collections.deque[str] = collections.deque(maxlen=20)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        lines = proc.stdout.read().strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise TestEnvError(f"{script} failed with exit code {proc.returncode}; see its stderr")
+        raise TestEnvError(f"{script} failed with exit code {proc.returncode}:\n{''.join(tail)}")
     return lines[-1]
 
 

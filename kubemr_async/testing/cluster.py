@@ -302,7 +302,7 @@ class TestCluster:
         bin_dir = self._bin_dir or Path(run_ensure_script("ensure-k8s-binaries.sh"))
         self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-kube-"))
         self._procs = ServerProcesses(self._tmp)
-        atexit.register(self.stop)
+        atexit.register(self.stop)  # no orphaned servers if the test process dies early
         try:
             self._start(bin_dir, self._procs)
         except BaseException:
@@ -418,10 +418,11 @@ class TestCluster:
         body: object = None,
         token: str | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> tuple[int, bytes]:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=30)
-        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        headers = {"Authorization": f"Bearer {token or self.admin_token}", "Accept": accept}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -441,13 +442,14 @@ class TestCluster:
         *,
         token: str | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Any:
         """Call the REST API (as admin unless ``token`` is given) and return decoded JSON.
 
         A deliberately thin client: tests use it to set up and inspect state without
         depending on the code under test. Raises ApiError on non-2xx answers.
         """
-        status, raw = self._request(method, path, body, token, content_type)
+        status, raw = self._request(method, path, body, token, content_type, accept)
         if not 200 <= status < 300:
             raise ApiError(status, method, path, raw.decode(errors="replace"))
         return json.loads(raw) if raw else None

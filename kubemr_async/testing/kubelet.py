@@ -354,12 +354,12 @@ class FakeKubelet:
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
         container = pod["spec"]["containers"][0]
+        if not await self._claim(pod):
+            return
         log_path = self._root / ns / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         workdir = self._root / ".work" / ns / name  # "." keeps it apart from namespaces
         workdir.mkdir(parents=True, exist_ok=True)
-        if not await self._claim(pod):
-            return
         started = _now()
         try:
             kubeconfig = await self._pod_kubeconfig(pod, workdir)

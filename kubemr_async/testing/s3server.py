@@ -10,6 +10,7 @@ Run ``python -m kubemr_async.testing.s3server`` to get one to poke at by hand.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import urllib.error
@@ -76,6 +77,7 @@ class S3Server:
         exe = self._executable or Path(run_ensure_script("ensure-s3-server.sh"))
         self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-s3-"))
         self._procs = ServerProcesses(self._tmp)
+        atexit.register(self.stop)  # no orphaned server if the test process dies early
         port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{port}"
         if exe.name == "versitygw":
@@ -114,6 +116,7 @@ class S3Server:
 
     def stop(self) -> None:
         """Stop the server and delete its data. Idempotent."""
+        atexit.unregister(self.stop)
         if self._procs is not None:
             self._procs.stop()
             self._procs = None

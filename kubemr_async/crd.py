@@ -1,0 +1,394 @@
+"""The two CustomResourceDefinitions, generated from one place so schema and code agree.
+
+``MapReduceJob`` is what users submit (``kubectl create -f job.yaml``): a small spec plus a
+status that carries the job-wide state (phase, verdict, results). ``MapReduceTask`` holds one
+task's protocol record under ``.status``; there is one object per task, so a claim, a lease
+renewal or a commit rewrites one small object whose size never depends on how many tasks
+the job has (the original kubemr rewrote one ever-growing object and had to give up).
+
+Limits and defaults come from :mod:`kubemr_async.spec`, so ``kubemr run``, the operator and
+the API server reject the same things. The manifests under ``charts/kubemr-async/crds/``
+are written from here (``python -m kubemr_async.crd --write``) and a test fails when they
+drift. :func:`ensure_crds` installs them into a cluster (operator start-up, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
+
+from .protocol import JobPhase, TaskKind, TaskState
+from .spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, MAX_REDUCERS
+
+GROUP = "kubemr.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+JOB_KIND = "MapReduceJob"
+JOB_PLURAL = "mapreducejobs"
+TASK_KIND = "MapReduceTask"
+TASK_PLURAL = "mapreducetasks"
+
+#: Labels on every task object (and on a job's task namespace): RBAC cannot filter by
+#: label, but watches and clean-up can.
+LABEL_JOB = f"{GROUP}/job"
+LABEL_KIND = f"{GROUP}/kind"
+#: The protocol's record key of a task object (``map-00042``), so names stay free-form.
+LABEL_TASK = f"{GROUP}/task"
+#: On a task namespace: the namespace of the MapReduceJob that owns it.
+LABEL_JOB_NAMESPACE = f"{GROUP}/job-namespace"
+
+DEFAULT_WORKERS = 2
+MAX_WORKERS = 1000
+MAX_ATTEMPTS_LIMIT = 100
+MIN_LEASE_SECONDS = 1
+#: An S3 URL: bucket name rules (3-63 chars, lowercase, digits, '.', '-') plus an optional key.
+OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+#: Task names are ``<job>-<key>`` and the job name is a label value, so it must be a DNS label.
+MAX_JOB_NAME = 63
+
+#: Field manager for server-side apply, so ``kubectl`` shows who owns the fields.
+FIELD_MANAGER = "kubemr-async"
+
+CRD_DIR = Path(__file__).resolve().parent.parent / "charts" / "kubemr-async" / "crds"
+
+
+def _int(minimum: int | None = None, maximum: int | None = None, *,
+         default: int | None = None, fmt: str | None = None, doc: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    if fmt:
+        schema["format"] = fmt
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    if default is not None:
+        schema["default"] = default
+    if doc:
+        schema["description"] = doc
+    return schema
+
+
+def _string(doc: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": "string", **({"description": doc} if doc else {}), **extra}
+
+
+def _job_spec_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "What to run, on what, with which limits. Fixed once the job exists.",
+        "required": ["image", "inputs", "job", "output"],
+        "properties": {
+            "image": _string("Worker container image (built from the kubemr-async base).",
+                             minLength=1),
+            "workers": _int(1, MAX_WORKERS, default=DEFAULT_WORKERS,
+                            doc="Worker pods to run in parallel."),
+            "reducers": _int(1, MAX_REDUCERS, default=1,
+                             doc="Reduce partitions, i.e. output parts."),
+            "inputs": {
+                "type": "array",
+                "description": "Input URLs (s3://bucket/key or prefixes); split into maps.",
+                "minItems": 1,
+                "items": _string(minLength=1),
+                "x-kubernetes-list-type": "atomic",
+            },
+            "job": _string("The job module: a file in the image (/app/wordcount.py) or "
+                           "'package.module:attribute'.", minLength=1),
+            "args": {
+                "type": "object",
+                "description": "Free-form string arguments handed to the job's callbacks.",
+                "additionalProperties": {"type": "string"},
+            },
+            "maxAttempts": _int(1, MAX_ATTEMPTS_LIMIT, default=DEFAULT_MAX_ATTEMPTS,
+                                doc="Failed attempts (incl. lost leases) that fail a task."),
+            "leaseSeconds": {
+                "type": "number",
+                "description": "A claim's lease; a worker that stops renewing loses the task.",
+                "minimum": MIN_LEASE_SECONDS,
+                "default": DEFAULT_LEASE_SECONDS,
+            },
+            "chunkSize": _int(1, default=DEFAULT_CHUNK_SIZE, fmt="int64",
+                              doc="Bytes of input per map task."),
+            "output": _string("Where results go: s3://bucket/prefix.", pattern=OUTPUT_PATTERN),
+            "ttlSecondsAfterFinished": _int(
+                0, doc="Delete the job this many seconds after it finished; unset keeps it."),
+            "template": {
+                "type": "object",
+                "description": "Pod template overrides for the worker pods (merged by the "
+                               "operator).",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+        },
+        # Changing what a running job computes would mix two jobs' tasks and outputs.
+        "x-kubernetes-validations": [
+            {"rule": f"self.{field} == oldSelf.{field}",
+             "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
+            for field in ("job", "reducers", "output", "chunkSize")
+        ] + [{"rule": "self.inputs == oldSelf.inputs", "message": "spec.inputs is immutable",
+              "fieldPath": ".inputs"}],
+    }
+
+
+def _job_status_schema() -> dict[str, Any]:
+    finished = ", ".join(f"'{p.value}'" for p in JobPhase if p.finished)
+    return {
+        "type": "object",
+        "description": "Job-wide state written by workers and the operator; tasks live in "
+                       "MapReduceTask objects in status.taskNamespace.",
+        "properties": {
+            "phase": {
+                **_string("Pending until every task exists, then Running, then decided."),
+                "enum": [p.value for p in JobPhase],
+                "x-kubernetes-validations": [{
+                    "rule": f"!(oldSelf in [{finished}]) || self == oldSelf",
+                    "message": "a finished job's phase cannot change",
+                }],
+            },
+            "maps": _int(0, doc="Map tasks the job was split into."),
+            "mapsDone": _int(0),
+            "reduces": _int(0),
+            "reducesDone": _int(0),
+            "results": {
+                "type": "array",
+                "description": "Committed outputs of the reducers, in partition order.",
+                "items": {"type": "string"},
+                "x-kubernetes-list-type": "atomic",
+            },
+            "error": {
+                "type": "object",
+                "nullable": True,
+                "description": "Why the job failed: the task, its attempt and the message.",
+                "properties": {
+                    "task": {"type": "string"},
+                    "attempt": _int(0),
+                    "message": {"type": "string"},
+                },
+            },
+            "seq": _int(0, doc="Bumped by every write; guarded writes test it (CAS)."),
+            "observedGeneration": _int(fmt="int64"),
+            "conditions": {
+                "type": "array",
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "x-kubernetes-list-type": "atomic",
+            },
+            "taskNamespace": _string("Namespace holding this job's MapReduceTask objects."),
+            "startTime": _string(format="date-time"),
+            "completionTime": _string(format="date-time"),
+        },
+    }
+
+
+def _column(name: str, path: str, kind: str = "integer", priority: int = 0) -> dict[str, Any]:
+    column: dict[str, Any] = {"name": name, "type": kind, "jsonPath": path}
+    if priority:
+        column["priority"] = priority
+    return column
+
+
+_AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+
+def _crd(kind: str, plural: str, short: str, schema: dict[str, Any],
+         columns: list[dict[str, Any]], status_subresource: bool) -> dict[str, Any]:
+    version: dict[str, Any] = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": schema},
+        "additionalPrinterColumns": columns,
+    }
+    if status_subresource:
+        version["subresources"] = {"status": {}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["kubemr"],
+            },
+            "scope": "Namespaced",
+            "versions": [version],
+        },
+    }
+
+
+def job_crd() -> dict[str, Any]:
+    """The MapReduceJob CRD: validated spec, status subresource for the job-wide state."""
+    schema = {
+        "type": "object",
+        "description": "A MapReduce job: workers claim its tasks without a master.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _job_spec_schema(),
+            "status": _job_status_schema(),
+        },
+        "x-kubernetes-validations": [{
+            "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME}",
+            "message": f"metadata.name must be at most {MAX_JOB_NAME} characters: it is "
+                       "used in task names and label values",
+        }],
+    }
+    columns = [
+        _column("Phase", ".status.phase", "string"),
+        _column("Maps Done", ".status.mapsDone"),
+        _column("Maps", ".status.maps"),
+        _column("Reduces Done", ".status.reducesDone"),
+        _column("Reduces", ".status.reduces"),
+        _column("Workers", ".spec.workers", priority=1),
+        _column("Image", ".spec.image", "string", priority=1),
+        _AGE,
+    ]
+    return _crd(JOB_KIND, JOB_PLURAL, "mrj", schema, columns, status_subresource=True)
+
+
+def _task_status_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "The task's protocol record (kubemr_async.protocol.new_task).",
+        "required": ["kind", "index", "input", "range", "state", "attempt", "failures",
+                     "worker", "leaseExpires", "outputs", "error", "seq"],
+        "properties": {
+            "kind": {"type": "string", "enum": [k.value for k in TaskKind]},
+            "index": _int(0),
+            "input": {"type": "string", "nullable": True},
+            "range": {
+                "type": "array",
+                "nullable": True,
+                "description": "Byte range [start, end) of the input this map reads.",
+                "items": {"type": "integer", "format": "int64"},
+                "minItems": 2,
+                "maxItems": 2,
+                "x-kubernetes-list-type": "atomic",
+            },
+            "state": {"type": "string", "enum": [s.value for s in TaskState]},
+            "attempt": _int(0),
+            "failures": _int(0),
+            "worker": {"type": "string"},
+            "leaseExpires": {"type": "number", "description": "Unix time the lease ends."},
+            "outputs": {
+                "nullable": True,
+                "description": "Committed outputs: a map's {partition: key}, a reduce's URL.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "error": {"type": "string"},
+            "seq": _int(0),
+        },
+    }
+
+
+def task_crd() -> dict[str, Any]:
+    """The MapReduceTask CRD: one small object per task, record under ``.status``.
+
+    No status subresource: the record is the whole object's purpose, so workers patch the
+    object itself and need only one verb on one resource.
+    """
+    schema = {
+        "type": "object",
+        "description": "One task of a MapReduceJob (internal; written by workers).",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "status": _task_status_schema(),
+        },
+    }
+    columns = [
+        _column("State", ".status.state", "string"),
+        _column("Attempt", ".status.attempt"),
+        _column("Worker", ".status.worker", "string"),
+        _column("Kind", ".status.kind", "string", priority=1),
+        _column("Input", ".status.input", "string", priority=1),
+        _AGE,
+    ]
+    return _crd(TASK_KIND, TASK_PLURAL, "mrt", schema, columns, status_subresource=False)
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """File name under ``charts/kubemr-async/crds/`` -> CRD, for writing and drift checks."""
+    return {f"{JOB_PLURAL}.yaml": job_crd(), f"{TASK_PLURAL}.yaml": task_crd()}
+
+
+def render(crd: dict[str, Any]) -> str:
+    """The YAML text a manifest file holds (stable key order, so diffs stay readable)."""
+    header = "# Generated by `python -m kubemr_async.crd --write`; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd, sort_keys=False, width=100)
+
+
+class CRDNotEstablished(RuntimeError):
+    """The API server did not accept or serve a CRD in time; the message says which."""
+
+
+async def ensure_crds(api: ApiClient, timeout: float = 60.0) -> None:
+    """Install or update both CRDs (server-side apply) and wait until they are served.
+
+    Idempotent and safe to run concurrently (the operator calls it on every start): an
+    apply of unchanged manifests changes nothing on the server.
+    """
+    ext = ApiextensionsV1Api(api)
+    for crd in manifests().values():
+        name = crd["metadata"]["name"]
+        await ext.patch_custom_resource_definition(
+            name, crd, field_manager=FIELD_MANAGER, force=True,
+            _content_type="application/apply-patch+yaml")
+        await _wait_established(ext, name, timeout)
+
+
+async def _wait_established(ext: ApiextensionsV1Api, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = await ext.read_custom_resource_definition(name, _preload_content=False)
+        crd = await resp.json()
+        conditions = {c["type"]: c for c in crd.get("status", {}).get("conditions", [])}
+        if conditions.get("Established", {}).get("status") == "True":
+            return
+        if time.monotonic() > deadline:
+            reasons = "; ".join(f"{c['type']}={c['status']}: {c.get('message', '')}"
+                                for c in conditions.values())
+            raise CRDNotEstablished(f"CRD {name} not established after {timeout}s: {reasons}")
+        await asyncio.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print or write the kubemr-async CRDs.")
+    parser.add_argument("--write", action="store_true",
+                        help=f"write the manifests into {CRD_DIR}")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the files in the chart differ from the generated ones")
+    args = parser.parse_args(argv)
+    stale = []
+    for file_name, crd in manifests().items():
+        path, text = CRD_DIR / file_name, render(crd)
+        if args.write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        elif args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            sys.stdout.write("---\n" + text)
+    if stale:
+        print(f"stale CRD manifests (run python -m kubemr_async.crd --write): {stale}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

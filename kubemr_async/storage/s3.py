@@ -1,0 +1,568 @@
+"""BlobStore on S3 (or any S3-compatible server) over aiobotocore, plus S3 input expansion.
+
+Why it is shaped this way:
+
+* **One client per event loop.** An aiobotocore client owns an aiohttp connection pool,
+  and aiohttp objects are bound to the loop that created them. The store therefore opens
+  its client lazily, on first use inside the running loop, and keeps it (and its warm
+  keep-alive connections) for the store's life; ``aclose`` closes it. A store used from a
+  second loop (e.g. two ``asyncio.run`` calls) gets a second client rather than a
+  "attached to a different loop" crash.
+* **Cheap stores.** The runtime opens a store per input URL, so creating one must not
+  reparse botocore's service model (~50-100 ms): every session shares one botocore data
+  loader, and each loop has one session, so credentials from the default chain (IRSA,
+  instance profile) are resolved once per loop, not once per store.
+* **Retries live in botocore.** ``retries={"mode": "standard"}`` already retries
+  throttling (SlowDown, 503), 500s, RequestTimeout and connection errors with exponential
+  backoff and jitter, for every request including each multipart part (its body is bytes,
+  so botocore can resend it). botocore cannot retry a GET whose *body* breaks off midway,
+  because that happens after it returned; ``get`` retries those itself.
+* **Large objects go up in parts**, concurrently, bounded by one semaphore per loop sized
+  to the connection pool, so parts never queue for a connection long enough to time out
+  and at most that many part-sized copies of the payload exist at once. A failed or
+  cancelled upload is aborted so its parts do not linger (and cost money) on the server.
+* **Reads stream in large chunks** (1 MiB by default); the body's default async iterator
+  yields 1 KiB at a time, which costs a Python round trip per KiB.
+* **No secrets in text.** ``S3Config``'s repr hides the secret and session token, and
+  errors are built from the operation, the ``s3://`` URL, the endpoint and the server's
+  error code/message, never from request headers or credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import os
+import random
+import re
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Self
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.loaders import create_loader
+
+from ..errors import KubemrError, UsageError
+from .base import BlobNotFound
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: S3's floor for every part but the last, and its cap on parts per upload.
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+#: DeleteObjects accepts at most this many keys per request.
+DELETE_BATCH = 1000
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_ACCESS_CODES = frozenset({"AccessDenied", "403", "InvalidAccessKeyId",
+                           "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"})
+_GLOB_CHARS = frozenset("*?[")
+# botocore's own (lenient) bucket-name rule: legacy buckets may have capitals/underscores.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9.\-_]{1,255}$")
+
+
+class S3Error(KubemrError):
+    """An S3 request failed after retries; the message names the operation and object."""
+
+
+@dataclass(frozen=True, repr=False)
+class S3Config:
+    """How to reach S3. Credentials left as None come from botocore's default chain.
+
+    That chain covers IRSA / web identity tokens, ``~/.aws`` and instance metadata, so a
+    worker pod with a ServiceAccount role needs no keys in its environment.
+    """
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    #: None means "path" when ``endpoint_url`` is set (MinIO, versitygw, moto, Ceph on an IP
+    #: or a name without wildcard DNS) and botocore's "auto" (virtual-hosted) for AWS.
+    addressing_style: Literal["auto", "path", "virtual"] | None = None
+    #: Connections per client; also bounds concurrent multipart parts per loop.
+    max_pool_connections: int = 32
+    #: Objects larger than this are uploaded in parts of ``multipart_part_size``.
+    multipart_threshold: int = 16 * MiB
+    multipart_part_size: int = 16 * MiB
+    #: Bytes per read from a GET body.
+    read_chunk_size: int = 1 * MiB
+    #: Total attempts per request (botocore's ``max_attempts``, first try included), also
+    #: used for our own retries of GET bodies that break off.
+    max_attempts: int = 5
+    retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    #: botocore >= 1.36 adds CRC checksums to every request it can ("when_supported"); many
+    #: S3-compatible servers reject or mishandle them, so by default we only send what an
+    #: operation requires. Set True on AWS for end-to-end integrity checks.
+    checksums: bool = False
+
+    def __post_init__(self) -> None:
+        if self.multipart_part_size < MIN_PART_SIZE:
+            raise ValueError(f"multipart_part_size must be at least {MIN_PART_SIZE} bytes "
+                             f"(S3's minimum part size), got {self.multipart_part_size}")
+        for name in ("max_pool_connections", "multipart_threshold", "read_chunk_size",
+                     "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """Read the endpoint, region and credentials from the standard AWS variables.
+
+        ``KUBEMR_S3_ENDPOINT`` (what the operator sets on worker pods) wins over
+        ``AWS_ENDPOINT_URL_S3`` and ``AWS_ENDPOINT_URL``; keyword overrides win over all.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {
+            "endpoint_url": (env.get("KUBEMR_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3")
+                             or env.get("AWS_ENDPOINT_URL") or None),
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            "access_key_id": env.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
+            "session_token": env.get("AWS_SESSION_TOKEN") or None,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def with_options(self, **changes: Any) -> Self:
+        """A copy with some fields changed (e.g. a low multipart threshold in a test)."""
+        return replace(self, **changes)
+
+    @property
+    def resolved_addressing_style(self) -> str:
+        if self.addressing_style is not None:
+            return self.addressing_style
+        return "path" if self.endpoint_url else "auto"
+
+    def __repr__(self) -> str:
+        # Hand-written so that no future field or dataclass default can leak a secret.
+        secret = "<set>" if self.secret_access_key else None
+        token = "<set>" if self.session_token else None
+        return (f"S3Config(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+                f"access_key_id={self.access_key_id!r}, secret_access_key={secret}, "
+                f"session_token={token}, "
+                f"addressing_style={self.resolved_addressing_style!r}, "
+                f"max_pool_connections={self.max_pool_connections}, "
+                f"multipart_threshold={self.multipart_threshold}, "
+                f"multipart_part_size={self.multipart_part_size}, "
+                f"read_chunk_size={self.read_chunk_size}, max_attempts={self.max_attempts}, "
+                f"retry_mode={self.retry_mode!r})")
+
+    __str__ = __repr__
+
+    def _aio_config(self) -> AioConfig:
+        checksum = "when_supported" if self.checksums else "when_required"
+        return AioConfig(
+            region_name=self.region,
+            signature_version="s3v4",
+            s3={"addressing_style": self.resolved_addressing_style},
+            retries={"mode": self.retry_mode, "max_attempts": self.max_attempts},
+            max_pool_connections=self.max_pool_connections,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            request_checksum_calculation=checksum,
+            response_checksum_validation=checksum,
+        )
+
+
+# One parsed copy of botocore's JSON models for the whole process: loaders are plain
+# synchronous caches, safe to share across sessions and loops.
+_LOADER = create_loader()
+# One session per loop: sessions cache credentials behind asyncio locks, which are bound
+# to the loop that first waits on them.
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = (
+    weakref.WeakKeyDictionary())
+
+
+def _session() -> AioSession:
+    loop = asyncio.get_running_loop()
+    session = _SESSIONS.get(loop)
+    if session is None:
+        session = AioSession()
+        session.register_component("data_loader", _LOADER)
+        _SESSIONS[loop] = session
+    return session
+
+
+class _LoopClient:
+    """The client of one event loop, and the semaphore bounding its multipart parts."""
+
+    def __init__(self, max_parts: int) -> None:
+        self.lock = asyncio.Lock()
+        self.parts = asyncio.Semaphore(max_parts)
+        self.client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def open(self, config: S3Config) -> Any:
+        async with self.lock:
+            if self.client is None:
+                stack = contextlib.AsyncExitStack()
+                self.client = await stack.enter_async_context(_session().create_client(
+                    "s3",
+                    endpoint_url=config.endpoint_url,
+                    region_name=config.region,
+                    aws_access_key_id=config.access_key_id,
+                    aws_secret_access_key=config.secret_access_key,
+                    aws_session_token=config.session_token,
+                    config=config._aio_config(),
+                ))
+                self._stack = stack
+            return self.client
+
+    async def close(self) -> None:
+        stack, self._stack, self.client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line from a botocore/aiohttp error: the server's code and message, or the text.
+
+    A ClientError's str() starts with "An error occurred (Code) when calling ...", which is
+    noise once our message names the operation; botocore never puts credentials in either.
+    """
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        retries = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        text = f"{error.get('Code', 'Unknown')}: {error.get('Message') or 'no message'}"
+        return f"{text} (after {retries} retries)" if retries else text
+    return str(exc) or type(exc).__name__
+
+
+def _backoff(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
+    """Full-jitter exponential backoff: spreads retries of many workers over time."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+class S3BlobStore:
+    """Objects live in one bucket; keys are S3 keys. See the module docstring for why."""
+
+    def __init__(self, bucket: str, config: S3Config | None = None) -> None:
+        if not _BUCKET_RE.match(bucket):
+            raise UsageError(f"invalid S3 bucket name {bucket!r}")
+        self.bucket = bucket
+        self.config = config if config is not None else S3Config()
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
+            weakref.WeakKeyDictionary())
+
+    @classmethod
+    def from_env(cls, bucket: str) -> S3BlobStore:
+        """A store for ``bucket`` configured from the environment (``S3Config.from_env``)."""
+        return cls(bucket, S3Config.from_env())
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(bucket={self.bucket!r}, config={self.config!r})"
+
+    __str__ = __repr__
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _loop_client(self) -> _LoopClient:
+        loop = asyncio.get_running_loop()
+        state = self._clients.get(loop)
+        if state is None:
+            state = _LoopClient(self.config.max_pool_connections)
+            self._clients[loop] = state
+        return state
+
+    async def _client(self) -> Any:
+        state = self._loop_client()
+        return state.client if state.client is not None else await state.open(self.config)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _where(self, key: str | None) -> str:
+        where = self.url(key) if key is not None else f"bucket {self.bucket!r}"
+        if self.config.endpoint_url:
+            where += f" at {self.config.endpoint_url}"
+        return where
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str | None = None) -> Iterator[None]:
+        """Turn botocore errors into BlobNotFound or one-line S3Errors naming the object."""
+        try:
+            yield
+        except ClientError as exc:
+            code = _error_code(exc)
+            if key is not None and code in _NOT_FOUND_CODES:
+                raise BlobNotFound(f"no object {self.url(key)}") from exc
+            if code == "NoSuchBucket":
+                raise S3Error(f"S3 {op} {self._where(key)} failed: bucket {self.bucket!r} "
+                              f"does not exist") from exc
+            raise S3Error(f"S3 {op} {self._where(key)} failed: {_describe(exc)}") from exc
+        except BotoCoreError as exc:
+            raise S3Error(f"S3 {op} {self._where(key)} failed after up to "
+                          f"{self.config.max_attempts} attempts: {_describe(exc)}") from exc
+
+    # -- the BlobStore protocol -------------------------------------------------------
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Write ``data``; S3 makes an object (multipart or not) visible only when complete."""
+        if len(data) > self.config.multipart_threshold:
+            await self._put_multipart(key, data)
+            return
+        client = await self._client()
+        with self._errors("PutObject", key):
+            await client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    async def _put_multipart(self, key: str, data: bytes) -> None:
+        client = await self._client()
+        state = self._loop_client()
+        # Grow parts for huge objects so they fit S3's 10,000-part limit.
+        part_size = max(self.config.multipart_part_size, -(-len(data) // MAX_PARTS))
+        with self._errors("CreateMultipartUpload", key):
+            created = await client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        upload_id: str = created["UploadId"]
+
+        async def upload(number: int, offset: int) -> dict[str, Any]:
+            async with state.parts:  # the slice (a copy) is only made once we may send it
+                with self._errors(f"UploadPart {number}", key):
+                    resp = await client.upload_part(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                        Body=data[offset:offset + part_size])
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
+        try:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(upload(i + 1, offset))
+                             for i, offset in enumerate(range(0, len(data), part_size))]
+            except BaseExceptionGroup as eg:
+                # Report the first real failure, not a group of it and its cancelled siblings.
+                raise eg.exceptions[0] from None
+            parts = [task.result() for task in tasks]
+            with self._errors("CompleteMultipartUpload", key):
+                await client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts})
+        except BaseException:
+            await self._abort(client, key, upload_id)
+            raise
+
+    async def _abort(self, client: Any, key: str, upload_id: str) -> None:
+        """Best effort: the upload's stored parts are billed until aborted or expired."""
+        abort = asyncio.ensure_future(client.abort_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload_id))
+        try:
+            await asyncio.shield(abort)  # finish even if we are being cancelled again
+        except (asyncio.CancelledError, ClientError, BotoCoreError, aiohttp.ClientError) as exc:
+            log.warning("could not abort multipart upload of %s: %s", self.url(key),
+                        _describe(exc))
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)``, clipped to the object; one ranged GET, read in big chunks."""
+        if start < 0 or (end is not None and end < 0):
+            raise ValueError(f"negative range [{start}, {end}) for {self.url(key)}")
+        if end is not None and end <= start:
+            await self.size(key)  # an empty range still says whether the object exists
+            return b""
+        if start == 0 and end is None:
+            byte_range = None
+        else:
+            byte_range = f"bytes={start}-{'' if end is None else end - 1}"
+        attempt = 0
+        while True:
+            try:
+                return await self._get_once(key, byte_range)
+            except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+                # Only body errors reach here (request errors are S3Errors already):
+                # a connection dropped mid-stream. Retry the whole range.
+                attempt += 1
+                if attempt >= self.config.max_attempts:
+                    raise S3Error(f"S3 GetObject {self._where(key)} failed reading the body "
+                                  f"after {attempt} attempts: {_describe(exc)}") from exc
+                log.debug("retrying GET %s after a broken body: %s", self.url(key),
+                          _describe(exc))
+                await asyncio.sleep(_backoff(attempt))
+
+    async def _get_once(self, key: str, byte_range: str | None) -> bytes:
+        client = await self._client()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if byte_range is not None:
+            kwargs["Range"] = byte_range
+        try:
+            with self._errors("GetObject", key):
+                resp = await client.get_object(**kwargs)
+        except S3Error as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _error_code(cause) == "InvalidRange":
+                return b""  # start at or past the end (or an empty object): nothing to read
+            if isinstance(cause, ClientError) and _error_code(cause) == "NoSuchBucket":
+                raise BlobNotFound(f"no object {self.url(key)}: bucket {self.bucket!r} "
+                                   f"does not exist") from cause
+            raise
+        chunks = []
+        async with resp["Body"] as body:
+            while chunk := await body.read(self.config.read_chunk_size):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def size(self, key: str) -> int:
+        client = await self._client()
+        with self._errors("HeadObject", key):
+            resp = await client.head_object(Bucket=self.bucket, Key=key)
+        return int(resp["ContentLength"])
+
+    async def _list_sized(self, prefix: str) -> list[tuple[str, int]]:
+        client = await self._client()
+        found: list[tuple[str, int]] = []
+        with self._errors(f"ListObjectsV2 prefix {prefix!r}"):
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                found.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", ()))
+        # S3 already returns UTF-8 byte order, which equals str order; sort for other servers.
+        found.sort()
+        return found
+
+    async def list(self, prefix: str) -> list[str]:
+        return [key for key, _ in await self._list_sized(prefix)]
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete in DeleteObjects batches of 1000 (S3's cap), one request per batch."""
+        keys = await self.list(prefix)
+        client = await self._client()
+        for lo in range(0, len(keys), DELETE_BATCH):
+            batch = keys[lo:lo + DELETE_BATCH]
+            with self._errors(f"DeleteObjects prefix {prefix!r}"):
+                resp = await client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in batch], "Quiet": True})
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise S3Error(f"S3 DeleteObjects {self._where(first.get('Key', ''))} failed: "
+                              f"{first.get('Code')}: {first.get('Message')} "
+                              f"({len(errors)} of {len(batch)} keys not deleted)")
+        return len(keys)
+
+    async def aclose(self) -> None:
+        """Close this loop's client; clients of other, still running loops close there."""
+        current = asyncio.get_running_loop()
+        states = list(self._clients.items())
+        self._clients.clear()
+        for loop, state in states:
+            if loop is current:
+                await state.close()
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(state.close(), loop)
+            # A stopped loop's client cannot be closed from here; dropping it is all we can do.
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def _glob_match(pattern: str, key: str) -> bool:
+    """Match like a local ``glob(recursive=True)``, so S3 and local inputs agree.
+
+    Per '/' segment: ``*``/``?``/``[..]`` stay inside a segment, a ``**`` segment spans any
+    number of segments, and hidden segments (``.name``) only match a pattern segment that
+    itself starts with '.'.
+    """
+    parts = key.split("/")
+    reach = {0}  # how many key segments the pattern so far can have consumed
+    for pat in pattern.split("/"):
+        if pat == "**":
+            spans = set()
+            for j in reach:
+                spans.add(j)
+                while j < len(parts) and not parts[j].startswith("."):
+                    j += 1
+                    spans.add(j)
+            reach = spans
+        else:
+            reach = {j + 1 for j in reach if j < len(parts)
+                     and (pat.startswith(".") or not parts[j].startswith("."))
+                     and fnmatch.fnmatchcase(parts[j], pat)}
+        if not reach:
+            return False
+    return len(parts) in reach
+
+
+def _visible(key: str, size: int, prefix: str) -> bool:
+    """Whether a listed object is an input, like a file in a local input directory.
+
+    Zero-byte ``name/`` objects are folder markers that consoles create; keys with a
+    hidden segment below the prefix (``.staging/x``, ``.tmp``) are skipped as local
+    directory inputs skip hidden files.
+    """
+    if key.endswith("/") and size == 0:
+        return False
+    return not any(part.startswith(".") for part in key[len(prefix):].split("/"))
+
+
+async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[str, int]]:
+    """The objects an ``s3://`` input names, as ``(url, size)``, without reading any data.
+
+    ``s3://bucket/key`` is one object (or, if absent, the prefix ``key/``);
+    ``s3://bucket/prefix/`` is every object below it; a key with ``*?[`` is a glob matched
+    per path segment. Anything that names nothing is a UsageError with a one-line reason,
+    raised before a job starts.
+    """
+    from .urls import split_s3
+
+    bucket, key = split_s3(pattern)
+    if not _BUCKET_RE.match(bucket):
+        raise UsageError(f"invalid S3 URL {pattern!r}: {bucket!r} is not a bucket name")
+    store = S3BlobStore(bucket, config if config is not None else S3Config.from_env())
+    try:
+        return await _expand(store, pattern, key)
+    except S3Error as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ClientError):
+            code = _error_code(cause)
+            if code == "NoSuchBucket":
+                raise UsageError(f"input {pattern}: bucket {bucket!r} does not exist") from None
+            if code in _ACCESS_CODES:
+                raise UsageError(f"input {pattern}: access denied ({code}); check the S3 "
+                                 f"credentials and the bucket policy") from None
+        raise
+    finally:
+        await store.aclose()
+
+
+async def _expand(store: S3BlobStore, pattern: str, key: str) -> list[tuple[str, int]]:
+    if _GLOB_CHARS & set(key):
+        literal = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)]
+        found = [(k, n) for k, n in await store._list_sized(literal)
+                 if not (k.endswith("/") and n == 0) and _glob_match(key, k)]
+        if not found:
+            raise UsageError(f"input glob {pattern!r} matches no objects")
+    elif key == "" or key.endswith("/"):
+        found = [(k, n) for k, n in await store._list_sized(key) if _visible(k, n, key)]
+        if not found:
+            await _check_bucket(store, pattern)
+            raise UsageError(f"input prefix {pattern} contains no objects")
+    else:
+        try:
+            found = [(key, await store.size(key))]
+        except BlobNotFound:
+            found = [(k, n) for k, n in await store._list_sized(key + "/")
+                     if _visible(k, n, key + "/")]
+            if not found:
+                raise UsageError(f"input {pattern} does not exist") from None
+    return [(store.url(k), n) for k, n in found]
+
+
+async def _check_bucket(store: S3BlobStore, pattern: str) -> None:
+    """An empty listing does not say whether the bucket exists; HeadBucket does."""
+    client = await store._client()
+    try:
+        await client.head_bucket(Bucket=store.bucket)
+    except ClientError as exc:
+        if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            raise UsageError(f"input {pattern}: bucket {store.bucket!r} does not exist"
+                             ) from None

@@ -1,0 +1,42 @@
+"""Test jobs that run inside worker pods: they log every attempt they run to a file.
+
+The log (one line per attempt, appended with O_APPEND so concurrent processes never
+interleave) lets a test count real executions independently of what the store says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+
+from kubemr_async import JobWorker, TaskContext
+
+
+def record(ctx: TaskContext) -> None:
+    path = ctx.args.get("log")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{ctx.task} {ctx.attempt} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+class Echo(JobWorker):
+    """Each map passes its input string to partition task_id % partitions."""
+
+    name = "echo"
+
+    async def map(self, task_id: int, input: str, ctx: TaskContext) -> Mapping[int, str]:
+        record(ctx)
+        if ctx.args.get("sleep"):
+            await asyncio.sleep(float(ctx.args["sleep"]))
+        return {task_id % ctx.partitions: input}
+
+    async def reduce(self, partition: int, inputs: list[str], ctx: TaskContext) -> str:
+        record(ctx)
+        return ",".join(sorted(inputs))
+
+
+job = Echo()

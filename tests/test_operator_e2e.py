@@ -1,0 +1,335 @@
+"""The product end to end: real kube-apiserver + controller-manager, real S3, the operator
+as its own process, worker pods run by the test kubelet.
+
+`kubectl create -f examples/wordcount.yaml` is reproduced as a POST of that very file
+(generateName and all); everything after that is the operator's and the workers' doing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from kubemr_async.testing.cluster import ApiError, TestCluster
+from kubemr_async.testing.s3server import S3Server
+
+from .test_local_run import KUBEMR, ROOT
+
+pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
+
+GROUP_PATH = "/apis/kubemr.io/v1alpha1"
+DATA = ROOT / "examples" / "data"
+BUCKET = "kubemr-examples"
+OPERATOR_NS = "kubemr-system"
+
+
+def jobs_path(namespace: str, name: str = "") -> str:
+    return f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs" + (f"/{name}" if name else "")
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: S3Server) -> Any:
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url,
+                          aws_access_key_id=s3_server.access_key,
+                          aws_secret_access_key=s3_server.secret_key,
+                          region_name=s3_server.region)
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for path in sorted(DATA.iterdir()):
+        client.put_object(Bucket=BUCKET, Key=f"data/{path.name}", Body=path.read_bytes())
+    return client
+
+
+@pytest.fixture(scope="session")
+def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`kubemr operator` as a separate process, configured as the Helm chart configures it."""
+    try:
+        kube_cluster.create_namespace(OPERATOR_NS)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemr-s3"},
+              "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
+                             "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}}
+    try:
+        kube_cluster.api("POST", f"/api/v1/namespaces/{OPERATOR_NS}/secrets", secret)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {"PATH": str(Path(KUBEMR).parent), "KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
+           "AWS_ACCESS_KEY_ID": s3_server.access_key,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": s3_server.region,
+           "KUBEMR_LOG_LEVEL": "DEBUG"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
+             "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
+             "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def create_job(cluster: TestCluster, namespace: str, manifest: dict[str, Any]) -> str:
+    created = cluster.api("POST", jobs_path(namespace), manifest)
+    return str(created["metadata"]["name"])
+
+
+def wait_for_phase(cluster: TestCluster, namespace: str, name: str, operator_log: Path,
+                   phases: tuple[str, ...] = ("Succeeded", "Failed"),
+                   timeout: float = 240.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = cluster.api("GET", jobs_path(namespace, name))
+        if (job.get("status") or {}).get("phase") in phases:
+            return job
+        if time.monotonic() > deadline:
+            tail = operator_log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"job {name} stuck in {job.get('status')}; operator log:\n{tail}")
+        time.sleep(0.3)
+
+
+def wait_gone(cluster: TestCluster, path: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            cluster.api("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        time.sleep(0.3)
+    raise AssertionError(f"{path} still exists")
+
+
+def events_for(cluster: TestCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    listing = cluster.api("GET", f"/api/v1/namespaces/{namespace}/events"
+                          f"?fieldSelector=involvedObject.name%3D{name}")
+    return list(listing["items"])
+
+
+def echo_job(prefix: str, inputs: list[str], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "kubemr.io/v1alpha1", "kind": "MapReduceJob",
+            "metadata": {"generateName": f"{prefix}-"},
+            "spec": {"image": "kubemr-tests:dev", "job": "tests.jobs.attempts",
+                     "inputs": inputs, "splitInputs": False,
+                     "output": f"s3://{BUCKET}/echo", **spec}}
+
+
+def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespace: str,
+                                        operator: Path, s3: Any) -> None:
+    manifest = yaml.safe_load((ROOT / "examples" / "wordcount.yaml").read_text())
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    assert name.startswith("wordcount-") and name != "wordcount-"
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", status
+    results = status["results"]
+    assert len(results) == 2
+    prefix = f"s3://{BUCKET}/results/{name}/output/"
+    for partition, url in enumerate(results):  # ordered by partition
+        assert url.startswith(f"{prefix}part-{partition:05d}."), url
+    counts: Counter[bytes] = Counter()
+    for path in DATA.iterdir():
+        counts.update(path.read_bytes().split())
+    expected = sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
+    lines: list[bytes] = []
+    for url in results:
+        key = url[len(f"s3://{BUCKET}/"):]
+        lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
+    assert sorted(lines) == expected, "result objects equal the reference byte for byte"
+    leftover = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"results/{name}/map/")
+    assert leftover.get("KeyCount", 0) == 0, "intermediate runs are cleaned up"
+    assert (status["mapsDone"], status["maps"]) == (3, 3)
+    assert (status["reducesDone"], status["reduces"]) == (2, 2)
+    table = kube_cluster.api("GET", jobs_path(kube_namespace, name),
+                             accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
+    assert row["Phase"] == "Succeeded"
+    assert "Age" in columns and any("Maps" in c for c in columns)
+    reasons = {e["reason"] for e in events_for(kube_cluster, kube_namespace, name)}
+    assert {"Planned", "Succeeded"} <= reasons
+    account = kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/serviceaccounts/"
+                               f"kubemr-worker-{name}")
+    assert account["metadata"]["ownerReferences"][0]["name"] == name
+
+
+def test_twenty_workers_commit_five_hundred_tasks_exactly_once(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, tmp_path: Path) -> None:
+    log = tmp_path / "attempts.log"
+    inputs = [f"item-{i:04d}" for i in range(500)]
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "race", inputs, workers=20, reducers=4, args={"log": str(log)}))
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=600)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    runs = Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
+    maps = [task for task, _ in runs if task.startswith("map-")]
+    assert len(maps) == 500 and len(set(maps)) == 500
+    assert set(runs.values()) == {1}, "no task ran twice"
+    merged = sorted(i for part in job["status"]["results"] for i in part.split(","))
+    assert merged == inputs
+    pids = {line.split()[2] for line in log.read_text().splitlines()}
+    assert len(pids) > 5, "the tasks were spread over many worker pods"
+
+
+def test_unloadable_job_module_fails_the_job_with_the_reason(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    manifest = echo_job("broken", ["x"])
+    manifest["spec"]["job"] = "tests.jobs.broken"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    assert "this image ships a broken job module" in status["error"]["message"]
+    warnings = [e for e in events_for(kube_cluster, kube_namespace, name)
+                if e["type"] == "Warning"]
+    assert any("broken job module" in e["message"] for e in warnings)
+
+
+def test_missing_input_bucket_fails_the_job_at_planning(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any) -> None:
+    manifest = echo_job("nobucket", ["s3://no-such-bucket-kubemr/data/"], splitInputs=True)
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    assert "no-such-bucket-kubemr" in status["error"]["message"]
+
+
+def test_crashing_worker_pods_fail_the_job_instead_of_hanging(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    manifest = echo_job("crash", ["x"], workers=2, template={"spec": {"containers": [{
+        "name": "worker", "command": ["python", "-c", "import sys; sys.exit(3)"]}]}})
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    assert "worker pods failed" in status["error"]["message"]
+
+
+def test_worker_token_cannot_touch_another_jobs_objects(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    names = [create_job(kube_cluster, kube_namespace, echo_job(
+        f"rbac{i}", ["a", "b"], args={"sleep": "120"})) for i in range(2)]
+    for name in names:
+        wait_for_phase(kube_cluster, kube_namespace, name, operator, phases=("Running",))
+    mine, theirs = names
+    token = token_when_ready(kube_cluster, kube_namespace, f"kubemr-worker-{mine}")
+
+    def status_of(method: str, path: str, body: Any = None) -> int:
+        try:
+            kube_cluster.api(method, path, body, token=token,
+                             content_type="application/json-patch+json")
+            return 200
+        except ApiError as exc:
+            return exc.status
+
+    own = kube_cluster.api("GET", jobs_path(kube_namespace, mine))["status"]["taskNamespace"]
+    other = kube_cluster.api("GET", jobs_path(kube_namespace, theirs))["status"]["taskNamespace"]
+    assert status_of("GET", jobs_path(kube_namespace, mine)) == 200
+    assert status_of("GET", f"{GROUP_PATH}/namespaces/{own}/mapreducetasks") == 200
+    assert status_of("GET", jobs_path(kube_namespace, theirs)) == 403
+    assert status_of("GET", f"{GROUP_PATH}/namespaces/{other}/mapreducetasks") == 403
+    assert status_of("GET", f"{GROUP_PATH}/namespaces/{other}/mapreducetasks/"
+                     f"{theirs}-map-00000") == 403
+    patch = [{"op": "replace", "path": "/status/phase", "value": "Cancelled"}]
+    assert status_of("PATCH", jobs_path(kube_namespace, theirs) + "/status", patch) == 403
+    assert status_of("GET", f"/api/v1/namespaces/{kube_namespace}/secrets") == 403
+    for name in names:
+        kube_cluster.api("DELETE", jobs_path(kube_namespace, name))
+
+
+def token_when_ready(cluster: TestCluster, namespace: str, account: str) -> str:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return cluster.token_for(namespace, account)
+        except ApiError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_deleting_a_running_job_removes_everything_it_owns(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    name = create_job(kube_cluster, kube_namespace, echo_job("doomed", ["a", "b"],
+                                                             args={"sleep": "300"}))
+    wait_for_phase(kube_cluster, kube_namespace, name, operator, phases=("Running",))
+    job_path = f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/{name}-workers"
+    deadline = time.monotonic() + 60
+    while not kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/pods"
+                               f"?labelSelector=kubemr.io/job%3D{name}")["items"]:
+        assert time.monotonic() < deadline, "worker pods never appeared"
+        time.sleep(0.3)
+    task_ns = kube_cluster.api("GET", jobs_path(kube_namespace, name))["status"]["taskNamespace"]
+    kube_cluster.api("DELETE", jobs_path(kube_namespace, name))
+    wait_gone(kube_cluster, jobs_path(kube_namespace, name))
+    for path in [job_path,
+                 f"/api/v1/namespaces/{kube_namespace}/serviceaccounts/kubemr-worker-{name}",
+                 f"/apis/rbac.authorization.k8s.io/v1/namespaces/{kube_namespace}/roles/"
+                 f"kubemr-worker-{name}",
+                 f"/api/v1/namespaces/{task_ns}"]:
+        wait_gone(kube_cluster, path)
+    pods = kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/pods"
+                            f"?labelSelector=kubemr.io/job%3D{name}")["items"]
+    deadline = time.monotonic() + 120
+    while pods:
+        assert time.monotonic() < deadline, f"pods left: {[p['metadata']['name'] for p in pods]}"
+        time.sleep(0.3)
+        pods = kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/pods"
+                                f"?labelSelector=kubemr.io/job%3D{name}")["items"]
+
+
+def test_ttl_after_finished_deletes_the_job(kube_cluster: TestCluster, kube_namespace: str,
+                                            operator: Path) -> None:
+    name = create_job(kube_cluster, kube_namespace,
+                      echo_job("ttl", ["a"], ttlSecondsAfterFinished=2))
+    wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    wait_gone(kube_cluster, jobs_path(kube_namespace, name), timeout=60)
+
+
+@pytest.mark.anyio
+async def test_concurrent_reconciles_are_idempotent(kube_cluster: TestCluster,
+                                                    kube_namespace: str, operator: Path,
+                                                    tmp_path: Path) -> None:
+    """A second operator reconciling the same job over and over (as after a restart, or
+    with two replicas) creates nothing twice and loses no transition."""
+    import asyncio
+
+    from kubemr_async.kube import api_client
+    from kubemr_async.operator import Operator, OperatorConfig
+
+    log = tmp_path / "attempts.log"
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "again", [f"i{n}" for n in range(6)], workers=3, args={"log": str(log)}))
+    api = await api_client(str(kube_cluster.kubeconfig_path))
+    try:
+        second = Operator(api, OperatorConfig(namespace=kube_namespace,
+                                              operator_namespace=OPERATOR_NS))
+        await asyncio.gather(*(second.reconcile(kube_namespace, name) for _ in range(5)))
+        job = await asyncio.to_thread(wait_for_phase, kube_cluster, kube_namespace, name,
+                                      operator)
+        for _ in range(3):
+            await second.reconcile(kube_namespace, name)
+    finally:
+        await second.aclose()
+        await api.close()
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    runs = Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
+    assert set(runs.values()) == {1} and len(runs) == 6 + 1, runs
+    workers = kube_cluster.api("GET", f"/apis/batch/v1/namespaces/{kube_namespace}/jobs"
+                               f"?labelSelector=kubemr.io/job%3D{name}")["items"]
+    assert len(workers) <= 1
