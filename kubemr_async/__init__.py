@@ -18,5 +18,5 @@ __all__ = [
     "TaskContext",
     "TaskError",
     "UsageError",
-
+    "partition_for",
 ]

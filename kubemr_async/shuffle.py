@@ -689,13 +689,14 @@ def partition(table: Table, partitions: int) -> list[Table]:
     if table.num_rows == 0:
         return [table for _ in range(partitions)]
     keys = _single(table.column("key"))
-    values, rows = (
+    # String keys are hashed and sorted once per distinct string (see _distinct_strings);
+    # rows is None when every row stands for itself.
+    distinct, rows = (
         _distinct_strings(keys) if _arrow_kind(keys.type) in ("str", "bytes") else (keys, None)
     )
-    ids = partition_ids(values, partitions)
-    # Ordering by key and then stably by partition leaves every partition sorted. Doing
-    # it on the distinct strings leaves one radix sort of the rows by the result.
-    order = _sort_order(values)
+    ids = partition_ids(distinct, partitions)
+    # Ordering by key and then stably by partition leaves every partition sorted.
+    order = _sort_order(distinct)
     order = order[np.argsort(_radix_key(ids[order], partitions), kind="stable")]
     if rows is not None:
         order = _rows_in_order(order, rows)
