@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +116,12 @@ def _job_spec_schema() -> dict[str, Any]:
             "chunkSize": _int(1, default=DEFAULT_CHUNK_SIZE, fmt="int64",
                               doc="Bytes of input per map task."),
             "output": _string("Where results go: s3://bucket/prefix.", pattern=OUTPUT_PATTERN),
+            "splitInputs": {
+                "type": "boolean",
+                "description": "Cut inputs into line-aligned chunks of chunkSize (key/value "
+                               "jobs); false hands each input string to one map verbatim.",
+                "default": True,
+            },
             "ttlSecondsAfterFinished": _int(
                 0, doc="Delete the job this many seconds after it finished; unset keeps it."),
             "template": {
@@ -130,7 +135,7 @@ def _job_spec_schema() -> dict[str, Any]:
         "x-kubernetes-validations": [
             {"rule": f"self.{field} == oldSelf.{field}",
              "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-            for field in ("job", "reducers", "output", "chunkSize")
+            for field in ("job", "reducers", "output", "chunkSize", "splitInputs")
         ] + [{"rule": "self.inputs == oldSelf.inputs", "message": "spec.inputs is immutable",
               "fieldPath": ".inputs"}],
     }
@@ -335,7 +340,7 @@ class CRDNotEstablished(RuntimeError):
     """The API server did not accept or serve a CRD in time; the message says which."""
 
 
-async def ensure_crds(api: ApiClient, timeout: float = 60.0) -> None:
+async def ensure_crds(api: ApiClient, wait_seconds: float = 60.0) -> None:
     """Install or update both CRDs (server-side apply) and wait until they are served.
 
     Idempotent and safe to run concurrently (the operator calls it on every start): an
@@ -347,22 +352,26 @@ async def ensure_crds(api: ApiClient, timeout: float = 60.0) -> None:
         await ext.patch_custom_resource_definition(
             name, crd, field_manager=FIELD_MANAGER, force=True,
             _content_type="application/apply-patch+yaml")
-        await _wait_established(ext, name, timeout)
+        await _wait_established(ext, name, wait_seconds)
 
 
-async def _wait_established(ext: ApiextensionsV1Api, name: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        resp = await ext.read_custom_resource_definition(name, _preload_content=False)
-        crd = await resp.json()
-        conditions = {c["type"]: c for c in crd.get("status", {}).get("conditions", [])}
-        if conditions.get("Established", {}).get("status") == "True":
-            return
-        if time.monotonic() > deadline:
-            reasons = "; ".join(f"{c['type']}={c['status']}: {c.get('message', '')}"
-                                for c in conditions.values())
-            raise CRDNotEstablished(f"CRD {name} not established after {timeout}s: {reasons}")
-        await asyncio.sleep(0.1)
+async def _wait_established(ext: ApiextensionsV1Api, name: str, wait_seconds: float) -> None:
+    conditions: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(wait_seconds):
+            while conditions.get("Established", {}).get("status") != "True":
+                if conditions:
+                    await asyncio.sleep(0.1)
+                resp = await ext.read_custom_resource_definition(name, _preload_content=False)
+                crd = await resp.json()
+                conditions = {c["type"]: c
+                              for c in (crd.get("status") or {}).get("conditions") or []}
+                conditions.setdefault("Established", {"status": "Unknown"})
+    except TimeoutError:
+        reasons = "; ".join(f"{t}={c.get('status')}: {c.get('message', '')}"
+                            for t, c in conditions.items())
+        raise CRDNotEstablished(
+            f"CRD {name} not established after {wait_seconds}s: {reasons}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,21 +53,21 @@ class KubeApiError(KubemrError):
         self.reason = reason
 
 
-def status_message(exc: ApiException) -> str:
-    """The API server's human-readable explanation inside an error response."""
-    body = exc.body
+def status_message(body: str | bytes | None, fallback: str = "") -> str:
+    """The API server's explanation inside an error response body (a ``Status`` object)."""
     if isinstance(body, bytes):
         body = body.decode(errors="replace")
-    if body:
-        try:
-            decoded: Any = json.loads(body)
-        except ValueError:
-            return str(body)[:500]
-        if isinstance(decoded, dict) and decoded.get("message"):
-            return str(decoded["message"])
-    return str(exc.reason or "")
+    if not body:
+        return fallback
+    try:
+        decoded: Any = json.loads(body)
+    except ValueError:
+        return body[:500]
+    if isinstance(decoded, dict) and decoded.get("message"):
+        return str(decoded["message"])
+    return body[:500]
 
 
 def api_error(context: str, exc: ApiException) -> KubeApiError:
     """Wrap ``exc`` so the message says what failed (``context``) and why (server Status)."""
-    return KubeApiError(context, int(exc.status or 0), status_message(exc))
+    return KubeApiError(context, int(exc.status or 0), status_message(exc.body, str(exc.reason)))

@@ -30,14 +30,17 @@ A run is one partition of one map attempt's output, sorted by key::
     7       8     payload length, uint64 little-endian
     15      4     CRC32 (zlib.crc32) of the payload, uint32 little-endian
     19      n     payload: an Arrow IPC stream (schema with field metadata + batches),
-                  buffers compressed with lz4
+                  buffers compressed with lz4 or zstd
 
 The IPC stream is self-describing, so a reader needs nothing but the bytes. The length and
 CRC catch truncated or damaged objects before Arrow parses them; a damaged run raises
-:class:`CorruptRunError` and the runtime re-runs the map task that wrote it. lz4 won over
-zstd and over no compression: on wordcount runs it encodes and decodes faster than zstd at
-a size close to it, and both compressors beat writing raw bytes once the run crosses a
-network (see ``benchmarks/bench_shuffle.py``).
+:class:`CorruptRunError` and the runtime re-runs the map task that wrote it.
+
+The codec is lz4 by default, zstd on request (``encode_run(table, compression=...)``).
+Measured on a 16 MiB word-count map (``benchmarks/bench_shuffle.py``): lz4 costs ~3 ms of
+encode + decode and shrinks the runs by 30%; zstd costs ~9 ms more and shrinks them by
+58%, which wins only when storage moves bytes slower than ~300 MB/s (S3 over a network,
+not local disk). No compression saves ~3 ms and writes 40% more bytes.
 
 Why the partition hash is our own
 ---------------------------------
@@ -131,7 +134,6 @@ _SHORT = reprlib.Repr()
 _SHORT.maxstring = 40
 _SHORT.maxother = 40
 
-_WHITESPACE = b" \t\n\r\x0b\x0c"
 _INT32_MAX = 2**31 - 1
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -141,7 +143,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 # than finishing those strings in plain Python.
 _PYTHON_TAIL = 32
 
-# Rows checked for duplicates before choosing how to sort string keys.
+# Rows checked for duplicate keys before choosing how to hash and sort strings.
 _DUPLICATE_SAMPLE = 1024
 
 _MAGIC = b"KMRRUN"
@@ -153,7 +155,11 @@ _HEADER = struct.Struct("<6sBQI")
 
 
 def split_words(data: bytes) -> pa.Array:
-    """Return exactly the tokens of ``data.split()`` as an Arrow binary array."""
+    """Exactly the tokens of ``data.split()`` as an Arrow binary array.
+
+    Words are maximal runs of bytes other than ASCII whitespace (space, \\t, \\n, \\r,
+    \\x0b, \\x0c); bytes are kept as they are, valid UTF-8 or not.
+    """
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size > _INT32_MAX:
         raise ShuffleError(f"split_words takes chunks below 2 GiB, got {raw.size} bytes")
@@ -348,18 +354,35 @@ def _encode_python(items: list[Any], kind: _Kind, role: _Role) -> pa.Array:
         return pa.array(encoded, pa.binary())
     try:
         return pa.array(items, _ARROW_TYPES[kind])
+    except UnicodeEncodeError as exc:
+        bad = next(x for x in items if not _encodes(x))
+        raise ShuffleError(
+            f"{role} of type str is not serialisable: {_SHORT.repr(bad)} ({exc.reason})"
+        ) from exc
     except (OverflowError, pa.ArrowInvalid) as exc:
         if kind == "int":
             bad = next(x for x in items if not -(2**63) <= x < 2**63)
             raise _out_of_range(role, int(bad)) from exc
-        # Arrow refuses ints that a float64 cannot hold exactly; Python rounds them.
+        if kind != "float":
+            raise
+    # Arrow refuses ints that a float64 cannot hold exactly; Python rounds them.
+    floats = []
+    for item in items:
         try:
-            return pa.array([float(x) for x in items], pa.float64())
-        except OverflowError:
-            bad = next(x for x in items if abs(x) > 2**1023)
+            floats.append(float(item))
+        except OverflowError as exc:
             raise ShuffleError(
-                f"{role} of type int is too large for a float: {_SHORT.repr(bad)}"
+                f"{role} of type int is too large for a float: {_SHORT.repr(item)}"
             ) from exc
+    return pa.array(floats, pa.float64())
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _out_of_range(role: _Role, number: int) -> ShuffleError:
@@ -458,8 +481,8 @@ def stable_hash(keys: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.uint64]:
     if len(array) == 0:
         return np.zeros(0, dtype=np.uint64)
     if kind in ("str", "bytes"):
-        strings, rows = _distinct_strings(array)
-        hashes = _fnv_binary(strings)
+        distinct, rows = _distinct_keys(array)
+        hashes = _fnv_binary(distinct)
         return hashes if rows is None else hashes[rows]
     if kind == "int":
         return _fnv_words(array.cast(pa.int64()).to_numpy().view(np.uint64))
@@ -477,6 +500,12 @@ def partition_ids(keys: pa.Array | pa.ChunkedArray, partitions: int) -> npt.NDAr
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     return (stable_hash(keys) % np.uint64(partitions)).astype(np.int64)
+
+
+def partition_for(key: Any, partitions: int) -> int:
+    """The partition of one key, as :func:`partition` assigns it (for low-level jobs)."""
+    keys = pairs_to_table([key], None).column("key")
+    return int(partition_ids(keys, partitions)[0])
 
 
 def _fnv_words(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -589,50 +618,59 @@ def sort_by_key(table: Table) -> Table:
     """Rows ordered by key (bytewise for str/bytes/JSON, numeric for numbers), stable."""
     if table.num_rows < 2:
         return table
-    return table.take(_sort_order(table.column("key")))
+    distinct, rows = _distinct_keys(_single(table.column("key")))
+    return _take(table, _sort_order(distinct), distinct, rows)
 
 
 def _single(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
     return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
 
 
-def _sort_order(keys: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
+def _sort_order(keys: pa.Array) -> npt.NDArray[np.int64]:
     """Stable ascending order of ``keys``."""
-    array = _single(keys)
-    if _arrow_kind(array.type) not in ("str", "bytes"):
-        return np.asarray(pc.sort_indices(array).to_numpy(), dtype=np.int64)
-    strings, rows = _distinct_strings(array)
-    order = _prefix_order(strings)
-    return order if rows is None else _rows_in_order(order, rows)
+    if _arrow_kind(keys.type) in ("str", "bytes"):
+        return _prefix_order(keys)
+    return np.asarray(pc.sort_indices(keys).to_numpy(), dtype=np.int64)
 
 
-def _distinct_strings(array: pa.Array) -> tuple[pa.Array, npt.NDArray[np.int64] | None]:
-    """The distinct strings and each row's index into them; ``None`` if rows look distinct.
+def _distinct_keys(keys: pa.Array) -> tuple[pa.Array, npt.NDArray[np.int64] | None]:
+    """The distinct keys and each row's index into them; ``None`` if rows are their own keys.
 
     Hashing and sorting strings cost per byte and per comparison, so with duplicates (raw
-    map output) they run on the distinct strings found by one hash pass. Combined tables
-    are already distinct and skip that pass. A duplicate among the first rows predicts
-    many; a wrong guess costs time, never correctness.
+    map output) they run on the distinct strings, found by one hash pass. Combined tables
+    are already distinct and skip that pass: a duplicate among the first rows predicts
+    many, and a wrong guess costs time, never correctness. Numbers are cheap to hash and
+    sort as they are.
     """
-    sample = array.slice(0, _DUPLICATE_SAMPLE)
+    if _arrow_kind(keys.type) not in ("str", "bytes"):
+        return keys, None
+    sample = keys.slice(0, _DUPLICATE_SAMPLE)
     if pc.count_distinct(sample).as_py() == len(sample):
-        return array, None
-    encoded = pc.dictionary_encode(array)
+        return keys, None
+    encoded = pc.dictionary_encode(keys)
     return encoded.dictionary, encoded.indices.to_numpy().astype(np.int64)
 
 
-def _rows_in_order(
-    order: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """Stable order of rows whose values are ``rows``, given the order of those values."""
+def _take(
+    table: Table,
+    order: npt.NDArray[np.int64],
+    distinct: pa.Array,
+    rows: npt.NDArray[np.int64] | None,
+) -> Table:
+    """The rows of ``table`` in the ``order`` of their distinct keys, equal keys in input order."""
+    if rows is None:
+        return table.take(order)
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     ranks = rank[rows]
     # numpy's stable argsort is a radix sort for 16-bit keys: two passes cover any rank.
-    result = np.argsort((ranks & 0xFFFF).astype(np.uint16), kind="stable")
+    row_order = np.argsort((ranks & 0xFFFF).astype(np.uint16), kind="stable")
     if order.size > 1 << 16:
-        result = result[np.argsort((ranks[result] >> 16).astype(np.uint16), kind="stable")]
-    return result.astype(np.int64, copy=False)
+        high = (ranks >> 16).astype(np.uint16)
+        row_order = row_order[np.argsort(high[row_order], kind="stable")]
+    # Gathering from the distinct strings stays in cache; gathering the rows' own does not.
+    keys = distinct.take(rows[row_order])
+    return pa.table([keys, table.column("value").take(row_order)], schema=table.schema)
 
 
 def _prefix_order(strings: pa.Array) -> npt.NDArray[np.int64]:
@@ -688,22 +726,14 @@ def partition(table: Table, partitions: int) -> list[Table]:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     if table.num_rows == 0:
         return [table for _ in range(partitions)]
-    keys = _single(table.column("key"))
-    # String keys are hashed and sorted once per distinct string (see _distinct_strings);
-    # rows is None when every row stands for itself.
-    distinct, rows = (
-        _distinct_strings(keys) if _arrow_kind(keys.type) in ("str", "bytes") else (keys, None)
-    )
+    distinct, rows = _distinct_keys(_single(table.column("key")))
     ids = partition_ids(distinct, partitions)
     # Ordering by key and then stably by partition leaves every partition sorted.
     order = _sort_order(distinct)
     order = order[np.argsort(_radix_key(ids[order], partitions), kind="stable")]
-    if rows is not None:
-        order = _rows_in_order(order, rows)
-        ids = ids[rows]
     bounds = np.zeros(partitions + 1, dtype=np.int64)
-    np.cumsum(np.bincount(ids, minlength=partitions), out=bounds[1:])
-    shuffled = table.take(order)
+    np.cumsum(np.bincount(ids if rows is None else ids[rows], minlength=partitions), out=bounds[1:])
+    shuffled = _take(table, order, distinct, rows)
     return [
         shuffled.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(partitions)
     ]
@@ -713,11 +743,7 @@ def partition(table: Table, partitions: int) -> list[Table]:
 
 
 def encode_run(table: Table, compression: RunCompression = "lz4") -> bytes:
-    """Serialise a table as a checksummed run (format in the module docstring).
-
-    lz4 suits runs kept on local disk; zstd makes them ~40% smaller again for ~5 ms more
-    CPU per 16 MiB map, which pays when storage is slower than ~250 MB/s, as S3 usually is.
-    """
+    """Serialise a table as a checksummed run (format and codec choice: module docstring)."""
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=compression, use_threads=False)
     with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
@@ -752,7 +778,8 @@ def decode_run(data: bytes | bytearray | memoryview) -> Table:
             f"run checksum mismatch: crc32 {actual:#010x}, header says {crc:#010x}"
         )
     try:
-        return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+        options = pa.ipc.IpcReadOptions(use_threads=False)
+        return pa.ipc.open_stream(pa.py_buffer(payload), options=options).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorruptRunError(f"run payload is not a valid Arrow stream: {exc}") from exc
 
@@ -787,9 +814,11 @@ def iter_groups(table: Table) -> Iterator[tuple[Any, list[Any]]]:
 
 
 def _is_sorted(keys: pa.Array, kind: _Kind) -> bool:
-    if kind == "float" or len(keys) < 2:
-        # NaN compares false to everything, so let the sort place float keys.
-        return kind != "float"
+    # NaN compares false to everything, so float keys always go through the sort.
+    if kind == "float":
+        return False
+    if len(keys) < 2:
+        return True
     return bool(pc.all(pc.less_equal(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py())
 
 
@@ -836,9 +865,3 @@ def _text(column: pa.Array, kind: _Kind) -> pa.Array:
     if kind == "bool":
         return pc.if_else(column, pa.scalar(b"true"), pa.scalar(b"false"))
     return column.cast(pa.binary())
-
-
-def partition_for(key: Any, partitions: int) -> int:
-    """The partition of one key, as :func:`partition` assigns it (for low-level jobs)."""
-    keys = pairs_to_table([key], None).column("key")
-    return int(partition_ids(keys, partitions)[0])

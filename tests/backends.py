@@ -6,17 +6,22 @@ turn; adding a backend here makes it pass (or fail) the very same tests.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from kubemr_async.crd import ensure_crds
+from kubemr_async.kube import api_client
 from kubemr_async.state.base import StateStore
+from kubemr_async.state.kube import KubeStateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.base import BlobStore
 from kubemr_async.storage.fs import FileBlobStore
 from kubemr_async.storage.s3 import S3BlobStore, S3Config
+from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.s3server import S3Server
 
 StoreFactory = Callable[[], Awaitable[StateStore]]
@@ -37,6 +42,49 @@ async def sqlite_backend(tmp_path: Path) -> AsyncIterator[StoreFactory]:
     finally:
         for store in opened:
             await store.aclose()
+
+
+@asynccontextmanager
+async def kube_backend(cluster: TestCluster, **options: Any) -> AsyncIterator[StoreFactory]:
+    """Stores on the real API server, each with its own ApiClient (like separate processes).
+
+    Every use gets a fresh namespace for its MapReduceJobs; afterwards the jobs are deleted
+    through the store (which removes their task namespaces) and then the namespace itself.
+    ``options`` go to KubeStateStore.
+    """
+    namespace = f"t-{uuid.uuid4().hex[:10]}"
+    options.setdefault("default_output", "s3://bucket/prefix")
+    opened: list[KubeStateStore] = []
+
+    async def open_client() -> StateStore:
+        store = await KubeStateStore.connect(namespace, kubeconfig=str(cluster.kubeconfig_path),
+                                             **options)
+        opened.append(store)
+        return store
+
+    admin = await api_client(str(cluster.kubeconfig_path))
+    try:
+        await ensure_crds(admin)
+        await asyncio.to_thread(cluster.create_namespace, namespace)
+        try:
+            yield open_client
+        finally:
+            for store in opened:
+                await store.aclose()
+            cleaner = KubeStateStore(admin, namespace)
+            for job in await cleaner.jobs():
+                await cleaner.delete(job)
+            await asyncio.to_thread(_delete_namespace, cluster, namespace)
+    finally:
+        await admin.close()
+
+
+def _delete_namespace(cluster: TestCluster, namespace: str) -> None:
+    try:
+        cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
 
 
 @asynccontextmanager

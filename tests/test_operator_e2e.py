@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +51,19 @@ def s3(s3_server: S3Server) -> Any:
     return client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
+    """This module's namespace: its operator watches only here, so other modules' operators
+    (the Helm chart test runs one with the chart's own credentials) never compete."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    kube_cluster.create_namespace(name)
+    yield name
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture(scope="module")
 def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+             kube_namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`kubemr operator` as a separate process, configured as the Helm chart configures it."""
     try:
         kube_cluster.create_namespace(OPERATOR_NS)
@@ -76,7 +87,8 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
         proc = subprocess.Popen(
             [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
-             "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1"],
+             "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
+             "--namespace", kube_namespace],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         yield log

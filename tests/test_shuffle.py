@@ -219,10 +219,10 @@ def test_pairs_to_table_kinds_and_broadcast() -> None:
     assert table.schema.field("key").type == pa.string()
     assert table.column("value").to_pylist() == [1, 1]
     assert table.schema.field("value").type == pa.int64()
-    mixed = shuffle.pairs_to_table([b"x", b"y"], [1, 2.5])
+    mixed = shuffle.pairs_to_table([b"x", b"y"], [2**60 + 1, 2.5])
     assert mixed.schema.field("key").type == pa.binary()
     assert mixed.schema.field("value").type == pa.float64()
-    assert mixed.column("value").to_pylist() == [1.0, 2.5]
+    assert mixed.column("value").to_pylist() == [float(2**60), 2.5]
     as_json = shuffle.pairs_to_table([(1, "a"), {"b": 2, "a": 1}], [1, "one"])
     assert is_json(as_json, "key") and is_json(as_json, "value")
     assert as_json.column("key").to_pylist() == [b'[1,"a"]', b'{"a":1,"b":2}']
@@ -276,6 +276,8 @@ def test_float_keys_are_canonical() -> None:
         (["a"], [[b"raw"]], r"value of type list is not serialisable"),
         (["a"], [[1, b"raw"]], r"value of type list is not serialisable"),
         (["a", "b"], [b"x", 1], r"values mix types bytes and int"),
+        (["\ud800"], 1, r"key of type str is not serialisable: '\\ud800' \(surrogates"),
+        (["a", "b"], [0.5, 2**1024], r"value of type int is too large for a float: 1797"),
         (["a", "b"], [1], r"got 2 keys but 1 values"),
         ("ab", 1, r"keys must be a sequence or an array, got str"),
         (np.zeros((2, 2)), 1, r"keys must be one-dimensional"),

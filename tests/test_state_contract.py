@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,20 @@ from kubemr_async import protocol
 from kubemr_async.protocol import TaskKind, Update
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.base import JobNotFound, StateStore
+from kubemr_async.testing.cluster import TestCluster
 
-from .backends import StoreFactory, sqlite_backend
+from .backends import StoreFactory, kube_backend, sqlite_backend
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", pytest.param("kube", marks=[pytest.mark.kube, pytest.mark.slow])]
+
+
+@pytest.fixture
+def kube_state_backend(kube_cluster: TestCluster
+                       ) -> AbstractAsyncContextManager[StoreFactory]:
+    """Stores on the session's real API server, in a fresh namespace per test."""
+    return kube_backend(kube_cluster)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -27,9 +36,12 @@ async def state_backend(request: pytest.FixtureRequest, tmp_path: Path
     if request.param == "sqlite":
         async with sqlite_backend(tmp_path) as factory:
             yield factory
-    else:  # pragma: no cover - other backends register themselves in BACKENDS
-        factory = request.getfixturevalue(f"{request.param}_state_backend")
-        yield factory
+    else:
+        # A sync fixture returning the backend's context manager: an async fixture cannot
+        # be set up from inside this one's running event loop.
+        backend = request.getfixturevalue(f"{request.param}_state_backend")
+        async with backend as factory:
+            yield factory
 
 
 def job_record(name: str, reducers: int = 1) -> tuple[str, dict[str, Any]]:

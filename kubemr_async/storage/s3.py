@@ -166,7 +166,7 @@ class S3Config:
             region_name=self.region,
             signature_version="s3v4",
             s3={"addressing_style": self.resolved_addressing_style},
-            retries={"mode": self.retry_mode, "max_attempts": self.max_attempts},
+            retries={"mode": self.retry_mode, "total_max_attempts": self.max_attempts},
             max_pool_connections=self.max_pool_connections,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,

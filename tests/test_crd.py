@@ -1,0 +1,265 @@
+"""The CRDs: generated manifests match the chart, and a real API server enforces them.
+
+Validation is the API server's job, so these tests send invalid MapReduceJobs to a real
+kube-apiserver and check that each is rejected at create time with a message that names
+the offending field (what a user sees from ``kubectl create``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_asyncio.client import ApiClient
+
+from kubemr_async import crd
+from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
+from kubemr_async.kube import api_client
+from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS
+from kubemr_async.testing.cluster import ApiError, TestCluster
+
+JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{JOB_PLURAL}"
+TASKS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{TASK_PLURAL}"
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
+
+
+def valid_job(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MapReduceJob",
+        "metadata": {"generateName": "wordcount-"},
+        "spec": {"image": "example/wordcount:1", "inputs": ["s3://data/books/"],
+                 "job": "/app/wordcount.py", "output": "s3://results/wordcount", **spec},
+    }
+
+
+# --- the manifests in the chart ------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_name", sorted(manifests()))
+def test_chart_manifests_are_the_generated_ones(file_name: str) -> None:
+    path = crd.CRD_DIR / file_name
+    assert yaml.safe_load(path.read_text()) == manifests()[file_name], (
+        f"{path} drifted from kubemr_async/crd.py: run python -m kubemr_async.crd --write")
+    assert path.read_text() == crd.render(manifests()[file_name])
+
+
+def test_check_mode_reports_no_drift() -> None:
+    assert crd.main(["--check"]) == 0
+
+
+def test_schema_uses_the_spec_limits() -> None:
+    spec = crd.job_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    props = spec["spec"]["properties"]
+    assert props["reducers"]["maximum"] == MAX_REDUCERS
+    assert props["chunkSize"]["default"] == DEFAULT_CHUNK_SIZE
+    assert set(spec["spec"]["required"]) == {"image", "inputs", "job", "output"}
+
+
+# --- against the API server ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(kube_cluster: TestCluster) -> None:
+    """The CRDs, installed the way the operator does it (server-side apply)."""
+
+    async def install() -> None:
+        async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
+            await ensure_crds(api)
+
+    asyncio.run(install())
+
+
+@pytest.fixture
+def namespace(kube_cluster: TestCluster, installed: None) -> Iterator[str]:
+    name = f"crd-{uuid.uuid4().hex[:8]}"
+    kube_cluster.create_namespace(name)
+    yield name
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture
+async def admin(kube_cluster: TestCluster, installed: None) -> AsyncIterator[ApiClient]:
+    async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
+        yield api
+
+
+def _drop(field: str) -> Callable[[dict[str, Any]], None]:
+    return lambda spec: spec.pop(field)
+
+
+def _set(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda spec: spec.__setitem__(field, value)
+
+
+INVALID_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("missing image", _drop("image"), "spec.image: Required value"),
+    ("empty image", _set("image", ""), "spec.image"),
+    ("zero workers", _set("workers", 0), "spec.workers"),
+    ("too many workers", _set("workers", 1001), "spec.workers"),
+    ("workers not a number", _set("workers", "two"), "spec.workers"),
+    ("zero reducers", _set("reducers", 0), "spec.reducers"),
+    ("too many reducers", _set("reducers", MAX_REDUCERS + 1), "spec.reducers"),
+    ("missing inputs", _drop("inputs"), "spec.inputs: Required value"),
+    ("empty inputs", _set("inputs", []), "spec.inputs"),
+    ("empty input string", _set("inputs", ["s3://data/a", ""]), "spec.inputs[1]"),
+    ("missing job", _drop("job"), "spec.job: Required value"),
+    ("zero maxAttempts", _set("maxAttempts", 0), "spec.maxAttempts"),
+    ("too many maxAttempts", _set("maxAttempts", 101), "spec.maxAttempts"),
+    ("zero leaseSeconds", _set("leaseSeconds", 0), "spec.leaseSeconds"),
+    ("zero chunkSize", _set("chunkSize", 0), "spec.chunkSize"),
+    ("missing output", _drop("output"), "spec.output: Required value"),
+    ("output not s3", _set("output", "http://results/x"), "spec.output"),
+    ("output bucket uppercase", _set("output", "s3://Results/x"), "spec.output"),
+    ("non-string arg", _set("args", {"lang": 1}), "spec.args.lang"),
+    ("negative ttl", _set("ttlSecondsAfterFinished", -1), "spec.ttlSecondsAfterFinished"),
+]
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "mutate", "field"), INVALID_SPECS,
+                         ids=[case for case, _, _ in INVALID_SPECS])
+def test_invalid_job_is_rejected_naming_the_field(
+        kube_cluster: TestCluster, namespace: str, case: str,
+        mutate: Callable[[dict[str, Any]], None], field: str) -> None:
+    job = valid_job()
+    mutate(job["spec"])
+    with pytest.raises(ApiError) as rejected:
+        kube_cluster.api("POST", JOBS.format(ns=namespace), job)
+    assert rejected.value.status == 422, case
+    assert field in rejected.value.body, f"{case}: {rejected.value.body}"
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_job_without_spec_or_with_a_long_name_is_rejected(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    no_spec = valid_job()
+    del no_spec["spec"]
+    with pytest.raises(ApiError, match=r"spec: Required value"):
+        kube_cluster.api("POST", JOBS.format(ns=namespace), no_spec)
+    # Task names and label values derive from the job name, so it must fit a DNS label.
+    long_name = valid_job()
+    long_name["metadata"] = {"name": "w" * 64}
+    with pytest.raises(ApiError, match=r"metadata.name must be at most 63 characters"):
+        kube_cluster.api("POST", JOBS.format(ns=namespace), long_name)
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_valid_job_is_accepted_with_defaults_filled(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    created = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())
+    assert created["metadata"]["name"].startswith("wordcount-")
+    assert created["spec"] == {
+        "image": "example/wordcount:1", "inputs": ["s3://data/books/"],
+        "job": "/app/wordcount.py", "output": "s3://results/wordcount",
+        "workers": 2, "reducers": 1, "maxAttempts": 3, "leaseSeconds": 30,
+        "chunkSize": DEFAULT_CHUNK_SIZE, "splitInputs": True,
+    }
+    assert "status" not in created, "status is a subresource: create ignores it"
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_status_and_immutable_spec_are_enforced(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    name = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())["metadata"]["name"]
+    path = f"{JOBS.format(ns=namespace)}/{name}"
+    merge = "application/merge-patch+json"
+
+    def status(**fields: Any) -> Any:
+        return kube_cluster.api("PATCH", f"{path}/status", {"status": fields},
+                                content_type=merge)
+
+    with pytest.raises(ApiError, match=r"status.phase: Unsupported value.*Done"):
+        status(phase="Done")
+    with pytest.raises(ApiError, match=r"status.error.attempt"):
+        status(error={"task": "map-00001", "attempt": "first", "message": "boom"})
+    assert status(phase="Failed")["status"] == {"phase": "Failed"}
+    with pytest.raises(ApiError, match=r"a finished job's phase cannot change"):
+        status(phase="Running")
+    with pytest.raises(ApiError, match=r"spec.reducers is immutable"):
+        kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=merge)
+    # What may change on a running job, does.
+    assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
+                            content_type=merge)["spec"]["workers"] == 8
+
+
+def _task(name: str, **status: Any) -> dict[str, Any]:
+    body = {"kind": "map", "index": 0, "input": "s3://data/a", "range": [0, 10],
+            "state": "pending", "attempt": 0, "failures": 0, "worker": "",
+            "leaseExpires": 0.0, "outputs": None, "error": "", "seq": 0, **status}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MapReduceTask",
+            "metadata": {"name": name}, "status": body}
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_task_schema_keeps_nulls_and_rejects_bad_records(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    created = kube_cluster.api("POST", TASKS.format(ns=namespace),
+                               _task("j-reduce-00000", kind="reduce", input=None, range=None))
+    assert created["status"]["input"] is None and created["status"]["outputs"] is None
+    with pytest.raises(ApiError, match=r"status.state: Unsupported value"):
+        kube_cluster.api("POST", TASKS.format(ns=namespace), _task("j-map-1", state="done"))
+    missing = _task("j-map-2")
+    del missing["status"]["seq"]
+    with pytest.raises(ApiError, match=r"status.seq: Required value"):
+        kube_cluster.api("POST", TASKS.format(ns=namespace), missing)
+
+
+async def _table(api: ApiClient, path: str) -> dict[str, Any]:
+    """A `kubectl get`-style Table, as the server renders it from the printer columns."""
+    table: dict[str, Any] = await api.call_api(
+        path, "GET", header_params={"Accept": TABLE}, auth_settings=["BearerToken"],
+        response_types_map={200: "object"}, _return_http_data_only=True)
+    return table
+
+
+@pytest.mark.anyio
+@pytest.mark.kube
+@pytest.mark.slow
+async def test_printer_columns_show_progress(
+        kube_cluster: TestCluster, admin: ApiClient, namespace: str) -> None:
+    job = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job(workers=3))
+    name = job["metadata"]["name"]
+    kube_cluster.api("PATCH", f"{JOBS.format(ns=namespace)}/{name}/status",
+                     {"status": {"phase": "Running", "maps": 12, "mapsDone": 5, "reduces": 2,
+                                 "reducesDone": 0}},
+                     content_type="application/merge-patch+json")
+    table = await _table(admin, JOBS.format(ns=namespace))
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert columns == ["Name", "Phase", "Maps Done", "Maps", "Reduces Done", "Reduces",
+                       "Workers", "Image", "Age"]
+    assert table["rows"][0]["cells"][:8] == [name, "Running", 5, 12, 0, 2, 3,
+                                             "example/wordcount:1"]
+
+    task = copy.deepcopy(_task(f"{name}-map-00000", state="running", attempt=2,
+                               worker="pod-a"))
+    kube_cluster.api("POST", TASKS.format(ns=namespace), task)
+    table = await _table(admin, TASKS.format(ns=namespace))
+    assert [c["name"] for c in table["columnDefinitions"]] == [
+        "Name", "State", "Attempt", "Worker", "Kind", "Input", "Age"]
+    assert table["rows"][0]["cells"][:4] == [f"{name}-map-00000", "running", 2, "pod-a"]
+
+
+@pytest.mark.anyio
+@pytest.mark.kube
+@pytest.mark.slow
+async def test_ensure_crds_is_idempotent(admin: ApiClient, kube_cluster: TestCluster) -> None:
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    before = {n: kube_cluster.api("GET", f"{path}/{c['metadata']['name']}")
+              for n, c in manifests().items()}
+    await ensure_crds(admin)
+    for file_name, generated in manifests().items():
+        after = kube_cluster.api("GET", f"{path}/{generated['metadata']['name']}")
+        assert after["metadata"]["resourceVersion"] == (
+            before[file_name]["metadata"]["resourceVersion"]), "a no-op apply changed the CRD"
+        assert after["spec"]["versions"] == generated["spec"]["versions"]
