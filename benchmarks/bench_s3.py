@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_s3.py [--objects 64] [--size-mib 4] [--concurrency 1,16]
-                                  [--repeat 1] [--big-mib 256] [--no-boto3]
+                                  [--repeat 2] [--big-mib 256] [--no-boto3]
 
 Starts ``kubemr_async.testing.s3server.S3Server`` (versitygw when hack/ensure-s3-server.sh
 could build it, else moto) unless ``--endpoint`` points at a running server (credentials
@@ -12,10 +12,10 @@ then GETs every object back (checked byte for byte outside the timed region) and
 MB/s (10^6 bytes per wall-clock second) with the speed-up over the first concurrency: the
 ratio is the figure to compare across machines (DESIGN.md, "Performance").
 
-Also measured: one large object written with multipart upload (parts in flight up to the
-pool size) and read back with parallel ranged GETs, against the same object as one PUT and
-one GET; and, as an outside reference, boto3 (synchronous, one request at a time) on the
-same objects.
+Also measured: PUTs without SigV4 payload hashing (``payload_signing=False``); one large
+object written with multipart upload (parts in flight up to the pool size) and read back
+with parallel ranged GETs, against the same object as one PUT and one GET; and, as an
+outside reference, boto3 (synchronous, one request at a time) on the same objects.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kubemr_async.storage.s3 import MiB, S3BlobStore, S3Config
@@ -72,7 +73,7 @@ async def best(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
 async def bench(config: S3Config, args: argparse.Namespace) -> list[Row]:
     bucket = f"bench-{uuid.uuid4().hex[:12]}"
     levels = [int(c) for c in args.concurrency.split(",")]
-    config = config.with_options(max_pool_connections=max(levels + [16]))
+    config = config.with_options(max_pool_connections=max([*levels, 16]))
     store = S3BlobStore(bucket, config)
     client = await store._client()
     await client.create_bucket(Bucket=bucket)
@@ -81,27 +82,47 @@ async def bench(config: S3Config, args: argparse.Namespace) -> list[Row]:
     total = size * args.objects
     keys = [f"obj/{i:05d}" for i in range(args.objects)]
     rows: list[Row] = []
+    got: dict[str, bytes] = {}
+
+    async def fetch(key: str) -> None:
+        got[key] = await store.get(key)
+
+    def puts() -> list[Callable[[], Awaitable[Any]]]:
+        return [partial(store.put, k, p) for k, p in zip(keys, payloads, strict=True)]
+
+    def gets() -> list[Callable[[], Awaitable[Any]]]:
+        return [partial(fetch, k) for k in keys]
+
     try:
+        # Untimed warm-up: the server's first writes into a fresh bucket (directories,
+        # heap growth) and our connection pool would otherwise be charged to row one.
+        await bounded(max(levels), puts())
+        await bounded(max(levels), gets())
         put_base = get_base = None
         for n in levels:
-            put_s = await best(args.repeat, lambda n=n: bounded(n, [  # type: ignore[misc]
-                lambda k=k, p=p: store.put(k, p) for k, p in zip(keys, payloads, strict=True)]))
-            got: dict[str, bytes] = {}
-
-            async def fetch(key: str) -> None:
-                got[key] = await store.get(key)
-
-            get_s = await best(args.repeat, lambda n=n: bounded(n, [  # type: ignore[misc]
-                lambda k=k: fetch(k) for k in keys]))
+            put_s = await best(args.repeat, partial(bounded, n, puts()))
+            got.clear()
+            get_s = await best(args.repeat, partial(bounded, n, gets()))
             if [got[k] for k in keys] != payloads:
                 raise SystemExit("GET returned different bytes than were PUT")
-            rows.append(Row("put", f"{args.objects} x {args.size_mib:g} MiB, {n} in flight",
-                            total, put_s, put_base))
-            rows.append(Row("get", f"{args.objects} x {args.size_mib:g} MiB, {n} in flight",
-                            total, get_s, get_base))
+            how = f"{args.objects} x {args.size_mib:g} MiB, {n} in flight"
+            rows.append(Row("put", how, total, put_s, put_base))
+            rows.append(Row("get", how, total, get_s, get_base))
             put_base = put_base or put_s
             get_base = get_base or get_s
 
+        # The same PUTs without SigV4 hashing each body (S3Config.payload_signing=False).
+        unsigned = S3BlobStore(bucket, config.with_options(payload_signing=False))
+        try:
+            n = max(levels)
+            jobs = [partial(unsigned.put, k, p) for k, p in zip(keys, payloads, strict=True)]
+            await bounded(n, jobs[:n])  # open its connections untimed
+            signed = next(r for r in rows if r.op == "put" and r.how.endswith(f" {n} in flight"))
+            rows.append(Row("put", f"{args.objects} x {args.size_mib:g} MiB, {n} in flight, "
+                            "unsigned", total, await best(args.repeat, partial(bounded, n, jobs)),
+                            signed.seconds))
+        finally:
+            await unsigned.aclose()
         if args.big_mib:
             rows += await bench_big(store, config, bucket, args)
         if not args.no_boto3:
@@ -120,19 +141,18 @@ async def bench_big(store: S3BlobStore, config: S3Config, bucket: str,
     part = config.multipart_part_size
     single = S3BlobStore(bucket, config.with_options(multipart_threshold=len(big) + 1))
     try:
-        one_put = await best(args.repeat, lambda: bounded(1, [lambda: single.put("big1", big)]))
-        one_get = await best(args.repeat, lambda: bounded(1, [lambda: single.get("big1")]))
+        one_put = await best(args.repeat, partial(bounded, 1, [partial(single.put, "big1", big)]))
+        one_get = await best(args.repeat, partial(bounded, 1, [partial(single.get, "big1")]))
     finally:
         await single.aclose()
-    mp_put = await best(args.repeat, lambda: bounded(1, [lambda: store.put("big2", big)]))
+    mp_put = await best(args.repeat, partial(bounded, 1, [partial(store.put, "big2", big)]))
     pieces: dict[int, bytes] = {}
 
     async def piece(lo: int) -> None:
         pieces[lo] = await store.get("big2", lo, lo + part)
 
-    mp_get = await best(args.repeat, lambda: bounded(
-        config.max_pool_connections, [lambda lo=lo: piece(lo)  # type: ignore[misc]
-                                      for lo in range(0, len(big), part)]))
+    ranged = [partial(piece, lo) for lo in range(0, len(big), part)]
+    mp_get = await best(args.repeat, partial(bounded, config.max_pool_connections, ranged))
     if b"".join(pieces[k] for k in sorted(pieces)) != big:
         raise SystemExit("ranged GETs returned different bytes than were PUT")
     how = f"1 x {args.big_mib} MiB"
@@ -147,7 +167,7 @@ def bench_boto3(config: S3Config, bucket: str, keys: list[str], payloads: list[b
                 rows: list[Row], args: argparse.Namespace) -> list[Row]:
     """Reference: boto3's synchronous client, one request at a time, same objects."""
     try:
-        import boto3
+        import boto3  # type: ignore[import-untyped]
         from botocore.config import Config
     except ImportError:
         return []
@@ -176,12 +196,13 @@ def print_table(rows: list[Row], server: str) -> None:
     print(f"\nS3BlobStore throughput against {server} on {platform.node()} "
           f"({os.cpu_count()} CPUs, Python {platform.python_version()})")
     print("ratio: speed relative to the first row of the same kind (1 in flight for the "
-          "small objects, one request for the big one; boto3 vs our 1 in flight)\n")
-    header = f"{'op':<4} {'workload':<42} {'seconds':>8} {'MB/s':>8} {'ratio':>7}"
+          "small objects, one request for the big one; unsigned vs signed at the same "
+          "concurrency; boto3 vs our 1 in flight)\n")
+    header = f"{'op':<4} {'workload':<46} {'seconds':>8} {'MB/s':>8} {'ratio':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.op:<4} {r.how:<42} {r.seconds:>8.2f} {r.mbps:>8.1f} {r.ratio:>7}")
+        print(f"{r.op:<4} {r.how:<46} {r.seconds:>8.2f} {r.mbps:>8.1f} {r.ratio:>7}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=float, default=4)
     parser.add_argument("--concurrency", default="1,16",
                         help="comma-separated in-flight levels; the first is the baseline")
-    parser.add_argument("--repeat", type=int, default=1, help="best of N runs per row")
+    parser.add_argument("--repeat", type=int, default=2, help="best of N runs per row")
     parser.add_argument("--big-mib", type=int, default=256,
                         help="size of the multipart object (0 to skip)")
     parser.add_argument("--no-boto3", action="store_true", help="skip the boto3 reference")

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
+from .errors import KubemrError
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, MAX_REDUCERS
 
@@ -82,7 +83,8 @@ def _string(doc: str = "", **extra: Any) -> dict[str, Any]:
 def _job_spec_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "What to run, on what, with which limits. Fixed once the job exists.",
+        "description": "What to run, on what, with which limits. What the job computes "
+                       "(job, inputs, reducers, output, chunking) is fixed once created.",
         "required": ["image", "inputs", "job", "output"],
         "properties": {
             "image": _string("Worker container image (built from the kubemr-async base).",
@@ -135,9 +137,8 @@ def _job_spec_schema() -> dict[str, Any]:
         "x-kubernetes-validations": [
             {"rule": f"self.{field} == oldSelf.{field}",
              "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-            for field in ("job", "reducers", "output", "chunkSize", "splitInputs")
-        ] + [{"rule": "self.inputs == oldSelf.inputs", "message": "spec.inputs is immutable",
-              "fieldPath": ".inputs"}],
+            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs")
+        ],
     }
 
 
@@ -336,7 +337,7 @@ def render(crd: dict[str, Any]) -> str:
     return header + yaml.safe_dump(crd, sort_keys=False, width=100)
 
 
-class CRDNotEstablished(RuntimeError):
+class CRDNotEstablished(KubemrError):
     """The API server did not accept or serve a CRD in time; the message says which."""
 
 

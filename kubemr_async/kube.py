@@ -23,15 +23,16 @@ JSON_PATCH = "application/json-patch+json"
 
 
 async def api_client(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
-    """A client configured like kubectl: in-cluster when running in a Pod, else kubeconfig.
+    """A client configured the way kubectl finds its cluster.
 
-    In a Pod (``KUBERNETES_SERVICE_HOST`` set, no explicit ``kubeconfig``) the mounted
-    ServiceAccount token is used and re-read as the kubelet rotates it. Otherwise the file
-    ``kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``, with ``context`` or the
-    current context. The caller owns the returned client and must close it.
+    An explicit ``kubeconfig``/``context`` or ``$KUBECONFIG`` wins; otherwise, in a Pod
+    (``KUBERNETES_SERVICE_HOST`` set) the mounted ServiceAccount token is used and re-read
+    as the kubelet rotates it; otherwise ``~/.kube/config``. The caller owns the returned
+    client and must close it (``await client.close()`` or ``async with``).
     """
     config = Configuration()
-    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    explicit = kubeconfig is not None or context is not None or os.environ.get("KUBECONFIG")
+    if not explicit and os.environ.get("KUBERNETES_SERVICE_HOST"):
         load_incluster_config(client_configuration=config)
     else:
         # persist_config=False: never write refreshed credentials back into the user's file.

@@ -38,9 +38,9 @@ CRC catch truncated or damaged objects before Arrow parses them; a damaged run r
 
 The codec is lz4 by default, zstd on request (``encode_run(table, compression=...)``).
 Measured on a 16 MiB word-count map (``benchmarks/bench_shuffle.py``): lz4 costs ~3 ms of
-encode + decode and shrinks the runs by 30%; zstd costs ~9 ms more and shrinks them by
-58%, which wins only when storage moves bytes slower than ~300 MB/s (S3 over a network,
-not local disk). No compression saves ~3 ms and writes 40% more bytes.
+encode + decode and shrinks the runs by 30%; zstd costs ~5-9 ms more and shrinks them by
+58%, which wins only when storage moves bytes slower than ~300-500 MB/s (S3 over a
+network, not local disk). No compression saves ~2 ms and writes 40% more bytes.
 
 Why the partition hash is our own
 ---------------------------------

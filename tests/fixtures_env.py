@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubemr_async.testing.cluster import TestCluster
+from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
-from kubemr_async.testing.cluster import ApiError
 from kubemr_async.testing.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,6 +30,7 @@ from kubemr_async.state.base import JobNotFound, WatchEvent
 from kubemr_async.state.kube import (
     ANNOTATION_OUTPUT_DEFAULTED,
     KubeStateStore,
+    _job_record,
     task_namespace_for,
 )
 from kubemr_async.testing.cluster import TestCluster
@@ -89,6 +90,13 @@ def test_task_namespace_names_are_valid_unique_and_stable() -> None:
     assert all(_DNS_LABEL.match(name) for name in names), names
     assert task_namespace_for("default", "wc") == task_namespace_for("default", "wc")
     assert task_namespace_for("default", "wc").startswith("kubemr-default-wc-")
+
+
+def test_an_uninitialised_job_reads_as_a_fresh_job_record() -> None:
+    """A MapReduceJob created with kubectl has no status yet; it reads as protocol.new_job."""
+    spec = JobSpec(name="wc", job="job.py", inputs=("in",), output="s3://results/wc")
+    obj = {"metadata": {"resourceVersion": "7"}, "spec": {"image": "i", **spec.to_dict()}}
+    assert _job_record(obj).body == protocol.new_job(spec)
 
 
 # --- watches -------------------------------------------------------------------------
@@ -245,6 +253,10 @@ async def test_forbidden_writes_raise_naming_job_and_record(
                 await outsider.patch("locked", protocol.start_job(records["job"].body, 1))
             with pytest.raises(KubeApiError, match=r"job locked: listing its tasks.*HTTP 403"):
                 await outsider.snapshot("locked")
+            _, revision = await admin_store.snapshot("locked")
+            with pytest.raises(KubeApiError, match=r"job locked: watching mapreducetasks.*"
+                                                   r"HTTP 403"):
+                await asyncio.wait_for(anext(outsider.watch("locked", revision)), 30)
         finally:
             await outsider.aclose()
 

@@ -7,6 +7,7 @@ as its own process, worker pods run by the test kubelet.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import uuid
@@ -42,10 +43,8 @@ def s3(s3_server: S3Server) -> Any:
                           aws_access_key_id=s3_server.access_key,
                           aws_secret_access_key=s3_server.secret_key,
                           region_name=s3_server.region)
-    try:
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
     for path in sorted(DATA.iterdir()):
         client.put_object(Bucket=BUCKET, Key=f"data/{path.name}", Body=path.read_bytes())
     return client

@@ -48,7 +48,7 @@ from ..crd import (
 )
 from ..errors import UsageError
 from ..kube import JSON_PATCH, KubeApiError, api_client, api_error, status_message
-from ..protocol import JOB_KEY, Body, Update
+from ..protocol import JOB_KEY, Body, Update, task_name
 from ..spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS
 from .base import JobNotFound, Record, WatchEvent
 
@@ -101,9 +101,13 @@ class KubeStateStore:
     """A StateStore on MapReduceJob/MapReduceTask custom resources.
 
     ``api`` is the process's one ApiClient; the store does not close it unless it opened it
-    itself (:meth:`connect`). ``task_namespace(job)`` names the task namespace of a job the
-    store creates (default :func:`task_namespace_for`); for an existing job the name
-    recorded in its ``status.taskNamespace`` wins.
+    itself (:meth:`connect`). The ``task_namespace`` argument names the task namespace of a
+    job the store creates (default :func:`task_namespace_for`); for an existing job the
+    name recorded in its ``status.taskNamespace`` wins (see the method of the same name).
+
+    ``image`` and ``default_output`` only matter when the store creates a MapReduceJob
+    itself (``kubemr run``-style callers and tests): the resource requires both, and a
+    JobSpec has no image and may have no output. Jobs submitted with kubectl have both.
     """
 
     def __init__(self, api: ApiClient, namespace: str,
@@ -188,8 +192,8 @@ class KubeStateStore:
             status = obj.get("status") or {}
             task_ns = status.get("taskNamespace") or self._naming(job)
             if "taskNamespace" not in status:
-                # We choose the namespace, so we make sure it exists (the operator, if it
-                # chose, made it and recorded it before initialising anything).
+                # Not recorded yet, so nobody can rely on it existing: make sure it does
+                # (409 when the operator made it already) before we record it.
                 await self._ensure_namespace(task_ns, job)
             missing = {f: body[f] for f in _STATUS_DEFAULTS if f not in status}
             if "taskNamespace" not in status:
@@ -322,9 +326,9 @@ class KubeStateStore:
         A list, not a get: a get returns the object's own (possibly ancient) version, and
         a watch from a compacted version is answered with 410 Gone.
         """
-        result = await self._list(self.namespace, JOB_PLURAL, f"job {job}: listing its job",
-                                  field_selector=f"metadata.name={job}")
-        items, revision = result
+        items, revision = await self._list(self.namespace, JOB_PLURAL,
+                                           f"job {job}: listing its job",
+                                           field_selector=f"metadata.name={job}")
         return (items[0] if items else None), revision
 
     async def _list_tasks(self, job: str, task_ns: str) -> tuple[list[dict[str, Any]], str]:
@@ -512,8 +516,9 @@ class KubeStateStore:
         """One list-watch loop: resume from the last version seen, re-list on 410 Gone.
 
         Returns when ``emit`` returns False (job deleted) or ``relist`` finds no job.
-        Connection trouble (server restart, silent stream) is retried with backoff; an
-        error the API server reports (e.g. 403) is raised with the job in the message.
+        Transient trouble (server restart, broken or silent stream, 5xx, 429) is retried
+        with backoff from the last version seen; an error that retrying cannot fix (403,
+        401, 400) is raised with the job in the message.
         """
         what = f"job {job}: watching {plural} in namespace {namespace}"
         backoff = 0.0
@@ -521,6 +526,7 @@ class KubeStateStore:
         while current is not None:
             if backoff:
                 await asyncio.sleep(backoff)
+            backoff = min(max(backoff * 2, 0.2), 5.0)  # reset by events and clean ends
             self.stats.watch_connects += 1
             try:
                 resp = await self._objects.list_namespaced_custom_object(
@@ -531,39 +537,41 @@ class KubeStateStore:
                         sock_connect=10, sock_read=self.inactivity_timeout),
                     **selector)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                backoff = min(max(backoff * 2, 0.2), 5.0)
                 log.warning("%s: %s; reconnecting in %.1fs", what, exc, backoff)
                 continue
             try:
-                if resp.status == 410:
-                    self.stats.relists += 1
-                    current = await relist()
-                    continue
                 if resp.status != 200:
-                    raise KubeApiError(what, resp.status, status_message(await resp.read()))
-                while True:
-                    line = await resp.content.readline()
-                    if not line:  # the server ended the watch (timeoutSeconds): resume
-                        break
-                    backoff = 0.0
-                    event = orjson.loads(line)
-                    kind, obj = event["type"], event["object"]
-                    if kind == "ERROR":
-                        if obj.get("code") != 410:
-                            raise KubeApiError(what, int(obj.get("code") or 0),
-                                               str(obj.get("message", "")))
-                        self.stats.relists += 1
-                        current = await relist()
-                        break
-                    current = obj["metadata"]["resourceVersion"]
-                    if kind != "BOOKMARK" and not await emit(kind, obj):
-                        return
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                backoff = min(max(backoff * 2, 0.2), 5.0)
+                    code, message = resp.status, status_message(await resp.read())
+                else:
+                    code, message = 0, ""
+                    while True:
+                        line = await resp.content.readline()
+                        if not line:  # the server ended the watch (timeoutSeconds): resume
+                            backoff = 0.0
+                            break
+                        event = orjson.loads(line)
+                        kind, obj = event["type"], event["object"]
+                        if kind == "ERROR":
+                            code, message = int(obj.get("code") or 0), str(obj.get("message"))
+                            break
+                        backoff = 0.0
+                        current = obj["metadata"]["resourceVersion"]
+                        if kind != "BOOKMARK" and not await emit(kind, obj):
+                            return
+            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
                 log.info("%s: stream interrupted (%s); resuming from %s", what,
                          type(exc).__name__, current)
+                continue
             finally:
                 resp.release()
+            if code == 410:  # our version left the server's window: start from a list
+                self.stats.relists += 1
+                current = await relist()
+                backoff = 0.0
+            elif code == 429 or code >= 500:
+                log.warning("%s: HTTP %d: %s; retrying in %.1fs", what, code, message, backoff)
+            elif code:
+                raise KubeApiError(what, code, message)
 
     async def aclose(self) -> None:
         """Close the ApiClient if this store opened it; a shared one belongs to its owner."""
@@ -597,9 +605,10 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
 
 
 def _task_record(obj: Mapping[str, Any]) -> Record:
-    metadata = obj["metadata"]
-    return Record(metadata["labels"][LABEL_TASK], dict(obj["status"]),
-                  metadata["resourceVersion"])
+    metadata, body = obj["metadata"], dict(obj["status"])
+    # Objects made by hand may lack the key label; protocol keys follow from the body.
+    key = (metadata.get("labels") or {}).get(LABEL_TASK) or task_name(body)
+    return Record(key, body, metadata["resourceVersion"])
 
 
 def _status_op(op: Mapping[str, Any]) -> dict[str, Any]:
