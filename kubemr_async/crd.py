@@ -143,7 +143,6 @@ def _job_spec_schema() -> dict[str, Any]:
 
 
 def _job_status_schema() -> dict[str, Any]:
-    finished = ", ".join(f"'{p.value}'" for p in JobPhase if p.finished)
     return {
         "type": "object",
         "description": "Job-wide state written by workers and the operator; tasks live in "
@@ -152,9 +151,16 @@ def _job_status_schema() -> dict[str, Any]:
             "phase": {
                 **_string("Pending until every task exists, then Running, then decided."),
                 "enum": [p.value for p in JobPhase],
+                # Failed and Cancelled jobs may be retried (back to Running); a Succeeded
+                # job's results are final.
                 "x-kubernetes-validations": [{
-                    "rule": f"!(oldSelf in [{finished}]) || self == oldSelf",
-                    "message": "a finished job's phase cannot change",
+                    "rule": f"oldSelf != '{JobPhase.SUCCEEDED.value}' || self == oldSelf",
+                    "message": "a Succeeded job's phase cannot change",
+                }, {
+                    "rule": f"!(oldSelf in ['{JobPhase.FAILED.value}', "
+                            f"'{JobPhase.CANCELLED.value}']) || self == oldSelf "
+                            f"|| self == '{JobPhase.RUNNING.value}'",
+                    "message": "a Failed or Cancelled job can only go back to Running (retry)",
                 }],
             },
             "maps": _int(0, doc="Map tasks the job was split into."),

@@ -427,7 +427,9 @@ class Operator:
                 _content_type="application/merge-patch+json")
 
     async def _finish(self, mrj: Body) -> None:
-        """A decided job: stop workers, drop task records, stamp times, honour the TTL."""
+        """A decided job: stop workers, stamp the time, honour the TTL. A Succeeded job's
+        task records go (the results are on the object); a Failed or Cancelled job keeps
+        them until it is deleted, so `kubemr retry` can reuse its committed maps."""
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
         status = mrj.get("status") or {}
         if not status.get("completionTime"):
@@ -441,7 +443,8 @@ class Operator:
                 {"status": {"completionTime": _now()}},
                 _content_type="application/merge-patch+json")
         self._stop_follower(namespace, name)
-        await self._delete_workers(namespace, name)
+        await self._delete_workers(namespace, name, keep_tasks=status.get("phase")
+                                   != JobPhase.SUCCEEDED)
         ttl = mrj["spec"].get("ttlSecondsAfterFinished")
         if ttl is not None:
             finished = datetime.fromisoformat(
@@ -462,11 +465,13 @@ class Operator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _delete_workers(self, namespace: str, name: str) -> None:
+    async def _delete_workers(self, namespace: str, name: str, keep_tasks: bool) -> None:
+        """Stop the workers; drop task records unless a retry may still reuse them."""
         _, job_name = worker_names(name)
         await _ignore_missing(self.batch.delete_namespaced_job(
             job_name, namespace, propagation_policy="Background"))
-        await _ignore_missing(self.core.delete_namespace(task_namespace_for(namespace, name)))
+        if not keep_tasks:
+            await _ignore_missing(self.core.delete_namespace(task_namespace_for(namespace, name)))
 
     async def _finalize(self, mrj: Body) -> None:
         """The job is being deleted: owned objects go by garbage collection; the task

@@ -304,6 +304,28 @@ def abort(job: Mapping[str, Any], phase: JobPhase, reason: str) -> Update:
         job, phase=phase.value, error={"task": "", "attempt": 0, "message": reason})))
 
 
+def retry(view: JobView) -> list[Update]:
+    """Re-open a Failed or Cancelled job, keeping every committed task and its outputs.
+
+    Failed and unfinished tasks go back to pending with a fresh failure budget (attempt
+    numbers keep counting, so new outputs never reuse old keys). Apply the updates in
+    order: the job's own update comes last, so no worker starts before the tasks are reset.
+    """
+    job = view.job
+    if job is None or view.phase not in (JobPhase.FAILED, JobPhase.CANCELLED):
+        raise ValueError(f"only a Failed or Cancelled job can be retried, not {view.phase.value}")
+    updates = [
+        Update(task_name(t), tuple(_write(t, state=TaskState.PENDING.value, worker="",
+                                          leaseExpires=0.0, failures=0)))
+        for t in (*view.maps, *view.reduces)
+        if t["state"] != TaskState.COMMITTED and (t["state"] != TaskState.PENDING
+                                                  or t["failures"])
+    ]
+    updates.append(Update(JOB_KEY, (_test("phase", job["phase"]), *_write(
+        job, phase=JobPhase.RUNNING.value, error=None, results=[]))))
+    return updates
+
+
 def plan(spec: JobSpec,
          map_inputs: Iterable[tuple[str, tuple[int, int] | None]]) -> list[tuple[str, Body]]:
     """Every task record of a new job: one map per input split, one reduce per partition."""

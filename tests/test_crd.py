@@ -183,7 +183,11 @@ def test_status_and_immutable_spec_are_enforced(
     with pytest.raises(ApiError, match=r"status.error.attempt"):
         status(error={"task": "map-00001", "attempt": "first", "message": "boom"})
     assert status(phase="Failed")["status"] == {"phase": "Failed"}
-    with pytest.raises(ApiError, match=r"a finished job's phase cannot change"):
+    with pytest.raises(ApiError, match=r"can only go back to Running"):
+        status(phase="Pending")
+    assert status(phase="Running")["status"] == {"phase": "Running"}, "retry re-opens a job"
+    assert status(phase="Succeeded")["status"] == {"phase": "Succeeded"}
+    with pytest.raises(ApiError, match=r"a Succeeded job's phase cannot change"):
         status(phase="Running")
     with pytest.raises(ApiError, match=r"spec.reducers is immutable"):
         kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=merge)

@@ -238,3 +238,31 @@ def test_abort_stamps_a_reason_no_task_owns_and_only_once() -> None:
     assert protocol.format_error(job["error"]) == "image cannot be pulled"
     assert write(records, update) is None
     assert JobView(records).claimable(0.0) == [] and JobView(records).verdict() is None
+
+
+def test_retry_reruns_failed_and_unfinished_tasks_and_keeps_committed_ones() -> None:
+    records = new_records(maps=3)
+    done = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10.0, 3))
+    assert done is not None
+    assert write(records, protocol.commit(done, "w", {"0": "kept"})) is not None
+    write(records, protocol.claim(records["map-00002"], "w2", 0.0, 10.0, 3))  # left running
+    for _ in range(3):
+        body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
+        assert body is not None
+        write(records, protocol.fail(body, "w", "bad input", 3))
+    verdict = JobView(records).verdict()
+    assert verdict is not None and write(records, verdict) is not None
+    with pytest.raises(ValueError, match="Running"):
+        protocol.retry(JobView(new_records()))
+    updates = protocol.retry(JobView(records))
+    assert [u.key for u in updates] == ["map-00001", "map-00002", protocol.JOB_KEY]
+    for update in updates:
+        assert write(records, update) is not None
+    view = JobView(records)
+    assert view.phase == JobPhase.RUNNING and view.job is not None
+    assert view.job["error"] is None
+    assert records["map-00000"]["outputs"] == {"0": "kept"}
+    assert records["map-00001"]["failures"] == 0 and records["map-00001"]["attempt"] == 3
+    assert {t["index"] for t in view.claimable(0.0)} == {1, 2}
+    again = write(records, protocol.claim(records["map-00001"], "w3", 0.0, 10.0, 3))
+    assert again is not None and again["attempt"] == 4, "attempt numbers keep counting"
