@@ -116,7 +116,7 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
     """Start the workers, follow the job to its verdict, and stop them all either way."""
     procs = [await _spawn_worker(work, name, i) for i in range(count)]
     records, revision = await store.snapshot(name)
-    bodies = {key: rec.body for key, rec in records.items()}
+    view = JobView({key: rec.body for key, rec in records.items()})
     bar = _ProgressBar() if show_progress else None
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -125,8 +125,7 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
 
     async def follow() -> None:
         async for event in store.watch(name, revision):
-            bodies[event.record.key] = event.record.body
-            view = JobView(bodies)
+            view.update(event.record.key, event.record.body)
             if bar:
                 bar.update(view.progress())
             if view.phase.finished:
@@ -146,7 +145,6 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
         await _stop_workers(procs)
         if bar:
             bar.close()
-    view = JobView(bodies)
     if interrupted.is_set() and not view.phase.finished:
         raise JobFailed(f"job {name} interrupted")
     if not view.phase.finished:

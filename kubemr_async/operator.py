@@ -392,12 +392,11 @@ class Operator:
         commit: the write is the same guarded patch any worker would send.
         """
         records, revision = await store.snapshot(name)
-        bodies = {key: rec.body for key, rec in records.items()}
+        view = JobView({key: rec.body for key, rec in records.items()})
         shown: protocol.Progress | None = None
         last = 0.0
         changes = store.watch(name, revision)
         while True:
-            view = JobView(bodies)
             if view.phase.finished:
                 break
             verdict = view.verdict()
@@ -413,14 +412,12 @@ class Operator:
                 continue
             except StopAsyncIteration:
                 return
-            bodies[event.record.key] = event.record.body
-        await self._set_progress(namespace, name, JobView(bodies).progress())
+            view.update(event.record.key, event.record.body)
         self._followers.pop((namespace, name), None)
         self.schedule(namespace, name)
 
     async def _set_progress(self, namespace: str, name: str, progress: protocol.Progress) -> None:
-        patch = {"status": {"mapsDone": progress.maps_done, "reduces": progress.reduces_total,
-                            "reducesDone": progress.reduces_done}}
+        patch = {"status": _progress_fields(progress)}
         with contextlib.suppress(ApiException):
             await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, JOB_PLURAL, name, patch,
@@ -438,9 +435,13 @@ class Operator:
                               + (f": {protocol.format_error(status.get('error'))}"
                                  if phase != JobPhase.SUCCEEDED else ""),
                               warning=phase != JobPhase.SUCCEEDED)
+            # Final counts and completionTime in one write: a reader who sees the time
+            # also sees the progress columns complete.
+            records, _ = await KubeStateStore(self.api, namespace).snapshot(name)
+            progress = JobView({k: r.body for k, r in records.items()}).progress()
             await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, JOB_PLURAL, name,
-                {"status": {"completionTime": _now()}},
+                {"status": {**_progress_fields(progress), "completionTime": _now()}},
                 _content_type="application/merge-patch+json")
         self._stop_follower(namespace, name)
         await self._delete_workers(namespace, name, keep_tasks=status.get("phase")
@@ -510,6 +511,11 @@ class Operator:
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1,
                 "source": {"component": "kubemr-operator"},
             })
+
+
+def _progress_fields(progress: protocol.Progress) -> Body:
+    return {"mapsDone": progress.maps_done, "reduces": progress.reduces_total,
+            "reducesDone": progress.reduces_done}
 
 
 def _now() -> str:

@@ -77,7 +77,8 @@ class Worker:
         # Where this job's runs and outputs live inside ``blobs`` (attempt-unique keys below).
         self.prefix = data_prefix.rstrip("/") or job_name
         self._io = asyncio.Semaphore(io_concurrency)
-        self._records: dict[str, Body] = {}
+        self._view = JobView()
+        self._rng = random.Random()
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -96,8 +97,9 @@ class Worker:
     async def run(self) -> JobPhase:
         """Work until the job finishes; returns the phase the job was in when we left."""
         records, revision = await self.store.snapshot(self.job_name)
-        self._records = {key: rec.body for key, rec in records.items()}
-        self.spec = JobSpec.from_dict(self.job_name, self._records[protocol.JOB_KEY]["spec"])
+        self._view = JobView({key: rec.body for key, rec in records.items()})
+        assert self._view.job is not None
+        self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.user = UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -115,9 +117,9 @@ class Worker:
 
     def _remember(self, key: str, body: Body) -> None:
         # Our own writes are applied at once; the watch may deliver them (or older ones) later.
-        known = self._records.get(key)
+        known = self._view.records.get(key)
         if known is None or body["seq"] >= known["seq"]:
-            self._records[key] = body
+            self._view.update(key, body)
             self._changed.set()
 
     async def _write(self, update: protocol.Update) -> Body | None:
@@ -130,8 +132,8 @@ class Worker:
     # --- the claim loop ---------------------------------------------------------------
 
     async def _claim_loop(self) -> JobPhase:
+        view = self._view
         while True:
-            view = JobView(self._records)
             if self._job_deleted or view.phase.finished or self._stopping.is_set():
                 return view.phase
             verdict = view.verdict()
@@ -140,10 +142,8 @@ class Worker:
                 continue
             self._changed.clear()
             now = self.clock()
-            candidates = view.claimable(now)
-            # Spread workers over different tasks so most claims win on the first try.
-            random.shuffle(candidates)
-            for body in candidates:
+            # A random few: workers spread over different tasks, so most claims win at once.
+            for body in view.candidates(now, 8, self._rng):
                 if self._stopping.is_set():
                     break
                 update = protocol.claim(body, self.worker_id, now, self.spec.lease_seconds,
@@ -254,7 +254,7 @@ class Worker:
             outputs = await self.user.run(
                 execute.run_low_level_map(self.job, index, ctx.input, ctx))
             return {str(p): out for p, out in outputs.items()}
-        inputs = JobView(self._records).map_outputs(index)
+        inputs = self._view.map_outputs(index)
         if isinstance(self.job, Job):
             runs = await self._gather(self.blobs.get(key) for key in inputs)
             text = await self.user.run(execute.run_reduce(self.job, runs, ctx))

@@ -115,6 +115,17 @@ def wait_for_phase(cluster: TestCluster, namespace: str, name: str, operator_log
         time.sleep(0.3)
 
 
+def wait_for_completion(cluster: TestCluster, namespace: str, name: str,
+                        timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status: dict[str, Any] = cluster.api("GET", jobs_path(namespace, name))["status"]
+        if status.get("completionTime"):
+            return status
+        assert time.monotonic() < deadline, f"operator never completed {name}: {status}"
+        time.sleep(0.2)
+
+
 def wait_gone(cluster: TestCluster, path: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,8 +159,9 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
     name = create_job(kube_cluster, kube_namespace, manifest)
     assert name.startswith("wordcount-") and name != "wordcount-"
     job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
-    status = job["status"]
-    assert status["phase"] == "Succeeded", status
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    # The operator's bookkeeping (progress columns, completionTime) follows the verdict.
+    status = wait_for_completion(kube_cluster, kube_namespace, name)
     results = status["results"]
     assert len(results) == 2
     prefix = f"s3://{BUCKET}/results/{name}/output/"

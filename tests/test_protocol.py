@@ -266,3 +266,29 @@ def test_retry_reruns_failed_and_unfinished_tasks_and_keeps_committed_ones() -> 
     assert {t["index"] for t in view.claimable(0.0)} == {1, 2}
     again = write(records, protocol.claim(records["map-00001"], "w3", 0.0, 10.0, 3))
     assert again is not None and again["attempt"] == 4, "attempt numbers keep counting"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from(list(TaskState)),
+                          st.floats(0, 20)), max_size=60))
+def test_incremental_view_matches_a_view_built_from_scratch(
+        changes: list[tuple[int, TaskState, float]]) -> None:
+    import random
+
+    records = new_records(maps=3)
+    incremental = JobView(records)
+    keys = [k for k in records if k != protocol.JOB_KEY]
+    for n, (which, state, lease) in enumerate(changes):
+        key = keys[which % len(keys)]
+        body = {**records[key], "state": state.value, "leaseExpires": lease, "seq": n + 1}
+        records[key] = body
+        incremental.update(key, body)
+    fresh = JobView(records)
+    assert incremental.progress() == fresh.progress()
+    for now in (0.0, 10.0, 25.0):
+        assert incremental.claimable(now) == fresh.claimable(now)
+        picked = incremental.candidates(now, 2, random.Random(1))
+        assert all(t in fresh.claimable(now) for t in picked)
+        assert len(picked) >= min(2, len(fresh.claimable(now)))
+    assert incremental.next_lease_expiry() == fresh.next_lease_expiry()
+    assert incremental.verdict() == fresh.verdict()
