@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from . import shuffle
 from .errors import JobDefinitionError, PermanentTaskError
+from .storage.urls import StoreCache
 
 Builtin = shuffle.Combiner
 BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
@@ -49,6 +50,7 @@ class TaskContext:
     input: str = ""
     args: Mapping[str, str] = field(default_factory=dict)
     scratch: str = ""
+    stores: StoreCache = field(default_factory=StoreCache, repr=False)
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("kubemr.user"), {}))
     _keys: list[Any] = field(default_factory=list, repr=False)
@@ -88,24 +90,14 @@ class TaskContext:
 
     async def fetch(self, url: str) -> bytes:
         """Read a whole object: a local path or an ``s3://bucket/key`` URL."""
-        from .storage.urls import open_url
-
-        store, key = open_url(url)
-        try:
-            return await store.get(key)
-        finally:
-            await store.aclose()
+        store, key = self.stores.open(url)
+        return await store.get(key)
 
     async def store(self, url: str, data: bytes | str) -> str:
         """Write an object atomically and return its URL (what a low-level job returns)."""
-        from .storage.urls import open_url
-
-        store, key = open_url(url)
-        try:
-            await store.put(key, data.encode() if isinstance(data, str) else data)
-            return store.url(key)
-        finally:
-            await store.aclose()
+        store, key = self.stores.open(url)
+        await store.put(key, data.encode() if isinstance(data, str) else data)
+        return store.url(key)
 
 
 class Job:

@@ -32,7 +32,7 @@ from .protocol import Body, JobPhase, JobView, TaskKind, TaskState
 from .spec import JobSpec
 from .state.base import StateStore
 from .storage.base import BlobStore
-from .storage.urls import open_url
+from .storage.urls import StoreCache
 
 log = logging.getLogger("kubemr.worker")
 T = TypeVar("T")
@@ -78,6 +78,8 @@ class Worker:
         self.prefix = data_prefix.rstrip("/") or job_name
         self._io = asyncio.Semaphore(io_concurrency)
         self._view = JobView()
+        # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
+        self._stores = StoreCache()
         self._rng = random.Random()
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -108,6 +110,7 @@ class Worker:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             self.user.close()
+            await self._stores.aclose()
 
     async def _watch(self, since: str) -> None:
         async for event in self.store.watch(self.job_name, since):
@@ -243,7 +246,8 @@ class Worker:
                           attempt=int(body["attempt"]), partitions=self.spec.reducers,
                           input=body["input"] or "", args=self.spec.args,
                           scratch=self.blobs.url(f"{self.prefix}/user/{protocol.task_name(body)}"
-                                                 f"/attempt-{body['attempt']}"))
+                                                 f"/attempt-{body['attempt']}"),
+                          stores=self._stores)
         index = int(body["index"])
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
@@ -273,15 +277,12 @@ class Worker:
 
     async def _read_input(self, body: Body) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object)."""
-        source, key = open_url(body["input"])
-        try:
-            async with self._io:
-                if body["range"] is None:
-                    return await source.get(key)
-                start, end = body["range"]
-                return await read_split(source, key, start, end, await source.size(key))
-        finally:
-            await source.aclose()
+        source, key = self._stores.open(body["input"])
+        async with self._io:
+            if body["range"] is None:
+                return await source.get(key)
+            start, end = body["range"]
+            return await read_split(source, key, start, end, await source.size(key))
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:

@@ -20,12 +20,47 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def open_url(url: str) -> tuple[BlobStore, str]:
-    """A store that can read ``url`` and the key to read; the caller closes the store."""
+def _locate(url: str) -> tuple[str, str]:
+    """(store identity, key): an S3 bucket or a filesystem root, and the key inside it."""
     if is_s3(url):
+        bucket, key = split_s3(url)
+        return f"s3://{bucket}", key
+    path = Path(url).resolve()
+    return path.anchor, path.relative_to(path.anchor).as_posix()
+
+
+def _new_store(identity: str) -> BlobStore:
+    if is_s3(identity):
         from .s3 import S3BlobStore
 
-        bucket, key = split_s3(url)
-        return S3BlobStore.from_env(bucket), key
-    path = Path(url).resolve()
-    return FileBlobStore(path.anchor), path.relative_to(path.anchor).as_posix()
+        return S3BlobStore.from_env(split_s3(identity)[0])
+    return FileBlobStore(identity)
+
+
+def open_url(url: str) -> tuple[BlobStore, str]:
+    """A new store that can read ``url`` and the key to read; the caller closes the store."""
+    identity, key = _locate(url)
+    return _new_store(identity), key
+
+
+class StoreCache:
+    """One store per bucket (or filesystem root) for a worker's whole life.
+
+    An S3 store owns a client and a connection pool; building one per task or per object
+    would throw both away each time.
+    """
+
+    def __init__(self) -> None:
+        self._stores: dict[str, BlobStore] = {}
+
+    def open(self, url: str) -> tuple[BlobStore, str]:
+        """The shared store for ``url`` and the key inside it (do not close the store)."""
+        identity, key = _locate(url)
+        if identity not in self._stores:
+            self._stores[identity] = _new_store(identity)
+        return self._stores[identity], key
+
+    async def aclose(self) -> None:
+        stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            await store.aclose()

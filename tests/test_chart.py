@@ -1,0 +1,712 @@
+"""The Helm chart (charts/kubemr-async): lint, render, schemas, the real API server, and the
+operator running with nothing but the chart's permissions.
+
+Tiers:
+* no cluster: `helm lint --strict`, values-schema checks, and checks of the rendered objects
+  (labels, the operator Deployment, exact least-privilege RBAC, the S3 Secret modes);
+* ``kube`` + ``slow``: kubeconform against JSON schemas generated from the test
+  kube-apiserver's own /openapi/v2 (never kubeconform's default: a remote URL), a
+  server-side dry run of every rendered object, `helm install` in both RBAC modes with
+  access reviews as the operator's ServiceAccount, and the proof that the RBAC suffices:
+  `kubemr operator`, started with the Deployment's own args and env and a token of the
+  chart's ServiceAccount, runs examples/wordcount.yaml to success.
+
+helm and kubeconform come from hack/ensure-helm-tools.sh (built with `go install` once,
+cached). Helm's own state (repositories, cache) lives in a temp dir per session.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubemr_async.testing import run_ensure_script
+from kubemr_async.testing.cluster import ApiError, TestCluster
+from kubemr_async.testing.s3server import S3Server
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubemr-async"
+KUBEMR = str(Path(sys.executable).parent / "kubemr")
+DATA = ROOT / "examples" / "data"
+BUCKET = "kubemr-examples"
+GROUP_PATH = "/apis/kubemr.io/v1alpha1"
+
+Obj = dict[str, Any]
+
+# Value sets every render-level test runs over. "<watch>" is replaced by a real namespace
+# in the tests that talk to the API server.
+VALUE_SETS: dict[str, Obj] = {
+    "defaults": {},
+    "cluster-wide-with-keys": {
+        "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1",
+               "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": "example/secret+key"},
+    },
+    "namespaced-existing-secret": {
+        "watchNamespace": "<watch>", "s3": {"existingSecret": "s3-credentials"},
+    },
+    "external-service-account-no-rbac": {
+        "serviceAccount": {"create": False, "name": "operator"},
+        "rbac": {"create": False}, "admissionPolicy": {"enabled": False},
+        "s3": {"existingSecret": "s3-credentials"},
+    },
+    "everything-set": {
+        "fullnameOverride": "mr",
+        "image": {"repository": "registry.example/kubemr-async", "tag": "1.2.3",
+                  "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "replicaCount": 0,
+        "watchNamespace": "<watch>",
+        "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1,
+                     "extraArgs": ["--context=in-cluster"],
+                     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+        "s3": {"accessKeyId": "a", "secretAccessKey": "b"},
+        "serviceAccount": {"annotations": {"example.com/role": "kubemr"}},
+        "commonLabels": {"team": "data"},
+        "deploymentAnnotations": {"example.com/owner": "data"},
+        "podAnnotations": {"example.com/scrape": "false"},
+        "podLabels": {"tier": "control"},
+        "livenessProbe": None,
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+        "tmpSizeLimit": "128Mi",
+    },
+}
+
+# What the operator needs, derived from kubemr_async/operator.py and state/kube.py (the
+# calls it makes), plus what it must hold to grant its workers their Roles. Keys:
+# (apiGroup, resource) -> verbs. Job side: every namespace holding MapReduceJobs.
+JOB_SIDE_RULES: dict[tuple[str, str], set[str]] = {
+    ("kubemr.io", "mapreducejobs"): {"get", "list", "watch", "patch", "delete"},
+    ("kubemr.io", "mapreducejobs/status"): {"get", "list", "watch", "patch"},
+    ("", "serviceaccounts"): {"create"},
+    ("rbac.authorization.k8s.io", "roles"): {"create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
+    ("batch", "jobs"): {"get", "create", "delete"},
+    ("", "pods"): {"list"},
+    ("", "secrets"): {"create"},
+    ("", "events"): {"create"},
+}
+# Task side: the per-job task namespaces (cluster-wide in both modes).
+TASK_SIDE_RULES: dict[tuple[str, str], set[str]] = {
+    ("", "namespaces"): {"get", "create", "delete"},
+    ("kubemr.io", "mapreducetasks"): {"get", "list", "watch", "create", "patch"},
+    ("rbac.authorization.k8s.io", "roles"): {"create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
+}
+
+
+# ------------------------------------------------------------------------------ helm
+
+
+@dataclass(frozen=True)
+class Tools:
+    """helm and kubeconform, with helm's state kept in a private directory."""
+
+    bin_dir: Path
+    home: Path
+
+    @property
+    def helm_bin(self) -> str:
+        return str(self.bin_dir / "helm")
+
+    @property
+    def kubeconform_bin(self) -> str:
+        return str(self.bin_dir / "kubeconform")
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HELM_", "KUBECONFIG"))}
+        for kind in ("CACHE", "CONFIG", "DATA"):
+            env[f"HELM_{kind}_HOME"] = str(self.home / kind.lower())
+        return env
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([self.helm_bin, *args], capture_output=True, text=True,
+                              env=self.env(), timeout=300)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
+    bin_dir = Path(run_ensure_script("ensure-helm-tools.sh"))
+    return Tools(bin_dir, tmp_path_factory.mktemp("helm-home"))
+
+
+def values_for(name: str, watch: str = "jobs") -> Obj:
+    values = copy.deepcopy(VALUE_SETS[name])
+    if values.get("watchNamespace") == "<watch>":
+        values["watchNamespace"] = watch
+    return values
+
+
+def values_file(values: Obj, directory: Path) -> Path:
+    path = directory / f"values-{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def render(tools: Tools, values: Obj, tmp_path: Path, *, release: str = "kubemr",
+           namespace: str = "kubemr-system", include_crds: bool = False) -> list[Obj]:
+    args = ["template", release, str(CHART), "--namespace", namespace,
+            "--values", str(values_file(values, tmp_path))]
+    if include_crds:
+        args.append("--include-crds")
+    return [doc for doc in yaml.safe_load_all(tools.helm(*args).stdout) if doc]
+
+
+def by_kind(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[Obj], kind: str) -> Obj:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def rules_by_scope(objects: list[Obj]) -> dict[str, dict[tuple[str, str], set[str]]]:
+    """Effective rules per scope ("cluster" or a namespace) of the rendered (Cluster)Roles."""
+    scopes: dict[str, dict[tuple[str, str], set[str]]] = {}
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        scope = role["metadata"].get("namespace", "cluster")
+        for rule in role["rules"]:
+            if rule.get("resourceNames"):
+                continue  # checked separately
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    scopes.setdefault(scope, {}).setdefault((group, resource), set()).update(
+                        rule["verbs"])
+    return scopes
+
+
+def merged(*rule_sets: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rules in rule_sets:
+        for key, verbs in rules.items():
+            out.setdefault(key, set()).update(verbs)
+    return out
+
+
+def container(objects: list[Obj]) -> Obj:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["operator"]
+    return dict(pod["containers"][0])
+
+
+# ----------------------------------------------------------------- lint and render
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_lint_strict_is_clean(tools: Tools, name: str, tmp_path: Path) -> None:
+    proc = tools.helm("lint", "--strict", str(CHART), "--namespace", "kubemr-system",
+                      "--values", str(values_file(values_for(name), tmp_path)))
+    assert "0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"replicaCount": 2}, "/replicaCount"),
+    ({"operator": {"logLevel": "TRACE"}}, "/operator/logLevel"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"watchNamespace": "Not_A_Namespace"}, "/watchNamespace"),
+    ({"s3": {"accessKeyId": "only-half"}}, "/s3/secretAccessKey"),
+    ({"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
+    ({"resources": {"limit": {"cpu": 1}}}, "limit"),
+    ({"rbac": {"create": "yes"}}, "/rbac/create"),
+    ({"tmpSizeLimit": "lots"}, "/tmpSizeLimit"),
+    ({"replicas": 1}, "replicas"),  # a typo of replicaCount: unknown keys are refused
+])
+def test_values_schema_rejects_bad_values(tools: Tools, values: Obj, complaint: str,
+                                          tmp_path: Path) -> None:
+    proc = tools.helm("template", "x", str(CHART), "--values", str(values_file(values, tmp_path)),
+                      check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_half_given_keys_fail_even_without_the_schema(tools: Tools, tmp_path: Path) -> None:
+    """The template guards the Secret too (a schema can be skipped: --skip-schema-validation)."""
+    proc = tools.helm("template", "x", str(CHART), "--skip-schema-validation",
+                      "--set", "s3.secretAccessKey=only-half", check=False)
+    assert proc.returncode != 0
+    assert "must be given together" in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_object_carries_the_standard_labels(tools: Tools, name: str,
+                                                  tmp_path: Path) -> None:
+    objects = render(tools, values_for(name), tmp_path, release="rel")
+    assert objects
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "kubemr-async", obj["kind"]
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "kubemr-async-0.1.0"
+        assert "app.kubernetes.io/version" in labels
+        if obj["kind"] not in {"ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                               "ValidatingAdmissionPolicyBinding"}:
+            assert "namespace" in obj["metadata"], obj["kind"]
+    deployment = one(objects, "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items()
+    assert selector == {"app.kubernetes.io/name": "kubemr-async",
+                        "app.kubernetes.io/instance": "rel",
+                        "app.kubernetes.io/component": "operator"}
+
+
+def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
+    objects = render(tools, {}, tmp_path, release="kubemr", namespace="ops")
+    deployment = one(objects, "Deployment")
+    assert deployment["metadata"]["name"] == "kubemr-async"  # "kubemr" is in the chart name
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    main = container(objects)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert main["image"] == f"kubemr-async:{chart['appVersion']}"
+    assert main["imagePullPolicy"] == "IfNotPresent"
+    assert main["command"] == ["kubemr", "operator"]
+    assert main["args"] == ["--worker-backoff-limit=4"]  # no --namespace: every namespace
+    security = main["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"cpu", "memory"} <= main["resources"]["requests"].keys()
+    assert {"cpu", "memory"} <= main["resources"]["limits"].keys()
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["exec"]["command"][0] == "python", probe
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = {e["name"]: e for e in main["env"]}
+    assert env["KUBEMR_OPERATOR_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["AWS_REGION"]["value"] == "us-east-1"
+    assert not {"KUBEMR_S3_SECRET", "KUBEMR_S3_ENDPOINT", "AWS_ACCESS_KEY_ID"} & env.keys()
+
+
+def test_liveness_probe_command_tells_a_live_operator_from_anything_else(
+        tools: Tools, tmp_path: Path) -> None:
+    """The probe checks PID 1's command line; run its code against a fake /proc/1."""
+    probe = container(render(tools, {}, tmp_path))["livenessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python", "-c"]
+    fake = tmp_path / "cmdline"
+    code = probe[2].replace("/proc/1/cmdline", str(fake))
+    fake.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/kubemr\0operator\0--namespace=x\0")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    fake.write_bytes(b"/bin/sh\0-c\0sleep 1\0")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 1
+
+
+def test_everything_set_reaches_the_objects(tools: Tools, tmp_path: Path) -> None:
+    objects = render(tools, values_for("everything-set", "jobs"), tmp_path, namespace="ops")
+    deployment = one(objects, "Deployment")
+    assert deployment["metadata"]["name"] == "mr"
+    assert deployment["spec"]["replicas"] == 0
+    assert deployment["metadata"]["annotations"] == {"example.com/owner": "data"}
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["labels"]["tier"] == "control"
+    assert template["metadata"]["annotations"]["example.com/scrape"] == "false"
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"][0]["key"] == "batch"
+    assert "nodeAffinity" in pod["affinity"]
+    assert pod["volumes"][0]["emptyDir"]["sizeLimit"] == "128Mi"
+    main = container(objects)
+    assert main["image"] == "registry.example/kubemr-async:1.2.3"
+    assert main["imagePullPolicy"] == "Always"
+    assert main["args"] == ["--namespace=jobs", "--worker-backoff-limit=1",
+                            "--context=in-cluster"]
+    assert "livenessProbe" not in main and "readinessProbe" in main
+    env = {e["name"]: e for e in main["env"]}
+    assert env["KUBEMR_LOG_LEVEL"]["value"] == "DEBUG"
+    assert env["HTTPS_PROXY"]["value"] == "http://proxy:3128"
+    for obj in objects:
+        assert obj["metadata"]["labels"]["team"] == "data"
+    account = one(objects, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {"example.com/role": "kubemr"}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rbac_is_exactly_what_the_operator_needs(tools: Tools, name: str,
+                                                 tmp_path: Path) -> None:
+    values = values_for(name, "jobs")
+    objects = render(tools, values, tmp_path, release="rel", namespace="ops")
+    roles = by_kind(objects, "ClusterRole") + by_kind(objects, "Role")
+    if not values.get("rbac", {}).get("create", True):
+        assert not roles and not by_kind(objects, "ClusterRoleBinding")
+        assert not by_kind(objects, "RoleBinding")
+        return
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
+            assert "nonResourceURLs" not in rule
+    scopes = rules_by_scope(objects)
+    if values.get("watchNamespace"):
+        assert scopes == {"cluster": TASK_SIDE_RULES, "jobs": JOB_SIDE_RULES}
+    else:
+        assert scopes == {"cluster": merged(JOB_SIDE_RULES, TASK_SIDE_RULES)}
+    # Secrets: create (the per-job copy) as above, plus get on the one S3 Secret by name.
+    named = [(role["metadata"].get("namespace"), rule) for role in roles
+             for rule in role["rules"] if rule.get("resourceNames")]
+    secret = ((values.get("s3") or {}).get("existingSecret")
+              or ("rel-kubemr-async-s3" if (values.get("s3") or {}).get("accessKeyId") else ""))
+    if name == "everything-set":
+        secret = "mr-s3"
+    if secret:
+        assert named == [("ops", {"apiGroups": [""], "resources": ["secrets"],
+                                  "resourceNames": [secret], "verbs": ["get"]})]
+    else:
+        assert named == []
+    # Every (Cluster)Role is bound to the operator's ServiceAccount and nothing else.
+    account = "operator" if name == "external-service-account-no-rbac" else (
+        "mr" if name == "everything-set" else "rel-kubemr-async")
+    bindings = by_kind(objects, "ClusterRoleBinding") + by_kind(objects, "RoleBinding")
+    assert sorted((b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings) == sorted(
+        (r["kind"], r["metadata"]["name"]) for r in roles)
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
+                                        "namespace": "ops"}]
+
+
+@pytest.mark.parametrize(("name", "secret", "chart_made"), [
+    ("defaults", None, False),
+    ("cluster-wide-with-keys", "rel-kubemr-async-s3", True),
+    ("namespaced-existing-secret", "s3-credentials", False),
+])
+def test_s3_settings_and_secret_modes(tools: Tools, name: str, secret: str | None,
+                                      chart_made: bool, tmp_path: Path) -> None:
+    values = values_for(name)
+    objects = render(tools, values, tmp_path, release="rel", namespace="ops")
+    env = {e["name"]: e for e in container(objects)["env"]}
+    annotations = one(objects, "Deployment")["spec"]["template"]["metadata"].get(
+        "annotations") or {}
+    secrets = by_kind(objects, "Secret")
+    if secret is None:
+        assert not secrets and "KUBEMR_S3_SECRET" not in env
+        assert "AWS_ACCESS_KEY_ID" not in env
+        return
+    assert env["KUBEMR_S3_SECRET"]["value"] == secret
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": key}}
+    if chart_made:
+        (made,) = secrets
+        assert made["metadata"]["name"] == secret and made["type"] == "Opaque"
+        s3 = values["s3"]
+        assert base64.b64decode(made["data"]["AWS_ACCESS_KEY_ID"]).decode() == s3["accessKeyId"]
+        assert base64.b64decode(made["data"]["AWS_SECRET_ACCESS_KEY"]).decode() == s3[
+            "secretAccessKey"]
+        assert env["KUBEMR_S3_ENDPOINT"]["value"] == s3["endpoint"]
+        assert env["AWS_REGION"]["value"] == s3["region"]
+        assert "checksum/s3-secret" in annotations
+    else:
+        assert not secrets, "an existing Secret is never rendered or overwritten"
+        assert "checksum/s3-secret" not in annotations
+
+
+def test_admission_policy_pins_the_operator_and_the_watched_namespace(
+        tools: Tools, tmp_path: Path) -> None:
+    objects = render(tools, values_for("namespaced-existing-secret", "jobs"), tmp_path,
+                     release="rel", namespace="ops")
+    policy = one(objects, "ValidatingAdmissionPolicy")
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == (
+        "request.userInfo.username == 'system:serviceaccount:ops:rel-kubemr-async'")
+    text = json.dumps(policy["spec"]["validations"])
+    assert "labels['kubemr.io/job-namespace'] == 'jobs'" in text
+    binding = one(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"],
+                               "validationActions": ["Deny"]}
+    off = render(tools, {"admissionPolicy": {"enabled": False}}, tmp_path)
+    assert not by_kind(off, "ValidatingAdmissionPolicy")
+
+
+def test_chart_ships_the_generated_crds_as_they_are(tools: Tools, tmp_path: Path) -> None:
+    """crds/ (written by kubemr_async.crd) is the only source: helm installs those files."""
+    files = sorted(CHART.joinpath("crds").glob("*.yaml"))
+    assert {p.name for p in files} == {"mapreducejobs.yaml", "mapreducetasks.yaml"}
+    from_files = [yaml.safe_load(p.read_text()) for p in files]
+    rendered = by_kind(render(tools, {}, tmp_path, include_crds=True),
+                       "CustomResourceDefinition")
+    key = lambda o: o["metadata"]["name"]  # noqa: E731
+    assert sorted(rendered, key=key) == sorted(from_files, key=key)
+    for path in CHART.rglob("*"):
+        if path.is_file() and path.parent.name != "crds":
+            assert "CustomResourceDefinition" not in path.read_text(errors="replace"), path
+
+
+def test_notes_tell_how_to_run_the_example(tools: Tools, tmp_path: Path) -> None:
+    for values, namespace_flag in (({}, ""), ({"watchNamespace": "jobs"}, " -n jobs")):
+        proc = tools.helm("install", "demo", str(CHART), "--dry-run=client",
+                          "--namespace", "ops",
+                          "--values", str(values_file(values, tmp_path)))
+        notes = proc.stdout.split("NOTES:", 1)[1]
+        assert f"kubectl create{namespace_flag} -f examples/wordcount.yaml" in notes
+        assert f"kubectl get mrj{namespace_flag} -w" in notes
+        assert "docker build -f examples/Dockerfile" in notes
+
+
+# ------------------------------------------------------- schemas from the API server
+
+OPENAPI_REF = "#/definitions/"
+# Types the OpenAPI document declares as strings but that accept numbers in manifests.
+_SPECIAL_TYPES: dict[str, Obj] = {
+    "io.k8s.apimachinery.pkg.util.intstr.IntOrString": {"type": ["string", "integer"]},
+    "io.k8s.apimachinery.pkg.api.resource.Quantity": {"type": ["string", "number"]},
+}
+
+
+def _strict(schema: Any) -> Any:
+    """A copy where every object schema with properties refuses unknown ones (kubeconform's
+    "-strict" schema flavour); descriptions dropped. Walks schema keywords only, so a
+    property that happens to be called "properties" is not mistaken for the keyword."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items()
+           if k != "description" and k != "x-kubernetes-group-version-kind"}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
+        if ("additionalProperties" not in out
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(out["additionalProperties"])
+    if isinstance(out.get("items"), dict):
+        out["items"] = _strict(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [_strict(s) for s in out[key]]
+    return out
+
+
+def _refs(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        found = {schema["$ref"][len(OPENAPI_REF):]} if isinstance(
+            schema.get("$ref"), str) and schema["$ref"].startswith(OPENAPI_REF) else set()
+        return found.union(*(_refs(v) for v in schema.values()))
+    if isinstance(schema, list):
+        return set().union(*(_refs(v) for v in schema))
+    return set()
+
+
+def openapi_to_json_schemas(openapi: Obj, out: Path) -> int:
+    """Write one standalone, strict JSON schema per kind of an OpenAPI v2 document, named
+    the way kubeconform looks them up: <kind>[-<group's first label>]-<version>.json.
+
+    The approach of kubeconform's openapi2jsonschema, except that $refs are kept (with the
+    referenced definitions copied into each file) instead of inlined, so recursive types
+    such as a CRD's JSONSchemaProps stay finite. Returns the number of files written.
+    """
+    definitions = {name: _SPECIAL_TYPES.get(name) or _strict(schema)
+                   for name, schema in openapi["definitions"].items()}
+    chosen: dict[str, tuple[int, str]] = {}
+    for name, raw in openapi["definitions"].items():
+        kinds = raw.get("x-kubernetes-group-version-kind") or []
+        for gvk in kinds:
+            group = gvk["group"].split(".")[0].lower()
+            file = f"{gvk['kind'].lower()}{'-' + group if group else ''}-{gvk['version']}.json"
+            # Shared types (DeleteOptions, WatchEvent) name many kinds; a kind's own wins.
+            if file not in chosen or len(kinds) < chosen[file][0]:
+                chosen[file] = (len(kinds), name)
+    out.mkdir(parents=True)
+    for file, (_, name) in chosen.items():
+        closure: set[str] = set()
+        todo = [name]
+        while todo:
+            current = todo.pop()
+            if current not in closure:
+                closure.add(current)
+                todo += _refs(definitions[current])
+        schema = {**definitions[name],
+                  "definitions": {n: definitions[n] for n in sorted(closure)}}
+        (out / file).write_text(json.dumps(schema, separators=(",", ":")))
+    return len(chosen)
+
+
+@pytest.fixture(scope="module")
+def kube_schemas(kube_cluster: TestCluster, crds: None) -> str:
+    """kubeconform -schema-location for JSON schemas of every kind the test API server
+    serves (the CRDs included), cached by the OpenAPI document's hash."""
+    raw = kube_cluster._request("GET", "/openapi/v2")[1]
+    openapi = json.loads(raw)
+    version = kube_cluster.api("GET", "/version")["gitVersion"]
+    cache = Path(os.environ.get("KUBEMR_CACHE") or Path.home() / ".cache" / "kubemr-async")
+    target = cache / "kube-schemas" / f"{version}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    if not target.is_dir():
+        stage = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        assert openapi_to_json_schemas(openapi, stage) > 100
+        try:
+            stage.rename(target)
+        except OSError:  # another session published the same schemas first
+            subprocess.run(["rm", "-rf", str(stage)], check=True)
+    return str(target / "{{ .ResourceKind }}{{ .KindSuffix }}.json")
+
+
+def kubeconform(tools: Tools, schemas: str, manifests: str) -> Obj:
+    proc = subprocess.run(
+        [tools.kubeconform_bin, "-strict", "-summary", "-output", "json",
+         "-schema-location", schemas, "-"],
+        input=manifests, capture_output=True, text=True, timeout=120)
+    report: Obj = json.loads(proc.stdout)
+    report["returncode"] = proc.returncode
+    return report
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_manifests_pass_kubeconform(tools: Tools, kube_schemas: str, name: str,
+                                             tmp_path: Path) -> None:
+    objects = render(tools, values_for(name), tmp_path, include_crds=True)
+    report = kubeconform(tools, kube_schemas, yaml.safe_dump_all(objects))
+    assert report["returncode"] == 0, report["resources"]
+    summary = report["summary"]
+    assert summary["valid"] == len(objects), summary
+    assert summary["invalid"] == summary["errors"] == summary["skipped"] == 0, summary
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_kubeconform_with_these_schemas_catches_mistakes(tools: Tools, kube_schemas: str,
+                                                         tmp_path: Path) -> None:
+    """The generated schemas are strict and really used: typos and wrong types fail."""
+    objects = render(tools, {}, tmp_path)
+    deployment = one(objects, "Deployment")
+    deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonroot"] = True
+    role = one(objects, "ClusterRole")
+    role["rules"][0]["verbs"] = "get"
+    report = kubeconform(tools, kube_schemas, yaml.safe_dump_all(objects))
+    assert report["returncode"] != 0
+    invalid = {r["kind"]: r["msg"] for r in report["resources"] if r["status"] != "statusValid"}
+    assert set(invalid) == {"Deployment", "ClusterRole"}, invalid
+    assert "runAsNonroot" in invalid["Deployment"]
+
+
+# ------------------------------------------------------------- the real API server
+
+
+def resource_paths(cluster: TestCluster) -> dict[tuple[str, str], tuple[str, bool]]:
+    """(apiVersion, kind) -> (plural, namespaced), from the server's discovery documents."""
+    found: dict[tuple[str, str], tuple[str, bool]] = {}
+    versions = ["v1"] + [f"{g['name']}/{v['version']}"
+                         for g in cluster.api("GET", "/apis")["groups"] for v in g["versions"]]
+    for version in versions:
+        base = "/api/v1" if version == "v1" else f"/apis/{version}"
+        for res in cluster.api("GET", base)["resources"]:
+            if "/" not in res["name"]:
+                found[(version, res["kind"])] = (res["name"], res["namespaced"])
+    return found
+
+
+def object_path(paths: dict[tuple[str, str], tuple[str, bool]], obj: Obj) -> str:
+    plural, namespaced = paths[(obj["apiVersion"], obj["kind"])]
+    base = "/api/v1" if obj["apiVersion"] == "v1" else f"/apis/{obj['apiVersion']}"
+    if namespaced:
+        base += f"/namespaces/{obj['metadata']['namespace']}"
+    return f"{base}/{plural}/{obj['metadata']['name']}"
+
+
+def create_namespace(cluster: TestCluster, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(name)
+    return name
+
+
+def delete_namespace(cluster: TestCluster, name: str) -> None:
+    try:
+        cluster.api("DELETE", f"/api/v1/namespaces/{name}")
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_objects_pass_a_server_side_dry_run(
+        tools: Tools, kube_cluster: TestCluster, crds: None, kube_namespace: str, name: str,
+        tmp_path: Path) -> None:
+    """`kubectl apply --server-side --dry-run=server` for every object, over the REST API
+    (a fresh machine may have no kubectl): full validation and admission, nothing stored."""
+    watch = create_namespace(kube_cluster, "watch")
+    try:
+        objects = render(tools, values_for(name, watch), tmp_path,
+                         release=f"dry{uuid.uuid4().hex[:6]}", namespace=kube_namespace,
+                         include_crds=True)
+        paths = resource_paths(kube_cluster)
+        for obj in objects:
+            applied = kube_cluster.api(
+                "PATCH", object_path(paths, obj)
+                + "?dryRun=All&fieldManager=kubemr-chart-test&force=true",
+                obj, content_type="application/apply-patch+yaml")
+            assert applied["kind"] == obj["kind"]
+            assert applied["metadata"]["name"] == obj["metadata"]["name"]
+    finally:
+        delete_namespace(kube_cluster, watch)
+
+
+def access(cluster: TestCluster, token: str, verb: str, resource: str, namespace: str = "",
+           name: str = "") -> bool:
+    """A SelfSubjectAccessReview as the token's owner. ``resource`` is
+    ``[group/]plural[/subresource]`` ("" group for core)."""
+    group, _, rest = resource.rpartition(":")
+    plural, _, sub = rest.partition("/")
+    attrs = {"verb": verb, "group": group, "resource": plural, "subresource": sub,
+             "namespace": namespace, "name": name}
+    review = cluster.api("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                         {"apiVersion": "authorization.k8s.io/v1",
+                          "kind": "SelfSubjectAccessReview",
+                          "spec": {"resourceAttributes": attrs}}, token=token)
+    return bool(review["status"].get("allowed"))
+
+
+def status_of(cluster: TestCluster, token: str, method: str, path: str,
+              body: Any = None) -> int:
+    try:
+        cluster.api(method, path, body, token=token)
+    except ApiError as exc:
+        return exc.status
+    return 200
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str
+    manifest: list[Obj]
+
+    def account(self) -> str:
+        return str(one(self.manifest, "ServiceAccount")["metadata"]["name"])
+
