@@ -141,7 +141,7 @@ class Worker:
                 return view.phase
             verdict = view.verdict()
             if verdict is not None:
-                await self._stamp_verdict(verdict)
+                await self._stamp_verdict(view, verdict)
                 continue
             self._changed.clear()
             now = self.clock()
@@ -164,16 +164,18 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    async def _stamp_verdict(self, verdict: protocol.Update) -> None:
-        job = await self._write(verdict)
-        if job is None:
-            return
-        log.info("job decided", extra={"job": self.job_name, "phase": job["phase"],
-                                       "worker": self.worker_id})
-        if job["phase"] == JobPhase.SUCCEEDED and isinstance(self.job, Job):
-            # Intermediate runs are only garbage once the job is decided.
+    async def _stamp_verdict(self, view: JobView, verdict: protocol.Update) -> None:
+        progress = view.progress()
+        if progress.reduces_done == progress.reduces_total and isinstance(self.job, Job):
+            # Every reduce has committed, so the map runs are garbage. Removing them before
+            # the stamp makes "Succeeded" also mean "cleaned up"; a Failed job keeps its runs
+            # so a retry can reuse the committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
+        job = await self._write(verdict)
+        if job is not None:
+            log.info("job decided", extra={"job": self.job_name, "phase": job["phase"],
+                                           "worker": self.worker_id})
 
     # --- one attempt ------------------------------------------------------------------
 
