@@ -36,6 +36,8 @@ RUN /opt/venv/bin/pip wheel --wheel-dir /wheels . \
 # --- final image: the runtime and the virtualenv, nothing else ---
 FROM ${PYTHON_IMAGE}
 
+# ARGs before the first FROM are only visible in a stage that declares them again.
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="kubemr-async" \
       org.opencontainers.image.description="Kubernetes-native, masterless MapReduce for Python with asyncio callbacks" \

@@ -339,6 +339,10 @@ class Operator:
         }
         if spec.get("template"):
             pod = _deep_merge(pod, spec["template"])
+            # A job may shape its pods, but never choose their identity: the account is the
+            # one whose Role reaches only this job's objects.
+            pod["spec"]["serviceAccountName"] = account
+            pod["spec"].pop("serviceAccount", None)
         return {
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],

@@ -18,12 +18,15 @@ cached). Helm's own state (repositories, cache) lives in a temp dir per session.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from collections import Counter
@@ -279,9 +282,9 @@ def test_every_object_carries_the_standard_labels(tools: Tools, name: str,
 
 
 def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
-    objects = render(tools, {}, tmp_path, release="kubemr", namespace="ops")
+    objects = render(tools, {}, tmp_path, release="kubemr-async", namespace="ops")
     deployment = one(objects, "Deployment")
-    assert deployment["metadata"]["name"] == "kubemr-async"  # "kubemr" is in the chart name
+    assert deployment["metadata"]["name"] == "kubemr-async"  # not kubemr-async-kubemr-async
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
@@ -381,18 +384,16 @@ def test_rbac_is_exactly_what_the_operator_needs(tools: Tools, name: str,
     # Secrets: create (the per-job copy) as above, plus get on the one S3 Secret by name.
     named = [(role["metadata"].get("namespace"), rule) for role in roles
              for rule in role["rules"] if rule.get("resourceNames")]
-    secret = ((values.get("s3") or {}).get("existingSecret")
-              or ("rel-kubemr-async-s3" if (values.get("s3") or {}).get("accessKeyId") else ""))
-    if name == "everything-set":
-        secret = "mr-s3"
+    env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+    secret = env.get("KUBEMR_S3_SECRET")
     if secret:
         assert named == [("ops", {"apiGroups": [""], "resources": ["secrets"],
                                   "resourceNames": [secret], "verbs": ["get"]})]
     else:
         assert named == []
     # Every (Cluster)Role is bound to the operator's ServiceAccount and nothing else.
-    account = "operator" if name == "external-service-account-no-rbac" else (
-        "mr" if name == "everything-set" else "rel-kubemr-async")
+    account = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account == (values.get("fullnameOverride") or "rel-kubemr-async")
     bindings = by_kind(objects, "ClusterRoleBinding") + by_kind(objects, "RoleBinding")
     assert sorted((b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings) == sorted(
         (r["kind"], r["metadata"]["name"]) for r in roles)
@@ -464,18 +465,18 @@ def test_chart_ships_the_generated_crds_as_they_are(tools: Tools, tmp_path: Path
     assert sorted(rendered, key=key) == sorted(from_files, key=key)
     for path in CHART.rglob("*"):
         if path.is_file() and path.parent.name != "crds":
-            assert "CustomResourceDefinition" not in path.read_text(errors="replace"), path
+            assert "kind: CustomResourceDefinition" not in path.read_text(errors="replace"), path
 
 
-def test_notes_tell_how_to_run_the_example(tools: Tools, tmp_path: Path) -> None:
-    for values, namespace_flag in (({}, ""), ({"watchNamespace": "jobs"}, " -n jobs")):
-        proc = tools.helm("install", "demo", str(CHART), "--dry-run=client",
-                          "--namespace", "ops",
-                          "--values", str(values_file(values, tmp_path)))
-        notes = proc.stdout.split("NOTES:", 1)[1]
-        assert f"kubectl create{namespace_flag} -f examples/wordcount.yaml" in notes
-        assert f"kubectl get mrj{namespace_flag} -w" in notes
-        assert "docker build -f examples/Dockerfile" in notes
+def test_packaged_chart_holds_the_chart_and_nothing_else(tools: Tools, tmp_path: Path) -> None:
+    tools.helm("package", str(CHART), "--destination", str(tmp_path))
+    (package,) = tmp_path.glob("kubemr-async-*.tgz")
+    with tarfile.open(package) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames()}
+    expected = {"Chart.yaml", "values.yaml", "values.schema.json", "README.md", ".helmignore",
+                *(p.relative_to(CHART).as_posix() for p in CHART.glob("crds/*.yaml")),
+                *(p.relative_to(CHART).as_posix() for p in CHART.glob("templates/*"))}
+    assert names == expected
 
 
 # ------------------------------------------------------- schemas from the API server
@@ -521,13 +522,13 @@ def _refs(schema: Any) -> set[str]:
     return set()
 
 
-def openapi_to_json_schemas(openapi: Obj, out: Path) -> int:
-    """Write one standalone, strict JSON schema per kind of an OpenAPI v2 document, named
-    the way kubeconform looks them up: <kind>[-<group's first label>]-<version>.json.
+def openapi_to_json_schemas(openapi: Obj) -> dict[str, str]:
+    """One standalone, strict JSON schema per kind of an OpenAPI v2 document, by file name
+    as kubeconform looks them up: <kind>[-<group's first label>]-<version>.json.
 
     The approach of kubeconform's openapi2jsonschema, except that $refs are kept (with the
     referenced definitions copied into each file) instead of inlined, so recursive types
-    such as a CRD's JSONSchemaProps stay finite. Returns the number of files written.
+    such as a CRD's JSONSchemaProps stay finite.
     """
     definitions = {name: _SPECIAL_TYPES.get(name) or _strict(schema)
                    for name, schema in openapi["definitions"].items()}
@@ -540,8 +541,8 @@ def openapi_to_json_schemas(openapi: Obj, out: Path) -> int:
             # Shared types (DeleteOptions, WatchEvent) name many kinds; a kind's own wins.
             if file not in chosen or len(kinds) < chosen[file][0]:
                 chosen[file] = (len(kinds), name)
-    out.mkdir(parents=True)
-    for file, (_, name) in chosen.items():
+    files = {}
+    for file, (_, name) in sorted(chosen.items()):
         closure: set[str] = set()
         todo = [name]
         while todo:
@@ -551,26 +552,30 @@ def openapi_to_json_schemas(openapi: Obj, out: Path) -> int:
                 todo += _refs(definitions[current])
         schema = {**definitions[name],
                   "definitions": {n: definitions[n] for n in sorted(closure)}}
-        (out / file).write_text(json.dumps(schema, separators=(",", ":")))
-    return len(chosen)
+        files[file] = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return files
 
 
 @pytest.fixture(scope="module")
 def kube_schemas(kube_cluster: TestCluster, crds: None) -> str:
     """kubeconform -schema-location for JSON schemas of every kind the test API server
-    serves (the CRDs included), cached by the OpenAPI document's hash."""
-    raw = kube_cluster._request("GET", "/openapi/v2")[1]
-    openapi = json.loads(raw)
+    serves (the CRDs included), cached by content under $KUBEMR_CACHE/kube-schemas."""
+    files = openapi_to_json_schemas(kube_cluster.api("GET", "/openapi/v2"))
+    assert len(files) > 100 and "deployment-apps-v1.json" in files
+    assert "mapreducejob-kubemr-v1alpha1.json" in files
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     version = kube_cluster.api("GET", "/version")["gitVersion"]
     cache = Path(os.environ.get("KUBEMR_CACHE") or Path.home() / ".cache" / "kubemr-async")
-    target = cache / "kube-schemas" / f"{version}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    target = cache / "kube-schemas" / f"{version}-{digest}"
     if not target.is_dir():
         stage = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        assert openapi_to_json_schemas(openapi, stage) > 100
+        stage.mkdir(parents=True)
+        for file, text in files.items():
+            (stage / file).write_text(text)
         try:
             stage.rename(target)
         except OSError:  # another session published the same schemas first
-            subprocess.run(["rm", "-rf", str(stage)], check=True)
+            shutil.rmtree(stage)
     return str(target / "{{ .ResourceKind }}{{ .KindSuffix }}.json")
 
 
@@ -612,6 +617,17 @@ def test_kubeconform_with_these_schemas_catches_mistakes(tools: Tools, kube_sche
     invalid = {r["kind"]: r["msg"] for r in report["resources"] if r["status"] != "statusValid"}
     assert set(invalid) == {"Deployment", "ClusterRole"}, invalid
     assert "runAsNonroot" in invalid["Deployment"]
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_example_job_manifest_passes_kubeconform(tools: Tools, kube_schemas: str) -> None:
+    """The same schemas hold the CRDs' kinds: examples/wordcount.yaml is a valid job."""
+    manifest = (ROOT / "examples" / "wordcount.yaml").read_text()
+    report = kubeconform(tools, kube_schemas, manifest)
+    assert report["returncode"] == 0 and report["summary"]["valid"] == 1, report
+    broken = kubeconform(tools, kube_schemas, manifest.replace("reducers:", "reducer:"))
+    assert broken["summary"]["invalid"] == 1, broken
 
 
 # ------------------------------------------------------------- the real API server
@@ -677,6 +693,20 @@ def test_rendered_objects_pass_a_server_side_dry_run(
         delete_namespace(kube_cluster, watch)
 
 
+def call_as(cluster: TestCluster, token: str, method: str, path: str, body: Any = None) -> Any:
+    """``cluster.api`` with a ServiceAccount's token, retrying 429 Too Many Requests as
+    every Kubernetes client does: API Priority and Fairness throttles ServiceAccounts
+    (the admin is exempt) when a loaded test machine slows the server down."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return cluster.api(method, path, body, token=token)
+        except ApiError as exc:
+            if exc.status != 429 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
 def access(cluster: TestCluster, token: str, verb: str, resource: str, namespace: str = "",
            name: str = "") -> bool:
     """A SelfSubjectAccessReview as the token's owner. ``resource`` is
@@ -685,17 +715,17 @@ def access(cluster: TestCluster, token: str, verb: str, resource: str, namespace
     plural, _, sub = rest.partition("/")
     attrs = {"verb": verb, "group": group, "resource": plural, "subresource": sub,
              "namespace": namespace, "name": name}
-    review = cluster.api("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
-                         {"apiVersion": "authorization.k8s.io/v1",
-                          "kind": "SelfSubjectAccessReview",
-                          "spec": {"resourceAttributes": attrs}}, token=token)
+    review = call_as(cluster, token, "POST",
+                     "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                     {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                      "spec": {"resourceAttributes": attrs}})
     return bool(review["status"].get("allowed"))
 
 
 def status_of(cluster: TestCluster, token: str, method: str, path: str,
               body: Any = None) -> int:
     try:
-        cluster.api(method, path, body, token=token)
+        call_as(cluster, token, method, path, body)
     except ApiError as exc:
         return exc.status
     return 200
@@ -710,3 +740,338 @@ class Release:
     def account(self) -> str:
         return str(one(self.manifest, "ServiceAccount")["metadata"]["name"])
 
+
+
+@contextlib.contextmanager
+def installed(tools: Tools, cluster: TestCluster, values: Obj, namespace: str,
+              tmp_path: Path) -> Iterator[Release]:
+    """`helm install` into the test API server (helm 3 needs nothing in the cluster), and
+    `helm uninstall` afterwards; yields the release with its manifest as installed."""
+    name = f"mr{uuid.uuid4().hex[:6]}"
+    kubeconfig = ("--kubeconfig", str(cluster.kubeconfig_path))
+    tools.helm("install", name, str(CHART), "--namespace", namespace, *kubeconfig,
+               "--values", str(values_file(values, tmp_path)), "--timeout", "2m")
+    try:
+        manifest = tools.helm("get", "manifest", name, "--namespace", namespace,
+                              *kubeconfig).stdout
+        yield Release(name, namespace, [doc for doc in yaml.safe_load_all(manifest) if doc])
+    finally:
+        tools.helm("uninstall", name, "--namespace", namespace, *kubeconfig, "--wait",
+                   "--timeout", "2m")
+
+
+def eventually(probe: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.3)
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_notes_tell_how_to_run_the_example(tools: Tools, kube_cluster: TestCluster,
+                                           tmp_path: Path) -> None:
+    """NOTES.txt is rendered by install only, which wants a reachable cluster even for
+    --dry-run=client."""
+    for values, namespace_flag in (({}, ""), ({"watchNamespace": "jobs"}, " -n jobs")):
+        proc = tools.helm("install", "demo", str(CHART), "--dry-run=client",
+                          "--namespace", "ops", "--kubeconfig", str(kube_cluster.kubeconfig_path),
+                          "--values", str(values_file(values, tmp_path)))
+        notes = proc.stdout.split("NOTES:", 1)[1]
+        assert f"kubectl create{namespace_flag} -f examples/wordcount.yaml" in notes
+        assert f"kubectl get mrj{namespace_flag} -w" in notes
+        assert "docker build -f examples/Dockerfile" in notes
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_installed_chart_grants_the_operator_what_it_needs_and_nothing_else(
+        tools: Tools, kube_cluster: TestCluster, crds: None, kube_namespace: str, mode: str,
+        tmp_path: Path) -> None:
+    watch = create_namespace(kube_cluster, "jobs")
+    other = create_namespace(kube_cluster, "other")
+    values: Obj = {"replicaCount": 0, "s3": {"accessKeyId": "k", "secretAccessKey": "s"}}
+    if mode == "namespaced":
+        values["watchNamespace"] = watch
+    try:
+        with installed(tools, kube_cluster, values, kube_namespace, tmp_path) as release:
+            check_operator_access(kube_cluster, release, mode, watch, other)
+            cluster_objects = [o for o in release.manifest if "namespace" not in o["metadata"]]
+            assert {o["kind"] for o in cluster_objects} == {
+                "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"}
+            paths = resource_paths(kube_cluster)
+        for obj in release.manifest:  # uninstalled: nothing is left behind
+            with pytest.raises(ApiError) as gone:
+                kube_cluster.api("GET", object_path(paths, obj))
+            assert gone.value.status == 404, obj["kind"]
+    finally:
+        delete_namespace(kube_cluster, watch)
+        delete_namespace(kube_cluster, other)
+
+
+def check_operator_access(cluster: TestCluster, release: Release, mode: str, watch: str,
+                          other: str) -> None:
+    token = cluster.token_for(release.namespace, release.account())
+    s3_secret = one(release.manifest, "Secret")["metadata"]["name"]
+    task_ns = "kubemr-made-up-task-namespace-0a1b2c3d"  # names are made up per job
+    job_namespaces = [watch] if mode == "namespaced" else [watch, other]
+
+    allowed: list[tuple[str, str, str, str]] = [  # verb, [group:]resource, namespace, name
+        ("get", ":secrets", release.namespace, s3_secret),
+        ("create", ":namespaces", "", ""),
+        ("get", ":namespaces", "", task_ns),
+        ("delete", ":namespaces", "", task_ns),
+        *[(verb, "kubemr.io:mapreducetasks", task_ns, "")
+          for verb in ("get", "list", "watch", "create", "patch")],
+        ("create", "rbac.authorization.k8s.io:roles", task_ns, ""),
+        ("create", "rbac.authorization.k8s.io:rolebindings", task_ns, ""),
+    ]
+    for ns in job_namespaces:
+        allowed += [(verb, "kubemr.io:mapreducejobs", ns, "")
+                    for verb in ("get", "list", "watch", "patch", "delete")]
+        allowed += [(verb, "kubemr.io:mapreducejobs/status", ns, "")
+                    for verb in ("get", "list", "watch", "patch")]
+        allowed += [("create", ":serviceaccounts", ns, ""),
+                    ("create", "rbac.authorization.k8s.io:roles", ns, ""),
+                    ("create", "rbac.authorization.k8s.io:rolebindings", ns, ""),
+                    ("get", "batch:jobs", ns, ""), ("create", "batch:jobs", ns, ""),
+                    ("delete", "batch:jobs", ns, ""), ("list", ":pods", ns, ""),
+                    ("create", ":secrets", ns, ""), ("create", ":events", ns, "")]
+    denied: list[tuple[str, str, str, str]] = [
+        # Secrets: never read or listed, except the one S3 Secret by name.
+        ("get", ":secrets", other, s3_secret), ("list", ":secrets", other, ""),
+        ("list", ":secrets", release.namespace, ""), ("watch", ":secrets", release.namespace, ""),
+        ("get", ":secrets", release.namespace, "some-other-secret"),
+        ("get", ":secrets", watch, ""), ("list", ":secrets", "", ""),
+        ("update", ":secrets", release.namespace, s3_secret),
+        ("delete", ":secrets", release.namespace, s3_secret),
+        # Nothing it does not use.
+        ("get", ":configmaps", other, "kube-root-ca.crt"), ("list", ":configmaps", "", ""),
+        ("delete", ":nodes", "", "node-1"), ("list", ":nodes", "", ""),
+        ("create", ":pods", watch, ""), ("delete", ":pods", watch, ""),
+        ("create", ":pods/exec", watch, ""), ("get", ":pods/log", watch, ""),
+        ("create", ":serviceaccounts/token", watch, "default"),
+        ("get", ":serviceaccounts", watch, ""), ("delete", ":serviceaccounts", watch, ""),
+        ("list", ":namespaces", "", ""), ("patch", ":namespaces", "", task_ns),
+        ("update", ":namespaces", "", task_ns),
+        ("create", "kubemr.io:mapreducejobs", watch, ""),
+        ("update", "kubemr.io:mapreducejobs", watch, ""),
+        ("delete", "kubemr.io:mapreducetasks", task_ns, ""),
+        ("deletecollection", "kubemr.io:mapreducetasks", task_ns, ""),
+        ("update", "kubemr.io:mapreducetasks", task_ns, ""),
+        ("create", "rbac.authorization.k8s.io:clusterroles", "", ""),
+        ("create", "rbac.authorization.k8s.io:clusterrolebindings", "", ""),
+        ("bind", "rbac.authorization.k8s.io:clusterroles", "", "cluster-admin"),
+        ("escalate", "rbac.authorization.k8s.io:roles", watch, ""),
+        ("delete", "rbac.authorization.k8s.io:roles", watch, ""),
+        ("impersonate", ":users", "", "admin"),
+        ("create", "apps:deployments", watch, ""), ("list", "batch:jobs", watch, ""),
+        ("update", "batch:jobs", watch, ""),
+        ("create", "apiextensions.k8s.io:customresourcedefinitions", "", ""),
+    ]
+    if mode == "namespaced":
+        denied += [("list", "kubemr.io:mapreducejobs", "", ""),
+                   ("watch", "kubemr.io:mapreducejobs", "", ""),
+                   ("get", "kubemr.io:mapreducejobs", other, ""),
+                   ("patch", "kubemr.io:mapreducejobs/status", other, ""),
+                   ("create", ":secrets", other, ""), ("create", "batch:jobs", other, ""),
+                   ("create", ":serviceaccounts", other, ""),
+                   ("create", ":events", other, "")]
+    else:
+        allowed += [("list", "kubemr.io:mapreducejobs", "", ""),
+                    ("watch", "kubemr.io:mapreducejobs", "", "")]
+    wrong = [("should be allowed", a) for a in allowed if not access(cluster, token, *a)]
+    wrong += [("should be denied", d) for d in denied if access(cluster, token, *d)]
+    assert not wrong, wrong
+
+    # The same through real requests.
+    api = f"/api/v1/namespaces/{release.namespace}"
+    assert status_of(cluster, token, "GET", f"{api}/secrets/{s3_secret}") == 200
+    assert status_of(cluster, token, "GET", f"{api}/secrets") == 403
+    assert status_of(cluster, token, "GET", f"/api/v1/namespaces/{other}/secrets") == 403
+    assert status_of(cluster, token, "GET", f"/api/v1/namespaces/{other}/secrets/x") == 403
+    assert status_of(cluster, token, "GET",
+                     f"/api/v1/namespaces/{other}/configmaps/kube-root-ca.crt") == 403
+    assert status_of(cluster, token, "DELETE", "/api/v1/nodes/node-1") == 403
+    assert status_of(cluster, token, "GET", f"{GROUP_PATH}/namespaces/{watch}/mapreducejobs") \
+        == 200
+    assert status_of(cluster, token, "GET", f"{GROUP_PATH}/mapreducejobs") == (
+        403 if mode == "namespaced" else 200)
+
+    # The admission policy narrows what RBAC grants by name-less rules (dry runs: admission
+    # runs, nothing is stored).
+    def namespace(labels: dict[str, str]) -> Obj:
+        return {"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": f"probe-{uuid.uuid4().hex[:8]}", "labels": labels}}
+
+    def secret(kind: str, labels: dict[str, str]) -> Obj:
+        return {"apiVersion": "v1", "kind": "Secret", "type": kind,
+                "metadata": {"name": f"probe-{uuid.uuid4().hex[:8]}", "labels": labels,
+                             "annotations": {"kubernetes.io/service-account.name": "default"}}}
+
+    def dry(method: str, path: str, body: Obj | None = None) -> tuple[int, str]:
+        try:
+            call_as(cluster, token, method, f"{path}?dryRun=All", body)
+        except ApiError as exc:
+            return exc.status, str(exc)
+        return 200, ""
+
+    task_labels = {"kubemr.io/job": "wc", "kubemr.io/job-namespace": watch}
+    eventually(lambda: dry("POST", "/api/v1/namespaces", namespace({}))[0] == 403,
+               "the admission policy to take effect")
+    _, message = dry("POST", "/api/v1/namespaces", namespace({}))
+    assert "may only create or delete task namespaces" in message
+    assert dry("POST", "/api/v1/namespaces", namespace(task_labels))[0] == 200
+    assert dry("DELETE", f"/api/v1/namespaces/{other}")[0] == 403
+    foreign = {**task_labels, "kubemr.io/job-namespace": other}
+    assert dry("POST", "/api/v1/namespaces", namespace(foreign))[0] == (
+        403 if mode == "namespaced" else 200)
+    secrets = f"/api/v1/namespaces/{watch}/secrets"
+    assert dry("POST", secrets, secret("Opaque", {"kubemr.io/job": "wc"}))[0] == 200
+    assert dry("POST", secrets, secret("Opaque", {}))[0] == 403
+    assert dry("POST", secrets, secret("kubernetes.io/service-account-token",
+                                       {"kubemr.io/job": "wc"}))[0] == 403
+
+
+# ------------------------------------------- the operator with the chart's credentials
+
+
+def jobs_path(namespace: str, name: str = "") -> str:
+    return f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs" + (f"/{name}" if name else "")
+
+
+def upload_example_data(s3: S3Server) -> Any:
+    import boto3  # type: ignore[import-untyped]
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id=s3.access_key,
+                          aws_secret_access_key=s3.secret_key, region_name=s3.region)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
+                             client.exceptions.BucketAlreadyExists):
+        client.create_bucket(Bucket=BUCKET)
+    for path in sorted(DATA.iterdir()):
+        client.put_object(Bucket=BUCKET, Key=f"data/{path.name}", Body=path.read_bytes())
+    return client
+
+
+def operator_command(cluster: TestCluster, release: Release) -> tuple[list[str], dict[str, str]]:
+    """The operator container's argv and environment, resolved the way a kubelet would
+    (values, the namespace fieldRef, Secret keys), from the Deployment as installed."""
+    deployment = one(release.manifest, "Deployment")
+    main = deployment["spec"]["template"]["spec"]["containers"][0]
+    argv = [*main["command"], *main.get("args", [])]
+    assert argv[0] == "kubemr"
+    env = {"PATH": str(Path(KUBEMR).parent), "HOME": str(Path.home())}
+    for var in main.get("env", []):
+        source = var.get("valueFrom")
+        if source is None:
+            env[var["name"]] = var["value"]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = release.namespace
+        else:
+            ref = source["secretKeyRef"]
+            data = cluster.api("GET", f"/api/v1/namespaces/{release.namespace}/secrets/"
+                                      f"{ref['name']}")["data"]
+            env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+    return [KUBEMR, *argv[1:]], env
+
+
+@pytest.mark.kube
+@pytest.mark.s3
+@pytest.mark.slow
+def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
+        tools: Tools, kube_cluster: TestCluster, crds: None, fake_kubelet: Any,
+        s3_server: S3Server, tmp_path: Path) -> None:
+    """THE proof that the chart's RBAC suffices: `kubemr operator` with the Deployment's
+    args and env, authenticated as the chart's ServiceAccount and nothing else, runs
+    `kubectl create -f examples/wordcount.yaml` to success, and cleans up after it.
+
+    Namespaced mode, so that this operator (and only it) handles the job's namespace; the
+    release lives in a namespace of its own (replicaCount 0: this test plays its pod).
+    """
+    operator_ns = create_namespace(kube_cluster, "kubemr-op")
+    jobs_ns = create_namespace(kube_cluster, "kubemr-jobs")
+    s3 = upload_example_data(s3_server)
+    values = {"replicaCount": 0, "watchNamespace": jobs_ns,
+              "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1},
+              "s3": {"endpoint": s3_server.endpoint_url, "region": s3_server.region,
+                     "accessKeyId": s3_server.access_key,
+                     "secretAccessKey": s3_server.secret_key}}
+    log = tmp_path / "operator.log"
+    try:
+        with installed(tools, kube_cluster, values, operator_ns, tmp_path) as release:
+            argv, env = operator_command(kube_cluster, release)
+            assert f"--namespace={jobs_ns}" in argv
+            token = kube_cluster.token_for(operator_ns, release.account())
+            kubeconfig = kube_cluster.kubeconfig_for_token(token, tmp_path / "op.kubeconfig")
+            with log.open("wb") as out:
+                proc = subprocess.Popen([*argv, "--kubeconfig", str(kubeconfig)], env=env,
+                                        stdout=out, stderr=subprocess.STDOUT)
+            try:
+                run_wordcount(kube_cluster, jobs_ns, s3, log)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        text = log.read_text(errors="replace")
+        assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+    finally:
+        delete_namespace(kube_cluster, jobs_ns)
+        delete_namespace(kube_cluster, operator_ns)
+
+
+def run_wordcount(cluster: TestCluster, namespace: str, s3: Any, log: Path) -> None:
+    manifest = yaml.safe_load((ROOT / "examples" / "wordcount.yaml").read_text())
+    name = cluster.api("POST", jobs_path(namespace), manifest)["metadata"]["name"]
+
+    def decided() -> Obj | None:
+        job: Obj = cluster.api("GET", jobs_path(namespace, name))
+        return job if (job.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        job = eventually(decided, f"job {name} to finish", timeout=240)
+    except AssertionError as exc:
+        raise AssertionError(f"job {name} did not finish: "
+                             f"{cluster.api('GET', jobs_path(namespace, name)).get('status')}"
+                             f"\noperator log:\n{log.read_text(errors='replace')[-4000:]}") from exc
+    status = job["status"]
+    assert status["phase"] == "Succeeded", (status, log.read_text(errors="replace")[-4000:])
+    counts: Counter[bytes] = Counter()
+    for path in DATA.iterdir():
+        counts.update(path.read_bytes().split())
+    lines: list[bytes] = []
+    assert len(status["results"]) == 2
+    for url in status["results"]:
+        key = url[len(f"s3://{BUCKET}/"):]
+        lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
+    assert sorted(lines) == sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
+    # Events are written best-effort (errors swallowed): their presence shows the grant.
+    events = cluster.api("GET", f"/api/v1/namespaces/{namespace}/events"
+                         f"?fieldSelector=involvedObject.name%3D{name}")["items"]
+    assert {"Planned", "Succeeded"} <= {e["reason"] for e in events}
+    # The end of a job: its task namespace is deleted (namespaces delete + the policy).
+    task_ns = status["taskNamespace"]
+
+    def namespace_gone() -> bool:
+        try:
+            found = cluster.api("GET", f"/api/v1/namespaces/{task_ns}")
+        except ApiError as exc:
+            return exc.status == 404
+        return bool(found["metadata"].get("deletionTimestamp"))
+
+    eventually(namespace_gone, f"task namespace {task_ns} to be deleted", timeout=60)
+    # Deleting the job: the operator removes its finalizer (patch), so the job goes.
+    cluster.api("DELETE", jobs_path(namespace, name))
+
+    def job_gone() -> bool:
+        try:
+            cluster.api("GET", jobs_path(namespace, name))
+        except ApiError as exc:
+            return exc.status == 404
+        return False
+
+    eventually(job_gone, f"job {name} to be deleted", timeout=60)
