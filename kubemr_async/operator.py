@@ -273,8 +273,10 @@ class Operator:
                       {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta})
         await _create(self.rbac.create_namespaced_role, namespace, {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
-            "rules": [{"apiGroups": [GROUP], "resources": [JOB_PLURAL, f"{JOB_PLURAL}/status"],
-                       "resourceNames": [name], "verbs": ["get", "list", "watch", "patch"]}]})
+            "rules": [{"apiGroups": [GROUP], "resources": [JOB_PLURAL],
+                       "resourceNames": [name], "verbs": ["get", "list", "watch", "patch"]},
+                      {"apiGroups": [GROUP], "resources": [f"{JOB_PLURAL}/status"],
+                       "resourceNames": [name], "verbs": ["get", "patch"]}]})
         binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                "name": account},
