@@ -180,8 +180,13 @@ class Operator:
         async with lock:
             try:
                 await self.reconcile(namespace, name)
-            except Exception:
+            except Exception as exc:
+                # Retried on the next event or resync; the Event tells `kubectl describe`
+                # readers why the job is not moving (e.g. a permission the operator lacks).
                 log.exception("reconcile failed", extra={"job": f"{namespace}/{name}"})
+                meta = {"name": name, "namespace": namespace, "uid": ""}
+                await self._event({"metadata": meta}, "ReconcileError",
+                                  f"{type(exc).__name__}: {exc}", warning=True)
 
     # --- reconcile --------------------------------------------------------------------
 
@@ -511,7 +516,7 @@ class Operator:
                 "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
                 "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MapReduceJob",
                                    "name": meta["name"], "namespace": meta["namespace"],
-                                   "uid": meta["uid"]},
+                                   **({"uid": meta["uid"]} if meta.get("uid") else {})},
                 "reason": reason, "message": message[:1024],
                 "type": "Warning" if warning else "Normal",
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1,
