@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -131,34 +132,42 @@ class Operator:
         return result
 
     async def _watch_jobs(self) -> None:
+        """List, then watch from the list's version; on any failure back off and re-list.
+
+        The API server answers 429 while a freshly installed CRD's storage initialises, and
+        watches end or break routinely: none of that may stop the operator.
+        """
         version = ""
+        backoff = 0.5
+        fn = (self.custom.list_namespaced_custom_object if self.config.namespace
+              else self.custom.list_cluster_custom_object)
+        args = ((GROUP, VERSION, self.config.namespace, JOB_PLURAL)
+                if self.config.namespace else (GROUP, VERSION, JOB_PLURAL))
         while True:
-            if not version:
-                listing = await self._list_jobs()
-                version = listing["metadata"]["resourceVersion"]
-                for item in listing["items"]:
-                    self.schedule(item["metadata"]["namespace"], item["metadata"]["name"])
             stream = watch.Watch()
             try:
-                fn = (self.custom.list_namespaced_custom_object if self.config.namespace
-                      else self.custom.list_cluster_custom_object)
-                args = ((GROUP, VERSION, self.config.namespace, JOB_PLURAL)
-                        if self.config.namespace else (GROUP, VERSION, JOB_PLURAL))
+                if not version:
+                    listing = await self._list_jobs()
+                    version = listing["metadata"]["resourceVersion"]
+                    for item in listing["items"]:
+                        self.schedule(item["metadata"]["namespace"], item["metadata"]["name"])
                 async for event in stream.stream(fn, *args, resource_version=version,
                                                  allow_watch_bookmarks=True,
                                                  timeout_seconds=300):
+                    backoff = 0.5
                     obj = event["object"]
-                    version = obj["metadata"]["resourceVersion"]
-                    if event["type"] == "BOOKMARK":
-                        continue
                     if event["type"] == "ERROR":
                         version = ""  # 410 Gone: start over from a fresh list
                         break
-                    self.schedule(obj["metadata"]["namespace"], obj["metadata"]["name"])
-            except ApiException as exc:
-                if exc.status != 410:
-                    log.warning("watch failed; retrying", extra={"error": str(exc)})
-                    await asyncio.sleep(1.0)
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        self.schedule(obj["metadata"]["namespace"], obj["metadata"]["name"])
+            except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
+                if not (isinstance(exc, ApiException) and exc.status == 410):
+                    log.warning("listing or watching jobs failed; retrying",
+                                extra={"error": f"{type(exc).__name__}: {exc}"})
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
                 version = ""
             finally:
                 await stream.close()
@@ -166,7 +175,7 @@ class Operator:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(RESYNC_SECONDS)
-            with contextlib.suppress(ApiException):
+            with contextlib.suppress(ApiException, aiohttp.ClientError, TimeoutError):
                 for item in (await self._list_jobs())["items"]:
                     self.schedule(item["metadata"]["namespace"], item["metadata"]["name"])
 

@@ -6,8 +6,13 @@ not the code under test.
 
 from __future__ import annotations
 
+import datetime
+import http.client
+import io
 import json
 import os
+import re
+import ssl
 import subprocess
 import sys
 import time
@@ -26,9 +31,18 @@ from kubemr_async.testing.cluster import (
     TestCluster,
     _make_pki_cryptography,
     _make_pki_openssl,
+    _self_signed_cryptography,
+    _self_signed_openssl,
     pinned_versions,
 )
-from kubemr_async.testing.kubelet import FakeKubelet, expand_refs, local_argv
+from kubemr_async.testing.kubelet import (
+    NODE_LEASE_NAMESPACE,
+    FakeKubelet,
+    expand_refs,
+    local_argv,
+    stamp_lines,
+    tail_offset,
+)
 from kubemr_async.testing.s3server import S3Server
 
 T = TypeVar("T")
@@ -103,7 +117,71 @@ def test_pki_serving_cert_verifies_against_ca(
         text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # The cert the apiserver presents to kubelets: a client cert from the same CA.
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            "ca.crt",
+            "-purpose",
+            "sslclient",
+            "apiserver-kubelet-client.crt",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     assert {p.name for p in tmp_path.iterdir()} >= {"ca.crt", "ca.key", "sa.key", "sa.pub"}
+
+
+@pytest.mark.parametrize("make_cert", [_self_signed_cryptography, _self_signed_openssl])
+def test_self_signed_serving_cert_is_usable_for_loopback(
+    make_cert: Callable[[Path, str, str, tuple[str, ...], tuple[str, ...]], None],
+    tmp_path: Path,
+) -> None:
+    make_cert(tmp_path, "kubelet", "fake-kubelet-x", ("127.0.0.1",), ("localhost",))
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+        tmp_path / "kubelet.crt", tmp_path / "kubelet.key"
+    )
+    text = subprocess.run(
+        ["openssl", "x509", "-in", "kubelet.crt", "-noout", "-text"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "IP Address:127.0.0.1" in text
+    assert "TLS Web Server Authentication" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "lines", "expected"),
+    [
+        (b"a\nb\nc\n", 2, b"b\nc\n"),
+        (b"a\nb\nc\n", 3, b"a\nb\nc\n"),
+        (b"a\nb\nc\n", 10, b"a\nb\nc\n"),
+        (b"a\nb\nc", 1, b"c"),  # a partial last line counts as a line
+        (b"a\nb\nc", 2, b"b\nc"),
+        (b"a\n\nc\n", 2, b"\nc\n"),  # empty lines count
+        (b"a\nb\n", 0, b""),
+        (b"", 5, b""),
+        (b"x" * 70000 + b"\n" + b"y" * 70000 + b"\n", 1, b"y" * 70000 + b"\n"),  # blocks
+    ],
+)
+def test_tail_offset_finds_the_last_lines(content: bytes, lines: int, expected: bytes) -> None:
+    f = io.BytesIO(content)
+    f.seek(tail_offset(f, lines))
+    assert f.read() == expected
+
+
+def test_stamp_lines_prefixes_each_line_once_across_chunks() -> None:
+    out1, at_start = stamp_lines(b"one\ntw", True)
+    out2, at_start = stamp_lines(b"o\nthree\n", at_start)
+    assert at_start
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z "
+    assert re.fullmatch(f"{stamp}one\n{stamp}two\n{stamp}three\n", (out1 + out2).decode())
 
 
 def test_env_var_expansion_follows_kubernetes_rules() -> None:
@@ -286,14 +364,19 @@ def test_parallel_pods_run_exactly_once_with_two_kubelets(
         "fanout", f"import os; open({str(ran)!r}, 'a').write(os.environ['HOSTNAME'] + '\\n')"
     )
     job["spec"].update(completions=4, parallelism=4)
-    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns):  # competes with the fixture
+    # competes with the fixture
+    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns) as other:
         kube_cluster.api("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
         assert wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "fanout")) == (
             "Complete"
         )
-    pods = sorted(p["metadata"]["name"] for p in job_pods(kube_cluster, ns, "fanout"))
+    items = job_pods(kube_cluster, ns, "fanout")
+    pods = sorted(p["metadata"]["name"] for p in items)
     assert len(pods) == 4
     assert sorted(ran.read_text().split()) == pods
+    assert {p["spec"]["nodeName"] for p in items} <= {fake_kubelet.node_name, other.node_name}
+    # A stopped FakeKubelet takes its Node (and so its Lease) with it.
+    assert not _exists(kube_cluster, f"/api/v1/nodes/{other.node_name}")
 
 
 @pytest.mark.kube
@@ -316,6 +399,10 @@ def test_deleting_a_job_garbage_collects_and_kills_its_pods(
         return int(out) if out.strip() else None
 
     pid = wait_for("Pod to run", running_pid)
+    # Bound to the kubelet's Node, so deleting it is graceful: the object stays until the
+    # kubelet has killed the process and confirms with a zero-grace delete.
+    [pod] = job_pods(kube_cluster, ns, "sleeper")
+    assert pod["spec"]["nodeName"] == fake_kubelet.node_name
     # Background propagation is what kubectl does; the API's default for Jobs is orphan.
     kube_cluster.api(
         "DELETE",
@@ -326,6 +413,38 @@ def test_deleting_a_job_garbage_collects_and_kills_its_pods(
     wait_for("the process to die", lambda: not _alive(pid), timeout=30)
 
 
+@pytest.mark.kube
+@pytest.mark.slow
+def test_deleting_a_namespace_with_a_running_pod_finishes(
+    kube_cluster: TestCluster, fake_kubelet: FakeKubelet
+) -> None:
+    ns = f"t-{uuid.uuid4().hex[:10]}"
+    kube_cluster.create_namespace(ns)
+    kube_cluster.api(
+        "POST",
+        f"/apis/batch/v1/namespaces/{ns}/jobs",
+        job_manifest("sleeper", "import time; time.sleep(600)"),
+    )
+    wait_for(
+        "Pod to run",
+        lambda: [
+            p for p in job_pods(kube_cluster, ns, "sleeper") if p["status"]["phase"] == "Running"
+        ],
+    )
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{ns}")
+    wait_for("the namespace to go", lambda: not _exists(kube_cluster, f"/api/v1/namespaces/{ns}"))
+
+
+def _exists(cluster: TestCluster, path: str) -> bool:
+    try:
+        cluster.api("GET", path)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        return False
+    return True
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -334,6 +453,177 @@ def _alive(pid: int) -> bool:
     # A killed child stays a zombie until the kubelet's loop reaps it; that counts as dead.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+# Prints three lines (one to stderr), waits for a file to appear, prints three more.
+LOGGER = """
+import os, sys, time
+print("line 0", flush=True)
+print("line 1", file=sys.stderr, flush=True)
+print("line 2", flush=True)
+while not os.path.exists(os.environ["TRIGGER"]):
+    time.sleep(0.05)
+for i in range(3):
+    print(f"later {i}", flush=True)
+    time.sleep(0.2)
+"""
+
+
+def _api_connection(cluster: TestCluster, timeout: float = 30) -> http.client.HTTPSConnection:
+    context = ssl.create_default_context(cafile=str(cluster.ca_file))
+    return http.client.HTTPSConnection("127.0.0.1", cluster.port, context=context, timeout=timeout)
+
+
+def get_log(cluster: TestCluster, ns: str, pod: str, query: str = "") -> tuple[int, bytes]:
+    """GET pods/log through the apiserver, which proxies it to the Pod's kubelet."""
+    conn = _api_connection(cluster)
+    try:
+        conn.request(
+            "GET",
+            f"/api/v1/namespaces/{ns}/pods/{pod}/log?{query}",
+            headers={"Authorization": f"Bearer {cluster.admin_token}"},
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_pod_logs_are_served_through_the_api_server(
+    kube_cluster: TestCluster, fake_kubelet: FakeKubelet, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    trigger = tmp_path / "go"
+    job = job_manifest("logger", LOGGER, [{"name": "TRIGGER", "value": str(trigger)}])
+    kube_cluster.api("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
+    [pod] = wait_for("the Pod", lambda: job_pods(kube_cluster, ns, "logger") or None)
+    name = pod["metadata"]["name"]
+
+    def first_lines() -> bytes | None:
+        # 400 "waiting to start" until the kubelet has bound and started the Pod.
+        status, body = get_log(kube_cluster, ns, name)
+        assert status in (200, 400), (status, body)
+        return body if status == 200 and body.count(b"\n") == 3 else None
+
+    assert wait_for("the first lines", first_lines) == b"line 0\nline 1\nline 2\n"
+    assert get_log(kube_cluster, ns, name, "tailLines=1") == (200, b"line 2\n")
+    assert get_log(kube_cluster, ns, name, "tailLines=0") == (200, b"")
+    assert get_log(kube_cluster, ns, name, "limitBytes=9") == (200, b"line 0\nli")
+    status, stamped = get_log(kube_cluster, ns, name, "timestamps=true&tailLines=2")
+    assert status == 200
+    assert [line.split(" ", 1)[1] for line in stamped.decode().splitlines()] == [
+        "line 1",
+        "line 2",
+    ]
+    for line in stamped.decode().splitlines():
+        datetime.datetime.fromisoformat(line.split(" ", 1)[0])
+    # The kubelet's own errors come back through the apiserver, status and message intact.
+    status, body = get_log(kube_cluster, ns, name, "previous=true")
+    assert status == 400 and b"previous terminated container" in body, body
+
+    # follow=true streams what is written later and ends when the process exits.
+    conn = _api_connection(kube_cluster)
+    try:
+        conn.request(
+            "GET",
+            f"/api/v1/namespaces/{ns}/pods/{name}/log?follow=true&tailLines=1",
+            headers={"Authorization": f"Bearer {kube_cluster.admin_token}"},
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline() == b"line 2\n"
+        trigger.touch()
+        rest = resp.read()  # to EOF: the stream ends once the process has exited
+    finally:
+        conn.close()
+    assert rest == b"later 0\nlater 1\nlater 2\n"
+
+    assert wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "logger")) == (
+        "Complete"
+    )
+    # A finished Pod's log stays readable, and following it returns at once.
+    everything = b"line 0\nline 1\nline 2\nlater 0\nlater 1\nlater 2\n"
+    assert get_log(kube_cluster, ns, name) == (200, everything)
+    assert get_log(kube_cluster, ns, name, "follow=true") == (200, everything)
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_kubelet_log_server_wants_the_apiservers_client_cert(
+    kube_cluster: TestCluster, fake_kubelet: FakeKubelet
+) -> None:
+    def request(cert: bool) -> tuple[int, bytes]:
+        # The serving cert is self-signed; like the apiserver, don't verify it.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        if cert:
+            pki = kube_cluster.root / "pki"
+            context.load_cert_chain(
+                pki / "apiserver-kubelet-client.crt", pki / "apiserver-kubelet-client.key"
+            )
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", fake_kubelet.port, context=context, timeout=10
+        )
+        try:
+            conn.request("GET", "/containerLogs/default/no-such-pod/main")
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    status, body = request(cert=True)
+    assert status == 404 and b"does not exist" in body, body
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        request(cert=False)
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_node_is_registered_and_kept_alive(kube_cluster: TestCluster) -> None:
+    with FakeKubelet(kube_cluster.kubeconfig_path, heartbeat_seconds=0.5) as kubelet:
+        node_path = f"/api/v1/nodes/{kubelet.node_name}"
+        lease_path = (
+            f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}"
+            f"/leases/{kubelet.node_name}"
+        )
+        node = kube_cluster.api("GET", node_path)
+        assert node["status"]["addresses"] == [{"type": "InternalIP", "address": "127.0.0.1"}]
+        assert node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == kubelet.port
+        assert node["status"]["allocatable"]["cpu"] == "64"
+        lease = kube_cluster.api("GET", lease_path)
+        assert lease["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
+        renewals = {lease["spec"]["renewTime"]}
+        heartbeats = {_ready(node)["lastHeartbeatTime"]}
+        deadline = time.monotonic() + 30
+        # Several renew periods, and two distinct heartbeats (which have 1 s resolution).
+        while len(renewals) < 4 or len(heartbeats) < 2:
+            assert time.monotonic() < deadline, (renewals, heartbeats)
+            time.sleep(0.3)
+            renewals.add(kube_cluster.api("GET", lease_path)["spec"]["renewTime"])
+            heartbeats.add(_ready(kube_cluster.api("GET", node_path))["lastHeartbeatTime"])
+        node = kube_cluster.api("GET", node_path)
+        assert _ready(node)["status"] == "True"
+        assert not node["spec"].get("taints")  # the node-lifecycle controller is content
+    assert not _exists(kube_cluster, node_path)
+
+
+def _ready(node: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_session_node_stays_ready_and_untainted(
+    kube_cluster: TestCluster, fake_kubelet: FakeKubelet
+) -> None:
+    """The long-lived Node as the node-lifecycle controller sees it (its grace period is
+    50 s, so late in a session this checks that heartbeats really keep it Ready)."""
+    node = kube_cluster.api("GET", f"/api/v1/nodes/{fake_kubelet.node_name}")
+    assert _ready(node)["status"] == "True"
+    assert not node["spec"].get("taints")
 
 
 # ------------------------------------------------------------------------------- S3

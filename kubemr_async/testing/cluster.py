@@ -5,7 +5,9 @@ The apiserver is configured like a production one in the ways this project depen
 TLS with a CA we generate, RBAC authorization, bound service-account tokens (TokenRequest)
 and the default admission chain, including ServiceAccount admission. The controller-manager
 makes batch Jobs create Pods and garbage-collects dependents by ownerReference. No kubelet or
-scheduler runs; ``kubemr_async.testing.kubelet.FakeKubelet`` runs Pods as local processes.
+scheduler runs; ``kubemr_async.testing.kubelet.FakeKubelet`` registers a Node, runs Pods as
+local processes and serves their logs, which the apiserver proxies ``pods/log`` to with a
+kubelet client cert from our CA.
 
 Run ``python -m kubemr_async.testing.cluster`` to get a cluster to poke at by hand.
 """
@@ -109,7 +111,13 @@ def write_kubeconfig(path: Path, server: str, ca_pem: bytes, token: str) -> Path
 
 
 def make_pki(directory: Path) -> None:
-    """Create ca.{crt,key}, apiserver.{crt,key} (serving) and sa.{key,pub} (token signing).
+    """Create the cluster's keys and certificates in ``directory``.
+
+    * ``ca.{crt,key}``: the CA every client verifies the apiserver with;
+    * ``apiserver.{crt,key}``: the apiserver's serving cert, signed by the CA;
+    * ``apiserver-kubelet-client.{crt,key}``: the client cert the apiserver presents to
+      kubelets (for ``pods/log``), signed by the CA, in group ``system:masters``;
+    * ``sa.{key,pub}``: the service-account token signing key pair.
 
     We generate our own CA instead of letting the apiserver self-sign so that clients can
     verify TLS properly with ``ca.crt``, exactly as they would against a real cluster. Uses
@@ -121,6 +129,27 @@ def make_pki(directory: Path) -> None:
         _make_pki_cryptography(directory)
     else:
         _make_pki_openssl(directory)
+
+
+def make_self_signed_cert(
+    directory: Path,
+    stem: str,
+    common_name: str,
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
+    dns_names: tuple[str, ...] = ("localhost",),
+) -> tuple[Path, Path]:
+    """Write a self-signed TLS serving cert ``<stem>.crt`` and key ``<stem>.key``.
+
+    For servers that nobody verifies against our CA (the fake kubelet: the apiserver does
+    not check kubelet serving certs unless ``--kubelet-certificate-authority`` is set).
+    Same backends as ``make_pki``; returns the (cert, key) paths.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("cryptography") is not None:
+        _self_signed_cryptography(directory, stem, common_name, ip_addresses, dns_names)
+    else:
+        _self_signed_openssl(directory, stem, common_name, ip_addresses, dns_names)
+    return directory / f"{stem}.crt", directory / f"{stem}.key"
 
 
 def _make_pki_cryptography(directory: Path) -> None:
@@ -173,26 +202,48 @@ def _make_pki_cryptography(directory: Path) -> None:
     )
     (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    serving_key = new_key("apiserver.key")
+    def issue(
+        stem: str, subject: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+    ) -> None:
+        key = new_key(f"{stem}.key")
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in _SERVING_DNS_NAMES]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", _SERVICE_IP)]
-    serving_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(serving_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
+    issue(
+        "apiserver",
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        sans,
     )
-    (directory / "apiserver.crt").write_bytes(serving_cert.public_bytes(serialization.Encoding.PEM))
+    issue(
+        "apiserver-kubelet-client",
+        x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+            ]
+        ),
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        [],
+    )
 
     sa_key = new_key("sa.key")
     (directory / "sa.pub").write_bytes(
@@ -221,43 +272,127 @@ def _make_pki_openssl(directory: Path) -> None:
         "-out",
         "ca.crt",
     )
+
+    def issue(stem: str, subject: str, extensions: str) -> None:
+        (directory / f"{stem}.ext").write_text(extensions)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            f"{stem}.key",
+            "-out",
+            f"{stem}.csr",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{stem}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-extfile",
+            f"{stem}.ext",
+            "-out",
+            f"{stem}.crt",
+        )
+
     sans = ",".join(
         [f"DNS:{n}" for n in _SERVING_DNS_NAMES] + ["IP:127.0.0.1", f"IP:{_SERVICE_IP}"]
     )
-    (directory / "apiserver.ext").write_text(
-        f"subjectAltName={sans}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    )
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    issue(
+        "apiserver",
         "/CN=kube-apiserver",
-        "-keyout",
-        "apiserver.key",
-        "-out",
-        "apiserver.csr",
+        f"subjectAltName={sans}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "apiserver.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "365",
-        "-extfile",
-        "apiserver.ext",
-        "-out",
-        "apiserver.crt",
+    issue(
+        "apiserver-kubelet-client",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+        "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n",
     )
     openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key")
     openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+
+
+def _self_signed_cryptography(
+    directory: Path, stem: str, common_name: str, ips: tuple[str, ...], dns: tuple[str, ...]
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())  # P-256: instant, unlike RSA keygen
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _self_signed_openssl(
+    directory: Path, stem: str, common_name: str, ips: tuple[str, ...], dns: tuple[str, ...]
+) -> None:
+    sans = ",".join([f"DNS:{n}" for n in dns] + [f"IP:{ip}" for ip in ips])
+    # A config file rather than -subj/-addext: -addext clashes with the defaults of some
+    # openssl.cnf files (duplicate basicConstraints) and needs OpenSSL >= 1.1.1.
+    (directory / f"{stem}.cnf").write_text(
+        "[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n"
+        f"[dn]\nCN = {common_name}\n"
+        f"[ext]\nsubjectAltName = {sans}\nbasicConstraints = critical,CA:FALSE\n"
+        "extendedKeyUsage = serverAuth\n"
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "365",
+            "-config",
+            f"{stem}.cnf",
+            "-keyout",
+            f"{stem}.key",
+            "-out",
+            f"{stem}.crt",
+        ],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+    )
 
 
 class TestCluster:
@@ -362,6 +497,13 @@ class TestCluster:
                 # validation rejects; nothing here needs that Service, so don't reconcile it.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
+                # pods/log (and exec, port-forward) are proxied to the Pod's kubelet. The
+                # FakeKubelet advertises only an InternalIP, and authenticates this client
+                # cert against ca.crt. Its serving cert is self-signed and not verified:
+                # without --kubelet-certificate-authority the apiserver skips that check.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
             ],
         )
         procs.wait_ready("kube-apiserver", lambda: self._request("GET", "/readyz")[0] == 200)

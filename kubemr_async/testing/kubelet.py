@@ -1,10 +1,16 @@
 """A stand-in kubelet that runs Pods as local processes.
 
-The test cluster has no nodes, container runtime or scheduler, but the project's Jobs and
-workers must really run for end-to-end tests. ``FakeKubelet`` watches Pods and, for each
-unscheduled Pending Pod, does what a kubelet would do in the ways that matter here:
+The test cluster has no container runtime or scheduler, but the project's Jobs and workers
+must really run for end-to-end tests. ``FakeKubelet`` registers a Node and, for each
+unscheduled Pending Pod, does what a scheduler plus kubelet would do in the ways that
+matter here:
 
-* claims the Pod with an annotation, so several FakeKubelets can share a cluster;
+* registers a Node ``fake-kubelet-<id>`` (InternalIP 127.0.0.1, generous capacity, Ready)
+  and keeps it alive like a kubelet: renews its Lease in ``kube-node-lease`` and posts a
+  Ready heartbeat every ``heartbeat_seconds``, so the controller-manager's node-lifecycle
+  controller never taints it or evicts its Pods; the Node is deleted on stop;
+* binds the Pod to that Node (``pods/binding``, which fails for all but one binder, so
+  several FakeKubelets can share a cluster) before running it;
 * mints a token for the Pod's ServiceAccount with the TokenRequest API, bound to the Pod,
   and hands it to the process as ``KUBECONFIG`` (the stand-in for the projected token), so
   RBAC applies to the workload exactly as in a cluster;
@@ -12,15 +18,27 @@ unscheduled Pending Pod, does what a kubelet would do in the ways that matter he
   with the container's ``env``/``envFrom`` resolved (values, fieldRefs, Secret and
   ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
 * reports phase Running, then Succeeded/Failed with the exit code, through pods/status;
-* keeps the output (``logs()``), and kills the process group when the Pod is deleted.
+* keeps the output (``logs()``) and serves it over HTTPS at the kubelet's
+  ``/containerLogs/{namespace}/{pod}/{container}``, so the real ``pods/log`` API (which
+  the apiserver proxies to the Node's kubelet) works, ``follow`` and ``tailLines`` included;
+* on graceful deletion (Pods bound to a Node are not deleted at once, they get a
+  ``deletionTimestamp``) SIGTERMs the process group, SIGKILLs it after the grace period,
+  reports the final status and then deletes the Pod with ``gracePeriodSeconds=0``, as the
+  kubelet does, so garbage collection and namespace deletion still finish promptly.
 
 Images cannot be run, so the command's first word is mapped onto this machine: ``kubemr``
 becomes the console script of the current venv and ``python``/``python3`` the current
-interpreter; anything else is looked up on ``PATH``. Pods are left unbound (no
-``spec.nodeName``): binding would need a Node object kept alive with heartbeats, or the
-pod-GC controller deletes the Pods. Unbound Pods are also deleted without a grace period,
-so deleting a Job's Pods never waits for a kubelet acknowledgement. ``restartPolicy`` is
-treated as ``Never``; volumes, probes and resources are ignored.
+interpreter; anything else is looked up on ``PATH``. ``restartPolicy`` is treated as
+``Never``; only the first container runs; volumes, probes, resources and node selectors
+are ignored.
+
+The log server is a simplified kubelet API: its serving cert is self-signed (the apiserver
+does not verify kubelet serving certs unless ``--kubelet-certificate-authority`` is set),
+it accepts any client cert signed by the cluster CA from the kubeconfig (``TestCluster``
+gives the apiserver one) and does no authorization beyond that. Stdout and stderr share one
+file, so ``stream=Stdout|Stderr`` is refused (as a kubelet without the split-streams
+feature does); ``timestamps=true`` prefixes each line with the time the kubelet *read* it,
+not when it was written; ``sinceSeconds``/``sinceTime`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -31,24 +49,28 @@ import contextlib
 import datetime
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import yaml
+from aiohttp import web
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubemr_async.testing import TestEnvError
+from kubemr_async.testing.cluster import make_self_signed_cert
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +79,12 @@ CLAIM_ANNOTATION = "testing.kubemr.io/fake-kubelet"
 _TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
 _KILL_GRACE_MAX = 10.0  # cap on terminationGracePeriodSeconds; tests should not wait 30 s
 _WATCH_SECONDS = 240  # relist this often, so a missed event cannot strand a Pod
+#: Where kubelets keep their Node's Lease (the node-lifecycle controller watches it).
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+_LEASE_SECONDS = 40  # what the kubelet uses; the controller's grace period is 50 s
+_NODE_RESOURCES = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
+_FOLLOW_POLL = 0.1  # how often a follow=true stream looks for new output
+_API_TIMEOUT = 10.0  # for the best-effort calls on the way out
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -76,10 +104,26 @@ class _PodRun:
     grace: float = _KILL_GRACE_MAX
     killed: bool = False
     children: set[asyncio.Task[None]] = field(default_factory=set)
+    containers: tuple[str, ...] = ()
+    log_path: Path | None = None
+    #: The log file holds this run's output: the process started, or starting it failed.
+    log_ready: bool = False
+    #: Set once the process has exited (or will never run): ends follow=true streams.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_micro() -> str:
+    """A MicroTime, as Lease renewTime requires."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _go_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
 def expand_refs(text: str, env: Mapping[str, str]) -> str:
@@ -128,13 +172,108 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("FakeKubelet pod task failed", exc_info=exc)
 
 
+class _BadLogRequest(Exception):
+    """Answered with ``status`` and the message as plain text, like the kubelet does."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _LogOptions:
+    follow: bool = False
+    previous: bool = False
+    tail_lines: int | None = None
+    limit_bytes: int | None = None
+    timestamps: bool = False
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> _LogOptions:
+        """The subset of v1.PodLogOptions the kubelet's containerLogs endpoint takes."""
+
+        def flag(key: str) -> bool:
+            value = query.get(key, "false")
+            if value in ("1", "t", "T", "true", "TRUE", "True"):
+                return True
+            if value in ("0", "f", "F", "false", "FALSE", "False", ""):
+                return False
+            raise _BadLogRequest(400, f"invalid {key}={value!r}")
+
+        def number(key: str, minimum: int) -> int | None:
+            if key not in query:
+                return None
+            try:
+                value = int(query[key])
+            except ValueError:
+                raise _BadLogRequest(400, f"invalid {key}={query[key]!r}") from None
+            if value < minimum:
+                raise _BadLogRequest(422, '{"message": "Invalid request."}')
+            return value
+
+        tail = query.get("tail")  # the kubelet's legacy spelling of tailLines
+        if tail is not None and "tailLines" not in query and tail != "all":
+            query = {**query, "tailLines": tail}
+        if query.get("stream", "All") != "All":
+            raise _BadLogRequest(400, f"unable to return the given log stream: {query['stream']!r}")
+        number("sinceSeconds", 1)  # validated, then ignored (see the module docstring)
+        return cls(
+            follow=flag("follow"),
+            previous=flag("previous"),
+            tail_lines=number("tailLines", 0),
+            limit_bytes=number("limitBytes", 1),
+            timestamps=flag("timestamps"),
+        )
+
+
+def tail_offset(f: IO[bytes], lines: int) -> int:
+    """Offset in ``f`` where its last ``lines`` lines start (a final partial line counts)."""
+    end = f.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    pos, seen = end, 0
+    # A newline ending the file terminates the last line; it does not start another one.
+    limit = end - 1
+    while pos > 0:
+        size = min(65536, pos)
+        pos -= size
+        f.seek(pos)
+        block = f.read(size)
+        i = min(len(block), limit - pos)
+        while (i := block.rfind(b"\n", 0, i)) >= 0:
+            seen += 1
+            if seen == lines:
+                return pos + i + 1
+    return 0
+
+
+def stamp_lines(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
+    """Prefix each line starting in ``chunk`` with an RFC 3339 timestamp and a space.
+
+    ``at_line_start`` says whether the previous chunk ended a line; returns the stamped
+    chunk and the same flag for the next one.
+    """
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ ").encode()
+    parts = chunk.split(b"\n")
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if last and not part:
+            break
+        if i > 0 or at_line_start:
+            out.append(stamp)
+        out.append(part if last else part + b"\n")
+    return b"".join(out), chunk.endswith(b"\n")
+
+
 class FakeKubelet:
     """Runs unscheduled Pods (in ``namespace``, or all namespaces) as local processes.
 
     Call ``start()``/``stop()`` (or use it as a context manager) to run it on a background
     thread with its own event loop, which works from sync and async tests alike; or await
     ``run()`` as a task in your own loop. ``kubeconfig`` must carry admin-like credentials:
-    it reads Secrets and writes Pod status on the workloads' behalf, like a kubelet.
+    it registers a Node, binds Pods, reads Secrets and writes Pod status on the workloads'
+    behalf, like a kubelet.
     """
 
     def __init__(
@@ -144,8 +283,17 @@ class FakeKubelet:
         namespace: str | None = None,
         log_dir: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
+        node_name: str | None = None,
+        heartbeat_seconds: float = 10.0,
+        verify_clients: bool = True,
     ) -> None:
-        """``extra_env`` is added to every Pod's environment (before the Pod's own env)."""
+        """``extra_env`` is added to every Pod's environment (before the Pod's own env).
+
+        ``node_name`` defaults to ``fake-kubelet-<random>``. ``heartbeat_seconds`` is how
+        often the Node's Lease is renewed and its Ready condition posted. With
+        ``verify_clients`` the log server demands a client cert signed by the kubeconfig's
+        CA (the apiserver's ``--kubelet-client-certificate``), if the kubeconfig has a CA.
+        """
         self._kubeconfig = Path(kubeconfig)
         self._namespace = namespace
         self._own_root = log_dir is None
@@ -154,14 +302,26 @@ class FakeKubelet:
         )
         self._extra_env = dict(extra_env or {})
         self._runs: dict[str, _PodRun] = {}
+        self._by_name: dict[tuple[str, str], _PodRun] = {}
+        self._finalizing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._synced = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._core: Any = None
+        self._leases: Any = None
         self._api: Any = None
-        self._id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        suffix = uuid.uuid4().hex[:8]
+        self._id = f"{socket.gethostname()}/{os.getpid()}/{suffix}"
+        self._node_name = node_name or f"fake-kubelet-{suffix}"
+        self._heartbeat_seconds = heartbeat_seconds
+        self._verify_clients = verify_clients
+        self._port = 0
+        self._node_uid = ""
+        self._kubelet_version = ""
+        self._ready_since = ""
 
     # ---------------------------------------------------------------------- public API
 
@@ -170,12 +330,23 @@ class FakeKubelet:
         """Per-Pod output files live at ``<log_dir>/<namespace>/<pod>.log``."""
         return self._root
 
+    @property
+    def node_name(self) -> str:
+        """The Node this kubelet registers and binds its Pods to."""
+        return self._node_name
+
+    @property
+    def port(self) -> int:
+        """The port of the HTTPS log server on 127.0.0.1 (0 until started)."""
+        return self._port
+
     def logs(self, namespace: str, pod: str) -> str:
         """Combined stdout+stderr of a Pod's process, like ``kubectl logs``."""
         return (self._root / namespace / f"{pod}.log").read_text(errors="replace")
 
     def start(self) -> Self:
-        """Run on a background thread; returns once the first Pod list is processed."""
+        """Run on a background thread; returns once the Node is registered and the first
+        Pod list is processed."""
         self._thread = threading.Thread(target=self._thread_main, name="FakeKubelet", daemon=True)
         self._thread.start()
         while not self._synced.wait(0.1):
@@ -184,7 +355,7 @@ class FakeKubelet:
         return self
 
     def stop(self) -> None:
-        """Stop watching and kill the processes still running. Idempotent."""
+        """Kill the processes still running, delete the Node and stop. Idempotent."""
         if self._thread is not None:
             if self._thread.is_alive() and self._loop is not None and self._task is not None:
                 self._loop.call_soon_threadsafe(self._task.cancel)
@@ -200,15 +371,20 @@ class FakeKubelet:
         self.stop()
 
     async def run(self) -> None:
-        """Watch and run Pods until cancelled; kills remaining processes on the way out."""
+        """Register the Node, watch and run Pods until cancelled; on the way out kill the
+        remaining processes and delete the Node."""
         cfg = client.Configuration()
         await config.load_kube_config(config_file=str(self._kubeconfig), client_configuration=cfg)
         async with client.ApiClient(cfg) as api:
             self._api, self._core = api, client.CoreV1Api(api)
+            self._leases = client.CoordinationV1Api(api)
+            runner = await self._serve_logs()
             try:
+                await self._register_node()
+                self._spawn(self._heartbeat_forever())
                 await self._watch_forever()
             finally:
-                await asyncio.shield(self._kill_all())
+                await asyncio.shield(self._shutdown(runner))
 
     # ------------------------------------------------------------------------ plumbing
 
@@ -225,6 +401,33 @@ class FakeKubelet:
         except BaseException as exc:
             self._error = exc
             log.exception("FakeKubelet crashed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that is logged if it fails and cancelled on shutdown."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._kill_all()  # ends follow=true log streams, too
+        await runner.cleanup()
+        # The Lease would be garbage-collected with the Node; deleting it is just tidier.
+        for what, delete, args in (
+            ("Node", self._core.delete_node, (self._node_name,)),
+            (
+                "Lease",
+                self._leases.delete_namespaced_lease,
+                (self._node_name, NODE_LEASE_NAMESPACE),
+            ),
+        ):
+            try:
+                await asyncio.wait_for(delete(*args), _API_TIMEOUT)
+            except Exception as exc:  # best effort: the cluster may be gone already
+                log.debug("FakeKubelet could not delete its %s: %r", what, exc)
 
     async def _watch_forever(self) -> None:
         args: tuple[str, ...] = ()
@@ -263,66 +466,102 @@ class FakeKubelet:
     def _on_pod(self, event: str, pod: Json) -> None:
         if event not in ("ADDED", "MODIFIED", "DELETED"):
             return  # BOOKMARK / ERROR carry no Pod to act on
-        uid = pod["metadata"]["uid"]
-        if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        if event == "DELETED":
             self._on_gone(uid)
+            return
+        if meta.get("deletionTimestamp"):
+            self._on_gone(uid, meta.get("deletionGracePeriodSeconds"))
+            if pod["spec"].get("nodeName") == self._node_name and uid not in self._finalizing:
+                self._finalizing.add(uid)
+                self._spawn(self._finalize(pod))
             return
         if uid not in self._runs and self._wants(pod):
             run = _PodRun(
                 grace=min(
                     float(pod["spec"].get("terminationGracePeriodSeconds", 30)), _KILL_GRACE_MAX
-                )
+                ),
+                containers=tuple(c["name"] for c in pod["spec"]["containers"]),
             )
             self._runs[uid] = run
             run.task = asyncio.create_task(self._run_pod(pod, run))
             run.task.add_done_callback(_log_failure)
 
     def _wants(self, pod: Json) -> bool:
-        """An unscheduled Pending Pod that no other FakeKubelet has claimed."""
-        meta = pod["metadata"]
+        """A Pending Pod that is unscheduled (or bound to our Node) and runnable."""
+        spec = pod["spec"]
         return (
-            not pod["spec"].get("nodeName")
-            and not meta.get("deletionTimestamp")
-            and pod.get("status", {}).get("phase", "Pending") == "Pending"
-            and (meta.get("annotations") or {}).get(CLAIM_ANNOTATION, self._id) == self._id
+            spec.get("nodeName") in (None, "", self._node_name)
+            and not pod["metadata"].get("deletionTimestamp")
+            and not spec.get("schedulingGates")
+            and (pod.get("status") or {}).get("phase", "Pending") == "Pending"
         )
 
     async def _claim(self, pod: Json) -> bool:
-        """Annotate the Pod as ours, conditional on its resourceVersion.
+        """Bind the Pod to our Node; False if it is gone or someone else bound it first.
 
-        Two FakeKubelets watching the same namespace (a session-wide one and a test's own,
-        say) would otherwise both run the Pod; the precondition lets exactly one win.
+        The apiserver binds a Pod at most once, so of several FakeKubelets watching the
+        same namespace (a session-wide one and a test's own, say) exactly one wins. The
+        binding also records which FakeKubelet runs the Pod in an annotation.
         """
         meta = pod["metadata"]
-        while True:
-            patch = {
-                "metadata": {
-                    "annotations": {CLAIM_ANNOTATION: self._id},
-                    "resourceVersion": meta["resourceVersion"],
-                }
-            }
-            try:
-                await self._core.patch_namespaced_pod(meta["name"], meta["namespace"], patch)
-                return True
-            except ApiException as exc:
-                if exc.status == 404:
-                    return False
-                if exc.status != 409:
-                    raise
-            # Changed since we saw it (maybe by the Job controller): look again.
-            fresh = await self._core.read_namespaced_pod(meta["name"], meta["namespace"])
-            pod = self._api.sanitize_for_serialization(fresh)
-            meta = pod["metadata"]
-            if not self._wants(pod):
+        if pod["spec"].get("nodeName") == self._node_name:
+            return True  # created bound to us, as with a DaemonSet or kubectl --overrides
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {
+                "name": meta["name"],
+                "uid": meta["uid"],  # not a same-named successor of this Pod
+                "annotations": {CLAIM_ANNOTATION: self._id},
+            },
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self._node_name},
+        }
+        # The answer is a Status, which the generated client fails to read as a Binding.
+        resp = await self._core.create_namespaced_pod_binding(
+            meta["name"], meta["namespace"], body, _preload_content=False
+        )
+        try:
+            if resp.status in (404, 409):  # gone, bound elsewhere or being deleted
                 return False
+            if not 200 <= resp.status < 300:
+                raise ApiException(status=resp.status, reason=(await resp.text())[:500])
+        finally:
+            resp.release()
+        pod["spec"]["nodeName"] = self._node_name
+        return True
 
-    def _on_gone(self, uid: str) -> None:
+    def _on_gone(self, uid: str, grace: float | None = None) -> None:
         run = self._runs.get(uid)
         if run is not None and not run.killed:
             run.killed = True
+            if grace is not None:  # the deletion's own period, if shorter than the Pod's
+                run.grace = min(run.grace, max(float(grace), 1.0))
             kill = asyncio.create_task(self._kill(run))
             run.children.add(kill)
             kill.add_done_callback(run.children.discard)
+
+    async def _finalize(self, pod: Json) -> None:
+        """Finish a graceful deletion of a Pod bound to our Node, as the kubelet does.
+
+        Once the process is dead and its final status reported, delete the Pod with
+        ``gracePeriodSeconds=0``; until then the object stays, with a deletionTimestamp.
+        """
+        meta = pod["metadata"]
+        run = self._runs.get(meta["uid"])
+        if run is not None and run.task is not None:
+            await asyncio.wait({run.task})
+        try:
+            await self._core.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                grace_period_seconds=0,
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone already, or a same-named successor
+                raise
 
     async def _kill(self, run: _PodRun) -> None:
         """SIGTERM the process group, SIGKILL it after the (capped) grace period."""
@@ -348,15 +587,253 @@ class FakeKubelet:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -------------------------------------------------------------------------- Node
+
+    def _node_status(self) -> Json:
+        now = _now()
+        conditions = [
+            ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+            ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+            ("PIDPressure", "False", "KubeletHasSufficientPID"),
+            ("Ready", "True", "KubeletReady"),
+        ]
+        return {
+            "capacity": _NODE_RESOURCES,
+            "allocatable": _NODE_RESOURCES,
+            "conditions": [
+                {
+                    "type": kind,
+                    "status": status,
+                    "reason": reason,
+                    "message": "FakeKubelet is posting ready status",
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": self._ready_since,
+                }
+                for kind, status, reason in conditions
+            ],
+            # Only an InternalIP: the apiserver reaches kubelets at the first address of
+            # its preferred types, and a Hostname address would not resolve.
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._port}},
+            "nodeInfo": {
+                "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()).hex,
+                "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, self._node_name)),
+                "bootID": str(uuid.uuid5(uuid.NAMESPACE_DNS, self._id)),
+                "kernelVersion": platform.release(),
+                "osImage": "FakeKubelet (local processes)",
+                "containerRuntimeVersion": "fake://0.0.0",
+                "kubeletVersion": self._kubelet_version,
+                "operatingSystem": "linux",
+                "architecture": _go_arch(),
+            },
+        }
+
+    async def _register_node(self) -> None:
+        version = await client.VersionApi(self._api).get_code()
+        self._kubelet_version = version.git_version  # as if built with the control plane
+        self._ready_since = _now()
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self._node_name,
+                "labels": {
+                    "kubernetes.io/hostname": self._node_name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": _go_arch(),
+                },
+                "annotations": {CLAIM_ANNOTATION: self._id},
+            },
+            "status": self._node_status(),
+        }
+        try:
+            created = await self._core.create_node(node)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # An explicit node_name that exists (left over, say): take the Node over.
+            await self._core.patch_node_status(self._node_name, {"status": node["status"]})
+            created = await self._core.read_node(self._node_name)
+        self._node_uid = created.metadata.uid
+        await self._renew_lease()
+
+    async def _renew_lease(self) -> None:
+        spec = {
+            "holderIdentity": self._node_name,
+            "leaseDurationSeconds": _LEASE_SECONDS,
+            "renewTime": _now_micro(),
+        }
+        try:
+            await self._leases.patch_namespaced_lease(
+                self._node_name, NODE_LEASE_NAMESPACE, {"spec": spec}
+            )
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self._node_name,
+                # As the kubelet does: deleting the Node garbage-collects its Lease.
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "name": self._node_name,
+                        "uid": self._node_uid,
+                    }
+                ],
+            },
+            "spec": spec,
+        }
+        await self._leases.create_namespaced_lease(NODE_LEASE_NAMESPACE, lease)
+
+    async def _heartbeat_forever(self) -> None:
+        """Renew the Lease and post the Ready condition, so the node-lifecycle controller
+        never finds the Node stale (which would taint it and, later, evict its Pods)."""
+        while True:
+            await asyncio.sleep(self._heartbeat_seconds)
+            try:
+                await self._renew_lease()
+                await self._post_node_status()
+            except Exception:
+                log.warning("FakeKubelet heartbeat failed", exc_info=True)
+
+    async def _post_node_status(self) -> None:
+        body = {"status": {"conditions": self._node_status()["conditions"]}}
+        try:
+            await self._core.patch_node_status(self._node_name, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            log.warning("FakeKubelet's Node %s was deleted; registering it again", self._node_name)
+            await self._register_node()
+
+    # ---------------------------------------------------------------------- log server
+
+    def _cluster_ca(self) -> str | None:
+        """The CA of the kubeconfig's current cluster, PEM, if it names one."""
+        kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
+        context = next(
+            c["context"]
+            for c in kubeconfig["contexts"]
+            if c["name"] == kubeconfig["current-context"]
+        )
+        cluster = next(
+            c["cluster"] for c in kubeconfig["clusters"] if c["name"] == context["cluster"]
+        )
+        if "certificate-authority-data" in cluster:
+            return base64.b64decode(cluster["certificate-authority-data"]).decode()
+        if "certificate-authority" in cluster:
+            return (self._kubeconfig.parent / str(cluster["certificate-authority"])).read_text()
+        return None
+
+    async def _serve_logs(self) -> web.AppRunner:
+        """Start the HTTPS server the apiserver proxies ``pods/log`` to."""
+        cert, key = make_self_signed_cert(self._root / ".kubelet-pki", "kubelet", self._node_name)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        tls.set_alpn_protocols(["http/1.1"])
+        ca = self._cluster_ca() if self._verify_clients else None
+        if ca is not None:
+            tls.verify_mode = ssl.CERT_REQUIRED
+            tls.load_verify_locations(cadata=ca)
+        app = web.Application()
+        app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self._handle_logs)
+        app.router.add_get("/healthz", self._handle_healthz)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self._port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, ssl_context=tls).start()
+        return runner
+
+    async def _handle_healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _handle_logs(self, request: web.Request) -> web.StreamResponse:
+        ns, name = request.match_info["namespace"], request.match_info["pod"]
+        container = request.match_info["container"]
+        try:
+            opts = _LogOptions.parse(request.query)
+            run = self._by_name.get((ns, name))
+            if run is None:
+                raise _BadLogRequest(404, f"pod {name!r} does not exist")
+            if container not in run.containers:
+                raise _BadLogRequest(404, f"container {container!r} not found in pod {name!r}")
+            if opts.previous:  # restartPolicy is Never here: there is no previous container
+                raise _BadLogRequest(
+                    400, f'previous terminated container "{container}" in pod "{name}" not found'
+                )
+            if container != run.containers[0] or not run.log_ready or run.log_path is None:
+                raise _BadLogRequest(
+                    400,
+                    f'container "{container}" in pod "{name}" is waiting to start: '
+                    "ContainerCreating",
+                )
+        except _BadLogRequest as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)  # headers now: a follow=true stream may idle a while
+        with contextlib.suppress(ConnectionResetError):  # the client went away
+            with run.log_path.open("rb") as f:
+                await self._stream_log(request, resp, f, run, opts)
+            await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _stream_log(
+        request: web.Request,
+        resp: web.StreamResponse,
+        f: IO[bytes],
+        run: _PodRun,
+        opts: _LogOptions,
+    ) -> None:
+        f.seek(0 if opts.tail_lines is None else tail_offset(f, opts.tail_lines))
+        budget = opts.limit_bytes
+        at_line_start, exited = True, False
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                if opts.timestamps:
+                    chunk, at_line_start = stamp_lines(chunk, at_line_start)
+                if budget is not None:
+                    chunk = chunk[:budget]
+                    budget -= len(chunk)
+                await resp.write(chunk)
+                if budget == 0:
+                    return
+                continue
+            if not opts.follow or exited:
+                return
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            # Once the process is gone, read what it wrote last, then end the stream.
+            exited = run.done.is_set()
+            if not exited:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.done.wait(), _FOLLOW_POLL)
+
     # ---------------------------------------------------------------------- one Pod
 
     async def _run_pod(self, pod: Json, run: _PodRun) -> None:
+        try:
+            await self._run_pod_inner(pod, run)
+        finally:
+            run.done.set()
+
+    async def _run_pod_inner(self, pod: Json, run: _PodRun) -> None:
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
         container = pod["spec"]["containers"][0]
         if not await self._claim(pod):
             return
-        log_path = self._root / ns / f"{name}.log"
+        log_path = run.log_path = self._root / ns / f"{name}.log"
+        self._by_name[ns, name] = run
         log_path.parent.mkdir(parents=True, exist_ok=True)
         workdir = self._root / ".work" / ns / name  # "." keeps it apart from namespaces
         workdir.mkdir(parents=True, exist_ok=True)
@@ -379,16 +856,19 @@ class FakeKubelet:
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,  # own process group, so kill reaches children
                 )
+            run.log_ready = True
         except (PodConfigError, ApiException, OSError) as exc:
             message = f"FakeKubelet could not start {ns}/{name}: {exc}"
             log.warning("%s", message)
             log_path.write_text(message + "\n")
+            run.log_ready = True
             await self._set_status(pod, container, started, exit_code=128, message=message)
             return
         if run.killed:  # deleted while we were setting up
             await self._kill(run)
         await self._set_status(pod, container, started)
         code = await run.proc.wait()
+        run.done.set()  # before the status call: log streams need not wait for it
         # A signal death is reported the way container runtimes do: 128 + signal number.
         await self._set_status(pod, container, started, exit_code=code if code >= 0 else 128 - code)
 
