@@ -2,25 +2,53 @@
 
 Every failure ends as one line, ``kubemr: error: <reason>``, and a non-zero exit code:
 1 for a job that failed, 2 for bad usage.
+
+The cluster commands (submit, status, list, results, logs, cancel, delete, retry) follow
+kubectl's conventions for their common flags and only parse and print here; what they do
+to the cluster lives in :mod:`kubemr_async.jobs`. Heavy imports (the Kubernetes client,
+S3) happen inside the commands, so shell completion and ``kubemr version`` stay fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from .crd import DEFAULT_WORKERS
 from .errors import JobFailed, KubemrError, UsageError
 from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, parse_size
+
+if TYPE_CHECKING:
+    from .jobs import JobClient
 
 app = typer.Typer(name="kubemr", no_args_is_help=True, add_completion=True,
                   help="Kubernetes-native, masterless MapReduce for Python.")
 T = TypeVar("T")
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+
+
+# Options shared by the cluster commands, spelled as kubectl spells them.
+Kubeconfig = Annotated[str | None, typer.Option(help="Path to a kubeconfig file.")]
+Context = Annotated[str | None, typer.Option(help="Kubeconfig context to use.")]
+Namespace = Annotated[str | None, typer.Option(
+    "--namespace", "-n",
+    help="The job's namespace (default: the kubeconfig context's, else 'default').")]
+Output = Annotated[OutputFormat, typer.Option(
+    "--output", "-o", help="table, or the raw object(s) as json or yaml.")]
+JobName = Annotated[str, typer.Argument(metavar="NAME", help="The MapReduceJob's name.")]
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -62,11 +90,12 @@ def _size(value: str) -> int:
 
 
 def _args(values: list[str]) -> dict[str, str]:
+    """Parse --arg KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
     parsed = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arg")
+            raise UsageError(f"--arg: expected KEY=VALUE, got {item!r}")
         parsed[key] = value
     return parsed
 
@@ -138,8 +167,8 @@ def operator(
     s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
     worker_backoff_limit: Annotated[int, typer.Option(
         help="Failed worker pods tolerated before a job fails.")] = 4,
-    kubeconfig: Annotated[str | None, typer.Option(help="Path to a kubeconfig file.")] = None,
-    context: Annotated[str | None, typer.Option(help="Kubeconfig context to use.")] = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
 ) -> None:
     """Run the operator: reconcile MapReduceJobs into task records, RBAC and worker Jobs."""
     import os
@@ -161,6 +190,308 @@ def operator(
             await api.close()
 
     _guard(lambda: asyncio.run(main()))
+
+
+# --- the cluster commands ------------------------------------------------------------
+
+
+def _on_cluster(kubeconfig: str | None, context: str | None, namespace: str | None,
+                action: Callable[[JobClient], Awaitable[T]]) -> T:
+    """Run ``action`` with a client for the namespace, under the one-line error contract."""
+    from .jobs import connect
+
+    async def main() -> T:
+        async with connect(kubeconfig, context, namespace) as client:
+            return await action(client)
+
+    return _guard(lambda: asyncio.run(main()))
+
+
+async def _wait(client: JobClient, name: str) -> None:
+    """Follow a job to its verdict: bars on stderr (on a terminal), JobFailed unless it
+    succeeded."""
+    from .local import _ProgressBar
+
+    bar = _ProgressBar() if sys.stderr.isatty() else None
+    try:
+        await client.wait(name, bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    typer.echo(f"job {name} succeeded", err=True)
+
+
+def _print(obj: Any, output: OutputFormat, table: Callable[[Any], str]) -> None:
+    if output is OutputFormat.JSON:
+        import orjson
+
+        typer.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+    elif output is OutputFormat.YAML:
+        import yaml
+
+        typer.echo(yaml.safe_dump(obj, sort_keys=False), nl=False)
+    else:
+        typer.echo(table(obj))
+
+
+def _write(data: bytes) -> None:
+    """Bytes to stdout at once: streamed results and logs must not wait in a buffer."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _read_manifest(file: str) -> dict[str, Any]:
+    from .jobs import load_manifest
+
+    if file == "-":
+        return load_manifest(sys.stdin.read(), "stdin")
+    try:
+        text = Path(file).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: cannot read: {exc}") from None
+    return load_manifest(text, file)
+
+
+#: submit's flags that describe a job, so they cannot be combined with a manifest FILE.
+_JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
+              "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
+              "split_inputs")
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Annotated[str | None, typer.Argument(
+        metavar="FILE", show_default=False,
+        help="A MapReduceJob manifest (YAML; '-' reads stdin). Or describe the job with the "
+             "flags below instead.")] = None,
+    name: Annotated[str | None, typer.Option(help="The job's name.")] = None,
+    generate_name: Annotated[str | None, typer.Option(
+        help="Name prefix the API server completes (default: the job module's name + '-').")]
+    = None,
+    image: Annotated[str | None, typer.Option(help="Worker container image.")] = None,
+    job: Annotated[str | None, typer.Option(
+        help="Job module in the image: package.module[:attr] or a .py path.")] = None,
+    input: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="Input URL, s3://bucket/key or prefix (repeatable).")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", help="Where results go: s3://bucket/prefix.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker pods running in parallel.")]
+    = DEFAULT_WORKERS,
+    reducers: Annotated[int, typer.Option(help="Reduce partitions (result objects).")] = 1,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per task before the job fails.")]
+    = DEFAULT_MAX_ATTEMPTS,
+    chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
+    = "64MiB",
+    lease_seconds: Annotated[float, typer.Option(
+        help="A task whose worker stops renewing for this long is re-run.")]
+    = DEFAULT_LEASE_SECONDS,
+    arg: Annotated[list[str] | None, typer.Option(
+        "--arg", help="KEY=VALUE passed to ctx.args (repeatable).")] = None,
+    split_inputs: Annotated[bool, typer.Option(
+        help="Cut inputs into line-aligned chunks (key/value jobs), or hand each input "
+             "string to one map as is (low-level jobs).")] = True,
+    wait: Annotated[bool, typer.Option(
+        help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Create a MapReduceJob from a manifest or from flags; print its name."""
+    from .jobs import SubmitOptions, build_manifest, manifest_namespace
+
+    # By name: typer bundles its own click, whose ParameterSource is not click's.
+    given = [flag for flag in _JOB_FLAGS
+             if getattr(ctx.get_parameter_source(flag), "name", "") == "COMMANDLINE"]
+
+    def manifest() -> dict[str, Any]:
+        if file is not None:
+            if given:
+                raise UsageError(f"give a manifest FILE or job flags, not both "
+                                 f"(got --{given[0].replace('_', '-')})")
+            return _read_manifest(file)
+        if not (image and job and input and output):
+            required = {"--image": image, "--job": job, "--input": input, "--output": output}
+            missing = ", ".join(flag for flag, value in required.items() if not value)
+            raise UsageError(f"missing {missing} (or give a manifest FILE)")
+        return build_manifest(SubmitOptions(
+            image=image, job=job, inputs=input, output=output, name=name,
+            generate_name=generate_name, workers=workers, reducers=reducers,
+            max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
+            chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds))
+
+    body = _guard(manifest)
+    target = _guard(lambda: manifest_namespace(body, namespace))
+
+    async def action(client: JobClient) -> None:
+        created = await client.create(body)
+        job_name = str(created["metadata"]["name"])
+        typer.echo(job_name)
+        if wait:
+            await _wait(client, job_name)
+
+    _on_cluster(kubeconfig, context, target, action)
+
+
+@app.command()
+def status(
+    name: JobName,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="Show live progress until the job ends, then its status; "
+                              "exit 1 unless it succeeded.")] = False,
+    output: Output = OutputFormat.TABLE,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Show a job's phase, progress, error and results."""
+    from .jobs import describe
+
+    async def action(client: JobClient) -> None:
+        failure: JobFailed | None = None
+        if watch:
+            try:
+                await _wait(client, name)
+            except JobFailed as exc:
+                failure = exc
+        _print(await client.get(name), output, describe)
+        if failure is not None:
+            raise failure
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command("list")
+def list_jobs(
+    all_namespaces: Annotated[bool, typer.Option(
+        "--all-namespaces", "-A", help="List the jobs of every namespace.")] = False,
+    output: Output = OutputFormat.TABLE,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """List jobs: NAME PHASE MAPS REDUCES AGE (maps and reduces as done/total)."""
+    from .jobs import list_table
+
+    async def action(client: JobClient) -> None:
+        listing = await client.list(all_namespaces)
+        if output is OutputFormat.TABLE and not listing["items"]:
+            where = "" if all_namespaces else f" in {client.namespace} namespace"
+            typer.echo(f"No resources found{where}.", err=True)
+            return
+        _print(listing, output, lambda obj: list_table(obj["items"], all_namespaces))
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command()
+def results(
+    name: JobName,
+    cat: Annotated[bool, typer.Option(
+        help="Print the result objects' contents in partition order, each as soon as its "
+             "reduce commits (while the job still runs).")] = False,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Print a succeeded job's results, one per line in partition order.
+
+    --cat reads s3:// results with the standard AWS_* variables (and KUBEMR_S3_ENDPOINT);
+    if the job fails, it exits 1 after printing the partitions that were complete.
+    """
+    from .jobs import ResultReader, published_results
+
+    async def action(client: JobClient) -> None:
+        if not cat:
+            for result in published_results(name, await client.get(name)):
+                typer.echo(result)
+            return
+        reader = ResultReader()
+        try:
+            async with contextlib.aclosing(client.results(name)) as parts:
+                async for partition, url in parts:
+                    await reader.copy(name, partition, url, _write)
+        finally:
+            await reader.aclose()
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command()
+def logs(
+    name: JobName,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep streaming until every worker pod ends.")] = False,
+    tail: Annotated[int, typer.Option(help="Recent lines to show per pod; -1 shows all.")]
+    = -1,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Print the logs of a job's worker pods, each line prefixed with its pod (kubectl's
+    --prefix format)."""
+
+    if tail < -1:
+        _fail(f"--tail must be -1 (all lines) or more, got {tail}", 2)
+
+    async def action(client: JobClient) -> None:
+        async with contextlib.aclosing(client.logs(name, follow, None if tail < 0 else tail)
+                                       ) as lines:
+            async for pod, container, line in lines:
+                _write(f"[pod/{pod}/{container}] ".encode() + line
+                       + (b"" if line.endswith(b"\n") else b"\n"))
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command()
+def cancel(name: JobName, namespace: Namespace = None, kubeconfig: Kubeconfig = None,
+           context: Context = None) -> None:
+    """Stop a pending or running job: it becomes Cancelled and the operator stops its workers."""
+
+    async def action(client: JobClient) -> None:
+        typer.echo(f"job {name} {await client.cancel(name)}", err=True)
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command()
+def delete(
+    name: JobName,
+    wait: Annotated[bool, typer.Option(help="Return once the job is gone.")] = False,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Delete a job with its workers, task records and results list (result objects stay)."""
+
+    async def action(client: JobClient) -> None:
+        await client.delete(name, wait)
+        typer.echo(f"job {name} deleted", err=True)
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command()
+def retry(
+    name: JobName,
+    wait: Annotated[bool, typer.Option(
+        help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Re-run a Failed or Cancelled job: committed tasks are kept, the rest run again."""
+
+    async def action(client: JobClient) -> None:
+        await client.retry(name)
+        typer.echo(f"job {name} retried", err=True)
+        if wait:
+            await _wait(client, name)
+
+    _on_cluster(kubeconfig, context, namespace, action)
 
 
 @app.command()
