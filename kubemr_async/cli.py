@@ -210,9 +210,9 @@ def _on_cluster(kubeconfig: str | None, context: str | None, namespace: str | No
 async def _wait(client: JobClient, name: str) -> None:
     """Follow a job to its verdict: bars on stderr (on a terminal), JobFailed unless it
     succeeded."""
-    from .local import _ProgressBar
+    from .progress import ProgressBar
 
-    bar = _ProgressBar() if sys.stderr.isatty() else None
+    bar = ProgressBar() if sys.stderr.isatty() else None
     try:
         await client.wait(name, bar.update if bar else None)
     finally:
@@ -501,7 +501,24 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: typer/click's own usage errors (unknown option, missing
+    argument, a value of the wrong type) also end as one line and exit 2."""
+    # typer.BadParameter's base is the (vendored) click UsageError: every parse error.
+    usage_error: type[Exception] = typer.BadParameter.__mro__[1]
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        formatter = getattr(exc, "format_message", None)
+        message = str(formatter()) if formatter else str(exc)
+        if message:  # empty when help was shown for a bare `kubemr`
+            context = getattr(exc, "ctx", None)
+            hint = f" (see {context.command_path} --help)" if context else ""
+            typer.echo(f"kubemr: error: {message}{hint}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("kubemr: error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

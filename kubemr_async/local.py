@@ -30,6 +30,7 @@ from . import logs, protocol
 from .api import AnyJob, Job, load_job
 from .errors import JobFailed, UsageError
 from .inputs import plan_inputs
+from .progress import ProgressBar
 from .protocol import JobPhase, JobView
 from .spec import JobSpec
 from .state.sqlite import SQLiteStateStore
@@ -117,7 +118,7 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
     procs = [await _spawn_worker(work, name, i) for i in range(count)]
     records, revision = await store.snapshot(name)
     view = JobView({key: rec.body for key, rec in records.items()})
-    bar = _ProgressBar() if show_progress else None
+    bar = ProgressBar() if show_progress else None
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,30 +216,6 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
         shutil.rmtree(trash, ignore_errors=True)
     staging.rename(output)
     return parts
-
-
-class _ProgressBar:
-    """Maps and reduces done/total on stderr (rich draws only when stderr is a terminal)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self._progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=Console(stderr=True),
-                                  transient=False)
-        self._maps = self._progress.add_task("maps", total=None)
-        self._reduces = self._progress.add_task("reduces", total=None)
-        self._progress.start()
-
-    def update(self, progress: protocol.Progress) -> None:
-        self._progress.update(self._maps, completed=progress.maps_done,
-                              total=progress.maps_total)
-        self._progress.update(self._reduces, completed=progress.reduces_done,
-                              total=progress.reduces_total)
-
-    def close(self) -> None:
-        self._progress.stop()
 
 
 # --- the worker process ----------------------------------------------------------------

@@ -208,3 +208,16 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
     replaced = kubemr(*argv, "--overwrite", "--reducers", "1")
     assert replaced.returncode == 0, replaced.stderr
     assert output_lines(out) == reference_lines([DATA / "kubemr-story.txt"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--bogus"], "No such option: --bogus"),
+    (["run", "job.py", "-i", "x", "-o", "y", "--workers", "zero"], "Invalid value for '--workers'"),
+    (["status"], "Missing argument 'NAME'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_malformed_command_lines_fail_with_one_line(argv: list[str], message: str) -> None:
+    result = kubemr(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kubemr: error: ") and message in lines[0]

@@ -7,93 +7,28 @@ as its own process, worker pods run by the test kubelet.
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
 
 from kubemr_async.testing.cluster import ApiError, TestCluster
-from kubemr_async.testing.s3server import S3Server
 
-from .test_local_run import KUBEMR, ROOT
+from .operator_fixtures import BUCKET, DATA, OPERATOR_NS, kube_namespace, operator, s3
+from .test_local_run import ROOT
+
+__all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
 GROUP_PATH = "/apis/kubemr.io/v1alpha1"
-DATA = ROOT / "examples" / "data"
-BUCKET = "kubemr-examples"
-OPERATOR_NS = "kubemr-system"
 
 
 def jobs_path(namespace: str, name: str = "") -> str:
     return f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs" + (f"/{name}" if name else "")
-
-
-@pytest.fixture(scope="session")
-def s3(s3_server: S3Server) -> Any:
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url,
-                          aws_access_key_id=s3_server.access_key,
-                          aws_secret_access_key=s3_server.secret_key,
-                          region_name=s3_server.region)
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=BUCKET)
-    for path in sorted(DATA.iterdir()):
-        client.put_object(Bucket=BUCKET, Key=f"data/{path.name}", Body=path.read_bytes())
-    return client
-
-
-@pytest.fixture(scope="module")
-def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
-    """This module's namespace: its operator watches only here, so other modules' operators
-    (the Helm chart test runs one with the chart's own credentials) never compete."""
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    kube_cluster.create_namespace(name)
-    yield name
-    kube_cluster.api("DELETE", f"/api/v1/namespaces/{name}")
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
-             kube_namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`kubemr operator` as a separate process, configured as the Helm chart configures it."""
-    try:
-        kube_cluster.create_namespace(OPERATOR_NS)
-    except ApiError as exc:
-        if exc.status != 409:
-            raise
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemr-s3"},
-              "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
-                             "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}}
-    try:
-        kube_cluster.api("POST", f"/api/v1/namespaces/{OPERATOR_NS}/secrets", secret)
-    except ApiError as exc:
-        if exc.status != 409:
-            raise
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {"PATH": str(Path(KUBEMR).parent), "KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
-           "AWS_ACCESS_KEY_ID": s3_server.access_key,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": s3_server.region,
-           "KUBEMR_LOG_LEVEL": "DEBUG"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
-             "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
-             "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
-             "--namespace", kube_namespace],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def create_job(cluster: TestCluster, namespace: str, manifest: dict[str, Any]) -> str:
