@@ -40,6 +40,10 @@ log = logging.getLogger("kubemr.operator")
 Body = dict[str, Any]
 FINALIZER = "kubemr.io/cleanup"
 PROGRESS_INTERVAL = 1.0
+# Progress writes resend the whole job object (spec.inputs included) to every watcher, so
+# big jobs report less often: one second per this many tasks, capped.
+TASKS_PER_PROGRESS_SECOND = 1000
+MAX_PROGRESS_INTERVAL = 15.0
 RESYNC_SECONDS = 30.0
 # Reasons a pod can sit in Waiting forever; the Job controller never fails such pods.
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
@@ -105,6 +109,7 @@ class Operator:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._followers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._seen: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     # --- the watch loop ---------------------------------------------------------------
 
@@ -160,7 +165,7 @@ class Operator:
                         version = ""  # 410 Gone: start over from a fresh list
                         break
                     version = obj["metadata"]["resourceVersion"]
-                    if event["type"] != "BOOKMARK":
+                    if event["type"] != "BOOKMARK" and self._changed(event["type"], obj):
                         self.schedule(obj["metadata"]["namespace"], obj["metadata"]["name"])
             except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
                 if not (isinstance(exc, ApiException) and exc.status == 410):
@@ -178,6 +183,26 @@ class Operator:
             with contextlib.suppress(ApiException, aiohttp.ClientError, TimeoutError):
                 for item in (await self._list_jobs())["items"]:
                     self.schedule(item["metadata"]["namespace"], item["metadata"]["name"])
+
+    def _changed(self, event_type: str, obj: Body) -> bool:
+        """Whether a watch event changes anything a reconcile acts on.
+
+        Progress and lease traffic rewrite the status many times a second on a busy job;
+        reconciling each of those would repeat a dozen API calls for nothing. The periodic
+        resync still reconciles every job, whatever changed.
+        """
+        meta, status = obj["metadata"], obj.get("status") or {}
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self._seen.pop(key, None)
+            return True
+        fingerprint = (meta.get("generation"), bool(meta.get("deletionTimestamp")),
+                       tuple(meta.get("finalizers") or ()), status.get("phase"),
+                       status.get("completionTime"))
+        if self._seen.get(key) == fingerprint:
+            return False
+        self._seen[key] = fingerprint
+        return True
 
     def schedule(self, namespace: str, name: str) -> None:
         task = asyncio.create_task(self._guarded(namespace, name))
@@ -415,6 +440,9 @@ class Operator:
         view = JobView({key: rec.body for key, rec in records.items()})
         shown: protocol.Progress | None = None
         last = 0.0
+        interval = min(MAX_PROGRESS_INTERVAL, max(
+            PROGRESS_INTERVAL,
+            (view.map_total + view.reduce_total) / TASKS_PER_PROGRESS_SECOND))
         changes = store.watch(name, revision)
         while True:
             if view.phase.finished:
@@ -423,7 +451,7 @@ class Operator:
             if verdict is not None:
                 await store.patch(name, verdict)
             progress = view.progress()
-            if progress != shown and time.monotonic() - last >= PROGRESS_INTERVAL:
+            if progress != shown and time.monotonic() - last >= interval:
                 await self._set_progress(namespace, name, progress)
                 shown, last = progress, time.monotonic()
             try:

@@ -1,10 +1,10 @@
 """Scale: a 10,000-map-task job through the whole product on the real API server.
 
-The operator (its own process, watching this module's namespace; the shared fixtures of
-tests/operator_fixtures.py) plans the job and starts
-a 4-pod worker Job; the test kubelet runs the pods as `kubemr worker` processes with their
-ServiceAccount tokens. Nothing is mocked and nothing is shortened: every task is one
-MapReduceTask object, claimed and committed through JSON-Patch tests.
+The operator (its own process watching this module's namespace, from the shared fixtures
+of tests/operator_fixtures.py) plans the job and starts a 4-pod worker Job; the test
+kubelet runs the pods as `kubemr worker` processes with their ServiceAccount tokens.
+Nothing is mocked and nothing is shortened: every task is one MapReduceTask object,
+claimed and committed through JSON-Patch tests.
 
 A Succeeded job's task objects are deleted by the operator right after the verdict, so the
 test follows the task namespace with its own watch from before the job exists and keeps

@@ -1,0 +1,742 @@
+"""Coordination cost on a real API server, as a job grows from 10 to 10,000 map tasks.
+
+What it runs: a real kube-apiserver v1.36 + etcd + controller-manager on loopback
+(``TestCluster``), the CRDs, and for each N a low-level job (``tests.jobs.attempts``: each
+map returns its input string, so the job does no blob I/O) with N inputs and
+``splitInputs: false``. ``--mode``:
+
+* ``direct`` (default): planning creates the N + R task objects exactly as the operator
+  does (``KubeStateStore.create``, then the ``start_job`` patch); then W worker processes
+  run ``kubemr_async.pod.run_pod_worker`` (the ``kubemr worker`` entrypoint, same
+  environment: KUBEMR_JOB, KUBEMR_NAMESPACE, KUBEMR_WORKER_ID, KUBECONFIG) until the job
+  Succeeds. They run as ``python benchmarks/coordination.py _worker``: ``run_pod_worker``
+  unchanged, with a store subclass that only counts the watch events it delivers. At the
+  end every task object is read back and checked (committed, attempt 1, right output).
+* ``plain``: the same with the ``kubemr worker`` console script (no per-worker counts).
+* ``operator``: the product path: POST a MapReduceJob, a ``kubemr operator`` process plans
+  it and creates the worker Job, the FakeKubelet runs its pods. The operator deletes a
+  Succeeded job's tasks at once, so only the results are checked.
+
+What it reports, per N (DESIGN.md, "Performance"):
+
+* API writes per task, from the API server's own ``/metrics`` (``apiserver_request_total``
+  deltas for POST/PATCH on mapreducetasks and mapreducejobs): independent of our code,
+  and cross-checked against the workers' ``KubeStateStore.stats``;
+* bytes per write (``apiserver_request_body_size_bytes``) and the server's PATCH latency;
+* the largest MapReduceTask (map and reduce separately) and the MapReduceJob at the end,
+  as served JSON, against etcd's 1.5 MiB limit; map tasks must not grow with N;
+* watch events each worker receives (counted in the worker) and what the server sent
+  (``apiserver_watch_events_total``/``_sizes``) for tasks and for the job, to show whether
+  watch traffic grows linearly with N;
+* lost claim races per task (HTTP 422 answers to task PATCHes, as the server counts them);
+* wall time of planning and of the job, per task and marginal; CPU per task of the
+  workers, the API server, etcd, the controller-manager (and the operator).
+
+    .venv/bin/python benchmarks/coordination.py                   # N = 10, 1000, 10000
+    .venv/bin/python benchmarks/coordination.py --mode operator   # the whole product path
+    .venv/bin/python benchmarks/coordination.py --tasks 10,1000 --workers 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import resource
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, str(ROOT))
+
+# Imported up front so that no import lands inside a timed region.
+from kubemr_async import protocol  # noqa: E402
+from kubemr_async.crd import ensure_crds  # noqa: E402
+from kubemr_async.inputs import plan_inputs  # noqa: E402
+from kubemr_async.kube import api_client  # noqa: E402
+from kubemr_async.spec import JobSpec  # noqa: E402
+from kubemr_async.state.kube import KubeStateStore  # noqa: E402
+
+GROUP = "kubemr.io"
+GROUP_PATH = f"/apis/{GROUP}/v1alpha1"
+JOB_MODULE = "tests.jobs.attempts"
+#: The output URL must pass the CRD's pattern; nothing is ever written there.
+OUTPUT = "s3://kubemr-bench/coordination"
+ETCD_LIMIT = 1536 * 1024  # etcd's default --max-request-bytes
+DECIDED = ("Succeeded", "Failed", "Cancelled")
+#: The task whose size is compared across N (every N >= 10 has it).
+PROBE_INDEX = 7
+
+
+# --- the API server's metrics ----------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str, prefixes: tuple[str, ...]) -> Samples:
+    """The samples of the Prometheus text format whose names start with ``prefixes``."""
+    samples: Samples = {}
+    for line in text.splitlines():
+        if not line.startswith(prefixes):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, labels, value = match.groups()
+        samples[(name, frozenset(_LABEL.findall(labels or "")))] = float(value)
+    return samples
+
+
+@dataclass
+class Metrics:
+    """A snapshot of the API server counters this benchmark reads."""
+
+    samples: Samples
+
+    def total(self, name: str, **labels: str | tuple[str, ...]) -> float:
+        """Sum of ``name`` over the samples whose labels match (a tuple: any of)."""
+        wanted = {k: (v,) if isinstance(v, str) else v for k, v in labels.items()}
+        result = 0.0
+        for (sample, sample_labels), value in self.samples.items():
+            if sample != name:
+                continue
+            have = dict(sample_labels)
+            if all(have.get(k) in allowed for k, allowed in wanted.items()):
+                result += value
+        return result
+
+    def __sub__(self, before: Metrics) -> Metrics:
+        keys = self.samples.keys() | before.samples.keys()
+        return Metrics({k: self.samples.get(k, 0.0) - before.samples.get(k, 0.0) for k in keys})
+
+
+class Server:
+    """Plain HTTPS access to the test cluster as admin (independent of the code measured)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self._ssl = ssl.create_default_context(cafile=str(cluster.ca_file))
+
+    def metrics(self) -> Metrics:
+        request = urllib.request.Request(
+            f"{self.cluster.server}/metrics",
+            headers={"Authorization": f"Bearer {self.cluster.admin_token}"})
+        with urllib.request.urlopen(request, context=self._ssl, timeout=60) as resp:
+            text = resp.read().decode()
+        return Metrics(parse_metrics(text, ("apiserver_request_total",
+                                            "apiserver_longrunning_requests",
+                                            "apiserver_request_body_size_bytes",
+                                            "apiserver_request_duration_seconds_sum",
+                                            "apiserver_request_duration_seconds_count",
+                                            "apiserver_watch_events")))
+
+    def list_all(self, path: str) -> list[dict[str, Any]]:
+        """Every item of a collection, in pages (a 10,000-task list is ~15 MB at once)."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page = self.cluster.api("GET", f"{path}?limit=1000"
+                                    + (f"&continue={token}" if token else ""))
+            items += page["items"]
+            token = page["metadata"].get("continue") or ""
+            if not token:
+                return items
+
+
+def server_cpu(root: Path) -> dict[str, float]:
+    """CPU seconds used so far by the cluster's processes (found by their temp dir)."""
+    names = {"etcd": "etcd", "kube-apiserver": "apiserver",
+             "kube-controller-manager": "controller-manager"}
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if not any(str(root).encode() in arg for arg in argv):
+            continue
+        label = names.get(Path(argv[0].decode(errors="replace")).name)
+        if label is not None:
+            fields = stat.rsplit(")", 1)[1].split()
+            used[label] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return used
+
+
+def object_size(obj: Mapping[str, Any]) -> int:
+    """Bytes of an object as compact JSON: what etcd stores for a custom resource."""
+    return len(json.dumps(obj, separators=(",", ":")).encode())
+
+
+# --- one worker process ----------------------------------------------------------------
+
+
+def worker_main(out: Path, profile: Path | None) -> int:
+    """``run_pod_worker`` with counting: the entrypoint of each benchmark worker process."""
+    from kubemr_async import logs, pod
+    from kubemr_async.runtime import Worker
+    from kubemr_async.state.base import WatchEvent
+
+    stores: list[CountingStore] = []
+    workers: list[Worker] = []
+
+    class CountingStore(KubeStateStore):
+        """Counts what the watch delivers; everything else is the real store."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.watch_events = 0
+            stores.append(self)
+
+        async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+            async for event in super().watch(job, since):
+                self.watch_events += 1
+                yield event
+
+    class CountingWorker(Worker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            workers.append(self)
+
+    # As `kubemr worker` does: its JSON log lines (two per task) are part of the cost.
+    logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
+    pod.KubeStateStore = CountingStore  # type: ignore[attr-defined]
+    pod.Worker = CountingWorker  # type: ignore[attr-defined]
+    started = time.monotonic()
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        code = profiler.runcall(asyncio.run, pod.run_pod_worker())
+        profiler.dump_stats(profile)
+    else:
+        code = asyncio.run(pod.run_pod_worker())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    store = stores[0]
+    out.write_text(json.dumps({
+        **asdict(store.stats),
+        "watch_events": store.watch_events,
+        "tasks_done": workers[0].tasks_done if workers else 0,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "wall_seconds": time.monotonic() - started,
+    }))
+    return code
+
+
+# --- one job ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The figures of one job of N map tasks."""
+
+    tasks: int
+    workers: int
+    reducers: int
+    #: "direct" (our worker processes), "plain" (`kubemr worker`) or "operator".
+    mode: str = "direct"
+    plan_seconds: float = 0.0
+    plan_posts: float = 0.0
+    plan_patches: float = 0.0
+    job_seconds: float = 0.0
+    task_patches: float = 0.0
+    job_patches: float = 0.0
+    lost_races: float = 0.0
+    lost_job_races: float = 0.0
+    patch_body_bytes: float = 0.0
+    #: Mean time the API server spent on a task PATCH (its own latency metric).
+    patch_server_ms: float = 0.0
+    create_body_bytes: float = 0.0
+    watch_events_server: float = 0.0
+    watch_bytes_server: float = 0.0
+    job_watch_events: float = 0.0
+    job_watch_bytes: float = 0.0
+    max_map_bytes: int = 0
+    max_reduce_bytes: int = 0
+    map_status_bytes: int = 0
+    probe_map_bytes: int = 0
+    probe_map_status_bytes: int = 0
+    job_bytes: int = 0
+    per_worker: list[dict[str, Any]] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)
+    #: Watches on MapReduceTasks open before the workers start (the controller-manager's).
+    other_watchers: int = 0
+    #: CPU seconds of all worker processes together.
+    workers_cpu: float = 0.0
+    #: CPU seconds of etcd, the API server and the controller-manager during the job.
+    server_cpu: dict[str, float] = field(default_factory=dict)
+
+    def client(self, key: str) -> float:
+        return float(sum(w.get(key, 0) for w in self.per_worker))
+
+    def worker_watch_bytes(self) -> float:
+        """Bytes one worker's watch received: its events at the server's mean event size."""
+        per_event = self.watch_bytes_server / max(self.watch_events_server, 1)
+        return self.client("watch_events") / self.workers * per_event
+
+
+def task_inputs(count: int) -> list[str]:
+    # Fixed width, so a map task's record has the same size whatever N is.
+    return [f"item-{i:06d}" for i in range(count)]
+
+
+async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str],
+                   reducers: int) -> None:
+    """What the operator's planning does: create job and task records, then start the job."""
+    spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
+                   output=OUTPUT, split_inputs=False)
+    api = await api_client(str(kubeconfig))
+    try:
+        store = KubeStateStore(api, namespace)
+        splits = await plan_inputs(spec)
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+                                  *protocol.plan(spec, splits)])
+        records, _ = await store.snapshot(name)
+        await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].body, len(splits)))
+    finally:
+        await api.close()
+
+
+def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: int,
+            scratch: Path, *, mode: str, profile: Path | None, timeout: float,
+            say: Callable[[str], None]) -> Run:
+    run = Run(count, workers, reducers, mode)
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    name = f"coord-{uuid.uuid4().hex[:6]}"  # fixed length: object sizes comparable across N
+    inputs = task_inputs(count)
+    if mode == "operator":
+        planned, status = run_through_operator(cluster, server, run, namespace, name, inputs,
+                                               scratch, timeout, say)
+    else:
+        planned, status = run_with_workers(cluster, server, run, namespace, name, inputs,
+                                           scratch, plain=mode == "plain", profile=profile,
+                                           timeout=timeout, say=say)
+    job_metrics(run, server.metrics() - planned)
+    if mode == "operator":
+        # The operator deletes a Succeeded job's tasks at once: only the job is left to read.
+        job = cluster.api("GET", f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs/{name}")
+        run.job_bytes = object_size(job)
+        merged = sorted(i for part in status["results"] for i in part.split(","))
+        assert merged == inputs, "the job's results hold every input exactly once"
+    else:
+        check_and_measure(server, run, status, namespace, name, inputs)
+    cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
+    return run
+
+
+def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, name: str,
+                     inputs: list[str], scratch: Path, *, plain: bool, profile: Path | None,
+                     timeout: float, say: Callable[[str], None]) -> tuple[Metrics,
+                                                                           dict[str, Any]]:
+    """Plan in this process, then run the workers as processes of our own."""
+    count, workers, reducers = run.tasks, run.workers, run.reducers
+    cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    job_path = f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs/{name}"
+
+    before = server.metrics()
+    started = time.monotonic()
+    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers))
+    run.plan_seconds = time.monotonic() - started
+    planned = server.metrics()
+    delta = planned - before
+    run.plan_posts = delta.total("apiserver_request_total", group=GROUP, verb="POST",
+                                 resource=("mapreducetasks", "mapreducejobs"))
+    run.plan_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                   resource=("mapreducetasks", "mapreducejobs"))
+    run.create_body_bytes = _mean(delta, "mapreducetasks", "create")
+    say(f"  planned {count} maps + {reducers} reduces in {run.plan_seconds:.1f}s")
+
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path), "KUBEMR_JOB": name,
+           "KUBEMR_NAMESPACE": namespace, "PYTHONPATH": str(ROOT),
+           # Never contacted (this job does no blob I/O); S3BlobStore connects lazily.
+           "KUBEMR_S3_ENDPOINT": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "unused",
+           "AWS_SECRET_ACCESS_KEY": "unused", "AWS_REGION": "us-east-1"}
+    kubemr = Path(sys.executable).parent / "kubemr"
+    procs: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+    run.other_watchers = int(planned.total("apiserver_longrunning_requests", verb="WATCH",
+                                           resource="mapreducetasks"))
+    cpu_before = server_cpu(cluster.root)
+    children_before = _children_cpu()
+    started = time.monotonic()
+    for i in range(workers):
+        stats, log = scratch / f"{name}-w{i}.json", scratch / f"{name}-w{i}.log"
+        argv = [str(kubemr), "worker"] if plain else [
+            sys.executable, str(Path(__file__).resolve()), "_worker", "--out", str(stats),
+            *(["--profile", str(profile / f"{name}-n{count}-w{i}.prof")] if profile else [])]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, env={**env, "KUBEMR_WORKER_ID": f"bench-w{i}"},
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        procs.append((proc, stats, log))
+    try:
+        status = _wait_decided(cluster, job_path, procs, started + timeout)
+        run.job_seconds = time.monotonic() - started
+        cpu_after = server_cpu(cluster.root)
+        run.server_cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
+        for proc, _, _ in procs:
+            proc.wait(timeout=60)  # workers leave once they see the verdict
+        # Waited-for children are exactly the workers (the cluster's processes still run).
+        run.workers_cpu = _children_cpu() - children_before
+    finally:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if status.get("phase") != "Succeeded":
+        tail = procs[0][2].read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"job {name} ended {status.get('phase')}: {status}\n{tail}")
+    say(f"  job Succeeded in {run.job_seconds:.1f}s")
+    if not plain:
+        run.per_worker = [json.loads(stats.read_text()) for _, stats, _ in procs]
+    return planned, status
+
+
+def job_metrics(run: Run, delta: Metrics) -> None:
+    """The API server's view of the job, from planning done to Succeeded."""
+    # Every request during the job, by verb and resource (in the JSON output): who else
+    # talks to the API server while the workers run (the operator, the controllers).
+    for (name, labels), value in delta.samples.items():
+        if name == "apiserver_request_total" and value:
+            have = dict(labels)
+            key = f"{have.get('verb')} {have.get('resource')}/{have.get('subresource')}"
+            run.requests[key] = run.requests.get(key, 0) + int(value)
+    tasks = ("mapreducetasks",)
+    run.task_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                   resource=tasks)
+    run.job_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                  resource="mapreducejobs")
+    run.lost_races = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                 resource=tasks, code="422")
+    run.lost_job_races = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                     resource="mapreducejobs", code="422")
+    run.patch_body_bytes = _mean(delta, "mapreducetasks", "patch")
+    latency = {"group": GROUP, "resource": "mapreducetasks", "verb": "PATCH"}
+    run.patch_server_ms = 1000 * delta.total("apiserver_request_duration_seconds_sum",
+                                             **latency) / max(
+        delta.total("apiserver_request_duration_seconds_count", **latency), 1)
+    run.watch_events_server = delta.total("apiserver_watch_events_total", group=GROUP,
+                                          resource=tasks)
+    run.watch_bytes_server = delta.total("apiserver_watch_events_sizes_sum", group=GROUP,
+                                         resource=tasks)
+    run.job_watch_events = delta.total("apiserver_watch_events_total", group=GROUP,
+                                       resource="mapreducejobs")
+    run.job_watch_bytes = delta.total("apiserver_watch_events_sizes_sum", group=GROUP,
+                                      resource="mapreducejobs")
+
+
+def run_through_operator(cluster: Any, server: Server, run: Run, namespace: str, name: str,
+                         inputs: list[str], scratch: Path, timeout: float,
+                         say: Callable[[str], None]) -> tuple[Metrics, dict[str, Any]]:
+    """The product path: POST a MapReduceJob; `kubemr operator` plans it and starts a
+    worker Job, whose pods the FakeKubelet runs as `kubemr worker` processes."""
+    cluster.create_namespace(namespace)
+    job_path = f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs/{name}"
+    kubemr = Path(sys.executable).parent / "kubemr"
+    log = scratch / f"{name}-operator.log"
+    with log.open("wb") as out:
+        operator = subprocess.Popen(
+            [str(kubemr), "operator", "--kubeconfig", str(cluster.kubeconfig_path),
+             "--namespace", namespace, "--worker-backoff-limit", "1",
+             "--s3-endpoint", "http://127.0.0.1:9"],  # never contacted, as above
+            stdout=out, stderr=subprocess.STDOUT,
+            env={"PATH": str(kubemr.parent), "HOME": os.environ.get("HOME", "/")})
+    try:
+        manifest = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "MapReduceJob",
+                    "metadata": {"name": name},
+                    "spec": {"image": "kubemr-bench:dev", "job": JOB_MODULE, "inputs": inputs,
+                             "splitInputs": False, "reducers": run.reducers,
+                             "workers": run.workers, "output": OUTPUT}}
+        before = server.metrics()
+        cpu_before = server_cpu(cluster.root)
+        children_before = _children_cpu()
+        started = time.monotonic()
+        cluster.api("POST", f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs", manifest)
+        deadline = started + timeout
+
+        def phase() -> str:
+            if operator.poll() is not None:
+                raise RuntimeError("the operator exited:\n"
+                                   + log.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {name} not decided in time")
+            return job_phase(cluster, job_path)
+
+        while phase() == "Pending":
+            time.sleep(0.05)
+        run.plan_seconds = time.monotonic() - started
+        planned = server.metrics()
+        delta = planned - before
+        run.plan_posts = delta.total("apiserver_request_total", group=GROUP, verb="POST",
+                                     resource=("mapreducetasks", "mapreducejobs"))
+        run.plan_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                       resource=("mapreducetasks", "mapreducejobs"))
+        run.create_body_bytes = _mean(delta, "mapreducetasks", "create")
+        run.other_watchers = int(planned.total("apiserver_longrunning_requests", verb="WATCH",
+                                               resource="mapreducetasks"))
+        say(f"  the operator planned {run.tasks} maps + {run.reducers} reduces in "
+            f"{run.plan_seconds:.1f}s (from the POST)")
+        while phase() not in DECIDED:
+            time.sleep(0.1)
+        run.job_seconds = time.monotonic() - started - run.plan_seconds
+        cpu_after = server_cpu(cluster.root)
+        run.server_cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
+        status: dict[str, Any] = cluster.api("GET", job_path)["status"]
+        if status["phase"] != "Succeeded":
+            raise RuntimeError(f"job {name} ended {status['phase']}: {status}")
+        say(f"  job Succeeded {run.job_seconds:.1f}s after planning")
+        # The operator's follow-up (completionTime, deleting the task namespace) is part of
+        # its cost; the pods end by themselves once they see the verdict.
+        while (not cluster.api("GET", job_path)["status"].get("completionTime")
+               or _pods_running(cluster, namespace, name)):
+            phase()  # checks the operator and the deadline
+            time.sleep(0.5)
+        # The worker pods are children of this process (the FakeKubelet's), reaped by now.
+        run.workers_cpu = _children_cpu() - children_before
+        run.server_cpu["operator"] = _process_cpu(operator.pid)
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+    return planned, status
+
+
+def _pods_running(cluster: Any, namespace: str, job: str) -> bool:
+    pods = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods"
+                       f"?labelSelector=kubemr.io/job%3D{job}")["items"]
+    return any((p.get("status") or {}).get("phase") in (None, "Pending", "Running")
+               for p in pods)
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def check_and_measure(server: Server, run: Run, status: Mapping[str, Any], namespace: str,
+                      name: str, inputs: list[str]) -> None:
+    """Every task committed exactly once with the right result; the objects' sizes."""
+    job = server.cluster.api("GET", f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs/{name}")
+    run.job_bytes = object_size(job)
+    task_ns = status["taskNamespace"]
+    items = server.list_all(f"{GROUP_PATH}/namespaces/{task_ns}/mapreducetasks")
+    maps = [t for t in items if t["status"]["kind"] == "map"]
+    reduces = [t for t in items if t["status"]["kind"] == "reduce"]
+    assert len(maps) == run.tasks and len(reduces) == run.reducers, (len(maps), len(reduces))
+    wrong = [t["metadata"]["name"] for t in items
+             if (t["status"]["state"], t["status"]["attempt"], t["status"]["failures"])
+             != ("committed", 1, 0)]
+    assert not wrong, f"tasks not committed on their first attempt: {wrong[:10]}"
+    merged = sorted(i for part in status["results"] for i in part.split(","))
+    assert merged == inputs, "the job's results hold every input exactly once"
+    run.max_map_bytes = max(object_size(t) for t in maps)
+    run.max_reduce_bytes = max(object_size(t) for t in reduces)
+    run.map_status_bytes = max(object_size(t["status"]) for t in maps)
+    # The same task at every N: sizes differ between tasks by their index's digits only.
+    probe = next(t for t in maps if t["status"]["index"] == PROBE_INDEX)
+    run.probe_map_bytes = object_size(probe)
+    run.probe_map_status_bytes = object_size(probe["status"])
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mean(delta: Metrics, resource_name: str, verb: str) -> float:
+    labels = {"group": GROUP, "resource": resource_name, "verb": verb}
+    count = delta.total("apiserver_request_body_size_bytes_count", **labels)
+    return delta.total("apiserver_request_body_size_bytes_sum", **labels) / count if count else 0.0
+
+
+def _wait_decided(cluster: Any, job_path: str,
+                  procs: list[tuple[subprocess.Popen[bytes], Path, Path]],
+                  deadline: float) -> dict[str, Any]:
+    while True:
+        phase = job_phase(cluster, job_path)
+        if phase in DECIDED:
+            status: dict[str, Any] = cluster.api("GET", job_path)["status"]
+            return status
+        if all(proc.poll() is not None for proc, _, _ in procs):
+            tail = procs[0][2].read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"every worker exited but the job is {phase}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job not decided in time: {phase}")
+        time.sleep(0.1)
+
+
+def job_phase(cluster: Any, job_path: str) -> str:
+    """The job's phase, as its printer column: polling the whole object ten times a second
+    would cost the API server more than some of what we measure (it holds N inputs)."""
+    table = cluster.api("GET", f"{job_path}?includeObject=None",
+                        accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    names = [c["name"] for c in table["columnDefinitions"]]
+    return str(table["rows"][0]["cells"][names.index("Phase")] or "Pending")
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def table(runs: list[Run]) -> str:
+    """The figures as a Markdown table (the same one goes into benchmarks/README.md)."""
+    base = runs[0]
+    rows: list[tuple[str, Callable[[Run], str]]] = [
+        ("planning: seconds", lambda r: f"{r.plan_seconds:.2f}"),
+        ("planning: ms per task", lambda r: f"{1000 * r.plan_seconds / r.tasks:.2f}"),
+        ("planning: API writes per task",
+         lambda r: f"{(r.plan_posts + r.plan_patches) / r.tasks:.3f}"),
+        ("planning: bytes per task create", lambda r: f"{r.create_body_bytes:.0f}"),
+        ("job: seconds, planned to Succeeded", lambda r: f"{r.job_seconds:.1f}"),
+        ("job: ms per task", lambda r: f"{1000 * r.job_seconds / r.tasks:.2f}"),
+        ("job: marginal ms per task (vs smallest N)",
+         lambda r: "-" if r is base else
+         f"{1000 * (r.job_seconds - base.job_seconds) / (r.tasks - base.tasks):.2f}"),
+        ("workers: task PATCHes per task", lambda r: f"{r.task_patches / r.tasks:.3f}"),
+        ("job PATCHes during the job (workers, operator)", lambda r: f"{r.job_patches:.0f}"),
+        ("workers: client-counted patches per task (stats)",
+         lambda r: f"{r.client('patches') / r.tasks:.3f}" if r.per_worker else "n/a"),
+        ("bytes per task PATCH (server)", lambda r: f"{r.patch_body_bytes:.0f}"),
+        ("server latency per task PATCH, ms", lambda r: f"{r.patch_server_ms:.1f}"),
+        ("bytes per patch (client stats)",
+         lambda r: f"{r.client('patch_bytes') / max(r.client('patches'), 1):.0f}"
+         if r.per_worker else "n/a"),
+        ("lost claim races per task (server 422s)", lambda r: f"{r.lost_races / r.tasks:.4f}"),
+        ("lost races, tasks + job: server 422s / client stats",
+         lambda r: f"{r.lost_races + r.lost_job_races:.0f} / "
+         + (f"{r.client('lost_races'):.0f}" if r.per_worker else "n/a")),
+        ("largest map task object, bytes", lambda r: f"{r.max_map_bytes or 'n/a'}"),
+        ("largest map task .status, bytes", lambda r: f"{r.map_status_bytes or 'n/a'}"),
+        (f"map task {PROBE_INDEX}: object / .status bytes",
+         lambda r: f"{r.probe_map_bytes} / {r.probe_map_status_bytes}"
+         if r.probe_map_bytes else "n/a"),
+        ("largest reduce task object, bytes", lambda r: f"{r.max_reduce_bytes or 'n/a'}"),
+        ("MapReduceJob object at the end, bytes", lambda r: f"{r.job_bytes}"),
+        ("watch events per worker per task",
+         lambda r: f"{r.client('watch_events') / r.workers / r.tasks:.2f}"
+         if r.per_worker else "n/a"),
+        ("watch MiB per worker (events x server bytes per event)",
+         lambda r: f"{r.worker_watch_bytes() / 2**20:.1f}" if r.per_worker else "n/a"),
+        ("other watchers of MapReduceTasks (controller-manager)",
+         lambda r: f"{r.other_watchers}"),
+        ("server: MapReduceTask watch events sent per task (all watchers)",
+         lambda r: f"{r.watch_events_server / r.tasks:.2f}"),
+        ("server: MapReduceTask watch bytes sent per event",
+         lambda r: f"{r.watch_bytes_server / max(r.watch_events_server, 1):.0f}"),
+        ("server: MapReduceJob watch events sent (all watchers)",
+         lambda r: f"{r.job_watch_events:.0f}"),
+        ("server: MapReduceJob watch MiB sent (all watchers)",
+         lambda r: f"{r.job_watch_bytes / 2**20:.1f}"),
+        ("CPU ms per task: workers (sum)", lambda r: f"{1000 * r.workers_cpu / r.tasks:.2f}"),
+        *((f"CPU ms per task: {name}",
+           (lambda r, name=name: f"{1000 * r.server_cpu.get(name, 0.0) / r.tasks:.2f}"))
+          for name in ("apiserver", "etcd", "controller-manager", "operator")
+          if any(name in r.server_cpu for r in runs)),
+    ]
+    lines = ["| N map tasks | " + " | ".join(f"{r.tasks:,}" for r in runs) + " |",
+             "|---|" + "---:|" * len(runs)]
+    lines += [f"| {label} | " + " | ".join(fmt(r) for r in runs) + " |" for label, fmt in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:  # one worker process (internal; see worker_main)
+        child = argparse.ArgumentParser(prog="coordination.py _worker")
+        child.add_argument("--out", type=Path, required=True)
+        child.add_argument("--profile", type=Path)
+        options = child.parse_args(argv[1:])
+        return worker_main(options.out, options.profile)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tasks", default="10,1000,10000",
+                        help="comma-separated map task counts (default 10,1000,10000)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--reducers", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
+    parser.add_argument(
+        "--mode", choices=("direct", "plain", "operator"), default="direct",
+        help="direct: plan here, run counting workers (default); plain: the same with the "
+             "`kubemr worker` script (no per-worker counts); operator: POST the job to a "
+             "`kubemr operator` process, worker pods run by the FakeKubelet (tasks are "
+             "deleted on success, so no per-task checks or sizes)")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of each worker here")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    from kubemr_async.testing.cluster import TestCluster
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    counts = [int(n) for n in args.tasks.split(",")]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(TestCluster())
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kubemr-coord-"))
+        async def install() -> None:
+            api = await api_client(str(cluster.kubeconfig_path))
+            try:
+                await ensure_crds(api)
+            finally:
+                await api.close()
+
+        asyncio.run(install())
+        # The first custom resources after a CRD is installed cost the API server ~2 s of
+        # one-time set-up; plan one throwaway job so that no figure includes it.
+        cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": "bench-warmup"}})
+        asyncio.run(plan_job(cluster.kubeconfig_path, "bench-warmup", "warmup", ["x"], 1))
+        server = Server(cluster)
+        if args.mode == "operator":
+            from kubemr_async.testing.kubelet import FakeKubelet
+
+            stack.enter_context(FakeKubelet(cluster.kubeconfig_path, log_dir=Path(tmp) / "pods",
+                                            extra_env={"PYTHONPATH": str(ROOT)}))
+        # The controller-manager (garbage collector, quota) follows every resource type
+        # with one cluster-wide watch, set up some 30 s after a CRD appears. A real cluster
+        # always has it, so every N is measured with it in place.
+        deadline = time.monotonic() + 120
+        while server.metrics().total("apiserver_longrunning_requests", verb="WATCH",
+                                     resource="mapreducetasks") < 1:
+            if time.monotonic() > deadline:
+                say("warning: the controller-manager never watched MapReduceTasks")
+                break
+            time.sleep(1.0)
+        for count in counts:
+            say(f"N={count}: {args.workers} workers, {args.reducers} reducer(s); load average "
+                f"{os.getloadavg()[0]:.1f}")
+            runs.append(run_job(cluster, server, count, args.workers, args.reducers, Path(tmp),
+                                mode=args.mode, profile=args.profile,
+                                timeout=args.timeout, say=say))
+    print(table(runs))
+    # Other processes' load skews absolute times on a small shared machine: say how busy.
+    print(f"\nload average at the end (1/5/15 min): "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
+    limit_ok = all(max(r.max_map_bytes, r.max_reduce_bytes, r.job_bytes) < ETCD_LIMIT / 4
+                   for r in runs)
+    flat = args.mode == "operator" or len({r.probe_map_status_bytes for r in runs}) == 1
+    print(f"\nobjects far below etcd's 1.5 MiB: {limit_ok}; map task record size flat in N: "
+          f"{flat}")
+    return 0 if limit_ok and flat else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
