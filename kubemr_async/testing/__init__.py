@@ -12,9 +12,11 @@ every submodule does, for the helpers below) stays cheap.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import http.client
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from kubemr_async.testing.cluster import TestCluster
@@ -145,6 +147,35 @@ class ServerProcesses:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+
+
+class ServerGroup:
+    """What a running test server (the cluster, the S3 server) owns: its processes and a
+    temp dir. Subclasses set both in ``start()``; ``stop()`` and the context manager are
+    shared, and ``stop()`` is registered with atexit so no server outlives its tests."""
+
+    def __init__(self) -> None:
+        self._tmp: Path | None = None
+        self._procs: ServerProcesses | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the processes (newest first) and delete the temp dir. Idempotent."""
+        atexit.unregister(self.stop)
+        if self._procs is not None:
+            self._procs.stop()
+            self._procs = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def wait_for_interrupt() -> None:

@@ -24,7 +24,6 @@ import importlib.util
 import ipaddress
 import json
 import secrets
-import shutil
 import ssl
 import subprocess
 import tempfile
@@ -38,6 +37,7 @@ import yaml
 
 from kubemr_async.testing import (
     REPO_ROOT,
+    ServerGroup,
     ServerProcesses,
     TestEnvError,
     free_port,
@@ -395,7 +395,7 @@ def _self_signed_openssl(
     )
 
 
-class TestCluster:
+class TestCluster(ServerGroup):
     """etcd + kube-apiserver + kube-controller-manager on loopback, in a temp dir.
 
     Use as a context manager or call ``start()``/``stop()``. After start: ``server`` is the
@@ -408,8 +408,7 @@ class TestCluster:
     def __init__(self, bin_dir: Path | None = None) -> None:
         """``bin_dir`` defaults to what ``hack/ensure-k8s-binaries.sh`` provides."""
         self._bin_dir = bin_dir
-        self._tmp: Path | None = None
-        self._procs: ServerProcesses | None = None
+        super().__init__()
         self.admin_token = ""
         self.etcd_url = ""
         self.server = ""
@@ -534,22 +533,6 @@ class TestCluster:
                 self._request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
             ),
         )
-
-    def stop(self) -> None:
-        """Stop all processes (newest first) and delete the temp dir. Idempotent."""
-        atexit.unregister(self.stop)
-        if self._procs is not None:
-            self._procs.stop()
-            self._procs = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # ---------------------------------------------------------------------- API access
 

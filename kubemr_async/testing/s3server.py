@@ -11,7 +11,6 @@ Run ``python -m kubemr_async.testing.s3server`` to get one to poke at by hand.
 from __future__ import annotations
 
 import atexit
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Self
 
 from kubemr_async.testing import (
+    ServerGroup,
     ServerProcesses,
     TestEnvError,
     free_port,
@@ -27,7 +27,7 @@ from kubemr_async.testing import (
 )
 
 
-class S3Server:
+class S3Server(ServerGroup):
     """An S3 server process with its own temp storage; ``start()``/``stop()`` or ``with``.
 
     Clients should use ``endpoint_url``, ``access_key``, ``secret_key`` and ``region``, and
@@ -49,8 +49,7 @@ class S3Server:
         self.region = region
         self.endpoint_url = ""
         self.kind = ""
-        self._tmp: Path | None = None
-        self._procs: ServerProcesses | None = None
+        super().__init__()
 
     @property
     def root(self) -> Path:
@@ -113,23 +112,6 @@ class S3Server:
             return True  # an S3 error document (e.g. 403 for anonymous) means it is up
         except urllib.error.URLError:
             return False
-
-    def stop(self) -> None:
-        """Stop the server and delete its data. Idempotent."""
-        atexit.unregister(self.stop)
-        if self._procs is not None:
-            self._procs.stop()
-            self._procs = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
 
 def main() -> None:
     """Start a server, print how to reach it and keep it up until Ctrl-C/SIGTERM."""
