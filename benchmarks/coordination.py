@@ -357,12 +357,7 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
     asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers))
     run.plan_seconds = time.monotonic() - started
     planned = server.metrics()
-    delta = planned - before
-    run.plan_posts = delta.total("apiserver_request_total", group=GROUP, verb="POST",
-                                 resource=("mapreducetasks", "mapreducejobs"))
-    run.plan_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
-                                   resource=("mapreducetasks", "mapreducejobs"))
-    run.create_body_bytes = _mean(delta, "mapreducetasks", "create")
+    _record_planning(run, planned - before)
     say(f"  planned {count} maps + {reducers} reduces in {run.plan_seconds:.1f}s")
 
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path), "KUBEMR_JOB": name,
@@ -483,12 +478,7 @@ def run_through_operator(cluster: Any, server: Server, run: Run, namespace: str,
             time.sleep(0.05)
         run.plan_seconds = time.monotonic() - started
         planned = server.metrics()
-        delta = planned - before
-        run.plan_posts = delta.total("apiserver_request_total", group=GROUP, verb="POST",
-                                     resource=("mapreducetasks", "mapreducejobs"))
-        run.plan_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
-                                       resource=("mapreducetasks", "mapreducejobs"))
-        run.create_body_bytes = _mean(delta, "mapreducetasks", "create")
+        _record_planning(run, planned - before)
         run.other_watchers = int(planned.total("apiserver_longrunning_requests", verb="WATCH",
                                                resource="mapreducetasks"))
         say(f"  the operator planned {run.tasks} maps + {run.reducers} reduces in "
@@ -557,6 +547,15 @@ def check_and_measure(server: Server, run: Run, status: Mapping[str, Any], names
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _record_planning(run: Run, delta: Metrics) -> None:
+    """Planning's API writes and create sizes, from the server's metrics delta."""
+    run.plan_posts = delta.total("apiserver_request_total", group=GROUP, verb="POST",
+                                 resource=("mapreducetasks", "mapreducejobs"))
+    run.plan_patches = delta.total("apiserver_request_total", group=GROUP, verb="PATCH",
+                                   resource=("mapreducetasks", "mapreducejobs"))
+    run.create_body_bytes = _mean(delta, "mapreducetasks", "create")
 
 
 def _mean(delta: Metrics, resource_name: str, verb: str) -> float:

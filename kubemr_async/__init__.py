@@ -6,7 +6,7 @@ The public API is small: a :class:`Job` with ``async def`` callbacks (or the low
 """
 
 from .api import Job, JobWorker, TaskContext
-from .errors import JobFailed, KubemrError, PermanentTaskError, TaskError, UsageError
+from .errors import JobFailed, KubemrError, PermanentTaskError, UsageError
 from .shuffle import partition_for
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "KubemrError",
     "PermanentTaskError",
     "TaskContext",
-    "TaskError",
     "UsageError",
     "partition_for",
 ]

@@ -19,17 +19,6 @@ class JobDefinitionError(UsageError):
     """A job module that cannot be loaded or defines no usable job."""
 
 
-class TaskError(KubemrError):
-    """A task attempt failed; names the job, task and attempt so the status says where."""
-
-    def __init__(self, job: str, task: str, attempt: int, message: str) -> None:
-        super().__init__(f"job {job}: task {task} attempt {attempt}: {message}")
-        self.job = job
-        self.task = task
-        self.attempt = attempt
-        self.message = message
-
-
 class PermanentTaskError(KubemrError):
     """Raised inside a task when retrying cannot help (e.g. a key that cannot be serialised).
 

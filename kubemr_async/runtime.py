@@ -58,10 +58,6 @@ class UserLoop:
         self._thread.join(timeout=1.0)
 
 
-class LeaseLost(Exception):
-    """Another worker took the task over; this attempt's results must be thrown away."""
-
-
 class Worker:
     """Runs tasks of one job until the job is decided, deleted, or the worker is stopped."""
 
