@@ -1,11 +1,13 @@
-"""The user's face of kubemr-async: a :class:`Job` with ``async def`` callbacks.
+"""The user's face of kubemr-async: a :class:`Job` with ``async def`` (or plain) callbacks.
 
 Two ways to write a job:
 
 * key/value (most users): decorate ``map`` (emits ``(key, value)`` pairs), optionally
   ``combine``, and ``reduce``; the framework partitions, shuffles, sorts and writes
   ``key<TAB>value`` lines. ``sum``/``count``/``min``/``max`` are built in and run
-  vectorized on both sides of the shuffle.
+  vectorized on both sides of the shuffle. Callbacks may be ``async def`` or plain
+  ``def``, each either returning or yielding; plain functions run on the user thread.
+  A job without a reducer is map-only (run with ``reducers`` 0).
 * low level (the seed's interface, full control): subclass :class:`JobWorker` with
   ``map(task_id, input) -> {partition: output string}`` and
   ``reduce(partition, inputs) -> output string``; inputs and outputs are plain strings whose
@@ -22,7 +24,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +37,11 @@ Builtin = shuffle.Combiner
 BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
 MapInput = Literal["text", "bytes", "name"]
 
-MapFn = Callable[[Any, "TaskContext"], Awaitable[None] | AsyncIterator[tuple[Any, Any]]]
-ReduceFn = Callable[[Any, list[Any], "TaskContext"], Awaitable[Any] | AsyncIterator[Any]]
+# Callbacks may be ``async def`` (plain or generators) or plain ``def`` (plain or generators).
+MapFn = Callable[[Any, "TaskContext"], Awaitable[None] | AsyncIterator[tuple[Any, Any]]
+                 | Iterator[tuple[Any, Any]] | None]
+ReduceFn = Callable[[Any, list[Any], "TaskContext"], Awaitable[Any] | AsyncIterator[Any]
+                    | Iterator[Any] | Any]
 
 
 @dataclass
@@ -111,7 +116,7 @@ class Job:
         self.reducer: Builtin | ReduceFn | None = None
 
     def map(self, fn: MapFn | None = None, *, input: MapInput = "text") -> Any:
-        """Register the map callback: ``async def fn(input, ctx)``.
+        """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``).
 
         ``input`` chooses what the callback receives per input split: ``"text"`` (str,
         undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the input
@@ -142,11 +147,18 @@ class Job:
         self.reducer = _builtin_or_callable("reduce", fn)
         return fn
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, reducers: int | None = None) -> None:
+        """Refuse a job that cannot run with ``reducers`` partitions (None: not known yet).
+
+        A job without a reducer is a map-only job: it runs only with ``reducers`` 0, where
+        each map's output is a result part (a reducer, if defined, is then not used).
+        """
         if self.map_fn is None:
             raise JobDefinitionError(f"{where}: the job has no map callback (use @job.map)")
-        if self.reducer is None:
-            raise JobDefinitionError(f"{where}: the job has no reducer (use job.reduce(...))")
+        if self.reducer is None and reducers:
+            raise JobDefinitionError(
+                f"{where}: the job has no reducer; add job.reduce(...) or run it map-only "
+                "with --reducers 0 (reducers: 0 in the job spec)")
 
     @property
     def map_side_combiner(self) -> Builtin | ReduceFn | None:
@@ -187,20 +199,29 @@ def _builtin_or_callable(role: str, fn: Any) -> Any:
 
 
 async def call_user(fn: Callable[..., Any], *args: Any) -> list[Any]:
-    """Await a callback that returns a value, returns an awaitable, or is an async generator."""
+    """Call a callback written any supported way and collect what it produced.
+
+    ``async def`` returning a value or an awaitable, an async generator, a plain ``def``
+    returning a value, or a generator function: the caller is already on the user thread
+    (see runtime.UserLoop), so plain functions run there and block nothing but user code.
+    Returns the yielded items, or ``[value]`` for a non-None return value.
+    """
     result = fn(*args)
     if inspect.isasyncgen(result):
         return [item async for item in result]
     if inspect.isawaitable(result):
         result = await result
+    if inspect.isgenerator(result):
+        return list(result)
     return [] if result is None else [result]
 
 
-def load_job(ref: str) -> AnyJob:
+def load_job(ref: str, reducers: int | None = None) -> AnyJob:
     """Import a job module (a ``.py`` path, or ``package.module`` with an optional ``:attr``).
 
     Raises JobDefinitionError with a one-line reason: missing file, import failure, no job,
-    or several jobs without ``:attr`` to choose.
+    several jobs without ``:attr`` to choose, or a job that cannot run with ``reducers``
+    partitions (when given).
     """
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     module: Any
@@ -229,7 +250,7 @@ def load_job(ref: str) -> AnyJob:
         found = getattr(module, attr, None)
         if not isinstance(found, Job | JobWorker):
             raise JobDefinitionError(f"{ref}: {attr} is not a kubemr_async Job or JobWorker")
-        return _checked(found, ref)
+        return _checked(found, ref, reducers)
     jobs: Sequence[AnyJob] = [v for v in vars(module).values() if isinstance(v, Job | JobWorker)]
     if not jobs:
         raise JobDefinitionError(
@@ -237,10 +258,13 @@ def load_job(ref: str) -> AnyJob:
             "or JobWorker instance)")
     if len(jobs) > 1:
         raise JobDefinitionError(f"job module {ref} defines several jobs; name one as {ref}:NAME")
-    return _checked(jobs[0], ref)
+    return _checked(jobs[0], ref, reducers)
 
 
-def _checked(job: AnyJob, ref: str) -> AnyJob:
+def _checked(job: AnyJob, ref: str, reducers: int | None) -> AnyJob:
     if isinstance(job, Job):
-        job.check(ref)
+        job.check(ref, reducers)
+    elif reducers == 0:
+        raise JobDefinitionError(
+            f"{ref}: a JobWorker job partitions its own output and needs at least one reducer")
     return job

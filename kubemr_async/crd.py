@@ -91,8 +91,9 @@ def _job_spec_schema() -> dict[str, Any]:
                              minLength=1),
             "workers": _int(1, MAX_WORKERS, default=DEFAULT_WORKERS,
                             doc="Worker pods to run in parallel."),
-            "reducers": _int(1, MAX_REDUCERS, default=1,
-                             doc="Reduce partitions, i.e. output parts."),
+            "reducers": _int(0, MAX_REDUCERS, default=1,
+                             doc="Reduce partitions, i.e. output parts; 0 runs a map-only "
+                                 "job whose maps' outputs are the result parts."),
             "inputs": {
                 "type": "array",
                 "description": "Input URLs (s3://bucket/key or prefixes); split into maps.",

@@ -7,6 +7,7 @@ starve heartbeats. Built-in reducers never call into per-record Python.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 from . import shuffle
@@ -41,10 +42,14 @@ async def run_map(job: Job, data: bytes, ctx: TaskContext) -> dict[int, bytes]:
     """Map one split: user map, map-side combine, partition; returns encoded non-empty runs."""
     assert job.map_fn is not None
     pairs = await call_user(job.map_fn, _map_argument(job, data, ctx), ctx)
+    returned = inspect.isfunction(job.map_fn) and not (
+        inspect.isgeneratorfunction(job.map_fn) or inspect.isasyncgenfunction(job.map_fn))
     for item in pairs:
         if not (isinstance(item, tuple) and len(item) == 2):
+            how = (f"returned a {type(item).__name__}" if returned
+                   else f"yielded a {type(item).__name__}: {item!r:.80}")
             raise PermanentTaskError(
-                f"map must yield (key, value) tuples, got {type(item).__name__}: {item!r:.80}")
+                f"map must yield (key, value) tuples or call ctx.emit; it {how}")
         ctx.emit(*item)
     table = ctx._emitted()
     combiner = job.map_side_combiner

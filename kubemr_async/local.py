@@ -71,7 +71,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     started = time.monotonic()
-    output, job, job_ref = await asyncio.to_thread(_prepare, output, overwrite, job_ref)
+    output, job, job_ref = await asyncio.to_thread(_prepare, output, overwrite, job_ref,
+                                                  reducers)
     name = job_name_for(job_ref, job.name)
     spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
                    max_attempts=max_attempts, lease_seconds=lease_seconds,
@@ -102,11 +103,12 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _prepare(output: Path, overwrite: bool, job_ref: str) -> tuple[Path, AnyJob, str]:
+def _prepare(output: Path, overwrite: bool, job_ref: str,
+             reducers: int) -> tuple[Path, AnyJob, str]:
     """Checks that need no worker: the output is free and the job module loads."""
     output = output.resolve()
     check_output(output, overwrite)
-    job = load_job(job_ref)  # fail fast, before any process starts
+    job = load_job(job_ref, reducers)  # fail fast, before any process starts
     if job_ref.endswith(".py"):  # workers may run from another directory
         job_ref = str(Path(job_ref).resolve())
     return output, job, job_ref
@@ -228,7 +230,7 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
     try:
         records, _ = await store.snapshot(job_name)
         spec = JobSpec.from_dict(job_name, records[protocol.JOB_KEY].body["spec"])
-        worker = Worker(job_name, load_job(spec.job), store, FileBlobStore(blobs), worker_id)
+        worker = Worker(job_name, load_job(spec.job, spec.reducers), store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         await worker.run()

@@ -50,7 +50,7 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
         spec = JobSpec.from_dict(job_name, job_record["spec"])
         context = {"job": job_name, "worker": worker_id}
         try:
-            job = load_job(spec.job)
+            job = load_job(spec.job, spec.reducers)
         except JobDefinitionError as exc:
             # Every pod of this image would fail the same way: decide the job instead of
             # letting pods crash until the Job's backoff limit runs out.

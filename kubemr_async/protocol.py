@@ -388,12 +388,16 @@ class JobView:
                      "message": failed["error"]}
             return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.FAILED.value,
                                                 error=error)))
-        if self.reduce_total and (self._count(TaskKind.REDUCE, TaskState.COMMITTED)
-                                  == self.reduce_total):
+        if self.reduce_total == 0 and self.maps_committed:
+            # A map-only job: each map's committed output is a result part, in map order.
+            results = [t["outputs"] for t in self.maps]
+        elif self.reduce_total and (self._count(TaskKind.REDUCE, TaskState.COMMITTED)
+                                    == self.reduce_total):
             results = [t["outputs"] for t in self.reduces]
-            return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
-                                                results=results)))
-        return None
+        else:
+            return None
+        return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
+                                            results=results)))
 
 
 def abort(job: Mapping[str, Any], phase: JobPhase, reason: str) -> Update:

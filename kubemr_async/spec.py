@@ -84,8 +84,9 @@ def validate(spec: JobSpec) -> None:
         raise UsageError("job: a job module is required")
     if not spec.inputs:
         raise UsageError("inputs: at least one input is required")
-    if not 1 <= spec.reducers <= MAX_REDUCERS:
-        raise UsageError(f"reducers must be between 1 and {MAX_REDUCERS}, got {spec.reducers}")
+    if not 0 <= spec.reducers <= MAX_REDUCERS:
+        raise UsageError(f"reducers must be between 0 (map-only) and {MAX_REDUCERS}, "
+                         f"got {spec.reducers}")
     if spec.max_attempts < 1:
         raise UsageError(f"maxAttempts must be at least 1, got {spec.max_attempts}")
     if spec.lease_seconds <= 0:

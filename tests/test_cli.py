@@ -269,7 +269,7 @@ def test_manifest_from_stdin_watch_and_submit_errors(cli: Cli) -> None:
     assert "does not match --namespace" in one_line_error(
         cli("submit", "-", stdin=yaml.safe_dump(elsewhere)), 2)
     invalid = {**manifest, "metadata": {"generateName": "bad-"},
-               "spec": {**manifest["spec"], "reducers": 0}}
+               "spec": {**manifest["spec"], "reducers": -1}}
     error = one_line_error(cli("submit", "-", stdin=yaml.safe_dump(invalid)), 2)
     assert error.startswith("invalid MapReduceJob bad-*: ") and "spec.reducers" in error
 
@@ -471,7 +471,7 @@ def test_bad_input_fails_with_one_line_and_exit_2(tmp_path: Path, args: list[str
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--workers", "0"], "--workers must be between 1 and 1000, got 0"),
-    (["--reducers", "100000"], "reducers must be between 1 and 10000, got 100000"),
+    (["--reducers", "100000"], "reducers must be between 0 (map-only) and 10000, got 100000"),
     (["--max-attempts", "0"], "maxAttempts must be at least 1, got 0"),
     (["--max-attempts", "101"], "--max-attempts must be at most 100, got 101"),
     (["--lease-seconds", "0.5"], "--lease-seconds must be at least 1, got 0.5"),
@@ -550,7 +550,7 @@ def test_manifest_from_flags() -> None:
     )["metadata"] == {"generateName": "my-job-"}
     with pytest.raises(UsageError, match="reducers must be between"):
         jobs.build_manifest(jobs.SubmitOptions(image="i", job="j", inputs=["x"],
-                                               output="s3://bkt/o", reducers=0))
+                                               output="s3://bkt/o", reducers=-1))
 
 
 def test_load_manifest_and_its_namespace() -> None:

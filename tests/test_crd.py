@@ -103,7 +103,7 @@ INVALID_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("zero workers", _set("workers", 0), "spec.workers"),
     ("too many workers", _set("workers", 1001), "spec.workers"),
     ("workers not a number", _set("workers", "two"), "spec.workers"),
-    ("zero reducers", _set("reducers", 0), "spec.reducers"),
+    ("negative reducers", _set("reducers", -1), "spec.reducers"),
     ("too many reducers", _set("reducers", MAX_REDUCERS + 1), "spec.reducers"),
     ("missing inputs", _drop("inputs"), "spec.inputs: Required value"),
     ("empty inputs", _set("inputs", []), "spec.inputs"),

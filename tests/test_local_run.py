@@ -161,7 +161,7 @@ def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
     (["--input", "{tmp}/missing.txt"], "input {tmp}/missing.txt does not exist"),
     (["--input", "{tmp}/*.nomatch"], "matches no files"),
     (["--workers", "0"], "--workers"),
-    (["--reducers", "0"], "--reducers"),
+    (["--reducers", "-1"], "--reducers"),
     (["--chunk-size", "0"], "--chunk-size"),
     (["--chunk-size", "lots"], "invalid size"),
     (["--max-attempts", "0"], "--max-attempts"),

@@ -292,3 +292,25 @@ def test_incremental_view_matches_a_view_built_from_scratch(
         assert len(picked) >= min(2, len(fresh.claimable(now)))
     assert incremental.next_lease_expiry() == fresh.next_lease_expiry()
     assert incremental.verdict() == fresh.verdict()
+
+
+def test_map_only_job_succeeds_with_map_outputs_in_map_order() -> None:
+    spec = JobSpec(name="mo", job="mo.py", inputs=("a",), reducers=0)
+    records = {protocol.JOB_KEY: protocol.new_job(spec)}
+    records.update(protocol.plan(spec, [(f"in-{i}", (0, 10)) for i in range(3)]))
+    assert not any(key.startswith("reduce-") for key in records)
+    started = protocol.start_job(records[protocol.JOB_KEY], 3)
+    records[protocol.JOB_KEY] = apply_patch(records[protocol.JOB_KEY], started.ops)
+    for key in ["map-00002", "map-00000"]:
+        body = write(records, protocol.claim(records[key], "w", 0.0, 10.0, 3))
+        assert body is not None and write(records, protocol.commit(body, "w", f"out-{key}"))
+    assert JobView(records).verdict() is None, "one map is still pending"
+    body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
+    assert body is not None and write(records, protocol.commit(body, "w", "out-map-00001"))
+    view = JobView(records)
+    assert view.claimable(0.0) == []
+    verdict = view.verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == JobPhase.SUCCEEDED
+    assert job["results"] == ["out-map-00000", "out-map-00001", "out-map-00002"]
