@@ -60,7 +60,9 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
         bucket, key = split_s3(spec.output)
         blobs = S3BlobStore.from_env(bucket)
         try:
-            prefix = f"{key.strip('/')}/{job_name}".lstrip("/")
+            # The namespace is part of the prefix: jobs of the same name in two namespaces
+            # (two tenants) sharing an output location never see or delete each other's data.
+            prefix = f"{key.strip('/')}/{namespace}/{job_name}".lstrip("/")
             worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix)
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
             phase = await worker.run()

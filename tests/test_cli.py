@@ -221,7 +221,8 @@ def test_submit_yaml_wait_then_status_list_and_results(cli: Cli, kube_cluster: T
     urls = ok(cli("results", name)).splitlines()
     assert urls == status["results"]
     for partition, url in enumerate(urls):
-        assert url.startswith(f"s3://{BUCKET}/results/{name}/output/part-{partition:05d}.")
+        assert url.startswith(
+            f"s3://{BUCKET}/results/{cli.namespace}/{name}/output/part-{partition:05d}.")
     cat = cli.raw("results", name, "--cat")
     assert cat.returncode == 0, cat.stderr
     parts = [s3.get_object(Bucket=BUCKET, Key=url.removeprefix(f"s3://{BUCKET}/"))["Body"].read()

@@ -99,7 +99,7 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
     status = wait_for_completion(kube_cluster, kube_namespace, name)
     results = status["results"]
     assert len(results) == 2
-    prefix = f"s3://{BUCKET}/results/{name}/output/"
+    prefix = f"s3://{BUCKET}/results/{kube_namespace}/{name}/output/"
     for partition, url in enumerate(results):  # ordered by partition
         assert url.startswith(f"{prefix}part-{partition:05d}."), url
     counts: Counter[bytes] = Counter()
@@ -111,7 +111,7 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
         key = url[len(f"s3://{BUCKET}/"):]
         lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
     assert sorted(lines) == expected, "result objects equal the reference byte for byte"
-    leftover = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"results/{name}/map/")
+    leftover = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"results/{kube_namespace}/{name}/map/")
     assert leftover.get("KeyCount", 0) == 0, "intermediate runs are cleaned up"
     assert (status["mapsDone"], status["maps"]) == (3, 3)
     assert (status["reducesDone"], status["reduces"]) == (2, 2)
