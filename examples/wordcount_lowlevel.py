@@ -6,7 +6,11 @@ objects every map wrote for its partition and returns the URL of its result. Inp
 outputs are just strings; :meth:`TaskContext.output_url` gives each attempt its own place
 to write, so a retried or zombie attempt never clobbers a committed one.
 
-    kubemr run examples/wordcount_lowlevel.py --input examples/data/*.txt --output /tmp/wc-ll
+An input that names a directory, a file or a (quoted) glob becomes one map per data file,
+given as an absolute path; ``_`` and ``.`` files are skipped, as for key/value jobs:
+
+    kubemr run examples/wordcount_lowlevel.py --input examples/data --output /tmp/wc-ll
+    kubemr run examples/wordcount_lowlevel.py --input 'examples/data/*.txt' --output /tmp/wc-ll
 """
 
 from collections import Counter

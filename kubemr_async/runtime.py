@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from . import execute, protocol, shuffle
 from .api import AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
-from .inputs import read_split
+from .inputs import read_task_input
 from .protocol import Body, JobPhase, JobView, TaskKind, TaskState
 from .spec import JobSpec
 from .state.base import StateStore
@@ -274,13 +274,12 @@ class Worker:
         return {str(r): k for r, k in keys.items()}
 
     async def _read_input(self, body: Body) -> bytes:
-        """The task's split (or, for unsplit inputs, the whole object)."""
+        """The task's split (or, for unsplit inputs, the whole object), decompressed."""
         source, key = self._stores.open(body["input"])
+        byte_range = body["range"]
         async with self._io:
-            if body["range"] is None:
-                return await source.get(key)
-            start, end = body["range"]
-            return await read_split(source, key, start, end, await source.size(key))
+            return await read_task_input(source, key, None if byte_range is None
+                                         else (int(byte_range[0]), int(byte_range[1])))
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:

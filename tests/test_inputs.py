@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
+import os
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubemr_async.errors import UsageError
-from kubemr_async.inputs import expand_inputs, expand_local, plan_splits, read_split
+from kubemr_async.errors import PermanentTaskError, UsageError
+from kubemr_async.inputs import (
+    expand_inputs,
+    expand_local,
+    plan_inputs,
+    plan_splits,
+    read_split,
+    read_task_input,
+)
+from kubemr_async.spec import JobSpec
 from kubemr_async.storage.fs import FileBlobStore
 
 
@@ -29,11 +39,15 @@ def test_expand_paths_directories_and_globs(tmp_path: Path) -> None:
     (None, "missing.txt", "does not exist"),
     (None, "*.nothing", "matches no files"),
     ("emptydir", "emptydir", "contains no files"),
+    ("emptydir/_SUCCESS", "emptydir", "contains no data files \\(names starting with _ or"),
+    ("emptydir/_x", "emptydir/*", "matches no data files \\(names starting with _ or"),
 ])
 def test_bad_inputs_name_the_problem(tmp_path: Path, setup: str | None, pattern: str,
                                      message: str) -> None:
     if setup:
-        (tmp_path / setup).mkdir()
+        (tmp_path / setup.split("/")[0]).mkdir()
+        if "/" in setup:
+            (tmp_path / setup).write_text("hidden\n")
     with pytest.raises(UsageError, match=message):
         expand_local(str(tmp_path / pattern))
 
@@ -57,6 +71,82 @@ def test_unreadable_input_is_rejected(tmp_path: Path) -> None:
 def test_plan_splits_cuts_by_chunk_size() -> None:
     splits = plan_splits([("a", 10), ("b", 0), ("c", 4)], 4)
     assert splits == [("a", (0, 4)), ("a", (4, 8)), ("a", (8, 10)), ("b", (0, 0)), ("c", (0, 4))]
+
+
+def test_a_compressed_object_is_one_split_whatever_its_size() -> None:
+    splits = plan_splits([("a.gz", 10), ("s3://b/c.ZST", 9), ("d.bz2", 3), ("e.xz", 0)], 4)
+    assert splits == [("a.gz", (0, 10)), ("s3://b/c.ZST", (0, 9)), ("d.bz2", (0, 3)),
+                      ("e.xz", (0, 0))]
+
+
+def test_hidden_files_are_skipped_below_directories_and_in_globs(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    for name in ["a.txt", "_SUCCESS", ".a.txt.crc", "_logs/x.txt", "sub/_tmp/y.txt",
+                 "sub/.cache/z.txt", "sub/b.txt", "sub/_c.txt"]:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text("w\n")
+    assert [p for p, _ in expand_local(str(d))] == [str(d / "a.txt"), str(d / "sub/b.txt")]
+    assert [p for p, _ in expand_local(str(d / "*"))] == [str(d / "a.txt")]
+    assert [p for p, _ in expand_local(str(d / "sub/*.txt"))] == [str(d / "sub/b.txt")]
+    assert [p for p, _ in expand_local(str(d / "**/*.txt"))] == [
+        str(d / "_logs/x.txt"), str(d / "a.txt"), str(d / "sub/_tmp/y.txt"),
+        str(d / "sub/b.txt")], "a glob judges only each file's own name"
+    # Named explicitly, a hidden file is read: the user asked for it.
+    assert [p for p, _ in expand_local(str(d / "_SUCCESS"))] == [str(d / "_SUCCESS")]
+    # Hidden components *above* the named directory do not hide anything.
+    assert len(expand_local(str(d / "_logs"))) == 1
+
+
+@pytest.mark.anyio
+async def test_a_local_file_that_is_not_its_codec_fails_planning(tmp_path: Path) -> None:
+    good = gzip.compress(b"a\n")
+    (tmp_path / "good.gz").write_bytes(good)
+    (tmp_path / "bad.gz").write_bytes(b"plain text, not gzip\n")
+    spec = JobSpec(name="j", job="j.py", inputs=(str(tmp_path / "good.gz"),))
+    assert await plan_inputs(spec) == [(str(tmp_path / "good.gz"), (0, len(good)))]
+    bad = JobSpec(name="j", job="j.py", inputs=(str(tmp_path),))
+    with pytest.raises(UsageError, match=f"^input {tmp_path}/bad.gz is not valid gzip data: "
+                                         "it does not start with the gzip magic bytes"):
+        await plan_inputs(bad)
+
+
+@pytest.mark.anyio
+async def test_read_task_input_decompresses_and_reports_bad_data(tmp_path: Path) -> None:
+    text = b"".join(b"word %d\n" % i for i in range(20000))
+    packed = gzip.compress(text[:50000]) + gzip.compress(text[50000:])
+    (tmp_path / "in.gz").write_bytes(packed)
+    (tmp_path / "cut.gz").write_bytes(packed[:-20])
+    (tmp_path / "in.txt").write_bytes(text)
+    store = FileBlobStore(tmp_path)
+    assert await read_task_input(store, "in.gz", (0, len(packed))) == text
+    assert await read_task_input(store, "in.gz", None) == text
+    assert await read_task_input(store, "in.txt", None) == text
+    assert await read_task_input(store, "in.txt", (0, 10)) == b"word 0\nword 1\n"
+    with pytest.raises(PermanentTaskError, match=f"^input {tmp_path}/cut.gz is not valid gzip "
+                                                 "data: the file is truncated"):
+        await read_task_input(store, "cut.gz", (0, len(packed) - 20))
+    with pytest.raises(PermanentTaskError, match="cannot be read from offset 10"):
+        await read_task_input(store, "in.gz", (10, 20))
+
+
+@pytest.mark.anyio
+async def test_unsplit_inputs_expand_files_and_pass_other_strings_verbatim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ["b.txt", "a.txt.gz", "_SUCCESS", ".swp"]:
+        (d / name).write_bytes(b"x\n")
+    monkeypatch.chdir(tmp_path)
+    spec = JobSpec(name="j", job="j.py", split_inputs=False, inputs=(
+        "data", "data/*.txt", "data/_SUCCESS", "user-42", "https://example.com/x",
+        "missing/*.txt", "missing.txt"))
+    absolute = [str(d / "a.txt.gz"), str(d / "b.txt"), str(d / "b.txt"), str(d / "_SUCCESS")]
+    assert await plan_inputs(spec) == [
+        (text, None) for text in [*absolute, "user-42", "https://example.com/x",
+                                  "missing/*.txt", "missing.txt"]]
+    os.chdir(d)  # relative to wherever the planner runs, resolved to absolute paths
+    spec = JobSpec(name="j", job="j.py", split_inputs=False, inputs=("b.txt",))
+    assert await plan_inputs(spec) == [(str(d / "b.txt"), None)]
 
 
 @pytest.mark.anyio

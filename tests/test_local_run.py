@@ -42,8 +42,8 @@ def output_lines(out: Path) -> list[bytes]:
 def test_examples_match_an_independent_reference(tmp_path: Path, example: str,
                                                  extra: list[str]) -> None:
     out = tmp_path / "out"
-    # Key/value jobs expand a directory; the low-level interface takes input strings
-    # verbatim, so it gets one file path per input (as a shell glob would give).
+    # The low-level job gets one file path per input (as an unquoted shell glob gives);
+    # directories and quoted globs for it are tested in test_input_formats.py.
     inputs = (["--input", str(DATA)] if example == "wordcount.py"
               else [arg for path in sorted(DATA.iterdir()) for arg in ("--input", str(path))])
     result = kubemr("run", str(ROOT / "examples" / example), *inputs, "--output", str(out),

@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from kubemr_async.errors import UsageError
-from kubemr_async.inputs import expand_inputs, plan_splits, read_split
+from kubemr_async.errors import PermanentTaskError, UsageError
+from kubemr_async.inputs import expand_inputs, plan_splits, read_split, read_task_input
 from kubemr_async.storage.base import BlobNotFound
 from kubemr_async.storage.s3 import MiB, S3BlobStore, S3Config, S3Error, expand_s3
 from kubemr_async.storage.urls import open_url
@@ -521,6 +521,38 @@ async def test_expand_s3_names_the_problem(inputs_bucket: Bucket, s3_env: None, 
     with pytest.raises(UsageError, match=message) as info:
         await expand_s3(pattern.format(bucket=f"s3://{inputs_bucket.name}"))
     assert "\n" not in str(info.value)
+
+
+@real_s3
+async def test_s3_hidden_objects_are_skipped_and_compressed_ones_read_whole(
+        bucket: Bucket, s3_env: None) -> None:
+    import gzip
+
+    text = b"".join(b"word %d\n" % i for i in range(5000))
+    packed = gzip.compress(text[:100]) + gzip.compress(text[100:])  # two members
+    store = bucket.store()
+    objects = {"run/part-00000.gz": packed, "run/part-00001": b"plain\n",
+               "run/_SUCCESS": b'{"parts": []}', "run/.part-00000.crc": b"crc",
+               "run/_temporary/0/part-9": b"partial", "run/sub/.hidden/x": b"x",
+               "run/cut.gz": packed[:-10], "only-hidden/_SUCCESS": b"{}"}
+    await asyncio.gather(*(store.put(k, v) for k, v in objects.items()))
+    data = [(bucket.url("run/cut.gz"), len(packed) - 10),
+            (bucket.url("run/part-00000.gz"), len(packed)), (bucket.url("run/part-00001"), 6)]
+    assert await expand_s3(bucket.url("run/")) == data
+    assert await expand_s3(bucket.url("run")) == data
+    assert await expand_s3(bucket.url("run/*")) == data
+    assert await expand_s3(bucket.url("run/_SUCCESS")) == [(bucket.url("run/_SUCCESS"), 13)]
+    with pytest.raises(UsageError, match="contains no data objects \\(names starting with _"):
+        await expand_s3(bucket.url("only-hidden/"))
+    with pytest.raises(UsageError, match="matches no data objects"):
+        await expand_s3(bucket.url("run/_*"))
+    # The compressed object is one split, decompressed whole; a truncated one is an error.
+    assert plan_splits(data, 1024)[:2] == [(data[0][0], (0, data[0][1])),
+                                           (data[1][0], (0, len(packed)))]
+    assert await read_task_input(store, "run/part-00000.gz", (0, len(packed))) == text
+    with pytest.raises(PermanentTaskError, match=f"^input s3://{bucket.name}/run/cut.gz is "
+                                                 "not valid gzip data: the file is truncated"):
+        await read_task_input(store, "run/cut.gz", (0, len(packed) - 10))
 
 
 @real_s3

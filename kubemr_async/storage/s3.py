@@ -510,16 +510,21 @@ def _glob_match(pattern: str, key: str) -> bool:
     return len(parts) in reach
 
 
+def _hidden(name: str) -> bool:
+    """Hadoop's rule, as for local inputs: a name starting with ``_`` or ``.`` is not data."""
+    return name.startswith(("_", "."))
+
+
 def _visible(key: str, size: int, prefix: str) -> bool:
     """Whether a listed object is an input, like a file in a local input directory.
 
     Zero-byte ``name/`` objects are folder markers that consoles create; keys with a
-    hidden segment below the prefix (``.staging/x``, ``.tmp``) are skipped as local
-    directory inputs skip hidden files.
+    hidden segment below the prefix (``.staging/x``, ``_SUCCESS``, ``_temporary/x``) are
+    skipped as local directory inputs skip hidden files.
     """
     if key.endswith("/") and size == 0:
         return False
-    return not any(part.startswith(".") for part in key[len(prefix):].split("/"))
+    return not any(_hidden(part) for part in key[len(prefix):].split("/"))
 
 
 async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[str, int]]:
@@ -527,8 +532,10 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
 
     ``s3://bucket/key`` is one object (or, if absent, the prefix ``key/``);
     ``s3://bucket/prefix/`` is every object below it; a key with ``*?[`` is a glob matched
-    per path segment. Anything that names nothing is a UsageError with a one-line reason,
-    raised before a job starts.
+    per path segment. Objects whose name below a prefix (or, for a glob, whose own last
+    segment) starts with ``_`` or ``.`` are skipped, as for local inputs; an object named
+    exactly is read whatever its name. Anything that names nothing is a UsageError with a
+    one-line reason, raised before a job starts.
     """
     from .urls import split_s3
 
@@ -553,24 +560,35 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
 
 
 async def _expand(store: S3BlobStore, pattern: str, key: str) -> list[tuple[str, int]]:
+    hidden_note = "names starting with _ or . are skipped"
     if _GLOB_CHARS & set(key):
         literal = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)]
-        found = [(k, n) for k, n in await store._list_sized(literal)
-                 if not (k.endswith("/") and n == 0) and _glob_match(key, k)]
-        if not found:
+        matched = [(k, n) for k, n in await store._list_sized(literal)
+                   if not (k.endswith("/") and n == 0) and _glob_match(key, k)]
+        if not matched:
             raise UsageError(f"input glob {pattern!r} matches no objects")
-    elif key == "" or key.endswith("/"):
-        found = [(k, n) for k, n in await store._list_sized(key) if _visible(k, n, key)]
+        found = [(k, n) for k, n in matched if not _hidden(k.rsplit("/", 1)[-1])]
         if not found:
+            raise UsageError(f"input glob {pattern!r} matches no data objects ({hidden_note})")
+    elif key == "" or key.endswith("/"):
+        listed = await store._list_sized(key)
+        found = [(k, n) for k, n in listed if _visible(k, n, key)]
+        if not found:
+            if any(not (k.endswith("/") and n == 0) for k, n in listed):
+                raise UsageError(f"input prefix {pattern} contains no data objects "
+                                 f"({hidden_note})")
             await _check_bucket(store, pattern)
             raise UsageError(f"input prefix {pattern} contains no objects")
     else:
         try:
             found = [(key, await store.size(key))]
         except BlobNotFound:
-            found = [(k, n) for k, n in await store._list_sized(key + "/")
-                     if _visible(k, n, key + "/")]
+            listed = await store._list_sized(key + "/")
+            found = [(k, n) for k, n in listed if _visible(k, n, key + "/")]
             if not found:
+                if any(not (k.endswith("/") and n == 0) for k, n in listed):
+                    raise UsageError(f"input prefix {pattern}/ contains no data objects "
+                                     f"({hidden_note})") from None
                 raise UsageError(f"input {pattern} does not exist") from None
     return [(store.url(k), n) for k, n in found]
 
