@@ -122,7 +122,8 @@ def _job_spec_schema() -> dict[str, Any]:
             "splitInputs": {
                 "type": "boolean",
                 "description": "Cut inputs into line-aligned chunks of chunkSize (key/value "
-                               "jobs); false hands each input string to one map verbatim.",
+                               "jobs); false gives one map per input file (prefixes and "
+                               "globs expanded) or per other input string, verbatim.",
                 "default": True,
             },
             "ttlSecondsAfterFinished": _int(

@@ -230,7 +230,8 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
     try:
         records, _ = await store.snapshot(job_name)
         spec = JobSpec.from_dict(job_name, records[protocol.JOB_KEY].body["spec"])
-        worker = Worker(job_name, load_job(spec.job, spec.reducers), store, FileBlobStore(blobs), worker_id)
+        job = load_job(spec.job, spec.reducers)
+        worker = Worker(job_name, job, store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         await worker.run()

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from . import execute, protocol, shuffle
@@ -297,8 +298,16 @@ class _Holder:
         self.lock = asyncio.Lock()
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
 def _describe(exc: BaseException) -> str:
-    """One line: the exception and where in user code it came from (last frame)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """One line: the exception and the last place in the *user's* code it passed through.
+
+    Frames inside kubemr_async itself would only point at the framework (an input that
+    fails to decompress is about the file, not about a line of ours), so they are skipped.
+    """
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_PACKAGE_DIR)]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
