@@ -39,11 +39,13 @@ import orjson
 
 from . import logs, protocol
 from .api import AnyJob, Job, load_job
-from .errors import Interrupted, JobFailed, PermanentTaskError, UsageError
+from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .inputs import Split, plan_inputs
 from .outdir import (
+    LOCK_STALE_SECONDS,
     LOGS_DIR,
     SUCCESS_MARKER,
+    OutputLock,
     OutputState,
     check_output,
     hidden_path,
@@ -146,14 +148,14 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
     output.parent.mkdir(parents=True, exist_ok=True)
-    with locked(output):
+    with locked(output) as lock:
         remove_stale(output)  # what a SIGKILLed run into this output left behind
         expected = check_output(output, overwrite, input_paths)
         work = hidden_path(output, "work")
         work.mkdir()
         try:
-            return await _run_in(work, spec, splits, job, output, expected, workers, progress,
-                                 verbose, inline, started)
+            return await _run_in(work, spec, splits, job, output, (lock, expected), workers,
+                                 progress, verbose, inline, started)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -177,8 +179,8 @@ def _local_paths(inputs: Sequence[str], splits: list[Split]) -> set[Path]:
 
 
 async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, output: Path,
-                  expected: OutputState, workers: int, progress: bool, verbose: bool, inline: bool,
-                  started: float) -> LocalRunResult:
+                  held: tuple[OutputLock, OutputState], workers: int, progress: bool,
+                  verbose: bool, inline: bool, started: float) -> LocalRunResult:
     name = spec.name
     router = _LogRouter(verbose)
     store = SQLiteStateStore(work / "state.db")
@@ -203,7 +205,7 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
         raise JobFailed(_failure(name, view, workers, router, kept))
     assert view.job is not None
     parts = _publish(view.job["results"], work, output, name, spec.job,
-                     time.monotonic() - started, expected)
+                     time.monotonic() - started, held)
     return LocalRunResult(output, name, parts, time.monotonic() - started)
 
 
@@ -432,8 +434,9 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
 
 
 def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: str,
-             seconds: float, expected: OutputState) -> list[Path]:
-    """Move result files (and the workers' logs) into a staging directory, then swap it in."""
+             seconds: float, held: tuple[OutputLock, OutputState]) -> list[Path]:
+    """Move result files (and the workers' logs) into a staging directory, then swap it in
+    (only while this run still holds the output's lock, over what was checked at start)."""
     staging = work / "publish"
     staging.mkdir()
     blobs = (work / "blobs").resolve()
@@ -449,6 +452,10 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
     manifest = {"job": name, "module": job_ref, "results": results,
                 "parts": [p.name for p in parts], "seconds": round(seconds, 3)}
     (staging / SUCCESS_MARKER).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    lock, expected = held
+    if not lock.held():
+        raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "
+                         f"{LOCK_STALE_SECONDS:.0f} s); nothing was replaced")
     replace_output(staging, output, expected)
     return parts
 
