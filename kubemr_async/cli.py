@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from .crd import DEFAULT_WORKERS
-from .errors import JobFailed, KubemrError, UsageError
-from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, parse_size
+from .errors import Interrupted, JobFailed, KubemrError, UsageError
+from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, DEFAULT_REDUCERS, parse_size
 
 if TYPE_CHECKING:
     from .jobs import JobClient
@@ -60,6 +60,8 @@ def _guard(fn: Callable[[], T]) -> T:
     """Turn our exceptions into the one-line error contract."""
     try:
         return fn()
+    except Interrupted as exc:
+        _fail(str(exc), 128 + exc.signum)
     except UsageError as exc:
         _fail(str(exc), 2)
     except JobFailed as exc:
@@ -70,10 +72,10 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail("interrupted", 130)
 
 
-def _positive(name: str) -> Callable[[int], int]:
+def _at_least(name: str, minimum: int) -> Callable[[int], int]:
     def check(value: int) -> int:
-        if value < 1:
-            raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+        if value < minimum:
+            raise typer.BadParameter(f"must be at least {minimum}, got {value}", param_hint=name)
         return value
 
     return check
@@ -100,41 +102,71 @@ def _args(values: list[str]) -> dict[str, str]:
     return parsed
 
 
+def _workers(value: int) -> int:
+    if value < 0:
+        raise typer.BadParameter(f"must be at least 0 (0 runs --inline), got {value}",
+                                 param_hint="--workers")
+    return value
+
+
 @app.command()
 def run(
     job: Annotated[str, typer.Argument(help="Job module: a .py file or package.module[:attr].")],
-    input: Annotated[list[str], typer.Option("--input", "-i",
-                     help="Input file, directory or glob (repeatable).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the results.")],
-    workers: Annotated[int, typer.Option(callback=_positive("--workers"),
-                       help="Worker processes.")] = 2,
-    reducers: Annotated[int, typer.Option(callback=_positive("--reducers"),
-                        help="Reduce partitions (output files).")] = 2,
+    inputs: Annotated[list[str] | None, typer.Argument(
+        metavar="[INPUT]...", show_default=False,
+        help="More inputs, so an unquoted shell glob after --input works.")] = None,
+    input: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="Input file, directory or glob (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="Directory for the results (new, empty, or an earlier result with "
+                         "--overwrite).", show_default=False)] = None,
+    workers: Annotated[int, typer.Option(callback=_workers,
+                       help="Worker processes (0: --inline).")] = 2,
+    reducers: Annotated[int, typer.Option(callback=_at_least("--reducers", 0),
+                        help="Reduce partitions (output files); 0 runs map-only.")]
+    = DEFAULT_REDUCERS,
     chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
     = "64MiB",
-    max_attempts: Annotated[int, typer.Option(callback=_positive("--max-attempts"),
+    max_attempts: Annotated[int, typer.Option(callback=_at_least("--max-attempts", 1),
                             help="Attempts per task before the job fails.")]
     = DEFAULT_MAX_ATTEMPTS,
     lease_seconds: Annotated[float, typer.Option(
         help="A task whose worker stops renewing for this long is re-run.")]
     = DEFAULT_LEASE_SECONDS,
-    overwrite: Annotated[bool, typer.Option(help="Replace an output directory with results.")]
-    = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an earlier kubemr result in the output directory (never anything "
+             "else).")] = False,
     arg: Annotated[list[str] | None, typer.Option("--arg", help="KEY=VALUE passed to ctx.args.")]
     = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    inline: Annotated[bool, typer.Option(
+        help="Run the whole job in this process, callbacks on the main thread: for "
+             "breakpoint() and profilers.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Also show kubemr's own (JSON) logs.")] = False,
 ) -> None:
-    """Run a job on this machine with N worker processes; no cluster needed."""
+    """Run a job on this machine with N worker processes; no cluster needed.
+
+    What callbacks print is shown on stderr as it happens, prefixed with the worker and
+    task; each worker's full log is kept under DIR/_logs on success, and under
+    $KUBEMR_LOG_DIR (default ~/.local/state/kubemr/runs) on failure.
+    """
     from .local import run_local
 
     size = _size(chunk_size)
     if lease_seconds <= 0:
         raise typer.BadParameter(f"must be positive, got {lease_seconds}",
                                  param_hint="--lease-seconds")
+    every_input = [*(input or []), *(inputs or [])]
+    if not every_input:
+        _fail("missing inputs: give --input PATH (repeatable)", 2)
+    if output is None:
+        _fail("missing --output DIR", 2)
     result = _guard(lambda: asyncio.run(run_local(
-        job, input, output, workers=workers, reducers=reducers, chunk_size=size,
+        job, every_input, output, workers=workers, reducers=reducers, chunk_size=size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
-        args=_args(arg or []), progress=progress and sys.stderr.isatty())))
+        args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
+        verbose=verbose, inline=inline)))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
@@ -280,7 +312,8 @@ def submit(
         "--output", help="Where results go: s3://bucket/prefix.")] = None,
     workers: Annotated[int, typer.Option(help="Worker pods running in parallel.")]
     = DEFAULT_WORKERS,
-    reducers: Annotated[int, typer.Option(help="Reduce partitions (result objects).")] = 1,
+    reducers: Annotated[int, typer.Option(help="Reduce partitions (result objects).")]
+    = DEFAULT_REDUCERS,
     max_attempts: Annotated[int, typer.Option(help="Attempts per task before the job fails.")]
     = DEFAULT_MAX_ATTEMPTS,
     chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
@@ -498,6 +531,21 @@ def retry(
 def version() -> None:
     """Print the kubemr-async version."""
     typer.echo(package_version("kubemr-async"))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(package_version("kubemr-async"))
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print the kubemr-async version and exit.")] = False,
+) -> None:
+    """Kubernetes-native, masterless MapReduce for Python."""
 
 
 def main() -> None:

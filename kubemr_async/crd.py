@@ -25,7 +25,13 @@ from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
 from .errors import KubemrError
 from .protocol import JobPhase, TaskKind, TaskState
-from .spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, MAX_REDUCERS
+from .spec import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_REDUCERS,
+    MAX_REDUCERS,
+)
 
 GROUP = "kubemr.io"
 VERSION = "v1alpha1"
@@ -91,7 +97,7 @@ def _job_spec_schema() -> dict[str, Any]:
                              minLength=1),
             "workers": _int(1, MAX_WORKERS, default=DEFAULT_WORKERS,
                             doc="Worker pods to run in parallel."),
-            "reducers": _int(0, MAX_REDUCERS, default=1,
+            "reducers": _int(0, MAX_REDUCERS, default=DEFAULT_REDUCERS,
                              doc="Reduce partitions, i.e. output parts; 0 runs a map-only "
                                  "job whose maps' outputs are the result parts."),
             "inputs": {

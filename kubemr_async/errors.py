@@ -28,3 +28,15 @@ class PermanentTaskError(KubemrError):
 
 class JobFailed(KubemrError):
     """The job reached the Failed (or Cancelled) phase; the message is the stamped reason."""
+
+
+class OutputBusy(KubemrError):
+    """Another `kubemr run` holds the output's lock."""
+
+
+class Interrupted(KubemrError):
+    """The run was stopped by a signal (SIGINT, SIGTERM) after cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__("interrupted")
+        self.signum = signum

@@ -60,7 +60,13 @@ from .crd import (
 from .errors import JobFailed, KubemrError, UsageError
 from .kube import KubeApiError, api_client, api_error, status_message
 from .protocol import JOB_KEY, Body, JobPhase, JobView, Progress, TaskState
-from .spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, JobSpec
+from .spec import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_REDUCERS,
+    JobSpec,
+)
 from .state.base import JobNotFound, Record
 from .state.kube import KubeStateStore
 from .storage.base import BlobNotFound, BlobStore
@@ -563,7 +569,7 @@ class SubmitOptions:
     name: str | None = None
     generate_name: str | None = None
     workers: int = DEFAULT_WORKERS
-    reducers: int = 1
+    reducers: int = DEFAULT_REDUCERS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     args: Mapping[str, str] | None = None
     split_inputs: bool = True

@@ -2,9 +2,17 @@
 
 The parent plans the job into an SQLite store, starts N worker *processes* (the same
 runtime a pod runs, coordinating only through the store), draws progress from a watch on
-that store, and publishes the results only once the job has Succeeded: results are moved
-into a temporary directory next to the output and renamed into place, so a reader never
-sees a partial output directory presented as complete.
+that store, and publishes the results only once the job has Succeeded: results are staged
+in a hidden directory next to the output and renamed into place, so a reader never sees a
+partial output directory presented as complete. What may be replaced, and the lock that
+keeps two runs off one output, live in :mod:`kubemr_async.outdir`.
+
+Workers' stdout and stderr come back through a pipe: every line goes to the worker's log
+file, and what user code printed is shown on stderr prefixed with the worker and task
+(framework logs only with ``--verbose``). Workers die with the parent: PR_SET_PDEATHSIG
+on Linux and, everywhere, EOF on a stdin pipe whose write end only the parent holds.
+``--inline`` runs the same runtime in this process, user code on the main thread, so
+``breakpoint()`` and profilers work.
 """
 
 from __future__ import annotations
@@ -12,31 +20,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import logging
 import os
 import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import orjson
 
 from . import logs, protocol
 from .api import AnyJob, Job, load_job
-from .errors import JobFailed, UsageError
-from .inputs import plan_inputs
+from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
+from .inputs import Split, plan_inputs
+from .outdir import (
+    LOCK_STALE_SECONDS,
+    LOGS_DIR,
+    SUCCESS_MARKER,
+    OutputLock,
+    OutputState,
+    check_output,
+    hidden_path,
+    locked,
+    remove_stale,
+    replace_output,
+)
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .spec import JobSpec
+from .spec import DEFAULT_REDUCERS, JobSpec
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
+from .storage.urls import is_s3
 
-SUCCESS_MARKER = "_SUCCESS"
+__all__ = ["SUCCESS_MARKER", "LocalRunResult", "run_local"]
+
+T = TypeVar("T")
+#: An --inline run may sit in a debugger for as long as the user likes without its single
+#: worker's lease running out (its heartbeats share the blocked loop).
+INLINE_LEASE_SECONDS = 30 * 24 * 3600.0
+#: Failed runs' logs kept under the log directory; older ones are pruned.
+KEEP_FAILED_RUNS = 20
+_RUN_DIR = re.compile(r"[a-z0-9-]+-[0-9a-f]{6}")
+_DRAIN_SECONDS = 5.0
+_LINE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,77 +88,185 @@ def job_name_for(job_ref: str, name: str) -> str:
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists():
-        if not output.is_dir():
-            raise UsageError(f"output {output} exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise UsageError(
-                f"output directory {output} already holds results; pass --overwrite to replace it")
-
-
 async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int = 2,
-                    reducers: int = 1, chunk_size: int, max_attempts: int,
+                    reducers: int = DEFAULT_REDUCERS, chunk_size: int, max_attempts: int,
                     lease_seconds: float, overwrite: bool = False,
-                    args: dict[str, str] | None = None, progress: bool = True) -> LocalRunResult:
-    """Run ``job_ref`` over ``inputs`` and publish results in ``output``; JobFailed on failure."""
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+                    args: dict[str, str] | None = None, progress: bool = True,
+                    verbose: bool = False, inline: bool = False) -> LocalRunResult:
+    """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
+
+    JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
+    SIGTERM. ``workers=0`` means ``inline``.
+    """
+    return await _until_signalled(_run(
+        job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
+        max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
+        args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0))
+
+
+async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; SIGINT/SIGTERM cancel it (so every finally cleans up), then Interrupted."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:  # a second Ctrl-C must not interrupt the cleanup
+            task.cancel()
+        received.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        task.uncancel()
+        raise Interrupted(received[0]) from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
+               reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
+               overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
+               inline: bool) -> LocalRunResult:
+    if workers < 0:
+        raise UsageError(f"--workers must be at least 0 (0 runs --inline), got {workers}")
     started = time.monotonic()
-    output, job, job_ref = await asyncio.to_thread(_prepare, output, overwrite, job_ref,
-                                                  reducers)
+    output, job, job_ref = await asyncio.to_thread(_prepare, output, job_ref, reducers)
     name = job_name_for(job_ref, job.name)
     spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
-                   max_attempts=max_attempts, lease_seconds=lease_seconds,
-                   chunk_size=chunk_size, args=args or {}, split_inputs=isinstance(job, Job))
+                   max_attempts=max_attempts,
+                   lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
+                   else lease_seconds,
+                   chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job))
     splits = await plan_inputs(spec)
-
+    input_paths = _local_paths(inputs, splits)
+    check_output(output, overwrite, input_paths)  # refuse before creating anything
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.kubemr-", dir=output.parent))
+    with locked(output) as lock:
+        remove_stale(output)  # what a SIGKILLed run into this output left behind
+        expected = check_output(output, overwrite, input_paths)
+        work = hidden_path(output, "work")
+        work.mkdir()
+        try:
+            return await _run_in(work, spec, splits, job, output, (lock, expected), workers,
+                                 progress, verbose, inline, started)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare(output: Path, job_ref: str, reducers: int) -> tuple[Path, AnyJob, str]:
+    """Checks that need no worker: the job module loads (fail fast, before any process)."""
+    output = output.resolve()
+    job = load_job(job_ref, reducers)
+    if job_ref.endswith(".py"):  # workers may run from another directory
+        job_ref = str(Path(job_ref).resolve())
+    return output, job, job_ref
+
+
+def _local_paths(inputs: Sequence[str], splits: list[Split]) -> set[Path]:
+    """Resolved local inputs: the arguments that name paths, and every expanded file."""
+    found = {Path(url).resolve() for url, _ in splits if not is_s3(url)
+             and os.path.lexists(url)}
+    found |= {Path(text).resolve() for text in inputs if not is_s3(text)
+              and os.path.lexists(text)}
+    return found
+
+
+async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, output: Path,
+                  held: tuple[OutputLock, OutputState], workers: int, progress: bool,
+                  verbose: bool, inline: bool, started: float) -> LocalRunResult:
+    name = spec.name
+    router = _LogRouter(verbose)
+    store = SQLiteStateStore(work / "state.db")
     try:
-        store = SQLiteStateStore(work / "state.db")
         try:
             await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
             await store.create(name, protocol.plan(spec, splits))
             records, _ = await store.snapshot(name)
             await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].body,
                                                        len(splits)))
-            view = await _supervise(store, name, work, workers, progress)
+            if inline:
+                view = await _run_inline(store, name, job, work, verbose)
+            else:
+                view = await _supervise(store, name, work, workers, progress, router)
         finally:
             await store.aclose()
-        if view.phase != JobPhase.SUCCEEDED:
-            raise JobFailed(f"job {name} {view.phase.value.lower()}: "
-                            f"{protocol.format_error(view.job['error'] if view.job else None)}")
-        assert view.job is not None
-        parts = _publish(view.job["results"], work, output, name, job_ref,
-                         time.monotonic() - started)
-        return LocalRunResult(output, name, parts, time.monotonic() - started)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        _keep_failed_logs(work, name)
+        raise
+    if view.phase != JobPhase.SUCCEEDED:
+        kept = _keep_failed_logs(work, name)
+        raise JobFailed(_failure(name, view, workers, router, kept))
+    assert view.job is not None
+    parts = _publish(view.job["results"], work, output, name, spec.job,
+                     time.monotonic() - started, held)
+    return LocalRunResult(output, name, parts, time.monotonic() - started)
 
 
-def _prepare(output: Path, overwrite: bool, job_ref: str,
-             reducers: int) -> tuple[Path, AnyJob, str]:
-    """Checks that need no worker: the output is free and the job module loads."""
-    output = output.resolve()
-    check_output(output, overwrite)
-    job = load_job(job_ref, reducers)  # fail fast, before any process starts
-    if job_ref.endswith(".py"):  # workers may run from another directory
-        job_ref = str(Path(job_ref).resolve())
-    return output, job, job_ref
+def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
+             kept: Path | None) -> str:
+    """One line: what failed, and the log that holds the failing attempt."""
+    if not view.phase.finished:
+        reason = (f"all {workers} workers exited before the job finished"
+                  f"{': ' + router.last_line if router.last_line else ''}")
+    else:
+        reason = protocol.format_error(view.job["error"] if view.job else None)
+        reason = f"{view.phase.value.lower()}: {reason}"
+    message = f"job {name} {reason}"
+    if kept is None:
+        return message
+    error = (view.job or {}).get("error") or {}
+    index = router.attempts.get((str(error.get("task", "")), int(error.get("attempt") or 0)))
+    log = kept / f"worker-{index}.log" if index is not None else None
+    return f"{message}; log: {log}" if log and log.exists() else f"{message}; logs: {kept}"
+
+
+# --- the worker processes ----------------------------------------------------------------
 
 
 async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
-                     show_progress: bool) -> JobView:
+                     show_progress: bool, router: _LogRouter) -> JobView:
     """Start the workers, follow the job to its verdict, and stop them all either way."""
-    procs = [await _spawn_worker(work, name, i) for i in range(count)]
+    (work / "logs").mkdir()
+    procs: list[asyncio.subprocess.Process] = []
+    bar = ProgressBar() if show_progress else None
+    try:
+        async with asyncio.TaskGroup() as group:
+            pumps = []
+            for index in range(count):
+                proc = await _spawn_worker(work, name, index)
+                procs.append(proc)
+                pumps.append(group.create_task(_pump(proc, index, work, router)))
+            try:
+                view = await _follow(store, name, procs, bar)
+            finally:
+                await _stop_workers(procs)
+                # Pipes close when the workers exit, unless a process they spawned holds one.
+                _, late = await asyncio.wait(pumps, timeout=_DRAIN_SECONDS)
+                for pump in late:
+                    pump.cancel()
+    finally:
+        await _stop_workers(procs)
+        if bar:
+            bar.close()
+    if not view.phase.finished:
+        # Workers may have stamped the verdict an instant before exiting: read it back.
+        records, _ = await store.snapshot(name)
+        view = JobView({key: rec.body for key, rec in records.items()})
+    return view
+
+
+async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subprocess.Process],
+                  bar: ProgressBar | None) -> JobView:
+    """Watch the job until it is decided or every worker has exited."""
     records, revision = await store.snapshot(name)
     view = JobView({key: rec.body for key, rec in records.items()})
-    bar = ProgressBar() if show_progress else None
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupted.set)
 
     async def follow() -> None:
         async for event in store.watch(name, revision):
@@ -137,40 +279,25 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
     async def all_exited() -> None:
         await asyncio.gather(*(p.wait() for p in procs))
 
-    waiters = [asyncio.create_task(c) for c in (follow(), all_exited(), interrupted.wait())]
+    waiters = [asyncio.create_task(follow()), asyncio.create_task(all_exited())]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await _stop_workers(procs)
-        if bar:
-            bar.close()
-    if interrupted.is_set() and not view.phase.finished:
-        raise JobFailed(f"job {name} interrupted")
-    if not view.phase.finished:
-        # Workers may have stamped the verdict an instant before exiting: read it back.
-        records, _ = await store.snapshot(name)
-        view = JobView({key: rec.body for key, rec in records.items()})
-    if not view.phase.finished:
-        codes = ", ".join(str(p.returncode) for p in procs)
-        tail = _log_tail(work)
-        raise JobFailed(f"job {name}: all {count} workers exited (codes {codes}) before the job "
-                        f"finished{': ' + tail if tail else ''}")
+        await asyncio.gather(*waiters, return_exceptions=True)
     return view
 
 
 async def _spawn_worker(work: Path, name: str, index: int) -> asyncio.subprocess.Process:
-    log = await asyncio.to_thread(open, work / f"worker-{index}.log", "wb")
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
-            "--blobs", str(work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
-    finally:
-        log.close()
+    """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # print() lines arrive as they happen
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
+        "--blobs", str(work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
+        "--parent-pid", str(os.getpid()),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT)
 
 
 async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
@@ -187,20 +314,131 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         await asyncio.gather(*(p.wait() for p in procs))
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
 
 
-def _log_tail(work: Path) -> str:
-    for log in sorted(work.glob("worker-*.log")):
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        if lines:
-            return lines[-1][-300:]
-    return ""
+async def _pump(proc: asyncio.subprocess.Process, index: int, work: Path,
+                router: _LogRouter) -> None:
+    """Copy one worker's output into its log file, showing what the user should see."""
+    assert proc.stdout is not None
+    stream = proc.stdout
+    log = await asyncio.to_thread(open, work / "logs" / f"worker-{index}.log", "ab")
+    with log:
+        while True:
+            try:
+                line = await stream.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                line = exc.partial
+            except asyncio.LimitOverrunError as exc:
+                line = await stream.read(exc.consumed)
+            if not line:
+                return
+            log.write(line)
+            log.flush()
+            router.route(index, line)
+
+
+@dataclass
+class _LogRouter:
+    """Decides what a worker's output line shows on stderr, and tracks who ran what."""
+
+    verbose: bool
+    current: dict[int, str] = field(default_factory=dict)
+    attempts: dict[tuple[str, int], int] = field(default_factory=dict)
+    last_line: str = ""
+    out: IO[str] | None = None
+
+    def route(self, index: int, raw: bytes) -> None:
+        text = raw.decode(errors="replace").rstrip("\r\n")
+        if text.strip():
+            self.last_line = text[-300:]
+        entry = _structured(raw)
+        if entry is None:  # print(), sys.stderr, a subprocess: the user's own output
+            self._show(index, self.current.get(index), text)
+            return
+        if logs.is_framework(str(entry["logger"])):
+            self._track(index, entry)
+            if self.verbose:
+                self._show(index, entry.get("task"), text)
+            return
+        message = str(entry.get("msg", ""))
+        level = str(entry.get("level", "info"))
+        if level not in ("info", "debug"):
+            message = f"{level}: {message}"
+        if entry.get("exc"):
+            message += "\n" + str(entry["exc"])
+        for line in message.splitlines() or [""]:
+            self._show(index, entry.get("task") or self.current.get(index), line)
+
+    def _track(self, index: int, entry: dict[str, Any]) -> None:
+        task, msg = entry.get("task"), entry.get("msg")
+        if not isinstance(task, str):
+            return
+        if msg == "claimed":
+            self.current[index] = task
+            self.attempts[(task, int(entry.get("attempt", 0)))] = index
+        elif self.current.get(index) == task and msg != "lease renewal failed; retrying":
+            del self.current[index]  # committed, failed, released or abandoned
+
+    def _show(self, index: int, task: Any, line: str) -> None:
+        prefix = f"[w{index} {task}]" if isinstance(task, str) and task else f"[w{index}]"
+        out = self.out or sys.stderr
+        out.write(f"{prefix} {line}\n")
+        out.flush()
+
+
+def _structured(raw: bytes) -> dict[str, Any] | None:
+    """A JSON log line written by :mod:`kubemr_async.logs`, or None for anything else."""
+    if not raw.startswith(b'{"ts":'):
+        return None
+    try:
+        entry = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("logger"), str):
+        return None
+    return entry
+
+
+def log_root() -> Path:
+    """Where failed runs keep their worker logs: outside the user's data."""
+    configured = os.environ.get("KUBEMR_LOG_DIR")
+    if configured:
+        return Path(configured)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "kubemr" / "runs"
+
+
+def _keep_failed_logs(work: Path, name: str) -> Path | None:
+    """Move a failed run's worker logs to ``log_root()/<job>/``; prune the oldest runs."""
+    source = work / "logs"
+    if not source.is_dir() or not any(source.iterdir()):
+        return None
+    root = log_root()
+    target = root / name
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for log in source.iterdir():
+            shutil.move(str(log), target / log.name)
+        runs = sorted((p for p in root.iterdir() if _RUN_DIR.fullmatch(p.name)
+                       and stat.S_ISDIR(p.lstat().st_mode)),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in runs[KEEP_FAILED_RUNS:]:
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        return None
+    return target
 
 
 def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: str,
-             seconds: float) -> list[Path]:
-    """Move result files into a fresh directory, then rename it over ``output``."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.publish-", dir=output.parent))
+             seconds: float, held: tuple[OutputLock, OutputState]) -> list[Path]:
+    """Move result files (and the workers' logs) into a staging directory, then swap it in
+    (only while this run still holds the output's lock, over what was checked at start)."""
+    staging = work / "publish"
+    staging.mkdir()
     blobs = (work / "blobs").resolve()
     parts = []
     for partition, result in enumerate(results):
@@ -209,18 +447,74 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
             target = staging / f"part-{partition:05d}"
             os.replace(source, target)
             parts.append(output / target.name)
+    if (work / "logs").is_dir():
+        os.replace(work / "logs", staging / LOGS_DIR)
     manifest = {"job": name, "module": job_ref, "results": results,
                 "parts": [p.name for p in parts], "seconds": round(seconds, 3)}
     (staging / SUCCESS_MARKER).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{secrets.token_hex(3)}")
-        output.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    staging.rename(output)
+    lock, expected = held
+    if not lock.held():
+        raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "
+                         f"{LOCK_STALE_SECONDS:.0f} s); nothing was replaced")
+    replace_output(staging, output, expected)
     return parts
 
 
+# --- --inline --------------------------------------------------------------------------
+
+
+async def _run_inline(store: SQLiteStateStore, name: str, job: AnyJob, work: Path,
+                      verbose: bool) -> JobView:
+    """The whole job in this process: one Worker, user callbacks on this thread's loop."""
+    from .runtime import Worker
+
+    logs.setup_console(verbose)
+    worker = Worker(name, job, store, FileBlobStore(work / "blobs"), "inline-0", inline=True)
+    await worker.run()
+    records, _ = await store.snapshot(name)
+    return JobView({key: rec.body for key, rec in records.items()})
+
+
 # --- the worker process ----------------------------------------------------------------
+
+
+def _no_breakpoint(*args: Any, **kwargs: Any) -> None:
+    """sys.breakpointhook in worker processes: there is no terminal to debug on."""
+    raise PermanentTaskError("breakpoint() cannot stop in a worker process; debug the job "
+                             "with `kubemr run --inline` (one process, your terminal)")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM us when the parent dies, then close the race with getppid()."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if parent_pid and os.getppid() != parent_pid:
+        sys.exit(0)  # the parent died before the request took effect
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: Any) -> None:
+    """EOF on stdin (the parent's pipe) means the parent is gone: stop gracefully."""
+    fd = 0
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except OSError:
+        return
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            stop()
+
+    loop.add_reader(fd, readable)
 
 
 async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) -> int:
@@ -234,6 +528,7 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
         worker = Worker(job_name, job, store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
+        _watch_stdin(loop, worker.stop)
         await worker.run()
         return 0
     finally:
@@ -247,8 +542,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blobs", required=True)
     parser.add_argument("--job", required=True)
     parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
     ns = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group; the parent decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(ns.parent_pid)
+    sys.breakpointhook = _no_breakpoint
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
+    logging.captureWarnings(True)
     return asyncio.run(_worker_main(ns.state, ns.blobs, ns.job, ns.worker_id))
 
 

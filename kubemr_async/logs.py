@@ -39,3 +39,36 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def is_framework(logger: str) -> bool:
+    """kubemr's own loggers, as opposed to ``kubemr.user`` (ctx.log) and the user's."""
+    return (logger == "kubemr" or logger.startswith("kubemr.")) and not (
+        logger == "kubemr.user" or logger.startswith("kubemr.user."))
+
+
+class _UserFormatter(logging.Formatter):
+    """ctx.log and the user's own loggers on a terminal: the message, and its level if
+    it is not plain info."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if is_framework(record.name):
+            return JSONFormatter().format(record)
+        text = record.getMessage()
+        if record.levelno != logging.INFO:
+            text = f"{record.levelname.lower()}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_console(verbose: bool) -> None:
+    """Logging for a job run in this process (``--inline``): user logs as plain lines on
+    stderr, framework logs only when ``verbose``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UserFormatter())
+    if not verbose:
+        handler.addFilter(lambda record: not is_framework(record.name))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)

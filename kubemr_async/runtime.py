@@ -59,13 +59,30 @@ class UserLoop:
         self._thread.join(timeout=1.0)
 
 
+class SameLoop:
+    """User callbacks on the caller's own loop and thread (``kubemr run --inline``).
+
+    A debugger (``breakpoint()``) or a profiler sees the callback on the main thread with
+    the terminal's stdin; the price is that a callback blocking the loop also blocks the
+    heartbeats, so an inline run uses a lease far longer than any debugging session.
+    """
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await coro
+
+    def close(self) -> None:
+        pass
+
+
 class Worker:
     """Runs tasks of one job until the job is decided, deleted, or the worker is stopped."""
 
     def __init__(self, job_name: str, job: AnyJob, store: StateStore, blobs: BlobStore,
                  worker_id: str, *, data_prefix: str = "", io_concurrency: int = 16,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, inline: bool = False) -> None:
         self.job_name = job_name
+        # inline: callbacks run on this loop (SameLoop) instead of a UserLoop thread.
+        self.inline = inline
         self.job = job
         self.store = store
         self.blobs = blobs
@@ -99,7 +116,7 @@ class Worker:
         self._view = JobView({key: rec.body for key, rec in records.items()})
         assert self._view.job is not None
         self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
-        self.user = UserLoop()
+        self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
             return await self._claim_loop()
@@ -247,6 +264,10 @@ class Worker:
                           scratch=self.blobs.url(f"{self.prefix}/user/{protocol.task_name(body)}"
                                                  f"/attempt-{body['attempt']}"),
                           stores=self._stores)
+        # ctx.log records say which task and attempt they came from.
+        ctx.log = logging.LoggerAdapter(logging.getLogger("kubemr.user"), {
+            "job": self.job_name, "task": ctx.task, "attempt": ctx.attempt,
+            "worker": self.worker_id})
         index = int(body["index"])
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):

@@ -18,6 +18,8 @@ MIB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64 * MIB
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_SECONDS = 30.0
+#: One default for `kubemr run`, `kubemr submit` and the CRD: one result file per job.
+DEFAULT_REDUCERS = 1
 MAX_REDUCERS = 10_000
 
 # RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
@@ -31,7 +33,7 @@ class JobSpec:
     name: str
     job: str
     inputs: tuple[str, ...]
-    reducers: int = 1
+    reducers: int = DEFAULT_REDUCERS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -63,7 +65,7 @@ class JobSpec:
             name=name,
             job=str(data.get("job", "")),
             inputs=tuple(str(i) for i in data.get("inputs", ())),
-            reducers=int(data.get("reducers", 1)),
+            reducers=int(data.get("reducers", DEFAULT_REDUCERS)),
             max_attempts=int(data.get("maxAttempts", DEFAULT_MAX_ATTEMPTS)),
             lease_seconds=float(data.get("leaseSeconds", DEFAULT_LEASE_SECONDS)),
             chunk_size=int(data.get("chunkSize", DEFAULT_CHUNK_SIZE)),

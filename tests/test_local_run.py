@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -15,9 +16,19 @@ KUBEMR = str(Path(sys.executable).parent / "kubemr")
 DATA = ROOT / "examples" / "data"
 
 
-def kubemr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(autouse=True)
+def _failed_run_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Failed runs keep their logs here, not in the home directory."""
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    monkeypatch.setenv("KUBEMR_LOG_DIR", str(logs))
+    return logs
+
+
+def kubemr(*args: str, cwd: Path | None = None, stdin: str | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    assert "KUBEMR_LOG_DIR" in os.environ
     return subprocess.run([KUBEMR, *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          input=stdin, timeout=300)
 
 
 def reference_lines(files: list[Path]) -> list[bytes]:
@@ -61,7 +72,7 @@ def test_examples_match_an_independent_reference(tmp_path: Path, example: str,
 def test_key_value_outputs_are_sorted_within_each_partition(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA),
-                    "-o", str(out), "--reducers", "2")
+                    "--output", str(out), "--reducers", "2")
     assert result.returncode == 0, result.stderr
     for part in out.glob("part-*"):
         words = [line.split(b"\t")[0] for line in part.read_bytes().splitlines()]
@@ -71,7 +82,7 @@ def test_key_value_outputs_are_sorted_within_each_partition(tmp_path: Path) -> N
 def test_non_utf8_bytes_and_case_are_kept(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i",
-                    str(DATA / "mixed-bytes.txt"), "-o", str(out))
+                    str(DATA / "mixed-bytes.txt"), "--output", str(out))
     assert result.returncode == 0, result.stderr
     lines = output_lines(out)
     assert b"caf\xe9\t100" in lines and b"CAF\xc3\x89\t50" in lines and b"caf\xc3\xa9\t50" in lines
@@ -127,7 +138,7 @@ def test_callback_errors_are_retried_then_fail_the_job_naming_the_task(tmp_path:
     data = tmp_path / "in.txt"
     data.write_text("fine words\npoison here\n")
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, JOB_RAISES)), "-i", str(data), "-o",
+    result = kubemr("run", str(write_job(tmp_path, JOB_RAISES)), "-i", str(data), "--output",
                     str(out), "--max-attempts", "2")
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
@@ -139,7 +150,7 @@ def test_callback_errors_are_retried_then_fail_the_job_naming_the_task(tmp_path:
 def test_non_serialisable_key_fails_at_once_with_the_type(tmp_path: Path) -> None:
     data = tmp_path / "in.txt"
     data.write_text("x\n")
-    result = kubemr("run", str(write_job(tmp_path, JOB_BAD_KEY)), "-i", str(data), "-o",
+    result = kubemr("run", str(write_job(tmp_path, JOB_BAD_KEY)), "-i", str(data), "--output",
                     str(tmp_path / "out"), "--max-attempts", "5")
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
@@ -151,7 +162,7 @@ def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
     data = tmp_path / "in.txt"
     data.write_text("a bb cc ddd a\n")
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, JOB_USER_REDUCE)), "-i", str(data), "-o",
+    result = kubemr("run", str(write_job(tmp_path, JOB_USER_REDUCE)), "-i", str(data), "--output",
                     str(out), "--reducers", "1")
     assert result.returncode == 0, result.stderr
     assert (out / "part-00000").read_bytes() == b"1\ta\n2\tbb,cc\n3\tddd\n"
@@ -160,7 +171,7 @@ def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--input", "{tmp}/missing.txt"], "input {tmp}/missing.txt does not exist"),
     (["--input", "{tmp}/*.nomatch"], "matches no files"),
-    (["--workers", "0"], "--workers"),
+    (["--workers", "-1"], "--workers"),
     (["--reducers", "-1"], "--reducers"),
     (["--chunk-size", "0"], "--chunk-size"),
     (["--chunk-size", "lots"], "invalid size"),
@@ -170,7 +181,7 @@ def test_bad_flags_and_inputs_fail_with_one_clear_line(tmp_path: Path, args: lis
                                                        message: str) -> None:
     data = tmp_path / "in.txt"
     data.write_text("a\n")
-    argv = ["run", str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "out")]
+    argv = ["run", str(ROOT / "examples" / "wordcount.py"), "--output", str(tmp_path / "out")]
     if "--input" not in args:
         argv += ["--input", str(data)]
     result = kubemr(*argv, *[a.format(tmp=tmp_path) for a in args])
@@ -190,29 +201,34 @@ def test_bad_job_modules(tmp_path: Path, source: str | None, message: str) -> No
     module = tmp_path / "job.py" if source is None else write_job(tmp_path, source)
     data = tmp_path / "in.txt"
     data.write_text("a\n")
-    result = kubemr("run", str(module), "-i", str(data), "-o", str(tmp_path / "out"))
+    result = kubemr("run", str(module), "-i", str(data), "--output", str(tmp_path / "out"))
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
+def test_existing_result_is_refused_unless_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "part-00000").write_text("old results\n")
     argv = ["run", str(ROOT / "examples" / "wordcount.py"), "-i",
-            str(DATA / "kubemr-story.txt"), "-o", str(out)]
+            str(DATA / "kubemr-story.txt"), "--output", str(out)]
+    first = kubemr(*argv)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     refused = kubemr(*argv)
     assert refused.returncode == 2
-    assert "already holds results; pass --overwrite" in refused.stderr
-    assert (out / "part-00000").read_text() == "old results\n"
-    replaced = kubemr(*argv, "--overwrite", "--reducers", "1")
+    assert "already holds results of an earlier kubemr run; pass --overwrite" in refused.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    replaced = kubemr(*argv, "--overwrite", "--reducers", "2")
     assert replaced.returncode == 0, replaced.stderr
     assert output_lines(out) == reference_lines([DATA / "kubemr-story.txt"])
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_logs", "part-00000",
+                                                     "part-00001"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["run", "--bogus"], "No such option: --bogus"),
-    (["run", "job.py", "-i", "x", "-o", "y", "--workers", "zero"], "Invalid value for '--workers'"),
+    (["run", "job.py", "-i", "x", "--output", "y", "--workers", "zero"],
+     "Invalid value for '--workers'"),
+    (["run", "job.py", "-i", "x", "-o", "y"], "No such option: -o"),
     (["status"], "Missing argument 'NAME'"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])

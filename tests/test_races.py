@@ -21,7 +21,13 @@ from kubemr_async.protocol import JobPhase, JobView
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.sqlite import SQLiteStateStore
 
-from .test_local_run import kubemr, output_lines, reference_lines, write_job
+from .test_local_run import (  # noqa: F401 - the fixture keeps failed runs' logs in tmp
+    _failed_run_logs,
+    kubemr,
+    output_lines,
+    reference_lines,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +69,7 @@ def attempts(log: Path) -> Counter[tuple[str, int]]:
 def test_concurrent_worker_processes_commit_every_task_exactly_once(tmp_path: Path) -> None:
     log = tmp_path / "attempts.log"
     inputs = [f"item-{i:04d}" for i in range(300)]
-    argv = ["run", str(write_job(tmp_path, JOB_MANY_TASKS)), "-o", str(tmp_path / "out"),
+    argv = ["run", str(write_job(tmp_path, JOB_MANY_TASKS)), "--output", str(tmp_path / "out"),
             "--workers", "6", "--reducers", "3", "--arg", f"log={log}"]
     for item in inputs:
         argv += ["-i", item]
@@ -106,7 +112,7 @@ def test_sigkilled_worker_task_is_rerun_after_its_lease_expires(tmp_path: Path) 
     (data / "c.txt").write_bytes(b"beta beta\n")
     log = tmp_path / "attempts.log"
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, JOB_KILLED)), "-i", str(data), "-o",
+    result = kubemr("run", str(write_job(tmp_path, JOB_KILLED)), "-i", str(data), "--output",
                     str(out), "--workers", "2", "--reducers", "2", "--lease-seconds", "1.5",
                     "--arg", f"log={log}")
     assert result.returncode == 0, result.stderr
@@ -144,7 +150,7 @@ def test_heartbeats_keep_the_lease_while_user_code_hogs_the_cpu(tmp_path: Path) 
     (data / "b.txt").write_text("quick words\n")
     log = tmp_path / "attempts.log"
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, JOB_CPU_BOUND)), "-i", str(data), "-o",
+    result = kubemr("run", str(write_job(tmp_path, JOB_CPU_BOUND)), "-i", str(data), "--output",
                     str(out), "--workers", "2", "--lease-seconds", "1",
                     "--arg", f"log={log}", "--arg", "lease=1")
     assert result.returncode == 0, result.stderr
