@@ -79,8 +79,21 @@ def _hidden_pattern(output: Path) -> re.Pattern[str]:
 
 
 def remove_stale(output: Path) -> list[Path]:
-    """Remove what an earlier run into ``output`` left behind (call only holding the lock)."""
+    """Remove what an earlier run into ``output`` left behind (call only holding the lock).
+
+    A run killed between moving the previous result aside and renaming its own into place
+    leaves no ``output`` and an ``old`` directory: that is the user's earlier result, so it
+    is put back first, never deleted.
+    """
     pattern = _hidden_pattern(output)
+    if not os.path.lexists(output):
+        old = re.compile(rf"\.{re.escape(output.name)}\.kubemr-old-[0-9a-f]{{12}}")
+        for candidate in sorted(output.parent.iterdir()):
+            if old.fullmatch(candidate.name) and candidate.is_dir():
+                with contextlib.suppress(UsageError):
+                    if inspect_output(candidate, output).is_result:
+                        candidate.rename(output)
+                        break
     removed = []
     with os.scandir(output.parent) as entries:
         for entry in entries:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kubemr_async.outdir import remove_stale
+
 from .test_local_run import (  # noqa: F401 - the fixture keeps failed runs' logs in tmp
     DATA,
     KUBEMR,
@@ -399,3 +401,17 @@ def test_version_flag() -> None:
     flag, command = kubemr("--version"), kubemr("version")
     assert flag.returncode == 0 and command.returncode == 0
     assert flag.stdout == command.stdout and re.fullmatch(r"\d+\.\d+\.\d+.*\n", flag.stdout)
+
+
+def test_a_result_moved_aside_by_a_killed_publish_is_restored_not_deleted(tmp_path: Path
+                                                                          ) -> None:
+    # The state a `kubemr run` SIGKILLed mid-publish leaves: no output, the old result aside.
+    aside = tmp_path / ".out.kubemr-old-0123456789ab"
+    aside.mkdir()
+    (aside / "part-00000").write_bytes(b"a\t1\n")
+    (aside / "_SUCCESS").write_bytes(b'{"job": "earlier", "parts": ["part-00000"]}')
+    out = tmp_path / "out"
+    removed = remove_stale(out)
+    assert removed == []
+    assert (out / "part-00000").read_bytes() == b"a\t1\n"
+    assert not aside.exists()
