@@ -24,7 +24,7 @@ import typer
 
 from .crd import DEFAULT_WORKERS
 from .errors import JobFailed, KubemrError, UsageError
-from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, parse_size
+from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, OUTPUT_FORMATS, parse_size
 
 if TYPE_CHECKING:
     from .jobs import JobClient
@@ -100,6 +100,16 @@ def _args(values: list[str]) -> dict[str, str]:
     return parsed
 
 
+def _output_format(value: str) -> str:
+    if value not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"expected one of {', '.join(OUTPUT_FORMATS)}, got {value!r}",
+                                 param_hint="--format")
+    return value
+
+
+_FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
+
+
 @app.command()
 def run(
     job: Annotated[str, typer.Argument(help="Job module: a .py file or package.module[:attr].")],
@@ -123,6 +133,8 @@ def run(
     arg: Annotated[list[str] | None, typer.Option("--arg", help="KEY=VALUE passed to ctx.args.")]
     = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+                                               help=_FORMAT_HELP)] = "text",
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed."""
     from .local import run_local
@@ -134,7 +146,8 @@ def run(
     result = _guard(lambda: asyncio.run(run_local(
         job, input, output, workers=workers, reducers=reducers, chunk_size=size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
-        args=_args(arg or []), progress=progress and sys.stderr.isatty())))
+        args=_args(arg or []), progress=progress and sys.stderr.isatty(),
+        output_format=output_format)))  # type: ignore[arg-type]  # checked by the callback
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
@@ -257,7 +270,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 #: submit's flags that describe a job, so they cannot be combined with a manifest FILE.
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
-              "split_inputs")
+              "split_inputs", "output_format")
 
 
 @app.command()
@@ -293,6 +306,8 @@ def submit(
     split_inputs: Annotated[bool, typer.Option(
         help="Cut inputs into line-aligned chunks (key/value jobs), or hand each input "
              "string to one map as is (low-level jobs).")] = True,
+    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+                                               help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
     namespace: Namespace = None,
@@ -320,7 +335,8 @@ def submit(
             image=image, job=job, inputs=input, output=output, name=name,
             generate_name=generate_name, workers=workers, reducers=reducers,
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
-            chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds))
+            chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
+            output_format=output_format))  # type: ignore[arg-type]  # checked by the callback
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

@@ -25,7 +25,14 @@ from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
 from .errors import KubemrError
 from .protocol import JobPhase, TaskKind, TaskState
-from .spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, MAX_REDUCERS
+from .spec import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUTPUT_FORMAT,
+    MAX_REDUCERS,
+    OUTPUT_FORMATS,
+)
 
 GROUP = "kubemr.io"
 VERSION = "v1alpha1"
@@ -124,6 +131,13 @@ def _job_spec_schema() -> dict[str, Any]:
                                "jobs); false hands each input string to one map verbatim.",
                 "default": True,
             },
+            "outputFormat": {
+                "type": "string",
+                "description": "How result parts are written: text (key<TAB>value lines), "
+                               "jsonl ([key, value] per line) or parquet.",
+                "enum": list(OUTPUT_FORMATS),
+                "default": DEFAULT_OUTPUT_FORMAT,
+            },
             "ttlSecondsAfterFinished": _int(
                 0, doc="Delete the job this many seconds after it finished; unset keeps it."),
             "template": {
@@ -137,7 +151,8 @@ def _job_spec_schema() -> dict[str, Any]:
         "x-kubernetes-validations": [
             {"rule": f"self.{field} == oldSelf.{field}",
              "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs")
+            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs",
+                          "outputFormat")
         ],
     }
 

@@ -26,17 +26,17 @@ from pathlib import Path
 
 import orjson
 
-from . import logs, protocol
+from . import formats, logs, protocol
 from .api import AnyJob, Job, load_job
 from .errors import JobFailed, UsageError
 from .inputs import plan_inputs
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .spec import JobSpec
+from .spec import JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
 
-SUCCESS_MARKER = "_SUCCESS"
+SUCCESS_MARKER = formats.SUCCESS_MARKER
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int = 2,
                     reducers: int = 1, chunk_size: int, max_attempts: int,
                     lease_seconds: float, overwrite: bool = False,
-                    args: dict[str, str] | None = None, progress: bool = True) -> LocalRunResult:
+                    args: dict[str, str] | None = None, progress: bool = True,
+                    output_format: OutputFormat = "text") -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``; JobFailed on failure."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -75,7 +76,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     name = job_name_for(job_ref, job.name)
     spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
                    max_attempts=max_attempts, lease_seconds=lease_seconds,
-                   chunk_size=chunk_size, args=args or {}, split_inputs=isinstance(job, Job))
+                   chunk_size=chunk_size, args=args or {}, split_inputs=isinstance(job, Job),
+                   output_format=output_format)
     splits = await plan_inputs(spec)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                             f"{protocol.format_error(view.job['error'] if view.job else None)}")
         assert view.job is not None
         parts = _publish(view.job["results"], work, output, name, job_ref,
-                         time.monotonic() - started)
+                         time.monotonic() - started, spec.output_format)
         return LocalRunResult(output, name, parts, time.monotonic() - started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -196,7 +198,7 @@ def _log_tail(work: Path) -> str:
 
 
 def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: str,
-             seconds: float) -> list[Path]:
+             seconds: float, output_format: OutputFormat = "text") -> list[Path]:
     """Move result files into a fresh directory, then rename it over ``output``."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.publish-", dir=output.parent))
     blobs = (work / "blobs").resolve()
@@ -204,10 +206,10 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
     for partition, result in enumerate(results):
         source = Path(result)
         if source.is_absolute() and blobs in source.parents and source.is_file():
-            target = staging / f"part-{partition:05d}"
+            target = staging / formats.part_name(partition, output_format)
             os.replace(source, target)
             parts.append(output / target.name)
-    manifest = {"job": name, "module": job_ref, "results": results,
+    manifest = {"job": name, "module": job_ref, "format": output_format, "results": results,
                 "parts": [p.name for p in parts], "seconds": round(seconds, 3)}
     (staging / SUCCESS_MARKER).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     if output.exists():
