@@ -42,7 +42,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import shuffle
-from .shuffle import Kind, Table, bytes_to_str, column_kind, dump_json, load_json, str_to_bytes
+from .shuffle import (
+    Kind,
+    Table,
+    bytes_to_str,
+    column_kind,
+    dump_json,
+    is_non_finite,
+    load_json,
+    str_to_bytes,
+)
 from .spec import OUTPUT_FORMATS, OutputFormat
 
 __all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "part_name"]
@@ -200,7 +209,7 @@ def _json_column(table: Table, role: _Role) -> pa.Array:
         suspect = pc.or_(pc.match_substring(column, "NaN"),
                          pc.match_substring(column, "Infinity"))
         rows = pc.indices_nonzero(suspect).to_pylist()
-        _require_finite(table, [r for r in rows if _non_finite(load_json(column[r].as_py()))],
+        _require_finite(table, [r for r in rows if is_non_finite(load_json(column[r].as_py()))],
                         role)
         return column
     if kind in ("bytes", "strbytes"):
@@ -230,16 +239,6 @@ def _require_finite(table: Table, bad_rows: Any, role: _Role) -> None:
         what = "key" if role == "key" else "the value of key"
         raise FormatError(f"{what} {_key_at(table, rows[0])} is not a finite number; JSON has "
                           "no NaN or Infinity: use --format text or parquet")
-
-
-def _non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return value != value or value in (float("inf"), float("-inf"))
-    if isinstance(value, list):
-        return any(_non_finite(item) for item in value)
-    if isinstance(value, dict):
-        return any(_non_finite(item) for item in value.values())
-    return False
 
 
 # --------------------------------------------------------------------------- parquet

@@ -36,9 +36,10 @@ that is not UTF-8 reaches user code as a str holding U+DC80..U+DCFF code points.
 in the shuffle a str *is* its bytes under that one rule, ``str_to_bytes``/``bytes_to_str``
 (UTF-8, ``surrogateescape``): such a str is a valid key or value, travels as those bytes
 (kind ``strbytes``: binary with ``{b"kubemr.codec": b"str"}``), hashes and sorts exactly as
-those bytes (so ``"caf\\udce9"`` and ``b"caf\\xe9"``-derived strs land and order alike on
-every map), and comes back to reduce callbacks as the same str. Valid-UTF-8 str columns
-keep the plain utf8 type and never go through per-item Python. Any other lone surrogate,
+those bytes (so a word lands in the same partition and order whether or not the map that
+emitted it also saw undecodable text), and comes back to reduce callbacks as the same
+str. Valid-UTF-8 str columns keep the plain utf8 type and never go through per-item
+Python; only a column Arrow rejects is encoded item by item. Any other lone surrogate,
 or escapes of bytes that would decode to something else (a str no decoding produces), is
 an error naming the value. Inside JSON values such a str is written with ``\\udcXX``
 escapes (Python's ``json`` reads them back; orjson refuses them, so it falls back).
@@ -104,6 +105,7 @@ __all__ = [
     "decode_run",
     "dump_json",
     "encode_run",
+    "is_non_finite",
     "iter_groups",
     "key_type",
     "kind_name",
@@ -231,12 +233,12 @@ def dump_json(obj: Any) -> bytes:
         if "surrogates" not in str(exc):
             raise ShuffleError(f"{_SHORT.repr(obj)} ({exc})") from exc
         return _python_json(obj)
-    if b"null" in encoded and _non_finite(obj):
+    if b"null" in encoded and is_non_finite(obj):
         return _python_json(obj)
     return encoded
 
 
-def load_json(data: bytes) -> Any:
+def load_json(data: bytes | str) -> Any:
     """Decode what :func:`dump_json` wrote."""
     try:
         return orjson.loads(data)
@@ -266,13 +268,14 @@ def _check_plain(obj: Any) -> None:
         raise ShuffleError(f"{_SHORT.repr(obj)} (type {type(obj).__name__})")
 
 
-def _non_finite(obj: Any) -> bool:
+def is_non_finite(obj: Any) -> bool:
+    """Whether a value is, or holds, a NaN or infinite float (JSON has neither)."""
     if isinstance(obj, float):
         return not math.isfinite(obj)
     if isinstance(obj, list | tuple):
-        return any(_non_finite(item) for item in obj)
+        return any(is_non_finite(item) for item in obj)
     if isinstance(obj, dict):
-        return any(_non_finite(item) for item in obj.values())
+        return any(is_non_finite(item) for item in obj.values())
     return False
 
 
@@ -607,7 +610,7 @@ def _convert(column: pa.ChunkedArray, source: _Kind, target: _Kind) -> pa.Chunke
         return column
     if source == "null" or (source, target) == ("str", "strbytes"):
         return column.cast(_ARROW_TYPES[target])
-    return pa.chunked_array([_encode_python(_to_python(column, source), "json", "value")[0]])
+    return pa.chunked_array([_encode_python(to_python(column, source), "json", "value")[0]])
 
 
 # --------------------------------------------------------------------------- hashing
@@ -774,7 +777,7 @@ def _combine_python(table: Table, combiner: Combiner, key_kind: _Kind) -> Table:
         try:
             results.append(fold(values))
         except TypeError as exc:
-            key = _to_python(grouped.column("key").slice(position, 1), key_kind)[0]
+            key = to_python(grouped.column("key").slice(position, 1), key_kind)[0]
             raise ShuffleError(
                 f"combiner {combiner!r} cannot fold the values of key {_SHORT.repr(key)}: {exc}"
             ) from exc
@@ -974,8 +977,8 @@ def iter_groups(table: Table) -> Iterator[tuple[Any, list[Any]]]:
         table = sort_by_key(table)
         keys = table.column("key").combine_chunks()
     starts = _group_starts(keys, key_kind)
-    group_keys = _to_python(keys.take(starts), key_kind)
-    values = _to_python(table.column("value"), value_kind)
+    group_keys = to_python(keys.take(starts), key_kind)
+    values = to_python(table.column("value"), value_kind)
     ends = [*starts[1:].tolist(), len(values)]
     for key, start, end in zip(group_keys, starts.tolist(), ends, strict=True):
         yield key, values[start:end]
@@ -1015,5 +1018,3 @@ def to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
         return [load_json(item) for item in items]
     return items
 
-
-_to_python = to_python
