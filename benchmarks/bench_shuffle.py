@@ -34,7 +34,7 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 
-from kubemr_async import shuffle
+from kubemr_async import formats, shuffle
 
 try:  # imported as part of the repo
     from benchmarks.corpus import default_data_dir, ensure_corpus
@@ -95,7 +95,10 @@ def reduce_task(runs: list[bytes], repeat: int) -> dict[str, float]:
     seconds['merge_runs(..., "sum")'], merged = best_of(
         repeat, lambda: shuffle.merge_runs(tables, "sum")
     )
-    seconds["format_lines"], _ = best_of(repeat, lambda: shuffle.format_lines(merged))
+    for fmt in ("text", "jsonl", "parquet"):
+        seconds[f'formats.encode(..., "{fmt}")'], _ = best_of(
+            repeat, partial(formats.encode, merged, fmt)
+        )
     return seconds
 
 

@@ -4,12 +4,16 @@ Usage::
 
     python benchmarks/wordcount.py [--size-mib 256] [--files 16] [--workers 2]
                                    [--repeat 1] [--only kubemr,counter,mp-pool,dask-bag]
+                                   [--formats text,jsonl,parquet]
 
 Every peer counts the same cached corpus (see ``corpus.py``) and must produce exactly the
 ``collections.Counter`` reference: a word is a maximal run of non-whitespace bytes, i.e.
 ``bytes.split()``, case-sensitive, raw bytes. Timings are wall-clock, best of --repeat;
 the ratio column is kubemr's speed over the peer's, because ratios survive the drift of
 shared machines better than absolute times (DESIGN.md, "Performance").
+``--formats`` also runs kubemr with ``--format jsonl``/``parquet`` (rows ``kubemr-jsonl``,
+``kubemr-parquet``); their results are read back with ``kubemr_async.read_results`` and
+checked against the same reference, so the table shows what each format costs.
 Exit status is non-zero if any peer failed or disagreed with the reference.
 """
 
@@ -27,7 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -44,6 +48,7 @@ except ModuleNotFoundError:  # run as a script: make the sibling module importab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("counter", "mp-pool", "dask-bag", "kubemr")
+FORMATS = ("text", "jsonl", "parquet")
 
 WordCounts = dict[bytes, int]
 
@@ -114,6 +119,7 @@ class KubemrOptions:
     extra_args: list[str] = field(default_factory=list)
     work_dir: Path | None = None  # where the temporary output directory is created
     keep_output: bool = False
+    output_format: str = "text"
 
 
 def kubemr_command(opts: KubemrOptions, input_dir: Path, output_dir: Path) -> list[str]:
@@ -133,6 +139,8 @@ def kubemr_command(opts: KubemrOptions, input_dir: Path, output_dir: Path) -> li
         cmd += ["--reducers", str(opts.reducers)]
     if opts.chunk_size is not None:
         cmd += ["--chunk-size", opts.chunk_size]
+    if opts.output_format != "text":
+        cmd += ["--format", opts.output_format]
     return cmd + opts.extra_args
 
 
@@ -160,6 +168,24 @@ def parse_kubemr_output(output_dir: Path) -> WordCounts:
     return counts
 
 
+def read_kubemr_results(output_dir: Path) -> WordCounts:
+    """Any format, through the public reader: jsonl words come back as surrogateescape str."""
+    from kubemr_async import read_results
+
+    counts: WordCounts = {}
+    try:
+        for word, count in read_results(output_dir):
+            raw = word if isinstance(word, bytes) else word.encode("utf-8", "surrogateescape")
+            if raw in counts:
+                raise PeerError(f"duplicate word {raw[:40]!r}")
+            counts[raw] = int(count)
+    except Exception as exc:  # any failure to read is this peer's failure
+        if isinstance(exc, PeerError):
+            raise
+        raise PeerError(f"cannot read results in {output_dir}: {exc}") from exc
+    return counts
+
+
 def run_kubemr(opts: KubemrOptions, input_dir: Path) -> tuple[float, WordCounts]:
     """Run the CLI end to end; the time is process start to exit, what a user waits for."""
     with tempfile.TemporaryDirectory(prefix="kubemr-bench-out-", dir=opts.work_dir) as tmp:
@@ -177,7 +203,10 @@ def run_kubemr(opts: KubemrOptions, input_dir: Path) -> tuple[float, WordCounts]
                 f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
                 f"--- stdout (tail) ---\n{_tail(proc.stdout)}"
             )
-        counts = parse_kubemr_output(output_dir)
+        if opts.output_format == "text":
+            counts = parse_kubemr_output(output_dir)
+        else:
+            counts = read_kubemr_results(output_dir)
         if opts.keep_output:
             kept = Path(tempfile.mkdtemp(prefix="kubemr-bench-kept-", dir=opts.work_dir))
             shutil.copytree(output_dir, kept / "out")
@@ -240,6 +269,9 @@ def run_once(
     paths = [str(p) for p in corpus.paths]
     if name == "kubemr":
         return run_kubemr(kubemr, corpus.directory)
+    if name.startswith("kubemr-"):
+        return run_kubemr(replace(kubemr, output_format=name.removeprefix("kubemr-")),
+                          corpus.directory)
     if name == "counter":
         return timed(lambda: peer_counter(paths, workers))
     if name == "mp-pool":
@@ -366,6 +398,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra argument for kubemr run (repeatable)",
     )
     p.add_argument("--keep-output", action="store_true", help="keep kubemr's output directory")
+    p.add_argument(
+        "--formats",
+        default="text",
+        help=f"comma-separated kubemr output formats to run, of {','.join(FORMATS)}; formats "
+        "other than text add rows kubemr-FORMAT (default text)",
+    )
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(PEERS))
@@ -374,6 +412,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeat < 1 or args.workers < 1:
         p.error("--repeat and --workers must be >= 1")
     args.only = only
+    formats = [s.strip() for s in args.formats.split(",") if s.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        p.error(f"--formats: unknown {', '.join(unknown) or '(none)'}; "
+                f"choose from {', '.join(FORMATS)}")
+    args.formats = formats
     return args
 
 
@@ -414,6 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # drifting on a shared machine hits every peer alike and the ratios stay fair.
     print("running peers:", file=sys.stderr)
     results = {name: Result(name) for name in PEERS if name in args.only}
+    if "kubemr" in args.only:
+        if "text" not in args.formats:
+            del results["kubemr"]
+        results.update({f"kubemr-{f}": Result(f"kubemr-{f}") for f in args.formats
+                        if f != "text"})
     ref_result = results.get("counter", Result("counter"))
     reference = record_run(
         ref_result,

@@ -2,11 +2,13 @@
 
 The public API is small: a :class:`Job` with ``async def`` callbacks (or the low-level
 :class:`JobWorker`), the :class:`TaskContext` every callback receives, and
-:func:`partition_for` for low-level jobs that partition by themselves.
+:func:`partition_for` for low-level jobs that partition by themselves, and
+:func:`read_results` to read a finished job's results back in any output format.
 """
 
 from .api import Job, JobWorker, TaskContext
 from .errors import JobFailed, KubemrError, PermanentTaskError, UsageError
+from .results import read_results
 from .shuffle import partition_for
 
 __all__ = [
@@ -18,4 +20,5 @@ __all__ = [
     "TaskContext",
     "UsageError",
     "partition_for",
+    "read_results",
 ]

@@ -3,11 +3,12 @@
 Two ways to write a job:
 
 * key/value (most users): decorate ``map`` (emits ``(key, value)`` pairs), optionally
-  ``combine``, and ``reduce``; the framework partitions, shuffles, sorts and writes
-  ``key<TAB>value`` lines. ``sum``/``count``/``min``/``max`` are built in and run
-  vectorized on both sides of the shuffle. Callbacks may be ``async def`` or plain
-  ``def``, each either returning or yielding; plain functions run on the user thread.
-  A job without a reducer is map-only (run with ``reducers`` 0).
+  ``combine``, and ``reduce``; the framework partitions, shuffles, sorts and writes the
+  results in the job's output format (``key<TAB>value`` lines by default; see formats).
+  ``sum``/``count``/``min``/``max`` are built in and run vectorized on both sides of the
+  shuffle. Callbacks may be ``async def`` or plain ``def``, each either returning or
+  yielding; plain functions run on the user thread. A job without a reducer is map-only
+  (run with ``reducers`` 0).
 * low level (the seed's interface, full control): subclass :class:`JobWorker` with
   ``map(task_id, input) -> {partition: output string}`` and
   ``reduce(partition, inputs) -> output string``; inputs and outputs are plain strings whose
@@ -141,8 +142,8 @@ class Job:
     def reduce(self, fn: Builtin | ReduceFn) -> Any:
         """Register the reducer: a built-in name or ``async def fn(key, values, ctx)``.
 
-        A callable returns (or yields) the value(s) written as ``key<TAB>value`` lines;
-        returning None writes nothing for that key.
+        A callable returns (or yields) the value(s) written for the key in the job's output
+        format; returning None writes nothing for that key.
         """
         self.reducer = _builtin_or_callable("reduce", fn)
         return fn

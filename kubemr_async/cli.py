@@ -24,7 +24,13 @@ import typer
 
 from .crd import DEFAULT_WORKERS
 from .errors import Interrupted, JobFailed, KubemrError, UsageError
-from .spec import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, DEFAULT_REDUCERS, parse_size
+from .spec import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_REDUCERS,
+    OUTPUT_FORMATS,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from .jobs import JobClient
@@ -109,6 +115,16 @@ def _workers(value: int) -> int:
     return value
 
 
+def _output_format(value: str) -> str:
+    if value not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"expected one of {', '.join(OUTPUT_FORMATS)}, got {value!r}",
+                                 param_hint="--format")
+    return value
+
+
+_FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
+
+
 @app.command()
 def run(
     job: Annotated[str, typer.Argument(help="Job module: a .py file or package.module[:attr].")],
@@ -144,6 +160,8 @@ def run(
              "breakpoint() and profilers.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Also show kubemr's own (JSON) logs.")] = False,
+    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+                                               help=_FORMAT_HELP)] = "text",
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -166,7 +184,8 @@ def run(
         job, every_input, output, workers=workers, reducers=reducers, chunk_size=size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
-        verbose=verbose, inline=inline)))
+        verbose=verbose, inline=inline,
+        output_format=output_format)))  # type: ignore[arg-type]  # checked by the callback
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
@@ -289,7 +308,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 #: submit's flags that describe a job, so they cannot be combined with a manifest FILE.
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
-              "split_inputs")
+              "split_inputs", "output_format")
 
 
 @app.command()
@@ -326,6 +345,8 @@ def submit(
     split_inputs: Annotated[bool, typer.Option(
         help="Cut inputs into line-aligned chunks (key/value jobs), or hand each input "
              "string to one map as is (low-level jobs).")] = True,
+    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+                                               help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
     namespace: Namespace = None,
@@ -353,7 +374,8 @@ def submit(
             image=image, job=job, inputs=input, output=output, name=name,
             generate_name=generate_name, workers=workers, reducers=reducers,
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
-            chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds))
+            chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
+            output_format=output_format))  # type: ignore[arg-type]  # checked by the callback
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

@@ -29,8 +29,10 @@ from .spec import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
     MAX_REDUCERS,
+    OUTPUT_FORMATS,
 )
 
 GROUP = "kubemr.io"
@@ -132,6 +134,13 @@ def _job_spec_schema() -> dict[str, Any]:
                                "globs expanded) or per other input string, verbatim.",
                 "default": True,
             },
+            "outputFormat": {
+                "type": "string",
+                "description": "How result parts are written: text (key<TAB>value lines), "
+                               "jsonl ([key, value] per line) or parquet.",
+                "enum": list(OUTPUT_FORMATS),
+                "default": DEFAULT_OUTPUT_FORMAT,
+            },
             "ttlSecondsAfterFinished": _int(
                 0, doc="Delete the job this many seconds after it finished; unset keeps it."),
             "template": {
@@ -145,7 +154,8 @@ def _job_spec_schema() -> dict[str, Any]:
         "x-kubernetes-validations": [
             {"rule": f"self.{field} == oldSelf.{field}",
              "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs")
+            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs",
+                          "outputFormat")
         ],
     }
 

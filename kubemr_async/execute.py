@@ -10,9 +10,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from . import shuffle
+from . import formats, shuffle
 from .api import Job, JobWorker, TaskContext, call_user
 from .errors import PermanentTaskError
+from .spec import OutputFormat
 
 
 def _map_argument(job: Job, data: bytes, ctx: TaskContext) -> object:
@@ -38,8 +39,13 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def run_map(job: Job, data: bytes, ctx: TaskContext) -> dict[int, bytes]:
-    """Map one split: user map, map-side combine, partition; returns encoded non-empty runs."""
+async def run_map(job: Job, data: bytes,
+                  ctx: TaskContext) -> tuple[dict[int, bytes], str | None]:
+    """Map one split: user map, map-side combine, partition.
+
+    Returns the encoded non-empty runs and the type of the keys (None if no keys), which
+    the runtime checks against the other maps' before it commits.
+    """
     assert job.map_fn is not None
     pairs = await call_user(job.map_fn, _map_argument(job, data, ctx), ctx)
     returned = inspect.isfunction(job.map_fn) and not (
@@ -58,17 +64,19 @@ async def run_map(job: Job, data: bytes, ctx: TaskContext) -> dict[int, bytes]:
     elif combiner is not None:
         table = await _apply_user_reduce(combiner, shuffle.sort_by_key(table), ctx)
     parts = shuffle.partition(table, ctx.partitions)
-    return {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
+    runs = {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
+    return runs, shuffle.key_type(table)
 
 
-async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext) -> bytes:
-    """Reduce one partition from every map's run; returns the ``key<TAB>value`` text."""
+async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext,
+                     output_format: OutputFormat) -> bytes:
+    """Reduce one partition from every map's run; returns the part in ``output_format``."""
     tables = [shuffle.decode_run(run) for run in runs]
     if isinstance(job.reducer, str):
-        return shuffle.format_lines(shuffle.merge_runs(tables, job.reducer))
+        return formats.encode(shuffle.merge_runs(tables, job.reducer), output_format)
     # A map-side built-in combiner already merged counts; merge_runs finishes that merge.
     merged = shuffle.merge_runs(tables, None)
-    return shuffle.format_lines(await _apply_user_reduce(job.reducer, merged, ctx))
+    return formats.encode(await _apply_user_reduce(job.reducer, merged, ctx), output_format)
 
 
 async def run_low_level_map(worker: JobWorker, index: int, task_input: str,

@@ -64,8 +64,10 @@ from .spec import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
     JobSpec,
+    OutputFormat,
 )
 from .state.base import JobNotFound, Record
 from .state.kube import KubeStateStore
@@ -575,6 +577,7 @@ class SubmitOptions:
     split_inputs: bool = True
     chunk_size: int = DEFAULT_CHUNK_SIZE
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
 
 
 def build_manifest(options: SubmitOptions) -> Body:
@@ -612,6 +615,7 @@ def build_manifest(options: SubmitOptions) -> Body:
         max_attempts=options.max_attempts, args=dict(options.args or {}),
         output=options.output, split_inputs=options.split_inputs,
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
+        output_format=options.output_format,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
     return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata,

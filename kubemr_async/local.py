@@ -37,14 +37,14 @@ from typing import IO, Any, TypeVar
 
 import orjson
 
-from . import logs, protocol
+from . import formats, logs, protocol
 from .api import AnyJob, Job, load_job
 from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
+from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
 from .outdir import (
     LOCK_STALE_SECONDS,
     LOGS_DIR,
-    SUCCESS_MARKER,
     OutputLock,
     OutputState,
     check_output,
@@ -55,7 +55,7 @@ from .outdir import (
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .spec import DEFAULT_REDUCERS, JobSpec
+from .spec import DEFAULT_REDUCERS, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
 from .storage.urls import is_s3
@@ -92,7 +92,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     reducers: int = DEFAULT_REDUCERS, chunk_size: int, max_attempts: int,
                     lease_seconds: float, overwrite: bool = False,
                     args: dict[str, str] | None = None, progress: bool = True,
-                    verbose: bool = False, inline: bool = False) -> LocalRunResult:
+                    verbose: bool = False, inline: bool = False,
+                    output_format: OutputFormat = "text") -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
@@ -101,7 +102,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     return await _until_signalled(_run(
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
-        args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0))
+        args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
+        output_format=output_format))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -133,7 +135,7 @@ async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
-               inline: bool) -> LocalRunResult:
+               inline: bool, output_format: OutputFormat) -> LocalRunResult:
     if workers < 0:
         raise UsageError(f"--workers must be at least 0 (0 runs --inline), got {workers}")
     started = time.monotonic()
@@ -143,7 +145,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    max_attempts=max_attempts,
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
-                   chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job))
+                   chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
+                   output_format=output_format)
     splits = await plan_inputs(spec)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -205,7 +208,7 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
         raise JobFailed(_failure(name, view, workers, router, kept))
     assert view.job is not None
     parts = _publish(view.job["results"], work, output, name, spec.job,
-                     time.monotonic() - started, held)
+                     time.monotonic() - started, held, spec.output_format)
     return LocalRunResult(output, name, parts, time.monotonic() - started)
 
 
@@ -434,7 +437,8 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
 
 
 def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: str,
-             seconds: float, held: tuple[OutputLock, OutputState]) -> list[Path]:
+             seconds: float, held: tuple[OutputLock, OutputState],
+             output_format: OutputFormat) -> list[Path]:
     """Move result files (and the workers' logs) into a staging directory, then swap it in
     (only while this run still holds the output's lock, over what was checked at start)."""
     staging = work / "publish"
@@ -444,12 +448,12 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
     for partition, result in enumerate(results):
         source = Path(result)
         if source.is_absolute() and blobs in source.parents and source.is_file():
-            target = staging / f"part-{partition:05d}"
+            target = staging / formats.part_name(partition, output_format)
             os.replace(source, target)
             parts.append(output / target.name)
     if (work / "logs").is_dir():
         os.replace(work / "logs", staging / LOGS_DIR)
-    manifest = {"job": name, "module": job_ref, "results": results,
+    manifest = {"job": name, "module": job_ref, "format": output_format, "results": results,
                 "parts": [p.name for p in parts], "seconds": round(seconds, 3)}
     (staging / SUCCESS_MARKER).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     lock, expected = held

@@ -34,8 +34,8 @@ from typing import Any
 import orjson
 
 from .errors import KubemrError, OutputBusy, UsageError
+from .formats import SUCCESS_MARKER
 
-SUCCESS_MARKER = "_SUCCESS"
 LOGS_DIR = "_logs"
 #: How often a running `kubemr run` touches its lock file.
 LOCK_REFRESH_SECONDS = 5.0

@@ -35,6 +35,11 @@ from typing import Any
 from .spec import JobSpec
 
 JOB_KEY = "job"
+#: A key/value map's ``outputs`` maps each partition ("0", "1", ...) to its run, plus this
+#: one reserved non-numeric entry: the type of the keys the map emitted (absent if none).
+#: Keys of two types have no common order, so a map checks it against the committed maps
+#: before committing, and a reduce checks all of them (two maps may commit at one instant).
+KEY_TYPE = "keyType"
 
 
 class TaskState(StrEnum):
@@ -374,6 +379,26 @@ class JobView:
         return [m["outputs"][str(partition)] for m in self.maps
                 if str(partition) in (m["outputs"] or {})]
 
+    def key_type_clash(self, task: str | None = None, key_type: str | None = None) -> str | None:
+        """Why the job's keys do not share one type, or None if they do.
+
+        With ``task`` and ``key_type``: whether that map's keys can join the committed
+        maps'. Without: the first clash among the committed maps themselves.
+        """
+        seen: list[tuple[str, str]] = []
+        for body in self.maps:
+            other = (body["outputs"] or {}).get(KEY_TYPE)
+            if body["state"] != TaskState.COMMITTED or other is None:
+                continue
+            if key_type is None:
+                seen.append((task_name(body), other))
+            elif other != key_type and task_name(body) != task:
+                return _key_clash(task or "a map", key_type, task_name(body), other)
+        for name, kind in seen[1:]:
+            if kind != seen[0][1]:
+                return _key_clash(name, kind, *seen[0])
+        return None
+
     def verdict(self) -> Update | None:
         """The job's final write, if the tasks have decided it and nobody stamped it yet.
 
@@ -398,6 +423,11 @@ class JobView:
             return None
         return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
                                             results=results)))
+
+
+def _key_clash(task: str, kind: str, other_task: str, other_kind: str) -> str:
+    return (f"{task} emitted keys of type {kind} but {other_task} emitted {other_kind}; "
+            "a job's keys must share one type")
 
 
 def abort(job: Mapping[str, Any], phase: JobPhase, reason: str) -> Update:

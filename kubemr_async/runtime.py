@@ -25,9 +25,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import execute, protocol, shuffle
+import orjson
+
+from . import execute, formats, protocol, shuffle
 from .api import AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
+from .formats import SUCCESS_MARKER
 from .inputs import read_task_input
 from .protocol import Body, JobPhase, JobView, TaskKind, TaskState
 from .spec import JobSpec
@@ -186,10 +189,24 @@ class Worker:
             # so a retry can reuse the committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
+            await self._write_manifest([str(t["outputs"]) for t in view.reduces])
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job["phase"],
                                            "worker": self.worker_id})
+
+    async def _write_manifest(self, results: list[str]) -> None:
+        """Make the result location self-describing before the job is stamped Succeeded.
+
+        The same shape as `kubemr run`'s ``_SUCCESS``: the format, the result URLs, and the
+        parts relative to the manifest, which is what ``read_results`` follows.
+        """
+        base = self.blobs.url(self.prefix).rstrip("/") + "/"
+        parts = [url[len(base):] if url.startswith(base) else url for url in results]
+        manifest = {"job": self.job_name, "format": self.spec.output_format,
+                    "results": results, "parts": parts}
+        await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}",
+                             orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
 
     # --- one attempt ------------------------------------------------------------------
 
@@ -280,20 +297,34 @@ class Worker:
             return {str(p): out for p, out in outputs.items()}
         inputs = self._view.map_outputs(index)
         if isinstance(self.job, Job):
+            # Maps that committed at the same instant could not see each other's key type.
+            clash = self._view.key_type_clash()
+            if clash is not None:
+                raise PermanentTaskError(clash)
             runs = await self._gather(self.blobs.get(key) for key in inputs)
-            text = await self.user.run(execute.run_reduce(self.job, runs, ctx))
-            key = f"{self.prefix}/output/part-{index:05d}.attempt-{ctx.attempt}"
-            await self.blobs.put(key, text)
+            fmt = self.spec.output_format
+            part = await self.user.run(execute.run_reduce(self.job, runs, ctx, fmt))
+            # The attempt goes before the extension, so tools that go by it still read it.
+            stem, dot, extension = formats.part_name(index, fmt).partition(".")
+            key = f"{self.prefix}/output/{stem}.attempt-{ctx.attempt}{dot}{extension}"
+            await self.blobs.put(key, part)
             return self.blobs.url(key)
         return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
 
     async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str]:
         data = b"" if job.map_input == "name" else await self._read_input(body)
-        runs = await self.user.run(execute.run_map(job, data, ctx))
+        runs, key_type = await self.user.run(execute.run_map(job, data, ctx))
         base = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}"
         keys = {r: f"{base}/part-{r:05d}.run" for r in runs}
         await self._gather(self.blobs.put(keys[r], run) for r, run in runs.items())
-        return {str(r): k for r, k in keys.items()}
+        # Checked last, against the freshest view: the clash names the map committed first.
+        clash = self._view.key_type_clash(ctx.task, key_type)
+        if clash is not None:
+            raise PermanentTaskError(clash)
+        outputs = {str(r): k for r, k in keys.items()}
+        if key_type is not None:
+            outputs[protocol.KEY_TYPE] = key_type
+        return outputs
 
     async def _read_input(self, body: Body) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object), decompressed."""

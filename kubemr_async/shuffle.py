@@ -7,18 +7,42 @@ table has two columns, ``key`` and ``value``. Each column has one *kind*:
 =========  ==================  ===========================================================
 kind       Arrow type          Python values
 =========  ==================  ===========================================================
-str        utf8                ``str``
+str        utf8                ``str`` that is valid Unicode
+strbytes   binary + metadata   ``str`` holding undecodable bytes (see "Text is bytes")
 bytes      binary              ``bytes``
 int        int64               ``int`` in the int64 range
-float      float64             ``float`` (and ``int`` mixed into float values)
+float      float64             ``float``
 bool       bool                ``bool``
-json       binary + metadata   ``None``, ``list``, ``tuple``, ``dict`` with str keys, nested
+json       binary + metadata   ``None``, ``list``, ``tuple``, ``dict`` with str keys, nested;
+                               and values of mixed kinds, each keeping its own type
 =========  ==================  ===========================================================
 
 JSON values are stored as their orjson encoding with sorted keys (equal dicts give equal
 bytes, so they group and hash alike) and the field carries ``{b"kubemr.codec": b"json"}``
 so readers turn them back into Python objects. A column with no rows has Arrow type null
 and takes the kind of whatever it is concatenated with.
+
+Values of different kinds in one column (e.g. ``1`` and ``0.5``, or ``1`` and ``"x"``) become
+the JSON kind rather than being promoted: an int stays an int next to floats, so a value
+reads back, and prints, the same whatever shares its column. The built-in ``sum``/``min``/
+``max`` fold such columns with Python's own ``sum``/``min``/``max`` per key (slower, but
+exact: a key whose values are all ints sums to an int). Bytes do not mix with other kinds
+(JSON has no bytes), and keys never mix (they would have no common order).
+
+Text is bytes
+-------------
+The map's default input is the split decoded as UTF-8 with ``surrogateescape``, so text
+that is not UTF-8 reaches user code as a str holding U+DC80..U+DCFF code points. Everywhere
+in the shuffle a str *is* its bytes under that one rule, ``str_to_bytes``/``bytes_to_str``
+(UTF-8, ``surrogateescape``): such a str is a valid key or value, travels as those bytes
+(kind ``strbytes``: binary with ``{b"kubemr.codec": b"str"}``), hashes and sorts exactly as
+those bytes (so a word lands in the same partition and order whether or not the map that
+emitted it also saw undecodable text), and comes back to reduce callbacks as the same
+str. Valid-UTF-8 str columns keep the plain utf8 type and never go through per-item
+Python; only a column Arrow rejects is encoded item by item. Any other lone surrogate,
+or escapes of bytes that would decode to something else (a str no decoding produces), is
+an error naming the value. Inside JSON values such a str is written with ``\\udcXX``
+escapes (Python's ``json`` reads them back; orjson refuses them, so it falls back).
 
 Run format (version 1)
 ----------------------
@@ -53,6 +77,8 @@ computed with numpy so that it stays vectorized.
 
 from __future__ import annotations
 
+import json
+import math
 import reprlib
 import struct
 import zlib
@@ -68,15 +94,22 @@ import pyarrow.compute as pc
 __all__ = [
     "Combiner",
     "CorruptRunError",
+    "Kind",
     "RunCompression",
     "ShuffleError",
     "Table",
+    "bytes_to_str",
+    "column_kind",
     "combine",
     "concat_tables",
     "decode_run",
+    "dump_json",
     "encode_run",
-    "format_lines",
+    "is_non_finite",
     "iter_groups",
+    "key_type",
+    "kind_name",
+    "load_json",
     "merge_combiner",
     "merge_runs",
     "pairs_to_table",
@@ -86,12 +119,15 @@ __all__ = [
     "sort_by_key",
     "split_words",
     "stable_hash",
+    "str_to_bytes",
+    "to_python",
 ]
 
 Table: TypeAlias = pa.Table
 Combiner = Literal["sum", "count", "min", "max"]
 RunCompression = Literal["lz4", "zstd"] | None
-_Kind = Literal["str", "bytes", "int", "float", "bool", "json", "null"]
+_Kind = Literal["str", "strbytes", "bytes", "int", "float", "bool", "json", "null"]
+Kind: TypeAlias = _Kind
 _Role = Literal["key", "value"]
 
 
@@ -105,6 +141,7 @@ class CorruptRunError(ValueError):
 
 _CODEC = b"kubemr.codec"
 _JSON_METADATA = {_CODEC: b"json"}
+_STR_METADATA = {_CODEC: b"str"}
 # Datetimes and dataclasses would encode as strings/objects and decode as something else,
 # so make orjson reject them like any other unsupported type.
 _JSON_OPTIONS = (
@@ -113,6 +150,7 @@ _JSON_OPTIONS = (
 
 _ARROW_TYPES: dict[_Kind, pa.DataType] = {
     "str": pa.string(),
+    "strbytes": pa.binary(),
     "bytes": pa.binary(),
     "json": pa.binary(),
     "int": pa.int64(),
@@ -122,6 +160,7 @@ _ARROW_TYPES: dict[_Kind, pa.DataType] = {
 }
 _KIND_NAMES: dict[_Kind, str] = {
     "str": "str",
+    "strbytes": "str",
     "bytes": "bytes",
     "json": "JSON value",
     "int": "int",
@@ -149,6 +188,95 @@ _DUPLICATE_SAMPLE = 1024
 _MAGIC = b"KMRRUN"
 _VERSION = 1
 _HEADER = struct.Struct("<6sBQI")
+
+
+# --------------------------------------------------------------------------- text is bytes
+
+
+def str_to_bytes(text: str) -> bytes:
+    """A str's bytes under the shuffle's one rule: UTF-8 with ``surrogateescape``.
+
+    Raises ShuffleError for a str no decoding produces: a lone surrogate outside
+    U+DC80..U+DCFF, or escapes of bytes that decode to other characters.
+    """
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        pass
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ShuffleError(f"str is not serialisable: {_SHORT.repr(text)} ({exc.reason})") from exc
+    if data.decode("utf-8", "surrogateescape") != text:
+        raise ShuffleError(
+            f"str is not serialisable: {_SHORT.repr(text)} (its surrogate escapes form "
+            "valid UTF-8, so no bytes decode to it)"
+        )
+    return data
+
+
+def bytes_to_str(data: bytes) -> str:
+    """The inverse of :func:`str_to_bytes`: UTF-8 with ``surrogateescape``; never fails."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def dump_json(obj: Any) -> bytes:
+    """The canonical JSON bytes of a value: orjson, sorted keys; ShuffleError if impossible.
+
+    orjson refuses lone surrogates and silently writes NaN/Infinity as null, so values with
+    either go through Python's json instead (``\\udcXX`` escapes, ``NaN``), which
+    :func:`load_json` reads back to the same value.
+    """
+    try:
+        encoded: bytes = orjson.dumps(obj, option=_JSON_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        if "surrogates" not in str(exc):
+            raise ShuffleError(f"{_SHORT.repr(obj)} ({exc})") from exc
+        return _python_json(obj)
+    if b"null" in encoded and is_non_finite(obj):
+        return _python_json(obj)
+    return encoded
+
+
+def load_json(data: bytes | str) -> Any:
+    """Decode what :func:`dump_json` wrote."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def _python_json(obj: Any) -> bytes:
+    _check_plain(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _check_plain(obj: Any) -> None:
+    """Python's json would quietly turn int dict keys into str; orjson's rules apply."""
+    if isinstance(obj, str):
+        str_to_bytes(obj)
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            _check_plain(item)
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise ShuffleError(f"{_SHORT.repr(obj)} (dict key must be str)")
+            _check_plain(key)
+            _check_plain(item)
+    elif not (obj is None or isinstance(obj, bool | int | float)):
+        raise ShuffleError(f"{_SHORT.repr(obj)} (type {type(obj).__name__})")
+
+
+def is_non_finite(obj: Any) -> bool:
+    """Whether a value is, or holds, a NaN or infinite float (JSON has neither)."""
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, list | tuple):
+        return any(is_non_finite(item) for item in obj)
+    if isinstance(obj, dict):
+        return any(is_non_finite(item) for item in obj.values())
+    return False
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -208,10 +336,11 @@ def pairs_to_table(keys: Any, values: Any) -> Table:
 
 
 def concat_tables(tables: Sequence[Table]) -> Table:
-    """Concatenate shuffle tables, promoting int values to float where floats appear.
+    """Concatenate shuffle tables.
 
-    Values of different kinds (other than bytes) become JSON; keys of different kinds are
-    an error because they have no common order.
+    Values of different kinds (other than bytes) become JSON, each keeping its type; keys
+    of different kinds are an error because they have no common order. A str column with
+    undecodable bytes turns the others' str columns into bytes of the same rule.
     """
     if not tables:
         return _make_table(pa.nulls(0), "null", pa.nulls(0), "null")
@@ -280,7 +409,10 @@ def _from_numpy(array: npt.NDArray[Any], role: _Role) -> tuple[pa.Array, _Kind]:
         dtype, kind = conversions[code]
         return pa.array(array.astype(dtype, copy=False)), kind
     if code == "U":
-        return pa.array(array, pa.string()), "str"
+        try:
+            return pa.array(array, pa.string()), "str"
+        except (UnicodeEncodeError, pa.ArrowInvalid):
+            return _from_python(array.tolist(), role)
     if code == "S":
         return pa.array(array, pa.binary()), "bytes"
     raise ShuffleError(f"{role} of numpy dtype {array.dtype} is not serialisable")
@@ -301,8 +433,6 @@ def _from_python(items: list[Any], role: _Role) -> tuple[pa.Array, _Kind]:
         return pa.nulls(0), "null"
     if len(distinct) == 1:
         (kind,) = distinct
-    elif role == "value" and distinct == {"int", "float"}:
-        kind = "float"
     elif role == "value" and "bytes" not in distinct:
         kind = "json"
     else:
@@ -313,7 +443,7 @@ def _from_python(items: list[Any], role: _Role) -> tuple[pa.Array, _Kind]:
             f"{role}s mix types {first.__name__} and {second.__name__} "
             f"({_SHORT.repr(a)} and {_SHORT.repr(b)}); one table holds one {role} type"
         )
-    return _encode_python(items, kind, role), kind
+    return _encode_python(items, kind, role)
 
 
 def _clashing_types(kinds: dict[type, _Kind]) -> tuple[type, type]:
@@ -340,25 +470,22 @@ def _python_kind(cls: type) -> _Kind | None:
     return None
 
 
-def _encode_python(items: list[Any], kind: _Kind, role: _Role) -> pa.Array:
+def _encode_python(items: list[Any], kind: _Kind, role: _Role) -> tuple[pa.Array, _Kind]:
     if kind == "json":
         encoded = []
         for item in items:
             try:
-                encoded.append(orjson.dumps(item, option=_JSON_OPTIONS))
-            except orjson.JSONEncodeError as exc:
+                encoded.append(dump_json(item))
+            except ShuffleError as exc:
                 raise ShuffleError(
-                    f"{role} of type {type(item).__name__} is not serialisable: "
-                    f"{_SHORT.repr(item)} ({exc})"
+                    f"{role} of type {type(item).__name__} is not serialisable: {exc}"
                 ) from exc
-        return pa.array(encoded, pa.binary())
+        return pa.array(encoded, pa.binary()), kind
     try:
-        return pa.array(items, _ARROW_TYPES[kind])
-    except UnicodeEncodeError as exc:
-        bad = next(x for x in items if not _encodes(x))
-        raise ShuffleError(
-            f"{role} of type str is not serialisable: {_SHORT.repr(bad)} ({exc.reason})"
-        ) from exc
+        return pa.array(items, _ARROW_TYPES[kind]), kind
+    except UnicodeEncodeError:
+        # Undecodable bytes kept by surrogateescape (module docstring: "Text is bytes").
+        return _str_bytes(items, role), "strbytes"
     except (OverflowError, pa.ArrowInvalid) as exc:
         if kind == "int":
             bad = next(x for x in items if not -(2**63) <= x < 2**63)
@@ -374,15 +501,17 @@ def _encode_python(items: list[Any], kind: _Kind, role: _Role) -> pa.Array:
             raise ShuffleError(
                 f"{role} of type int is too large for a float: {_SHORT.repr(item)}"
             ) from exc
-    return pa.array(floats, pa.float64())
+    return pa.array(floats, pa.float64()), kind
 
 
-def _encodes(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def _str_bytes(items: list[str], role: _Role) -> pa.Array:
+    encoded = []
+    for item in items:
+        try:
+            encoded.append(str_to_bytes(item))
+        except ShuffleError as exc:
+            raise ShuffleError(f"{role} of type {exc}") from exc
+    return pa.array(encoded, pa.binary())
 
 
 def _out_of_range(role: _Role, number: int) -> ShuffleError:
@@ -422,8 +551,11 @@ def _arrow_kind(arrow_type: pa.DataType) -> _Kind | None:
 def _kind(field: pa.Field) -> _Kind:
     if pa.types.is_null(field.type):
         return "null"
-    if field.metadata and field.metadata.get(_CODEC) == b"json":
+    codec = field.metadata.get(_CODEC) if field.metadata else None
+    if codec == b"json":
         return "json"
+    if codec == b"str":
+        return "strbytes"
     kind = _arrow_kind(field.type)
     if kind is None:
         raise ShuffleError(f"column {field.name!r} has unsupported Arrow type {field.type}")
@@ -431,7 +563,24 @@ def _kind(field: pa.Field) -> _Kind:
 
 
 def _field(name: _Role, kind: _Kind) -> pa.Field:
-    return pa.field(name, _ARROW_TYPES[kind], metadata=_JSON_METADATA if kind == "json" else None)
+    metadata = {"json": _JSON_METADATA, "strbytes": _STR_METADATA}.get(kind)
+    return pa.field(name, _ARROW_TYPES[kind], metadata=metadata)
+
+
+def column_kind(table: Table, role: _Role) -> _Kind:
+    """The kind of a shuffle table's ``key`` or ``value`` column."""
+    return _kind(table.schema.field(role))
+
+
+def kind_name(kind: _Kind) -> str:
+    """The Python type a kind holds, as messages name it (``str`` for both str kinds)."""
+    return _KIND_NAMES[kind]
+
+
+def key_type(table: Table) -> str | None:
+    """The Python type name of a table's keys (None when it has no rows to say)."""
+    kind = column_kind(table, "key")
+    return None if kind == "null" else _KIND_NAMES[kind]
 
 
 def _schema(key_kind: _Kind, value_kind: _Kind) -> pa.Schema:
@@ -444,12 +593,12 @@ def _make_table(keys: Any, key_kind: _Kind, values: Any, value_kind: _Kind) -> T
 
 def _unify(kinds: list[_Kind], role: _Role) -> _Kind:
     distinct = set(kinds) - {"null"}
+    if {"str", "strbytes"} <= distinct:
+        distinct.discard("str")
     if not distinct:
         return "null"
     if len(distinct) == 1:
         return distinct.pop()
-    if role == "value" and distinct == {"int", "float"}:
-        return "float"
     if role == "value" and "bytes" not in distinct:
         return "json"
     first, second = sorted(_KIND_NAMES[k] for k in distinct)[:2]
@@ -459,9 +608,9 @@ def _unify(kinds: list[_Kind], role: _Role) -> _Kind:
 def _convert(column: pa.ChunkedArray, source: _Kind, target: _Kind) -> pa.ChunkedArray:
     if source == target:
         return column
-    if source == "null" or (source, target) == ("int", "float"):
+    if source == "null" or (source, target) == ("str", "strbytes"):
         return column.cast(_ARROW_TYPES[target])
-    return pa.chunked_array([_encode_python(_to_python(column, source), "json", "value")])
+    return pa.chunked_array([_encode_python(to_python(column, source), "json", "value")[0]])
 
 
 # --------------------------------------------------------------------------- hashing
@@ -470,7 +619,8 @@ def _convert(column: pa.ChunkedArray, source: _Kind, target: _Kind) -> pa.Chunke
 def stable_hash(keys: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.uint64]:
     """FNV-1a 64 of each key's canonical bytes, identical on every machine and version.
 
-    Canonical bytes: the UTF-8 bytes of a str, the raw bytes of bytes and of JSON values,
+    Canonical bytes: the UTF-8 (surrogateescape) bytes of a str, the raw bytes of bytes
+    and of JSON values,
     8 little-endian bytes of an int64 (two's complement), 8 little-endian bytes of a
     float64 with -0.0 as 0.0 and every NaN as 0x7ff8000000000000, and 1 byte for a bool.
     """
@@ -580,11 +730,12 @@ def merge_combiner(combiner: Combiner) -> Combiner:
 
 
 _COMBINABLE: dict[str, frozenset[_Kind]] = {
-    "sum": frozenset({"int", "float", "bool", "null"}),
-    "count": frozenset({"str", "bytes", "int", "float", "bool", "json", "null"}),
-    "min": frozenset({"str", "bytes", "int", "float", "bool", "null"}),
-    "max": frozenset({"str", "bytes", "int", "float", "bool", "null"}),
+    "sum": frozenset({"int", "float", "bool", "json", "null"}),
+    "count": frozenset({"str", "strbytes", "bytes", "int", "float", "bool", "json", "null"}),
+    "min": frozenset({"str", "strbytes", "bytes", "int", "float", "bool", "json", "null"}),
+    "max": frozenset({"str", "strbytes", "bytes", "int", "float", "bool", "json", "null"}),
 }
+_PYTHON_FOLDS: dict[str, Any] = {"sum": sum, "min": min, "max": max}
 
 
 def combine(table: Table, combiner: Combiner) -> Table:
@@ -603,6 +754,8 @@ def combine(table: Table, combiner: Combiner) -> Table:
         return _make_table(
             table.column("key"), key_kind, pa.nulls(0, _ARROW_TYPES[result_kind]), result_kind
         )
+    if value_kind == "json" and combiner != "count":
+        return _combine_python(table, combiner, key_kind)
     if summing_bools:
         table = table.set_column(1, "value", table.column("value").cast(pa.int64()))
     options = pc.CountOptions(mode="all") if combiner == "count" else None
@@ -612,6 +765,24 @@ def combine(table: Table, combiner: Combiner) -> Table:
     return _make_table(
         grouped.column("key"), key_kind, grouped.column(f"value_{combiner}"), result_kind
     )
+
+
+def _combine_python(table: Table, combiner: Combiner, key_kind: _Kind) -> Table:
+    """Fold mixed-kind (JSON) values per key with Python's sum/min/max (module docstring)."""
+    grouped = table.group_by("key", use_threads=False).aggregate([("value", "list")])
+    fold = _PYTHON_FOLDS[combiner]
+    results = []
+    for position, encoded in enumerate(grouped.column("value_list").to_pylist()):
+        values = [load_json(item) for item in encoded]
+        try:
+            results.append(fold(values))
+        except TypeError as exc:
+            key = to_python(grouped.column("key").slice(position, 1), key_kind)[0]
+            raise ShuffleError(
+                f"combiner {combiner!r} cannot fold the values of key {_SHORT.repr(key)}: {exc}"
+            ) from exc
+    values_array, value_kind = _from_python(results, "value")
+    return _make_table(grouped.column("key"), key_kind, values_array, value_kind)
 
 
 def sort_by_key(table: Table) -> Table:
@@ -806,8 +977,8 @@ def iter_groups(table: Table) -> Iterator[tuple[Any, list[Any]]]:
         table = sort_by_key(table)
         keys = table.column("key").combine_chunks()
     starts = _group_starts(keys, key_kind)
-    group_keys = _to_python(keys.take(starts), key_kind)
-    values = _to_python(table.column("value"), value_kind)
+    group_keys = to_python(keys.take(starts), key_kind)
+    values = to_python(table.column("value"), value_kind)
     ends = [*starts[1:].tolist(), len(values)]
     for key, start, end in zip(group_keys, starts.tolist(), ends, strict=True):
         yield key, values[start:end]
@@ -834,34 +1005,16 @@ def _group_starts(keys: pa.Array, kind: _Kind) -> npt.NDArray[np.int64]:
     return np.concatenate(([0], np.flatnonzero(changed) + 1)).astype(np.int64)
 
 
-def _to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
+def to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
+    """A column's values as the Python objects the map emitted."""
+    if kind == "strbytes":
+        try:
+            # Columns whose bytes happen to be valid UTF-8 decode in C, all at once.
+            return list(column.cast(pa.string()).to_pylist())
+        except pa.ArrowInvalid:
+            return [bytes_to_str(item) for item in column.to_pylist()]
     items: list[Any] = column.to_pylist()
     if kind == "json":
-        return [orjson.loads(item) for item in items]
+        return [load_json(item) for item in items]
     return items
 
-
-def format_lines(table: Table) -> bytes:
-    """The reduce's text output: ``key\\tvalue\\n`` per row, in table order."""
-    if table.num_rows == 0:
-        return b""
-    keys = _text(table.column("key").combine_chunks(), _kind(table.schema.field("key")))
-    values = _text(table.column("value").combine_chunks(), _kind(table.schema.field("value")))
-    terminated = pc.binary_join_element_wise(values, pa.scalar(b""), pa.scalar(b"\n"))
-    lines = pc.binary_join_element_wise(keys, terminated, pa.scalar(b"\t"))
-    offsets = np.frombuffer(
-        lines.buffers()[1], dtype=np.int32, count=len(lines) + 1, offset=lines.offset * 4
-    )
-    text: bytes = lines.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
-    return text
-
-
-def _text(column: pa.Array, kind: _Kind) -> pa.Array:
-    if kind == "int":
-        return column.cast(pa.string()).cast(pa.binary())
-    if kind == "float":
-        # Arrow prints 1.0 as "1" and 1e-05 as "0.00001"; the output promises repr().
-        return pa.array([repr(x).encode() for x in column.to_pylist()], pa.binary())
-    if kind == "bool":
-        return pc.if_else(column, pa.scalar(b"true"), pa.scalar(b"false"))
-    return column.cast(pa.binary())

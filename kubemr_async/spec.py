@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from .errors import UsageError
 
@@ -21,6 +21,11 @@ DEFAULT_LEASE_SECONDS = 30.0
 #: One default for `kubemr run`, `kubemr submit` and the CRD: one result file per job.
 DEFAULT_REDUCERS = 1
 MAX_REDUCERS = 10_000
+
+#: How result parts are written (see kubemr_async.formats); the one list of valid formats.
+OutputFormat = Literal["text", "jsonl", "parquet"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("text", "jsonl", "parquet")
+DEFAULT_OUTPUT_FORMAT: OutputFormat = "text"
 
 # RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -42,6 +47,7 @@ class JobSpec:
     # Key/value jobs read their inputs as data, cut into line-aligned chunks; low-level
     # JobWorker jobs get each input string verbatim (one map per string).
     split_inputs: bool = True
+    output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
 
     def __post_init__(self) -> None:
         validate(self)
@@ -57,6 +63,7 @@ class JobSpec:
             "args": dict(self.args),
             "output": self.output,
             "splitInputs": self.split_inputs,
+            "outputFormat": self.output_format,
         }
 
     @classmethod
@@ -72,6 +79,8 @@ class JobSpec:
             args={str(k): str(v) for k, v in dict(data.get("args") or {}).items()},
             output=str(data.get("output", "")),
             split_inputs=bool(data.get("splitInputs", True)),
+            output_format=cast(OutputFormat,
+                               str(data.get("outputFormat", DEFAULT_OUTPUT_FORMAT))),
         )
 
 
@@ -95,6 +104,9 @@ def validate(spec: JobSpec) -> None:
         raise UsageError(f"leaseSeconds must be positive, got {spec.lease_seconds}")
     if spec.chunk_size <= 0:
         raise UsageError(f"chunk size must be positive, got {spec.chunk_size}")
+    if spec.output_format not in OUTPUT_FORMATS:
+        raise UsageError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                         f"got {spec.output_format!r}")
 
 
 def parse_size(text: str) -> int:

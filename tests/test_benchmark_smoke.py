@@ -132,3 +132,22 @@ def test_kubemr_peer_success_and_failure(tiny: corpus.Corpus, tmp_path: Path) ->
     opts = wordcount.KubemrOptions(executable=bad, workers=2, work_dir=tmp_path)
     with pytest.raises(wordcount.PeerError, match=r"exited 3[\s\S]*boom: no such job"):
         wordcount.run_kubemr(opts, tiny.directory)
+
+
+def test_kubemr_in_every_format_matches_the_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The real CLI on a small corpus: text, jsonl and parquet results all equal Counter's.
+    status = wordcount.main(["--size-mib", "0.25", "--files", "2", "--only", "kubemr",
+                             "--formats", "text,jsonl,parquet", "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for row in ("kubemr ", "kubemr-jsonl", "kubemr-parquet"):
+        assert row in out
+    assert "FAIL" not in out and "ERROR" not in out
+
+
+def test_results_reader_rejects_a_directory_without_manifest(tmp_path: Path) -> None:
+    (tmp_path / "part-00000.jsonl").write_bytes(b'["a", 1]\n')
+    with pytest.raises(wordcount.PeerError, match="no _SUCCESS manifest"):
+        wordcount.read_kubemr_results(tmp_path)

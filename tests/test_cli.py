@@ -479,6 +479,8 @@ def test_bad_input_fails_with_one_line_and_exit_2(tmp_path: Path, args: list[str
     (["--chunk-size", "lots"], "invalid size 'lots': use bytes or a suffix like 64MiB, 512k, 1G"),
     (["--chunk-size", "0"], "chunk size must be positive, got 0"),
     (["--arg", "novalue"], "--arg: expected KEY=VALUE, got 'novalue'"),
+    (["--format", "csv"], "Invalid value for --format: expected one of text, jsonl, parquet, "
+                          "got 'csv' (see kubemr submit --help)"),
 ])
 def test_invalid_flag_values_fail_with_one_line_and_exit_2(args: list[str],
                                                            message: str) -> None:
@@ -541,11 +543,13 @@ def test_manifest_from_flags() -> None:
     assert manifest["spec"] == {
         "image": "img:1", "workers": 2, "job": "examples.wordcount", "inputs": ["s3://b/data/"],
         "reducers": 4, "maxAttempts": 3, "leaseSeconds": 30.0, "chunkSize": 64 * 1024 * 1024,
-        "args": {"k": "v"}, "output": "s3://bkt/out", "splitInputs": True}
+        "args": {"k": "v"}, "output": "s3://bkt/out", "splitInputs": True,
+        "outputFormat": "text"}
     named = jobs.build_manifest(jobs.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o", name="mine",
-        split_inputs=False))
+        split_inputs=False, output_format="parquet"))
     assert named["metadata"] == {"name": "mine"} and named["spec"]["splitInputs"] is False
+    assert named["spec"]["outputFormat"] == "parquet"
     assert jobs.build_manifest(jobs.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o"),
     )["metadata"] == {"generateName": "my-job-"}

@@ -161,9 +161,13 @@ def test_valid_job_is_accepted_with_defaults_filled(
         "image": "example/wordcount:1", "inputs": ["s3://data/books/"],
         "job": "/app/wordcount.py", "output": "s3://results/wordcount",
         "workers": 2, "reducers": 1, "maxAttempts": 3, "leaseSeconds": 30,
-        "chunkSize": DEFAULT_CHUNK_SIZE, "splitInputs": True,
+        "chunkSize": DEFAULT_CHUNK_SIZE, "splitInputs": True, "outputFormat": "text",
     }
     assert "status" not in created, "status is a subresource: create ignores it"
+    csv = valid_job()
+    csv["spec"]["outputFormat"] = "csv"
+    with pytest.raises(ApiError, match=r"spec.outputFormat: Unsupported value: \W+csv\W"):
+        kube_cluster.api("POST", JOBS.format(ns=namespace), csv)
 
 
 @pytest.mark.kube
@@ -191,6 +195,8 @@ def test_status_and_immutable_spec_are_enforced(
         status(phase="Running")
     with pytest.raises(ApiError, match=r"spec.reducers is immutable"):
         kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=merge)
+    with pytest.raises(ApiError, match=r"spec.outputFormat is immutable"):
+        kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=merge)
     # What may change on a running job, does.
     assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
                             content_type=merge)["spec"]["workers"] == 8

@@ -71,6 +71,29 @@ def test_reduces_become_claimable_only_after_every_map_commits() -> None:
     assert view.map_outputs(1) == []
 
 
+def test_maps_record_their_key_type_and_clashes_name_both_maps() -> None:
+    records = new_records(maps=3)
+    types = {0: "str", 1: None, 2: "int"}
+    for i, key_type in types.items():
+        body = write(records, protocol.claim(records[protocol.map_key(i)], "w", 0.0, 10, 3))
+        assert body is not None
+        view = JobView(records)
+        if i == 2:
+            # What a map checks before committing: the committed maps it can see.
+            assert view.key_type_clash("map-00002", "int") == (
+                "map-00002 emitted keys of type int but map-00000 emitted str; "
+                "a job's keys must share one type")
+            assert view.key_type_clash("map-00002", "str") is None
+        outputs = {"0": f"run-{i}"} | ({protocol.KEY_TYPE: key_type} if key_type else {})
+        # Two maps committing at one instant both pass that check; the reduce sees it.
+        assert write(records, protocol.commit(body, "w", outputs)) is not None
+    view = JobView(records)
+    assert view.map_outputs(0) == ["run-0", "run-1", "run-2"], "the key type is no partition"
+    assert view.key_type_clash() == (
+        "map-00002 emitted keys of type int but map-00000 emitted str; "
+        "a job's keys must share one type")
+
+
 def test_expired_lease_is_taken_over_as_a_counted_failure() -> None:
     records = new_records()
     held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))

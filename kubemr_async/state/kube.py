@@ -49,7 +49,12 @@ from ..crd import (
 from ..errors import UsageError
 from ..kube import JSON_PATCH, KubeApiError, api_client, api_error, status_message
 from ..protocol import JOB_KEY, Body, Update, task_name
-from ..spec import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS
+from ..spec import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUTPUT_FORMAT,
+)
 from .base import JobNotFound, Record, WatchEvent
 
 log = logging.getLogger("kubemr.state.kube")
@@ -598,6 +603,7 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
             "args": dict(spec.get("args") or {}),
             "output": "" if defaulted == "true" else spec["output"],
             "splitInputs": bool(spec.get("splitInputs", True)),
+            "outputFormat": str(spec.get("outputFormat", DEFAULT_OUTPUT_FORMAT)),
         },
         **{field: status.get(field, default) for field, default in _STATUS_DEFAULTS.items()},
     }

@@ -1,0 +1,71 @@
+"""Read a finished job's results back as Python pairs, in any format (like mrjob's cat_output).
+
+A result location is self-describing: `kubemr run`'s output directory and a cluster job's
+data prefix on S3 both hold a ``_SUCCESS`` manifest naming the format and the parts (paths
+relative to the manifest), which is written only once the job has succeeded. Reading
+follows the manifest, never a directory listing, so stray or partial files are not results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import formats
+from .errors import UsageError
+from .formats import SUCCESS_MARKER
+from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS
+from .storage.urls import is_s3, open_url
+
+__all__ = ["read_results"]
+
+
+def read_results(location: str | os.PathLike[str]) -> Iterator[tuple[Any, Any]]:
+    """Yield every ``(key, value)`` of a job's results, part by part, in part order.
+
+    ``location`` is a local result directory or an ``s3://bucket/prefix`` holding a
+    ``_SUCCESS`` manifest. text parts give str keys and values (surrogateescape, split on
+    the first TAB); jsonl parts the decoded JSON; parquet parts the typed values. A location
+    without a manifest raises UsageError. Parts are read one at a time.
+    """
+    where = str(location).rstrip("/")
+    manifest_url = f"{where}/{SUCCESS_MARKER}"
+    try:
+        manifest = orjson.loads(_read(manifest_url))
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"{where}: no {SUCCESS_MARKER} manifest, so not the results of a "
+                         "finished kubemr job") from None
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"{manifest_url}: not a kubemr manifest: {exc}") from None
+    fmt = manifest.get("format", DEFAULT_OUTPUT_FORMAT)
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"{manifest_url}: unknown format {fmt!r}")
+    for part in manifest.get("parts", []):
+        url = part if is_s3(part) or Path(part).is_absolute() else f"{where}/{part}"
+        yield from formats.decode(_read(url), fmt)
+
+
+def _read(url: str) -> bytes:
+    if not is_s3(url):
+        return Path(url).read_bytes()
+
+    async def get() -> bytes:
+        store, key = open_url(url)
+        try:
+            return await store.get(key)  # BlobNotFound is a FileNotFoundError
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(get())
+    # Called from async code: its loop is busy running us, so fetch on a loop of our own.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, get()).result()
