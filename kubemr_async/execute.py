@@ -39,13 +39,8 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def run_map(job: Job, data: bytes,
-                  ctx: TaskContext) -> tuple[dict[int, bytes], str | None]:
-    """Map one split: user map, map-side combine, partition.
-
-    Returns the encoded non-empty runs and the type of the keys (None if no keys), which
-    the runtime checks against the other maps' before it commits.
-    """
+async def _map_table(job: Job, data: bytes, ctx: TaskContext) -> shuffle.Table:
+    """Call the user's map on one split: everything it emitted, in emission order."""
     assert job.map_fn is not None
     pairs = await call_user(job.map_fn, _map_argument(job, data, ctx), ctx)
     returned = inspect.isfunction(job.map_fn) and not (
@@ -57,7 +52,17 @@ async def run_map(job: Job, data: bytes,
             raise PermanentTaskError(
                 f"map must yield (key, value) tuples or call ctx.emit; it {how}")
         ctx.emit(*item)
-    table = ctx._emitted()
+    return ctx._emitted()
+
+
+async def run_map(job: Job, data: bytes,
+                  ctx: TaskContext) -> tuple[dict[int, bytes], str | None]:
+    """Map one split: user map, map-side combine, partition.
+
+    Returns the encoded non-empty runs and the type of the keys (None if no keys), which
+    the runtime checks against the other maps' before it commits.
+    """
+    table = await _map_table(job, data, ctx)
     combiner = job.map_side_combiner
     if isinstance(combiner, str):
         table = shuffle.combine(table, combiner)
@@ -66,6 +71,16 @@ async def run_map(job: Job, data: bytes,
     parts = shuffle.partition(table, ctx.partitions)
     runs = {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
     return runs, shuffle.key_type(table)
+
+
+async def run_map_only(job: Job, data: bytes, ctx: TaskContext,
+                       output_format: OutputFormat) -> bytes:
+    """Map one split of a map-only job (no reducers): its result part, in emission order.
+
+    As in Hadoop, a map-only job has no shuffle, so no combiner runs and nothing is sorted;
+    keys of different types in different maps are fine, as no reduce compares them.
+    """
+    return formats.encode(await _map_table(job, data, ctx), output_format)
 
 
 async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext,

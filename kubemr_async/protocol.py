@@ -267,6 +267,8 @@ class JobView:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._pending = {TaskKind.MAP.value: _Sample(), TaskKind.REDUCE.value: _Sample()}
         self._running: dict[str, Body] = {}
+        # Committed maps by the type of their keys (a clash is two non-empty entries).
+        self._key_types: dict[str, set[str]] = {}
         for key, body in (records or {}).items():
             self.update(key, body)
 
@@ -280,7 +282,13 @@ class JobView:
             self._counts[(old["kind"], old["state"])] -= 1
             self._pending[old["kind"]].discard(key)
             self._running.pop(key, None)
+            old_type = _key_type(old)
+            if old_type is not None:
+                self._key_types[old_type].discard(key)
         self.records[key] = body
+        new_type = _key_type(body)
+        if new_type is not None:
+            self._key_types.setdefault(new_type, set()).add(key)
         self._counts[(body["kind"], body["state"])] += 1
         if body["state"] == TaskState.PENDING:
             self._pending[body["kind"]].add(key)
@@ -383,20 +391,16 @@ class JobView:
         """Why the job's keys do not share one type, or None if they do.
 
         With ``task`` and ``key_type``: whether that map's keys can join the committed
-        maps'. Without: the first clash among the committed maps themselves.
+        maps'. Without: the first clash among the committed maps themselves. The clash
+        names the first committed map (by name) of each type; O(number of key types).
         """
-        seen: list[tuple[str, str]] = []
-        for body in self.maps:
-            other = (body["outputs"] or {}).get(KEY_TYPE)
-            if body["state"] != TaskState.COMMITTED or other is None:
-                continue
-            if key_type is None:
-                seen.append((task_name(body), other))
-            elif other != key_type and task_name(body) != task:
-                return _key_clash(task or "a map", key_type, task_name(body), other)
-        for name, kind in seen[1:]:
-            if kind != seen[0][1]:
-                return _key_clash(name, kind, *seen[0])
+        firsts = sorted((min(tasks), kind) for kind, tasks in self._key_types.items()
+                        if tasks - {task})
+        if key_type is not None:
+            other = next(((name, kind) for name, kind in firsts if kind != key_type), None)
+            return None if other is None else _key_clash(task or "a map", key_type, *other)
+        if len(firsts) > 1:
+            return _key_clash(*firsts[1], *firsts[0])
         return None
 
     def verdict(self) -> Update | None:
@@ -423,6 +427,14 @@ class JobView:
             return None
         return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
                                             results=results)))
+
+
+def _key_type(body: Mapping[str, Any]) -> str | None:
+    """The key type a committed map recorded with its outputs (None for any other record)."""
+    if body["kind"] != TaskKind.MAP or body["state"] != TaskState.COMMITTED:
+        return None
+    outputs = body["outputs"]
+    return outputs.get(KEY_TYPE) if isinstance(outputs, Mapping) else None
 
 
 def _key_clash(task: str, kind: str, other_task: str, other_kind: str) -> str:

@@ -304,15 +304,23 @@ class Worker:
             runs = await self._gather(self.blobs.get(key) for key in inputs)
             fmt = self.spec.output_format
             part = await self.user.run(execute.run_reduce(self.job, runs, ctx, fmt))
-            # The attempt goes before the extension, so tools that go by it still read it.
-            stem, dot, extension = formats.part_name(index, fmt).partition(".")
-            key = f"{self.prefix}/output/{stem}.attempt-{ctx.attempt}{dot}{extension}"
-            await self.blobs.put(key, part)
-            return self.blobs.url(key)
+            return await self._put_part(index, ctx.attempt, part)
         return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
 
-    async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str]:
+    async def _put_part(self, index: int, attempt: int, part: bytes) -> str:
+        """Store result part ``index`` under an attempt-unique key; its URL is the output."""
+        # The attempt goes before the extension, so tools that go by it still read it.
+        stem, dot, extension = formats.part_name(index, self.spec.output_format).partition(".")
+        key = f"{self.prefix}/output/{stem}.attempt-{attempt}{dot}{extension}"
+        await self.blobs.put(key, part)
+        return self.blobs.url(key)
+
+    async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body)
+        if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
+            part = await self.user.run(
+                execute.run_map_only(job, data, ctx, self.spec.output_format))
+            return await self._put_part(int(body["index"]), ctx.attempt, part)
         runs, key_type = await self.user.run(execute.run_map(job, data, ctx))
         base = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}"
         keys = {r: f"{base}/part-{r:05d}.run" for r in runs}

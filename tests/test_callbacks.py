@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kubemr_async import read_results
+
 KUBEMR = str(Path(sys.executable).parent / "kubemr")
 TEXT = "the cat saw the dog\nthe dog ran\n" * 50
 
@@ -133,3 +135,59 @@ async def words(text, ctx):
     assert result.returncode == 2
     assert "has no reducer" in result.stderr and "--reducers 0" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+MAP_ONLY = """
+from kubemr_async import Job
+job = Job()
+
+@job.map
+def upper(text, ctx):
+    for number, line in enumerate(text.splitlines()):
+        yield line.upper(), number
+"""
+
+
+def test_map_only_job_writes_each_maps_output_as_a_part_in_map_order(tmp_path: Path) -> None:
+    lines = [f"line {i:03d} of the input" for i in range(300)]
+    (tmp_path / "job.py").write_text(MAP_ONLY)
+    data = tmp_path / "in.txt"
+    data.write_text("".join(f"{line}\n" for line in lines))
+    out = tmp_path / "out"
+    result = kubemr("run", str(tmp_path / "job.py"), "--input", str(data), "--output",
+                    str(out), "--reducers", "0", "--chunk-size", "2k", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    parts = sorted(out.glob("part-*"))
+    assert len(parts) == -(-data.stat().st_size // 2048) > 2, "one part per map"
+    keys = [line.split("\t")[0] for part in parts for line in part.read_text().splitlines()]
+    assert keys == [line.upper() for line in lines], "map order, then emission order"
+    pairs = list(read_results(out))
+    assert [key for key, _ in pairs] == keys
+    # Each map numbers its own lines from 0: the values restart at every part boundary.
+    assert [value for _, value in pairs].count("0") == len(parts)
+
+
+def test_map_only_ignores_a_defined_reducer_and_honours_the_format(tmp_path: Path) -> None:
+    result = run_job(tmp_path, STYLES["plain functions"], "--reducers", "0",
+                     "--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    pairs = list(read_results(tmp_path / "out"))
+    assert sorted(pairs) == sorted((word, 1) for word in TEXT.split()), "no reduce ran"
+    assert all(part.name.endswith(".jsonl") for part in (tmp_path / "out").glob("part-*"))
+
+
+def test_a_low_level_job_cannot_run_map_only(tmp_path: Path) -> None:
+    result = run_job(tmp_path, """
+from kubemr_async import JobWorker
+
+class W(JobWorker):
+    async def map(self, task_id, input, ctx):
+        return {}
+
+    async def reduce(self, partition, inputs, ctx):
+        return ""
+
+job = W()
+""", "--reducers", "0")
+    assert result.returncode == 2
+    assert "needs at least one reducer" in result.stderr
