@@ -114,7 +114,7 @@ def test_text_mode_words_are_the_input_bytes(tmp_path: Path, kind: str) -> None:
     source = write(tmp_path / "in.bin", data)
     job = write(tmp_path / "job.py", TEXT_WORDS)
     out = tmp_path / "text"
-    result = kubemr("run", str(job), "-i", str(source), "-o", str(out), "--reducers", "3",
+    result = kubemr("run", str(job), "-i", str(source), "--output", str(out), "--reducers", "3",
                     "--chunk-size", "8k")
     assert result.returncode == 0, result.stderr
     lines = sorted(line for part in sorted(out.glob("part-*"))
@@ -122,11 +122,11 @@ def test_text_mode_words_are_the_input_bytes(tmp_path: Path, kind: str) -> None:
     assert lines == sorted(w + b"\t" + str(n).encode() for w, n in reference.items())
     assert counts(out) == reference
     out = tmp_path / "jsonl"
-    result = kubemr("run", str(job), "-i", str(source), "-o", str(out), "--format", "jsonl")
+    result = kubemr("run", str(job), "-i", str(source), "--output", str(out), "--format", "jsonl")
     assert result.returncode == 0, result.stderr
     assert counts(out) == reference
     # A parquet string column holds UTF-8 only: the task fails naming an undecodable key.
-    result = kubemr("run", str(job), "-i", str(source), "-o", str(tmp_path / "pq"),
+    result = kubemr("run", str(job), "-i", str(source), "--output", str(tmp_path / "pq"),
                     "--format", "parquet")
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
@@ -138,7 +138,7 @@ def test_text_mode_words_are_the_input_bytes(tmp_path: Path, kind: str) -> None:
 def test_each_format_end_to_end(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
     result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA),
-                    "-o", str(out), "--reducers", "2", "--format", fmt)
+                    "--output", str(out), "--reducers", "2", "--format", fmt)
     assert result.returncode == 0, result.stderr
     reference = Counter(w for path in sorted(DATA.iterdir()) for w in path.read_bytes().split())
     assert counts(out) == reference
@@ -163,7 +163,7 @@ def test_mixed_key_types_fail_at_a_map_naming_both(tmp_path: Path, chunk_size: s
     write(data / "a-numbers.txt", "".join(f"{i} {i * 7}\n" for i in range(600)))
     write(data / "b-words.txt", "some words here\n" * 300)
     result = kubemr("run", str(write(tmp_path / "job.py", MIXED_KEYS)), "-i", str(data),
-                    "-o", str(tmp_path / "out"), "--chunk-size", chunk_size,
+                    "--output", str(tmp_path / "out"), "--chunk-size", chunk_size,
                     "--workers", workers, "--reducers", "2", "--max-attempts", "3")
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
@@ -179,13 +179,13 @@ def test_mixed_key_types_fail_at_a_map_naming_both(tmp_path: Path, chunk_size: s
 def test_text_refuses_a_key_with_a_tab_and_jsonl_keeps_it(tmp_path: Path) -> None:
     source = write(tmp_path / "in.txt", "alpha beta\n")
     job = write(tmp_path / "job.py", TAB_KEY)
-    result = kubemr("run", str(job), "-i", str(source), "-o", str(tmp_path / "text"))
+    result = kubemr("run", str(job), "-i", str(source), "--output", str(tmp_path / "text"))
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert re.search(r"task reduce-\d{5} attempt 1: FormatError: key 'with\\ttab' contains "
                      r"a TAB", error), error
     assert "use --format jsonl or parquet" in error
-    result = kubemr("run", str(job), "-i", str(source), "-o", str(tmp_path / "jsonl"),
+    result = kubemr("run", str(job), "-i", str(source), "--output", str(tmp_path / "jsonl"),
                     "--format", "jsonl")
     assert result.returncode == 0, result.stderr
     assert sorted(read_results(tmp_path / "jsonl")) == [("with\ttab", "alpha"),
@@ -193,7 +193,7 @@ def test_text_refuses_a_key_with_a_tab_and_jsonl_keeps_it(tmp_path: Path) -> Non
 
 
 def test_bad_format_flag_and_a_location_without_results(tmp_path: Path) -> None:
-    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA), "-o",
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA), "--output",
                     str(tmp_path / "out"), "--format", "csv")
     assert result.returncode == 2
     assert "--format" in result.stderr and "text, jsonl, parquet" in result.stderr
