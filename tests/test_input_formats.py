@@ -117,7 +117,7 @@ def test_a_previous_output_directory_and_hidden_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (first / "_SUCCESS").is_file()
     (first / ".part-00000.crc").write_bytes(b"HIDDENCRC\n")
-    (first / "_logs").mkdir()
+    assert (first / "_logs").is_dir(), "kubemr run keeps its workers' logs in _logs/"
     (first / "_logs" / "history.txt").write_bytes(b"LOGGED\n")
     more = tmp_path / "more"
     more.mkdir()

@@ -146,7 +146,8 @@ def test_each_format_end_to_end(tmp_path: Path, fmt: str) -> None:
     suffix = {"text": "", "jsonl": ".jsonl", "parquet": ".parquet"}[fmt]
     assert manifest["format"] == fmt
     assert manifest["parts"] == [f"part-0000{r}{suffix}" for r in range(2)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["parts"], "_SUCCESS"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["parts"], "_SUCCESS",
+                                                            "_logs"])
     if fmt == "parquet":
         # Readable by another tool, with plain types: the example emits bytes words.
         tables = [pq.read_table(out / part) for part in manifest["parts"]]
