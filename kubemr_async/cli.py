@@ -446,7 +446,8 @@ def results(
     name: JobName,
     cat: Annotated[bool, typer.Option(
         help="Print the result objects' contents in partition order, each as soon as its "
-             "reduce commits (while the job still runs).")] = False,
+             "reduce commits (while the job still runs); parquet parts as JSON lines.")]
+    = False,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -464,10 +465,11 @@ def results(
                 typer.echo(result)
             return
         reader = ResultReader()
+        fmt = (await client.get(name)).get("spec", {}).get("outputFormat", "text")
         try:
             async with contextlib.aclosing(client.results(name)) as parts:
                 async for partition, url in parts:
-                    await reader.copy(name, partition, url, _write)
+                    await reader.copy(name, partition, url, _write, fmt)
         finally:
             await reader.aclose()
 

@@ -31,6 +31,7 @@ Strings follow the shuffle's one rule, UTF-8 with ``surrogateescape``
 from __future__ import annotations
 
 import io
+import json
 import reprlib
 from collections.abc import Iterator
 from json.encoder import encode_basestring, encode_basestring_ascii
@@ -54,7 +55,7 @@ from .shuffle import (
 )
 from .spec import OUTPUT_FORMATS, OutputFormat
 
-__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "part_name"]
+__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "part_name", "printable"]
 
 #: The manifest a finished job leaves beside its parts: {"job", "format", "results", "parts"}.
 SUCCESS_MARKER = "_SUCCESS"
@@ -116,6 +117,27 @@ def decode(data: bytes, fmt: OutputFormat) -> Iterator[tuple[Any, Any]]:
             if not tab:
                 raise FormatError(f"text line {number} has no TAB between key and value")
             yield bytes_to_str(key), bytes_to_str(value)
+
+
+def printable(data: bytes, fmt: OutputFormat) -> bytes:
+    """A part as lines a terminal can show: text and jsonl as they are, parquet as jsonl.
+
+    What ``kubemr results --cat`` prints. JSON has no NaN, so a parquet part holding one is
+    printed with the ``NaN``/``Infinity`` tokens Python's ``json`` reads (and says so here).
+    """
+    if _checked(fmt) != "parquet":
+        return data
+    table = pq.read_table(pa.BufferReader(data))
+    try:
+        return _encode_jsonl(table) if table.num_rows else b""
+    except FormatError:
+        return b"".join(
+            json.dumps([_jsonable(k), _jsonable(v)], separators=(",", ":")).encode() + b"\n"
+            for k, v in decode(data, fmt))
+
+
+def _jsonable(value: Any) -> Any:
+    return bytes_to_str(value) if isinstance(value, bytes) else value
 
 
 def _checked(fmt: str) -> OutputFormat:
@@ -211,7 +233,7 @@ def _json_column(table: Table, role: _Role) -> pa.Array:
         rows = pc.indices_nonzero(suspect).to_pylist()
         _require_finite(table, [r for r in rows if is_non_finite(load_json(column[r].as_py()))],
                         role)
-        return column
+        return column.cast(pa.binary())  # a parquet part read back holds it as string
     if kind in ("bytes", "strbytes"):
         try:
             # Valid UTF-8 (the usual case) decodes in C.

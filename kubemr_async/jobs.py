@@ -465,7 +465,8 @@ class ResultReader:
         self._stores: dict[str, BlobStore] = {}
 
     async def copy(self, name: str, partition: int, url: str,
-                   write: Callable[[bytes], None]) -> None:
+                   write: Callable[[bytes], None], output_format: OutputFormat = "text") -> None:
+        """Write one result object to ``write``; a binary parquet part as JSON lines."""
         if not is_s3(url):
             raise UsageError(f"job {name}: the result of partition {partition} is not an "
                              f"s3:// URL ({url[:80]!r}); print it with `kubemr results`")
@@ -473,6 +474,11 @@ class ResultReader:
         store = self._stores.setdefault(bucket, S3BlobStore.from_env(bucket))
         start = 0
         try:
+            if output_format == "parquet":  # a parquet file is only readable whole
+                from . import formats  # pyarrow: imported only when needed
+
+                write(formats.printable(await store.get(key), output_format))
+                return
             while True:
                 data = await store.get(key, start, start + CAT_CHUNK)
                 write(data)

@@ -244,3 +244,17 @@ def test_text_mode_words_round_trip_byte_exact(source: str, fmt: OutputFormat) -
     if fmt == "text":
         lines = formats.encode(counted, fmt).splitlines()
         assert sorted(lines) == sorted(w + b"\t" + str(n).encode() for w, n in reference.items())
+
+
+@pytest.mark.parametrize("values", [[1, 2.5, None], [1.5, math.nan, 2.0]])
+def test_printable_shows_a_parquet_part_as_json_lines(values: list[Any]) -> None:
+    table = shuffle.pairs_to_table(["a", "b", "c"], values)
+    printed = formats.printable(formats.encode(table, "parquet"), "parquet")
+    lines = [json.loads(line) for line in printed.decode().splitlines()]
+    expected = [[k, v] for k, v in zip(["a", "b", "c"], values, strict=True)]
+    assert [k for k, _ in lines] == ["a", "b", "c"]
+    for (_, got), (_, want) in zip(lines, expected, strict=True):
+        assert got == want or (math.isnan(got) and math.isnan(want))
+    text = formats.encode(table, "text") if not any(
+        isinstance(v, float) and math.isnan(v) for v in values) else b"a\t1\n"
+    assert formats.printable(text, "text") == text, "text parts print as they are"
