@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -108,6 +109,66 @@ def peer_dask_bag(paths: Sequence[str], workers: int) -> WordCounts:
     freqs = bag.map(read_split).flatten().frequencies()
     pairs = freqs.compute(scheduler="processes", num_workers=workers)
     return dict(pairs)
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its descendants while a peer runs.
+
+    A thread samples ``/proc`` every 20 ms and sums the resident set of the whole process
+    tree (kubemr's parent and worker processes, a Pool's children, dask's workers); the
+    figure reported is the peak above the tree's size just before the peer started, so the
+    benchmark's own memory (the reference counts) is not charged to the peer. Linux only:
+    elsewhere it reports nothing.
+    """
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @classmethod
+    def _tree_bytes(cls) -> int:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # The command name may hold spaces; the fields after its ')' are fixed.
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        total, stack = 0, [os.getpid()]
+        while stack:
+            pid = stack.pop()
+            stack += children.get(pid, [])
+            try:
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    total += int(f.read().split()[1]) * cls._PAGE
+            except OSError:
+                continue
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._tree_bytes() - self._base)
+
+    def __enter__(self) -> PeakRSS:
+        self._available = os.path.isdir("/proc")
+        if self._available:
+            self._base = self._tree_bytes()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._available:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._tree_bytes() - self._base)
 
 
 @dataclass
@@ -231,6 +292,7 @@ class Result:
     correct: bool = True
     error: str | None = None
     runs: list[float] = field(default_factory=list)
+    peak_rss: int | None = None  # bytes, the largest of the runs (see PeakRSS)
 
 
 def diff_summary(ref: WordCounts, got: WordCounts, examples: int = 5) -> str:
@@ -290,7 +352,8 @@ def record_run(
     """Run once, append the time to `result`, check against `reference` if given."""
     print(f"  {result.peer} {label} ...", end="", flush=True, file=sys.stderr)
     try:
-        seconds, counts = run()
+        with PeakRSS() as memory:
+            seconds, counts = run()
     except Exception as exc:  # any failure is reported in the table, not a crash
         print(" failed", file=sys.stderr)
         result.error = str(exc) if isinstance(exc, PeerError) else f"{type(exc).__name__}: {exc}"
@@ -300,6 +363,8 @@ def record_run(
     print(f" {seconds:.2f} s", file=sys.stderr)
     result.runs.append(seconds)
     result.seconds = min(result.runs)
+    if memory.peak:
+        result.peak_rss = max(result.peak_rss or 0, memory.peak)
     if reference is not None and counts != reference:
         result.correct = False
         result.error = diff_summary(reference, counts)
@@ -338,11 +403,11 @@ def machine_info() -> list[str]:
 
 def format_table(results: Sequence[Result], size_bytes: int) -> str:
     kubemr = next((r for r in results if r.peer == "kubemr" and r.seconds), None)
-    header = ("peer", "seconds", "MB/s", "kubemr x faster", "correct")
+    header = ("peer", "seconds", "MB/s", "kubemr x faster", "peak RSS MiB", "correct")
     rows: list[tuple[str, ...]] = []
     for r in results:
         if r.seconds is None:
-            rows.append((r.peer, "-", "-", "-", "ERROR"))
+            rows.append((r.peer, "-", "-", "-", "-", "ERROR"))
             continue
         ratio = f"{r.seconds / kubemr.seconds:.2f}x" if kubemr and kubemr.seconds else "n/a"
         rows.append(
@@ -351,6 +416,7 @@ def format_table(results: Sequence[Result], size_bytes: int) -> str:
                 f"{r.seconds:.2f}",
                 f"{size_bytes / 1e6 / r.seconds:.1f}",
                 ratio,
+                f"{r.peak_rss / 2**20:.0f}" if r.peak_rss else "n/a",
                 "PASS" if r.correct else "FAIL",
             )
         )
@@ -499,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         "MB/s = 10^6 bytes of input per wall-clock second; 'kubemr x faster' = peer seconds "
-        "/ kubemr seconds (>1: kubemr is faster)."
+        "/ kubemr seconds (>1: kubemr is faster); peak RSS = the peer's whole process tree, "
+        "sampled every 20 ms, above the benchmark's own."
     )
     failed = [r for r in results.values() if not r.correct]
     for r in failed:
