@@ -7,6 +7,11 @@ reducer also combines map-side, so only (word, partial count) pairs cross the sh
 Each reduce output holds ``word<TAB>count`` lines sorted by word.
 
     kubemr run examples/wordcount.py --input examples/data --output /tmp/wordcount
+
+Read the counts back in Python (any ``--format``; a result directory or an s3:// prefix)::
+
+    from kubemr_async import read_results
+    counts = dict(read_results("/tmp/wordcount"))
 """
 
 from kubemr_async import Job, TaskContext
