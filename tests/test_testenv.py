@@ -26,15 +26,7 @@ import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from kubemr_async.testing.cluster import (
-    ApiError,
-    TestCluster,
-    _make_pki_cryptography,
-    _make_pki_openssl,
-    _self_signed_cryptography,
-    _self_signed_openssl,
-    pinned_versions,
-)
+from kubemr_async.testing.cluster import ApiError, TestCluster, pinned_versions
 from kubemr_async.testing.kubelet import (
     NODE_LEASE_NAMESPACE,
     FakeKubelet,
@@ -42,6 +34,12 @@ from kubemr_async.testing.kubelet import (
     local_argv,
     stamp_lines,
     tail_offset,
+)
+from kubemr_async.testing.pki import (
+    _make_pki_cryptography,
+    _make_pki_openssl,
+    _self_signed_cryptography,
+    _self_signed_openssl,
 )
 from kubemr_async.testing.s3server import S3Server
 

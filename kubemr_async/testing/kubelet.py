@@ -70,7 +70,7 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubemr_async.testing import TestEnvError
-from kubemr_async.testing.cluster import make_self_signed_cert
+from kubemr_async.testing.pki import make_self_signed_cert
 
 log = logging.getLogger(__name__)
 
