@@ -10,7 +10,7 @@ could build it, else moto) unless ``--endpoint`` points at a running server (cre
 then come from the AWS_* environment variables). For each concurrency it PUTs every object,
 then GETs every object back (checked byte for byte outside the timed region) and reports
 MB/s (10^6 bytes per wall-clock second) with the speed-up over the first concurrency: the
-ratio is the figure to compare across machines (DESIGN.md, "Performance").
+ratio is the figure to compare across machines, as it survives their different speeds.
 
 Also measured: PUTs without SigV4 payload hashing (``payload_signing=False``); one large
 object written with multipart upload (parts in flight up to the pool size) and read back

@@ -14,7 +14,7 @@ Three parts, each timing kubemr's shuffle and a plain-Python peer on the same da
 3. The codec inside the run format: encode + decode time and size for none/lz4/zstd,
    and the storage throughput below which the smaller codec wins end to end.
 
-Ratios matter more than absolute times on shared machines (DESIGN.md, "Performance").
+Ratios matter more than absolute times on shared machines: other load slows both sides.
 Nothing is asserted; ``tests/test_shuffle.py`` checks correctness.
 """
 

@@ -17,7 +17,7 @@ map returns its input string, so the job does no blob I/O) with N inputs and
   it and creates the worker Job, the FakeKubelet runs its pods. The operator deletes a
   Succeeded job's tasks at once, so only the results are checked.
 
-What it reports, per N (DESIGN.md, "Performance"):
+What it reports, per N:
 
 * API writes per task, from the API server's own ``/metrics`` (``apiserver_request_total``
   deltas for POST/PATCH on mapreducetasks and mapreducejobs): independent of our code,

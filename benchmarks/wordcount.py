@@ -10,7 +10,7 @@ Every peer counts the same cached corpus (see ``corpus.py``) and must produce ex
 ``collections.Counter`` reference: a word is a maximal run of non-whitespace bytes, i.e.
 ``bytes.split()``, case-sensitive, raw bytes. Timings are wall-clock, best of --repeat;
 the ratio column is kubemr's speed over the peer's, because ratios survive the drift of
-shared machines better than absolute times (DESIGN.md, "Performance").
+shared machines better than absolute times.
 ``--formats`` also runs kubemr with ``--format jsonl``/``parquet`` (rows ``kubemr-jsonl``,
 ``kubemr-parquet``); their results are read back with ``kubemr_async.read_results`` and
 checked against the same reference, so the table shows what each format costs.

@@ -16,6 +16,18 @@ from .errors import PermanentTaskError
 from .spec import OutputFormat
 
 
+class CorruptRun(Exception):
+    """Run ``position`` of a reduce's inputs failed its checks (``shuffle.decode_run``).
+
+    Reading it again cannot help, so the runtime re-opens the map that wrote it instead of
+    counting a failure against the reduce; ``position`` says which map that is.
+    """
+
+    def __init__(self, position: int, error: shuffle.CorruptRunError) -> None:
+        super().__init__(str(error))
+        self.position = position
+
+
 def _map_argument(job: Job, data: bytes, ctx: TaskContext) -> object:
     if job.map_input == "bytes":
         return data
@@ -86,7 +98,12 @@ async def run_map_only(job: Job, data: bytes, ctx: TaskContext,
 async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext,
                      output_format: OutputFormat) -> bytes:
     """Reduce one partition from every map's run; returns the part in ``output_format``."""
-    tables = [shuffle.decode_run(run) for run in runs]
+    tables = []
+    for position, run in enumerate(runs):
+        try:
+            tables.append(shuffle.decode_run(run))
+        except shuffle.CorruptRunError as exc:
+            raise CorruptRun(position, exc) from exc
     if isinstance(job.reducer, str):
         return formats.encode(shuffle.merge_runs(tables, job.reducer), output_format)
     # A map-side built-in combiner already merged counts; merge_runs finishes that merge.

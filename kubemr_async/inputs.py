@@ -20,16 +20,21 @@ Two more of Hadoop's rules keep real directories safe to name as inputs:
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import compression
 from .errors import PermanentTaskError, UsageError
 from .spec import JobSpec
-from .storage.base import BlobStore
-from .storage.urls import is_s3
+from .storage.base import BlobNotFound, BlobStore
+from .storage.urls import is_s3, split_s3
+
+if TYPE_CHECKING:
+    from .storage.s3 import S3Config
 
 Split = tuple[str, tuple[int, int] | None]
 _WINDOW = 64 * 1024
@@ -79,12 +84,129 @@ async def expand_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     for pattern in patterns:
         if is_s3(pattern):
-            from .storage.s3 import expand_s3
-
             found += await expand_s3(pattern)
         else:
             found += expand_local(pattern)
     return found
+
+
+async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[str, int]]:
+    """The objects an ``s3://`` input names, as ``(url, size)``, without reading any data.
+
+    ``s3://bucket/key`` is one object (or, if absent, the prefix ``key/``);
+    ``s3://bucket/prefix/`` is every object below it; a key with ``*?[`` is a glob matched
+    per path segment. Objects whose name below a prefix (or, for a glob, whose own last
+    segment) starts with ``_`` or ``.`` are skipped, as for local inputs; an object named
+    exactly is read whatever its name. Anything that names nothing is a UsageError with a
+    one-line reason, raised before a job starts.
+    """
+    # Imported here: a job with local inputs never loads aiobotocore.
+    from .storage.s3 import S3BlobStore, S3Config, S3Error, valid_bucket_name
+
+    bucket, key = split_s3(pattern)
+    if not valid_bucket_name(bucket):
+        raise UsageError(f"invalid S3 URL {pattern!r}: {bucket!r} is not a bucket name")
+    store = S3BlobStore(bucket, config if config is not None else S3Config.from_env())
+    try:
+        return await expand_store(store, pattern, key)
+    except _EmptyPrefix:
+        # An empty listing does not say whether the bucket exists; HeadBucket does.
+        if await store.bucket_missing():
+            raise UsageError(f"input {pattern}: bucket {bucket!r} does not exist") from None
+        raise
+    except S3Error as exc:
+        if exc.bucket_missing:
+            raise UsageError(f"input {pattern}: bucket {bucket!r} does not exist") from None
+        if exc.access_denied:
+            raise UsageError(f"input {pattern}: access denied ({exc.code}); check the S3 "
+                             f"credentials and the bucket policy") from None
+        raise
+    finally:
+        await store.aclose()
+
+
+class _EmptyPrefix(UsageError):
+    """A prefix lists nothing at all: the caller may know a better reason (no such bucket)."""
+
+
+async def expand_store(store: BlobStore, pattern: str, key: str) -> list[tuple[str, int]]:
+    """What ``key`` (an object, a prefix, or a glob) names in ``store``, as ``(url, size)``.
+
+    Only :meth:`BlobStore.list_sized` and ``size`` are used, so the rules are the same on
+    every backend; ``pattern`` is the user's spelling, for error messages.
+    """
+    if _GLOB_CHARS & set(key):
+        literal = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)]
+        matched = [(k, n) for k, n in await store.list_sized(literal)
+                   if not _folder_marker(k, n) and _glob_match(key, k)]
+        if not matched:
+            raise UsageError(f"input glob {pattern!r} matches no objects")
+        found = [(k, n) for k, n in matched if not is_hidden(k.rsplit("/", 1)[-1])]
+        if not found:
+            raise UsageError(f"input glob {pattern!r} matches no data objects ({HIDDEN_NOTE})")
+    elif key == "" or key.endswith("/"):
+        listed = await store.list_sized(key)
+        found = [(k, n) for k, n in listed if _visible(k, n, key)]
+        if not found:
+            if any(not _folder_marker(k, n) for k, n in listed):
+                raise UsageError(f"input prefix {pattern} contains no data objects "
+                                 f"({HIDDEN_NOTE})")
+            raise _EmptyPrefix(f"input prefix {pattern} contains no objects")
+    else:
+        try:
+            found = [(key, await store.size(key))]
+        except BlobNotFound:
+            listed = await store.list_sized(key + "/")
+            found = [(k, n) for k, n in listed if _visible(k, n, key + "/")]
+            if not found:
+                if any(not _folder_marker(k, n) for k, n in listed):
+                    raise UsageError(f"input prefix {pattern}/ contains no data objects "
+                                     f"({HIDDEN_NOTE})") from None
+                raise UsageError(f"input {pattern} does not exist") from None
+    return [(store.url(k), n) for k, n in found]
+
+
+def _folder_marker(key: str, size: int) -> bool:
+    """Zero-byte ``name/`` objects are folders that S3 consoles create, not data."""
+    return key.endswith("/") and size == 0
+
+
+def _glob_match(pattern: str, key: str) -> bool:
+    """Match like a local ``glob(recursive=True)``, so S3 and local inputs agree.
+
+    Per '/' segment: ``*``/``?``/``[..]`` stay inside a segment, a ``**`` segment spans any
+    number of segments, and hidden segments (``.name``) only match a pattern segment that
+    itself starts with '.'.
+    """
+    parts = key.split("/")
+    reach = {0}  # how many key segments the pattern so far can have consumed
+    for pat in pattern.split("/"):
+        if pat == "**":
+            spans = set()
+            for j in reach:
+                spans.add(j)
+                while j < len(parts) and not parts[j].startswith("."):
+                    j += 1
+                    spans.add(j)
+            reach = spans
+        else:
+            reach = {j + 1 for j in reach if j < len(parts)
+                     and (pat.startswith(".") or not parts[j].startswith("."))
+                     and fnmatch.fnmatchcase(parts[j], pat)}
+        if not reach:
+            return False
+    return len(parts) in reach
+
+
+def _visible(key: str, size: int, prefix: str) -> bool:
+    """Whether a listed object is an input, like a file in a local input directory.
+
+    Keys with a hidden segment below the prefix (``.staging/x``, ``_SUCCESS``,
+    ``_temporary/x``) are skipped as local directory inputs skip hidden files.
+    """
+    if _folder_marker(key, size):
+        return False
+    return not any(is_hidden(part) for part in key[len(prefix):].split("/"))
 
 
 def plan_splits(objects: Sequence[tuple[str, int]], chunk_size: int) -> list[Split]:
@@ -141,8 +263,6 @@ async def _unsplit(text: str) -> list[str]:
     if is_s3(text):
         key = text[len("s3://"):].partition("/")[2]
         if text.endswith("/") or _GLOB_CHARS & set(key):
-            from .storage.s3 import expand_s3
-
             return [url for url, _ in await expand_s3(text)]
         return [text]
     return _unsplit_local(text)

@@ -14,13 +14,17 @@ Task lifecycle::
 
     pending --claim--> running --commit--> committed
        ^                  |  \\--fail (failures == maxAttempts)--> failed
-       |--fail/release----/
-       |--lease expired (counted as a failure)
+       |--fail/release----/                                         ^
+       |--lease expired (counted as a failure)                      |
+       |                                                            |
+       \\----reopen----- committed map -----reopen (failures == maxAttempts)
+            (a reduce found the run it wrote corrupt; counted as a failure)
 
 ``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
 lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
-leases) against ``maxAttempts``. Every write bumps ``seq``, and every guarded write tests
-it, which makes each update a compare-and-swap on the whole record.
+leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
+Every write bumps ``seq``, and every guarded write tests it, which makes each update a
+compare-and-swap on the whole record.
 """
 
 from __future__ import annotations
@@ -210,6 +214,24 @@ def release(body: Mapping[str, Any], worker: str) -> Update:
         body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0)))
 
 
+def reopen(body: Mapping[str, Any], error: str, max_attempts: int) -> Update:
+    """Put a committed map whose run a reduce found corrupt back to pending, outputs cleared.
+
+    Reading a damaged run again cannot help; only the map can write a good one (a new
+    attempt, so new keys). The damaged attempt counts as a failure, so a map whose runs keep
+    arriving corrupt fails (and with it the job, naming the map) instead of looping. The
+    guard is the map's seq and the outputs the reduce read: of several reduces that find
+    the same run corrupt only the first re-opens the map, and never after it has re-run.
+    """
+    key = task_name(body)
+    if body["kind"] != TaskKind.MAP or body["state"] != TaskState.COMMITTED:
+        raise ValueError(f"only a committed map can be re-opened, not {body['state']} {key}")
+    failures = body["failures"] + 1
+    state = TaskState.FAILED if failures >= max_attempts else TaskState.PENDING
+    return Update(key, (_test("outputs", body["outputs"]), *_write(
+        body, state=state.value, failures=failures, outputs=None, error=error)))
+
+
 # --- reading a whole job ------------------------------------------------------------
 
 
@@ -382,9 +404,13 @@ class JobView:
         leases = [float(t["leaseExpires"]) for t in self._running.values()]
         return min(leases) if leases else None
 
-    def map_outputs(self, partition: int) -> list[Any]:
-        """The committed outputs of every map for one reduce partition, in map order."""
-        return [m["outputs"][str(partition)] for m in self.maps
+    def map_outputs(self, partition: int) -> list[tuple[Body, Any]]:
+        """Each committed map with its output for one reduce partition, in map order.
+
+        The map's record comes along so that a reduce that finds its run corrupt can
+        re-open exactly the map (and the attempt) that wrote it.
+        """
+        return [(m, m["outputs"][str(partition)]) for m in self.maps
                 if str(partition) in (m["outputs"] or {})]
 
     def key_type_clash(self, task: str | None = None, key_type: str | None = None) -> str | None:

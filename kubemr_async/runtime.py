@@ -234,6 +234,18 @@ class Worker:
                     await self._write(protocol.release(holder.body, self.worker_id))
                 log.info("released on shutdown", extra=context)
                 return
+            except _CorruptRun as exc:
+                # The map goes back first, so the released reduce is not claimable again
+                # until a new run exists. Losing the re-open race is fine: another reduce
+                # re-opened the map, or it has re-run already.
+                log.warning("corrupt run: re-running the map that wrote it",
+                            extra={**context, "map": protocol.task_name(exc.writer),
+                                   "error": exc.message})
+                await self._write(protocol.reopen(exc.writer, exc.message,
+                                                  self.spec.max_attempts))
+                async with holder.lock:
+                    await self._write(protocol.release(holder.body, self.worker_id))
+                return
             except Exception as exc:
                 message = _describe(exc)
                 permanent = isinstance(exc, _PERMANENT)
@@ -295,16 +307,22 @@ class Worker:
             outputs = await self.user.run(
                 execute.run_low_level_map(self.job, index, ctx.input, ctx))
             return {str(p): out for p, out in outputs.items()}
-        inputs = self._view.map_outputs(index)
+        sources = self._view.map_outputs(index)
         if isinstance(self.job, Job):
             # Maps that committed at the same instant could not see each other's key type.
             clash = self._view.key_type_clash()
             if clash is not None:
                 raise PermanentTaskError(clash)
-            runs = await self._gather(self.blobs.get(key) for key in inputs)
+            runs = await self._gather(self.blobs.get(key) for _, key in sources)
             fmt = self.spec.output_format
-            part = await self.user.run(execute.run_reduce(self.job, runs, ctx, fmt))
+            try:
+                part = await self.user.run(execute.run_reduce(self.job, runs, ctx, fmt))
+            except execute.CorruptRun as exc:
+                writer, key = sources[exc.position]
+                raise _CorruptRun(writer, f"{ctx.task} read a corrupt run "
+                                          f"{self.blobs.url(key)}: {exc}") from exc
             return await self._put_part(index, ctx.attempt, part)
+        inputs = [output for _, output in sources]
         return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
 
     async def _put_part(self, index: int, attempt: int, part: bytes) -> str:
@@ -348,6 +366,15 @@ class Worker:
                 return await aw
 
         return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+class _CorruptRun(Exception):
+    """A reduce input written by map ``writer`` (its record as read) is damaged."""
+
+    def __init__(self, writer: Body, message: str) -> None:
+        super().__init__(message)
+        self.writer = writer
+        self.message = message
 
 
 class _Holder:

@@ -58,7 +58,8 @@ A run is one partition of one map attempt's output, sorted by key::
 
 The IPC stream is self-describing, so a reader needs nothing but the bytes. The length and
 CRC catch truncated or damaged objects before Arrow parses them; a damaged run raises
-:class:`CorruptRunError` and the runtime re-runs the map task that wrote it.
+:class:`CorruptRunError`; the reduce that read it hands its claim back and re-opens the
+map task that wrote it (``protocol.reopen``), which re-runs as a new attempt under new keys.
 
 The codec is lz4 by default, zstd on request (``encode_run(table, compression=...)``).
 Measured on a 16 MiB word-count map (``benchmarks/bench_shuffle.py``): lz4 costs ~3 ms of

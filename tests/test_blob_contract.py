@@ -82,6 +82,17 @@ async def test_list_and_delete_prefix(blob_backend: BlobFactory) -> None:
     await store.aclose()
 
 
+async def test_list_sized_gives_every_key_with_its_size(blob_backend: BlobFactory) -> None:
+    store = await blob_backend()
+    objects = {"in/b/two": b"22", "in/a": b"1", "in/empty": b"", "inx/other": b"333"}
+    await asyncio.gather(*(store.put(k, v) for k, v in objects.items()))
+    assert await store.list_sized("in/") == [("in/a", 1), ("in/b/two", 2), ("in/empty", 0)]
+    assert await store.list_sized("in") == [("in/a", 1), ("in/b/two", 2), ("in/empty", 0),
+                                            ("inx/other", 3)]
+    assert await store.list_sized("missing/") == []
+    await store.aclose()
+
+
 async def test_concurrent_puts_are_never_torn(blob_backend: BlobFactory) -> None:
     store = await blob_backend()
     payloads = [bytes([i]) * 300_000 for i in range(8)]

@@ -414,6 +414,12 @@ def test_wheel_installs_and_kubemr_runs_from_it(image_venv: Path, tmp_path: Path
                "kubemr_async.storage.s3", "kubemr_async.local")
     subprocess.run([str(image_venv / "bin" / "python"), "-c",
                     "import " + ", ".join(imports)], env=env, cwd=tmp_path, check=True)
+    # The test environment needs a source checkout (hack/), so the wheel leaves it out.
+    shipped = subprocess.run([str(image_venv / "bin" / "python"), "-c",
+                              "import importlib.util as u; "
+                              "print(u.find_spec('kubemr_async.testing') is not None)"],
+                             env=env, cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert shipped.stdout.strip() == "False"
     out = tmp_path / "out"
     run = subprocess.run([kubemr, "run", str(ROOT / "examples" / "wordcount.py"), "--input",
                           str(DATA), "--output", str(out), "--workers", "2", "--reducers", "2",

@@ -14,6 +14,7 @@ from kubemr_async.errors import PermanentTaskError, UsageError
 from kubemr_async.inputs import (
     expand_inputs,
     expand_local,
+    expand_store,
     plan_inputs,
     plan_splits,
     read_split,
@@ -95,6 +96,40 @@ def test_hidden_files_are_skipped_below_directories_and_in_globs(tmp_path: Path)
     assert [p for p, _ in expand_local(str(d / "_SUCCESS"))] == [str(d / "_SUCCESS")]
     # Hidden components *above* the named directory do not hide anything.
     assert len(expand_local(str(d / "_logs"))) == 1
+
+
+@pytest.mark.anyio
+async def test_object_store_expansion_over_a_listing(tmp_path: Path) -> None:
+    """The S3 rules (object, else prefix; per-segment globs; hidden names) need only
+    ``list_sized`` and ``size``, so they are checked here on files, without a server."""
+    store = FileBlobStore(tmp_path)
+    objects = {"logs/2024-01.txt": b"a\n", "logs/2024-02.txt": b"bb\n",
+               "logs/2023-12.txt": b"c\n", "logs/2024-sub/x.txt": b"e\n",
+               "logs/.hidden.txt": b"h\n", "data/part-1": b"1", "data/part-0": b"22",
+               "data/.staging/part-9": b"9", "data/_SUCCESS": b"{}", "only/_SUCCESS": b"{}"}
+    for key, data in objects.items():
+        await store.put(key, data)
+
+    async def expand(key: str) -> list[tuple[str, int]]:
+        return [(url[len(str(tmp_path)) + 1:], n) for url, n in
+                await expand_store(store, f"x://{key}", key)]
+
+    assert await expand("data/part-1") == [("data/part-1", 1)]
+    assert await expand("data/_SUCCESS") == [("data/_SUCCESS", 2)], "named: read"
+    assert await expand("data/") == [("data/part-0", 2), ("data/part-1", 1)]
+    assert await expand("data") == [("data/part-0", 2), ("data/part-1", 1)]
+    assert await expand("logs/2024-*.txt") == [("logs/2024-01.txt", 2), ("logs/2024-02.txt", 3)]
+    assert [k for k, _ in await expand("logs/**/*.txt")] == [
+        "logs/2023-12.txt", "logs/2024-01.txt", "logs/2024-02.txt", "logs/2024-sub/x.txt"]
+    for key, message in [("logs/*.csv", "input glob 'x://logs/\\*.csv' matches no objects$"),
+                         ("logs/.*", "matches no data objects"),
+                         ("only/_*", "matches no data objects \\(names starting with _"),
+                         ("only/", "^input prefix x://only/ contains no data objects"),
+                         ("only", "^input prefix x://only/ contains no data objects"),
+                         ("nothing/", "^input prefix x://nothing/ contains no objects$"),
+                         ("missing.txt", "^input x://missing.txt does not exist$")]:
+        with pytest.raises(UsageError, match=message):
+            await expand(key)
 
 
 @pytest.mark.anyio

@@ -67,7 +67,8 @@ def test_reduces_become_claimable_only_after_every_map_commits() -> None:
         assert write(records, protocol.commit(body, "w", {"0": f"run-{i}"})) is not None
     view = JobView(records)
     assert [t["kind"] for t in view.claimable(0.0)] == ["reduce", "reduce"]
-    assert view.map_outputs(0) == ["run-0", "run-1"]
+    assert view.map_outputs(0) == [(records["map-00000"], "run-0"),
+                                   (records["map-00001"], "run-1")]
     assert view.map_outputs(1) == []
 
 
@@ -88,7 +89,8 @@ def test_maps_record_their_key_type_and_clashes_name_both_maps() -> None:
         # Two maps committing at one instant both pass that check; the reduce sees it.
         assert write(records, protocol.commit(body, "w", outputs)) is not None
     view = JobView(records)
-    assert view.map_outputs(0) == ["run-0", "run-1", "run-2"], "the key type is no partition"
+    assert [run for _, run in view.map_outputs(0)] == ["run-0", "run-1", "run-2"], \
+        "the key type is no partition"
     assert view.key_type_clash() == (
         "map-00002 emitted keys of type int but map-00000 emitted str; "
         "a job's keys must share one type")
@@ -162,6 +164,55 @@ def test_release_returns_the_task_without_counting_a_failure() -> None:
     assert (released["state"], released["failures"], released["attempt"]) == ("pending", 0, 1)
     again = write(records, protocol.claim(released, "w2", 1.0, 10.0, 3))
     assert again is not None and again["attempt"] == 2, "attempt numbers are never reused"
+
+
+def commit_maps(records: dict[str, dict[str, Any]], maps: int) -> None:
+    for i in range(maps):
+        body = write(records, protocol.claim(records[protocol.map_key(i)], "w", 0.0, 10, 3))
+        assert body is not None
+        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}-{body['attempt']}"}))
+
+
+def test_a_corrupt_run_reopens_its_map_and_the_reduce_waits_for_the_new_run() -> None:
+    records = new_records(maps=2)
+    commit_maps(records, 2)
+    reduce = write(records, protocol.claim(records["reduce-00000"], "r", 0.0, 10, 3))
+    assert reduce is not None
+    writer, run = JobView(records).map_outputs(0)[1]
+    assert run == "run-1-1"
+    # Two reduces found the same run corrupt: only the first re-opens the map.
+    reopen = protocol.reopen(writer, "reduce-00000 read a corrupt run run-1-1: bad crc", 3)
+    reopened = write(records, reopen)
+    assert write(records, reopen) is None
+    assert reopened is not None
+    assert (reopened["state"], reopened["outputs"], reopened["failures"]) == ("pending", None, 1)
+    assert write(records, protocol.release(reduce, "r")) is not None
+    assert records["reduce-00000"]["failures"] == 0, "the reduce did nothing wrong"
+    view = JobView(records)
+    assert [protocol.task_name(t) for t in view.claimable(1.0)] == ["map-00001"], \
+        "no reduce may start before the map has written a new run"
+    rerun = write(records, protocol.claim(records["map-00001"], "w", 1.0, 10, 3))
+    assert rerun is not None and rerun["attempt"] == 2, "a new attempt: new keys"
+    assert write(records, protocol.commit(rerun, "w", {"0": "run-1-2"})) is not None
+    view = JobView(records)
+    assert [run for _, run in view.map_outputs(0)] == ["run-0-1", "run-1-2"]
+    assert {t["kind"] for t in view.claimable(2.0)} == {"reduce"}
+    with pytest.raises(ValueError, match="only a committed map can be re-opened"):
+        protocol.reopen(records["reduce-00000"], "x", 3)
+
+
+def test_a_map_whose_runs_keep_arriving_corrupt_fails_the_job_naming_it() -> None:
+    records = new_records(maps=1)
+    for attempt in range(1, 4):
+        commit_maps(records, 1)
+        out = write(records, protocol.reopen(records["map-00000"], f"corrupt {attempt}", 3))
+        assert out is not None
+        assert out["state"] == (TaskState.FAILED if attempt == 3 else TaskState.PENDING)
+    verdict = JobView(records).verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == JobPhase.FAILED
+    assert protocol.format_error(job["error"]) == "task map-00000 attempt 3: corrupt 3"
 
 
 def test_success_verdict_orders_results_by_partition_and_is_idempotent() -> None:

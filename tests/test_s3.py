@@ -24,9 +24,15 @@ from aiohttp import web
 from yarl import URL
 
 from kubemr_async.errors import PermanentTaskError, UsageError
-from kubemr_async.inputs import expand_inputs, plan_splits, read_split, read_task_input
+from kubemr_async.inputs import (
+    expand_inputs,
+    expand_s3,
+    plan_splits,
+    read_split,
+    read_task_input,
+)
 from kubemr_async.storage.base import BlobNotFound
-from kubemr_async.storage.s3 import MiB, S3BlobStore, S3Config, S3Error, expand_s3
+from kubemr_async.storage.s3 import MiB, S3BlobStore, S3Config, S3Error
 from kubemr_async.storage.urls import open_url
 from kubemr_async.testing import free_port
 from kubemr_async.testing.s3server import S3Server

@@ -26,23 +26,17 @@ import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from kubemr_async.testing.cluster import (
-    ApiError,
-    TestCluster,
+from kubemr_async.testing.cluster import ApiError, TestCluster, pinned_versions
+from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.logserver import stamp_lines, tail_offset
+from kubemr_async.testing.node import NODE_LEASE_NAMESPACE
+from kubemr_async.testing.pki import (
     _make_pki_cryptography,
     _make_pki_openssl,
     _self_signed_cryptography,
     _self_signed_openssl,
-    pinned_versions,
 )
-from kubemr_async.testing.kubelet import (
-    NODE_LEASE_NAMESPACE,
-    FakeKubelet,
-    expand_refs,
-    local_argv,
-    stamp_lines,
-    tail_offset,
-)
+from kubemr_async.testing.podrunner import expand_refs, local_argv
 from kubemr_async.testing.s3server import S3Server
 
 T = TypeVar("T")

@@ -24,6 +24,13 @@ class BlobStore(Protocol):
     async def size(self, key: str) -> int:
         """Length of the object in bytes; BlobNotFound if absent."""
 
+    async def list_sized(self, prefix: str) -> list[tuple[str, int]]:
+        """``(key, size)`` of every object starting with ``prefix``, sorted by key.
+
+        One listing gives both, so planning a job's inputs costs one request per prefix
+        instead of one per object.
+        """
+
     async def list(self, prefix: str) -> list[str]:
         """Keys starting with ``prefix``, sorted."""
 

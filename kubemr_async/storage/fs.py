@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -68,6 +69,16 @@ class FileBlobStore:
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def _list_sized(self, prefix: str) -> list[tuple[str, int]]:
+        found = []
+        for key in self._list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted since it was listed
+                found.append((key, self._path(key).stat().st_size))
+        return found
+
+    async def list_sized(self, prefix: str) -> list[tuple[str, int]]:
+        return await asyncio.to_thread(self._list_sized, prefix)
 
     async def list(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list, prefix)

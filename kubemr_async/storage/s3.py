@@ -1,4 +1,4 @@
-"""BlobStore on S3 (or any S3-compatible server) over aiobotocore, plus S3 input expansion.
+"""BlobStore on S3 (or any S3-compatible server) over aiobotocore.
 
 Why it is shaped this way:
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import os
 import random
@@ -64,13 +63,32 @@ DELETE_BATCH = 1000
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _ACCESS_CODES = frozenset({"AccessDenied", "403", "InvalidAccessKeyId",
                            "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"})
-_GLOB_CHARS = frozenset("*?[")
 # botocore's own (lenient) bucket-name rule: legacy buckets may have capitals/underscores.
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9.\-_]{1,255}$")
 
 
+def valid_bucket_name(bucket: str) -> bool:
+    return bool(_BUCKET_RE.match(bucket))
+
+
 class S3Error(KubemrError):
-    """An S3 request failed after retries; the message names the operation and object."""
+    """An S3 request failed after retries; the message names the operation and object.
+
+    ``code`` is the server's error code when it answered with one, so callers that turn
+    errors into advice for the user (input expansion) need not parse botocore's errors.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def bucket_missing(self) -> bool:
+        return self.code == "NoSuchBucket"
+
+    @property
+    def access_denied(self) -> bool:
+        return self.code in _ACCESS_CODES
 
 
 @dataclass(frozen=True, repr=False)
@@ -262,7 +280,7 @@ class S3BlobStore:
     """Objects live in one bucket; keys are S3 keys. See the module docstring for why."""
 
     def __init__(self, bucket: str, config: S3Config | None = None) -> None:
-        if not _BUCKET_RE.match(bucket):
+        if not valid_bucket_name(bucket):
             raise UsageError(f"invalid S3 bucket name {bucket!r}")
         self.bucket = bucket
         self.config = config if config is not None else S3Config()
@@ -313,8 +331,9 @@ class S3BlobStore:
                 raise BlobNotFound(f"no object {self.url(key)}") from exc
             if code == "NoSuchBucket":
                 raise S3Error(f"S3 {op} {self._where(key)} failed: bucket {self.bucket!r} "
-                              f"does not exist") from exc
-            raise S3Error(f"S3 {op} {self._where(key)} failed: {_describe(exc)}") from exc
+                              f"does not exist", code) from exc
+            raise S3Error(f"S3 {op} {self._where(key)} failed: {_describe(exc)}",
+                          code) from exc
         except (BotoConnectionError, HTTPClientError) as exc:
             # Network-level failures: botocore already retried them max_attempts times.
             raise S3Error(f"S3 {op} {self._where(key)} failed after "
@@ -436,7 +455,7 @@ class S3BlobStore:
             resp = await client.head_object(Bucket=self.bucket, Key=key)
         return int(resp["ContentLength"])
 
-    async def _list_sized(self, prefix: str) -> list[tuple[str, int]]:
+    async def list_sized(self, prefix: str) -> list[tuple[str, int]]:
         client = await self._client()
         found: list[tuple[str, int]] = []
         with self._errors(f"ListObjectsV2 prefix {prefix!r}"):
@@ -448,7 +467,7 @@ class S3BlobStore:
         return found
 
     async def list(self, prefix: str) -> list[str]:
-        return [key for key, _ in await self._list_sized(prefix)]
+        return [key for key, _ in await self.list_sized(prefix)]
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete in DeleteObjects batches of 1000 (S3's cap), one request per batch."""
@@ -467,6 +486,20 @@ class S3BlobStore:
                               f"({len(errors)} of {len(batch)} keys not deleted)")
         return len(keys)
 
+    async def bucket_missing(self) -> bool:
+        """Whether HeadBucket says the bucket does not exist (an empty listing cannot tell).
+
+        Other answers (403 without ListBucket permission, ...) count as "not known to be
+        missing": the caller's "contains no objects" is still true from where the user stands.
+        """
+        client = await self._client()
+        try:
+            with self._errors("HeadBucket"):
+                await client.head_bucket(Bucket=self.bucket)
+        except S3Error as exc:
+            return exc.code in _NOT_FOUND_CODES
+        return False
+
     async def aclose(self) -> None:
         """Close this loop's client; clients of other, still running loops close there."""
         current = asyncio.get_running_loop()
@@ -478,133 +511,3 @@ class S3BlobStore:
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(state.close(), loop)
             # A stopped loop's client cannot be closed from here; dropping it is all we can do.
-
-
-# -- inputs ---------------------------------------------------------------------------
-
-
-def _glob_match(pattern: str, key: str) -> bool:
-    """Match like a local ``glob(recursive=True)``, so S3 and local inputs agree.
-
-    Per '/' segment: ``*``/``?``/``[..]`` stay inside a segment, a ``**`` segment spans any
-    number of segments, and hidden segments (``.name``) only match a pattern segment that
-    itself starts with '.'.
-    """
-    parts = key.split("/")
-    reach = {0}  # how many key segments the pattern so far can have consumed
-    for pat in pattern.split("/"):
-        if pat == "**":
-            spans = set()
-            for j in reach:
-                spans.add(j)
-                while j < len(parts) and not parts[j].startswith("."):
-                    j += 1
-                    spans.add(j)
-            reach = spans
-        else:
-            reach = {j + 1 for j in reach if j < len(parts)
-                     and (pat.startswith(".") or not parts[j].startswith("."))
-                     and fnmatch.fnmatchcase(parts[j], pat)}
-        if not reach:
-            return False
-    return len(parts) in reach
-
-
-def _hidden(name: str) -> bool:
-    """Hadoop's rule, as for local inputs: a name starting with ``_`` or ``.`` is not data."""
-    return name.startswith(("_", "."))
-
-
-def _visible(key: str, size: int, prefix: str) -> bool:
-    """Whether a listed object is an input, like a file in a local input directory.
-
-    Zero-byte ``name/`` objects are folder markers that consoles create; keys with a
-    hidden segment below the prefix (``.staging/x``, ``_SUCCESS``, ``_temporary/x``) are
-    skipped as local directory inputs skip hidden files.
-    """
-    if key.endswith("/") and size == 0:
-        return False
-    return not any(_hidden(part) for part in key[len(prefix):].split("/"))
-
-
-async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[str, int]]:
-    """The objects an ``s3://`` input names, as ``(url, size)``, without reading any data.
-
-    ``s3://bucket/key`` is one object (or, if absent, the prefix ``key/``);
-    ``s3://bucket/prefix/`` is every object below it; a key with ``*?[`` is a glob matched
-    per path segment. Objects whose name below a prefix (or, for a glob, whose own last
-    segment) starts with ``_`` or ``.`` are skipped, as for local inputs; an object named
-    exactly is read whatever its name. Anything that names nothing is a UsageError with a
-    one-line reason, raised before a job starts.
-    """
-    from .urls import split_s3
-
-    bucket, key = split_s3(pattern)
-    if not _BUCKET_RE.match(bucket):
-        raise UsageError(f"invalid S3 URL {pattern!r}: {bucket!r} is not a bucket name")
-    store = S3BlobStore(bucket, config if config is not None else S3Config.from_env())
-    try:
-        return await _expand(store, pattern, key)
-    except S3Error as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ClientError):
-            code = _error_code(cause)
-            if code == "NoSuchBucket":
-                raise UsageError(f"input {pattern}: bucket {bucket!r} does not exist") from None
-            if code in _ACCESS_CODES:
-                raise UsageError(f"input {pattern}: access denied ({code}); check the S3 "
-                                 f"credentials and the bucket policy") from None
-        raise
-    finally:
-        await store.aclose()
-
-
-async def _expand(store: S3BlobStore, pattern: str, key: str) -> list[tuple[str, int]]:
-    hidden_note = "names starting with _ or . are skipped"
-    if _GLOB_CHARS & set(key):
-        literal = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)]
-        matched = [(k, n) for k, n in await store._list_sized(literal)
-                   if not (k.endswith("/") and n == 0) and _glob_match(key, k)]
-        if not matched:
-            raise UsageError(f"input glob {pattern!r} matches no objects")
-        found = [(k, n) for k, n in matched if not _hidden(k.rsplit("/", 1)[-1])]
-        if not found:
-            raise UsageError(f"input glob {pattern!r} matches no data objects ({hidden_note})")
-    elif key == "" or key.endswith("/"):
-        listed = await store._list_sized(key)
-        found = [(k, n) for k, n in listed if _visible(k, n, key)]
-        if not found:
-            if any(not (k.endswith("/") and n == 0) for k, n in listed):
-                raise UsageError(f"input prefix {pattern} contains no data objects "
-                                 f"({hidden_note})")
-            await _check_bucket(store, pattern)
-            raise UsageError(f"input prefix {pattern} contains no objects")
-    else:
-        try:
-            found = [(key, await store.size(key))]
-        except BlobNotFound:
-            listed = await store._list_sized(key + "/")
-            found = [(k, n) for k, n in listed if _visible(k, n, key + "/")]
-            if not found:
-                if any(not (k.endswith("/") and n == 0) for k, n in listed):
-                    raise UsageError(f"input prefix {pattern}/ contains no data objects "
-                                     f"({hidden_note})") from None
-                raise UsageError(f"input {pattern} does not exist") from None
-    return [(store.url(k), n) for k, n in found]
-
-
-async def _check_bucket(store: S3BlobStore, pattern: str) -> None:
-    """An empty listing does not say whether the bucket exists; HeadBucket does.
-
-    Other answers (403 without ListBucket permission, ...) are left to the caller's
-    "contains no objects", which is still true from where the user stands.
-    """
-    client = await store._client()
-    try:
-        with store._errors("HeadBucket"):
-            await client.head_bucket(Bucket=store.bucket)
-    except S3Error as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ClientError) and _error_code(cause) in _NOT_FOUND_CODES:
-            raise UsageError(f"input {pattern}: bucket {store.bucket!r} does not exist"
-                             ) from None

@@ -1,10 +1,16 @@
 """Real test environment: a Kubernetes control plane, an S3 server and a stand-in kubelet.
 
-The project tests against real servers instead of mocks (see DESIGN.md, "Real parts, not
-mocks"): ``TestCluster`` runs etcd + kube-apiserver + kube-controller-manager on loopback,
-``S3Server`` runs an S3-compatible server, and ``FakeKubelet`` plays the one part we cannot
-run here, turning Pods into local processes. The binaries come from the ``hack/ensure-*``
-scripts, which build them from the Go module proxy once and cache them.
+The project tests against real servers instead of mocks, because a mock only answers what
+its author believed the server does (conflicts, watch resumption, admission, RBAC, S3's
+error codes are where those beliefs go wrong). ``TestCluster`` runs etcd, kube-apiserver
+and kube-controller-manager on loopback, ``S3Server`` runs an S3-compatible server, and
+``FakeKubelet`` plays the one part we cannot run here, turning Pods into local processes.
+The binaries come from the ``hack/ensure-*`` scripts, which build them from the Go module
+proxy once and cache them.
+
+This package is not in the wheel (pyproject.toml excludes it): it runs the checkout's
+``hack/`` scripts, so it works only from a source checkout, which is where tests and
+benchmarks run.
 
 The classes live in submodules that are imported lazily, so importing this package (as
 every submodule does, for the helpers below) stays cheap.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import datetime
 import http.client
 import shutil
 import signal
@@ -42,6 +49,11 @@ class TestEnvError(RuntimeError):
     """A test server could not be obtained or started; the message says why."""
 
     __test__ = False  # not a pytest test class, despite the name
+
+
+def utc_now() -> str:
+    """The time as Kubernetes writes it in status fields (RFC 3339, whole seconds, UTC)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def free_port() -> int:

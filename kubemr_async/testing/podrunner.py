@@ -1,0 +1,320 @@
+"""Running one bound Pod as a local process, the way a kubelet runs its container.
+
+The Pod's ServiceAccount gets a token from the TokenRequest API, bound to the Pod, handed to
+the process as ``KUBECONFIG`` (the stand-in for the projected token), so RBAC applies to the
+workload exactly as in a cluster. The first container's ``command`` + ``args`` run in a
+fresh per-Pod working directory with ``env``/``envFrom`` resolved (values, fieldRefs, Secret
+and ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
+phase Running, then Succeeded/Failed with the exit code, is reported through pods/status.
+
+Images cannot be run, so the command's first word is mapped onto this machine: ``kubemr``
+becomes the console script of the current venv and ``python``/``python3`` the current
+interpreter; anything else is looked up on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from kubemr_async.testing import utc_now
+
+log = logging.getLogger(__name__)
+
+_TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
+#: Cap on terminationGracePeriodSeconds; tests should not wait 30 s.
+KILL_GRACE_MAX = 10.0
+_PYTHON = re.compile(r"python(3(\.\d+)?)?")
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+Json = dict[str, Any]
+
+
+class PodConfigError(Exception):
+    """The Pod cannot be run locally (missing Secret key, no command, ...)."""
+
+
+@dataclass
+class PodRun:
+    """Bookkeeping for one Pod we took on."""
+
+    task: asyncio.Task[None] | None = None
+    proc: asyncio.subprocess.Process | None = None
+    grace: float = KILL_GRACE_MAX
+    killed: bool = False
+    children: set[asyncio.Task[None]] = field(default_factory=set)
+    containers: tuple[str, ...] = ()
+    log_path: Path | None = None
+    #: The log file holds this run's output: the process started, or starting it failed.
+    log_ready: bool = False
+    #: Set once the process has exited (or will never run): ends follow=true streams.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def expand_refs(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: known vars are replaced, ``$$`` escapes ``$``."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, text)
+
+
+def local_argv(argv: list[str]) -> list[str]:
+    """Map a container command onto this machine (see the module docstring)."""
+    first = Path(argv[0]).name
+    if first == "kubemr":
+        return [str(Path(sys.executable).parent / "kubemr"), *argv[1:]]
+    if _PYTHON.fullmatch(first):
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def _field_value(pod: Json, path: str) -> str:
+    meta = pod["metadata"]
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+        "spec.nodeName": pod["spec"].get("nodeName", ""),
+        "status.podIP": "127.0.0.1",
+        "status.hostIP": "127.0.0.1",
+    }
+    if path in simple:
+        return str(simple[path])
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if m:
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    raise PodConfigError(f"unsupported fieldRef {path!r}")
+
+
+async def kill(run: PodRun) -> None:
+    """SIGTERM the process group, SIGKILL it after the (capped) grace period."""
+    proc = run.proc
+    if proc is None or proc.returncode is not None:
+        return  # not started yet: _run_pod sees ``killed`` once it has a process
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), run.grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+class PodRunner:
+    """Runs Pods bound to our Node; output goes to ``<root>/<namespace>/<pod>.log``.
+
+    ``core`` is a CoreV1Api with the kubelet's (admin-like) credentials: it mints tokens,
+    reads Secrets and ConfigMaps and writes Pod status on the workloads' behalf.
+    """
+
+    def __init__(self, core: Any, kubeconfig: Path, root: Path,
+                 extra_env: Mapping[str, str]) -> None:
+        self._core = core
+        self._kubeconfig = kubeconfig
+        self._root = root
+        self._extra_env = dict(extra_env)
+
+    async def run(self, pod: Json, run: PodRun) -> None:
+        """Start the Pod's process, report Running, wait for it, report how it ended."""
+        meta = pod["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        container = pod["spec"]["containers"][0]
+        log_path = run.log_path = self._root / ns / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        workdir = self._root / ".work" / ns / name  # "." keeps it apart from namespaces
+        workdir.mkdir(parents=True, exist_ok=True)
+        started = utc_now()
+        try:
+            kubeconfig = await self._pod_kubeconfig(pod, workdir)
+            env = await self._env(pod, container)
+            env["KUBECONFIG"] = str(kubeconfig)
+            argv = [expand_refs(a, env) for a in container.get("command", [])]
+            argv += [expand_refs(a, env) for a in container.get("args", [])]
+            if not argv:
+                raise PodConfigError("container has no command; FakeKubelet cannot use images")
+            with log_path.open("wb") as out:
+                run.proc = await asyncio.create_subprocess_exec(
+                    *local_argv(argv),
+                    env=env,
+                    cwd=workdir,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,  # own process group, so kill reaches children
+                )
+            run.log_ready = True
+        except (PodConfigError, ApiException, OSError) as exc:
+            message = f"FakeKubelet could not start {ns}/{name}: {exc}"
+            log.warning("%s", message)
+            log_path.write_text(message + "\n")
+            run.log_ready = True
+            await self._set_status(pod, container, started, exit_code=128, message=message)
+            return
+        if run.killed:  # deleted while we were setting up
+            await kill(run)
+        await self._set_status(pod, container, started)
+        code = await run.proc.wait()
+        run.done.set()  # before the status call: log streams need not wait for it
+        # A signal death is reported the way container runtimes do: 128 + signal number.
+        await self._set_status(pod, container, started, exit_code=code if code >= 0 else 128 - code)
+
+    async def _pod_kubeconfig(self, pod: Json, workdir: Path) -> Path:
+        """Admin kubeconfig with the user swapped for a token bound to this Pod."""
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": _TOKEN_SECONDS,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        }
+        resp = await self._core.create_namespaced_service_account_token(
+            pod["spec"].get("serviceAccountName") or "default", meta["namespace"], body
+        )
+        kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
+        current = next(
+            c["context"]
+            for c in kubeconfig["contexts"]
+            if c["name"] == kubeconfig["current-context"]
+        )
+        kubeconfig["users"] = [{"name": current["user"], "user": {"token": resp.status.token}}]
+        path = workdir / "kubeconfig"
+        path.write_text(yaml.safe_dump(kubeconfig))
+        path.chmod(0o600)
+        return path
+
+    async def _env(self, pod: Json, container: Json) -> dict[str, str]:
+        ns = pod["metadata"]["namespace"]
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        env["HOSTNAME"] = pod["metadata"]["name"]  # as in a container; often a worker id
+        env.update(self._extra_env)
+        for source in container.get("envFrom", []):
+            optional = (source.get("secretRef") or source.get("configMapRef") or {}).get(
+                "optional", False
+            )
+            if "secretRef" in source:
+                data = await self._secret_data(ns, source["secretRef"]["name"], optional)
+            else:
+                data = await self._configmap_data(ns, source["configMapRef"]["name"], optional)
+            prefix = source.get("prefix", "")
+            env.update({prefix + k: v for k, v in data.items()})
+        for var in container.get("env", []):
+            name, value_from = var["name"], var.get("valueFrom")
+            if value_from is None:
+                env[name] = expand_refs(var.get("value", ""), env)
+                continue
+            if "fieldRef" in value_from:
+                env[name] = _field_value(pod, value_from["fieldRef"]["fieldPath"])
+                continue
+            ref = value_from.get("secretKeyRef") or value_from.get("configMapKeyRef")
+            if ref is None:
+                raise PodConfigError(f"unsupported valueFrom for env {name}: {value_from}")
+            optional = bool(ref.get("optional", False))
+            if "secretKeyRef" in value_from:
+                data = await self._secret_data(ns, ref["name"], optional)
+            else:
+                data = await self._configmap_data(ns, ref["name"], optional)
+            if ref["key"] in data:
+                env[name] = data[ref["key"]]
+            elif not optional:
+                raise PodConfigError(f"key {ref['key']!r} not in {ref['name']} (env {name})")
+        return env
+
+    async def _secret_data(self, ns: str, name: str, optional: bool) -> dict[str, str]:
+        secret = await self._read_optional(self._core.read_namespaced_secret, ns, name, optional)
+        data = (secret.data if secret else None) or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    async def _configmap_data(self, ns: str, name: str, optional: bool) -> dict[str, str]:
+        cm = await self._read_optional(self._core.read_namespaced_config_map, ns, name, optional)
+        return dict((cm.data if cm else None) or {})
+
+    @staticmethod
+    async def _read_optional(read: Any, ns: str, name: str, optional: bool) -> Any:
+        try:
+            return await read(name, ns)
+        except ApiException as exc:
+            if exc.status == 404 and optional:
+                return None
+            if exc.status == 404:
+                raise PodConfigError(f"{ns}/{name} not found") from exc
+            raise
+
+    async def _set_status(
+        self,
+        pod: Json,
+        container: Json,
+        started: str,
+        exit_code: int | None = None,
+        message: str = "",
+    ) -> None:
+        """Patch pods/status to Running (``exit_code`` None) or to a terminal phase."""
+        running = exit_code is None
+        ready = "True" if running else "False"
+        if running:
+            state: Json = {"running": {"startedAt": started}, "terminated": None}
+            phase = "Running"
+        else:
+            state = {
+                "running": None,
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "message": message or None,
+                    "startedAt": started,
+                    "finishedAt": utc_now(),
+                },
+            }
+            phase = "Succeeded" if exit_code == 0 else "Failed"
+        body = {
+            "status": {
+                "phase": phase,
+                "startTime": started,
+                "conditions": [
+                    {"type": t, "status": ready, "lastTransitionTime": utc_now()}
+                    for t in ("Ready", "ContainersReady")
+                ],
+                "containerStatuses": [
+                    {
+                        "name": container["name"],
+                        "image": container.get("image", ""),
+                        "imageID": "",
+                        "ready": running,
+                        "started": running,
+                        "restartCount": 0,
+                        "state": state,
+                    }
+                ],
+            }
+        }
+        meta = pod["metadata"]
+        try:
+            await self._core.patch_namespaced_pod_status(meta["name"], meta["namespace"], body)
+        except ApiException as exc:
+            if exc.status != 404:  # 404: the Pod was deleted meanwhile; nothing to report
+                raise

@@ -1,0 +1,181 @@
+"""``runtime.Worker`` in-process on the SQLite store and files: what needs a hand on the job.
+
+Running workers in this process (instead of `kubemr run`'s subprocesses) lets a test step
+between the maps and the reduce (damage a run on disk) and drive the worker's injected
+clock, so a lease expires without the test waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kubemr_async import Job, TaskContext, protocol
+from kubemr_async.inputs import plan_inputs
+from kubemr_async.protocol import Body, JobPhase
+from kubemr_async.runtime import Worker
+from kubemr_async.shuffle import decode_run, split_words
+from kubemr_async.spec import JobSpec
+from kubemr_async.state.sqlite import SQLiteStateStore
+from kubemr_async.storage.fs import FileBlobStore
+
+pytestmark = pytest.mark.anyio
+
+TEXT = [b"apple pear apple\n", b"pear plum\n", b"apple fig fig\n"]
+
+
+def word_count() -> Job:
+    job = Job("wc")
+
+    @job.map(input="bytes")
+    async def words(chunk: bytes, ctx: TaskContext) -> None:
+        ctx.emit_batch(split_words(chunk), 1)
+
+    job.reduce("sum")
+    return job
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStateStore]:
+    state = SQLiteStateStore(tmp_path / "state.db", poll_interval=0.01)
+    yield state
+    await state.aclose()
+
+
+async def submit(store: SQLiteStateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
+    """Write a new word-count job's records (one map per input file) and start it."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, text in enumerate(TEXT):
+        (inputs / f"part-{i}.txt").write_bytes(text)
+    spec = JobSpec(name="wc", job="wc.py", inputs=(str(inputs),), reducers=1,
+                   **spec_fields)  # type: ignore[arg-type]
+    splits = await plan_inputs(spec)
+    assert len(splits) == len(TEXT)
+    await store.create(spec.name, [(protocol.JOB_KEY, protocol.new_job(spec))])
+    await store.create(spec.name, protocol.plan(spec, splits))
+    records, _ = await store.snapshot(spec.name)
+    await store.patch(spec.name, protocol.start_job(records[protocol.JOB_KEY].body, len(splits)))
+    return spec
+
+
+async def records(store: SQLiteStateStore, name: str) -> dict[str, Body]:
+    snapshot, _ = await store.snapshot(name)
+    return {key: record.body for key, record in snapshot.items()}
+
+
+class DamagingStore(FileBlobStore):
+    """Flips a byte of map-00001's run on disk just before a reduce reads it.
+
+    ``times`` bounds how many distinct runs (attempts) are damaged; each once.
+    """
+
+    def __init__(self, root: Path, times: int) -> None:
+        super().__init__(root)
+        self.times = times
+        self.damaged: list[str] = []
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        if ("/map/00001/" in key and key not in self.damaged
+                and len(self.damaged) < self.times):
+            path = self._path(key)
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0xFF
+            path.write_bytes(bytes(data))
+            self.damaged.append(key)
+        return await super().get(key, start, end)
+
+
+async def test_a_corrupt_run_reruns_the_map_that_wrote_it(
+        store: SQLiteStateStore, tmp_path: Path) -> None:
+    spec = await submit(store, tmp_path)
+    blobs = DamagingStore(tmp_path / "blobs", times=1)
+    worker = Worker(spec.name, word_count(), store, blobs, "w-1")
+    assert await worker.run() == JobPhase.SUCCEEDED
+    assert blobs.damaged == ["wc/map/00001/attempt-1/part-00000.run"]
+    bodies = await records(store, spec.name)
+    rerun = bodies["map-00001"]
+    assert (rerun["attempt"], rerun["failures"]) == (2, 1)
+    assert rerun["error"].startswith(
+        "reduce-00000 read a corrupt run "
+        f"{blobs.url('wc/map/00001/attempt-1/part-00000.run')}: run checksum mismatch")
+    reduce = bodies["reduce-00000"]
+    assert (reduce["attempt"], reduce["failures"]) == (2, 0), \
+        "the reduce gave its claim back without a failure and read the new run"
+    [result] = bodies[protocol.JOB_KEY]["results"]
+    assert Path(result).name == "part-00000.attempt-2"
+    part = (await blobs.get("wc/output/part-00000.attempt-2")).decode()
+    expected = Counter(w for text in TEXT for w in text.decode().split())
+    assert part == "".join(f"{w}\t{n}\n" for w, n in sorted(expected.items()))
+
+
+async def test_a_map_whose_runs_keep_arriving_corrupt_fails_the_job_naming_it(
+        store: SQLiteStateStore, tmp_path: Path) -> None:
+    spec = await submit(store, tmp_path, max_attempts=2)
+    blobs = DamagingStore(tmp_path / "blobs", times=10)
+    worker = Worker(spec.name, word_count(), store, blobs, "w-1")
+    assert await worker.run() == JobPhase.FAILED
+    assert blobs.damaged == [f"wc/map/00001/attempt-{n}/part-00000.run" for n in (1, 2)]
+    job = (await records(store, spec.name))[protocol.JOB_KEY]
+    message = protocol.format_error(job["error"])
+    assert message.startswith("task map-00001 attempt 2: reduce-00000 read a corrupt run")
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
+        store: SQLiteStateStore, tmp_path: Path) -> None:
+    """Worker A claims a map and hangs; once the fake clock passes its lease, worker B
+    takes the map over as attempt 2 and finishes the job; A's commit then loses."""
+    lease = 600.0  # A's heartbeat sleeps lease/3 of real time: it never renews here
+    spec = await submit(store, tmp_path, lease_seconds=lease)
+    clock = FakeClock(1000.0)
+    started, unblock = threading.Event(), threading.Event()
+    job = word_count()
+    assert job.map_fn is not None
+    words = job.map_fn
+
+    async def hang_on_first_attempt(chunk: bytes, ctx: TaskContext) -> None:
+        if ctx.attempt == 1 and ctx.task == "map-00000":
+            started.set()
+            unblock.wait(timeout=60)  # blocks A's user thread, not its event loop
+        await words(chunk, ctx)
+
+    job.map_fn = hang_on_first_attempt
+    blobs = FileBlobStore(tmp_path / "blobs")
+    a = Worker(spec.name, job, store, blobs, "a", clock=clock)
+    running_a = asyncio.create_task(a.run())
+    try:
+        assert await asyncio.to_thread(started.wait, 60)
+        done_before_hang = a.tasks_done  # A may have run other maps first
+        held = (await records(store, spec.name))["map-00000"]
+        assert (held["worker"], held["attempt"], held["leaseExpires"]) == ("a", 1, 1000 + lease)
+
+        clock.now += lease + 1
+        b = Worker(spec.name, job, store, blobs, "b", clock=clock)
+        assert await b.run() == JobPhase.SUCCEEDED
+        taken = (await records(store, spec.name))["map-00000"]
+        assert (taken["worker"], taken["attempt"], taken["failures"]) == ("b", 2, 1)
+        assert taken["error"] == "lease expired: worker a stopped renewing during attempt 1"
+    finally:
+        unblock.set()
+    assert await running_a == JobPhase.SUCCEEDED
+    assert a.tasks_done == done_before_hang, "A's late commit lost"
+    final = await records(store, spec.name)
+    assert final["map-00000"]["worker"] == "b" and final["map-00000"]["attempt"] == 2
+    [result] = final[protocol.JOB_KEY]["results"]
+    assert Path(result).name == "part-00000.attempt-1", "B's reduce, its first attempt"
+    # A wrote its late run under its own attempt's key, which nobody reads.
+    late = await blobs.get("wc/map/00000/attempt-1/part-00000.run")
+    assert decode_run(late).num_rows > 0
