@@ -31,8 +31,17 @@ from .spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
+    DEFAULT_WORKERS,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_JOB_NAME,
     MAX_REDUCERS,
+    MAX_WORKERS,
+    MIN_CHUNK_SIZE,
+    MIN_LEASE_SECONDS,
+    NAME_PATTERN,
     OUTPUT_FORMATS,
+    OUTPUT_PATTERN,
+    RESOURCE_REQUIRED,
 )
 
 GROUP = "kubemr.io"
@@ -52,15 +61,6 @@ LABEL_KIND = f"{GROUP}/kind"
 LABEL_TASK = f"{GROUP}/task"
 #: On a task namespace: the namespace of the MapReduceJob that owns it.
 LABEL_JOB_NAMESPACE = f"{GROUP}/job-namespace"
-
-DEFAULT_WORKERS = 2
-MAX_WORKERS = 1000
-MAX_ATTEMPTS_LIMIT = 100
-MIN_LEASE_SECONDS = 1
-#: An S3 URL: bucket name rules (3-63 chars, lowercase, digits, '.', '-') plus an optional key.
-OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-#: Task names are ``<job>-<key>`` and the job name is a label value, so it must be a DNS label.
-MAX_JOB_NAME = 63
 
 #: Field manager for server-side apply, so ``kubectl`` shows who owns the fields.
 FIELD_MANAGER = "kubemr-async"
@@ -93,7 +93,7 @@ def _job_spec_schema() -> dict[str, Any]:
         "type": "object",
         "description": "What to run, on what, with which limits. What the job computes "
                        "(job, inputs, reducers, output, chunking) is fixed once created.",
-        "required": ["image", "inputs", "job", "output"],
+        "required": list(RESOURCE_REQUIRED),
         "properties": {
             "image": _string("Worker container image (built from the kubemr-async base).",
                              minLength=1),
@@ -124,7 +124,7 @@ def _job_spec_schema() -> dict[str, Any]:
                 "minimum": MIN_LEASE_SECONDS,
                 "default": DEFAULT_LEASE_SECONDS,
             },
-            "chunkSize": _int(1, default=DEFAULT_CHUNK_SIZE, fmt="int64",
+            "chunkSize": _int(MIN_CHUNK_SIZE, default=DEFAULT_CHUNK_SIZE, fmt="int64",
                               doc="Bytes of input per map task."),
             "output": _string("Where results go: s3://bucket/prefix.", pattern=OUTPUT_PATTERN),
             "splitInputs": {
@@ -273,6 +273,10 @@ def job_crd() -> dict[str, Any]:
             "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME}",
             "message": f"metadata.name must be at most {MAX_JOB_NAME} characters: it is "
                        "used in task names and label values",
+        }, {
+            "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+            "message": "metadata.name must be a DNS label (lowercase letters, digits and "
+                       "'-'): it is used in task names and label values",
         }],
     }
     columns = [

@@ -149,6 +149,10 @@ def test_job_without_spec_or_with_a_long_name_is_rejected(
     long_name["metadata"] = {"name": "w" * 64}
     with pytest.raises(ApiError, match=r"metadata.name must be at most 63 characters"):
         kube_cluster.api("POST", JOBS.format(ns=namespace), long_name)
+    dotted = valid_job()  # a valid object name, but not a label value
+    dotted["metadata"] = {"name": "word.count"}
+    with pytest.raises(ApiError, match=r"metadata.name must be a DNS label"):
+        kube_cluster.api("POST", JOBS.format(ns=namespace), dotted)
 
 
 @pytest.mark.kube
@@ -170,17 +174,26 @@ def test_valid_job_is_accepted_with_defaults_filled(
         kube_cluster.api("POST", JOBS.format(ns=namespace), csv)
 
 
+MERGE = "application/merge-patch+json"
+
+
+def new_job(kube_cluster: TestCluster, namespace: str) -> tuple[str, Callable[..., Any]]:
+    """A new job's path, and a function that merge-patches its status (as the operator)."""
+    name = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())["metadata"]["name"]
+    path = f"{JOBS.format(ns=namespace)}/{name}"
+
+    def status(**fields: Any) -> Any:
+        return kube_cluster.api("PATCH", f"{path}/status", {"status": fields},
+                                content_type=MERGE)
+
+    return path, status
+
+
 @pytest.mark.kube
 @pytest.mark.slow
 def test_status_and_immutable_spec_are_enforced(
         kube_cluster: TestCluster, namespace: str) -> None:
-    name = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())["metadata"]["name"]
-    path = f"{JOBS.format(ns=namespace)}/{name}"
-    merge = "application/merge-patch+json"
-
-    def status(**fields: Any) -> Any:
-        return kube_cluster.api("PATCH", f"{path}/status", {"status": fields},
-                                content_type=merge)
+    path, status = new_job(kube_cluster, namespace)
 
     with pytest.raises(ApiError, match=r"status.phase: Unsupported value.*Done"):
         status(phase="Done")
@@ -194,12 +207,12 @@ def test_status_and_immutable_spec_are_enforced(
     with pytest.raises(ApiError, match=r"a Succeeded job's phase cannot change"):
         status(phase="Running")
     with pytest.raises(ApiError, match=r"spec.reducers is immutable"):
-        kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=merge)
+        kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=MERGE)
     with pytest.raises(ApiError, match=r"spec.outputFormat is immutable"):
-        kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=merge)
+        kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=MERGE)
     # What may change on a running job, does.
     assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
-                            content_type=merge)["spec"]["workers"] == 8
+                            content_type=MERGE)["spec"]["workers"] == 8
 
 
 def _task(name: str, **status: Any) -> dict[str, Any]:
@@ -243,7 +256,7 @@ async def test_printer_columns_show_progress(
     kube_cluster.api("PATCH", f"{JOBS.format(ns=namespace)}/{name}/status",
                      {"status": {"phase": "Running", "maps": 12, "mapsDone": 5, "reduces": 2,
                                  "reducesDone": 0}},
-                     content_type="application/merge-patch+json")
+                     content_type=MERGE)
     table = await _table(admin, JOBS.format(ns=namespace))
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert columns == ["Name", "Phase", "Maps Done", "Maps", "Reduces Done", "Reduces",

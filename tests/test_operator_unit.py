@@ -9,7 +9,7 @@ from kubemr_async.operator import Operator, OperatorConfig
 MRJ: dict[str, Any] = {
     "metadata": {"name": "wc-1", "namespace": "team", "uid": "u-1"},
     "spec": {"image": "img:1", "workers": 3, "job": "examples.wordcount",
-             "inputs": ["s3://b/in/"], "output": "s3://b/out"},
+             "inputs": ["s3://b/in/"], "output": "s3://bkt/out"},
 }
 
 
@@ -40,3 +40,4 @@ def test_template_merges_containers_by_name_but_cannot_change_identity() -> None
     assert pod["nodeSelector"] == {"pool": "batch"}
     (container,) = pod["containers"]
     assert container["image"] == "img:1" and container["resources"]["limits"]["cpu"] == "2"
+
