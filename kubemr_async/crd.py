@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
+from .conditions import CONDITION_TYPES
 from .errors import KubemrError
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import (
@@ -203,15 +204,35 @@ def _job_status_schema() -> dict[str, Any]:
             },
             "seq": _int(0, doc="Bumped by every write; guarded writes test it (CAS)."),
             "observedGeneration": _int(fmt="int64"),
-            "conditions": {
-                "type": "array",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                "x-kubernetes-list-type": "atomic",
-            },
+            "conditions": _conditions_schema(),
             "taskNamespace": _string("Namespace holding this job's MapReduceTask objects."),
             "startTime": _string(format="date-time"),
             "completionTime": _string(format="date-time"),
         },
+    }
+
+
+def _conditions_schema() -> dict[str, Any]:
+    """``status.conditions`` as Kubernetes API conventions define them (metav1.Condition),
+    one per type (a map keyed by type), so ``kubectl wait --for=condition=...`` works."""
+    return {
+        "type": "array",
+        "description": "The job's state in the generic shape: one condition per type in "
+                       f"{', '.join(CONDITION_TYPES)}, True for the current phase.",
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "reason", "lastTransitionTime"],
+            "properties": {
+                "type": _string(enum=list(CONDITION_TYPES)),
+                "status": _string(enum=["True", "False", "Unknown"]),
+                "reason": _string(maxLength=1024),
+                "message": _string(maxLength=32768),
+                "lastTransitionTime": _string(format="date-time"),
+                "observedGeneration": _int(0, fmt="int64"),
+            },
+        },
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
     }
 
 

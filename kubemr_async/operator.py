@@ -28,6 +28,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import protocol
+from .conditions import job_conditions
 from .crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION
 from .errors import KubemrError
 from .inputs import plan_inputs
@@ -248,6 +249,7 @@ class Operator:
                 return
             phase = JobPhase.RUNNING
         if phase == JobPhase.RUNNING:
+            await self._write_status(mrj, phase)
             await self._ensure_workers(mrj)
             self._follow(namespace, name, store)
             await self._check_workers(mrj, store)
@@ -485,14 +487,14 @@ class Operator:
                               + (f": {protocol.format_error(status.get('error'))}"
                                  if phase != JobPhase.SUCCEEDED else ""),
                               warning=phase != JobPhase.SUCCEEDED)
-            # Final counts and completionTime in one write: a reader who sees the time
-            # also sees the progress columns complete.
+            # Final counts, conditions and completionTime in one write: a reader who sees
+            # the time (or waits for the condition) also sees the progress columns complete.
             records, _ = await KubeStateStore(self.api, namespace).snapshot(name)
             progress = JobView({k: r.body for k, r in records.items()}).progress()
-            await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, JOB_PLURAL, name,
-                {"status": {**_progress_fields(progress), "completionTime": _now()}},
-                _content_type="application/merge-patch+json")
+            await self._write_status(mrj, phase, {**_progress_fields(progress),
+                                                  "completionTime": _now()})
+        else:
+            await self._write_status(mrj, phase)
         self._stop_follower(namespace, name)
         await self._delete_workers(namespace, name, keep_tasks=status.get("phase")
                                    != JobPhase.SUCCEEDED)
@@ -539,6 +541,21 @@ class Operator:
                 status=False))
 
     # --- small API helpers ------------------------------------------------------------
+
+    async def _write_status(self, mrj: KubeObject, phase: JobPhase,
+                            fields: KubeObject | None = None) -> None:
+        """Write ``fields`` and the conditions of ``phase`` into the status (a merge patch);
+        nothing when there are no fields and the conditions on the object are current."""
+        status = mrj.get("status") or {}
+        previous = status.get("conditions") or []
+        conditions = job_conditions(phase, status.get("error"),
+                                    int(mrj["metadata"].get("generation") or 0), previous, _now())
+        if not fields and conditions == previous:
+            return
+        await self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, mrj["metadata"]["namespace"], JOB_PLURAL, mrj["metadata"]["name"],
+            {"status": {**(fields or {}), "conditions": conditions}},
+            _content_type="application/merge-patch+json")
 
     async def _patch_job(self, mrj: KubeObject, ops: list[KubeObject], status: bool) -> None:
         fn = (self.custom.patch_namespaced_custom_object_status if status

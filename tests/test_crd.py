@@ -18,8 +18,10 @@ import yaml
 from kubernetes_asyncio.client import ApiClient
 
 from kubemr_async import crd
+from kubemr_async.conditions import job_conditions
 from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
 from kubemr_async.kube import api_client
+from kubemr_async.protocol import JobPhase
 from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS
 from kubemr_async.testing.cluster import ApiError, TestCluster
 
@@ -213,6 +215,25 @@ def test_status_and_immutable_spec_are_enforced(
     # What may change on a running job, does.
     assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
                             content_type=MERGE)["spec"]["workers"] == 8
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_status_conditions_follow_the_api_conventions(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    """What the operator writes is accepted; one condition per type (a map keyed by type)."""
+    _, status = new_job(kube_cluster, namespace)
+    error = {"task": "map-00000", "attempt": 3, "message": "boom"}
+    conditions = job_conditions(JobPhase.FAILED, error, 1, [], "2026-01-02T03:04:05Z")
+    written = status(phase="Failed", conditions=conditions)["status"]["conditions"]
+    assert written == conditions
+    failed = next(c for c in written if c["type"] == "Failed")
+    assert failed["status"] == "True" and "map-00000 attempt 3: boom" in failed["message"]
+    twice = [*conditions, {**conditions[0], "message": "again"}]
+    with pytest.raises(ApiError, match=r"status.conditions\[4\]: Duplicate value"):
+        status(conditions=twice)
+    with pytest.raises(ApiError, match=r"status.conditions\[0\].status: Unsupported value"):
+        status(conditions=[{**conditions[0], "status": "Yes"}])
 
 
 def _task(name: str, **status: Any) -> dict[str, Any]:
