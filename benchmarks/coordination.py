@@ -311,7 +311,7 @@ async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str
         await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
-        await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].body, len(splits)))
+        await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job, len(splits)))
     finally:
         await api.close()
 

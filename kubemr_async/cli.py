@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from .crd import DEFAULT_WORKERS
 from .errors import Interrupted, JobFailed, KubemrError, UsageError
 from .spec import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_REDUCERS,
-    OUTPUT_FORMATS,
+    DEFAULT_WORKERS,
     parse_size,
 )
 
@@ -78,25 +77,6 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail("interrupted", 130)
 
 
-def _at_least(name: str, minimum: int) -> Callable[[int], int]:
-    def check(value: int) -> int:
-        if value < minimum:
-            raise typer.BadParameter(f"must be at least {minimum}, got {value}", param_hint=name)
-        return value
-
-    return check
-
-
-def _size(value: str) -> int:
-    try:
-        size = parse_size(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--chunk-size") from None
-    if size <= 0:
-        raise typer.BadParameter(f"must be positive, got {value}", param_hint="--chunk-size")
-    return size
-
-
 def _args(values: list[str]) -> dict[str, str]:
     """Parse --arg KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
     parsed = {}
@@ -112,13 +92,6 @@ def _workers(value: int) -> int:
     if value < 0:
         raise typer.BadParameter(f"must be at least 0 (0 runs --inline), got {value}",
                                  param_hint="--workers")
-    return value
-
-
-def _output_format(value: str) -> str:
-    if value not in OUTPUT_FORMATS:
-        raise typer.BadParameter(f"expected one of {', '.join(OUTPUT_FORMATS)}, got {value!r}",
-                                 param_hint="--format")
     return value
 
 
@@ -138,12 +111,12 @@ def run(
                          "--overwrite).", show_default=False)] = None,
     workers: Annotated[int, typer.Option(callback=_workers,
                        help="Worker processes (0: --inline).")] = 2,
-    reducers: Annotated[int, typer.Option(callback=_at_least("--reducers", 0),
+    reducers: Annotated[int, typer.Option(
                         help="Reduce partitions (output files); 0 runs map-only.")]
     = DEFAULT_REDUCERS,
     chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
     = "64MiB",
-    max_attempts: Annotated[int, typer.Option(callback=_at_least("--max-attempts", 1),
+    max_attempts: Annotated[int, typer.Option(
                             help="Attempts per task before the job fails.")]
     = DEFAULT_MAX_ATTEMPTS,
     lease_seconds: Annotated[float, typer.Option(
@@ -160,7 +133,7 @@ def run(
              "breakpoint() and profilers.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Also show kubemr's own (JSON) logs.")] = False,
-    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+    output_format: Annotated[str, typer.Option("--format",
                                                help=_FORMAT_HELP)] = "text",
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
@@ -171,21 +144,18 @@ def run(
     """
     from .local import run_local
 
-    size = _size(chunk_size)
-    if lease_seconds <= 0:
-        raise typer.BadParameter(f"must be positive, got {lease_seconds}",
-                                 param_hint="--lease-seconds")
     every_input = [*(input or []), *(inputs or [])]
     if not every_input:
         _fail("missing inputs: give --input PATH (repeatable)", 2)
     if output is None:
         _fail("missing --output DIR", 2)
     result = _guard(lambda: asyncio.run(run_local(
-        job, every_input, output, workers=workers, reducers=reducers, chunk_size=size,
+        job, every_input, output, workers=workers, reducers=reducers,
+        chunk_size=parse_size(chunk_size),
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
         verbose=verbose, inline=inline,
-        output_format=output_format)))  # type: ignore[arg-type]  # checked by the callback
+        output_format=output_format)))  # type: ignore[arg-type]  # JobSpec checks it
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
@@ -345,7 +315,7 @@ def submit(
     split_inputs: Annotated[bool, typer.Option(
         help="Cut inputs into line-aligned chunks (key/value jobs), or hand each input "
              "string to one map as is (low-level jobs).")] = True,
-    output_format: Annotated[str, typer.Option("--format", callback=_output_format,
+    output_format: Annotated[str, typer.Option("--format",
                                                help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
@@ -375,7 +345,7 @@ def submit(
             generate_name=generate_name, workers=workers, reducers=reducers,
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
-            output_format=output_format))  # type: ignore[arg-type]  # checked by the callback
+            output_format=output_format))  # type: ignore[arg-type]  # JobSpec checks it
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
+from .conditions import CONDITION_TYPES
 from .errors import KubemrError
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import (
@@ -31,8 +32,17 @@ from .spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
+    DEFAULT_WORKERS,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_JOB_NAME,
     MAX_REDUCERS,
+    MAX_WORKERS,
+    MIN_CHUNK_SIZE,
+    MIN_LEASE_SECONDS,
+    NAME_PATTERN,
     OUTPUT_FORMATS,
+    OUTPUT_PATTERN,
+    RESOURCE_REQUIRED,
 )
 
 GROUP = "kubemr.io"
@@ -52,15 +62,6 @@ LABEL_KIND = f"{GROUP}/kind"
 LABEL_TASK = f"{GROUP}/task"
 #: On a task namespace: the namespace of the MapReduceJob that owns it.
 LABEL_JOB_NAMESPACE = f"{GROUP}/job-namespace"
-
-DEFAULT_WORKERS = 2
-MAX_WORKERS = 1000
-MAX_ATTEMPTS_LIMIT = 100
-MIN_LEASE_SECONDS = 1
-#: An S3 URL: bucket name rules (3-63 chars, lowercase, digits, '.', '-') plus an optional key.
-OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-#: Task names are ``<job>-<key>`` and the job name is a label value, so it must be a DNS label.
-MAX_JOB_NAME = 63
 
 #: Field manager for server-side apply, so ``kubectl`` shows who owns the fields.
 FIELD_MANAGER = "kubemr-async"
@@ -93,7 +94,7 @@ def _job_spec_schema() -> dict[str, Any]:
         "type": "object",
         "description": "What to run, on what, with which limits. What the job computes "
                        "(job, inputs, reducers, output, chunking) is fixed once created.",
-        "required": ["image", "inputs", "job", "output"],
+        "required": list(RESOURCE_REQUIRED),
         "properties": {
             "image": _string("Worker container image (built from the kubemr-async base).",
                              minLength=1),
@@ -124,7 +125,7 @@ def _job_spec_schema() -> dict[str, Any]:
                 "minimum": MIN_LEASE_SECONDS,
                 "default": DEFAULT_LEASE_SECONDS,
             },
-            "chunkSize": _int(1, default=DEFAULT_CHUNK_SIZE, fmt="int64",
+            "chunkSize": _int(MIN_CHUNK_SIZE, default=DEFAULT_CHUNK_SIZE, fmt="int64",
                               doc="Bytes of input per map task."),
             "output": _string("Where results go: s3://bucket/prefix.", pattern=OUTPUT_PATTERN),
             "splitInputs": {
@@ -203,15 +204,35 @@ def _job_status_schema() -> dict[str, Any]:
             },
             "seq": _int(0, doc="Bumped by every write; guarded writes test it (CAS)."),
             "observedGeneration": _int(fmt="int64"),
-            "conditions": {
-                "type": "array",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                "x-kubernetes-list-type": "atomic",
-            },
+            "conditions": _conditions_schema(),
             "taskNamespace": _string("Namespace holding this job's MapReduceTask objects."),
             "startTime": _string(format="date-time"),
             "completionTime": _string(format="date-time"),
         },
+    }
+
+
+def _conditions_schema() -> dict[str, Any]:
+    """``status.conditions`` as Kubernetes API conventions define them (metav1.Condition),
+    one per type (a map keyed by type), so ``kubectl wait --for=condition=...`` works."""
+    return {
+        "type": "array",
+        "description": "The job's state in the generic shape: one condition per type in "
+                       f"{', '.join(CONDITION_TYPES)}, True for the current phase.",
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "reason", "lastTransitionTime"],
+            "properties": {
+                "type": _string(enum=list(CONDITION_TYPES)),
+                "status": _string(enum=["True", "False", "Unknown"]),
+                "reason": _string(maxLength=1024),
+                "message": _string(maxLength=32768),
+                "lastTransitionTime": _string(format="date-time"),
+                "observedGeneration": _int(0, fmt="int64"),
+            },
+        },
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
     }
 
 
@@ -273,6 +294,10 @@ def job_crd() -> dict[str, Any]:
             "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME}",
             "message": f"metadata.name must be at most {MAX_JOB_NAME} characters: it is "
                        "used in task names and label values",
+        }, {
+            "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+            "message": "metadata.name must be a DNS label (lowercase letters, digits and "
+                       "'-'): it is used in task names and label values",
         }],
     }
     columns = [

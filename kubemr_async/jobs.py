@@ -46,26 +46,24 @@ from kubernetes_asyncio.config import ConfigException, list_kube_config_contexts
 from . import protocol
 from .crd import (
     API_VERSION,
-    DEFAULT_WORKERS,
     GROUP,
     JOB_KIND,
     JOB_PLURAL,
     LABEL_JOB,
-    MAX_ATTEMPTS_LIMIT,
-    MAX_WORKERS,
-    MIN_LEASE_SECONDS,
-    OUTPUT_PATTERN,
     VERSION,
 )
 from .errors import JobFailed, KubemrError, UsageError
-from .kube import KubeApiError, api_client, api_error, status_message
-from .protocol import JOB_KEY, Body, JobPhase, JobView, Progress, TaskState
+from .kube import KubeApiError, KubeObject, api_client, api_error, status_message
+from .protocol import JOB_KEY, JobPhase, JobView, Progress, TaskState
+from .records import JobRecord
 from .spec import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
+    DEFAULT_WORKERS,
+    InvalidSpec,
     JobSpec,
     OutputFormat,
 )
@@ -168,12 +166,11 @@ class JobClient:
     def _missing(self, name: str) -> NoSuchJob:
         return NoSuchJob(f"job {name} not found in namespace {self.namespace}")
 
-    async def create(self, manifest: Body) -> Body:
+    async def create(self, manifest: KubeObject) -> KubeObject:
         """POST a MapReduceJob (``generateName`` is the server's to fill); the created object."""
-        meta = manifest.get("metadata") or {}
-        label = meta.get("name") or f"{meta.get('generateName', '')}*"
+        label = _label(manifest.get("metadata") or {})
         try:
-            created: Body = await self._objects.create_namespaced_custom_object(
+            created: KubeObject = await self._objects.create_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, JOB_PLURAL, manifest)
         except ApiException as exc:
             if exc.status == 409:
@@ -186,11 +183,11 @@ class JobClient:
                             exc) from None
         return created
 
-    async def get(self, name: str) -> Body:
+    async def get(self, name: str) -> KubeObject:
         """The MapReduceJob as the API server has it; NoSuchJob if there is none."""
-        async def read() -> Body:
+        async def read() -> KubeObject:
             try:
-                obj: Body = await self._objects.get_namespaced_custom_object(
+                obj: KubeObject = await self._objects.get_namespaced_custom_object(
                     GROUP, VERSION, self.namespace, JOB_PLURAL, name)
             except ApiException as exc:
                 if exc.status == 404:
@@ -201,14 +198,14 @@ class JobClient:
 
         return await _retrying(read)
 
-    async def list(self, all_namespaces: bool = False) -> Body:
+    async def list(self, all_namespaces: bool = False) -> KubeObject:
         """The MapReduceJobList of this namespace, or of every namespace."""
         where = "all namespaces" if all_namespaces else f"namespace {self.namespace}"
 
-        async def read() -> Body:
+        async def read() -> KubeObject:
             try:
                 if all_namespaces:
-                    listing: Body = await self._objects.list_cluster_custom_object(
+                    listing: KubeObject = await self._objects.list_cluster_custom_object(
                         GROUP, VERSION, JOB_PLURAL)
                 else:
                     listing = await self._objects.list_namespaced_custom_object(
@@ -255,7 +252,7 @@ class JobClient:
         reason = f"cancelled by {await self._user() or 'kubemr cancel'}"
         for _ in range(WRITE_ATTEMPTS):
             records, _ = await self._records(name)
-            job = records[JOB_KEY].body
+            job = records[JOB_KEY].job
             phase = JobPhase(job["phase"])
             if phase.finished:
                 raise KubemrError(f"job {name} is already {phase.value}; nothing to cancel")
@@ -326,7 +323,7 @@ class JobClient:
             raise api_error(f"job {name}: clearing its completionTime", exc) from None
 
     async def wait(self, name: str,
-                   on_progress: Callable[[Progress], None] | None = None) -> Body:
+                   on_progress: Callable[[Progress], None] | None = None) -> JobRecord:
         """Follow the job to its verdict; its final job record, or JobFailed with the reason.
 
         ``on_progress`` sees the maps and reduces done after every change (progress bars).
@@ -503,7 +500,7 @@ def final_outputs(view: JobView, start: int) -> list[str]:
         return [str(result) for result in view.job["results"][start:]]
     outputs = []
     for partition in range(start, view.reduce_total):
-        task = view.records.get(protocol.reduce_key(partition))
+        task = view.tasks.get(protocol.reduce_key(partition))
         if task is None or task["state"] != TaskState.COMMITTED:
             break
         outputs.append(str(task["outputs"]))
@@ -537,7 +534,7 @@ def published_results(name: str, obj: Mapping[str, Any]) -> list[str]:
     return [str(result) for result in status.get("results") or []]
 
 
-def load_manifest(text: str, source: str) -> Body:
+def load_manifest(text: str, source: str) -> KubeObject:
     """The one MapReduceJob in YAML ``text``; UsageError naming ``source`` otherwise."""
     try:
         docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
@@ -555,7 +552,21 @@ def load_manifest(text: str, source: str) -> Body:
     meta = manifest.get("metadata")
     if not isinstance(meta, dict) or not (meta.get("name") or meta.get("generateName")):
         raise UsageError(f"{source}: metadata.name or metadata.generateName is required")
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        raise UsageError(f"{source}: spec is required")
+    # What the API server would refuse, refused here in the words it would use.
+    name = meta.get("name") or f"{meta['generateName']}00000"  # a generated name's shape
+    try:
+        JobSpec.from_resource(str(name), spec)
+    except InvalidSpec as exc:
+        raise UsageError(f"invalid MapReduceJob {_label(meta)}: {exc}") from None
     return manifest
+
+
+def _label(meta: Mapping[str, Any]) -> str:
+    """How messages name a MapReduceJob that may not have its name yet (``wordcount-*``)."""
+    return str(meta.get("name") or f"{meta.get('generateName', '')}*")
 
 
 def manifest_namespace(manifest: Mapping[str, Any], flag: str | None) -> str | None:
@@ -586,30 +597,17 @@ class SubmitOptions:
     output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
 
 
-def build_manifest(options: SubmitOptions) -> Body:
+def build_manifest(options: SubmitOptions) -> KubeObject:
     """The MapReduceJob that ``options`` describe; UsageError naming the bad flag.
 
-    The spec is validated by :class:`JobSpec` (the rules ``kubemr run`` and the operator
-    apply) plus the CRD's limits on what JobSpec does not check, so bad flags fail here in
-    one line rather than as a rejected object; the spec is written out whole, so the
-    manifest says everything the job will do.
+    The spec is validated by :class:`JobSpec` (every rule of the CRD, as ``kubemr run`` and
+    the operator apply them), so bad flags fail here in one line naming the spec field rather
+    than as a rejected object; the spec is written out whole, so the manifest says everything
+    the job will do.
     Without a name, the job module's last component becomes the ``generateName`` prefix.
     """
     if options.name and options.generate_name:
         raise UsageError("--name and --generate-name cannot be used together")
-    if not options.image:
-        raise UsageError("--image: a worker image is required")
-    if not re.match(OUTPUT_PATTERN, options.output):
-        raise UsageError(f"--output must be an S3 URL like s3://bucket/prefix, "
-                         f"got {options.output!r}")
-    if not 1 <= options.workers <= MAX_WORKERS:
-        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}, got {options.workers}")
-    if options.max_attempts > MAX_ATTEMPTS_LIMIT:
-        raise UsageError(f"--max-attempts must be at most {MAX_ATTEMPTS_LIMIT}, "
-                         f"got {options.max_attempts}")
-    if options.lease_seconds < MIN_LEASE_SECONDS:
-        raise UsageError(f"--lease-seconds must be at least {MIN_LEASE_SECONDS}, "
-                         f"got {options.lease_seconds:g}")
     prefix = options.generate_name or (None if options.name else _name_prefix(options.job))
     if prefix is not None and not _GENERATE_NAME.match(prefix):
         raise UsageError(f"--generate-name {prefix!r} is invalid: use lowercase letters, "
@@ -621,11 +619,10 @@ def build_manifest(options: SubmitOptions) -> Body:
         max_attempts=options.max_attempts, args=dict(options.args or {}),
         output=options.output, split_inputs=options.split_inputs,
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
-        output_format=options.output_format,
+        output_format=options.output_format, image=options.image, workers=options.workers,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
-    return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata,
-            "spec": {"image": options.image, "workers": options.workers, **spec}}
+    return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata, "spec": spec}
 
 
 def _name_prefix(job: str) -> str:

@@ -18,6 +18,9 @@ from kubernetes_asyncio.config import load_incluster_config, load_kube_config
 
 from .errors import KubemrError
 
+#: A Kubernetes object as the API returns it (decoded JSON): unstructured, unlike records.
+KubeObject = dict[str, Any]
+
 #: The content type that makes the API server treat a PATCH body as RFC 6902 JSON Patch.
 JSON_PATCH = "application/json-patch+json"
 

@@ -55,6 +55,7 @@ from .outdir import (
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
+from .records import TaskOutputs
 from .spec import DEFAULT_REDUCERS, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
@@ -192,7 +193,7 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
             await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
             await store.create(name, protocol.plan(spec, splits))
             records, _ = await store.snapshot(name)
-            await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].body,
+            await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job,
                                                        len(splits)))
             if inline:
                 view = await _run_inline(store, name, job, work, verbose)
@@ -224,8 +225,8 @@ def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
     message = f"job {name} {reason}"
     if kept is None:
         return message
-    error = (view.job or {}).get("error") or {}
-    index = router.attempts.get((str(error.get("task", "")), int(error.get("attempt") or 0)))
+    error = view.job["error"] if view.job else None
+    index = router.attempts.get((error["task"], error["attempt"])) if error else None
     log = kept / f"worker-{index}.log" if index is not None else None
     return f"{message}; log: {log}" if log and log.exists() else f"{message}; logs: {kept}"
 
@@ -436,8 +437,8 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
     return target
 
 
-def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: str,
-             seconds: float, held: tuple[OutputLock, OutputState],
+def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, name: str,
+             job_ref: str, seconds: float, held: tuple[OutputLock, OutputState],
              output_format: OutputFormat) -> list[Path]:
     """Move result files (and the workers' logs) into a staging directory, then swap it in
     (only while this run still holds the output's lock, over what was checked at start)."""
@@ -446,8 +447,9 @@ def _publish(results: list[str], work: Path, output: Path, name: str, job_ref: s
     blobs = (work / "blobs").resolve()
     parts = []
     for partition, result in enumerate(results):
-        source = Path(result)
-        if source.is_absolute() and blobs in source.parents and source.is_file():
+        source = Path(result) if isinstance(result, str) else None  # parts are file paths
+        if (source is not None and source.is_absolute() and blobs in source.parents
+                and source.is_file()):
             target = staging / formats.part_name(partition, output_format)
             os.replace(source, target)
             parts.append(output / target.name)
@@ -527,7 +529,7 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
     store = SQLiteStateStore(state)
     try:
         records, _ = await store.snapshot(job_name)
-        spec = JobSpec.from_dict(job_name, records[protocol.JOB_KEY].body["spec"])
+        spec = JobSpec.from_dict(job_name, records[protocol.JOB_KEY].job["spec"])
         job = load_job(spec.job, spec.reducers)
         worker = Worker(job_name, job, store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()

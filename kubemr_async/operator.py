@@ -28,16 +28,17 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import protocol
+from .conditions import job_conditions
 from .crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION
 from .errors import KubemrError
 from .inputs import plan_inputs
+from .kube import KubeObject
 from .protocol import JobPhase, JobView
-from .spec import JobSpec
+from .spec import DEFAULT_WORKERS, JobSpec
 from .state.kube import KubeStateStore, task_namespace_for
 
 log = logging.getLogger("kubemr.operator")
 
-Body = dict[str, Any]
 FINALIZER = "kubemr.io/cleanup"
 PROGRESS_INTERVAL = 1.0
 # Progress writes resend the whole job object (spec.inputs included) to every watcher, so
@@ -65,7 +66,7 @@ class OperatorConfig:
     image_pull_policy: str = "IfNotPresent"
 
 
-def _owner(mrj: Body) -> Body:
+def _owner(mrj: KubeObject) -> KubeObject:
     meta = mrj["metadata"]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MapReduceJob", "name": meta["name"],
             "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
@@ -81,7 +82,7 @@ def worker_names(name: str) -> tuple[str, str]:
     return f"kubemr-worker-{name}"[:63].rstrip("-"), f"{name}-workers"[:63].rstrip("-")
 
 
-def _deep_merge(base: Body, override: Body) -> Body:
+def _deep_merge(base: KubeObject, override: KubeObject) -> KubeObject:
     """Overlay a user's pod template; lists of containers merge by name, other lists replace."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
@@ -127,9 +128,9 @@ class Operator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _list_jobs(self, **kwargs: Any) -> Body:
+    async def _list_jobs(self, **kwargs: Any) -> KubeObject:
         if self.config.namespace:
-            result: Body = await self.custom.list_namespaced_custom_object(
+            result: KubeObject = await self.custom.list_namespaced_custom_object(
                 GROUP, VERSION, self.config.namespace, JOB_PLURAL, **kwargs)
         else:
             result = await self.custom.list_cluster_custom_object(
@@ -184,7 +185,7 @@ class Operator:
                 for item in (await self._list_jobs())["items"]:
                     self.schedule(item["metadata"]["namespace"], item["metadata"]["name"])
 
-    def _changed(self, event_type: str, obj: Body) -> bool:
+    def _changed(self, event_type: str, obj: KubeObject) -> bool:
         """Whether a watch event changes anything a reconcile acts on.
 
         Progress and lease traffic rewrite the status many times a second on a busy job;
@@ -226,7 +227,7 @@ class Operator:
 
     async def reconcile(self, namespace: str, name: str) -> None:
         try:
-            mrj: Body = await self.custom.get_namespaced_custom_object(
+            mrj: KubeObject = await self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, JOB_PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
@@ -248,13 +249,14 @@ class Operator:
                 return
             phase = JobPhase.RUNNING
         if phase == JobPhase.RUNNING:
+            await self._write_status(mrj, phase)
             await self._ensure_workers(mrj)
             self._follow(namespace, name, store)
             await self._check_workers(mrj, store)
         else:
             await self._finish(mrj)
 
-    async def _plan(self, mrj: Body, store: KubeStateStore) -> bool:
+    async def _plan(self, mrj: KubeObject, store: KubeStateStore) -> bool:
         """Write every task record and start the job; False if planning failed the job."""
         name = mrj["metadata"]["name"]
         try:
@@ -265,7 +267,7 @@ class Operator:
             reason = f"invalid job: {exc}"
             await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, mrj["metadata"]["namespace"], JOB_PLURAL, name,
-                {"status": {"phase": JobPhase.FAILED.value, "maps": 0, "results": [],
+                {"status": {**protocol.new_status(), "phase": JobPhase.FAILED.value,
                             "error": {"task": "", "attempt": 0, "message": reason},
                             "seq": int((mrj.get("status") or {}).get("seq") or 0) + 1}},
                 _content_type="application/merge-patch+json")
@@ -275,23 +277,23 @@ class Operator:
         await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
-        job = records[protocol.JOB_KEY].body
+        job = records[protocol.JOB_KEY].job
         if job["phase"] == JobPhase.PENDING:
             await store.patch(name, protocol.start_job(job, len(splits)))
             await self._event(mrj, "Planned", f"{len(splits)} map and {spec.reducers} reduce "
                               "tasks created")
         return True
 
-    async def _fail(self, mrj: Body, store: KubeStateStore, reason: str) -> None:
+    async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str) -> None:
         name = mrj["metadata"]["name"]
         records, _ = await store.snapshot(name)
-        job = records[protocol.JOB_KEY].body
+        job = records[protocol.JOB_KEY].job
         if not JobPhase(job["phase"]).finished:
             await store.patch(name, protocol.abort(job, JobPhase.FAILED, reason))
             await self._event(mrj, "Failed", reason, warning=True)
         log.warning("job failed", extra={"job": name, "error": reason})
 
-    async def _ensure_task_namespace(self, mrj: Body) -> str:
+    async def _ensure_task_namespace(self, mrj: KubeObject) -> str:
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
         task_ns = task_namespace_for(namespace, name)
         await _create(self.core.create_namespace, {
@@ -300,7 +302,7 @@ class Operator:
                                                      "kubemr.io/job-namespace": namespace}}})
         return task_ns
 
-    async def _ensure_workers(self, mrj: Body) -> None:
+    async def _ensure_workers(self, mrj: KubeObject) -> None:
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
         account, job_name = worker_names(name)
         owner = [_owner(mrj)]
@@ -334,9 +336,9 @@ class Operator:
         await _create(self.batch.create_namespaced_job, namespace,
                       self.worker_job(mrj, job_name, account, env))
 
-    async def _worker_env(self, mrj: Body, owner: list[Body]) -> list[Body]:
+    async def _worker_env(self, mrj: KubeObject, owner: list[KubeObject]) -> list[KubeObject]:
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
-        env: list[Body] = [
+        env: list[KubeObject] = [
             {"name": "KUBEMR_JOB", "value": name},
             {"name": "KUBEMR_NAMESPACE", "value": namespace},
             {"name": "KUBEMR_WORKER_ID",
@@ -359,16 +361,18 @@ class Operator:
                     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         return env
 
-    def worker_job(self, mrj: Body, job_name: str, account: str, env: list[Body]) -> Body:
+    def worker_job(self, mrj: KubeObject, job_name: str, account: str,
+                   env: list[KubeObject]) -> KubeObject:
         """The batch/v1 Job whose pods are the workers (a work-queue Job: no completions)."""
-        spec, name = mrj["spec"], mrj["metadata"]["name"]
-        pod: Body = {
+        name = mrj["metadata"]["name"]
+        spec = JobSpec.from_dict(name, mrj["spec"])
+        pod: KubeObject = {
             "metadata": {"labels": _labels(name)},
             "spec": {
                 "serviceAccountName": account,
                 "restartPolicy": "Never",
                 "containers": [{
-                    "name": "worker", "image": spec["image"],
+                    "name": "worker", "image": spec.image,
                     "imagePullPolicy": self.config.image_pull_policy,
                     "command": list(self.config.worker_command), "env": env,
                     "securityContext": {"allowPrivilegeEscalation": False,
@@ -378,8 +382,8 @@ class Operator:
                 "terminationGracePeriodSeconds": 30,
             },
         }
-        if spec.get("template"):
-            pod = _deep_merge(pod, spec["template"])
+        if spec.template:
+            pod = _deep_merge(pod, dict(spec.template))
             # A job may shape its pods, but never choose their identity: the account is the
             # one whose Role reaches only this job's objects.
             pod["spec"]["serviceAccountName"] = account
@@ -388,11 +392,11 @@ class Operator:
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
                          "labels": _labels(name), "ownerReferences": [_owner(mrj)]},
-            "spec": {"parallelism": int(spec.get("workers", 2)),
+            "spec": {"parallelism": spec.workers or DEFAULT_WORKERS,
                      "backoffLimit": self.config.worker_backoff_limit, "template": pod},
         }
 
-    async def _check_workers(self, mrj: Body, store: KubeStateStore) -> None:
+    async def _check_workers(self, mrj: KubeObject, store: KubeStateStore) -> None:
         """Fail a Running job whose workers cannot run, instead of letting it hang."""
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
         _, job_name = worker_names(name)
@@ -471,30 +475,30 @@ class Operator:
                 GROUP, VERSION, namespace, JOB_PLURAL, name, patch,
                 _content_type="application/merge-patch+json")
 
-    async def _finish(self, mrj: Body) -> None:
+    async def _finish(self, mrj: KubeObject) -> None:
         """A decided job: stop workers, stamp the time, honour the TTL. A Succeeded job's
         task records go (the results are on the object); a Failed or Cancelled job keeps
         them until it is deleted, so `kubemr retry` can reuse its committed maps."""
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
         status = mrj.get("status") or {}
+        phase = JobPhase(status["phase"])
         if not status.get("completionTime"):
-            phase = status.get("phase")
-            await self._event(mrj, str(phase), f"job {str(phase).lower()}"
+            await self._event(mrj, phase.value, f"job {phase.value.lower()}"
                               + (f": {protocol.format_error(status.get('error'))}"
                                  if phase != JobPhase.SUCCEEDED else ""),
                               warning=phase != JobPhase.SUCCEEDED)
-            # Final counts and completionTime in one write: a reader who sees the time
-            # also sees the progress columns complete.
+            # Final counts, conditions and completionTime in one write: a reader who sees
+            # the time (or waits for the condition) also sees the progress columns complete.
             records, _ = await KubeStateStore(self.api, namespace).snapshot(name)
             progress = JobView({k: r.body for k, r in records.items()}).progress()
-            await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, JOB_PLURAL, name,
-                {"status": {**_progress_fields(progress), "completionTime": _now()}},
-                _content_type="application/merge-patch+json")
+            await self._write_status(mrj, phase, {**_progress_fields(progress),
+                                                  "completionTime": _now()})
+        else:
+            await self._write_status(mrj, phase)
         self._stop_follower(namespace, name)
         await self._delete_workers(namespace, name, keep_tasks=status.get("phase")
                                    != JobPhase.SUCCEEDED)
-        ttl = mrj["spec"].get("ttlSecondsAfterFinished")
+        ttl = JobSpec.from_dict(name, mrj["spec"]).ttl_seconds_after_finished
         if ttl is not None:
             finished = datetime.fromisoformat(
                 (status.get("completionTime") or _now()).replace("Z", "+00:00"))
@@ -522,7 +526,7 @@ class Operator:
         if not keep_tasks:
             await _ignore_missing(self.core.delete_namespace(task_namespace_for(namespace, name)))
 
-    async def _finalize(self, mrj: Body) -> None:
+    async def _finalize(self, mrj: KubeObject) -> None:
         """The job is being deleted: owned objects go by garbage collection; the task
         namespace cannot have a namespaced owner, so it is deleted here."""
         namespace, name = mrj["metadata"]["namespace"], mrj["metadata"]["name"]
@@ -538,13 +542,29 @@ class Operator:
 
     # --- small API helpers ------------------------------------------------------------
 
-    async def _patch_job(self, mrj: Body, ops: list[Body], status: bool) -> None:
+    async def _write_status(self, mrj: KubeObject, phase: JobPhase,
+                            fields: KubeObject | None = None) -> None:
+        """Write ``fields`` and the conditions of ``phase`` into the status (a merge patch);
+        nothing when there are no fields and the conditions on the object are current."""
+        status = mrj.get("status") or {}
+        previous = status.get("conditions") or []
+        conditions = job_conditions(phase, status.get("error"),
+                                    int(mrj["metadata"].get("generation") or 0), previous, _now())
+        if not fields and conditions == previous:
+            return
+        await self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, mrj["metadata"]["namespace"], JOB_PLURAL, mrj["metadata"]["name"],
+            {"status": {**(fields or {}), "conditions": conditions}},
+            _content_type="application/merge-patch+json")
+
+    async def _patch_job(self, mrj: KubeObject, ops: list[KubeObject], status: bool) -> None:
         fn = (self.custom.patch_namespaced_custom_object_status if status
               else self.custom.patch_namespaced_custom_object)
         await fn(GROUP, VERSION, mrj["metadata"]["namespace"], JOB_PLURAL,
                  mrj["metadata"]["name"], ops, _content_type="application/json-patch+json")
 
-    async def _event(self, mrj: Body, reason: str, message: str, warning: bool = False) -> None:
+    async def _event(self, mrj: KubeObject, reason: str, message: str,
+                     warning: bool = False) -> None:
         meta = mrj["metadata"]
         now = _now()
         with contextlib.suppress(ApiException):
@@ -561,7 +581,7 @@ class Operator:
             })
 
 
-def _progress_fields(progress: protocol.Progress) -> Body:
+def _progress_fields(progress: protocol.Progress) -> KubeObject:
     return {"mapsDone": progress.maps_done, "reduces": progress.reduces_total,
             "reducesDone": progress.reduces_done}
 

@@ -44,7 +44,7 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
     try:
         store = KubeStateStore(api, namespace)
         records, _ = await store.snapshot(job_name)
-        job_record = records[protocol.JOB_KEY].body
+        job_record = records[protocol.JOB_KEY].job
         if JobPhase(job_record["phase"]).finished:
             return 0
         spec = JobSpec.from_dict(job_name, job_record["spec"])

@@ -34,8 +34,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import cast
 
+from .records import Body, JobError, JobRecord, JobStatus, PatchOp, TaskOutputs, TaskRecord
 from .spec import JobSpec
 
 JOB_KEY = "job"
@@ -70,15 +71,12 @@ class JobPhase(StrEnum):
         return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
 
 
-Body = dict[str, Any]
-
-
 @dataclass(frozen=True)
 class Update:
     """A conditional write: apply ``ops`` (JSON Patch) to record ``key`` if its tests hold."""
 
     key: str
-    ops: tuple[dict[str, Any], ...]
+    ops: tuple[PatchOp, ...]
 
 
 def map_key(index: int) -> str:
@@ -89,27 +87,25 @@ def reduce_key(partition: int) -> str:
     return f"reduce-{partition:05d}"
 
 
-def task_name(body: Mapping[str, Any]) -> str:
+def task_name(body: TaskRecord) -> str:
     return map_key(body["index"]) if body["kind"] == TaskKind.MAP else reduce_key(body["index"])
 
 
 # --- initial records ----------------------------------------------------------------
 
 
-def new_job(spec: JobSpec) -> Body:
+def new_status() -> JobStatus:
+    """The job record's state before anything happened (also a MapReduceJob's empty status)."""
+    return {"phase": JobPhase.PENDING.value, "maps": 0, "results": [], "error": None, "seq": 0}
+
+
+def new_job(spec: JobSpec) -> JobRecord:
     """The job record; it stays Pending until every task record exists."""
-    return {
-        "spec": spec.to_dict(),
-        "phase": JobPhase.PENDING.value,
-        "maps": 0,
-        "results": [],
-        "error": None,
-        "seq": 0,
-    }
+    return JobRecord(spec=spec.to_dict(cluster=False), **new_status())
 
 
 def new_task(kind: TaskKind, index: int, task_input: str | None = None,
-             byte_range: tuple[int, int] | None = None) -> Body:
+             byte_range: tuple[int, int] | None = None) -> TaskRecord:
     return {
         "kind": kind.value,
         "index": index,
@@ -126,7 +122,7 @@ def new_task(kind: TaskKind, index: int, task_input: str | None = None,
     }
 
 
-def start_job(job: Body, map_count: int) -> Update:
+def start_job(job: JobRecord, map_count: int) -> Update:
     """Pending -> Running, once the planner has written every task record."""
     return Update(JOB_KEY, (
         _test("phase", JobPhase.PENDING.value),
@@ -137,28 +133,28 @@ def start_job(job: Body, map_count: int) -> Update:
 # --- guarded task transitions -------------------------------------------------------
 
 
-def _test(field: str, value: Any) -> dict[str, Any]:
+def _test(field: str, value: object) -> PatchOp:
     return {"op": "test", "path": f"/{field}", "value": value}
 
 
-def _write(body: Mapping[str, Any], **fields: Any) -> list[dict[str, Any]]:
+def _write(body: JobRecord | TaskRecord, **fields: object) -> list[PatchOp]:
     """Replace ``fields`` and bump ``seq``, guarded by a test of the seq we read."""
-    ops: list[dict[str, Any]] = [_test("seq", body["seq"])]
+    ops: list[PatchOp] = [_test("seq", body["seq"])]
     ops += [{"op": "replace", "path": f"/{name}", "value": value} for name, value in fields.items()]
     ops.append({"op": "replace", "path": "/seq", "value": body["seq"] + 1})
     return ops
 
 
-def _held_by(body: Mapping[str, Any], worker: str) -> list[dict[str, Any]]:
+def _held_by(body: TaskRecord, worker: str) -> list[PatchOp]:
     """Tests that the caller still holds the attempt it thinks it holds (the seed's lock)."""
     return [_test("worker", worker), _test("attempt", body["attempt"])]
 
 
-def lease_expired(body: Mapping[str, Any], now: float) -> bool:
+def lease_expired(body: TaskRecord, now: float) -> bool:
     return body["state"] == TaskState.RUNNING and float(body["leaseExpires"]) < now
 
 
-def claim(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float,
+def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
           max_attempts: int) -> Update:
     """Claim a pending task, or take over one whose holder stopped renewing its lease.
 
@@ -175,7 +171,7 @@ def claim(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float
         if failures >= max_attempts:
             return Update(key, tuple(_write(body, state=TaskState.FAILED.value, failures=failures,
                                             worker="", error=reason)))
-        extra: dict[str, Any] = {"failures": failures, "error": reason}
+        extra: dict[str, object] = {"failures": failures, "error": reason}
     elif body["state"] == TaskState.PENDING:
         extra = {}
     else:
@@ -186,19 +182,19 @@ def claim(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float
     )))
 
 
-def renew(body: Mapping[str, Any], worker: str, now: float, lease_seconds: float) -> Update:
+def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
     """Extend the holder's lease; fails (lost race) if the task was taken over meanwhile."""
     return Update(task_name(body), (*_held_by(body, worker),
                                     *_write(body, leaseExpires=now + lease_seconds)))
 
 
-def commit(body: Mapping[str, Any], worker: str, outputs: Any) -> Update:
+def commit(body: TaskRecord, worker: str, outputs: TaskOutputs) -> Update:
     """Publish the attempt's outputs; only the current holder's commit can succeed."""
     return Update(task_name(body), (*_held_by(body, worker), *_write(
         body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0)))
 
 
-def fail(body: Mapping[str, Any], worker: str, error: str, max_attempts: int,
+def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
          permanent: bool = False) -> Update:
     """Record a failed attempt: back to pending for a retry, or failed for good."""
     failures = body["failures"] + 1
@@ -208,13 +204,13 @@ def fail(body: Mapping[str, Any], worker: str, error: str, max_attempts: int,
         body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error)))
 
 
-def release(body: Mapping[str, Any], worker: str) -> Update:
+def release(body: TaskRecord, worker: str) -> Update:
     """Give a claim back without counting a failure (graceful shutdown, SIGTERM)."""
     return Update(task_name(body), (*_held_by(body, worker), *_write(
         body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0)))
 
 
-def reopen(body: Mapping[str, Any], error: str, max_attempts: int) -> Update:
+def reopen(body: TaskRecord, error: str, max_attempts: int) -> Update:
     """Put a committed map whose run a reduce found corrupt back to pending, outputs cleared.
 
     Reading a damaged run again cannot help; only the map can write a good one (a new
@@ -285,21 +281,22 @@ class JobView:
 
     def __init__(self, records: Mapping[str, Body] | None = None) -> None:
         self.records: dict[str, Body] = {}
-        self.job: Body | None = None
+        self.tasks: dict[str, TaskRecord] = {}
+        self.job: JobRecord | None = None
         self._counts: Counter[tuple[str, str]] = Counter()
         self._pending = {TaskKind.MAP.value: _Sample(), TaskKind.REDUCE.value: _Sample()}
-        self._running: dict[str, Body] = {}
+        self._running: dict[str, TaskRecord] = {}
         # Committed maps by the type of their keys (a clash is two non-empty entries).
         self._key_types: dict[str, set[str]] = {}
         for key, body in (records or {}).items():
             self.update(key, body)
 
     def update(self, key: str, body: Body) -> None:
-        """Take in the latest body of one record."""
+        """Take in the latest body of one record (the key tells a job record from a task's)."""
         if key == JOB_KEY:
-            self.job = self.records[key] = body
+            self.job = self.records[key] = cast(JobRecord, body)
             return
-        old = self.records.get(key)
+        old = self.tasks.get(key)
         if old is not None:
             self._counts[(old["kind"], old["state"])] -= 1
             self._pending[old["kind"]].discard(key)
@@ -307,7 +304,8 @@ class JobView:
             old_type = _key_type(old)
             if old_type is not None:
                 self._key_types[old_type].discard(key)
-        self.records[key] = body
+        body = cast(TaskRecord, body)
+        self.records[key] = self.tasks[key] = body
         new_type = _key_type(body)
         if new_type is not None:
             self._key_types.setdefault(new_type, set()).add(key)
@@ -322,17 +320,17 @@ class JobView:
             return self._counts[(kind.value, state.value)]
         return sum(self._counts[(kind.value, s.value)] for s in TaskState)
 
-    def _sorted(self, kind: TaskKind) -> list[Body]:
-        return sorted((b for k, b in self.records.items() if k != JOB_KEY and b["kind"] == kind),
+    def _sorted(self, kind: TaskKind) -> list[TaskRecord]:
+        return sorted((b for b in self.tasks.values() if b["kind"] == kind),
                       key=lambda t: t["index"])
 
     @property
-    def maps(self) -> list[Body]:
+    def maps(self) -> list[TaskRecord]:
         """Every map record in index order (a full scan: for rare, whole-job questions)."""
         return self._sorted(TaskKind.MAP)
 
     @property
-    def reduces(self) -> list[Body]:
+    def reduces(self) -> list[TaskRecord]:
         return self._sorted(TaskKind.REDUCE)
 
     @property
@@ -375,17 +373,17 @@ class JobView:
             return None
         return TaskKind.REDUCE if self.maps_committed else TaskKind.MAP
 
-    def claimable(self, now: float) -> list[Body]:
+    def claimable(self, now: float) -> list[TaskRecord]:
         """Every task a worker may claim now: maps first, reduces once all maps committed."""
         stage = self._stage()
         if stage is None:
             return []
         expired = [b for b in self._running.values() if b["kind"] == stage
                    and lease_expired(b, now)]
-        pending = [self.records[k] for k in self._pending[stage.value]]
+        pending = [self.tasks[k] for k in self._pending[stage.value]]
         return sorted([*pending, *expired], key=lambda t: t["index"])
 
-    def candidates(self, now: float, count: int, rng: random.Random) -> list[Body]:
+    def candidates(self, now: float, count: int, rng: random.Random) -> list[TaskRecord]:
         """Up to ``count`` claimable tasks picked at random, so racing workers spread out.
 
         Taking over expired leases comes first: those tasks have waited longest.
@@ -396,7 +394,7 @@ class JobView:
         expired = [b for b in self._running.values() if b["kind"] == stage
                    and lease_expired(b, now)]
         rng.shuffle(expired)
-        picked = [self.records[k] for k in self._pending[stage.value].sample(count, rng)]
+        picked = [self.tasks[k] for k in self._pending[stage.value].sample(count, rng)]
         return [*expired, *picked][:max(count, len(expired))]
 
     def next_lease_expiry(self) -> float | None:
@@ -404,14 +402,14 @@ class JobView:
         leases = [float(t["leaseExpires"]) for t in self._running.values()]
         return min(leases) if leases else None
 
-    def map_outputs(self, partition: int) -> list[tuple[Body, Any]]:
+    def map_outputs(self, partition: int) -> list[tuple[TaskRecord, str]]:
         """Each committed map with its output for one reduce partition, in map order.
 
         The map's record comes along so that a reduce that finds its run corrupt can
         re-open exactly the map (and the attempt) that wrote it.
         """
-        return [(m, m["outputs"][str(partition)]) for m in self.maps
-                if str(partition) in (m["outputs"] or {})]
+        return [(m, outputs[str(partition)]) for m in self.maps
+                if isinstance(outputs := m["outputs"], dict) and str(partition) in outputs]
 
     def key_type_clash(self, task: str | None = None, key_type: str | None = None) -> str | None:
         """Why the job's keys do not share one type, or None if they do.
@@ -439,13 +437,13 @@ class JobView:
         if self.progress().failed:
             failed = next(t for t in (*self.maps, *self.reduces)
                           if t["state"] == TaskState.FAILED)
-            error = {"task": task_name(failed), "attempt": failed["attempt"],
-                     "message": failed["error"]}
+            error: JobError = {"task": task_name(failed), "attempt": failed["attempt"],
+                               "message": failed["error"]}
             return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.FAILED.value,
                                                 error=error)))
         if self.reduce_total == 0 and self.maps_committed:
             # A map-only job: each map's committed output is a result part, in map order.
-            results = [t["outputs"] for t in self.maps]
+            results: list[TaskOutputs | None] = [t["outputs"] for t in self.maps]
         elif self.reduce_total and (self._count(TaskKind.REDUCE, TaskState.COMMITTED)
                                     == self.reduce_total):
             results = [t["outputs"] for t in self.reduces]
@@ -455,12 +453,12 @@ class JobView:
                                             results=results)))
 
 
-def _key_type(body: Mapping[str, Any]) -> str | None:
+def _key_type(body: TaskRecord) -> str | None:
     """The key type a committed map recorded with its outputs (None for any other record)."""
     if body["kind"] != TaskKind.MAP or body["state"] != TaskState.COMMITTED:
         return None
     outputs = body["outputs"]
-    return outputs.get(KEY_TYPE) if isinstance(outputs, Mapping) else None
+    return outputs.get(KEY_TYPE) if isinstance(outputs, dict) else None
 
 
 def _key_clash(task: str, kind: str, other_task: str, other_kind: str) -> str:
@@ -468,7 +466,7 @@ def _key_clash(task: str, kind: str, other_task: str, other_kind: str) -> str:
             "a job's keys must share one type")
 
 
-def abort(job: Mapping[str, Any], phase: JobPhase, reason: str) -> Update:
+def abort(job: JobRecord, phase: JobPhase, reason: str) -> Update:
     """End a job from outside the task flow: Cancelled by a user, or Failed for a reason no
     task owns (a job module that does not load, worker pods that cannot run)."""
     return Update(JOB_KEY, (_test("phase", job["phase"]), *_write(
@@ -498,7 +496,8 @@ def retry(view: JobView) -> list[Update]:
 
 
 def plan(spec: JobSpec,
-         map_inputs: Iterable[tuple[str, tuple[int, int] | None]]) -> list[tuple[str, Body]]:
+         map_inputs: Iterable[tuple[str, tuple[int, int] | None]]
+         ) -> list[tuple[str, TaskRecord]]:
     """Every task record of a new job: one map per input split, one reduce per partition."""
     records = [(map_key(i), new_task(TaskKind.MAP, i, task_input, byte_range))
                for i, (task_input, byte_range) in enumerate(map_inputs)]
@@ -506,10 +505,10 @@ def plan(spec: JobSpec,
     return records
 
 
-def format_error(error: Mapping[str, Any] | None) -> str:
+def format_error(error: JobError | None) -> str:
     """The one-line reason of a Failed job, as the CLI and the status print it."""
     if not error:
         return "unknown error"
-    if not error.get("task"):
+    if not error.get("task"):  # a hand-written status may lack fields
         return str(error.get("message", ""))
     return f"task {error['task']} attempt {error['attempt']}: {error['message']}"

@@ -32,9 +32,10 @@ from .api import AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import read_task_input
-from .protocol import Body, JobPhase, JobView, TaskKind, TaskState
+from .protocol import JobPhase, JobView, TaskKind, TaskState
+from .records import Body, TaskOutputs, TaskRecord
 from .spec import JobSpec
-from .state.base import StateStore
+from .state.base import Record, StateStore
 from .storage.base import BlobStore
 from .storage.urls import StoreCache
 
@@ -142,12 +143,12 @@ class Worker:
             self._view.update(key, body)
             self._changed.set()
 
-    async def _write(self, update: protocol.Update) -> Body | None:
+    async def _write(self, update: protocol.Update) -> Record | None:
         record = await self.store.patch(self.job_name, update)
         if record is None:
             return None
         self._remember(record.key, record.body)
-        return record.body
+        return record
 
     # --- the claim loop ---------------------------------------------------------------
 
@@ -169,8 +170,8 @@ class Worker:
                 update = protocol.claim(body, self.worker_id, now, self.spec.lease_seconds,
                                         self.spec.max_attempts)
                 claimed = await self._write(update)
-                if claimed is not None and claimed["state"] == TaskState.RUNNING:
-                    await self._execute(claimed)
+                if claimed is not None and claimed.task["state"] == TaskState.RUNNING:
+                    await self._execute(claimed.task)
                     break
             else:
                 await self._wait_for_change(view)
@@ -192,7 +193,7 @@ class Worker:
             await self._write_manifest([str(t["outputs"]) for t in view.reduces])
         job = await self._write(verdict)
         if job is not None:
-            log.info("job decided", extra={"job": self.job_name, "phase": job["phase"],
+            log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],
                                            "worker": self.worker_id})
 
     async def _write_manifest(self, results: list[str]) -> None:
@@ -210,7 +211,7 @@ class Worker:
 
     # --- one attempt ------------------------------------------------------------------
 
-    async def _execute(self, body: Body) -> None:
+    async def _execute(self, body: TaskRecord) -> None:
         task = protocol.task_name(body)
         attempt = int(body["attempt"])
         context = {"job": self.job_name, "task": task, "attempt": attempt,
@@ -284,9 +285,9 @@ class Worker:
                 if renewed is None:
                     lost.set()
                     return
-                holder.body = renewed
+                holder.body = renewed.task
 
-    async def _perform(self, body: Body) -> Any:
+    async def _perform(self, body: TaskRecord) -> TaskOutputs:
         ctx = TaskContext(job=self.job_name, task=protocol.task_name(body),
                           attempt=int(body["attempt"]), partitions=self.spec.reducers,
                           input=body["input"] or "", args=self.spec.args,
@@ -333,7 +334,7 @@ class Worker:
         await self.blobs.put(key, part)
         return self.blobs.url(key)
 
-    async def _map(self, job: Job, body: Body, ctx: TaskContext) -> dict[str, str] | str:
+    async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body)
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
@@ -352,9 +353,9 @@ class Worker:
             outputs[protocol.KEY_TYPE] = key_type
         return outputs
 
-    async def _read_input(self, body: Body) -> bytes:
+    async def _read_input(self, body: TaskRecord) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object), decompressed."""
-        source, key = self._stores.open(body["input"])
+        source, key = self._stores.open(body["input"] or "")
         byte_range = body["range"]
         async with self._io:
             return await read_task_input(source, key, None if byte_range is None
@@ -371,7 +372,7 @@ class Worker:
 class _CorruptRun(Exception):
     """A reduce input written by map ``writer`` (its record as read) is damaged."""
 
-    def __init__(self, writer: Body, message: str) -> None:
+    def __init__(self, writer: TaskRecord, message: str) -> None:
         super().__init__(message)
         self.writer = writer
         self.message = message
@@ -380,7 +381,7 @@ class _CorruptRun(Exception):
 class _Holder:
     """The latest body of the task we hold; heartbeats and the final write take turns."""
 
-    def __init__(self, body: Body) -> None:
+    def __init__(self, body: TaskRecord) -> None:
         self.body = body
         self.lock = asyncio.Lock()
 

@@ -1,8 +1,14 @@
 """The job specification shared by every backend: what to run, on what, with which limits.
 
-The same fields appear in the ``MapReduceJob`` custom resource (camelCase in ``spec``) and in
-the embedded store's job record, so ``to_dict``/``from_dict`` use the resource's spelling.
-Validation lives here so `kubemr run`, the operator and the CRD agree on what is valid.
+:class:`JobSpec` is the one model of a ``MapReduceJob``'s ``spec``: ``to_dict``/``from_dict``
+are the one mapping to and from the resource's camelCase spelling, and :func:`validate` checks
+every limit the CRD schema has, from the constants below, which :mod:`kubemr_async.crd` also
+builds the schema from. So `kubemr run`, `kubemr submit`, the operator and the API server
+refuse the same values, and each message names the spec field (as the API server does).
+
+The job record of every store keeps the part a worker needs (``to_dict(cluster=False)``);
+``image``, ``workers``, ``template`` and ``ttlSecondsAfterFinished`` only shape a job on a
+cluster, so they may be unset (None) for `kubemr run`, but when set the limits are the same.
 """
 
 from __future__ import annotations
@@ -10,25 +16,57 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from .errors import UsageError
 
 MIB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64 * MIB
+MIN_CHUNK_SIZE = 1
 DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 1
 #: One default for `kubemr run`, `kubemr submit` and the CRD: one result file per job.
 DEFAULT_REDUCERS = 1
 MAX_REDUCERS = 10_000
+DEFAULT_WORKERS = 2
+MAX_WORKERS = 1000
+#: Task names are ``<job>-<key>`` and the job name is a label value, so it must be a DNS label.
+MAX_JOB_NAME = 63
+#: An S3 URL: bucket name rules (3-63 chars, lowercase, digits, '.', '-') plus an optional key.
+OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+
+#: What a MapReduceJob must give (the CRD's ``required``); `kubemr run` needs job and inputs.
+RESOURCE_REQUIRED = ("image", "inputs", "job", "output")
 
 #: How result parts are written (see kubemr_async.formats); the one list of valid formats.
 OutputFormat = Literal["text", "jsonl", "parquet"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("text", "jsonl", "parquet")
 DEFAULT_OUTPUT_FORMAT: OutputFormat = "text"
 
-# RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
+NAME_PATTERN = rf"^[a-z0-9]([-a-z0-9]{{0,{MAX_JOB_NAME - 2}}}[a-z0-9])?$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+class JobSpecDict(TypedDict):
+    """A ``MapReduceJob``'s ``spec`` as the resource (and every job record) spells it."""
+
+    job: str
+    inputs: list[str]
+    reducers: int
+    maxAttempts: int
+    leaseSeconds: float
+    chunkSize: int
+    args: dict[str, str]
+    output: str
+    splitInputs: bool
+    outputFormat: OutputFormat
+    image: NotRequired[str]
+    workers: NotRequired[int]
+    template: NotRequired[dict[str, Any]]
+    ttlSecondsAfterFinished: NotRequired[int]
 
 
 @dataclass(frozen=True)
@@ -48,12 +86,19 @@ class JobSpec:
     # JobWorker jobs get each input string verbatim (one map per string).
     split_inputs: bool = True
     output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
+    # Cluster-only: the worker image, worker pods, pod template overrides, clean-up delay.
+    image: str | None = None
+    workers: int | None = None
+    template: Mapping[str, Any] | None = None
+    ttl_seconds_after_finished: int | None = None
 
     def __post_init__(self) -> None:
         validate(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, cluster: bool = True) -> JobSpecDict:
+        """The resource's spec; ``cluster=False`` leaves out the cluster-only fields (the
+        job record's copy: workers never read them, and a store may fill them in)."""
+        spec: JobSpecDict = {
             "job": self.job,
             "inputs": list(self.inputs),
             "reducers": self.reducers,
@@ -65,9 +110,34 @@ class JobSpec:
             "splitInputs": self.split_inputs,
             "outputFormat": self.output_format,
         }
+        if cluster:
+            if self.image is not None:
+                spec["image"] = self.image
+            if self.workers is not None:
+                spec["workers"] = self.workers
+            if self.template is not None:
+                spec["template"] = dict(self.template)
+            if self.ttl_seconds_after_finished is not None:
+                spec["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
+        return spec
+
+    @classmethod
+    def from_resource(cls, name: str, data: Mapping[str, Any]) -> JobSpec:
+        """A MapReduceJob's spec judged as the API server would: the fields it requires
+        given, values of the right kind, every limit; InvalidSpec naming the field."""
+        missing = next((f for f in RESOURCE_REQUIRED if f not in data), None)
+        if missing is not None:
+            raise InvalidSpec(f"spec.{missing}", "required")
+        try:
+            return cls.from_dict(name, data)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec("spec", str(exc)) from None
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> JobSpec:
+        """Read a resource's spec (or a job record's); defaults are the CRD's."""
+        template, ttl, workers = (data.get("template"), data.get("ttlSecondsAfterFinished"),
+                                  data.get("workers"))
         return cls(
             name=name,
             job=str(data.get("job", "")),
@@ -81,32 +151,61 @@ class JobSpec:
             split_inputs=bool(data.get("splitInputs", True)),
             output_format=cast(OutputFormat,
                                str(data.get("outputFormat", DEFAULT_OUTPUT_FORMAT))),
+            image=None if data.get("image") is None else str(data["image"]),
+            workers=None if workers is None else int(workers),
+            template=None if template is None else dict(template),
+            ttl_seconds_after_finished=None if ttl is None else int(ttl),
         )
+
+
+class InvalidSpec(UsageError):
+    """A spec value breaks a limit; ``field`` is its path in the resource (``spec.reducers``,
+    ``metadata.name``), as the API server names it, so every surface says the same."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def _between(field: str, value: float, low: float, high: float | None = None,
+             note: str = "") -> None:
+    if value < low or (high is not None and value > high):
+        limits = (f"between {_num(low)}{note} and {_num(high)}" if high is not None
+                  else f"at least {_num(low)}")
+        raise InvalidSpec(f"spec.{field}", f"must be {limits}, got {_num(value)}")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def validate(spec: JobSpec) -> None:
-    """Raise UsageError naming the first invalid field; mirrors the CRD schema's rules."""
+    """Raise InvalidSpec naming the first invalid field: every rule of the CRD schema."""
     if not _NAME.match(spec.name):
-        raise UsageError(
-            f"job name {spec.name!r} is invalid: use lowercase letters, digits and '-', "
-            "at most 63 characters"
-        )
+        raise InvalidSpec("metadata.name", f"{spec.name!r} is invalid: use lowercase letters, "
+                          f"digits and '-', at most {MAX_JOB_NAME} characters")
     if not spec.job:
-        raise UsageError("job: a job module is required")
+        raise InvalidSpec("spec.job", "a job module is required")
     if not spec.inputs:
-        raise UsageError("inputs: at least one input is required")
-    if not 0 <= spec.reducers <= MAX_REDUCERS:
-        raise UsageError(f"reducers must be between 0 (map-only) and {MAX_REDUCERS}, "
-                         f"got {spec.reducers}")
-    if spec.max_attempts < 1:
-        raise UsageError(f"maxAttempts must be at least 1, got {spec.max_attempts}")
-    if spec.lease_seconds <= 0:
-        raise UsageError(f"leaseSeconds must be positive, got {spec.lease_seconds}")
-    if spec.chunk_size <= 0:
-        raise UsageError(f"chunk size must be positive, got {spec.chunk_size}")
+        raise InvalidSpec("spec.inputs", "at least one input is required")
+    if not all(spec.inputs):
+        raise InvalidSpec("spec.inputs", "an input must not be empty")
+    _between("reducers", spec.reducers, 0, MAX_REDUCERS, " (map-only)")
+    _between("maxAttempts", spec.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
+    _between("leaseSeconds", spec.lease_seconds, MIN_LEASE_SECONDS)
+    _between("chunkSize", spec.chunk_size, MIN_CHUNK_SIZE)
+    if spec.output and not re.match(OUTPUT_PATTERN, spec.output):
+        raise InvalidSpec("spec.output", f"must be an S3 URL like s3://bucket/prefix, "
+                          f"got {spec.output!r}")
     if spec.output_format not in OUTPUT_FORMATS:
-        raise UsageError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, "
-                         f"got {spec.output_format!r}")
+        raise InvalidSpec("spec.outputFormat", f"must be one of {', '.join(OUTPUT_FORMATS)}, "
+                          f"got {spec.output_format!r}")
+    if spec.image is not None and not spec.image:
+        raise InvalidSpec("spec.image", "a worker image is required")
+    if spec.workers is not None:
+        _between("workers", spec.workers, 1, MAX_WORKERS)
+    if spec.ttl_seconds_after_finished is not None:
+        _between("ttlSecondsAfterFinished", spec.ttl_seconds_after_finished, 0)
 
 
 def parse_size(text: str) -> int:

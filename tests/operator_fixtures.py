@@ -67,7 +67,10 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
                         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
     _wait_until_served(kube_cluster)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {"PATH": str(Path(KUBEMR).parent), "KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
+    # PYTHONPATH: the operator runs this checkout's code (as the pods do), not whatever the
+    # venv's editable install points at (another worktree's).
+    env = {"PATH": str(Path(KUBEMR).parent), "PYTHONPATH": str(ROOT),
+           "KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
            "AWS_ACCESS_KEY_ID": s3_server.access_key,
            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": s3_server.region,
            "KUBEMR_LOG_LEVEL": "DEBUG"}

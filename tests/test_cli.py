@@ -448,9 +448,9 @@ FLAGS = ["submit", "--image", "img", "--job", "tests.jobs.poison", "--input", "s
      "give a manifest FILE or job flags, not both (got --workers)"),
     (FLAGS, None, "missing --output (or give a manifest FILE)"),
     ([*FLAGS, "--output", "/tmp/out"], None,
-     "--output must be an S3 URL like s3://bucket/prefix, got '/tmp/out'"),
+     "spec.output: must be an S3 URL like s3://bucket/prefix, got '/tmp/out'"),
     ([*FLAGS, "--output", "s3://bucket/out", "--name", "Bad_Name"], None,
-     "job name 'Bad_Name' is invalid"),
+     "metadata.name: 'Bad_Name' is invalid"),
     ([*FLAGS, "--output", "s3://bucket/out", "--generate-name", "UP-"], None,
      "--generate-name 'UP-' is invalid"),
     ([*FLAGS, "--output", "s3://bucket/out", "--name", "a", "--generate-name", "b-"], None,
@@ -471,16 +471,15 @@ def test_bad_input_fails_with_one_line_and_exit_2(tmp_path: Path, args: list[str
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--workers", "0"], "--workers must be between 1 and 1000, got 0"),
-    (["--reducers", "100000"], "reducers must be between 0 (map-only) and 10000, got 100000"),
-    (["--max-attempts", "0"], "maxAttempts must be at least 1, got 0"),
-    (["--max-attempts", "101"], "--max-attempts must be at most 100, got 101"),
-    (["--lease-seconds", "0.5"], "--lease-seconds must be at least 1, got 0.5"),
+    (["--workers", "0"], "spec.workers: must be between 1 and 1000, got 0"),
+    (["--reducers", "100000"], "spec.reducers: must be between 0 (map-only) and 10000, got 100000"),
+    (["--max-attempts", "0"], "spec.maxAttempts: must be between 1 and 100, got 0"),
+    (["--max-attempts", "101"], "spec.maxAttempts: must be between 1 and 100, got 101"),
+    (["--lease-seconds", "0.5"], "spec.leaseSeconds: must be at least 1, got 0.5"),
     (["--chunk-size", "lots"], "invalid size 'lots': use bytes or a suffix like 64MiB, 512k, 1G"),
-    (["--chunk-size", "0"], "chunk size must be positive, got 0"),
+    (["--chunk-size", "0"], "spec.chunkSize: must be at least 1, got 0"),
     (["--arg", "novalue"], "--arg: expected KEY=VALUE, got 'novalue'"),
-    (["--format", "csv"], "Invalid value for --format: expected one of text, jsonl, parquet, "
-                          "got 'csv' (see kubemr submit --help)"),
+    (["--format", "csv"], "spec.outputFormat: must be one of text, jsonl, parquet, got 'csv'"),
 ])
 def test_invalid_flag_values_fail_with_one_line_and_exit_2(args: list[str],
                                                            message: str) -> None:
@@ -553,7 +552,7 @@ def test_manifest_from_flags() -> None:
     assert jobs.build_manifest(jobs.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o"),
     )["metadata"] == {"generateName": "my-job-"}
-    with pytest.raises(UsageError, match="reducers must be between"):
+    with pytest.raises(UsageError, match=r"spec\.reducers: must be between"):
         jobs.build_manifest(jobs.SubmitOptions(image="i", job="j", inputs=["x"],
                                                output="s3://bkt/o", reducers=-1))
 

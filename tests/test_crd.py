@@ -18,8 +18,10 @@ import yaml
 from kubernetes_asyncio.client import ApiClient
 
 from kubemr_async import crd
+from kubemr_async.conditions import job_conditions
 from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
 from kubemr_async.kube import api_client
+from kubemr_async.protocol import JobPhase
 from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS
 from kubemr_async.testing.cluster import ApiError, TestCluster
 
@@ -149,6 +151,10 @@ def test_job_without_spec_or_with_a_long_name_is_rejected(
     long_name["metadata"] = {"name": "w" * 64}
     with pytest.raises(ApiError, match=r"metadata.name must be at most 63 characters"):
         kube_cluster.api("POST", JOBS.format(ns=namespace), long_name)
+    dotted = valid_job()  # a valid object name, but not a label value
+    dotted["metadata"] = {"name": "word.count"}
+    with pytest.raises(ApiError, match=r"metadata.name must be a DNS label"):
+        kube_cluster.api("POST", JOBS.format(ns=namespace), dotted)
 
 
 @pytest.mark.kube
@@ -170,17 +176,26 @@ def test_valid_job_is_accepted_with_defaults_filled(
         kube_cluster.api("POST", JOBS.format(ns=namespace), csv)
 
 
+MERGE = "application/merge-patch+json"
+
+
+def new_job(kube_cluster: TestCluster, namespace: str) -> tuple[str, Callable[..., Any]]:
+    """A new job's path, and a function that merge-patches its status (as the operator)."""
+    name = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())["metadata"]["name"]
+    path = f"{JOBS.format(ns=namespace)}/{name}"
+
+    def status(**fields: Any) -> Any:
+        return kube_cluster.api("PATCH", f"{path}/status", {"status": fields},
+                                content_type=MERGE)
+
+    return path, status
+
+
 @pytest.mark.kube
 @pytest.mark.slow
 def test_status_and_immutable_spec_are_enforced(
         kube_cluster: TestCluster, namespace: str) -> None:
-    name = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job())["metadata"]["name"]
-    path = f"{JOBS.format(ns=namespace)}/{name}"
-    merge = "application/merge-patch+json"
-
-    def status(**fields: Any) -> Any:
-        return kube_cluster.api("PATCH", f"{path}/status", {"status": fields},
-                                content_type=merge)
+    path, status = new_job(kube_cluster, namespace)
 
     with pytest.raises(ApiError, match=r"status.phase: Unsupported value.*Done"):
         status(phase="Done")
@@ -194,12 +209,31 @@ def test_status_and_immutable_spec_are_enforced(
     with pytest.raises(ApiError, match=r"a Succeeded job's phase cannot change"):
         status(phase="Running")
     with pytest.raises(ApiError, match=r"spec.reducers is immutable"):
-        kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=merge)
+        kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=MERGE)
     with pytest.raises(ApiError, match=r"spec.outputFormat is immutable"):
-        kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=merge)
+        kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=MERGE)
     # What may change on a running job, does.
     assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
-                            content_type=merge)["spec"]["workers"] == 8
+                            content_type=MERGE)["spec"]["workers"] == 8
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_status_conditions_follow_the_api_conventions(
+        kube_cluster: TestCluster, namespace: str) -> None:
+    """What the operator writes is accepted; one condition per type (a map keyed by type)."""
+    _, status = new_job(kube_cluster, namespace)
+    error = {"task": "map-00000", "attempt": 3, "message": "boom"}
+    conditions = job_conditions(JobPhase.FAILED, error, 1, [], "2026-01-02T03:04:05Z")
+    written = status(phase="Failed", conditions=conditions)["status"]["conditions"]
+    assert written == conditions
+    failed = next(c for c in written if c["type"] == "Failed")
+    assert failed["status"] == "True" and "map-00000 attempt 3: boom" in failed["message"]
+    twice = [*conditions, {**conditions[0], "message": "again"}]
+    with pytest.raises(ApiError, match=r"status.conditions\[4\]: Duplicate value"):
+        status(conditions=twice)
+    with pytest.raises(ApiError, match=r"status.conditions\[0\].status: Unsupported value"):
+        status(conditions=[{**conditions[0], "status": "Yes"}])
 
 
 def _task(name: str, **status: Any) -> dict[str, Any]:
@@ -243,7 +277,7 @@ async def test_printer_columns_show_progress(
     kube_cluster.api("PATCH", f"{JOBS.format(ns=namespace)}/{name}/status",
                      {"status": {"phase": "Running", "maps": 12, "mapsDone": 5, "reduces": 2,
                                  "reducesDone": 0}},
-                     content_type="application/merge-patch+json")
+                     content_type=MERGE)
     table = await _table(admin, JOBS.format(ns=namespace))
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert columns == ["Name", "Phase", "Maps Done", "Maps", "Reduces Done", "Reduces",

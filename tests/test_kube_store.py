@@ -95,7 +95,8 @@ def test_task_namespace_names_are_valid_unique_and_stable() -> None:
 def test_an_uninitialised_job_reads_as_a_fresh_job_record() -> None:
     """A MapReduceJob created with kubectl has no status yet; it reads as protocol.new_job."""
     spec = JobSpec(name="wc", job="job.py", inputs=("in",), output="s3://results/wc")
-    obj = {"metadata": {"resourceVersion": "7"}, "spec": {"image": "i", **spec.to_dict()}}
+    obj = {"metadata": {"name": "wc", "resourceVersion": "7"},
+           "spec": {"image": "i", **spec.to_dict()}}
     assert _job_record(obj).body == protocol.new_job(spec)
 
 

@@ -172,10 +172,10 @@ def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
     (["--input", "{tmp}/missing.txt"], "input {tmp}/missing.txt does not exist"),
     (["--input", "{tmp}/*.nomatch"], "matches no files"),
     (["--workers", "-1"], "--workers"),
-    (["--reducers", "-1"], "--reducers"),
-    (["--chunk-size", "0"], "--chunk-size"),
+    (["--reducers", "-1"], "spec.reducers"),  # spec limits name the field, as the CRD does
+    (["--chunk-size", "0"], "spec.chunkSize"),
     (["--chunk-size", "lots"], "invalid size"),
-    (["--max-attempts", "0"], "--max-attempts"),
+    (["--max-attempts", "0"], "spec.maxAttempts"),
 ])
 def test_bad_flags_and_inputs_fail_with_one_clear_line(tmp_path: Path, args: list[str],
                                                        message: str) -> None:

@@ -50,6 +50,23 @@ def wait_for_phase(cluster: TestCluster, namespace: str, name: str, operator_log
         time.sleep(0.3)
 
 
+def wait_for_condition(cluster: TestCluster, namespace: str, name: str, condition: str,
+                       timeout: float = 240.0) -> dict[str, Any]:
+    """``kubectl wait --for=condition=<condition> mrj/<name>``, as kubectl decides it: GET the
+    object until a condition of that type (case-insensitive) has status "True" and, if it
+    carries ``observedGeneration``, is about the object's current generation."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = cluster.api("GET", jobs_path(namespace, name))
+        generation = job["metadata"].get("generation")
+        for found in (job.get("status") or {}).get("conditions") or []:
+            if (found["type"].lower() == condition.lower() and found["status"] == "True"
+                    and found.get("observedGeneration", generation) == generation):
+                return job
+        assert time.monotonic() < deadline, f"{name}: no {condition}=True in {job.get('status')}"
+        time.sleep(0.3)
+
+
 def wait_for_completion(cluster: TestCluster, namespace: str, name: str,
                         timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
@@ -95,6 +112,12 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
     assert name.startswith("wordcount-") and name != "wordcount-"
     job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
     assert job["status"]["phase"] == "Succeeded", job["status"]
+    done = wait_for_condition(kube_cluster, kube_namespace, name, "Succeeded")
+    conditions = {c["type"]: c for c in done["status"]["conditions"]}
+    assert {t: c["status"] for t, c in conditions.items()} == {
+        "Running": "False", "Succeeded": "True", "Failed": "False", "Cancelled": "False"}
+    assert conditions["Succeeded"]["reason"] == "Succeeded"
+    assert done["status"]["completionTime"], "written with the conditions, in one patch"
     # The operator's bookkeeping (progress columns, completionTime) follows the verdict.
     status = wait_for_completion(kube_cluster, kube_namespace, name)
     results = status["results"]
@@ -154,6 +177,9 @@ def test_unloadable_job_module_fails_the_job_with_the_reason(
     status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
     assert status["phase"] == "Failed"
     assert "this image ships a broken job module" in status["error"]["message"]
+    failed = wait_for_condition(kube_cluster, kube_namespace, name, "failed")
+    condition = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
+    assert "this image ships a broken job module" in condition["message"]
     warnings = [e for e in events_for(kube_cluster, kube_namespace, name)
                 if e["type"] == "Warning"]
     assert any("broken job module" in e["message"] for e in warnings)
@@ -226,6 +252,7 @@ def test_deleting_a_running_job_removes_everything_it_owns(
     name = create_job(kube_cluster, kube_namespace, echo_job("doomed", ["a", "b"],
                                                              args={"sleep": "300"}))
     wait_for_phase(kube_cluster, kube_namespace, name, operator, phases=("Running",))
+    wait_for_condition(kube_cluster, kube_namespace, name, "Running")
     job_path = f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/{name}-workers"
     deadline = time.monotonic() + 60
     while not kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/pods"

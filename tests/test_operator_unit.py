@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubemr_async.conditions import job_conditions
 from kubemr_async.operator import Operator, OperatorConfig
+from kubemr_async.protocol import JobPhase
 
 MRJ: dict[str, Any] = {
     "metadata": {"name": "wc-1", "namespace": "team", "uid": "u-1"},
     "spec": {"image": "img:1", "workers": 3, "job": "examples.wordcount",
-             "inputs": ["s3://b/in/"], "output": "s3://b/out"},
+             "inputs": ["s3://b/in/"], "output": "s3://bkt/out"},
 }
 
 
@@ -40,3 +42,19 @@ def test_template_merges_containers_by_name_but_cannot_change_identity() -> None
     assert pod["nodeSelector"] == {"pool": "batch"}
     (container,) = pod["containers"]
     assert container["image"] == "img:1" and container["resources"]["limits"]["cpu"] == "2"
+
+
+def test_conditions_follow_the_phase_and_keep_their_transition_times() -> None:
+    running = job_conditions(JobPhase.RUNNING, None, 1, [], "t1")
+    assert {c["type"]: c["status"] for c in running} == {
+        "Running": "True", "Succeeded": "False", "Failed": "False", "Cancelled": "False"}
+    assert all(c["reason"] == "Running" and c["observedGeneration"] == 1 for c in running)
+    done = job_conditions(JobPhase.SUCCEEDED, None, 2, running, "t2")
+    times = {c["type"]: c["lastTransitionTime"] for c in done}
+    # Failed and Cancelled stayed False: their times are those of the last change.
+    assert times == {"Running": "t2", "Succeeded": "t2", "Failed": "t1", "Cancelled": "t1"}
+    assert done == job_conditions(JobPhase.SUCCEEDED, None, 2, done, "t3"), "stable: no write"
+    cancelled = job_conditions(JobPhase.CANCELLED, {"task": "", "attempt": 0,
+                                                     "message": "cancelled by alice"}, 2, [], "t")
+    assert next(c for c in cancelled if c["type"] == "Cancelled")["message"] == \
+        "cancelled by alice"

@@ -197,7 +197,7 @@ def test_bad_format_flag_and_a_location_without_results(tmp_path: Path) -> None:
     result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA), "--output",
                     str(tmp_path / "out"), "--format", "csv")
     assert result.returncode == 2
-    assert "--format" in result.stderr and "text, jsonl, parquet" in result.stderr
+    assert "spec.outputFormat" in result.stderr and "text, jsonl, parquet" in result.stderr
     (tmp_path / "half").mkdir()
     write(tmp_path / "half" / "part-00000", "a\t1\n")
     with pytest.raises(UsageError, match=r"half: no _SUCCESS manifest"):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
-from ..protocol import Body, Update
+from ..protocol import JOB_KEY, Update
+from ..records import Body, JobRecord, TaskRecord
 
 
 class JobNotFound(LookupError):
@@ -26,6 +27,20 @@ class Record:
     key: str
     body: Body
     revision: str
+
+    @property
+    def job(self) -> JobRecord:
+        """The body as the job record; TypeError if this is a task's record."""
+        if self.key != JOB_KEY:
+            raise TypeError(f"record {self.key} is a task record, not the job record")
+        return cast(JobRecord, self.body)
+
+    @property
+    def task(self) -> TaskRecord:
+        """The body as a task record; TypeError if this is the job record."""
+        if self.key == JOB_KEY:
+            raise TypeError("record job is the job record, not a task record")
+        return cast(TaskRecord, self.body)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class StateStore(Protocol):
 
 
 def decode_body(raw: Any) -> Body:
+    """A stored body, checked only to be a JSON object: stores write what the protocol built."""
     if not isinstance(raw, dict):
         raise TypeError(f"record body must be a JSON object, got {type(raw).__name__}")
-    return raw
+    return cast(Body, raw)

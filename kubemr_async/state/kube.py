@@ -26,7 +26,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiohttp
 import orjson
@@ -48,14 +48,10 @@ from ..crd import (
 )
 from ..errors import UsageError
 from ..kube import JSON_PATCH, KubeApiError, api_client, api_error, status_message
-from ..protocol import JOB_KEY, Body, Update, task_name
-from ..spec import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_LEASE_SECONDS,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_OUTPUT_FORMAT,
-)
-from .base import JobNotFound, Record, WatchEvent
+from ..protocol import JOB_KEY, Update, new_status, task_name
+from ..records import Body, JobRecord, PatchOp, TaskRecord
+from ..spec import JobSpec
+from .base import JobNotFound, Record, WatchEvent, decode_body
 
 log = logging.getLogger("kubemr.state.kube")
 T = TypeVar("T")
@@ -66,10 +62,6 @@ DEFAULT_IMAGE = "kubemr-async:dev"
 #: schema, and the record reads back ``""`` so the spec round-trips unchanged.
 ANNOTATION_OUTPUT_DEFAULTED = f"{GROUP}/output-defaulted"
 
-#: The job record's fields kept in ``.status`` (everything but ``spec``), with the values
-#: of a fresh job (protocol.new_job) for a resource whose status nobody initialised yet.
-_STATUS_DEFAULTS: dict[str, Any] = {"phase": "Pending", "maps": 0, "results": [],
-                                    "error": None, "seq": 0}
 _PATCH_OPS = frozenset({"test", "add", "replace", "remove"})
 
 
@@ -154,14 +146,15 @@ class KubeStateStore:
         an empty status (created by ``kubectl``) gets its status initialised. Task objects
         are created with bounded concurrency, so planning 10,000 tasks takes seconds.
         """
-        job_body = next((body for key, body in records if key == JOB_KEY), None)
+        job_body = next((Record(key, body, "").job for key, body in records if key == JOB_KEY),
+                        None)
         if job_body is not None:
             task_ns = await self._create_job(job, job_body)
         else:
             task_ns = await self.task_namespace(job, "creating task records")
-        tasks = [(key, body) for key, body in records if key != JOB_KEY]
+        tasks = [(key, Record(key, body, "").task) for key, body in records if key != JOB_KEY]
 
-        async def create_task(item: tuple[str, Body]) -> None:
+        async def create_task(item: tuple[str, TaskRecord]) -> None:
             key, body = item
             obj = {
                 "apiVersion": API_VERSION,
@@ -186,7 +179,7 @@ class KubeStateStore:
 
         await _bounded(self.create_concurrency, tasks, create_task)
 
-    async def _create_job(self, job: str, body: Body) -> str:
+    async def _create_job(self, job: str, body: JobRecord) -> str:
         """Make sure the MapReduceJob exists with an initialised status; its task namespace."""
         for _ in range(10):
             obj = await self._read_job(job, "creating the job record")
@@ -200,7 +193,8 @@ class KubeStateStore:
                 # Not recorded yet, so nobody can rely on it existing: make sure it does
                 # (409 when the operator made it already) before we record it.
                 await self._ensure_namespace(task_ns, job)
-            missing = {f: body[f] for f in _STATUS_DEFAULTS if f not in status}
+            missing: dict[str, object] = {f: v for f, v in body.items()
+                                          if f != "spec" and f not in status}
             if "taskNamespace" not in status:
                 missing["taskNamespace"] = task_ns
             if not missing or await self._init_status(job, obj, missing):
@@ -209,10 +203,10 @@ class KubeStateStore:
         raise KubeApiError(f"job {job}: initialising the status of MapReduceJob "
                            f"{self.namespace}/{job}", 409, "kept conflicting with other writers")
 
-    async def _post_job(self, job: str, body: Body) -> dict[str, Any] | None:
-        spec = dict(body["spec"])
+    async def _post_job(self, job: str, body: JobRecord) -> dict[str, Any] | None:
+        spec = body["spec"].copy()
         annotations = {}
-        if not spec.get("output"):
+        if not spec["output"]:
             if self.default_output is None:
                 raise UsageError(f"job {job}: spec.output is empty; a MapReduceJob needs an "
                                  "s3:// output URL (or a KubeStateStore default_output)")
@@ -588,36 +582,28 @@ class KubeStateStore:
 
 
 def _job_record(obj: Mapping[str, Any]) -> Record:
-    spec = obj["spec"]
+    """The job record of a MapReduceJob: its spec read by JobSpec (the one mapping, the CRD's
+    defaults), its status fields or a fresh job's where nobody initialised them yet."""
     status = obj.get("status") or {}
     defaulted = (obj["metadata"].get("annotations") or {}).get(ANNOTATION_OUTPUT_DEFAULTED)
-    body: Body = {
-        # Exactly JobSpec.to_dict()'s shape; the API server fills the defaults.
-        "spec": {
-            "job": spec["job"],
-            "inputs": list(spec["inputs"]),
-            "reducers": int(spec.get("reducers", 1)),
-            "maxAttempts": int(spec.get("maxAttempts", DEFAULT_MAX_ATTEMPTS)),
-            "leaseSeconds": float(spec.get("leaseSeconds", DEFAULT_LEASE_SECONDS)),
-            "chunkSize": int(spec.get("chunkSize", DEFAULT_CHUNK_SIZE)),
-            "args": dict(spec.get("args") or {}),
-            "output": "" if defaulted == "true" else spec["output"],
-            "splitInputs": bool(spec.get("splitInputs", True)),
-            "outputFormat": str(spec.get("outputFormat", DEFAULT_OUTPUT_FORMAT)),
-        },
-        **{field: status.get(field, default) for field, default in _STATUS_DEFAULTS.items()},
-    }
+    spec = {**obj["spec"], **({"output": ""} if defaulted == "true" else {})}
+    fresh = new_status()  # what nobody initialised yet reads as a fresh job's
+    body = JobRecord(
+        spec=JobSpec.from_dict(obj["metadata"]["name"], spec).to_dict(cluster=False),
+        phase=status.get("phase", fresh["phase"]), maps=status.get("maps", fresh["maps"]),
+        results=status.get("results", fresh["results"]),
+        error=status.get("error", fresh["error"]), seq=status.get("seq", fresh["seq"]))
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 
 def _task_record(obj: Mapping[str, Any]) -> Record:
-    metadata, body = obj["metadata"], dict(obj["status"])
+    metadata, body = obj["metadata"], cast(TaskRecord, decode_body(dict(obj["status"])))
     # Objects made by hand may lack the key label; protocol keys follow from the body.
     key = (metadata.get("labels") or {}).get(LABEL_TASK) or task_name(body)
     return Record(key, body, metadata["resourceVersion"])
 
 
-def _status_op(op: Mapping[str, Any]) -> dict[str, Any]:
+def _status_op(op: PatchOp) -> PatchOp:
     """Move a protocol operation under ``/status``; refuse ones the server would 422 on.
 
     Checking here is what lets :meth:`KubeStateStore.patch` read a bare 422 as a lost race.

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 
 from ..patch import PatchTestFailed, apply_patch
-from ..protocol import Body, Update
+from ..protocol import Update
+from ..records import Body
 from .base import JobNotFound, Record, WatchEvent, decode_body
 
 _SCHEMA = """
@@ -133,7 +134,7 @@ class SQLiteStateStore:
             self._db.execute("UPDATE records SET body=?, rev=? WHERE job=? AND key=?",
                              (orjson.dumps(body), rev, job, update.key))
             self._db.execute("COMMIT")
-            return Record(update.key, body, str(rev))
+            return Record(update.key, decode_body(body), str(rev))
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")

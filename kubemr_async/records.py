@@ -1,0 +1,73 @@
+"""The shapes of the protocol's records, as TypedDicts, so mypy checks every reader and writer.
+
+A job has one job record (key ``job``) and one task record per task (``map-00042``). The
+protocol (:mod:`kubemr_async.protocol`) builds and transitions them; every store keeps them
+as JSON (the SQLite store as a row, the Kubernetes store under ``.status`` of a
+``MapReduceJob`` or ``MapReduceTask``; :mod:`kubemr_async.crd` holds their schemas). The
+field names are the JSON names, so a record is the stored document itself (kopf's
+``_cogs/structs/bodies.py`` types Kubernetes bodies the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+from .spec import JobSpecDict
+
+#: A committed task's outputs: a key/value map's ``{partition: run key}`` (plus the reserved
+#: ``keyType`` entry), or one string (a reduce's result, a low-level or map-only map's output).
+TaskOutputs = dict[str, str] | str
+
+
+class JobError(TypedDict):
+    """Why a job failed: the task and attempt that decided it ("" and 0 for none)."""
+
+    task: str
+    attempt: int
+    message: str
+
+
+class JobStatus(TypedDict):
+    """The job record's changing part (a MapReduceJob keeps it in ``.status``)."""
+
+    phase: str  # a JobPhase value
+    maps: int
+    #: Result parts in order once Succeeded: the reduces' outputs (maps' for map-only jobs).
+    results: list[TaskOutputs | None]
+    error: JobError | None
+    seq: int
+
+
+class JobRecord(JobStatus):
+    """The job-wide record: fixed spec plus the state every worker and the operator share."""
+
+    spec: JobSpecDict
+
+
+class TaskRecord(TypedDict):
+    """One task's record; every transition is a guarded JSON Patch of it."""
+
+    kind: str  # a TaskKind value
+    index: int
+    input: str | None
+    range: list[int] | None
+    state: str  # a TaskState value
+    attempt: int
+    failures: int
+    worker: str
+    leaseExpires: float
+    outputs: TaskOutputs | None
+    error: str
+    seq: int
+
+
+#: Any record's body; a key tells which (``job`` is the job record, every other key a task).
+Body = JobRecord | TaskRecord
+
+
+class PatchOp(TypedDict):
+    """One RFC 6902 operation of the kinds the protocol sends."""
+
+    op: Literal["test", "add", "replace", "remove"]
+    path: str
+    value: NotRequired[object]

@@ -1,0 +1,139 @@
+"""One set of limits, three judges: `kubemr run`, `kubemr submit` and the API server (CRD).
+
+Each case is one invalid value, given to every surface that takes it; each must refuse it and
+name the field the way the API server does (``spec.reducers``), so a user meets the same rule
+and the same words whether the job runs on a laptop or on a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubemr_async.crd import GROUP, JOB_PLURAL, VERSION, ensure_crds
+from kubemr_async.kube import api_client
+from kubemr_async.spec import MAX_ATTEMPTS_LIMIT, MAX_REDUCERS, MAX_WORKERS
+from kubemr_async.testing.cluster import ApiError, TestCluster
+
+from .test_cli import run_kubemr
+from .test_local_run import ROOT
+
+JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{JOB_PLURAL}"
+SUBMIT = ["submit", "--image", "img:1", "--job", "examples.wordcount",
+          "--input", "s3://data/in", "--output", "s3://results/out"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    flags: list[str]  # the same for run and submit
+    field: str  # as the API server names it
+    value: Any
+    run: bool = True  # False: `kubemr run` has no such flag (names are generated, workers
+    #                   are local processes, output is a directory)
+
+
+CASES = [
+    Case("reducers above the max", ["--reducers", str(MAX_REDUCERS + 1)], "spec.reducers",
+         MAX_REDUCERS + 1),
+    Case("negative reducers", ["--reducers", "-1"], "spec.reducers", -1),
+    Case("zero max attempts", ["--max-attempts", "0"], "spec.maxAttempts", 0),
+    Case("max attempts above the max", ["--max-attempts", str(MAX_ATTEMPTS_LIMIT + 1)],
+         "spec.maxAttempts", MAX_ATTEMPTS_LIMIT + 1),
+    Case("lease below the minimum", ["--lease-seconds", "0.5"], "spec.leaseSeconds", 0.5),
+    Case("chunk size 0", ["--chunk-size", "0"], "spec.chunkSize", 0),
+    Case("bad output format", ["--format", "csv"], "spec.outputFormat", "csv"),
+    Case("bad name", ["--name", "Bad_Name"], "metadata.name", "Bad_Name", run=False),
+    Case("workers above the max", ["--workers", str(MAX_WORKERS + 1)], "spec.workers",
+         MAX_WORKERS + 1, run=False),
+    Case("output not an S3 URL", ["--output", "s3://UPPER/x"], "spec.output", "s3://UPPER/x",
+         run=False),
+]
+
+
+def manifest(case: Case) -> dict[str, Any]:
+    """A valid MapReduceJob with the case's one invalid value."""
+    obj: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "MapReduceJob",
+        "metadata": {"generateName": "limits-"},
+        "spec": {"image": "img:1", "job": "examples.wordcount", "inputs": ["s3://data/in"],
+                 "output": "s3://results/out"},
+    }
+    section, _, key = case.field.partition(".")
+    obj[section][key] = case.value
+    if case.field == "metadata.name":
+        del obj["metadata"]["generateName"]
+    return obj
+
+
+def refused(result: Any, field: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"{field}: " in result.stderr, result.stderr
+    return str(result.stderr)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.run], ids=lambda c: c.id)
+def test_kubemr_run_refuses(case: Case, tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("a b a\n")
+    out = tmp_path / "out"
+    result = run_kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(data),
+                        "--output", str(out), *case.flags)
+    refused(result, case.field)
+    assert not out.exists(), "refused before anything was created"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -> None:
+    """No cluster is reachable here: the refusal must come before any API call."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    refused(run_kubemr(*SUBMIT, *case.flags, "--kubeconfig", str(kubeconfig)), case.field)
+    from_file = refused(run_kubemr("submit", "-", "--kubeconfig", str(kubeconfig),
+                                   stdin=yaml.safe_dump(manifest(case))), case.field)
+    assert "invalid MapReduceJob" in from_file, "the words of the API server's refusal"
+
+
+@pytest.fixture(scope="module")
+def namespace(kube_cluster: TestCluster) -> Iterator[str]:
+    async def install() -> None:
+        async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
+            await ensure_crds(api)
+
+    asyncio.run(install())
+    name = f"limits-{uuid.uuid4().hex[:8]}"
+    kube_cluster.create_namespace(name)
+    yield name
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_api_server_refuses(case: Case, kube_cluster: TestCluster, namespace: str) -> None:
+    with pytest.raises(ApiError) as rejected:
+        kube_cluster.api("POST", JOBS.format(ns=namespace), manifest(case))
+    assert rejected.value.status == 422, rejected.value.body
+    assert case.field in rejected.value.body, rejected.value.body
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_api_server_accepts_the_valid_manifest(kube_cluster: TestCluster,
+                                               namespace: str) -> None:
+    """The cases differ from an accepted object by their one value only."""
+    valid = manifest(Case("valid", [], "spec.reducers", 2))
+    created = kube_cluster.api("POST", JOBS.format(ns=namespace), valid)
+    assert created["spec"]["reducers"] == 2
