@@ -47,13 +47,26 @@ def is_hidden(name: str) -> bool:
     return name.startswith(("_", "."))
 
 
+def _hidden_match(pattern_parts: Sequence[str], match_parts: Sequence[str]) -> bool:
+    """Whether a glob match passes through a hidden name that the pattern did not spell out.
+
+    Every name from the first wildcard component on counts (``out/**/*.txt`` must not
+    reach into ``out/_logs/``), except names the pattern writes literally there
+    (``data/*/_meta/*.txt`` asked for ``_meta``).
+    """
+    first = next(i for i, part in enumerate(pattern_parts) if _GLOB_CHARS & set(part))
+    spelled = {part for part in pattern_parts[first:] if not _GLOB_CHARS & set(part)}
+    return any(is_hidden(part) and part not in spelled for part in match_parts[first:])
+
+
 def expand_local(pattern: str) -> list[tuple[str, int]]:
     """Files named by a path, a directory (recursively) or a glob; hidden files skipped."""
     if _GLOB_CHARS & set(pattern):
         matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
             raise UsageError(f"input glob {pattern!r} matches no files")
-        paths = [Path(p) for p in matches if not is_hidden(Path(p).name)]
+        pattern_parts = Path(pattern).parts
+        paths = [Path(p) for p in matches if not _hidden_match(pattern_parts, Path(p).parts)]
         if not paths:
             raise UsageError(f"input glob {pattern!r} matches no data files ({HIDDEN_NOTE})")
     else:
@@ -141,7 +154,7 @@ async def expand_store(store: BlobStore, pattern: str, key: str) -> list[tuple[s
                    if not _folder_marker(k, n) and _glob_match(key, k)]
         if not matched:
             raise UsageError(f"input glob {pattern!r} matches no objects")
-        found = [(k, n) for k, n in matched if not is_hidden(k.rsplit("/", 1)[-1])]
+        found = [(k, n) for k, n in matched if not _hidden_match(key.split("/"), k.split("/"))]
         if not found:
             raise UsageError(f"input glob {pattern!r} matches no data objects ({HIDDEN_NOTE})")
     elif key == "" or key.endswith("/"):

@@ -90,8 +90,10 @@ def test_hidden_files_are_skipped_below_directories_and_in_globs(tmp_path: Path)
     assert [p for p, _ in expand_local(str(d / "*"))] == [str(d / "a.txt")]
     assert [p for p, _ in expand_local(str(d / "sub/*.txt"))] == [str(d / "sub/b.txt")]
     assert [p for p, _ in expand_local(str(d / "**/*.txt"))] == [
-        str(d / "_logs/x.txt"), str(d / "a.txt"), str(d / "sub/_tmp/y.txt"),
-        str(d / "sub/b.txt")], "a glob judges only each file's own name"
+        str(d / "a.txt"), str(d / "sub/b.txt")], "a glob does not reach into hidden folders"
+    # ... unless the pattern spells the hidden name out, before or after the wildcard.
+    assert [p for p, _ in expand_local(str(d / "_logs/*.txt"))] == [str(d / "_logs/x.txt")]
+    assert [p for p, _ in expand_local(str(d / "*/_tmp/*.txt"))] == [str(d / "sub/_tmp/y.txt")]
     # Named explicitly, a hidden file is read: the user asked for it.
     assert [p for p, _ in expand_local(str(d / "_SUCCESS"))] == [str(d / "_SUCCESS")]
     # Hidden components *above* the named directory do not hide anything.
@@ -106,7 +108,8 @@ async def test_object_store_expansion_over_a_listing(tmp_path: Path) -> None:
     objects = {"logs/2024-01.txt": b"a\n", "logs/2024-02.txt": b"bb\n",
                "logs/2023-12.txt": b"c\n", "logs/2024-sub/x.txt": b"e\n",
                "logs/.hidden.txt": b"h\n", "data/part-1": b"1", "data/part-0": b"22",
-               "data/.staging/part-9": b"9", "data/_SUCCESS": b"{}", "only/_SUCCESS": b"{}"}
+               "data/.staging/part-9": b"9", "data/_tmp/part-5": b"5", "data/_SUCCESS": b"{}",
+               "only/_SUCCESS": b"{}"}
     for key, data in objects.items():
         await store.put(key, data)
 
@@ -121,6 +124,9 @@ async def test_object_store_expansion_over_a_listing(tmp_path: Path) -> None:
     assert await expand("logs/2024-*.txt") == [("logs/2024-01.txt", 2), ("logs/2024-02.txt", 3)]
     assert [k for k, _ in await expand("logs/**/*.txt")] == [
         "logs/2023-12.txt", "logs/2024-01.txt", "logs/2024-02.txt", "logs/2024-sub/x.txt"]
+    with pytest.raises(UsageError, match="matches no data objects"):
+        await expand("data/*/part-*")  # only data/_tmp/part-5: not data
+    assert [k for k, _ in await expand("data/_tmp/part-*")] == ["data/_tmp/part-5"]
     for key, message in [("logs/*.csv", "input glob 'x://logs/\\*.csv' matches no objects$"),
                          ("logs/.*", "matches no data objects"),
                          ("only/_*", "matches no data objects \\(names starting with _"),
