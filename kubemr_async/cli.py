@@ -28,11 +28,13 @@ from .spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_REDUCERS,
     DEFAULT_WORKERS,
+    InvalidSpec,
     parse_size,
 )
 
 if TYPE_CHECKING:
     from .jobs import JobClient
+    from .local import LocalRunResult
 
 app = typer.Typer(name="kubemr", no_args_is_help=True, add_completion=True,
                   help="Kubernetes-native, masterless MapReduce for Python.")
@@ -98,6 +100,12 @@ def _workers(value: int) -> int:
 _FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
 
 
+#: The `kubemr run` flag behind each spec field, for errors the JobSpec raises.
+_RUN_FLAGS = {"spec.reducers": "--reducers", "spec.maxAttempts": "--max-attempts",
+              "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
+              "spec.outputFormat": "--format", "spec.inputs": "--input"}
+
+
 @app.command()
 def run(
     job: Annotated[str, typer.Argument(help="Job module: a .py file or package.module[:attr].")],
@@ -149,13 +157,22 @@ def run(
         _fail("missing inputs: give --input PATH (repeatable)", 2)
     if output is None:
         _fail("missing --output DIR", 2)
-    result = _guard(lambda: asyncio.run(run_local(
-        job, every_input, output, workers=workers, reducers=reducers,
-        chunk_size=parse_size(chunk_size),
-        max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
-        args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
-        verbose=verbose, inline=inline,
-        output_format=output_format)))  # type: ignore[arg-type]  # JobSpec checks it
+    async def start() -> LocalRunResult:
+        try:
+            return await run_local(
+                job, every_input, output, workers=workers, reducers=reducers,
+                chunk_size=parse_size(chunk_size),
+                max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
+                args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
+                verbose=verbose, inline=inline,
+                output_format=output_format)  # type: ignore[arg-type]  # JobSpec checks it
+        except InvalidSpec as exc:  # name the flag the user typed, and the spec field
+            flag = _RUN_FLAGS.get(exc.field)
+            if flag is None:
+                raise
+            raise UsageError(f"{exc} (the {flag} flag)") from None
+
+    result = _guard(lambda: asyncio.run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
