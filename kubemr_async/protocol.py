@@ -441,16 +441,24 @@ class JobView:
                                "message": failed["error"]}
             return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.FAILED.value,
                                                 error=error)))
-        if self.reduce_total == 0 and self.maps_committed:
-            # A map-only job: each map's committed output is a result part, in map order.
-            results: list[TaskOutputs | None] = [t["outputs"] for t in self.maps]
-        elif self.reduce_total and (self._count(TaskKind.REDUCE, TaskState.COMMITTED)
-                                    == self.reduce_total):
-            results = [t["outputs"] for t in self.reduces]
-        else:
+        results = self.results()
+        if results is None:
             return None
         return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
                                             results=results)))
+
+    def results(self) -> list[TaskOutputs | None] | None:
+        """The job's results once every task they come from has committed, else None.
+
+        The reduces' outputs in partition order, or for a map-only job (no reducers) the
+        maps' outputs in map order: what the Succeeded verdict stamps, and what the worker
+        that stamps it lists in the result location's manifest first.
+        """
+        if self.reduce_total == 0:
+            return [t["outputs"] for t in self.maps] if self.maps_committed else None
+        if self._count(TaskKind.REDUCE, TaskState.COMMITTED) == self.reduce_total:
+            return [t["outputs"] for t in self.reduces]
+        return None
 
 
 def _key_type(body: TaskRecord) -> str | None:

@@ -183,14 +183,15 @@ class Worker:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _stamp_verdict(self, view: JobView, verdict: protocol.Update) -> None:
-        progress = view.progress()
-        if progress.reduces_done == progress.reduces_total and isinstance(self.job, Job):
-            # Every reduce has committed, so the map runs are garbage. Removing them before
-            # the stamp makes "Succeeded" also mean "cleaned up"; a Failed job keeps its runs
-            # so a retry can reuse the committed maps.
+        results = view.results()
+        if results is not None and isinstance(self.job, Job):
+            # Every task the results come from has committed, so the map runs are garbage.
+            # Removing them before the stamp makes "Succeeded" also mean "cleaned up"; a
+            # Failed job keeps its runs (and gets no manifest) so a retry can reuse the
+            # committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
-            await self._write_manifest([str(t["outputs"]) for t in view.reduces])
+            await self._write_manifest([str(result) for result in results])
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],

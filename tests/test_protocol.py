@@ -379,6 +379,7 @@ def test_map_only_job_succeeds_with_map_outputs_in_map_order() -> None:
         body = write(records, protocol.claim(records[key], "w", 0.0, 10.0, 3))
         assert body is not None and write(records, protocol.commit(body, "w", f"out-{key}"))
     assert JobView(records).verdict() is None, "one map is still pending"
+    assert JobView(records).results() is None, "no results (and no manifest) before then"
     body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
     assert body is not None and write(records, protocol.commit(body, "w", "out-map-00001"))
     view = JobView(records)

@@ -13,9 +13,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
-from kubemr_async import Job, TaskContext, protocol
+from kubemr_async import Job, TaskContext, protocol, read_results
 from kubemr_async.inputs import plan_inputs
 from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
@@ -53,8 +54,8 @@ async def submit(store: SQLiteStateStore, tmp_path: Path, **spec_fields: object)
     inputs.mkdir()
     for i, text in enumerate(TEXT):
         (inputs / f"part-{i}.txt").write_bytes(text)
-    spec = JobSpec(name="wc", job="wc.py", inputs=(str(inputs),), reducers=1,
-                   **spec_fields)  # type: ignore[arg-type]
+    spec = JobSpec(name="wc", job="wc.py", inputs=(str(inputs),),
+                   **{"reducers": 1, **spec_fields})  # type: ignore[arg-type]
     splits = await plan_inputs(spec)
     assert len(splits) == len(TEXT)
     await store.create(spec.name, [(protocol.JOB_KEY, protocol.new_job(spec))])
@@ -182,3 +183,20 @@ async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
     outputs = final["map-00000"]["outputs"]
     assert isinstance(outputs, dict)
     assert all("/attempt-2/" in key for name, key in outputs.items() if name.isdigit())
+
+
+async def test_a_map_only_job_lists_its_maps_parts_in_the_manifest(
+        store: SQLiteStateStore, tmp_path: Path) -> None:
+    # The worker that stamps the verdict makes the result location self-describing; for a
+    # map-only job the parts are the maps' outputs, in map order.
+    spec = await submit(store, tmp_path, reducers=0)
+    blobs = FileBlobStore(tmp_path / "blobs")
+    worker = Worker(spec.name, word_count(), store, blobs, "a")
+    assert await worker.run() == JobPhase.SUCCEEDED
+    job = (await records(store, spec.name))[protocol.JOB_KEY]
+    assert len(job["results"]) == len(TEXT)
+    manifest = orjson.loads(await blobs.get(f"{spec.name}/_SUCCESS"))
+    assert manifest["results"] == job["results"]
+    assert manifest["parts"] == [f"output/part-{i:05d}.attempt-1" for i in range(len(TEXT))]
+    words = Counter(key for key, _ in read_results(tmp_path / "blobs" / spec.name))
+    assert words == Counter(w.decode() for text in TEXT for w in text.split())
