@@ -33,11 +33,12 @@ from __future__ import annotations
 import io
 import json
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -55,7 +56,8 @@ from .shuffle import (
 )
 from .spec import OUTPUT_FORMATS, OutputFormat
 
-__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "part_name", "printable"]
+__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest", "part_name",
+           "printable"]
 
 #: The manifest a finished job leaves beside its parts: {"job", "format", "results", "parts"}.
 SUCCESS_MARKER = "_SUCCESS"
@@ -71,6 +73,16 @@ _SHORT.maxother = 40
 
 class FormatError(shuffle.ShuffleError):
     """A pair cannot be written faithfully in the job's output format."""
+
+
+def manifest(job: str, fmt: OutputFormat, results: Sequence[object], parts: Sequence[str],
+             **extra: object) -> bytes:
+    """The ``_SUCCESS`` manifest, one shape for `kubemr run` and for cluster jobs on S3:
+    the job, the format, the result URLs and the parts relative to the manifest (what
+    ``read_results`` follows), plus any ``extra`` fields the writer knows."""
+    body = {"job": job, "format": _checked(fmt), "results": list(results),
+            "parts": list(parts), **extra}
+    return orjson.dumps(body, option=orjson.OPT_INDENT_2)
 
 
 def part_name(index: int, fmt: OutputFormat) -> str:

@@ -455,9 +455,9 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, na
             parts.append(output / target.name)
     if (work / "logs").is_dir():
         os.replace(work / "logs", staging / LOGS_DIR)
-    manifest = {"job": name, "module": job_ref, "format": output_format, "results": results,
-                "parts": [p.name for p in parts], "seconds": round(seconds, 3)}
-    (staging / SUCCESS_MARKER).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
+        name, output_format, results, [p.name for p in parts], module=job_ref,
+        seconds=round(seconds, 3)))
     lock, expected = held
     if not lock.held():
         raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "

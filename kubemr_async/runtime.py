@@ -25,8 +25,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from . import execute, formats, protocol, shuffle
 from .api import AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
@@ -205,10 +203,8 @@ class Worker:
         """
         base = self.blobs.url(self.prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
-        manifest = {"job": self.job_name, "format": self.spec.output_format,
-                    "results": results, "parts": parts}
-        await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}",
-                             orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}", formats.manifest(
+            self.job_name, self.spec.output_format, results, parts))
 
     # --- one attempt ------------------------------------------------------------------
 
