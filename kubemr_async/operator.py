@@ -35,7 +35,7 @@ from .inputs import plan_inputs
 from .kube import KubeObject
 from .protocol import JobPhase, JobView
 from .spec import DEFAULT_WORKERS, JobSpec
-from .state.kube import KubeStateStore, task_namespace_for
+from .state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
 
 log = logging.getLogger("kubemr.operator")
 
@@ -298,8 +298,7 @@ class Operator:
         task_ns = task_namespace_for(namespace, name)
         await _create(self.core.create_namespace, {
             "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": task_ns, "labels": {**_labels(name),
-                                                     "kubemr.io/job-namespace": namespace}}})
+            "metadata": {"name": task_ns, "labels": task_namespace_labels(namespace, name)}})
         return task_ns
 
     async def _ensure_workers(self, mrj: KubeObject) -> None:

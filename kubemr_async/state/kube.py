@@ -77,6 +77,17 @@ def task_namespace_for(namespace: str, job: str) -> str:
     return f"{stem}-{digest}"
 
 
+def task_namespace_labels(namespace: str, job: str) -> dict[str, str]:
+    """The labels of job ``job``'s task namespace: whose it is, and that kubemr made it.
+
+    :meth:`KubeStateStore.delete` deletes a task namespace only when these say it is the
+    job's own; otherwise it removes just the job's task objects from it.
+    """
+    return {LABEL_JOB: job, LABEL_JOB_NAMESPACE: namespace,
+            "app.kubernetes.io/name": "kubemr-async",
+            "app.kubernetes.io/managed-by": "kubemr-async"}
+
+
 def task_object_name(job: str, key: str) -> str:
     """Object name of record ``key``; job names are DNS labels (<= 63), so this stays valid."""
     return f"{job}-{key}"
@@ -254,8 +265,7 @@ class KubeStateStore:
         A job deleted and re-created under the same name finds its old namespace still
         terminating, where nothing can be created; we wait until it is gone.
         """
-        labels = {LABEL_JOB: job, LABEL_JOB_NAMESPACE: self.namespace,
-                  "app.kubernetes.io/managed-by": "kubemr-async"}
+        labels = task_namespace_labels(self.namespace, job)
         context = f"job {job}: creating task namespace {name}"
         deadline = asyncio.get_running_loop().time() + 120
         while True:

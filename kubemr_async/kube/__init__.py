@@ -1,0 +1,93 @@
+"""The Kubernetes client layer: the only package that talks to the API server.
+
+* :mod:`.client` -- :class:`Kube` (one connection per process, ``async with``), resource
+  types as :class:`Resource` paths, verbs returning plain dicts, patch content types;
+* :mod:`.errors` -- typed errors (NotFound, Conflict, Unprocessable...) raised in one place;
+* :mod:`.watch` -- the one list-watch loop (bookmarks, resume, 410 re-list, backoff);
+* :mod:`.backoff` -- the one retry-delay policy;
+* :mod:`.namespaces` -- the one way kubemr makes a namespace for itself.
+
+Nothing outside this package imports ``kubernetes_asyncio`` (an import-linter contract).
+"""
+
+from ._legacy import api_client, api_error
+from .backoff import Backoff
+from .client import (
+    APPLY_PATCH,
+    BATCH_JOBS,
+    CRDS,
+    EVENTS,
+    JSON_PATCH,
+    LEASES,
+    MERGE_PATCH,
+    NAMESPACES,
+    NODES,
+    PODS,
+    ROLE_BINDINGS,
+    ROLES,
+    SECRETS,
+    SELF_SUBJECT_REVIEWS,
+    SERVICE_ACCOUNTS,
+    Kube,
+    KubeObject,
+    Resource,
+    Unreachable,
+)
+from .errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    KubeApiError,
+    NotFound,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    error_for,
+    status_message,
+)
+from .namespaces import ensure_namespace
+from .watch import Changed, Listed, WatchCounters, list_watch
+
+__all__ = [
+    "APPLY_PATCH",
+    "BATCH_JOBS",
+    "CRDS",
+    "EVENTS",
+    "JSON_PATCH",
+    "LEASES",
+    "MERGE_PATCH",
+    "NAMESPACES",
+    "NODES",
+    "PODS",
+    "ROLES",
+    "ROLE_BINDINGS",
+    "SECRETS",
+    "SELF_SUBJECT_REVIEWS",
+    "SERVICE_ACCOUNTS",
+    "Backoff",
+    "BadRequest",
+    "Changed",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "Kube",
+    "KubeApiError",
+    "KubeObject",
+    "Listed",
+    "NotFound",
+    "Resource",
+    "ServerError",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unprocessable",
+    "Unreachable",
+    "WatchCounters",
+    "api_client",
+    "api_error",
+    "ensure_namespace",
+    "error_for",
+    "list_watch",
+    "status_message",
+]
