@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Ensure etcd, kube-apiserver and kube-controller-manager binaries exist and print the
-# directory holding them as the last line of stdout (progress goes to stderr).
+# Ensure etcd, kube-apiserver, kube-controller-manager and kubectl binaries exist and print
+# the directory holding them as the last line of stdout (progress goes to stderr).
 #
 # Why build from source: this project's tests run against a *real* control plane, but the
 # only network we can count on is the package registries. The Go module proxy serves
 # k8s.io/kubernetes and go.etcd.io/etcd, so we compile them ourselves.
 #
 # Lookup order:
-#   1. $KUBEBUILDER_ASSETS (the envtest convention) if it holds all three executables;
+#   1. $KUBEBUILDER_ASSETS (the envtest convention) if it holds all four executables;
 #   2. the cache ${KUBEMR_CACHE:-$HOME/.cache/kubemr-async}/k8s/<k8s-version>/bin;
 #   3. build with `go` into that cache (takes tens of minutes on 2 cores; later runs are
 #      instant).
@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--print-versions" ]]; then
   exit 0
 fi
 
-BINARIES=(etcd kube-apiserver kube-controller-manager)
+BINARIES=(etcd kube-apiserver kube-controller-manager kubectl)
 
 log() { echo "ensure-k8s-binaries: $*" >&2; }
 
@@ -138,7 +138,8 @@ export CGO_ENABLED=0
 # --- kube-apiserver + kube-controller-manager -----------------------------------------
 K8S_MINOR_PATCH="${K8S_VERSION#v1.}"  # 36.3
 K8S_MINOR="${K8S_MINOR_PATCH%%.*}"    # 36
-K8S_PKGS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+K8S_PKGS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+          k8s.io/kubernetes/cmd/kubectl)
 make_wrapper "$BUILD_DIR/kubernetes" k8s.io/kubernetes "$K8S_VERSION" "v0.$K8S_MINOR_PATCH" \
   "${K8S_PKGS[@]}"
 
@@ -150,7 +151,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   LDFLAGS+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$K8S_MINOR"
   LDFLAGS+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$BUILD_DATE"
 done
-log "building kube-apiserver and kube-controller-manager $K8S_VERSION (slow the first time)"
+log "building kube-apiserver, kube-controller-manager and kubectl $K8S_VERSION (slow the first time)"
 start=$SECONDS
 (cd "$BUILD_DIR/kubernetes" && go build -trimpath -ldflags "$LDFLAGS" -o "$STAGE_DIR/" "${K8S_PKGS[@]}")
 log "built Kubernetes binaries in $((SECONDS - start))s"

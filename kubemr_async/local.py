@@ -30,11 +30,12 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import anyio
 import orjson
 
 from . import formats, logs, protocol
@@ -241,20 +242,18 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
     procs: list[asyncio.subprocess.Process] = []
     bar = ProgressBar() if show_progress else None
     try:
-        async with asyncio.TaskGroup() as group:
-            pumps = []
+        async with anyio.create_task_group() as pumps:
             for index in range(count):
                 proc = await _spawn_worker(work, name, index)
                 procs.append(proc)
-                pumps.append(group.create_task(_pump(proc, index, work, router)))
+                pumps.start_soon(_pump, proc, index, work, router)
             try:
                 view = await _follow(store, name, procs, bar)
             finally:
                 await _stop_workers(procs)
-                # Pipes close when the workers exit, unless a process they spawned holds one.
-                _, late = await asyncio.wait(pumps, timeout=_DRAIN_SECONDS)
-                for pump in late:
-                    pump.cancel()
+                # Pipes close when the workers exit, unless a process they spawned holds
+                # one: give the pumps a moment to drain, then cancel what is left.
+                pumps.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
     finally:
         await _stop_workers(procs)
         if bar:
@@ -281,15 +280,17 @@ async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subpro
                 return
 
     async def all_exited() -> None:
-        await asyncio.gather(*(p.wait() for p in procs))
+        for proc in procs:
+            await proc.wait()
 
-    waiters = [asyncio.create_task(follow()), asyncio.create_task(all_exited())]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+    # Whichever ends first (the verdict, or the last worker gone) ends the other.
+    async with anyio.create_task_group() as group:
+        async def first(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            group.cancel_scope.cancel()
+
+        group.start_soon(first, follow)
+        group.start_soon(first, all_exited)
     return view
 
 
@@ -310,14 +311,14 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
-    try:
-        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 10.0)
-    except TimeoutError:
+    with anyio.move_on_after(10.0):
         for proc in procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-        await asyncio.gather(*(p.wait() for p in procs))
+            await proc.wait()
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
     for proc in procs:
         if proc.stdin is not None:
             proc.stdin.close()

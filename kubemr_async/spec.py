@@ -14,11 +14,13 @@ cluster, so they may be unset (None) for `kubemr run`, but when set the limits a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NotRequired, TypedDict, cast
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 
 from .errors import UsageError
+
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64 * MIB
@@ -135,27 +137,96 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> JobSpec:
-        """Read a resource's spec (or a job record's); defaults are the CRD's."""
-        template, ttl, workers = (data.get("template"), data.get("ttlSecondsAfterFinished"),
-                                  data.get("workers"))
+        """Read a resource's spec (or a job record's); defaults are the CRD's.
+
+        Values must already have the schema's types (InvalidSpec naming the field if not):
+        coercing would accept what the API server refuses (``splitInputs: "false"`` would
+        read as true, ``inputs: "s3://b/x"`` as one input per character).
+        """
+        ttl = _optional(data, "ttlSecondsAfterFinished", _int)
         return cls(
             name=name,
-            job=str(data.get("job", "")),
-            inputs=tuple(str(i) for i in data.get("inputs", ())),
-            reducers=int(data.get("reducers", DEFAULT_REDUCERS)),
-            max_attempts=int(data.get("maxAttempts", DEFAULT_MAX_ATTEMPTS)),
-            lease_seconds=float(data.get("leaseSeconds", DEFAULT_LEASE_SECONDS)),
-            chunk_size=int(data.get("chunkSize", DEFAULT_CHUNK_SIZE)),
-            args={str(k): str(v) for k, v in dict(data.get("args") or {}).items()},
-            output=str(data.get("output", "")),
-            split_inputs=bool(data.get("splitInputs", True)),
-            output_format=cast(OutputFormat,
-                               str(data.get("outputFormat", DEFAULT_OUTPUT_FORMAT))),
-            image=None if data.get("image") is None else str(data["image"]),
-            workers=None if workers is None else int(workers),
-            template=None if template is None else dict(template),
-            ttl_seconds_after_finished=None if ttl is None else int(ttl),
+            job=_str(data, "job", ""),
+            inputs=tuple(_str_list(data, "inputs")),
+            reducers=_int(data, "reducers", DEFAULT_REDUCERS),
+            max_attempts=_int(data, "maxAttempts", DEFAULT_MAX_ATTEMPTS),
+            lease_seconds=_number(data, "leaseSeconds", DEFAULT_LEASE_SECONDS),
+            chunk_size=_int(data, "chunkSize", DEFAULT_CHUNK_SIZE),
+            args=_str_map(data, "args"),
+            output=_str(data, "output", ""),
+            split_inputs=_bool(data, "splitInputs", True),
+            output_format=cast(OutputFormat, _str(data, "outputFormat", DEFAULT_OUTPUT_FORMAT)),
+            image=_optional(data, "image", _str),
+            workers=_optional(data, "workers", _int),
+            template=_optional(data, "template", _object),
+            ttl_seconds_after_finished=ttl,
         )
+
+
+# --- reading typed values out of a decoded spec --------------------------------------
+
+def _wrong(field: str, kind: str, value: object) -> InvalidSpec:
+    return InvalidSpec(f"spec.{field}", f"must be {kind}, got {type(value).__name__} "
+                                        f"{value!r:.60}")
+
+
+def _str(data: Mapping[str, Any], field: str, default: str) -> str:
+    value = data.get(field, default)
+    if not isinstance(value, str):
+        raise _wrong(field, "a string", value)
+    return value
+
+
+def _int(data: Mapping[str, Any], field: str, default: int) -> int:
+    value = data.get(field, default)
+    # bool is an int in Python, not in JSON; 3.0 is an integer to a JSON schema.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _wrong(field, "an integer", value)
+    return value
+
+
+def _number(data: Mapping[str, Any], field: str, default: float) -> float:
+    value = data.get(field, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _wrong(field, "a number", value)
+    return float(value)
+
+
+def _bool(data: Mapping[str, Any], field: str, default: bool) -> bool:
+    value = data.get(field, default)
+    if not isinstance(value, bool):
+        raise _wrong(field, "true or false", value)
+    return value
+
+
+def _str_list(data: Mapping[str, Any], field: str) -> list[str]:
+    value = data.get(field, [])
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _wrong(field, "a list of strings", value)
+    return list(value)
+
+
+def _str_map(data: Mapping[str, Any], field: str) -> dict[str, str]:
+    value = data.get(field) or {}
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _wrong(field, "a map of strings to strings", value)
+    return dict(value)
+
+
+def _object(data: Mapping[str, Any], field: str, default: dict[str, Any]) -> dict[str, Any]:
+    value = data.get(field, default)
+    if not isinstance(value, Mapping):
+        raise _wrong(field, "an object", value)
+    return dict(value)
+
+
+def _optional(data: Mapping[str, Any], field: str,
+              read: Callable[[Mapping[str, Any], str, Any], T]) -> T | None:
+    """``read``'s value, or None where the field is absent or null (a cluster-only field)."""
+    return None if data.get(field) is None else read(data, field, None)
 
 
 class InvalidSpec(UsageError):

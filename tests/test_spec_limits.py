@@ -33,7 +33,7 @@ SUBMIT = ["submit", "--image", "img:1", "--job", "examples.wordcount",
 @dataclass(frozen=True)
 class Case:
     id: str
-    flags: list[str]  # the same for run and submit
+    flags: list[str] | None  # the same for run and submit; None: only a manifest can say it
     field: str  # as the API server names it
     value: Any
     run: bool = True  # False: `kubemr run` has no such flag (names are generated, workers
@@ -55,6 +55,12 @@ CASES = [
          MAX_WORKERS + 1, run=False),
     Case("output not an S3 URL", ["--output", "s3://UPPER/x"], "spec.output", "s3://UPPER/x",
          run=False),
+    # Values of the wrong kind: read as-is they would mean something else.
+    Case("splitInputs a string", None, "spec.splitInputs", "false", run=False),
+    Case("inputs a string", None, "spec.inputs", "s3://data/in", run=False),
+    Case("reducers a string", None, "spec.reducers", "2", run=False),
+    Case("reducers a fraction", None, "spec.reducers", 2.5, run=False),
+    Case("an args value not a string", None, "spec.args", {"n": 3}, run=False),
 ]
 
 
@@ -86,7 +92,7 @@ def test_kubemr_run_refuses(case: Case, tmp_path: Path) -> None:
     data.write_text("a b a\n")
     out = tmp_path / "out"
     result = run_kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(data),
-                        "--output", str(out), *case.flags)
+                        "--output", str(out), *(case.flags or []))
     refused(result, case.field)
     assert not out.exists(), "refused before anything was created"
 
@@ -100,7 +106,8 @@ def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -
         "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
-    refused(run_kubemr(*SUBMIT, *case.flags, "--kubeconfig", str(kubeconfig)), case.field)
+    if case.flags is not None:
+        refused(run_kubemr(*SUBMIT, *case.flags, "--kubeconfig", str(kubeconfig)), case.field)
     from_file = refused(run_kubemr("submit", "-", "--kubeconfig", str(kubeconfig),
                                    stdin=yaml.safe_dump(manifest(case))), case.field)
     assert "invalid MapReduceJob" in from_file, "the words of the API server's refusal"

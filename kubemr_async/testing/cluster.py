@@ -136,9 +136,23 @@ class TestCluster(ServerGroup):
     def kubeconfig_path(self) -> Path:
         return self.root / "admin.kubeconfig"
 
+    def kubectl(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run the kubectl built beside the servers, as the admin; raises on a non-zero exit
+        with kubectl's own stderr in the message."""
+        if self._bin_dir is None:
+            raise TestEnvError("TestCluster is not started")
+        proc = subprocess.run([str(self._bin_dir / "kubectl"),
+                               f"--kubeconfig={self.kubeconfig_path}", *args],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode:
+            raise TestEnvError(f"kubectl {' '.join(args)} exited {proc.returncode}: "
+                               f"{proc.stderr.strip()}")
+        return proc
+
     def start(self) -> Self:
         """Start all processes and wait until Jobs can run; raise TestEnvError if not."""
         bin_dir = self._bin_dir or Path(run_ensure_script("ensure-k8s-binaries.sh"))
+        self._bin_dir = bin_dir
         self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-kube-"))
         self._procs = ServerProcesses(self._tmp)
         atexit.register(self.stop)  # no orphaned servers if the test process dies early
