@@ -28,6 +28,7 @@ from .spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_REDUCERS,
     DEFAULT_WORKERS,
+    MAX_WORKERS,
     InvalidSpec,
     parse_size,
 )
@@ -91,9 +92,9 @@ def _args(values: list[str]) -> dict[str, str]:
 
 
 def _workers(value: int) -> int:
-    if value < 0:
-        raise typer.BadParameter(f"must be at least 0 (0 runs --inline), got {value}",
-                                 param_hint="--workers")
+    if not 0 <= value <= MAX_WORKERS:
+        raise typer.BadParameter(f"must be between 0 (runs --inline) and {MAX_WORKERS}, "
+                                 f"got {value}", param_hint="--workers")
     return value
 
 

@@ -57,7 +57,7 @@ from .outdir import (
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
 from .records import TaskOutputs
-from .spec import DEFAULT_REDUCERS, JobSpec, OutputFormat
+from .spec import DEFAULT_REDUCERS, MAX_WORKERS, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
 from .storage.urls import is_s3
@@ -138,8 +138,9 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat) -> LocalRunResult:
-    if workers < 0:
-        raise UsageError(f"--workers must be at least 0 (0 runs --inline), got {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
+                         f"got {workers}")
     started = time.monotonic()
     output, job, job_ref = await asyncio.to_thread(_prepare, output, job_ref, reducers)
     name = job_name_for(job_ref, job.name)

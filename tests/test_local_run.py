@@ -172,6 +172,7 @@ def test_python_reduce_with_int_keys(tmp_path: Path) -> None:
     (["--input", "{tmp}/missing.txt"], "input {tmp}/missing.txt does not exist"),
     (["--input", "{tmp}/*.nomatch"], "matches no files"),
     (["--workers", "-1"], "--workers"),
+    (["--workers", "1001"], "between 0 (runs --inline) and 1000, got 1001"),
     (["--reducers", "-1"], "spec.reducers"),  # spec limits name the field, as the CRD does
     (["--chunk-size", "0"], "spec.chunkSize"),
     (["--chunk-size", "lots"], "invalid size"),
