@@ -34,6 +34,7 @@ import io
 import json
 import reprlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ from .shuffle import (
     load_json,
     str_to_bytes,
 )
-from .spec import OUTPUT_FORMATS, OutputFormat
+from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, OutputFormat
 
 __all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest", "part_name",
            "printable"]
@@ -83,6 +84,32 @@ def manifest(job: str, fmt: OutputFormat, results: Sequence[object], parts: Sequ
     body = {"job": job, "format": _checked(fmt), "results": list(results),
             "parts": list(parts), **extra}
     return orjson.dumps(body, option=orjson.OPT_INDENT_2)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A ``_SUCCESS`` manifest as read back: what :func:`manifest` wrote."""
+
+    job: str
+    format: OutputFormat
+    parts: tuple[str, ...]
+
+
+def read_manifest(data: bytes) -> Manifest:
+    """Parse a ``_SUCCESS`` manifest; ValueError saying why if it is not one of ours."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("job"), str):
+        raise ValueError("not a kubemr manifest (no job name)")
+    fmt = body.get("format", DEFAULT_OUTPUT_FORMAT)
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    parts = body.get("parts")
+    if not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError("its parts are not a list of names")
+    return Manifest(body["job"], fmt, tuple(parts))
 
 
 def part_name(index: int, fmt: OutputFormat) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from . import formats
 from .errors import KubemrError, OutputBusy, UsageError
 from .formats import SUCCESS_MARKER
 
@@ -146,20 +147,21 @@ def inspect_output(output: Path, shown: Path | None = None) -> OutputState:
 
 
 def _read_manifest(path: Path) -> tuple[bytes, list[str]]:
-    """The manifest's bytes and part names, or (b"", []) if it is not one of ours."""
+    """The manifest's bytes and part names, or (b"", []) if it is not one of ours.
+
+    Its parts must be plain ``part-*`` names beside it: only then does replacing the
+    directory remove exactly what the manifest lists.
+    """
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return b"", []
         data = path.read_bytes()
-        manifest: Any = orjson.loads(data)
-    except (OSError, orjson.JSONDecodeError):
+        parts = formats.read_manifest(data).parts
+    except (OSError, ValueError):
         return b"", []
-    parts = manifest.get("parts") if isinstance(manifest, dict) else None
-    if (not isinstance(parts, list) or not isinstance(manifest.get("job"), str)
-            or not all(isinstance(p, str) and p.startswith("part-") and "/" not in p
-                       for p in parts)):
+    if not all(p.startswith("part-") and "/" not in p for p in parts):
         return b"", []
-    return data, parts
+    return data, list(parts)
 
 
 def _check_logs(path: Path, name: Path) -> None:

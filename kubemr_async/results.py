@@ -15,12 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from . import formats
 from .errors import UsageError
 from .formats import SUCCESS_MARKER
-from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS
 from .storage.urls import is_s3, open_url
 
 __all__ = ["read_results"]
@@ -37,18 +34,15 @@ def read_results(location: str | os.PathLike[str]) -> Iterator[tuple[Any, Any]]:
     where = str(location).rstrip("/")
     manifest_url = f"{where}/{SUCCESS_MARKER}"
     try:
-        manifest = orjson.loads(_read(manifest_url))
+        manifest = formats.read_manifest(_read(manifest_url))
     except (FileNotFoundError, NotADirectoryError):
         raise UsageError(f"{where}: no {SUCCESS_MARKER} manifest, so not the results of a "
                          "finished kubemr job") from None
-    except orjson.JSONDecodeError as exc:
+    except ValueError as exc:
         raise UsageError(f"{manifest_url}: not a kubemr manifest: {exc}") from None
-    fmt = manifest.get("format", DEFAULT_OUTPUT_FORMAT)
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"{manifest_url}: unknown format {fmt!r}")
-    for part in manifest.get("parts", []):
+    for part in manifest.parts:
         url = part if is_s3(part) or Path(part).is_absolute() else f"{where}/{part}"
-        yield from formats.decode(_read(url), fmt)
+        yield from formats.decode(_read(url), manifest.format)
 
 
 def _read(url: str) -> bytes:

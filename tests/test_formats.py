@@ -258,3 +258,15 @@ def test_printable_shows_a_parquet_part_as_json_lines(values: list[Any]) -> None
     text = formats.encode(table, "text") if not any(
         isinstance(v, float) and math.isnan(v) for v in values) else b"a\t1\n"
     assert formats.printable(text, "text") == text, "text parts print as they are"
+
+
+def test_a_manifest_reads_back_as_written_and_anything_else_says_why() -> None:
+    written = formats.manifest("wc", "jsonl", ["s3://b/p/part-00000.jsonl"],
+                               ["part-00000.jsonl"], rows=3)
+    assert formats.read_manifest(written) == formats.Manifest("wc", "jsonl",
+                                                              ("part-00000.jsonl",))
+    for data, reason in [(b"{", "not JSON"), (b"[]", "no job name"),
+                         (b'{"job": "x", "format": "csv", "parts": []}', "unknown format"),
+                         (b'{"job": "x", "parts": "part-00000"}', "not a list of names")]:
+        with pytest.raises(ValueError, match=reason):
+            formats.read_manifest(data)
