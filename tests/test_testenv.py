@@ -286,6 +286,8 @@ print("user=" + info["username"])
 print("bound-pod=" + info["extra"]["authentication.kubernetes.io/pod-name"][0])
 print("pod=" + os.environ["MY_POD"] + " ns=" + os.environ["MY_NS"])
 print("secret=" + os.environ["MY_SECRET"] + " greeting=" + os.environ["GREETING"])
+print("colour=" + os.environ["MY_COLOUR"] + " cfg_size=" + os.environ["CFG_size"]
+      + " missing=" + str("MY_OPTIONAL" in os.environ))
 """
 
 
@@ -303,21 +305,35 @@ def test_job_pods_run_via_controller_manager_and_fake_kubelet(
             "stringData": {"key": "s3cr3t"},
         },
     )
+    kube_cluster.api(
+        "POST",
+        f"/api/v1/namespaces/{ns}/configmaps",
+        {"metadata": {"name": "settings"}, "data": {"colour": "blue", "size": "9"}},
+    )
     env: list[dict[str, Any]] = [
         {"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "MY_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
         {"name": "WHO", "value": "world"},
         {"name": "GREETING", "value": "hello-$(WHO)"},
+        {
+            "name": "MY_COLOUR",
+            "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "colour"}},
+        },
+        {
+            "name": "MY_OPTIONAL",
+            "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k", "optional": True}},
+        },
     ]
-    kube_cluster.api(
-        "POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job_manifest("whoami", WHOAMI, env)
-    )
+    job = job_manifest("whoami", WHOAMI, env)
+    job["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [
+        {"configMapRef": {"name": "settings"}, "prefix": "CFG_"}
+    ]
+    kube_cluster.api("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
 
-    assert wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "whoami")) == (
-        "Complete"
-    )
+    outcome = wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "whoami"))
     [pod] = job_pods(kube_cluster, ns, "whoami")
+    assert outcome == "Complete", fake_kubelet.logs(ns, pod["metadata"]["name"])
     name = pod["metadata"]["name"]
     assert pod["status"]["phase"] == "Succeeded"
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
@@ -326,7 +342,11 @@ def test_job_pods_run_via_controller_manager_and_fake_kubelet(
         f"bound-pod={name}",
         f"pod={name} ns={ns}",
         "secret=s3cr3t greeting=hello-world",
+        "colour=blue cfg_size=9 missing=False",
     ]
+    # Status is patched as a kubelet patches it: the binding's PodScheduled condition stays.
+    conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert conditions["PodScheduled"] == "True" and conditions["Ready"] == "False"
 
 
 @pytest.mark.kube
@@ -427,6 +447,53 @@ def test_deleting_a_namespace_with_a_running_pod_finishes(
     )
     kube_cluster.api("DELETE", f"/api/v1/namespaces/{ns}")
     wait_for("the namespace to go", lambda: not _exists(kube_cluster, f"/api/v1/namespaces/{ns}"))
+
+
+@pytest.mark.kube
+@pytest.mark.slow
+def test_stopping_a_kubelet_kills_its_processes_and_removes_its_node(
+    kube_cluster: TestCluster, kube_namespace: str
+) -> None:
+    ns = kube_namespace
+    pod = {
+        "metadata": {"name": "sleeper"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python:3.11-slim",
+                    "command": ["python", "-c", SLEEPER],
+                }
+            ],
+        },
+    }
+    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns) as kubelet:
+        # Created bound to this kubelet's Node, so no other kubelet takes it.
+        pod["spec"]["nodeName"] = kubelet.node_name
+        kube_cluster.api("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+
+        def pid() -> int | None:
+            try:
+                out = kubelet.logs(ns, "sleeper")
+            except FileNotFoundError:
+                return None
+            return int(out) if out.strip() else None
+
+        running = wait_for("the process to start", pid)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 15  # SIGTERM, then SIGKILL after at most 2 s
+    assert not _alive(running)
+    assert not _exists(kube_cluster, f"/api/v1/nodes/{kubelet.node_name}")
+
+
+# Ignores SIGTERM, so only the SIGKILL after the grace period ends it.
+SLEEPER = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
 
 
 def _exists(cluster: TestCluster, path: str) -> bool:

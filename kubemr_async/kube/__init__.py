@@ -15,6 +15,7 @@ from .backoff import Backoff
 from .client import (
     APPLY_PATCH,
     BATCH_JOBS,
+    CONFIG_MAPS,
     CRDS,
     EVENTS,
     JSON_PATCH,
@@ -28,6 +29,7 @@ from .client import (
     SECRETS,
     SELF_SUBJECT_REVIEWS,
     SERVICE_ACCOUNTS,
+    STRATEGIC_MERGE_PATCH,
     Kube,
     KubeObject,
     Resource,
@@ -53,6 +55,7 @@ from .watch import Changed, Listed, WatchCounters, list_watch
 __all__ = [
     "APPLY_PATCH",
     "BATCH_JOBS",
+    "CONFIG_MAPS",
     "CRDS",
     "EVENTS",
     "JSON_PATCH",
@@ -66,6 +69,7 @@ __all__ = [
     "SECRETS",
     "SELF_SUBJECT_REVIEWS",
     "SERVICE_ACCOUNTS",
+    "STRATEGIC_MERGE_PATCH",
     "Backoff",
     "BadRequest",
     "Changed",

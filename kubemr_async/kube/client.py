@@ -32,6 +32,9 @@ KubeObject = dict[str, Any]
 JSON_PATCH = "application/json-patch+json"
 #: RFC 7386 merge patch: a partial object; ``null`` removes a field.
 MERGE_PATCH = "application/merge-patch+json"
+#: Strategic merge patch (built-in types only): lists with a merge key, such as
+#: ``status.conditions`` by ``type``, are merged item by item instead of replaced.
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 #: Server-side apply: the whole intended object, owned by a field manager.
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -87,6 +90,7 @@ NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 PODS = Resource("", "v1", "pods", "Pod")
 EVENTS = Resource("", "v1", "events", "Event")
 SECRETS = Resource("", "v1", "secrets", "Secret")
+CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
 SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
 BATCH_JOBS = Resource("batch", "v1", "jobs", "Job")
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")

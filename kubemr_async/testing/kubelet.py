@@ -36,6 +36,7 @@ resources and node selectors are ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -43,13 +44,22 @@ import socket
 import tempfile
 import threading
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Self, TypeVarTuple, Unpack
 
-from kubernetes_asyncio import client, config, watch
-from kubernetes_asyncio.client.exceptions import ApiException
+import anyio
+import anyio.abc
 
+from kubemr_async.kube import (
+    PODS,
+    Conflict,
+    Kube,
+    KubeObject,
+    Listed,
+    NotFound,
+    list_watch,
+)
 from kubemr_async.testing import TestEnvError
 from kubemr_async.testing.logserver import LogServer, cluster_ca
 from kubemr_async.testing.node import CLAIM_ANNOTATION, Node
@@ -57,15 +67,18 @@ from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, ki
 
 log = logging.getLogger(__name__)
 
-_WATCH_SECONDS = 240  # relist this often, so a missed event cannot strand a Pod
+_WATCH_SECONDS = 240  # one watch request's length on the server; then it is resumed
 
-Json = dict[str, Any]
+Args = TypeVarTuple("Args")
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    """Surface errors of a Pod's task in the log; nobody awaits it to see them."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("FakeKubelet pod task failed", exc_info=exc)
+async def _logged(what: str, fn: Callable[[Unpack[Args]], Awaitable[None]],
+                  *args: *Args) -> None:
+    """Run a background task whose failure is logged, not fatal: nobody awaits it."""
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("FakeKubelet %s failed", what)
 
 
 class FakeKubelet:
@@ -106,15 +119,17 @@ class FakeKubelet:
         self._runs: dict[str, PodRun] = {}
         self._by_name: dict[tuple[str, str], PodRun] = {}
         self._finalizing: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._synced = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        self._core: Any = None
-        self._api: Any = None
+        self._kube: Kube | None = None
         self._pods: PodRunner | None = None
+        # Where the watch spawns its work: heartbeat, kills and finalizers in one group,
+        # the Pods' own tasks in another, which outlives the first so they can be killed.
+        self._group: anyio.abc.TaskGroup | None = None
+        self._pod_group: anyio.abc.TaskGroup | None = None
         suffix = uuid.uuid4().hex[:8]
         self._id = f"{socket.gethostname()}/{os.getpid()}/{suffix}"
         self._node_name = node_name or f"fake-kubelet-{suffix}"
@@ -172,21 +187,35 @@ class FakeKubelet:
     async def run(self) -> None:
         """Register the Node, watch and run Pods until cancelled; on the way out kill the
         remaining processes and delete the Node."""
-        cfg = client.Configuration()
-        await config.load_kube_config(config_file=str(self._kubeconfig), client_configuration=cfg)
-        async with client.ApiClient(cfg) as api:
-            self._api, self._core = api, client.CoreV1Api(api)
-            self._pods = PodRunner(self._core, self._kubeconfig, self._root, self._extra_env)
+        async with await Kube.connect(kubeconfig=str(self._kubeconfig)) as kube:
+            self._kube = kube
+            self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env)
             ca = cluster_ca(self._kubeconfig) if self._verify_clients else None
             logs = LogServer(self._by_name, self._root / ".kubelet-pki", self._node_name, ca)
             self._port = await logs.start()
-            node = Node(api, self._node_name, self._id, self._port)
+            node = Node(kube, self._node_name, self._id, self._port)
             try:
+                # Failing to register or to list (bad kubeconfig, no server) is fatal, and
+                # start() reports it; after that list_watch rides out apiserver hiccups.
                 await node.register()
-                self._spawn(node.heartbeat_forever(self._heartbeat_seconds))
-                await self._watch_forever()
+                context = f"watching Pods for FakeKubelet {self._node_name}"
+                pods, version = await kube.list(PODS, self._namespace, context=context)
+                async with anyio.create_task_group() as self._pod_group:
+                    try:
+                        async with anyio.create_task_group() as self._group:
+                            self._group.start_soon(_logged, "heartbeat",
+                                                   node.heartbeat_forever, self._heartbeat_seconds)
+                            self._sync(pods)
+                            self._synced.set()
+                            await self._watch_forever(kube, context, version)
+                    finally:  # the watch, heartbeat and finalizers have stopped
+                        with anyio.CancelScope(shield=True):
+                            await self._kill_all()  # ends follow=true log streams, too
+                        self._pod_group.cancel_scope.cancel()
             finally:
-                await asyncio.shield(self._shutdown(logs, node))
+                with anyio.CancelScope(shield=True):
+                    await logs.close()
+                    await node.delete()
 
     # ------------------------------------------------------------------------ plumbing
 
@@ -204,58 +233,31 @@ class FakeKubelet:
             self._error = exc
             log.exception("FakeKubelet crashed")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, what: str, fn: Callable[[Unpack[Args]], Awaitable[None]],
+               *args: *Args) -> None:
         """A background task that is logged if it fails and cancelled on shutdown."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
+        assert self._group is not None
+        self._group.start_soon(_logged, what, fn, *args)
 
-    async def _shutdown(self, logs: LogServer, node: Node) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._kill_all()  # ends follow=true log streams, too
-        await logs.close()
-        await node.delete()
+    async def _watch_forever(self, kube: Kube, context: str, since: str) -> None:
+        """Follow the Pods from the version we listed; a 410 Gone brings a fresh list."""
+        async for event in list_watch(kube, PODS, self._namespace, context=context,
+                                      since=since, timeout_seconds=_WATCH_SECONDS):
+            if isinstance(event, Listed):
+                self._sync(event.items)
+            else:
+                self._on_pod(event.type, event.object)
 
-    async def _watch_forever(self) -> None:
-        args: tuple[str, ...] = ()
-        if self._namespace is None:
-            list_fn = self._core.list_pod_for_all_namespaces
-        else:
-            list_fn, args = self._core.list_namespaced_pod, (self._namespace,)
-        first = True
-        while True:
-            try:
-                listing = self._api.sanitize_for_serialization(await list_fn(*args))
-                for pod in listing["items"]:
-                    self._on_pod("ADDED", pod)
-                live = {p["metadata"]["uid"] for p in listing["items"]}
-                for uid in list(self._runs):
-                    if uid not in live:
-                        self._on_gone(uid)
-                self._synced.set()
-                first = False
-                async with watch.Watch() as w:
-                    async for event in w.stream(
-                        list_fn,
-                        *args,
-                        resource_version=listing["metadata"]["resourceVersion"],
-                        timeout_seconds=_WATCH_SECONDS,
-                    ):
-                        self._on_pod(event["type"], event["raw_object"])
-            except Exception:
-                # A kubelet must outlive apiserver hiccups and expired resourceVersions;
-                # only a failing first list (bad kubeconfig, no server) is fatal.
-                if first:
-                    raise
-                log.warning("FakeKubelet watch failed; relisting", exc_info=True)
-                await asyncio.sleep(1)
+    def _sync(self, pods: list[KubeObject]) -> None:
+        """Act on a full list: every Pod in it as if just added, the rest as gone."""
+        for pod in pods:
+            self._on_pod("ADDED", pod)
+        live = {p["metadata"]["uid"] for p in pods}
+        for uid in list(self._runs):
+            if uid not in live:
+                self._on_gone(uid)
 
-    def _on_pod(self, event: str, pod: Json) -> None:
-        if event not in ("ADDED", "MODIFIED", "DELETED"):
-            return  # BOOKMARK / ERROR carry no Pod to act on
+    def _on_pod(self, event: str, pod: KubeObject) -> None:
         meta = pod["metadata"]
         uid = meta["uid"]
         if event == "DELETED":
@@ -265,7 +267,8 @@ class FakeKubelet:
             self._on_gone(uid, meta.get("deletionGracePeriodSeconds"))
             if pod["spec"].get("nodeName") == self._node_name and uid not in self._finalizing:
                 self._finalizing.add(uid)
-                self._spawn(self._finalize(pod))
+                self._spawn(f"finalizer of {meta['namespace']}/{meta['name']}",
+                            self._finalize, pod)
             return
         if uid not in self._runs and self._wants(pod):
             run = PodRun(
@@ -275,10 +278,11 @@ class FakeKubelet:
                 containers=tuple(c["name"] for c in pod["spec"]["containers"]),
             )
             self._runs[uid] = run
-            run.task = asyncio.create_task(self._run_pod(pod, run))
-            run.task.add_done_callback(_log_failure)
+            assert self._pod_group is not None
+            self._pod_group.start_soon(_logged, f"pod {meta['namespace']}/{meta['name']}",
+                                       self._run_pod, pod, run)
 
-    def _wants(self, pod: Json) -> bool:
+    def _wants(self, pod: KubeObject) -> bool:
         """A Pending Pod that is unscheduled (or bound to our Node) and runnable."""
         spec = pod["spec"]
         return (
@@ -288,7 +292,7 @@ class FakeKubelet:
             and (pod.get("status") or {}).get("phase", "Pending") == "Pending"
         )
 
-    async def _claim(self, pod: Json) -> bool:
+    async def _claim(self, pod: KubeObject) -> bool:
         """Bind the Pod to our Node; False if it is gone or someone else bound it first.
 
         The apiserver binds a Pod at most once, so of several FakeKubelets watching the
@@ -308,17 +312,14 @@ class FakeKubelet:
             },
             "target": {"apiVersion": "v1", "kind": "Node", "name": self._node_name},
         }
-        # The answer is a Status, which the generated client fails to read as a Binding.
-        resp = await self._core.create_namespaced_pod_binding(
-            meta["name"], meta["namespace"], body, _preload_content=False
-        )
+        assert self._kube is not None
         try:
-            if resp.status in (404, 409):  # gone, bound elsewhere or being deleted
-                return False
-            if not 200 <= resp.status < 300:
-                raise ApiException(status=resp.status, reason=(await resp.text())[:500])
-        finally:
-            resp.release()
+            await self._kube.request(
+                "POST", PODS.path(meta["namespace"], meta["name"], "binding"), body=body,
+                context=f"binding Pod {meta['namespace']}/{meta['name']} to Node "
+                        f"{self._node_name}")
+        except (NotFound, Conflict):  # gone, bound elsewhere or being deleted
+            return False
         pod["spec"]["nodeName"] = self._node_name
         return True
 
@@ -328,11 +329,9 @@ class FakeKubelet:
             run.killed = True
             if grace is not None:  # the deletion's own period, if shorter than the Pod's
                 run.grace = min(run.grace, max(float(grace), 1.0))
-            kill_task = asyncio.create_task(kill(run))
-            run.children.add(kill_task)
-            kill_task.add_done_callback(run.children.discard)
+            self._spawn("kill", kill, run)
 
-    async def _finalize(self, pod: Json) -> None:
+    async def _finalize(self, pod: KubeObject) -> None:
         """Finish a graceful deletion of a Pod bound to our Node, as the kubelet does.
 
         Once the process is dead and its final status reported, delete the Pod with
@@ -340,30 +339,26 @@ class FakeKubelet:
         """
         meta = pod["metadata"]
         run = self._runs.get(meta["uid"])
-        if run is not None and run.task is not None:
-            await asyncio.wait({run.task})
-        try:
-            await self._core.delete_namespaced_pod(
-                meta["name"],
-                meta["namespace"],
-                grace_period_seconds=0,
-                body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
-            )
-        except ApiException as exc:
-            if exc.status not in (404, 409):  # gone already, or a same-named successor
-                raise
+        if run is not None:
+            await run.ended.wait()
+        assert self._kube is not None
+        with contextlib.suppress(NotFound, Conflict):  # gone, or a same-named successor
+            await self._kube.request(
+                "DELETE", PODS.path(meta["namespace"], meta["name"]),
+                query={"gracePeriodSeconds": 0},
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                      "preconditions": {"uid": meta["uid"]}},
+                context=f"deleting {PODS.describe(meta['namespace'], meta['name'])}")
 
     async def _kill_all(self) -> None:
-        for run in self._runs.values():
-            run.grace = min(run.grace, 2.0)
-            run.killed = True
-        await asyncio.gather(*(kill(r) for r in self._runs.values()))
-        tasks = [r.task for r in self._runs.values() if r.task is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Kill every process we started, at once; their Pods' tasks are cancelled next."""
+        async with anyio.create_task_group() as group:
+            for run in self._runs.values():
+                run.grace = min(run.grace, 2.0)
+                run.killed = True
+                group.start_soon(kill, run)
 
-    async def _run_pod(self, pod: Json, run: PodRun) -> None:
+    async def _run_pod(self, pod: KubeObject, run: PodRun) -> None:
         meta = pod["metadata"]
         try:
             if await self._claim(pod):
@@ -372,3 +367,4 @@ class FakeKubelet:
                 await self._pods.run(pod, run)
         finally:
             run.done.set()
+            run.ended.set()

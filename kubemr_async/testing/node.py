@@ -8,17 +8,23 @@ which is where the apiserver proxies ``pods/log``.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import platform
 import socket
 import uuid
-from typing import Any
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
+import anyio
 
+from kubemr_async.kube import (
+    LEASES,
+    NODES,
+    STRATEGIC_MERGE_PATCH,
+    Conflict,
+    Kube,
+    KubeObject,
+    NotFound,
+)
 from kubemr_async.testing import utc_now
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,6 @@ NODE_LEASE_NAMESPACE = "kube-node-lease"
 _LEASE_SECONDS = 40  # what the kubelet uses; the controller's grace period is 50 s
 _NODE_RESOURCES = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
 _API_TIMEOUT = 10.0  # for the best-effort calls on the way out
-
-Json = dict[str, Any]
 
 
 def _utc_now_micro() -> str:
@@ -47,10 +51,8 @@ def _go_arch() -> str:
 class Node:
     """One Node named ``name``, owned by the kubelet ``owner_id``, serving logs on ``log_port``."""
 
-    def __init__(self, api: Any, name: str, owner_id: str, log_port: int) -> None:
-        self._api = api
-        self._core = client.CoreV1Api(api)
-        self._leases = client.CoordinationV1Api(api)
+    def __init__(self, kube: Kube, name: str, owner_id: str, log_port: int) -> None:
+        self._kube = kube
         self.name = name
         self._id = owner_id
         self._log_port = log_port
@@ -58,7 +60,7 @@ class Node:
         self._kubelet_version = ""
         self._ready_since = ""
 
-    def status(self) -> Json:
+    def status(self) -> KubeObject:
         now = utc_now()
         conditions = [
             ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
@@ -99,9 +101,11 @@ class Node:
 
     async def register(self) -> None:
         """Create the Node (or take over one of the same name) and its Lease."""
-        version = await client.VersionApi(self._api).get_code()
-        self._kubelet_version = version.git_version  # as if built with the control plane
+        version = await self._kube.request("GET", "/version",
+                                           context="reading the API server's version")
+        self._kubelet_version = version["gitVersion"]  # as if built with the control plane
         self._ready_since = utc_now()
+        status = self.status()
         node = {
             "apiVersion": "v1",
             "kind": "Node",
@@ -114,17 +118,14 @@ class Node:
                 },
                 "annotations": {CLAIM_ANNOTATION: self._id},
             },
-            "status": self.status(),
+            "status": status,
         }
         try:
-            created = await self._core.create_node(node)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+            created = await self._kube.create(NODES, node)
+        except Conflict:
             # An explicit node_name that exists (left over, say): take the Node over.
-            await self._core.patch_node_status(self.name, {"status": node["status"]})
-            created = await self._core.read_node(self.name)
-        self._uid = created.metadata.uid
+            created = await self._patch_status(status)
+        self._uid = created["metadata"]["uid"]
         await self._renew_lease()
 
     async def _renew_lease(self) -> None:
@@ -134,13 +135,10 @@ class Node:
             "renewTime": _utc_now_micro(),
         }
         try:
-            await self._leases.patch_namespaced_lease(
-                self.name, NODE_LEASE_NAMESPACE, {"spec": spec}
-            )
+            await self._kube.patch(LEASES, self.name, {"spec": spec}, NODE_LEASE_NAMESPACE)
             return
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
+            pass
         lease = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -158,37 +156,37 @@ class Node:
             },
             "spec": spec,
         }
-        await self._leases.create_namespaced_lease(NODE_LEASE_NAMESPACE, lease)
+        await self._kube.create(LEASES, lease, NODE_LEASE_NAMESPACE)
 
     async def heartbeat_forever(self, seconds: float) -> None:
         """Renew the Lease and post the Ready condition, so the node-lifecycle controller
         never finds the Node stale (which would taint it and, later, evict its Pods)."""
         while True:
-            await asyncio.sleep(seconds)
+            await anyio.sleep(seconds)
             try:
                 await self._renew_lease()
                 await self._post_node_status()
             except Exception:
                 log.warning("FakeKubelet heartbeat failed", exc_info=True)
 
+    async def _patch_status(self, status: KubeObject) -> KubeObject:
+        # Strategic merge, as a kubelet patches: conditions merge by type.
+        return await self._kube.patch(NODES, self.name, {"status": status},
+                                      subresource="status", content_type=STRATEGIC_MERGE_PATCH)
+
     async def _post_node_status(self) -> None:
-        body = {"status": {"conditions": self.status()["conditions"]}}
         try:
-            await self._core.patch_node_status(self.name, body)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+            await self._patch_status({"conditions": self.status()["conditions"]})
+        except NotFound:
             log.warning("FakeKubelet's Node %s was deleted; registering it again", self.name)
             await self.register()
 
     async def delete(self) -> None:
         """Best effort: the cluster may be gone already. The Lease would be garbage-collected
         with the Node; deleting it is just tidier."""
-        for what, delete, args in (
-            ("Node", self._core.delete_node, (self.name,)),
-            ("Lease", self._leases.delete_namespaced_lease, (self.name, NODE_LEASE_NAMESPACE)),
-        ):
+        for resource, namespace in ((NODES, None), (LEASES, NODE_LEASE_NAMESPACE)):
             try:
-                await asyncio.wait_for(delete(*args), _API_TIMEOUT)
+                with anyio.fail_after(_API_TIMEOUT):
+                    await self._kube.delete(resource, self.name, namespace)
             except Exception as exc:
-                log.debug("FakeKubelet could not delete its %s: %r", what, exc)
+                log.debug("FakeKubelet could not delete its %s: %r", resource.kind, exc)

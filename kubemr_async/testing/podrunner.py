@@ -25,11 +25,21 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
-from kubernetes_asyncio.client.exceptions import ApiException
 
+from kubemr_async.kube import (
+    CONFIG_MAPS,
+    PODS,
+    SECRETS,
+    SERVICE_ACCOUNTS,
+    STRATEGIC_MERGE_PATCH,
+    Kube,
+    KubeApiError,
+    KubeObject,
+    NotFound,
+    Resource,
+)
 from kubemr_async.testing import utc_now
 
 log = logging.getLogger(__name__)
@@ -40,8 +50,6 @@ KILL_GRACE_MAX = 10.0
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
-Json = dict[str, Any]
-
 
 class PodConfigError(Exception):
     """The Pod cannot be run locally (missing Secret key, no command, ...)."""
@@ -51,17 +59,17 @@ class PodConfigError(Exception):
 class PodRun:
     """Bookkeeping for one Pod we took on."""
 
-    task: asyncio.Task[None] | None = None
     proc: asyncio.subprocess.Process | None = None
     grace: float = KILL_GRACE_MAX
     killed: bool = False
-    children: set[asyncio.Task[None]] = field(default_factory=set)
     containers: tuple[str, ...] = ()
     log_path: Path | None = None
     #: The log file holds this run's output: the process started, or starting it failed.
     log_ready: bool = False
     #: Set once the process has exited (or will never run): ends follow=true streams.
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set once the Pod is finished with: its final status reported (or never to be).
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def expand_refs(text: str, env: Mapping[str, str]) -> str:
@@ -85,7 +93,7 @@ def local_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def _field_value(pod: Json, path: str) -> str:
+def _field_value(pod: KubeObject, path: str) -> str:
     meta = pod["metadata"]
     simple = {
         "metadata.name": meta["name"],
@@ -122,18 +130,18 @@ async def kill(run: PodRun) -> None:
 class PodRunner:
     """Runs Pods bound to our Node; output goes to ``<root>/<namespace>/<pod>.log``.
 
-    ``core`` is a CoreV1Api with the kubelet's (admin-like) credentials: it mints tokens,
-    reads Secrets and ConfigMaps and writes Pod status on the workloads' behalf.
+    ``kube`` carries the kubelet's (admin-like) credentials: it mints tokens, reads
+    Secrets and ConfigMaps and writes Pod status on the workloads' behalf.
     """
 
-    def __init__(self, core: Any, kubeconfig: Path, root: Path,
+    def __init__(self, kube: Kube, kubeconfig: Path, root: Path,
                  extra_env: Mapping[str, str]) -> None:
-        self._core = core
+        self._kube = kube
         self._kubeconfig = kubeconfig
         self._root = root
         self._extra_env = dict(extra_env)
 
-    async def run(self, pod: Json, run: PodRun) -> None:
+    async def run(self, pod: KubeObject, run: PodRun) -> None:
         """Start the Pod's process, report Running, wait for it, report how it ended."""
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -162,7 +170,7 @@ class PodRunner:
                     start_new_session=True,  # own process group, so kill reaches children
                 )
             run.log_ready = True
-        except (PodConfigError, ApiException, OSError) as exc:
+        except (PodConfigError, KubeApiError, OSError) as exc:
             message = f"FakeKubelet could not start {ns}/{name}: {exc}"
             log.warning("%s", message)
             log_path.write_text(message + "\n")
@@ -177,7 +185,7 @@ class PodRunner:
         # A signal death is reported the way container runtimes do: 128 + signal number.
         await self._set_status(pod, container, started, exit_code=code if code >= 0 else 128 - code)
 
-    async def _pod_kubeconfig(self, pod: Json, workdir: Path) -> Path:
+    async def _pod_kubeconfig(self, pod: KubeObject, workdir: Path) -> Path:
         """Admin kubeconfig with the user swapped for a token bound to this Pod."""
         meta = pod["metadata"]
         body = {
@@ -193,22 +201,24 @@ class PodRunner:
                 },
             },
         }
-        resp = await self._core.create_namespaced_service_account_token(
-            pod["spec"].get("serviceAccountName") or "default", meta["namespace"], body
-        )
+        account = pod["spec"].get("serviceAccountName") or "default"
+        minted = await self._kube.request(
+            "POST", SERVICE_ACCOUNTS.path(meta["namespace"], account, "token"), body=body,
+            context=f"requesting a token for ServiceAccount {meta['namespace']}/{account}")
         kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
         current = next(
             c["context"]
             for c in kubeconfig["contexts"]
             if c["name"] == kubeconfig["current-context"]
         )
-        kubeconfig["users"] = [{"name": current["user"], "user": {"token": resp.status.token}}]
+        token = minted["status"]["token"]
+        kubeconfig["users"] = [{"name": current["user"], "user": {"token": token}}]
         path = workdir / "kubeconfig"
         path.write_text(yaml.safe_dump(kubeconfig))
         path.chmod(0o600)
         return path
 
-    async def _env(self, pod: Json, container: Json) -> dict[str, str]:
+    async def _env(self, pod: KubeObject, container: KubeObject) -> dict[str, str]:
         ns = pod["metadata"]["namespace"]
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         env["HOSTNAME"] = pod["metadata"]["name"]  # as in a container; often a worker id
@@ -246,29 +256,24 @@ class PodRunner:
         return env
 
     async def _secret_data(self, ns: str, name: str, optional: bool) -> dict[str, str]:
-        secret = await self._read_optional(self._core.read_namespaced_secret, ns, name, optional)
-        data = (secret.data if secret else None) or {}
+        data = await self._data(SECRETS, ns, name, optional)
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
     async def _configmap_data(self, ns: str, name: str, optional: bool) -> dict[str, str]:
-        cm = await self._read_optional(self._core.read_namespaced_config_map, ns, name, optional)
-        return dict((cm.data if cm else None) or {})
+        return await self._data(CONFIG_MAPS, ns, name, optional)
 
-    @staticmethod
-    async def _read_optional(read: Any, ns: str, name: str, optional: bool) -> Any:
-        try:
-            return await read(name, ns)
-        except ApiException as exc:
-            if exc.status == 404 and optional:
-                return None
-            if exc.status == 404:
-                raise PodConfigError(f"{ns}/{name} not found") from exc
-            raise
+    async def _data(self, resource: Resource, ns: str, name: str,
+                    optional: bool) -> dict[str, str]:
+        """The ``data`` of a Secret or ConfigMap ({} if it is missing but ``optional``)."""
+        obj = await self._kube.find(resource, name, ns)
+        if obj is None and not optional:
+            raise PodConfigError(f"{resource.kind} {ns}/{name} not found")
+        return dict((obj or {}).get("data") or {})
 
     async def _set_status(
         self,
-        pod: Json,
-        container: Json,
+        pod: KubeObject,
+        container: KubeObject,
         started: str,
         exit_code: int | None = None,
         message: str = "",
@@ -277,7 +282,7 @@ class PodRunner:
         running = exit_code is None
         ready = "True" if running else "False"
         if running:
-            state: Json = {"running": {"startedAt": started}, "terminated": None}
+            state: KubeObject = {"running": {"startedAt": started}, "terminated": None}
             phase = "Running"
         else:
             state = {
@@ -313,8 +318,7 @@ class PodRunner:
             }
         }
         meta = pod["metadata"]
-        try:
-            await self._core.patch_namespaced_pod_status(meta["name"], meta["namespace"], body)
-        except ApiException as exc:
-            if exc.status != 404:  # 404: the Pod was deleted meanwhile; nothing to report
-                raise
+        # Strategic merge, as a kubelet patches: conditions merge by type (PodScheduled stays).
+        with contextlib.suppress(NotFound):  # the Pod was deleted meanwhile: nothing to report
+            await self._kube.patch(PODS, meta["name"], body, meta["namespace"],
+                                   subresource="status", content_type=STRATEGIC_MERGE_PATCH)
