@@ -157,7 +157,7 @@ class Kube:
     async def open(self, method: str, path: str, *, context: str, query: Query | None = None,
                    body: object = None, content_type: str = "application/json",
                    read_timeout: aiohttp.ClientTimeout | float | None = None,
-                   ) -> aiohttp.ClientResponse:
+                   accept: str = "application/json") -> aiohttp.ClientResponse:
         """Send a request; the caller reads and releases the response (a stream).
 
         An answer other than 2xx is raised as its typed error; no answer as Unreachable.
@@ -165,7 +165,7 @@ class Kube:
         try:
             resp: aiohttp.ClientResponse = await self._api.call_api(
                 path, method, query_params=_query(query),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
+                header_params={"Accept": accept, "Content-Type": content_type},
                 body=body, auth_settings=["BearerToken"], _preload_content=False,
                 _request_timeout=read_timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -183,10 +183,13 @@ class Kube:
     async def request(self, method: str, path: str, *, context: str,
                       query: Query | None = None, body: object = None,
                       content_type: str = "application/json",
-                      read_timeout: float | None = None) -> KubeObject:
-        """Send a request and return its decoded JSON answer."""
+                      read_timeout: float | None = None,
+                      accept: str = "application/json") -> KubeObject:
+        """Send a request and return its decoded JSON answer (``accept`` may ask for
+        another rendering, such as a ``kubectl get``-style Table)."""
         resp = await self.open(method, path, context=context, query=query, body=body,
-                               content_type=content_type, read_timeout=read_timeout)
+                               content_type=content_type, read_timeout=read_timeout,
+                               accept=accept)
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
