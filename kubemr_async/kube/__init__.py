@@ -29,9 +29,11 @@ from .client import (
     SELF_SUBJECT_REVIEWS,
     SERVICE_ACCOUNTS,
     Kube,
+    KubeconfigError,
     KubeObject,
     Resource,
     Unreachable,
+    kubeconfig_contexts,
 )
 from .errors import (
     BadRequest,
@@ -75,6 +77,7 @@ __all__ = [
     "Kube",
     "KubeApiError",
     "KubeObject",
+    "KubeconfigError",
     "Listed",
     "NotFound",
     "Resource",
@@ -88,6 +91,7 @@ __all__ = [
     "api_error",
     "ensure_namespace",
     "error_for",
+    "kubeconfig_contexts",
     "list_watch",
     "status_message",
 ]

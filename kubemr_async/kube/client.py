@@ -20,8 +20,14 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import load_incluster_config, load_kube_config
+from kubernetes_asyncio.config import (
+    ConfigException,
+    list_kube_config_contexts,
+    load_incluster_config,
+    load_kube_config,
+)
 
+from ..errors import KubemrError
 from .errors import KubeApiError, NotFound, error_for
 
 #: A Kubernetes object as the API returns it (decoded JSON): unstructured, unlike records.
@@ -34,6 +40,21 @@ JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 #: Server-side apply: the whole intended object, owned by a field manager.
 APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class KubeconfigError(KubemrError):
+    """A kubeconfig (or in-cluster configuration) that cannot be used: missing, malformed,
+    no such context, no credentials."""
+
+
+def kubeconfig_contexts(path: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The contexts of kubeconfig ``path`` (``os.pathsep``-separated files merge, as in
+    ``$KUBECONFIG``) and the current one, as kubectl's ``config get-contexts`` reads them."""
+    try:
+        contexts, current = list_kube_config_contexts(path)
+    except ConfigException as exc:
+        raise KubeconfigError(str(exc)) from None
+    return list(contexts), current
 
 
 class Unreachable(KubeApiError):
@@ -135,7 +156,11 @@ class Kube:
         (``KUBERNETES_SERVICE_HOST`` set) the mounted ServiceAccount token is used and
         re-read as the kubelet rotates it; otherwise ``~/.kube/config``.
         """
-        return cls(ApiClient(configuration=await _configuration(kubeconfig, context)))
+        try:
+            config = await _configuration(kubeconfig, context)
+        except ConfigException as exc:
+            raise KubeconfigError(str(exc)) from None
+        return cls(ApiClient(configuration=config))
 
     @property
     def host(self) -> str:

@@ -21,7 +21,6 @@ label), resume from the last resourceVersion they saw, and re-list after 410 Gon
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -65,6 +64,7 @@ from ..kube._legacy import LegacyApiClient, as_kube
 from ..protocol import JOB_KEY, Update, new_status, task_name
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
+from ..streams import merge
 from .base import JobNotFound, Record, WatchEvent, decode_body
 
 log = logging.getLogger("kubemr.state.kube")
@@ -403,12 +403,9 @@ class KubeStateStore:
         stream re-lists and emits a PUT for every current record, which may repeat ones
         already seen.
 
-        The two streams run in one task group (:meth:`_follow`) inside one task that this
-        generator owns and always cancels and awaits on its way out, so nothing is left
-        running once the consumer stops. The task group is not held across our ``yield``:
-        callers may drive this generator from more than one task (``wait_for(anext(...))``
-        wraps each step in a task of its own), and a cancel scope must be left in the task
-        that entered it.
+        The two streams run concurrently under :func:`~kubemr_async.streams.merge`: a
+        failing one cancels the other, and nothing is left running once the consumer
+        stops.
         """
         job_rv, sep, tasks_rv = since.partition("/")
         if not sep or not job_rv or not tasks_rv:
@@ -418,23 +415,7 @@ class KubeStateStore:
             task_ns = await self.task_namespace(job, "watching")
         except JobNotFound:
             return
-        send, receive = anyio.create_memory_object_stream[WatchEvent](1024)
-        follower = asyncio.create_task(self._follow(job, task_ns, job_rv, tasks_rv, send),
-                                       name=f"kubemr-watch-{job}")
-        try:
-            async with receive:
-                async for event in receive:
-                    yield event
-            await follower  # the streams ended: the job was deleted, or one failed (raise)
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-
-    async def _follow(self, job: str, task_ns: str, job_rv: str, tasks_rv: str,
-                      send: ObjectSendStream[WatchEvent]) -> None:
-        """Follow both streams until the job is gone; a failing one cancels the other."""
-
-        async def job_stream() -> None:
+        async def job_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_JOBS, self.namespace, since=job_rv,
                 field_selector=f"metadata.name={job}",
@@ -444,15 +425,14 @@ class KubeStateStore:
                 async for event in events:
                     if isinstance(event, Listed):
                         if not event.items:  # re-listed after 410: the job is gone
-                            break
+                            return
                         await send.send(WatchEvent("PUT", _job_record(event.items[0])))
                     elif event.type == "DELETED":
-                        break
+                        return
                     else:
                         await send.send(WatchEvent("PUT", _job_record(event.object)))
-            group.cancel_scope.cancel()  # only the job stream ends by itself
 
-        async def task_stream() -> None:
+        async def task_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_TASKS, task_ns, since=tasks_rv,
                 label_selector=f"{LABEL_JOB}={job}",
@@ -468,11 +448,11 @@ class KubeStateStore:
                             "DELETE" if event.type == "DELETED" else "PUT",
                             _task_record(event.object)))
 
-        async with send:
-            with first_error():
-                async with anyio.create_task_group() as group:
-                    group.start_soon(job_stream)
-                    group.start_soon(task_stream)
+        # Only the job stream ends by itself (the job is gone), and that ends the watch.
+        events = merge([job_stream, task_stream], first_ends=True, name=f"kubemr-watch-{job}")
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     def _watch_options(self) -> dict[str, Any]:
         return {"timeout_seconds": self.watch_timeout,
