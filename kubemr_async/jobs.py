@@ -51,7 +51,7 @@ from .state.base import JobNotFound, Record
 from .state.kube import KubeStateStore
 from .storage.base import BlobNotFound
 from .storage.urls import StoreCache, is_s3
-from .streams import merge
+from .streams import Producer, merge
 
 T = TypeVar("T")
 
@@ -344,8 +344,7 @@ class JobClient:
             raise KubemrError(f"job {name} has no worker pods in namespace {self.namespace} "
                               "(they exist only while the job runs)")
 
-        def reader(pod: str, container: str) -> Callable[
-                [ObjectSendStream[tuple[str, str, bytes]]], Awaitable[None]]:
+        def reader(pod: str, container: str) -> Producer[tuple[str, str, bytes]]:
             async def read(send: ObjectSendStream[tuple[str, str, bytes]]) -> None:
                 context = f"job {name}: logs of pod {pod}"
                 resp = await self.kube.open(

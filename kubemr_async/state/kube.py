@@ -415,6 +415,7 @@ class KubeStateStore:
             task_ns = await self.task_namespace(job, "watching")
         except JobNotFound:
             return
+
         async def job_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_JOBS, self.namespace, since=job_rv,
