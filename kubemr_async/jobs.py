@@ -188,13 +188,14 @@ class JobClient:
         yield view
         if view.phase.finished:
             return
-        async for event in self.store.watch(name, revision):
-            if event.type == "DELETE":
-                continue
-            view.update(event.record.key, event.record.body)
-            yield view
-            if view.phase.finished:
-                return
+        async with contextlib.aclosing(self.store.watch(name, revision)) as events:
+            async for event in events:
+                if event.type == "DELETE":
+                    continue
+                view.update(event.record.key, event.record.body)
+                yield view
+                if view.phase.finished:
+                    return
         raise NoSuchJob(f"job {name} was deleted from namespace {self.namespace}")
 
     async def cancel(self, name: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -395,7 +395,7 @@ class KubeStateStore:
 
     # --- watching -------------------------------------------------------------------
 
-    async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+    async def watch(self, job: str, since: str) -> AsyncGenerator[WatchEvent, None]:
         """Merge the job's and its tasks' watch streams; return when the job is deleted.
 
         Each stream is in order; between the two, events interleave as they arrive (the
