@@ -66,7 +66,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 from kubemr_async import protocol  # noqa: E402
 from kubemr_async.crd import ensure_crds  # noqa: E402
 from kubemr_async.inputs import plan_inputs  # noqa: E402
-from kubemr_async.kube import api_client  # noqa: E402
+from kubemr_async.kube import Kube  # noqa: E402
 from kubemr_async.spec import JobSpec  # noqa: E402
 from kubemr_async.state.kube import KubeStateStore  # noqa: E402
 
@@ -304,16 +304,13 @@ async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str
     """What the operator's planning does: create job and task records, then start the job."""
     spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
                    output=OUTPUT, split_inputs=False)
-    api = await api_client(str(kubeconfig))
-    try:
-        store = KubeStateStore(api, namespace)
+    async with await Kube.connect(str(kubeconfig)) as kube:
+        store = KubeStateStore(kube, namespace)
         splits = await plan_inputs(spec)
         await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job, len(splits)))
-    finally:
-        await api.close()
 
 
 def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: int,
@@ -690,11 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = stack.enter_context(TestCluster())
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kubemr-coord-"))
         async def install() -> None:
-            api = await api_client(str(cluster.kubeconfig_path))
-            try:
-                await ensure_crds(api)
-            finally:
-                await api.close()
+            async with await Kube.connect(str(cluster.kubeconfig_path)) as kube:
+                await ensure_crds(kube)
 
         asyncio.run(install())
         # The first custom resources after a CRD is installed cost the API server ~2 s of

@@ -280,7 +280,7 @@ def _write(data: bytes) -> None:
 
 
 def _read_manifest(file: str) -> dict[str, Any]:
-    from .jobs import load_manifest
+    from .manifests import load_manifest
 
     if file == "-":
         return load_manifest(sys.stdin.read(), "stdin")
@@ -342,7 +342,7 @@ def submit(
     context: Context = None,
 ) -> None:
     """Create a MapReduceJob from a manifest or from flags; print its name."""
-    from .jobs import SubmitOptions, build_manifest, manifest_namespace
+    from .manifests import SubmitOptions, build_manifest, manifest_namespace
 
     # By name: typer bundles its own click, whose ParameterSource is not click's.
     given = [flag for flag in _JOB_FLAGS
@@ -390,7 +390,7 @@ def status(
     context: Context = None,
 ) -> None:
     """Show a job's phase, progress, error and results."""
-    from .jobs import describe
+    from .cli_render import describe
 
     async def action(client: JobClient) -> None:
         failure: JobFailed | None = None
@@ -416,7 +416,7 @@ def list_jobs(
     context: Context = None,
 ) -> None:
     """List jobs: NAME PHASE MAPS REDUCES AGE (maps and reduces as done/total)."""
-    from .jobs import list_table
+    from .cli_render import list_table
 
     async def action(client: JobClient) -> None:
         listing = await client.list(all_namespaces)

@@ -15,16 +15,16 @@ drift. :func:`ensure_crds` installs them into a cluster (operator start-up, test
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import yaml
-from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
 from .conditions import CONDITION_TYPES
 from .errors import KubemrError
+from .kube import APPLY_PATCH, CRDS, Kube, KubeObject, Resource
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import (
     DEFAULT_CHUNK_SIZE,
@@ -53,6 +53,10 @@ JOB_KIND = "MapReduceJob"
 JOB_PLURAL = "mapreducejobs"
 TASK_KIND = "MapReduceTask"
 TASK_PLURAL = "mapreducetasks"
+
+#: Where the two resource types live in the API (for :class:`~kubemr_async.kube.Kube`).
+MAPREDUCE_JOBS = Resource(GROUP, VERSION, JOB_PLURAL, JOB_KIND)
+MAPREDUCE_TASKS = Resource(GROUP, VERSION, TASK_PLURAL, TASK_KIND)
 
 #: Labels on every task object (and on a job's task namespace): RBAC cannot filter by
 #: label, but watches and clean-up can.
@@ -390,38 +394,34 @@ class CRDNotEstablished(KubemrError):
     """The API server did not accept or serve a CRD in time; the message says which."""
 
 
-async def ensure_crds(api: ApiClient, wait_seconds: float = 60.0) -> None:
+async def ensure_crds(kube: Kube, wait_seconds: float = 60.0) -> None:
     """Install or update both CRDs (server-side apply) and wait until they are served.
 
     Idempotent and safe to run concurrently (the operator calls it on every start): an
     apply of unchanged manifests changes nothing on the server.
     """
-    ext = ApiextensionsV1Api(api)
     for crd in manifests().values():
         name = crd["metadata"]["name"]
-        await ext.patch_custom_resource_definition(
-            name, crd, field_manager=FIELD_MANAGER, force=True,
-            _content_type="application/apply-patch+yaml")
-        await _wait_established(ext, name, wait_seconds)
+        await kube.patch(CRDS, name, crd, content_type=APPLY_PATCH,
+                         query={"fieldManager": FIELD_MANAGER, "force": True},
+                         context=f"installing CRD {name}")
+        await _wait_established(kube, name, wait_seconds)
 
 
-async def _wait_established(ext: ApiextensionsV1Api, name: str, wait_seconds: float) -> None:
+async def _wait_established(kube: Kube, name: str, wait_seconds: float) -> None:
     conditions: dict[str, Any] = {}
-    try:
-        async with asyncio.timeout(wait_seconds):
-            while conditions.get("Established", {}).get("status") != "True":
-                if conditions:
-                    await asyncio.sleep(0.1)
-                resp = await ext.read_custom_resource_definition(name, _preload_content=False)
-                crd = await resp.json()
-                conditions = {c["type"]: c
-                              for c in (crd.get("status") or {}).get("conditions") or []}
-                conditions.setdefault("Established", {"status": "Unknown"})
-    except TimeoutError:
-        reasons = "; ".join(f"{t}={c.get('status')}: {c.get('message', '')}"
-                            for t, c in conditions.items())
-        raise CRDNotEstablished(
-            f"CRD {name} not established after {wait_seconds}s: {reasons}") from None
+    with anyio.move_on_after(wait_seconds):
+        while conditions.get("Established", {}).get("status") != "True":
+            if conditions:
+                await anyio.sleep(0.1)
+            crd: KubeObject = await kube.get(CRDS, name)
+            conditions = {c["type"]: c
+                          for c in (crd.get("status") or {}).get("conditions") or []}
+            conditions.setdefault("Established", {"status": "Unknown"})
+        return
+    reasons = "; ".join(f"{t}={c.get('status')}: {c.get('message', '')}"
+                        for t, c in conditions.items())
+    raise CRDNotEstablished(f"CRD {name} not established after {wait_seconds}s: {reasons}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,9 @@ context into its message instead of relying on a traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class KubemrError(Exception):
     """Base class: anything kubemr-async raises on purpose."""
@@ -40,3 +43,19 @@ class Interrupted(KubemrError):
     def __init__(self, signum: int) -> None:
         super().__init__("interrupted")
         self.signum = signum
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Raise a task group's first real failure, not a group of it and its cancelled siblings.
+
+    ``with first_error(): async with anyio.create_task_group() as tg: ...`` keeps the typed
+    error (NotFound, JobNotFound...) that callers catch.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup) and first.exceptions:
+            first = first.exceptions[0]
+        raise first from None

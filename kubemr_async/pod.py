@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from . import protocol
 from .api import load_job
 from .errors import JobDefinitionError, UsageError
-from .kube import api_client
+from .kube import Kube
 from .protocol import JobPhase
 from .runtime import Worker
 from .spec import JobSpec
@@ -40,9 +40,8 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
     job_name = _require(env, "KUBEMR_JOB")
     namespace = _require(env, "KUBEMR_NAMESPACE")
     worker_id = env.get("KUBEMR_WORKER_ID") or socket.gethostname()
-    api = await api_client()
-    try:
-        store = KubeStateStore(api, namespace)
+    async with await Kube.connect() as kube:
+        store = KubeStateStore(kube, namespace)
         records, _ = await store.snapshot(job_name)
         job_record = records[protocol.JOB_KEY].job
         if JobPhase(job_record["phase"]).finished:
@@ -71,5 +70,4 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
         finally:
             await blobs.aclose()
         return 0
-    finally:
-        await api.close()
+

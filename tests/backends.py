@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubemr_async.crd import ensure_crds
-from kubemr_async.kube import api_client
+from kubemr_async.kube import Kube
 from kubemr_async.state.base import StateStore
 from kubemr_async.state.kube import KubeStateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
@@ -46,7 +46,7 @@ async def sqlite_backend(tmp_path: Path) -> AsyncIterator[StoreFactory]:
 
 @asynccontextmanager
 async def kube_backend(cluster: TestCluster, **options: Any) -> AsyncIterator[StoreFactory]:
-    """Stores on the real API server, each with its own ApiClient (like separate processes).
+    """Stores on the real API server, each with its own connection (like separate processes).
 
     Every use gets a fresh namespace for its MapReduceJobs; afterwards the jobs are deleted
     through the store (which removes their task namespaces) and then the namespace itself.
@@ -62,8 +62,7 @@ async def kube_backend(cluster: TestCluster, **options: Any) -> AsyncIterator[St
         opened.append(store)
         return store
 
-    admin = await api_client(str(cluster.kubeconfig_path))
-    try:
+    async with await Kube.connect(str(cluster.kubeconfig_path)) as admin:
         await ensure_crds(admin)
         await asyncio.to_thread(cluster.create_namespace, namespace)
         try:
@@ -75,8 +74,6 @@ async def kube_backend(cluster: TestCluster, **options: Any) -> AsyncIterator[St
             for job in await cleaner.jobs():
                 await cleaner.delete(job)
             await asyncio.to_thread(_delete_namespace, cluster, namespace)
-    finally:
-        await admin.close()
 
 
 def _delete_namespace(cluster: TestCluster, namespace: str) -> None:

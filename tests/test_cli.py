@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from kubemr_async import jobs
+from kubemr_async import cli_render, jobs, manifests
 from kubemr_async.errors import JobFailed, KubemrError, UsageError
 from kubemr_async.protocol import JobView, TaskKind, new_task, reduce_key
 from kubemr_async.testing.cluster import ApiError, TestCluster
@@ -534,7 +534,7 @@ def test_namespace_defaults_like_kubectl(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_manifest_from_flags() -> None:
-    manifest = jobs.build_manifest(jobs.SubmitOptions(
+    manifest = manifests.build_manifest(manifests.SubmitOptions(
         image="img:1", job="examples.wordcount", inputs=["s3://b/data/"],
         output="s3://bkt/out", reducers=4, args={"k": "v"}))
     assert manifest["apiVersion"] == "kubemr.io/v1alpha1" and manifest["kind"] == "MapReduceJob"
@@ -544,34 +544,34 @@ def test_manifest_from_flags() -> None:
         "reducers": 4, "maxAttempts": 3, "leaseSeconds": 30.0, "chunkSize": 64 * 1024 * 1024,
         "args": {"k": "v"}, "output": "s3://bkt/out", "splitInputs": True,
         "outputFormat": "text"}
-    named = jobs.build_manifest(jobs.SubmitOptions(
+    named = manifests.build_manifest(manifests.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o", name="mine",
         split_inputs=False, output_format="parquet"))
     assert named["metadata"] == {"name": "mine"} and named["spec"]["splitInputs"] is False
     assert named["spec"]["outputFormat"] == "parquet"
-    assert jobs.build_manifest(jobs.SubmitOptions(
+    assert manifests.build_manifest(manifests.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o"),
     )["metadata"] == {"generateName": "my-job-"}
     with pytest.raises(UsageError, match=r"spec\.reducers: must be between"):
-        jobs.build_manifest(jobs.SubmitOptions(image="i", job="j", inputs=["x"],
+        manifests.build_manifest(manifests.SubmitOptions(image="i", job="j", inputs=["x"],
                                                output="s3://bkt/o", reducers=-1))
 
 
 def test_load_manifest_and_its_namespace() -> None:
     text = (ROOT / "examples" / "wordcount.yaml").read_text()
-    manifest = jobs.load_manifest(text, "wordcount.yaml")
+    manifest = manifests.load_manifest(text, "wordcount.yaml")
     assert manifest["metadata"] == {"generateName": "wordcount-"}
-    assert jobs.manifest_namespace(manifest, None) is None
-    assert jobs.manifest_namespace(manifest, "a") == "a"
+    assert manifests.manifest_namespace(manifest, None) is None
+    assert manifests.manifest_namespace(manifest, "a") == "a"
     placed = {**manifest, "metadata": {"name": "x", "namespace": "b"}}
-    assert jobs.manifest_namespace(placed, None) == "b"
-    assert jobs.manifest_namespace(placed, "b") == "b"
+    assert manifests.manifest_namespace(placed, None) == "b"
+    assert manifests.manifest_namespace(placed, "b") == "b"
     with pytest.raises(UsageError, match="does not match --namespace 'a'"):
-        jobs.manifest_namespace(placed, "a")
+        manifests.manifest_namespace(placed, "a")
     with pytest.raises(UsageError, match="expected one MapReduceJob, found 2 documents"):
-        jobs.load_manifest(text + "\n---\n" + text, "two.yaml")
+        manifests.load_manifest(text + "\n---\n" + text, "two.yaml")
     with pytest.raises(UsageError, match="expected a MapReduceJob object, got list"):
-        jobs.load_manifest("- a\n", "list.yaml")
+        manifests.load_manifest("- a\n", "list.yaml")
 
 
 @pytest.mark.parametrize(("seconds", "age"), [
@@ -582,7 +582,7 @@ def test_load_manifest_and_its_namespace() -> None:
     ((365 * 8 * 24 + 2) * 3600, "8y"),
 ])
 def test_age_reads_like_kubectl(seconds: float, age: str) -> None:
-    assert jobs.human_duration(seconds) == age
+    assert cli_render.human_duration(seconds) == age
 
 
 def job_object(name: str, namespace: str, created: datetime, **status: Any) -> dict[str, Any]:
@@ -598,16 +598,16 @@ def test_list_table_and_status_text() -> None:
                    maps=12, mapsDone=5, reduces=2, reducesDone=0),
         job_object("x", "team-b", now - timedelta(hours=30)),
     ]
-    assert jobs.list_table(items, False, now) == (
+    assert cli_render.list_table(items, False, now) == (
         "NAME              PHASE     MAPS   REDUCES   AGE\n"
         "wordcount-abcde   Running   5/12   0/2       90s\n"
         "x                 Pending   0/0    0/2       30h")
-    assert jobs.list_table(items, True, now).splitlines()[0].split() == [
+    assert cli_render.list_table(items, True, now).splitlines()[0].split() == [
         "NAMESPACE", "NAME", "PHASE", "MAPS", "REDUCES", "AGE"]
-    assert jobs.list_table(items, True, now).splitlines()[2].startswith("team-b      x   ")
+    assert cli_render.list_table(items, True, now).splitlines()[2].startswith("team-b      x   ")
     failed = job_object("w", "ns", now, phase="Failed", maps=3, mapsDone=2,
                         error={"task": "map-00001", "attempt": 3, "message": "boom"})
-    assert jobs.describe(failed) == (
+    assert cli_render.describe(failed) == (
         "Name:       w\n"
         "Namespace:  ns\n"
         "Phase:      Failed\n"
@@ -616,7 +616,7 @@ def test_list_table_and_status_text() -> None:
         "Error:      task map-00001 attempt 3: boom")
     done = job_object("w", "ns", now, phase="Succeeded", results=["s3://b/p0", "s3://b/p1"],
                       completionTime="2025-01-01T12:00:00Z")
-    assert jobs.describe(done).endswith(
+    assert cli_render.describe(done).endswith(
         "Completed:  2025-01-01T12:00:00Z\nResults:\n  s3://b/p0\n  s3://b/p1")
 
 

@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes_asyncio.client import ApiClient
 
 from kubemr_async import crd
 from kubemr_async.conditions import job_conditions
 from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
-from kubemr_async.kube import api_client
+from kubemr_async.kube import Kube
 from kubemr_async.protocol import JobPhase
 from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS
 from kubemr_async.testing.cluster import ApiError, TestCluster
@@ -71,8 +70,8 @@ def installed(kube_cluster: TestCluster) -> None:
     """The CRDs, installed the way the operator does it (server-side apply)."""
 
     async def install() -> None:
-        async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
-            await ensure_crds(api)
+        async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
+            await ensure_crds(kube)
 
     asyncio.run(install())
 
@@ -86,9 +85,9 @@ def namespace(kube_cluster: TestCluster, installed: None) -> Iterator[str]:
 
 
 @pytest.fixture
-async def admin(kube_cluster: TestCluster, installed: None) -> AsyncIterator[ApiClient]:
-    async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
-        yield api
+async def admin(kube_cluster: TestCluster, installed: None) -> AsyncIterator[Kube]:
+    async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
+        yield kube
 
 
 def _drop(field: str) -> Callable[[dict[str, Any]], None]:
@@ -259,19 +258,16 @@ def test_task_schema_keeps_nulls_and_rejects_bad_records(
         kube_cluster.api("POST", TASKS.format(ns=namespace), missing)
 
 
-async def _table(api: ApiClient, path: str) -> dict[str, Any]:
+async def _table(kube: Kube, path: str) -> dict[str, Any]:
     """A `kubectl get`-style Table, as the server renders it from the printer columns."""
-    table: dict[str, Any] = await api.call_api(
-        path, "GET", header_params={"Accept": TABLE}, auth_settings=["BearerToken"],
-        response_types_map={200: "object"}, _return_http_data_only=True)
-    return table
+    return await kube.request("GET", path, context=f"reading a table of {path}", accept=TABLE)
 
 
 @pytest.mark.anyio
 @pytest.mark.kube
 @pytest.mark.slow
 async def test_printer_columns_show_progress(
-        kube_cluster: TestCluster, admin: ApiClient, namespace: str) -> None:
+        kube_cluster: TestCluster, admin: Kube, namespace: str) -> None:
     job = kube_cluster.api("POST", JOBS.format(ns=namespace), valid_job(workers=3))
     name = job["metadata"]["name"]
     kube_cluster.api("PATCH", f"{JOBS.format(ns=namespace)}/{name}/status",
@@ -297,7 +293,7 @@ async def test_printer_columns_show_progress(
 @pytest.mark.anyio
 @pytest.mark.kube
 @pytest.mark.slow
-async def test_ensure_crds_is_idempotent(admin: ApiClient, kube_cluster: TestCluster) -> None:
+async def test_ensure_crds_is_idempotent(admin: Kube, kube_cluster: TestCluster) -> None:
     path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     before = {n: kube_cluster.api("GET", f"{path}/{c['metadata']['name']}")
               for n, c in manifests().items()}

@@ -322,7 +322,7 @@ async def test_shared_task_namespace_is_not_deleted(kube_cluster: TestCluster) -
     async with kube_backend(kube_cluster) as factory:
         probe = await open_store(factory)
         namespace = probe.namespace
-        store = KubeStateStore(probe.api, namespace, task_namespace=lambda job: namespace)
+        store = KubeStateStore(probe.kube, namespace, task_namespace=lambda job: namespace)
         await store.create("one", job_records("one", maps=2))
         await store.create("two", job_records("two", maps=1))
         await store.delete("one")

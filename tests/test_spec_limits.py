@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kubemr_async.crd import GROUP, JOB_PLURAL, VERSION, ensure_crds
-from kubemr_async.kube import api_client
+from kubemr_async.kube import Kube
 from kubemr_async.spec import MAX_ATTEMPTS_LIMIT, MAX_REDUCERS, MAX_WORKERS
 from kubemr_async.testing.cluster import ApiError, TestCluster
 
@@ -116,8 +116,8 @@ def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -
 @pytest.fixture(scope="module")
 def namespace(kube_cluster: TestCluster) -> Iterator[str]:
     async def install() -> None:
-        async with await api_client(str(kube_cluster.kubeconfig_path)) as api:
-            await ensure_crds(api)
+        async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
+            await ensure_crds(kube)
 
     asyncio.run(install())
     name = f"limits-{uuid.uuid4().hex[:8]}"

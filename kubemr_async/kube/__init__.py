@@ -31,9 +31,11 @@ from .client import (
     SERVICE_ACCOUNTS,
     STRATEGIC_MERGE_PATCH,
     Kube,
+    KubeconfigError,
     KubeObject,
     Resource,
     Unreachable,
+    kubeconfig_contexts,
 )
 from .errors import (
     BadRequest,
@@ -79,6 +81,7 @@ __all__ = [
     "Kube",
     "KubeApiError",
     "KubeObject",
+    "KubeconfigError",
     "Listed",
     "NotFound",
     "Resource",
@@ -92,6 +95,7 @@ __all__ = [
     "api_error",
     "ensure_namespace",
     "error_for",
+    "kubeconfig_contexts",
     "list_watch",
     "status_message",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from .client import _configuration
+from .client import Kube, _configuration
 from .errors import KubeApiError, status_message
 
 
@@ -25,3 +25,15 @@ async def api_client(kubeconfig: str | None = None, context: str | None = None) 
 def api_error(context: str, exc: ApiException) -> KubeApiError:
     """Wrap ``exc`` so the message says what failed (``context``) and why (server Status)."""
     return KubeApiError(context, int(exc.status or 0), status_message(exc.body, str(exc.reason)))
+
+
+#: What a caller not yet moved onto :class:`Kube` still holds (operator.py, issue 8).
+LegacyApiClient = ApiClient
+
+
+def as_kube(api: Kube | ApiClient) -> Kube:
+    """``api`` itself if it is a :class:`Kube`, else a Kube sharing the raw client's pool.
+
+    The wrapper does not own the client: nobody should :meth:`Kube.aclose` it.
+    """
+    return api if isinstance(api, Kube) else Kube(api)

@@ -20,8 +20,14 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import load_incluster_config, load_kube_config
+from kubernetes_asyncio.config import (
+    ConfigException,
+    list_kube_config_contexts,
+    load_incluster_config,
+    load_kube_config,
+)
 
+from ..errors import KubemrError
 from .errors import KubeApiError, NotFound, error_for
 
 #: A Kubernetes object as the API returns it (decoded JSON): unstructured, unlike records.
@@ -37,6 +43,21 @@ MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 #: Server-side apply: the whole intended object, owned by a field manager.
 APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class KubeconfigError(KubemrError):
+    """A kubeconfig (or in-cluster configuration) that cannot be used: missing, malformed,
+    no such context, no credentials."""
+
+
+def kubeconfig_contexts(path: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The contexts of kubeconfig ``path`` (``os.pathsep``-separated files merge, as in
+    ``$KUBECONFIG``) and the current one, as kubectl's ``config get-contexts`` reads them."""
+    try:
+        contexts, current = list_kube_config_contexts(path)
+    except ConfigException as exc:
+        raise KubeconfigError(str(exc)) from None
+    return list(contexts), current
 
 
 class Unreachable(KubeApiError):
@@ -139,7 +160,11 @@ class Kube:
         (``KUBERNETES_SERVICE_HOST`` set) the mounted ServiceAccount token is used and
         re-read as the kubelet rotates it; otherwise ``~/.kube/config``.
         """
-        return cls(ApiClient(configuration=await _configuration(kubeconfig, context)))
+        try:
+            config = await _configuration(kubeconfig, context)
+        except ConfigException as exc:
+            raise KubeconfigError(str(exc)) from None
+        return cls(ApiClient(configuration=config))
 
     @property
     def host(self) -> str:
@@ -161,7 +186,7 @@ class Kube:
     async def open(self, method: str, path: str, *, context: str, query: Query | None = None,
                    body: object = None, content_type: str = "application/json",
                    read_timeout: aiohttp.ClientTimeout | float | None = None,
-                   ) -> aiohttp.ClientResponse:
+                   accept: str = "application/json") -> aiohttp.ClientResponse:
         """Send a request; the caller reads and releases the response (a stream).
 
         An answer other than 2xx is raised as its typed error; no answer as Unreachable.
@@ -169,7 +194,7 @@ class Kube:
         try:
             resp: aiohttp.ClientResponse = await self._api.call_api(
                 path, method, query_params=_query(query),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
+                header_params={"Accept": accept, "Content-Type": content_type},
                 body=body, auth_settings=["BearerToken"], _preload_content=False,
                 _request_timeout=read_timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -187,10 +212,13 @@ class Kube:
     async def request(self, method: str, path: str, *, context: str,
                       query: Query | None = None, body: object = None,
                       content_type: str = "application/json",
-                      read_timeout: float | None = None) -> KubeObject:
-        """Send a request and return its decoded JSON answer."""
+                      read_timeout: float | None = None,
+                      accept: str = "application/json") -> KubeObject:
+        """Send a request and return its decoded JSON answer (``accept`` may ask for
+        another rendering, such as a ``kubectl get``-style Table)."""
         resp = await self.open(method, path, context=context, query=query, body=body,
-                               content_type=content_type, read_timeout=read_timeout)
+                               content_type=content_type, read_timeout=read_timeout,
+                               accept=accept)
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

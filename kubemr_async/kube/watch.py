@@ -14,7 +14,7 @@ The rules every Kubernetes client learns the hard way live here once:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -61,7 +61,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                      label_selector: str | None = None, field_selector: str | None = None,
                      timeout_seconds: int = 300, inactivity_timeout: float | None = None,
                      counters: WatchCounters | None = None,
-                     backoff: Backoff | None = None) -> AsyncIterator[Listed | Changed]:
+                     backoff: Backoff | None = None) -> AsyncGenerator[Listed | Changed, None]:
     """Follow a collection forever: a :class:`Listed` first (unless resuming ``since`` a
     version the caller listed itself), then :class:`Changed` events, and a fresh
     :class:`Listed` after every 410 Gone.

@@ -21,17 +21,16 @@ label), resume from the last resourceVersion they saw, and re-list after 410 Gon
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, cast
 
-import aiohttp
+import anyio
 import orjson
-from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
-from kubernetes_asyncio.client.exceptions import ApiException
+from anyio.abc import ObjectSendStream
 
 from ..crd import (
     API_VERSION,
@@ -42,19 +41,33 @@ from ..crd import (
     LABEL_JOB_NAMESPACE,
     LABEL_KIND,
     LABEL_TASK,
+    MAPREDUCE_JOBS,
+    MAPREDUCE_TASKS,
     TASK_KIND,
     TASK_PLURAL,
-    VERSION,
 )
-from ..errors import UsageError
-from ..kube import JSON_PATCH, KubeApiError, api_client, api_error, status_message
+from ..errors import UsageError, first_error
+from ..kube import (
+    JSON_PATCH,
+    NAMESPACES,
+    Conflict,
+    Kube,
+    KubeApiError,
+    KubeObject,
+    Listed,
+    NotFound,
+    Unprocessable,
+    ensure_namespace,
+    list_watch,
+)
+from ..kube._legacy import LegacyApiClient, as_kube
 from ..protocol import JOB_KEY, Update, new_status, task_name
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
+from ..streams import merge
 from .base import JobNotFound, Record, WatchEvent, decode_body
 
 log = logging.getLogger("kubemr.state.kube")
-T = TypeVar("T")
 
 DEFAULT_IMAGE = "kubemr-async:dev"
 #: Set on a MapReduceJob whose creator gave no output (``JobSpec.output == ""``, the
@@ -108,22 +121,25 @@ class KubeStats:
 class KubeStateStore:
     """A StateStore on MapReduceJob/MapReduceTask custom resources.
 
-    ``api`` is the process's one ApiClient; the store does not close it unless it opened it
-    itself (:meth:`connect`). The ``task_namespace`` argument names the task namespace of a
-    job the store creates (default :func:`task_namespace_for`); for an existing job the
-    name recorded in its ``status.taskNamespace`` wins (see the method of the same name).
+    ``kube`` is the process's one :class:`~kubemr_async.kube.Kube`; the store does not
+    close it unless it opened it itself (:meth:`connect`). The ``task_namespace`` argument
+    names the task namespace of a job the store creates (default
+    :func:`task_namespace_for`); for an existing job the name recorded in its
+    ``status.taskNamespace`` wins (see the method of the same name).
 
     ``image`` and ``default_output`` only matter when the store creates a MapReduceJob
     itself (``kubemr run``-style callers and tests): the resource requires both, and a
     JobSpec has no image and may have no output. Jobs submitted with kubectl have both.
     """
 
-    def __init__(self, api: ApiClient, namespace: str,
+    def __init__(self, kube: Kube | LegacyApiClient, namespace: str,
                  task_namespace: Callable[[str], str] | None = None, *,
                  image: str = DEFAULT_IMAGE, default_output: str | None = None,
                  create_concurrency: int = 32, watch_timeout: int = 300,
-                 inactivity_timeout: float | None = None, owns_api: bool = False) -> None:
-        self.api = api
+                 inactivity_timeout: float | None = None, owns_kube: bool = False) -> None:
+        # A raw ApiClient is still accepted from operator.py until it moves onto Kube
+        # (issue 8, branch issue8-operator); then the parameter is ``kube: Kube`` only.
+        self.kube = as_kube(kube)
         self.namespace = namespace
         self.image = image
         self.default_output = default_output
@@ -136,17 +152,16 @@ class KubeStateStore:
                                    else watch_timeout + 15.0)
         self.stats = KubeStats()
         self._naming = task_namespace or (lambda job: task_namespace_for(namespace, job))
-        self._objects = CustomObjectsApi(api)
-        self._core = CoreV1Api(api)
-        self._owns_api = owns_api
+        self._owns_kube = owns_kube
         self._task_ns: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, namespace: str, *, kubeconfig: str | None = None,
                       context: str | None = None, **options: Any) -> KubeStateStore:
-        """A store with its own ApiClient (see :func:`kubemr_async.kube.api_client`),
-        closed by :meth:`aclose`."""
-        return cls(await api_client(kubeconfig, context), namespace, owns_api=True, **options)
+        """A store with its own connection (see :meth:`Kube.connect`), closed by
+        :meth:`aclose`."""
+        return cls(await Kube.connect(kubeconfig, context), namespace, owns_kube=True,
+                   **options)
 
     # --- creating -------------------------------------------------------------------
 
@@ -163,10 +178,10 @@ class KubeStateStore:
             task_ns = await self._create_job(job, job_body)
         else:
             task_ns = await self.task_namespace(job, "creating task records")
-        tasks = [(key, Record(key, body, "").task) for key, body in records if key != JOB_KEY]
+        pending = iter([(key, Record(key, body, "").task)
+                        for key, body in records if key != JOB_KEY])
 
-        async def create_task(item: tuple[str, TaskRecord]) -> None:
-            key, body = item
+        async def create_task(key: str, body: TaskRecord) -> None:
             obj = {
                 "apiVersion": API_VERSION,
                 "kind": TASK_KIND,
@@ -177,18 +192,25 @@ class KubeStateStore:
                 "status": body,
             }
             try:
-                await self._objects.create_namespaced_custom_object(
-                    GROUP, VERSION, task_ns, TASK_PLURAL, obj)
+                await self.kube.create(
+                    MAPREDUCE_TASKS, obj, task_ns,
+                    context=f"job {job}: creating record {key} in namespace {task_ns}")
                 self.stats.creates += 1
-            except ApiException as exc:
-                if exc.status == 404:
-                    raise JobNotFound(f"job {job}: task namespace {task_ns} not found "
-                                      f"while creating record {key}") from exc
-                if exc.status != 409:
-                    raise api_error(f"job {job}: creating record {key} in namespace "
-                                    f"{task_ns}", exc) from exc
+            except NotFound as exc:
+                raise JobNotFound(f"job {job}: task namespace {task_ns} not found "
+                                  f"while creating record {key}") from exc
+            except Conflict:
+                pass
 
-        await _bounded(self.create_concurrency, tasks, create_task)
+        async def creator() -> None:
+            for key, body in pending:  # creators share one iterator: each record once
+                await create_task(key, body)
+
+        # At most create_concurrency requests in flight; the first error cancels the rest.
+        with first_error():
+            async with anyio.create_task_group() as group:
+                for _ in range(self.create_concurrency):
+                    group.start_soon(creator)
 
     async def _create_job(self, job: str, body: JobRecord) -> str:
         """Make sure the MapReduceJob exists with an initialised status; its task namespace."""
@@ -202,8 +224,10 @@ class KubeStateStore:
             task_ns = status.get("taskNamespace") or self._naming(job)
             if "taskNamespace" not in status:
                 # Not recorded yet, so nobody can rely on it existing: make sure it does
-                # (409 when the operator made it already) before we record it.
-                await self._ensure_namespace(task_ns, job)
+                # (it exists when the operator made it already) before we record it.
+                await ensure_namespace(self.kube, task_ns,
+                                       task_namespace_labels(self.namespace, job),
+                                       context=f"job {job}: creating task namespace {task_ns}")
             missing: dict[str, object] = {f: v for f, v in body.items()
                                           if f != "spec" and f not in status}
             if "taskNamespace" not in status:
@@ -214,7 +238,7 @@ class KubeStateStore:
         raise KubeApiError(f"job {job}: initialising the status of MapReduceJob "
                            f"{self.namespace}/{job}", 409, "kept conflicting with other writers")
 
-    async def _post_job(self, job: str, body: JobRecord) -> dict[str, Any] | None:
+    async def _post_job(self, job: str, body: JobRecord) -> KubeObject | None:
         spec = body["spec"].copy()
         annotations = {}
         if not spec["output"]:
@@ -230,13 +254,11 @@ class KubeStateStore:
             "spec": {"image": self.image, **spec},
         }
         try:
-            created: dict[str, Any] = await self._objects.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, JOB_PLURAL, obj)
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            raise api_error(f"job {job}: creating MapReduceJob in namespace "
-                            f"{self.namespace}", exc) from exc
+            created = await self.kube.create(
+                MAPREDUCE_JOBS, obj, self.namespace,
+                context=f"job {job}: creating MapReduceJob in namespace {self.namespace}")
+        except Conflict:
+            return None
         self.stats.creates += 1
         return created
 
@@ -250,66 +272,23 @@ class KubeStateStore:
         else:
             ops += [{"op": "add", "path": f"/status/{f}", "value": v} for f, v in fields.items()]
         try:
-            await self._objects.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, JOB_PLURAL, job, ops, _content_type=JSON_PATCH)
-        except ApiException as exc:
-            if _patch_not_applicable(exc):
+            await self.kube.patch(
+                MAPREDUCE_JOBS, job, ops, self.namespace, content_type=JSON_PATCH,
+                subresource="status", context=f"job {job}: initialising the status of "
+                f"MapReduceJob {self.namespace}/{job}")
+        except Unprocessable as exc:
+            if exc.lost_race:
                 return False
-            raise api_error(f"job {job}: initialising the status of MapReduceJob "
-                            f"{self.namespace}/{job}", exc) from exc
+            raise
         return True
-
-    async def _ensure_namespace(self, name: str, job: str) -> None:
-        """Create the task namespace, labelled as this job's; wait out a terminating one.
-
-        A job deleted and re-created under the same name finds its old namespace still
-        terminating, where nothing can be created; we wait until it is gone.
-        """
-        labels = task_namespace_labels(self.namespace, job)
-        context = f"job {job}: creating task namespace {name}"
-        deadline = asyncio.get_running_loop().time() + 120
-        while True:
-            try:
-                await self._core.create_namespace({"metadata": {"name": name, "labels": labels}})
-                return
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise api_error(context, exc) from exc
-            existing = await self._read_namespace(name, context)
-            if existing is None:
-                continue
-            if (existing.get("status") or {}).get("phase") != "Terminating":
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise KubeApiError(context, 409, "the namespace is still terminating")
-            await asyncio.sleep(0.5)
-
-    async def _read_namespace(self, name: str, context: str) -> dict[str, Any] | None:
-        resp = await self._core.read_namespace(name, _preload_content=False)
-        try:
-            if resp.status == 404:
-                return None
-            raw = await resp.read()
-        finally:
-            resp.release()
-        if resp.status != 200:
-            raise KubeApiError(context, resp.status, status_message(raw))
-        result: dict[str, Any] = orjson.loads(raw)
-        return result
 
     # --- reading --------------------------------------------------------------------
 
-    async def _read_job(self, job: str, doing: str) -> dict[str, Any] | None:
+    async def _read_job(self, job: str, doing: str) -> KubeObject | None:
         """The MapReduceJob, or None; ``doing`` says why, for the error message."""
-        try:
-            obj: dict[str, Any] = await self._objects.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, JOB_PLURAL, job)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise api_error(f"job {job}: {doing}: reading MapReduceJob "
-                            f"{self.namespace}/{job}", exc) from exc
-        return obj
+        return await self.kube.find(
+            MAPREDUCE_JOBS, job, self.namespace,
+            context=f"job {job}: {doing}: reading MapReduceJob {self.namespace}/{job}")
 
     def _task_namespace_of(self, job: str, obj: Mapping[str, Any]) -> str:
         recorded = (obj.get("status") or {}).get("taskNamespace")
@@ -329,55 +308,28 @@ class KubeStateStore:
                               f"{self.namespace}")
         return self._task_namespace_of(job, obj)
 
-    async def _list_job(self, job: str) -> tuple[dict[str, Any] | None, str]:
-        """The job (or None) and a list resourceVersion to watch it from.
-
-        A list, not a get: a get returns the object's own (possibly ancient) version, and
-        a watch from a compacted version is answered with 410 Gone.
-        """
-        items, revision = await self._list(self.namespace, JOB_PLURAL,
-                                           f"job {job}: listing its job",
-                                           field_selector=f"metadata.name={job}")
-        return (items[0] if items else None), revision
-
-    async def _list_tasks(self, job: str, task_ns: str) -> tuple[list[dict[str, Any]], str]:
-        return await self._list(task_ns, TASK_PLURAL,
-                                f"job {job}: listing its tasks in namespace {task_ns}",
-                                label_selector=f"{LABEL_JOB}={job}")
-
-    async def _list(self, namespace: str, plural: str, context: str,
-                    **selector: str) -> tuple[list[dict[str, Any]], str]:
-        """Every matching object (paged) and the list's resourceVersion (a consistent cut)."""
-        items: list[dict[str, Any]] = []
-        revision = ""
-        token = None
-        while True:
-            try:
-                page = await self._objects.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, plural, limit=500, _continue=token, **selector)
-            except ApiException as exc:
-                raise api_error(context, exc) from exc
-            items += page["items"]
-            revision = revision or page["metadata"]["resourceVersion"]
-            token = page["metadata"].get("continue")
-            if not token:
-                return items, revision
-
     async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
-        obj, job_rv = await self._list_job(job)
-        if obj is None:
+        # A list, not a get: a get returns the object's own (possibly ancient) version, and
+        # a watch from a compacted version is answered with 410 Gone.
+        jobs, job_rv = await self.kube.list(
+            MAPREDUCE_JOBS, self.namespace, field_selector=f"metadata.name={job}",
+            context=f"job {job}: listing its job")
+        if not jobs:
             raise JobNotFound(f"job {job} not found in namespace {self.namespace}")
-        task_ns = self._task_namespace_of(job, obj)
-        tasks, tasks_rv = await self._list_tasks(job, task_ns)
-        records = {JOB_KEY: _job_record(obj)}
+        task_ns = self._task_namespace_of(job, jobs[0])
+        tasks, tasks_rv = await self.kube.list(
+            MAPREDUCE_TASKS, task_ns, label_selector=f"{LABEL_JOB}={job}",
+            context=f"job {job}: listing its tasks in namespace {task_ns}")
+        records = {JOB_KEY: _job_record(jobs[0])}
         for task in tasks:
             record = _task_record(task)
             records[record.key] = record
         return records, f"{job_rv}/{tasks_rv}"
 
     async def jobs(self) -> list[str]:
-        items, _ = await self._list(self.namespace, JOB_PLURAL,
-                                    f"listing MapReduceJobs in namespace {self.namespace}")
+        items, _ = await self.kube.list(
+            MAPREDUCE_JOBS, self.namespace,
+            context=f"listing MapReduceJobs in namespace {self.namespace}")
         return sorted(item["metadata"]["name"] for item in items)
 
     # --- writing --------------------------------------------------------------------
@@ -388,31 +340,32 @@ class KubeStateStore:
         The API server answers a patch it cannot apply (a failed ``test``, or a path
         missing from the object) with a bare 422 whose message does not say which
         operation failed; validation errors (a 422 too) list their causes. We check the
-        operations locally first, so a bare 422 can only mean the object no longer matches
-        what the caller read: the lost race the protocol expects.
+        operations locally first, so a bare 422 (:attr:`Unprocessable.lost_race`) can only
+        mean the object no longer matches what the caller read: the lost race the protocol
+        expects.
         """
         ops = [_status_op(op) for op in update.ops]
         if update.key == JOB_KEY:
-            what = f"job {job}: patching record {update.key} (MapReduceJob {self.namespace}/{job})"
-            call = self._objects.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, JOB_PLURAL, job, ops, _content_type=JSON_PATCH)
+            resource, namespace, name, subresource = (
+                MAPREDUCE_JOBS, self.namespace, job, "status")
         else:
-            task_ns = await self.task_namespace(job, f"patching record {update.key}")
+            resource, subresource = MAPREDUCE_TASKS, None
+            namespace = await self.task_namespace(job, f"patching record {update.key}")
             name = task_object_name(job, update.key)
-            what = f"job {job}: patching record {update.key} (MapReduceTask {task_ns}/{name})"
-            call = self._objects.patch_namespaced_custom_object(
-                GROUP, VERSION, task_ns, TASK_PLURAL, name, ops, _content_type=JSON_PATCH)
         self.stats.patches += 1
         self.stats.patch_bytes += len(orjson.dumps(ops))
         try:
-            obj = await call
-        except ApiException as exc:
-            if exc.status == 404:
-                raise JobNotFound(f"job {job}: record {update.key} not found") from exc
-            if _patch_not_applicable(exc):
-                self.stats.lost_races += 1
-                return None
-            raise api_error(what, exc) from exc
+            obj = await self.kube.patch(
+                resource, name, ops, namespace, content_type=JSON_PATCH,
+                subresource=subresource, context=f"job {job}: patching record {update.key} "
+                f"({resource.kind} {namespace}/{name})")
+        except NotFound as exc:
+            raise JobNotFound(f"job {job}: record {update.key} not found") from exc
+        except Unprocessable as exc:
+            if not exc.lost_race:
+                raise
+            self.stats.lost_races += 1
+            return None
         return _job_record(obj) if update.key == JOB_KEY else _task_record(obj)
 
     async def delete(self, job: str) -> None:
@@ -422,38 +375,37 @@ class KubeStateStore:
             obj = await self._read_job(job, "deleting the job")
             task_ns = self._task_namespace_of(job, obj) if obj else self._naming(job)
             self._task_ns.pop(job, None)
-        try:
-            await self._objects.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, JOB_PLURAL, job,
-                propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise api_error(f"job {job}: deleting MapReduceJob {self.namespace}/{job}",
-                                exc) from exc
+        await self.kube.delete(
+            MAPREDUCE_JOBS, job, self.namespace,
+            context=f"job {job}: deleting MapReduceJob {self.namespace}/{job}")
         context = f"job {job}: deleting its tasks in namespace {task_ns}"
-        namespace = await self._read_namespace(task_ns, context)
+        namespace = await self.kube.find(NAMESPACES, task_ns, context=context)
         if namespace is None:
             return
         labels = namespace["metadata"].get("labels") or {}
         try:
             if labels.get(LABEL_JOB) == job and labels.get(LABEL_JOB_NAMESPACE) == self.namespace:
-                await self._core.delete_namespace(task_ns)
+                await self.kube.delete(NAMESPACES, task_ns, context=context)
             else:  # a namespace shared with other things: remove only this job's tasks
-                await self._objects.delete_collection_namespaced_custom_object(
-                    GROUP, VERSION, task_ns, TASK_PLURAL, label_selector=f"{LABEL_JOB}={job}")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise api_error(context, exc) from exc
+                await self.kube.delete_collection(
+                    MAPREDUCE_TASKS, task_ns, label_selector=f"{LABEL_JOB}={job}",
+                    context=context)
+        except NotFound:
+            pass
 
     # --- watching -------------------------------------------------------------------
 
-    async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+    async def watch(self, job: str, since: str) -> AsyncGenerator[WatchEvent, None]:
         """Merge the job's and its tasks' watch streams; return when the job is deleted.
 
         Each stream is in order; between the two, events interleave as they arrive (the
         runtime compares ``seq`` per record, so that is all it needs). After a 410 Gone a
         stream re-lists and emits a PUT for every current record, which may repeat ones
         already seen.
+
+        The two streams run concurrently under :func:`~kubemr_async.streams.merge`: a
+        failing one cancels the other, and nothing is left running once the consumer
+        stops.
         """
         job_rv, sep, tasks_rv = since.partition("/")
         if not sep or not job_rv or not tasks_rv:
@@ -463,129 +415,54 @@ class KubeStateStore:
             task_ns = await self.task_namespace(job, "watching")
         except JobNotFound:
             return
-        queue: asyncio.Queue[WatchEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
 
-        async def job_stream() -> None:
-            async def emit(kind: str, obj: dict[str, Any]) -> bool:
-                if kind == "DELETED":
-                    return False
-                await queue.put(WatchEvent("PUT", _job_record(obj)))
-                return True
-
-            async def relist() -> str | None:
-                obj, revision = await self._list_job(job)
-                if obj is None:
-                    return None
-                await queue.put(WatchEvent("PUT", _job_record(obj)))
-                return revision
-
-            await self._follow(job, self.namespace, JOB_PLURAL, job_rv, emit, relist,
-                               field_selector=f"metadata.name={job}")
-
-        async def task_stream() -> None:
-            async def emit(kind: str, obj: dict[str, Any]) -> bool:
-                event: Literal["PUT", "DELETE"] = "DELETE" if kind == "DELETED" else "PUT"
-                await queue.put(WatchEvent(event, _task_record(obj)))
-                return True
-
-            async def relist() -> str:
-                tasks, revision = await self._list_tasks(job, task_ns)
-                for task in tasks:
-                    await queue.put(WatchEvent("PUT", _task_record(task)))
-                return revision
-
-            await self._follow(job, task_ns, TASK_PLURAL, tasks_rv, emit, relist,
-                               label_selector=f"{LABEL_JOB}={job}")
-
-        async def run(stream: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await stream()
-                await queue.put(None)
-            except Exception as exc:  # handed to the consumer, which raises it
-                await queue.put(exc)
-
-        producers = [asyncio.create_task(run(job_stream), name=f"kubemr-watch-{job}-job"),
-                     asyncio.create_task(run(task_stream), name=f"kubemr-watch-{job}-tasks")]
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:  # only the job stream ends by itself: job deleted
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            for producer in producers:
-                producer.cancel()
-            await asyncio.gather(*producers, return_exceptions=True)
-
-    async def _follow(self, job: str, namespace: str, plural: str, revision: str,
-                      emit: Callable[[str, dict[str, Any]], Awaitable[bool]],
-                      relist: Callable[[], Awaitable[str | None]], **selector: str) -> None:
-        """One list-watch loop: resume from the last version seen, re-list on 410 Gone.
-
-        Returns when ``emit`` returns False (job deleted) or ``relist`` finds no job.
-        Transient trouble (server restart, broken or silent stream, 5xx, 429) is retried
-        with backoff from the last version seen; an error that retrying cannot fix (403,
-        401, 400) is raised with the job in the message.
-        """
-        what = f"job {job}: watching {plural} in namespace {namespace}"
-        backoff = 0.0
-        current: str | None = revision
-        while current is not None:
-            if backoff:
-                await asyncio.sleep(backoff)
-            backoff = min(max(backoff * 2, 0.2), 5.0)  # reset by events and clean ends
-            self.stats.watch_connects += 1
-            try:
-                resp = await self._objects.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, plural, watch=True, allow_watch_bookmarks=True,
-                    resource_version=current, timeout_seconds=self.watch_timeout,
-                    _preload_content=False,
-                    _request_timeout=aiohttp.ClientTimeout(
-                        sock_connect=10, sock_read=self.inactivity_timeout),
-                    **selector)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("%s: %s; reconnecting in %.1fs", what, exc, backoff)
-                continue
-            try:
-                if resp.status != 200:
-                    code, message = resp.status, status_message(await resp.read())
-                else:
-                    code, message = 0, ""
-                    while True:
-                        line = await resp.content.readline()
-                        if not line:  # the server ended the watch (timeoutSeconds): resume
-                            backoff = 0.0
-                            break
-                        event = orjson.loads(line)
-                        kind, obj = event["type"], event["object"]
-                        if kind == "ERROR":
-                            code, message = int(obj.get("code") or 0), str(obj.get("message"))
-                            break
-                        backoff = 0.0
-                        current = obj["metadata"]["resourceVersion"]
-                        if kind != "BOOKMARK" and not await emit(kind, obj):
+        async def job_stream(send: ObjectSendStream[WatchEvent]) -> None:
+            events = list_watch(
+                self.kube, MAPREDUCE_JOBS, self.namespace, since=job_rv,
+                field_selector=f"metadata.name={job}",
+                context=f"job {job}: watching {JOB_PLURAL} in namespace {self.namespace}",
+                **self._watch_options())
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Listed):
+                        if not event.items:  # re-listed after 410: the job is gone
                             return
-            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-                log.info("%s: stream interrupted (%s); resuming from %s", what,
-                         type(exc).__name__, current)
-                continue
-            finally:
-                resp.release()
-            if code == 410:  # our version left the server's window: start from a list
-                self.stats.relists += 1
-                current = await relist()
-                backoff = 0.0
-            elif code == 429 or code >= 500:
-                log.warning("%s: HTTP %d: %s; retrying in %.1fs", what, code, message, backoff)
-            elif code:
-                raise KubeApiError(what, code, message)
+                        await send.send(WatchEvent("PUT", _job_record(event.items[0])))
+                    elif event.type == "DELETED":
+                        return
+                    else:
+                        await send.send(WatchEvent("PUT", _job_record(event.object)))
+
+        async def task_stream(send: ObjectSendStream[WatchEvent]) -> None:
+            events = list_watch(
+                self.kube, MAPREDUCE_TASKS, task_ns, since=tasks_rv,
+                label_selector=f"{LABEL_JOB}={job}",
+                context=f"job {job}: watching {TASK_PLURAL} in namespace {task_ns}",
+                **self._watch_options())
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Listed):
+                        for task in event.items:
+                            await send.send(WatchEvent("PUT", _task_record(task)))
+                    else:
+                        await send.send(WatchEvent(
+                            "DELETE" if event.type == "DELETED" else "PUT",
+                            _task_record(event.object)))
+
+        # Only the job stream ends by itself (the job is gone), and that ends the watch.
+        events = merge([job_stream, task_stream], first_ends=True, name=f"kubemr-watch-{job}")
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    def _watch_options(self) -> dict[str, Any]:
+        return {"timeout_seconds": self.watch_timeout,
+                "inactivity_timeout": self.inactivity_timeout, "counters": self.stats}
 
     async def aclose(self) -> None:
-        """Close the ApiClient if this store opened it; a shared one belongs to its owner."""
-        if self._owns_api:
-            await self.api.close()
+        """Close the connection if this store opened it; a shared one belongs to its owner."""
+        if self._owns_kube:
+            await self.kube.aclose()
 
 
 # --- mapping objects <-> records -----------------------------------------------------
@@ -624,31 +501,3 @@ def _status_op(op: PatchOp) -> PatchOp:
     if op["op"] != "remove" and "value" not in op:
         raise ValueError(f"JSON Patch operation without a value: {dict(op)!r}")
     return {**op, "path": "/status" + path}
-
-
-def _patch_not_applicable(exc: ApiException) -> bool:
-    """A 422 without causes: the patch did not apply (failed test or missing path)."""
-    if exc.status != 422:
-        return False
-    try:
-        status = orjson.loads(exc.body or b"{}")
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(status, dict) and not (status.get("details") or {}).get("causes")
-
-
-async def _bounded(limit: int, items: Iterable[T], fn: Callable[[T], Awaitable[None]]) -> None:
-    """Run ``fn`` on every item with at most ``limit`` in flight; the first error wins."""
-    pending = iter(items)
-
-    async def worker() -> None:
-        for item in pending:  # workers share one iterator, so each item runs once
-            await fn(item)
-
-    workers = [asyncio.create_task(worker()) for _ in range(limit)]
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)

@@ -1,0 +1,98 @@
+"""How the CLI shows MapReduceJobs: kubectl's conventions (tables, ages, describe).
+
+Pure functions of the objects the API server returns, so the output reads like
+``kubectl get``/``describe`` and scripts can rely on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from . import protocol
+from .protocol import JobPhase, Progress
+
+
+def human_duration(seconds: float) -> str:
+    """kubectl's AGE format (``duration.HumanDuration``): 45s, 5m30s, 3h20m, 3d4h, 2y30d."""
+    s = int(seconds)
+    if s < -1:
+        return "<invalid>"
+    if s < 0:
+        return "0s"
+    if s < 120:
+        return f"{s}s"
+    minutes = s // 60
+    if minutes < 10:
+        return f"{minutes}m" if s % 60 == 0 else f"{minutes}m{s % 60}s"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = minutes // 60
+    if hours < 8:
+        return f"{hours}h" if minutes % 60 == 0 else f"{hours}h{minutes % 60}m"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d" if hours % 24 == 0 else f"{hours // 24}d{hours % 24}h"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    years, days = hours // (24 * 365), (hours // 24) % 365
+    if hours < 24 * 365 * 8:
+        return f"{years}y" if days == 0 else f"{years}y{days}d"
+    return f"{years}y"
+
+
+def status_progress(obj: Mapping[str, Any]) -> Progress:
+    """Progress from the job's status columns (the operator mirrors task counts there)."""
+    status = obj.get("status") or {}
+    reduces = status.get("reduces") or (obj.get("spec") or {}).get("reducers") or 0
+    return Progress(int(status.get("mapsDone") or 0), int(status.get("maps") or 0),
+                    int(status.get("reducesDone") or 0), int(reduces), 0, 0)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded like kubectl's tabwriter (3 spaces between columns)."""
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+             .rstrip() for row in (header, *rows)]
+    return "\n".join(lines)
+
+
+def list_table(items: Sequence[Mapping[str, Any]], all_namespaces: bool,
+               now: datetime | None = None) -> str:
+    """``kubectl get``-style table: [NAMESPACE] NAME PHASE MAPS REDUCES AGE."""
+    now = now or datetime.now(UTC)
+    header = ["NAME", "PHASE", "MAPS", "REDUCES", "AGE"]
+    rows = []
+    for obj in items:
+        meta = obj["metadata"]
+        progress = status_progress(obj)
+        created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+        row = [meta["name"], (obj.get("status") or {}).get("phase") or JobPhase.PENDING.value,
+               f"{progress.maps_done}/{progress.maps_total}",
+               f"{progress.reduces_done}/{progress.reduces_total}",
+               human_duration((now - created).total_seconds())]
+        rows.append([meta["namespace"], *row] if all_namespaces else row)
+    return render_table(["NAMESPACE", *header] if all_namespaces else header, rows)
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """``kubemr status`` as text: phase, progress, error and results, one field a line."""
+    meta, status = obj["metadata"], obj.get("status") or {}
+    progress = status_progress(obj)
+    phase = status.get("phase") or JobPhase.PENDING.value
+    fields = [("Name", meta["name"]), ("Namespace", meta["namespace"]), ("Phase", phase),
+              ("Maps", f"{progress.maps_done}/{progress.maps_total}"),
+              ("Reduces", f"{progress.reduces_done}/{progress.reduces_total}")]
+    if status.get("completionTime"):
+        fields.append(("Completed", str(status["completionTime"])))
+    if status.get("error"):
+        fields.append(("Error", protocol.format_error(status["error"])))
+    results = status.get("results") or []
+    if results:
+        fields.append(("Results", ""))
+    width = max(len(label) for label, _ in fields) + 3  # "Label:" and two spaces
+    lines = [f"{label + ':':<{width}}{value}".rstrip() for label, value in fields]
+    lines += [f"  {result}" for result in results]
+    return "\n".join(lines)

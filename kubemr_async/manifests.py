@@ -1,0 +1,122 @@
+"""MapReduceJob manifests as the CLI writes and reads them (``kubemr submit``).
+
+Built from flags (:func:`build_manifest`) or read from a file (:func:`load_manifest`),
+each validated by :class:`~kubemr_async.spec.JobSpec`, so a bad flag or field fails here in
+one line naming it, in the words the API server would use, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from . import spec as defaults
+from .crd import API_VERSION, JOB_KIND
+from .errors import UsageError
+from .kube import KubeObject
+from .spec import InvalidSpec, JobSpec, OutputFormat
+
+#: The API server appends 5 characters to a generateName and caps names at 63.
+_GENERATE_NAME = re.compile(r"^[a-z0-9][-a-z0-9]{0,57}$")
+
+
+def load_manifest(text: str, source: str) -> KubeObject:
+    """The one MapReduceJob in YAML ``text``; UsageError naming ``source`` otherwise."""
+    try:
+        docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if len(docs) != 1:
+        raise UsageError(f"{source}: expected one MapReduceJob, found {len(docs)} documents")
+    manifest = docs[0]
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{source}: expected a MapReduceJob object, got "
+                         f"{type(manifest).__name__}")
+    if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != JOB_KIND:
+        raise UsageError(f"{source}: expected apiVersion {API_VERSION}, kind {JOB_KIND}; got "
+                         f"{manifest.get('apiVersion')}, {manifest.get('kind')}")
+    meta = manifest.get("metadata")
+    if not isinstance(meta, dict) or not (meta.get("name") or meta.get("generateName")):
+        raise UsageError(f"{source}: metadata.name or metadata.generateName is required")
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        raise UsageError(f"{source}: spec is required")
+    # What the API server would refuse, refused here in the words it would use.
+    name = meta.get("name") or f"{meta['generateName']}00000"  # a generated name's shape
+    try:
+        JobSpec.from_resource(str(name), spec)
+    except InvalidSpec as exc:
+        raise UsageError(f"invalid MapReduceJob {job_label(meta)}: {exc}") from None
+    return manifest
+
+
+def job_label(meta: Mapping[str, Any]) -> str:
+    """How messages name a MapReduceJob that may not have its name yet (``wordcount-*``)."""
+    return str(meta.get("name") or f"{meta.get('generateName', '')}*")
+
+
+def manifest_namespace(manifest: Mapping[str, Any], flag: str | None) -> str | None:
+    """The namespace to create in: ``-n`` or the manifest's, which must agree (as kubectl)."""
+    own = (manifest.get("metadata") or {}).get("namespace")
+    if own and flag and own != flag:
+        raise UsageError(f"the manifest's namespace {own!r} does not match --namespace {flag!r}")
+    return flag or own or None
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """A job described by ``kubemr submit`` flags instead of a manifest."""
+
+    image: str
+    job: str
+    inputs: Sequence[str]
+    output: str
+    name: str | None = None
+    generate_name: str | None = None
+    workers: int = defaults.DEFAULT_WORKERS
+    reducers: int = defaults.DEFAULT_REDUCERS
+    max_attempts: int = defaults.DEFAULT_MAX_ATTEMPTS
+    args: Mapping[str, str] | None = None
+    split_inputs: bool = True
+    chunk_size: int = defaults.DEFAULT_CHUNK_SIZE
+    lease_seconds: float = defaults.DEFAULT_LEASE_SECONDS
+    output_format: OutputFormat = defaults.DEFAULT_OUTPUT_FORMAT
+
+
+def build_manifest(options: SubmitOptions) -> KubeObject:
+    """The MapReduceJob that ``options`` describe; UsageError naming the bad flag.
+
+    The spec is validated by :class:`JobSpec` (every rule of the CRD, as ``kubemr run`` and
+    the operator apply them), so bad flags fail here in one line naming the spec field rather
+    than as a rejected object; the spec is written out whole, so the manifest says everything
+    the job will do.
+    Without a name, the job module's last component becomes the ``generateName`` prefix.
+    """
+    if options.name and options.generate_name:
+        raise UsageError("--name and --generate-name cannot be used together")
+    prefix = options.generate_name or (None if options.name else _name_prefix(options.job))
+    if prefix is not None and not _GENERATE_NAME.match(prefix):
+        raise UsageError(f"--generate-name {prefix!r} is invalid: use lowercase letters, "
+                         "digits and '-', starting with a letter or digit, at most 58 "
+                         "characters")
+    spec = JobSpec(
+        name=options.name or f"{prefix}00000",  # the shape of a generated name
+        job=options.job, inputs=tuple(options.inputs), reducers=options.reducers,
+        max_attempts=options.max_attempts, args=dict(options.args or {}),
+        output=options.output, split_inputs=options.split_inputs,
+        chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
+        output_format=options.output_format, image=options.image, workers=options.workers,
+    ).to_dict()
+    metadata = {"name": options.name} if options.name else {"generateName": prefix}
+    return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata, "spec": spec}
+
+
+def _name_prefix(job: str) -> str:
+    """``examples.wordcount`` / ``/app/wordcount.py`` / ``pkg.mod:job`` -> ``wordcount-``."""
+    stem = re.split(r"[./:]", job.removesuffix(".py").rstrip("/"))[-1] if job else ""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:57]
+    return f"{cleaned or 'job'}-"
