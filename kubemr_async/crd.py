@@ -25,6 +25,7 @@ from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api
 
 from .conditions import CONDITION_TYPES
 from .errors import KubemrError
+from .kube import Resource
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import (
     DEFAULT_CHUNK_SIZE,
@@ -53,6 +54,8 @@ JOB_KIND = "MapReduceJob"
 JOB_PLURAL = "mapreducejobs"
 TASK_KIND = "MapReduceTask"
 TASK_PLURAL = "mapreducetasks"
+JOBS_RESOURCE = Resource(GROUP, VERSION, JOB_PLURAL, JOB_KIND)
+TASKS_RESOURCE = Resource(GROUP, VERSION, TASK_PLURAL, TASK_KIND)
 
 #: Labels on every task object (and on a job's task namespace): RBAC cannot filter by
 #: label, but watches and clean-up can.
