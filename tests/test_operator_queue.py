@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import pytest
 
-from kubemr_async.kube import Forbidden, Kube, KubeObject, NotFound, Resource
+from kubemr_async.kube import Forbidden, Kube, KubeObject, NotFound, Resource, ServerError
 from kubemr_async.operator import Operator, OperatorConfig
 from kubemr_async.operator.queue import WorkQueue, run_workers
 
@@ -168,10 +168,6 @@ class FakeKube(Kube):
     def __init__(self) -> None:
         self.reconciling = anyio.Event()
 
-    @property
-    def host(self) -> str:
-        return "fake"
-
     async def list(self, resource: Resource, namespace: str | None = None,
                    **options: Any) -> tuple[list[KubeObject], str]:
         return [{"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "1"}}], "1"
@@ -196,3 +192,44 @@ async def test_a_failing_watch_stops_every_loop_and_is_raised() -> None:
     assert kube.reconciling.is_set(), "a reconcile was running when the watch failed"
     assert asyncio.all_tasks() == before, "nothing left running"
     assert len(operator.followers) == 0
+
+
+class FlakyKube(Kube):
+    """A Kube that lists one job and then watches nothing; reading the job fails (500)."""
+
+    def __init__(self) -> None:
+        self.reads: list[float] = []
+        self.events: list[KubeObject] = []
+
+    async def list(self, resource: Resource, namespace: str | None = None,
+                   **options: Any) -> tuple[list[KubeObject], str]:
+        return [{"metadata": {"namespace": "ns", "name": "job", "resourceVersion": "1"}}], "1"
+
+    async def open(self, method: str, path: str, **options: Any) -> Any:
+        await anyio.sleep_forever()
+
+    async def get(self, resource: Resource, name: str, namespace: str | None = None,
+                  **options: Any) -> KubeObject:
+        self.reads.append(anyio.current_time())
+        raise ServerError(f"reading {name}", 500, "etcd is sad")
+
+    async def create(self, resource: Resource, body: Mapping[str, Any],
+                     namespace: str | None = None, **options: Any) -> KubeObject:
+        self.events.append(dict(body))
+        return dict(body)
+
+
+async def test_a_failing_reconcile_is_reported_and_retried_with_backoff() -> None:
+    kube = FlakyKube()
+    operator = Operator(kube, OperatorConfig(namespace="ns"))
+    operator.queue.retry_initial = 0.05
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(operator.run)
+            await until(lambda: len(kube.reads) >= 3)
+            group.cancel_scope.cancel()
+    first, second, third = kube.reads[:3]
+    assert second - first >= 0.045 and third - second >= 0.095, "delays double"
+    assert {e["reason"] for e in kube.events} == {"ReconcileError"}
+    assert "etcd is sad" in kube.events[0]["message"]
+    assert kube.events[0]["involvedObject"]["name"] == "job"

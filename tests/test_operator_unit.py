@@ -9,6 +9,7 @@ from typing import Any
 from kubemr_async.conditions import job_conditions
 from kubemr_async.operator import FINALIZER, OperatorConfig, worker_names
 from kubemr_async.operator import resources as build
+from kubemr_async.operator.controller import ChangeFilter
 from kubemr_async.protocol import JobPhase, Progress
 
 MRJ: dict[str, Any] = {
@@ -192,3 +193,21 @@ def test_conditions_follow_the_phase_and_keep_their_transition_times() -> None:
                                                      "message": "cancelled by alice"}, 2, [], "t")
     assert next(c for c in cancelled if c["type"] == "Cancelled")["message"] == \
         "cancelled by alice"
+
+
+def test_watch_events_that_change_nothing_a_reconcile_acts_on_are_dropped() -> None:
+    changes = ChangeFilter()
+    running = mrj_with(status={"phase": "Running"})
+    changes.relisted([running, mrj_with(metadata={"namespace": "team", "name": "gone"})])
+    assert len(changes) == 2
+    progress = mrj_with(status={"phase": "Running", "mapsDone": 2})
+    assert not changes.changed("MODIFIED", progress), "listed already: progress only"
+    succeeded = mrj_with(status={"phase": "Succeeded"})
+    assert changes.changed("MODIFIED", succeeded)
+    assert not changes.changed("MODIFIED", succeeded)
+    deleting = mrj_with(metadata={**MRJ["metadata"], "deletionTimestamp": "t"},
+                        status={"phase": "Succeeded"})
+    assert changes.changed("MODIFIED", deleting)
+    assert changes.changed("DELETED", deleting)
+    changes.relisted([])
+    assert len(changes) == 0, "a re-list forgets jobs that went away unseen"

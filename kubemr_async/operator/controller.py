@@ -38,7 +38,7 @@ class Operator:
         self.queue: WorkQueue[Key] = WorkQueue(retry_maximum=config.resync_seconds)
         self.followers = Followers(kube, self.queue.add)
         self.reconciler = Reconciler(kube, config, self.followers, self.queue.add_after)
-        self._seen: dict[Key, Fingerprint] = {}
+        self.changes = ChangeFilter()
 
     async def run(self) -> None:
         """Watch MapReduceJobs and reconcile each change; resync everything periodically.
@@ -79,13 +79,11 @@ class Operator:
         of a freshly installed CRD whose storage initialises)."""
         async for item in list_watch(self.kube, JOBS_RESOURCE, self.config.namespace,
                                      context="watching MapReduceJobs"):
-            if isinstance(item, Listed):
-                # A fresh cut: every job is reconciled, and fingerprints of jobs deleted
-                # while we were not watching are dropped.
-                self._seen = {job_key(obj): _fingerprint(obj) for obj in item.items}
+            if isinstance(item, Listed):  # a fresh cut: every job is reconciled
+                self.changes.relisted(item.items)
                 for obj in item.items:
                     self.queue.add(job_key(obj))
-            elif self._changed(item.type, item.object):
+            elif self.changes.changed(item.type, item.object):
                 self.queue.add(job_key(item.object))
 
     async def _resync(self) -> None:
@@ -100,13 +98,30 @@ class Operator:
             for obj in items:
                 self.queue.add(job_key(obj))
 
-    def _changed(self, event_type: str, obj: KubeObject) -> bool:
-        """Whether a watch event changes anything a reconcile acts on.
 
-        Progress and lease traffic rewrite the status many times a second on a busy job;
-        reconciling each of those would repeat a dozen API calls for nothing. The periodic
-        resync still reconciles every job, whatever changed.
-        """
+class ChangeFilter:
+    """Which watch events of MapReduceJobs a reconcile must see.
+
+    Progress and lease traffic rewrite the status many times a second on a busy job;
+    reconciling each of those would repeat a dozen API calls for nothing. An event passes
+    when it changes what a reconcile acts on (generation, deletion, finalizers, phase,
+    completion); the periodic resync still reconciles every job, whatever changed.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Key, Fingerprint] = {}
+
+    def __len__(self) -> int:
+        """How many jobs the filter remembers."""
+        return len(self._seen)
+
+    def relisted(self, items: list[KubeObject]) -> None:
+        """A fresh list (each of its jobs is reconciled anyway): remember exactly these, so
+        jobs deleted while nobody watched are forgotten."""
+        self._seen = {job_key(obj): _fingerprint(obj) for obj in items}
+
+    def changed(self, event_type: str, obj: KubeObject) -> bool:
+        """Whether a watch event changes anything a reconcile acts on."""
         key = job_key(obj)
         if event_type == "DELETED":
             self._seen.pop(key, None)
