@@ -213,7 +213,7 @@ def operator(
     import os
 
     from . import logs
-    from .kube import api_client
+    from .kube import Kube
     from .operator import Operator, OperatorConfig
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
@@ -222,11 +222,8 @@ def operator(
                             worker_backoff_limit=worker_backoff_limit)
 
     async def main() -> None:
-        api = await api_client(kubeconfig, context)
-        try:
-            await Operator(api, config).run()
-        finally:
-            await api.close()
+        async with await Kube.connect(kubeconfig, context) as kube:
+            await Operator(kube, config).run()
 
     _guard(lambda: asyncio.run(main()))
 

@@ -94,7 +94,7 @@ VALUE_SETS: dict[str, Obj] = {
     },
 }
 
-# What the operator needs, derived from kubemr_async/operator.py and state/kube.py (the
+# What the operator needs, derived from kubemr_async/operator/ and state/kube.py (the
 # calls it makes), plus what it must hold to grant its workers their Roles. Keys:
 # (apiGroup, resource) -> verbs. Job side: every namespace holding MapReduceJobs.
 JOB_SIDE_RULES: dict[tuple[str, str], set[str]] = {

@@ -286,24 +286,20 @@ async def test_concurrent_reconciles_are_idempotent(kube_cluster: TestCluster,
     with two replicas) creates nothing twice and loses no transition."""
     import asyncio
 
-    from kubemr_async.kube import api_client
+    from kubemr_async.kube import Kube
     from kubemr_async.operator import Operator, OperatorConfig
 
     log = tmp_path / "attempts.log"
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "again", [f"i{n}" for n in range(6)], workers=3, args={"log": str(log)}))
-    api = await api_client(str(kube_cluster.kubeconfig_path))
-    try:
-        second = Operator(api, OperatorConfig(namespace=kube_namespace,
-                                              operator_namespace=OPERATOR_NS))
+    async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
+        second = Operator(kube, OperatorConfig(namespace=kube_namespace,
+                                               operator_namespace=OPERATOR_NS))
         await asyncio.gather(*(second.reconcile(kube_namespace, name) for _ in range(5)))
         job = await asyncio.to_thread(wait_for_phase, kube_cluster, kube_namespace, name,
                                       operator)
         for _ in range(3):
             await second.reconcile(kube_namespace, name)
-    finally:
-        await second.aclose()
-        await api.close()
     assert job["status"]["phase"] == "Succeeded", job["status"]
     runs = Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
     assert set(runs.values()) == {1} and len(runs) == 6 + 1, runs

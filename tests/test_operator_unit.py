@@ -1,30 +1,41 @@
-"""Pure parts of the operator: the worker Job it would create (no API calls)."""
+"""The operator's pure parts: what it would write (no cluster, no API calls)."""
 
 from __future__ import annotations
 
+import copy
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubemr_async.conditions import job_conditions
-from kubemr_async.operator import Operator, OperatorConfig
-from kubemr_async.protocol import JobPhase
+from kubemr_async.operator import FINALIZER, OperatorConfig, worker_names
+from kubemr_async.operator import resources as build
+from kubemr_async.operator.controller import ChangeFilter
+from kubemr_async.protocol import JobPhase, Progress
 
 MRJ: dict[str, Any] = {
-    "metadata": {"name": "wc-1", "namespace": "team", "uid": "u-1"},
+    "metadata": {"name": "wc-1", "namespace": "team", "uid": "u-1", "generation": 1},
     "spec": {"image": "img:1", "workers": 3, "job": "examples.wordcount",
              "inputs": ["s3://b/in/"], "output": "s3://bkt/out"},
 }
 
 
-def worker_job(template: dict[str, Any] | None = None) -> dict[str, Any]:
-    mrj = {**MRJ, "spec": {**MRJ["spec"], **({"template": template} if template else {})}}
-    operator = Operator.__new__(Operator)
-    operator.config = OperatorConfig()
-    return operator.worker_job(mrj, "wc-1-workers", "kubemr-worker-wc-1", [])
+def mrj_with(spec: dict[str, Any] | None = None, **parts: Any) -> dict[str, Any]:
+    mrj = copy.deepcopy(MRJ)
+    mrj["spec"].update(spec or {})
+    mrj.update(parts)
+    return mrj
+
+
+def job_for(template: dict[str, Any] | None = None) -> dict[str, Any]:
+    return build.worker_job(mrj_with({"template": template} if template else None),
+                      OperatorConfig(), [])
 
 
 def test_worker_job_is_owned_and_parallel() -> None:
-    job = worker_job()
+    job = job_for()
+    assert job["metadata"]["name"] == "wc-1-workers" == worker_names("wc-1")[1]
     assert job["spec"]["parallelism"] == 3 and "completions" not in job["spec"]
+    assert job["spec"]["backoffLimit"] == OperatorConfig().worker_backoff_limit
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("MapReduceJob", "u-1", True)
     pod = job["spec"]["template"]["spec"]
@@ -33,15 +44,139 @@ def test_worker_job_is_owned_and_parallel() -> None:
 
 
 def test_template_merges_containers_by_name_but_cannot_change_identity() -> None:
-    job = worker_job({"spec": {"serviceAccountName": "admin", "serviceAccount": "admin",
-                               "nodeSelector": {"pool": "batch"},
-                               "containers": [{"name": "worker",
-                                               "resources": {"limits": {"cpu": "2"}}}]}})
+    job = job_for({"spec": {"serviceAccountName": "admin", "serviceAccount": "admin",
+                            "nodeSelector": {"pool": "batch"},
+                            "containers": [{"name": "worker",
+                                            "resources": {"limits": {"cpu": "2"}}},
+                                           {"name": "sidecar", "image": "side:1"}]}})
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kubemr-worker-wc-1" and "serviceAccount" not in pod
     assert pod["nodeSelector"] == {"pool": "batch"}
-    (container,) = pod["containers"]
-    assert container["image"] == "img:1" and container["resources"]["limits"]["cpu"] == "2"
+    worker, sidecar = pod["containers"]
+    assert worker["image"] == "img:1" and worker["resources"]["limits"]["cpu"] == "2"
+    assert worker["command"] == ["kubemr", "worker"], "merged, not replaced"
+    assert sidecar == {"name": "sidecar", "image": "side:1"}
+    assert MRJ["spec"].get("template") is None, "the job object is not modified"
+
+
+def test_long_names_stay_valid_object_names() -> None:
+    account, job = worker_names("x" * 63)
+    assert len(account) <= 63 and len(job) <= 63
+    assert not account.endswith("-") and not job.endswith("-")
+
+
+def test_worker_roles_reach_only_this_jobs_objects() -> None:
+    role = build.job_role(MRJ)
+    assert role["metadata"]["namespace"] == "team"
+    assert all(rule["resourceNames"] == ["wc-1"] for rule in role["rules"])
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {
+        "mapreducejobs", "mapreducejobs/status"}
+    tasks = build.task_role(MRJ, "kubemr-team-wc-1-abc")
+    assert tasks["metadata"]["namespace"] == "kubemr-team-wc-1-abc"
+    assert "ownerReferences" not in tasks["metadata"], "no owner across namespaces"
+    assert tasks["rules"][0]["resources"] == ["mapreducetasks"]
+    assert "create" not in tasks["rules"][0]["verbs"] and "delete" not in tasks["rules"][0]["verbs"]
+
+
+def test_bindings_name_the_account_beside_the_job_wherever_the_role_is() -> None:
+    account = build.service_account(MRJ)
+    assert account["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    for role in (build.job_role(MRJ), build.task_role(MRJ, "elsewhere")):
+        binding = build.role_binding(MRJ, role)
+        assert binding["metadata"] == role["metadata"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": account["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                        "name": account["metadata"]["name"],
+                                        "namespace": "team"}]
+
+
+def test_secret_copy_is_owned_and_the_env_refers_to_it() -> None:
+    copied = build.secret_copy(MRJ, {"AWS_ACCESS_KEY_ID": "a2V5",
+                                     "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"})
+    assert copied["metadata"]["name"] == "wc-1-s3"
+    assert copied["metadata"]["namespace"] == "team"
+    assert copied["metadata"]["ownerReferences"][0]["name"] == "wc-1"
+    config = OperatorConfig(s3_endpoint="http://s3:9000", s3_region="eu-west-1")
+    env = {e["name"]: e for e in build.worker_env(MRJ, config, "wc-1-s3")}
+    assert env["KUBEMR_JOB"]["value"] == "wc-1" and env["KUBEMR_NAMESPACE"]["value"] == "team"
+    assert env["KUBEMR_S3_ENDPOINT"]["value"] == "http://s3:9000"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "wc-1-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    bare = {e["name"] for e in build.worker_env(MRJ, OperatorConfig())}
+    assert not bare & {"KUBEMR_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_failed_or_stuck_workers_say_why() -> None:
+    assert build.workers_failed({"status": {}}) is None
+    failed = {"status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": ""}]}}
+    assert build.workers_failed(failed) == "worker pods failed (BackoffLimitExceeded): no message"
+
+    def pod(reason: str | None) -> dict[str, Any]:
+        state = {"waiting": {"reason": reason, "message": "m"}} if reason else {"running": {}}
+        return {"status": {"containerStatuses": [{"state": state}]}}
+
+    assert build.pods_stuck([]) is None, "no pods yet is not stuck"
+    assert build.pods_stuck([pod("ImagePullBackOff"), pod(None)]) is None, "one may still work"
+    assert build.pods_stuck([pod("ContainerCreating")]) is None, "waiting that passes"
+    assert build.pods_stuck([pod("ErrImagePull"), pod("ImagePullBackOff")]) == \
+        "worker pods cannot start: ErrImagePull: m"
+
+
+def test_finalizer_patches() -> None:
+    assert build.add_finalizer(mrj_with(metadata={**MRJ["metadata"],
+                                            "finalizers": [FINALIZER]})) is None
+    assert build.add_finalizer(MRJ) == [{"op": "add", "path": "/metadata/finalizers",
+                                   "value": [FINALIZER]}]
+    assert build.remove_finalizer(MRJ) is None
+    ours = mrj_with(metadata={**MRJ["metadata"], "finalizers": ["other", FINALIZER]})
+    assert build.remove_finalizer(ours) == [
+        {"op": "test", "path": "/metadata/finalizers", "value": ["other", FINALIZER]},
+        {"op": "replace", "path": "/metadata/finalizers", "value": ["other"]}]
+
+
+def test_status_patch_writes_only_what_changed() -> None:
+    patch = build.status_patch(MRJ, JobPhase.RUNNING, None, "t1")
+    assert patch is not None and set(patch["status"]) == {"conditions"}
+    current = mrj_with(status=patch["status"])
+    assert build.status_patch(current, JobPhase.RUNNING, None, "t2") is None, "conditions current"
+    fields = {**build.progress_fields(Progress(3, 3, 1, 2, 0, 0)), "completionTime": "t3"}
+    assert fields == {"mapsDone": 3, "reduces": 2, "reducesDone": 1, "completionTime": "t3"}
+    done = build.status_patch(current, JobPhase.SUCCEEDED, fields, "t3")
+    assert done is not None and done["status"]["completionTime"] == "t3"
+    succeeded = next(c for c in done["status"]["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["lastTransitionTime"] == "t3"
+
+
+def test_an_invalid_job_fails_with_the_next_seq() -> None:
+    status = build.invalid_job_status(mrj_with(status={"seq": 4}), "invalid job: no inputs")
+    assert status["status"]["phase"] == "Failed" and status["status"]["seq"] == 5
+    assert status["status"]["error"]["message"] == "invalid job: no inputs"
+
+
+def test_ttl_counts_from_the_completion_time() -> None:
+    at = datetime(2026, 1, 1, 12, 0, 10, tzinfo=UTC)
+    assert build.ttl_remaining(MRJ, at) is None
+    ttl = mrj_with({"ttlSecondsAfterFinished": 30},
+                   status={"completionTime": "2026-01-01T12:00:00Z"})
+    assert build.ttl_remaining(ttl, at) == 20
+    assert build.ttl_remaining(ttl, at + timedelta(minutes=1)) == -40
+    unstamped = mrj_with({"ttlSecondsAfterFinished": 30})
+    assert build.ttl_remaining(unstamped, at) == 30, "just finished: the whole TTL"
+
+
+def test_events_are_about_the_job() -> None:
+    body = build.event(MRJ["metadata"], "Planned", "x" * 2000, False, "t")
+    assert body["metadata"] == {"generateName": "wc-1.", "namespace": "team"}
+    assert body["involvedObject"] == {"apiVersion": "kubemr.io/v1alpha1",
+                                      "kind": "MapReduceJob", "name": "wc-1",
+                                      "namespace": "team", "uid": "u-1"}
+    assert body["type"] == "Normal" and len(body["message"]) == 1024
+    unknown = build.event({"name": "gone", "namespace": "team", "uid": ""}, "ReconcileError", "e",
+                    True, "t")
+    assert "uid" not in unknown["involvedObject"] and unknown["type"] == "Warning"
 
 
 def test_conditions_follow_the_phase_and_keep_their_transition_times() -> None:
@@ -58,3 +193,21 @@ def test_conditions_follow_the_phase_and_keep_their_transition_times() -> None:
                                                      "message": "cancelled by alice"}, 2, [], "t")
     assert next(c for c in cancelled if c["type"] == "Cancelled")["message"] == \
         "cancelled by alice"
+
+
+def test_watch_events_that_change_nothing_a_reconcile_acts_on_are_dropped() -> None:
+    changes = ChangeFilter()
+    running = mrj_with(status={"phase": "Running"})
+    changes.relisted([running, mrj_with(metadata={"namespace": "team", "name": "gone"})])
+    assert len(changes) == 2
+    progress = mrj_with(status={"phase": "Running", "mapsDone": 2})
+    assert not changes.changed("MODIFIED", progress), "listed already: progress only"
+    succeeded = mrj_with(status={"phase": "Succeeded"})
+    assert changes.changed("MODIFIED", succeeded)
+    assert not changes.changed("MODIFIED", succeeded)
+    deleting = mrj_with(metadata={**MRJ["metadata"], "deletionTimestamp": "t"},
+                        status={"phase": "Succeeded"})
+    assert changes.changed("MODIFIED", deleting)
+    assert changes.changed("DELETED", deleting)
+    changes.relisted([])
+    assert len(changes) == 0, "a re-list forgets jobs that went away unseen"

@@ -10,7 +10,6 @@
 Nothing outside this package imports ``kubernetes_asyncio`` (an import-linter contract).
 """
 
-from ._legacy import api_client, api_error
 from .backoff import Backoff
 from .client import (
     APPLY_PATCH,
@@ -91,8 +90,6 @@ __all__ = [
     "Unprocessable",
     "Unreachable",
     "WatchCounters",
-    "api_client",
-    "api_error",
     "ensure_namespace",
     "error_for",
     "kubeconfig_contexts",

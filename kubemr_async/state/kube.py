@@ -60,7 +60,6 @@ from ..kube import (
     ensure_namespace,
     list_watch,
 )
-from ..kube._legacy import LegacyApiClient, as_kube
 from ..protocol import JOB_KEY, Update, new_status, task_name
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
@@ -132,14 +131,12 @@ class KubeStateStore:
     JobSpec has no image and may have no output. Jobs submitted with kubectl have both.
     """
 
-    def __init__(self, kube: Kube | LegacyApiClient, namespace: str,
+    def __init__(self, kube: Kube, namespace: str,
                  task_namespace: Callable[[str], str] | None = None, *,
                  image: str = DEFAULT_IMAGE, default_output: str | None = None,
                  create_concurrency: int = 32, watch_timeout: int = 300,
                  inactivity_timeout: float | None = None, owns_kube: bool = False) -> None:
-        # A raw ApiClient is still accepted from operator.py until it moves onto Kube
-        # (issue 8, branch issue8-operator); then the parameter is ``kube: Kube`` only.
-        self.kube = as_kube(kube)
+        self.kube = kube
         self.namespace = namespace
         self.image = image
         self.default_output = default_output

@@ -1,0 +1,25 @@
+"""`kubemr operator`: reconcile each MapReduceJob into task records, RBAC and a worker Job.
+
+The operator is not a master: it never assigns work. It plans a job once (task records in
+the job's task namespace), creates the workers (a batch/v1 Job whose pods run
+`kubemr worker`) with a ServiceAccount that may touch only this job's objects, mirrors
+progress into the status for printer columns, and cleans up when the job is decided.
+Workers coordinate among themselves through the API server.
+
+The rooms, each usable without the ones above it:
+
+* :mod:`.resources` -- every object and patch the operator writes, as pure builders;
+* :mod:`.queue` -- the coalescing work queue of job keys and its reconcile workers;
+* :mod:`.reconcile` -- one job's reconcile, from plan to finalizer;
+* :mod:`.followers` -- progress followers, one per running job;
+* :mod:`.controller` -- :class:`Operator`: the watch, the resync, the workers and the
+  followers in one task group.
+
+All API calls go through :mod:`kubemr_async.kube`; nothing here imports a Kubernetes client.
+"""
+
+from .config import OperatorConfig
+from .controller import Operator
+from .resources import FINALIZER, worker_names
+
+__all__ = ["FINALIZER", "Operator", "OperatorConfig", "worker_names"]

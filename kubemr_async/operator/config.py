@@ -1,0 +1,25 @@
+"""How the operator is set up: what it watches, how workers reach storage, how it paces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OperatorConfig:
+    """How workers reach storage; credentials come from a Secret, never from a job spec."""
+
+    namespace: str | None = None  # None: every namespace
+    operator_namespace: str = "kubemr-system"
+    s3_secret: str | None = None  # Secret (in operator_namespace) with AWS_* keys
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    worker_command: list[str] = field(default_factory=lambda: ["kubemr", "worker"])
+    # Failed worker pods tolerated before the job fails (workers crash, they do not err).
+    worker_backoff_limit: int = 4
+    image_pull_policy: str = "IfNotPresent"
+    #: Reconciles that run at once (each on a different job): planning a big job takes a
+    #: while, and must not hold up every other job.
+    reconcile_workers: int = 4
+    #: How often every job is reconciled whatever the watch said (a missed event heals).
+    resync_seconds: float = 30.0

@@ -1,0 +1,267 @@
+"""Reconcile one MapReduceJob: bring the cluster to what the job's phase asks for.
+
+Pending: plan it (task records in its task namespace). Running: make sure its workers exist
+(ServiceAccount, Roles, RoleBindings, Secret copy, batch Job), follow its progress, and fail
+it if its workers cannot run. Decided: stamp it, stop the workers, honour the TTL. Deleted:
+remove what garbage collection cannot (the task namespace), then our finalizer.
+
+Every step is idempotent (create-if-missing, guarded patches), so a reconcile can run any
+number of times, and an operator restarted at any point converges to the same state
+(controller-runtime style). The queue (:mod:`.queue`) makes sure reconciles of one job
+never run concurrently; a second operator doing the same is harmless too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from .. import protocol
+from ..crd import MAPREDUCE_JOBS
+from ..errors import KubemrError
+from ..inputs import plan_inputs
+from ..kube import (
+    BATCH_JOBS,
+    EVENTS,
+    JSON_PATCH,
+    MERGE_PATCH,
+    NAMESPACES,
+    PODS,
+    ROLE_BINDINGS,
+    ROLES,
+    SECRETS,
+    SERVICE_ACCOUNTS,
+    Kube,
+    KubeApiError,
+    KubeObject,
+    NotFound,
+    ensure_namespace,
+)
+from ..protocol import JobPhase, JobView
+from ..spec import JobSpec
+from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
+from .config import OperatorConfig
+from .followers import Followers, Key
+from .resources import (
+    add_finalizer,
+    event,
+    finished_message,
+    invalid_job_status,
+    job_key,
+    job_role,
+    now,
+    pods_stuck,
+    progress_fields,
+    remove_finalizer,
+    role_binding,
+    secret_copy,
+    service_account,
+    status_patch,
+    task_role,
+    ttl_remaining,
+    worker_env,
+    worker_job,
+    worker_names,
+    workers_failed,
+)
+
+log = logging.getLogger("kubemr.operator")
+
+
+def state_store(kube: Kube, namespace: str) -> KubeStateStore:
+    """The job records of ``namespace``: the operator's one construction of a state store.
+
+    Until KubeStateStore takes a :class:`Kube` (issue 8, the store's move onto the client
+    layer), it is handed the connection's own ApiClient; then this becomes
+    ``KubeStateStore(kube, namespace)``.
+    """
+    return KubeStateStore(kube, namespace)
+
+
+class Reconciler:
+    """Reconciles jobs; ``requeue_after(key, seconds)`` asks for a later reconcile."""
+
+    def __init__(self, kube: Kube, config: OperatorConfig, followers: Followers,
+                 requeue_after: Callable[[Key, float], None]) -> None:
+        self.kube = kube
+        self.config = config
+        self.followers = followers
+        self.requeue_after = requeue_after
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """Reconcile job ``name`` in ``namespace`` once (one that is gone is forgotten)."""
+        try:
+            mrj = await self.kube.get(MAPREDUCE_JOBS, name, namespace)
+        except NotFound:
+            self.followers.stop((namespace, name))
+            return
+        if mrj["metadata"].get("deletionTimestamp"):
+            await self._finalize(mrj)
+            return
+        ops = add_finalizer(mrj)
+        if ops is not None:
+            await self.kube.patch(MAPREDUCE_JOBS, name, ops, namespace, content_type=JSON_PATCH)
+        phase = JobPhase((mrj.get("status") or {}).get("phase") or JobPhase.PENDING)
+        store = state_store(self.kube, namespace)
+        if phase == JobPhase.PENDING:
+            if not await self._plan(mrj, store):
+                return
+            phase = JobPhase.RUNNING
+        if phase == JobPhase.RUNNING:
+            await self._write_status(mrj, phase)
+            await self._ensure_workers(mrj)
+            self.followers.follow((namespace, name), store)
+            await self._check_workers(mrj, store)
+        else:
+            await self._finish(mrj)
+
+    async def event(self, meta: KubeObject, reason: str, message: str,
+                    warning: bool = False) -> None:
+        """Record an Event about the job with metadata ``meta`` (best effort: an Event that
+        cannot be written must not stop a reconcile)."""
+        try:
+            await self.kube.create(EVENTS, event(meta, reason, message, warning, now()),
+                                   meta["namespace"])
+        except KubeApiError as exc:
+            log.debug("writing an event failed: %s", exc)
+
+    # --- a new job --------------------------------------------------------------------
+
+    async def _plan(self, mrj: KubeObject, store: KubeStateStore) -> bool:
+        """Write every task record and start the job; False if planning failed the job."""
+        namespace, name = job_key(mrj)
+        try:
+            spec = JobSpec.from_dict(name, mrj["spec"])
+            splits = await plan_inputs(spec)
+        except KubemrError as exc:
+            # Nothing was planned, so no worker can hold a claim: a plain status write is safe.
+            reason = f"invalid job: {exc}"
+            await self.kube.patch(MAPREDUCE_JOBS, name, invalid_job_status(mrj, reason),
+                                  namespace, content_type=MERGE_PATCH, subresource="status")
+            await self.event(mrj["metadata"], "Failed", reason, warning=True)
+            return False
+        await self._ensure_task_namespace(mrj)
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+                                  *protocol.plan(spec, splits)])
+        records, _ = await store.snapshot(name)
+        job = records[protocol.JOB_KEY].job
+        if job["phase"] == JobPhase.PENDING:
+            await store.patch(name, protocol.start_job(job, len(splits)))
+            await self.event(mrj["metadata"], "Planned",
+                             f"{len(splits)} map and {spec.reducers} reduce tasks created")
+        return True
+
+    async def _ensure_task_namespace(self, mrj: KubeObject) -> str:
+        namespace, name = job_key(mrj)
+        task_ns = task_namespace_for(namespace, name)
+        await ensure_namespace(self.kube, task_ns, task_namespace_labels(namespace, name),
+                               context=f"job {namespace}/{name}: creating its task namespace")
+        return task_ns
+
+    # --- a running job ----------------------------------------------------------------
+
+    async def _ensure_workers(self, mrj: KubeObject) -> None:
+        """The workers' identity (a ServiceAccount whose Roles reach only this job's
+        objects), their S3 credentials, and the batch Job that runs them."""
+        namespace = mrj["metadata"]["namespace"]
+        task_ns = await self._ensure_task_namespace(mrj)
+        await self.kube.ensure(SERVICE_ACCOUNTS, service_account(mrj), namespace)
+        for role, where in ((job_role(mrj), namespace), (task_role(mrj, task_ns), task_ns)):
+            await self.kube.ensure(ROLES, role, where)
+            await self.kube.ensure(ROLE_BINDINGS, role_binding(mrj, role), where)
+        env = worker_env(mrj, self.config, await self._copy_secret(mrj))
+        await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env), namespace)
+
+    async def _copy_secret(self, mrj: KubeObject) -> str | None:
+        """Copy the S3 Secret beside the job (pods reach only their namespace's); its name."""
+        if not self.config.s3_secret:
+            return None
+        source = await self.kube.get(SECRETS, self.config.s3_secret,
+                                     self.config.operator_namespace)
+        body = secret_copy(mrj, source.get("data") or {})
+        await self.kube.ensure(SECRETS, body, mrj["metadata"]["namespace"])
+        return str(body["metadata"]["name"])
+
+    async def _check_workers(self, mrj: KubeObject, store: KubeStateStore) -> None:
+        """Fail a Running job whose workers cannot run, instead of letting it hang."""
+        namespace, name = job_key(mrj)
+        _, job_name = worker_names(name)
+        workers = await self.kube.find(BATCH_JOBS, job_name, namespace)
+        if workers is None:
+            return
+        reason = workers_failed(workers)
+        if reason is None:
+            pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
+            reason = pods_stuck(pods)
+        if reason is not None:
+            await self._fail(mrj, store, reason)
+
+    async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str) -> None:
+        name = mrj["metadata"]["name"]
+        records, _ = await store.snapshot(name)
+        job = records[protocol.JOB_KEY].job
+        if not JobPhase(job["phase"]).finished:
+            await store.patch(name, protocol.abort(job, JobPhase.FAILED, reason))
+            await self.event(mrj["metadata"], "Failed", reason, warning=True)
+        log.warning("job failed", extra={"job": name, "error": reason})
+
+    # --- the end of a job -------------------------------------------------------------
+
+    async def _finish(self, mrj: KubeObject) -> None:
+        """A decided job: stop workers, stamp the time, honour the TTL. A Succeeded job's
+        task records go (the results are on the object); a Failed or Cancelled job keeps
+        them until it is deleted, so `kubemr retry` can reuse its committed maps."""
+        key = job_key(mrj)
+        namespace, name = key
+        status = mrj.get("status") or {}
+        phase = JobPhase(status["phase"])
+        if not status.get("completionTime"):
+            await self.event(mrj["metadata"], phase.value,
+                             finished_message(phase, status.get("error")),
+                             warning=phase != JobPhase.SUCCEEDED)
+            # Final counts, conditions and completionTime in one write: a reader who sees
+            # the time (or waits for the condition) also sees the progress columns complete.
+            records, _ = await state_store(self.kube, namespace).snapshot(name)
+            progress = JobView({k: r.body for k, r in records.items()}).progress()
+            await self._write_status(mrj, phase, {**progress_fields(progress),
+                                                  "completionTime": now()})
+        else:
+            await self._write_status(mrj, phase)
+        self.followers.stop(key)
+        await self._delete_workers(namespace, name, keep_tasks=phase != JobPhase.SUCCEEDED)
+        remaining = ttl_remaining(mrj, datetime.now(UTC))
+        if remaining is not None and remaining <= 0:
+            await self.kube.delete(MAPREDUCE_JOBS, name, namespace)
+        elif remaining is not None:
+            self.requeue_after(key, remaining)
+
+    async def _delete_workers(self, namespace: str, name: str, keep_tasks: bool) -> None:
+        """Stop the workers; drop task records unless a retry may still reuse them."""
+        _, job_name = worker_names(name)
+        await self.kube.delete(BATCH_JOBS, job_name, namespace, propagation="Background")
+        if not keep_tasks:
+            await self.kube.delete(NAMESPACES, task_namespace_for(namespace, name))
+
+    async def _finalize(self, mrj: KubeObject) -> None:
+        """The job is being deleted: owned objects go by garbage collection; the task
+        namespace cannot have a namespaced owner, so it is deleted here."""
+        key = job_key(mrj)
+        namespace, name = key
+        self.followers.stop(key)
+        await self.kube.delete(NAMESPACES, task_namespace_for(namespace, name))
+        ops = remove_finalizer(mrj)
+        if ops is None:
+            return
+        with contextlib.suppress(NotFound):  # gone already: another finalizer was the last
+            await self.kube.patch(MAPREDUCE_JOBS, name, ops, namespace, content_type=JSON_PATCH)
+
+    async def _write_status(self, mrj: KubeObject, phase: JobPhase,
+                            fields: KubeObject | None = None) -> None:
+        """Write ``fields`` and the conditions of ``phase`` (see :func:`.status_patch`)."""
+        body = status_patch(mrj, phase, fields, now())
+        if body is not None:
+            namespace, name = job_key(mrj)
+            await self.kube.patch(MAPREDUCE_JOBS, name, body, namespace,
+                                  content_type=MERGE_PATCH, subresource="status")

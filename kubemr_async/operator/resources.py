@@ -1,0 +1,299 @@
+"""What the operator writes, as plain objects: pure builders, no API calls.
+
+Every object a reconcile creates or patches (the workers' ServiceAccount, Roles and
+RoleBindings, the Secret copy, the batch Job, Events, status and finalizer patches) is built
+here from the MapReduceJob and the configuration, so each can be tested without a cluster
+and :mod:`.reconcile` is left with the order of the calls and what their answers mean.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+
+from .. import protocol
+from ..conditions import job_conditions
+from ..crd import API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, TASK_PLURAL
+from ..kube import KubeObject
+from ..protocol import JobPhase
+from ..records import JobError
+from ..spec import DEFAULT_WORKERS, JobSpec
+from .config import OperatorConfig
+
+FINALIZER = "kubemr.io/cleanup"
+RBAC_API = "rbac.authorization.k8s.io"
+# Reasons a pod can sit in Waiting forever; the Job controller never fails such pods.
+STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                 "CreateContainerConfigError", "CreateContainerError"}
+#: The keys workers read from the S3 Secret.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def now() -> str:
+    """The current time as the API's timestamps are written (seconds, UTC, ``Z``)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_key(mrj: KubeObject) -> tuple[str, str]:
+    """(namespace, name) of a MapReduceJob: the key the operator's queue and maps use."""
+    meta = mrj["metadata"]
+    return meta["namespace"], meta["name"]
+
+
+# --- the workers' identity and objects ------------------------------------------------
+
+
+def owner_reference(mrj: KubeObject) -> KubeObject:
+    """Makes the MapReduceJob the controller of an object: deleting it collects the object."""
+    meta = mrj["metadata"]
+    return {"apiVersion": API_VERSION, "kind": JOB_KIND, "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def worker_labels(name: str) -> dict[str, str]:
+    """Labels of everything made for job ``name``'s workers (pods included)."""
+    return {"app.kubernetes.io/name": "kubemr-async", "app.kubernetes.io/component": "worker",
+            "kubemr.io/job": name}
+
+
+def worker_names(name: str) -> tuple[str, str]:
+    """(service account / role name, batch Job name) for a MapReduceJob."""
+    return f"kubemr-worker-{name}"[:63].rstrip("-"), f"{name}-workers"[:63].rstrip("-")
+
+
+def secret_copy_name(name: str) -> str:
+    """The name of job ``name``'s copy of the S3 Secret (beside its pods)."""
+    return f"{name}-s3"[:63].rstrip("-")
+
+
+def _worker_meta(mrj: KubeObject, namespace: str, owned: bool = True) -> KubeObject:
+    name = mrj["metadata"]["name"]
+    meta: KubeObject = {"name": worker_names(name)[0], "namespace": namespace,
+                        "labels": worker_labels(name)}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(mrj)]
+    return meta
+
+
+def service_account(mrj: KubeObject) -> KubeObject:
+    """The workers' ServiceAccount, beside the job and owned by it."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _worker_meta(mrj, mrj["metadata"]["namespace"])}
+
+
+def job_role(mrj: KubeObject) -> KubeObject:
+    """What workers may do in the job's namespace: read and patch this one job, no other."""
+    name = mrj["metadata"]["name"]
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "Role",
+            "metadata": _worker_meta(mrj, mrj["metadata"]["namespace"]),
+            "rules": [{"apiGroups": [GROUP], "resources": [JOB_PLURAL],
+                       "resourceNames": [name], "verbs": ["get", "list", "watch", "patch"]},
+                      {"apiGroups": [GROUP], "resources": [f"{JOB_PLURAL}/status"],
+                       "resourceNames": [name], "verbs": ["get", "patch"]}]}
+
+
+def task_role(mrj: KubeObject, task_namespace: str) -> KubeObject:
+    """What workers may do in the job's task namespace: its tasks, which are all theirs.
+
+    Not owned: an owner must live in the same namespace; the task namespace goes whole.
+    """
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "Role",
+            "metadata": _worker_meta(mrj, task_namespace, owned=False),
+            "rules": [{"apiGroups": [GROUP], "resources": [TASK_PLURAL],
+                       "verbs": ["get", "list", "watch", "patch"]}]}
+
+
+def role_binding(mrj: KubeObject, role: KubeObject) -> KubeObject:
+    """Binds ``role`` (built above) to the workers' ServiceAccount (which lives beside the
+    job, wherever the role is), with the role's metadata."""
+    account = role["metadata"]["name"]
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "RoleBinding",
+            "metadata": copy.deepcopy(role["metadata"]),
+            "roleRef": {"apiGroup": RBAC_API, "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account,
+                          "namespace": mrj["metadata"]["namespace"]}]}
+
+
+def secret_copy(mrj: KubeObject, data: dict[str, str]) -> KubeObject:
+    """The job's copy of the S3 Secret: pods can only reference Secrets in their own
+    namespace, so the operator's is copied beside the job, owned by it."""
+    name = mrj["metadata"]["name"]
+    meta = _worker_meta(mrj, mrj["metadata"]["namespace"])
+    meta["name"] = secret_copy_name(name)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+            "data": dict(data)}
+
+
+def worker_env(mrj: KubeObject, config: OperatorConfig,
+               secret: str | None = None) -> list[KubeObject]:
+    """The workers' environment; ``secret`` names the job's copy of the S3 Secret."""
+    meta = mrj["metadata"]
+    env: list[KubeObject] = [
+        {"name": "KUBEMR_JOB", "value": meta["name"]},
+        {"name": "KUBEMR_NAMESPACE", "value": meta["namespace"]},
+        {"name": "KUBEMR_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "AWS_REGION", "value": config.s3_region},
+    ]
+    if config.s3_endpoint:
+        env.append({"name": "KUBEMR_S3_ENDPOINT", "value": config.s3_endpoint})
+    if secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                for key in S3_SECRET_KEYS]
+    return env
+
+
+def deep_merge(base: KubeObject, override: KubeObject) -> KubeObject:
+    """Overlay a user's pod template; lists of containers merge by name, other lists replace."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif key == "containers" and isinstance(value, list):
+            by_name = {c.get("name"): c for c in merged.get(key, [])}
+            for container in value:
+                name = container.get("name", "worker")
+                by_name[name] = deep_merge(by_name.get(name, {}), container)
+            merged[key] = list(by_name.values())
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -> KubeObject:
+    """The batch/v1 Job whose pods are the workers (a work-queue Job: no completions)."""
+    name = mrj["metadata"]["name"]
+    account, job_name = worker_names(name)
+    spec = JobSpec.from_dict(name, mrj["spec"])
+    pod: KubeObject = {
+        "metadata": {"labels": worker_labels(name)},
+        "spec": {
+            "serviceAccountName": account,
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "worker", "image": spec.image,
+                "imagePullPolicy": config.image_pull_policy,
+                "command": list(config.worker_command), "env": env,
+                "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+            }],
+            # Workers hand their claims back on SIGTERM; give them time to do it.
+            "terminationGracePeriodSeconds": 30,
+        },
+    }
+    if spec.template:
+        pod = deep_merge(pod, dict(spec.template))
+        # A job may shape its pods, but never choose their identity: the account is the
+        # one whose Role reaches only this job's objects.
+        pod["spec"]["serviceAccountName"] = account
+        pod["spec"].pop("serviceAccount", None)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
+                     "labels": worker_labels(name), "ownerReferences": [owner_reference(mrj)]},
+        "spec": {"parallelism": spec.workers or DEFAULT_WORKERS,
+                 "backoffLimit": config.worker_backoff_limit, "template": pod},
+    }
+
+
+def workers_failed(workers: KubeObject) -> str | None:
+    """Why the workers' batch Job failed (its pods failed too often), or None."""
+    for condition in (workers.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return (f"worker pods failed ({condition.get('reason')}): "
+                    f"{condition.get('message') or 'no message'}")
+    return None
+
+
+def pods_stuck(pods: list[KubeObject]) -> str | None:
+    """Why no worker pod can ever start (every one waits for a reason that does not pass,
+    and the Job controller never fails such pods), or None."""
+    stuck = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting")
+            if waiting is not None and waiting.get("reason") in STUCK_REASONS:
+                stuck.append(f"{waiting['reason']}: {waiting.get('message') or ''}".strip())
+    if pods and len(stuck) == len(pods):
+        return f"worker pods cannot start: {stuck[0]}"
+    return None
+
+
+# --- the MapReduceJob itself ----------------------------------------------------------
+
+
+def add_finalizer(mrj: KubeObject) -> list[KubeObject] | None:
+    """The JSON Patch that adds our finalizer, or None if the job carries it already."""
+    finalizers = mrj["metadata"].get("finalizers") or []
+    if FINALIZER in finalizers:
+        return None
+    return [{"op": "add", "path": "/metadata/finalizers", "value": [*finalizers, FINALIZER]}]
+
+
+def remove_finalizer(mrj: KubeObject) -> list[KubeObject] | None:
+    """The JSON Patch that removes our finalizer, guarded by a test of the list it read (a
+    concurrent change makes it fail rather than drop someone else's), or None if absent."""
+    finalizers = mrj["metadata"].get("finalizers") or []
+    if FINALIZER not in finalizers:
+        return None
+    return [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "replace", "path": "/metadata/finalizers",
+             "value": [f for f in finalizers if f != FINALIZER]}]
+
+
+def invalid_job_status(mrj: KubeObject, reason: str) -> KubeObject:
+    """The merge patch that fails a job nothing was planned for (so no worker holds a claim
+    and a plain status write is safe)."""
+    return {"status": {**protocol.new_status(), "phase": JobPhase.FAILED.value,
+                       "error": {"task": "", "attempt": 0, "message": reason},
+                       "seq": int((mrj.get("status") or {}).get("seq") or 0) + 1}}
+
+
+def progress_fields(progress: protocol.Progress) -> KubeObject:
+    """The status fields behind the printer columns."""
+    return {"mapsDone": progress.maps_done, "reduces": progress.reduces_total,
+            "reducesDone": progress.reduces_done}
+
+
+def status_patch(mrj: KubeObject, phase: JobPhase, fields: KubeObject | None,
+                 at: str) -> KubeObject | None:
+    """The merge patch writing ``fields`` and the conditions of ``phase`` into the status;
+    None when there are no fields and the conditions on the object are current."""
+    status = mrj.get("status") or {}
+    previous = status.get("conditions") or []
+    conditions = job_conditions(phase, status.get("error"),
+                                int(mrj["metadata"].get("generation") or 0), previous, at)
+    if not fields and conditions == previous:
+        return None
+    return {"status": {**(fields or {}), "conditions": conditions}}
+
+
+def finished_message(phase: JobPhase, error: JobError | None) -> str:
+    """The message of the Event that says a job was decided."""
+    message = f"job {phase.value.lower()}"
+    if phase != JobPhase.SUCCEEDED:
+        message += f": {protocol.format_error(error)}"
+    return message
+
+
+def ttl_remaining(mrj: KubeObject, at: datetime) -> float | None:
+    """Seconds until a decided job's TTL deletes it (<= 0: due), None without a TTL."""
+    ttl = JobSpec.from_dict(mrj["metadata"]["name"], mrj["spec"]).ttl_seconds_after_finished
+    if ttl is None:
+        return None
+    stamped = (mrj.get("status") or {}).get("completionTime")
+    finished = datetime.fromisoformat(stamped.replace("Z", "+00:00")) if stamped else at
+    return ttl - (at - finished).total_seconds()
+
+
+def event(meta: KubeObject, reason: str, message: str, warning: bool, at: str) -> KubeObject:
+    """An Event about the MapReduceJob with metadata ``meta``, for ``kubectl describe``."""
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": JOB_KIND, "name": meta["name"],
+                           "namespace": meta["namespace"],
+                           **({"uid": meta["uid"]} if meta.get("uid") else {})},
+        "reason": reason, "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "firstTimestamp": at, "lastTimestamp": at, "count": 1,
+        "source": {"component": "kubemr-operator"},
+    }
