@@ -141,6 +141,7 @@ __all__ = [
     "encode_run",
     "entry_range",
     "fold_sorted",
+    "group_starts",
     "is_non_finite",
     "iter_groups",
     "key_type",
@@ -1236,6 +1237,13 @@ def merge_sorted(streams: Sequence[Iterable[Table]]) -> Iterator[Table]:
             else:
                 heads[i] = table.slice(count)
         yield sort_by_key(concat_tables(taken))
+
+
+def group_starts(table: Table) -> npt.NDArray[np.int64]:
+    """Where each run of equal keys starts in a key-sorted table (empty for no rows)."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _group_starts(_single(table.column("key")), column_kind(table, "key"))
 
 
 def fold_sorted(chunks: Iterable[Table], combiner: Combiner) -> Iterator[Table]:

@@ -18,9 +18,10 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -151,27 +152,36 @@ def write_slice(path: Path, tables: Iterable[shuffle.Table], block_bytes: int) -
     return Slice(path, 0, length)
 
 
-def merge_passes(sources: list[Slice], directory: Path, budget: shuffle.ShuffleBudget,
-                 combiner: shuffle.Combiner | None = None) -> list[Slice]:
-    """Merge groups of sorted slices into fewer, until one pass can hold them all open.
+#: A sorted input of a merge, opened (a generator of tables) only when the merge reaches it.
+Source = Callable[[], Iterator[shuffle.Table]]
 
-    Hadoop's merge factor: with more inputs than :attr:`ShuffleBudget.merge_factor`, the
-    first inputs are merged into intermediate slices on local disk. Each pass merges
-    just enough inputs that the next pass's count is within the factor, so most rows are
-    written at most once more. A built-in ``combiner`` folds keys as it goes.
+
+def merge_passes(sources: list[Source], directory: Path, budget: shuffle.ShuffleBudget,
+                 combiner: shuffle.Combiner | None = None) -> list[Source]:
+    """Merge groups of sorted inputs into fewer, until one pass can hold them all open.
+
+    Hadoop's merge factor: while there are more inputs than
+    :attr:`ShuffleBudget.merge_factor`, consecutive groups of that many are merged into
+    intermediate slices on local disk (each pass reads and writes every row once). A
+    built-in ``combiner`` folds keys as it goes. Each intermediate takes its inputs'
+    place, so equal keys keep the inputs' order.
     """
     factor = budget.merge_factor
     number = 0
     while len(sources) > factor:
-        # Merge the fewest inputs that bring the count within the factor (at least 2).
-        size = min(factor, max(2, len(sources) - factor + 1))
-        group, sources = sources[:size], sources[size:]
-        chunks = shuffle.merge_sorted([read_blocks(s) for s in group])
-        if combiner is not None:
-            chunks = shuffle.fold_sorted(chunks, combiner)
-        number += 1
-        sources.append(write_slice(directory / f"merge-{number:05d}", chunks,
-                                   budget.block_bytes))
+        merged: list[Source] = []
+        for start in range(0, len(sources), factor):
+            group = sources[start:start + factor]
+            if len(group) == 1:
+                merged += group
+                continue
+            chunks = shuffle.merge_sorted([source() for source in group])
+            if combiner is not None:
+                chunks = shuffle.fold_sorted(chunks, combiner)
+            number += 1
+            written = write_slice(directory / f"merge-{number:05d}", chunks, budget.block_bytes)
+            merged.append(partial(read_blocks, written))
+        sources = merged
     return sources
 
 
