@@ -243,10 +243,7 @@ async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskC
     if group is not None:
         await out.reduce(fn, group, ctx)
     out.flush()
-    try:
-        part.write(ctx._emitted())
-    except shuffle.ShuffleError as exc:
-        raise PermanentTaskError(str(exc)) from exc
+    part.write(ctx._emitted())  # already PermanentTaskError for what cannot be shuffled
 
 
 class _Group:
@@ -315,9 +312,10 @@ class _Output:
 
     def flush(self) -> None:
         try:
-            self.part.write(shuffle.pairs_to_table(self.keys, self.values))
+            table = shuffle.pairs_to_table(self.keys, self.values)
         except shuffle.ShuffleError as exc:
             raise PermanentTaskError(str(exc)) from exc
+        self.part.write(table)
         self.keys, self.values = [], []
 
 

@@ -1156,8 +1156,9 @@ class ShuffleBudget:
 
     @property
     def group_values(self) -> int:
-        """Bytes of one key's values held before they go to local scratch (lazy values)."""
-        return max(1 << 20, self.memory // 8)
+        """Arrow bytes of one key's values held before they go to local scratch (lazy
+        values); small, because as Python objects they take about five times as much."""
+        return max(256 << 10, self.memory // 32)
 
 
 def blocks(table: Table, block_bytes: int) -> Iterator[Table]:
