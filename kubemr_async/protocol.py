@@ -85,6 +85,14 @@ class Update:
     ops: tuple[PatchOp, ...]
 
 
+def shuffle_outputs(key: str | None, size: int, key_type: str | None) -> dict[str, str]:
+    """A key/value map's ``outputs``: its one shuffle object, whatever the reducers."""
+    outputs = {} if key is None else {SHUFFLE: key, SHUFFLE_SIZE: str(size)}
+    if key_type is not None:
+        outputs[KEY_TYPE] = key_type
+    return outputs
+
+
 def map_key(index: int) -> str:
     return f"map-{index:05d}"
 

@@ -48,6 +48,8 @@ _PERMANENT = (PermanentTaskError, JobDefinitionError, shuffle.ShuffleError)
 #: Bytes per ranged GET of a reducer's slice, and per write of an upload.
 _FETCH_PIECE = 8 * 1024 * 1024
 _UPLOAD_PIECE = 8 * 1024 * 1024
+#: Indexes up to this size are read (and kept) whole rather than one entry at a time.
+_WHOLE_INDEX = 64 * 1024
 
 
 def container_memory_limit() -> int | None:
@@ -123,6 +125,9 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
+        # Whole shuffle-object indexes read for earlier reduces (see _remember_index).
+        self._indexes: dict[str, bytes] = {}
+        self._index_bytes = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -367,8 +372,16 @@ class Worker:
         reducers = self.spec.reducers
 
         async def entry(key: str, size: int) -> shuffle.SliceEntry:
-            data = await self.blobs.get_range(key, *shuffle.entry_range(reducers, partition,
-                                                                        size))
+            start, length = shuffle.entry_range(reducers, partition, size)
+            if reducers * length > _WHOLE_INDEX:
+                data = await self.blobs.get_range(key, start, length)
+            else:
+                index = self._indexes.get(key)
+                if index is None:
+                    first, _ = shuffle.entry_range(reducers, 0, size)
+                    index = await self.blobs.get_range(key, first, reducers * length)
+                    self._remember_index(key, index)
+                data = index[partition * length:(partition + 1) * length]
             return shuffle.decode_entry(data, partition, size)
 
         entries = await self._gather(
@@ -411,6 +424,18 @@ class Worker:
             os.close(fd)
         return [spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)]
 
+    def _remember_index(self, key: str, index: bytes) -> None:
+        """Keep a map's whole index for this worker's next reduces, within a budget share.
+
+        With small indexes (R entries of 32 bytes) one GET per map per *worker* replaces
+        one per map per *reduce*: a 2,000 x 500 job makes ~8,000 index reads, not 10^6.
+        """
+        self._indexes[key] = index
+        self._index_bytes += len(index)
+        while self._index_bytes > self.budget.in_flight // 4:
+            oldest = next(iter(self._indexes))
+            self._index_bytes -= len(self._indexes.pop(oldest))
+
     async def _attributed(self, writer: TaskRecord, key: str, task: str,
                           aw: Awaitable[T]) -> T:
         """``aw``, with a damaged index entry blamed on the map that wrote ``key``."""
@@ -444,7 +469,8 @@ class Worker:
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.output_format))
             return await self._put_part(int(body["index"]), ctx.attempt, part)
-        outputs: dict[str, str] = {}
+        key: str | None = None
+        size = 0
         with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
             written, key_type = await self.user.run(
                 execute.run_map(job, data, ctx, directory, self.budget))
@@ -453,14 +479,11 @@ class Worker:
                 path, size = written
                 key = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}.shuffle"
                 await self._put_file(key, path)
-                outputs = {protocol.SHUFFLE: key, protocol.SHUFFLE_SIZE: str(size)}
         # Checked last, against the freshest view: the clash names the map committed first.
         clash = self._view.key_type_clash(ctx.task, key_type)
         if clash is not None:
             raise PermanentTaskError(clash)
-        if key_type is not None:
-            outputs[protocol.KEY_TYPE] = key_type
-        return outputs
+        return protocol.shuffle_outputs(key, size, key_type)
 
     async def _read_input(self, body: TaskRecord) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object), decompressed."""

@@ -6,9 +6,10 @@ own data segment (private writable memory: heap, anonymous mappings, thread stac
 what it uses then plus twice the worker's budget, and runs the real job. The allocator is
 told to give memory back (Arrow on the system allocator, large blocks as their own
 mappings, two malloc arenas, 1 MiB thread stacks): otherwise the cap would measure
-glibc's retention and 8 MiB stack reservations that are never touched, not our buffers. The job's single reduce partition is
-several times the budget, so without spilling and streaming it could not fit; the output
-must still be exact. The child prints its budget, cap and peak RSS for the report.
+glibc's retention and 8 MiB stack reservations that are never touched, not our buffers.
+The job's single reduce partition is several times the budget, so without spilling and
+streaming it could not fit; the output must still be exact. The child prints its budget,
+cap and peak RSS for the report.
 """
 
 from __future__ import annotations
