@@ -46,7 +46,8 @@ escapes (Python's ``json`` reads them back; orjson refuses them, so it falls bac
 
 Run format (version 1)
 ----------------------
-A run is one partition of one map attempt's output, sorted by key::
+A run is a checksummed, self-describing piece of a sorted table: one *block* of a shuffle
+object (below), a spill's block on local scratch, or a block of a streamed result part::
 
     offset  size  field
     0       6     magic b"KMRRUN"
