@@ -34,6 +34,10 @@ from . import shuffle
 from .errors import JobDefinitionError, PermanentTaskError
 from .storage.urls import StoreCache
 
+#: Pairs from ctx.emit collected in Python lists before they become a table the map's
+#: spill can measure (only when spilling; without it they stay lists to the end).
+_PAIRS_PER_TABLE = 65_536
+
 Builtin = shuffle.Combiner
 BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
 MapInput = Literal["text", "bytes", "name"]
@@ -62,18 +66,32 @@ class TaskContext:
     _keys: list[Any] = field(default_factory=list, repr=False)
     _values: list[Any] = field(default_factory=list, repr=False)
     _tables: list[shuffle.Table] = field(default_factory=list, repr=False)
+    # The map's sort-and-spill: once the buffered pairs pass _spill_bytes (Arrow size),
+    # _spill takes them (see execute.run_map); None keeps everything (reduce, map-only).
+    _spill: Callable[[shuffle.Table], None] | None = field(default=None, repr=False)
+    _spill_bytes: int = field(default=0, repr=False)
+    _buffered: int = field(default=0, repr=False)
 
     def emit(self, key: Any, value: Any) -> None:
         """Emit one pair (fine for modest volumes; prefer :meth:`emit_batch` in hot loops)."""
         self._keys.append(key)
         self._values.append(value)
+        if self._spill is not None and len(self._keys) >= _PAIRS_PER_TABLE:
+            keys, values, self._keys, self._values = self._keys, self._values, [], []
+            self.emit_batch(keys, values)
 
     def emit_batch(self, keys: Any, values: Any) -> None:
         """Emit many pairs at once: sequences, numpy or Arrow arrays; ``values`` may be a scalar."""
         try:
-            self._tables.append(shuffle.pairs_to_table(keys, values))
+            self._append(shuffle.pairs_to_table(keys, values))
         except shuffle.ShuffleError as exc:
             raise PermanentTaskError(str(exc)) from exc
+
+    def _append(self, table: shuffle.Table) -> None:
+        self._tables.append(table)
+        self._buffered += table.nbytes
+        if self._spill is not None and self._buffered > self._spill_bytes:
+            self._spill(self._emitted())
 
     def _emitted(self) -> shuffle.Table:
         tables = list(self._tables)
@@ -84,7 +102,7 @@ class TaskContext:
         except shuffle.ShuffleError as exc:
             raise PermanentTaskError(str(exc)) from exc
         finally:
-            self._keys, self._values, self._tables = [], [], []
+            self._keys, self._values, self._tables, self._buffered = [], [], [], 0
 
     def output_url(self, name: str) -> str:
         """A location in the job's storage that belongs to this attempt alone.
@@ -202,19 +220,32 @@ def _builtin_or_callable(role: str, fn: Any) -> Any:
 async def call_user(fn: Callable[..., Any], *args: Any) -> list[Any]:
     """Call a callback written any supported way and collect what it produced.
 
+    Returns the yielded items, or ``[value]`` for a non-None return value (see
+    :func:`iter_user`).
+    """
+    return [item async for item in iter_user(fn, *args)]
+
+
+async def iter_user(fn: Callable[..., Any], *args: Any) -> AsyncIterator[Any]:
+    """Call a callback written any supported way and yield what it produces, as it does.
+
     ``async def`` returning a value or an awaitable, an async generator, a plain ``def``
     returning a value, or a generator function: the caller is already on the user thread
     (see runtime.UserLoop), so plain functions run there and block nothing but user code.
-    Returns the yielded items, or ``[value]`` for a non-None return value.
+    Lazily, so a map that yields more pairs than fit in memory can be spilled as it goes.
     """
     result = fn(*args)
     if inspect.isasyncgen(result):
-        return [item async for item in result]
+        async for item in result:
+            yield item
+        return
     if inspect.isawaitable(result):
         result = await result
     if inspect.isgenerator(result):
-        return list(result)
-    return [] if result is None else [result]
+        for item in result:
+            yield item
+    elif result is not None:
+        yield result
 
 
 def load_job(ref: str, reducers: int | None = None) -> AnyJob:

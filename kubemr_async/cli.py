@@ -104,7 +104,8 @@ _FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
 #: The `kubemr run` flag behind each spec field, for errors the JobSpec raises.
 _RUN_FLAGS = {"spec.reducers": "--reducers", "spec.maxAttempts": "--max-attempts",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
-              "spec.outputFormat": "--format", "spec.inputs": "--input"}
+              "spec.outputFormat": "--format", "spec.inputs": "--input",
+              "spec.memory": "--memory"}
 
 
 @app.command()
@@ -144,6 +145,10 @@ def run(
                                           help="Also show kubemr's own (JSON) logs.")] = False,
     output_format: Annotated[str, typer.Option("--format",
                                                help=_FORMAT_HELP)] = "text",
+    memory: Annotated[str | None, typer.Option(
+        help="Memory budget per worker (e.g. 256MiB, 1GiB): buffers, merges and fetches "
+             "stay within it and spill to local disk beyond it.",
+        show_default=False)] = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -166,7 +171,8 @@ def run(
                 max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
                 args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
                 verbose=verbose, inline=inline,
-                output_format=output_format)  # type: ignore[arg-type]  # JobSpec checks it
+                output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
+                memory=None if memory is None else _size("--memory", memory))
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -177,6 +183,13 @@ def run(
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     typer.echo(str(result.output))
+
+
+def _size(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 @app.command()

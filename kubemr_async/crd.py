@@ -39,6 +39,7 @@ from .spec import (
     MAX_WORKERS,
     MIN_CHUNK_SIZE,
     MIN_LEASE_SECONDS,
+    MIN_MEMORY,
     NAME_PATTERN,
     OUTPUT_FORMATS,
     OUTPUT_PATTERN,
@@ -131,6 +132,11 @@ def _job_spec_schema() -> dict[str, Any]:
             },
             "chunkSize": _int(MIN_CHUNK_SIZE, default=DEFAULT_CHUNK_SIZE, fmt="int64",
                               doc="Bytes of input per map task."),
+            "memory": _int(MIN_MEMORY, fmt="int64",
+                           doc="Bytes of memory each worker's shuffle stays within (buffers, "
+                               "merges, fetches); beyond it data spills to local scratch. "
+                               "Unset: the worker container's memory limit minus headroom "
+                               "for the interpreter."),
             "output": _string("Where results go: s3://bucket/prefix.", pattern=OUTPUT_PATTERN),
             "splitInputs": {
                 "type": "boolean",

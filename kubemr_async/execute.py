@@ -8,12 +8,18 @@ starve heartbeats. Built-in reducers never call into per-record Python.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from . import formats, shuffle
-from .api import Job, JobWorker, TaskContext, call_user
+from . import formats, shuffle, spill
+from .api import Job, JobWorker, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .spec import OutputFormat
+
+_Source = spill.Source
+#: Output rows of a Python reduce collected before they are written to the part.
+_OUTPUT_ROWS = 65_536
 
 
 class CorruptRun(Exception):
@@ -51,38 +57,128 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def _map_table(job: Job, data: bytes, ctx: TaskContext) -> shuffle.Table:
-    """Call the user's map on one split: everything it emitted, in emission order."""
+async def _run_user_map(job: Job, data: bytes, ctx: TaskContext) -> None:
+    """Call the user's map on one split; what it yields is emitted as it comes."""
     assert job.map_fn is not None
-    pairs = await call_user(job.map_fn, _map_argument(job, data, ctx), ctx)
     returned = inspect.isfunction(job.map_fn) and not (
         inspect.isgeneratorfunction(job.map_fn) or inspect.isasyncgenfunction(job.map_fn))
-    for item in pairs:
+    async for item in iter_user(job.map_fn, _map_argument(job, data, ctx), ctx):
         if not (isinstance(item, tuple) and len(item) == 2):
             how = (f"returned a {type(item).__name__}" if returned
                    else f"yielded a {type(item).__name__}: {item!r:.80}")
             raise PermanentTaskError(
                 f"map must yield (key, value) tuples or call ctx.emit; it {how}")
         ctx.emit(*item)
+
+
+async def _map_table(job: Job, data: bytes, ctx: TaskContext) -> shuffle.Table:
+    """Call the user's map on one split: everything it emitted, in emission order."""
+    await _run_user_map(job, data, ctx)
     return ctx._emitted()
 
 
-async def run_map(job: Job, data: bytes,
-                  ctx: TaskContext) -> tuple[dict[int, bytes], str | None]:
-    """Map one split: user map, map-side combine, partition.
+class _MapSpills:
+    """A map's sorted spills on local scratch, and the one shuffle object they become."""
 
-    Returns the encoded non-empty runs and the type of the keys (None if no keys), which
-    the runtime checks against the other maps' before it commits.
+    def __init__(self, job: Job, ctx: TaskContext, directory: Path,
+                 budget: shuffle.ShuffleBudget) -> None:
+        self.job, self.ctx, self.directory, self.budget = job, ctx, directory, budget
+        self.files: list[Path] = []
+        self.key_types: dict[str, int] = {}
+
+    def spill(self, table: shuffle.Table, *, combined: bool = False) -> None:
+        """Combine (a built-in combiner), partition, sort and write one buffer as a spill.
+
+        A user combiner is a coroutine, and a spill happens inside ``ctx.emit``; so only
+        the last buffer goes through it (a combiner is an optimisation: any subset of a
+        map's pairs may be combined, or none).
+        """
+        if table.num_rows == 0:
+            return
+        combiner = self.job.map_side_combiner
+        if isinstance(combiner, str) and not combined:
+            table = shuffle.combine(table, combiner)
+        kind = shuffle.key_type(table)
+        if kind is not None:
+            self.key_types.setdefault(kind, len(self.files))
+            if len(self.key_types) > 1:
+                first, second = list(self.key_types)[:2]
+                raise PermanentTaskError(f"{self.ctx.task} emitted keys of type {first} and "
+                                         f"{second}; a job's keys must share one type")
+        path = self.directory / f"spill-{len(self.files):05d}"
+        parts = shuffle.partition(table, self.ctx.partitions)
+        spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
+        self.files.append(path)
+
+    def merge(self) -> tuple[Path, int] | None:
+        """The spills merged into one shuffle object: path and size (None if no rows)."""
+        if not self.files:
+            return None
+        if len(self.files) == 1:
+            return self.files[0], self.files[0].stat().st_size
+        combiner = self.job.map_side_combiner
+        builtin = combiner if isinstance(combiner, str) else None
+        indexes = [spill.read_index(path, self.ctx.partitions) for path in self.files]
+        path = self.directory / "shuffle"
+        with open(path, "wb") as f:
+            writer = spill.ShuffleFileWriter(f, self.ctx.partitions, self.budget.block_bytes)
+            for partition in range(self.ctx.partitions):
+                sources = [_reader(index[partition]) for index in indexes]
+                for chunk in _merged(sources, self.directory / f"p{partition}", self.budget,
+                                     builtin):
+                    writer.add(partition, chunk)
+            size = writer.finish()
+        return path, size
+
+
+def _reader(source: spill.Slice, position: int | None = None) -> _Source:
+    """A sorted input of a merge, read when the merge gets to it; a damaged block names
+    the reduce input (``position``) it came from."""
+    def read() -> Iterator[shuffle.Table]:
+        try:
+            yield from spill.read_blocks(source)
+        except shuffle.CorruptRunError as exc:
+            if position is None:
+                raise
+            raise CorruptRun(position, exc) from exc
+
+    return read
+
+
+def _merged(sources: list[_Source], directory: Path, budget: shuffle.ShuffleBudget,
+            combiner: shuffle.Combiner | None) -> Iterator[shuffle.Table]:
+    """Sorted chunks of all ``sources``, folded by ``combiner`` if it is a built-in."""
+    if len(sources) > budget.merge_factor:
+        directory.mkdir(exist_ok=True)
+        sources = spill.merge_passes(sources, directory, budget, combiner)
+    chunks = shuffle.merge_sorted([source() for source in sources])
+    return chunks if combiner is None else shuffle.fold_sorted(chunks, combiner)
+
+
+async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
+                  budget: shuffle.ShuffleBudget) -> tuple[tuple[Path, int] | None, str | None]:
+    """Map one split into one shuffle object in ``directory``: sort and spill, then merge.
+
+    Emitted pairs are buffered up to the budget's map share; a full buffer is combined,
+    partitioned, sorted and spilled (``_MapSpills.spill``), and the spills merge into one
+    object. Returns its path and size (None if the map emitted nothing) and the type of
+    the keys, which the runtime checks against the other maps' before it commits.
     """
-    table = await _map_table(job, data, ctx)
+    spills = _MapSpills(job, ctx, directory, budget)
+    ctx._spill, ctx._spill_bytes = spills.spill, budget.map_buffer
+    try:
+        await _run_user_map(job, data, ctx)
+    finally:
+        ctx._spill = None
+    table = ctx._emitted()
     combiner = job.map_side_combiner
-    if isinstance(combiner, str):
-        table = shuffle.combine(table, combiner)
-    elif combiner is not None:
+    combined = False
+    if combiner is not None and not isinstance(combiner, str) and table.num_rows:
         table = await _apply_user_reduce(combiner, shuffle.sort_by_key(table), ctx)
-    parts = shuffle.partition(table, ctx.partitions)
-    runs = {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
-    return runs, shuffle.key_type(table)
+        combined = True
+    spills.spill(table, combined=combined)
+    kind = next(iter(spills.key_types), None)
+    return spills.merge(), kind
 
 
 async def run_map_only(job: Job, data: bytes, ctx: TaskContext,
@@ -95,20 +191,132 @@ async def run_map_only(job: Job, data: bytes, ctx: TaskContext,
     return formats.encode(await _map_table(job, data, ctx), output_format)
 
 
-async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext,
-                     output_format: OutputFormat) -> bytes:
-    """Reduce one partition from every map's run; returns the part in ``output_format``."""
-    tables = []
-    for position, run in enumerate(runs):
+async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
+                     output_format: OutputFormat, directory: Path,
+                     budget: shuffle.ShuffleBudget) -> Path:
+    """Reduce one partition from every map's slice (local files, in map order).
+
+    The slices are k-way merged (in passes through ``directory`` when there are more than
+    one pass holds) and fed to the reducer as they merge; the part is written to a file
+    in ``directory`` chunk by chunk, whose path is returned. A damaged slice raises
+    :class:`CorruptRun` with its position in ``sources``.
+    """
+    builtin = job.reducer if isinstance(job.reducer, str) else None
+    readers = [_reader(source, position) for position, source in enumerate(sources)]
+    part = spill.PartWriter(directory / "part", output_format)
+    try:
+        chunks = _merged(readers, directory / "merge", budget, builtin)
+        if builtin is not None:
+            for chunk in chunks:
+                part.write(chunk)
+        else:
+            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+    except BaseException:
+        part.abort()
+        raise
+    part.close()
+    return part.path
+
+
+async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskContext,
+                         part: spill.PartWriter, directory: Path,
+                         budget: shuffle.ShuffleBudget) -> None:
+    """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``)."""
+    out = _Output(part)
+    group: _Group | None = None
+    for chunk in chunks:
+        for block in shuffle.blocks(chunk, budget.block_bytes):
+            starts = shuffle.group_starts(block)
+            ends = [*starts[1:].tolist(), block.num_rows]
+            keys = shuffle.to_python(block.column("key").take(starts),
+                                     shuffle.column_kind(block, "key"))
+            values = shuffle.to_python(block.column("value"),
+                                       shuffle.column_kind(block, "value"))
+            for key, start, end in zip(keys, starts.tolist(), ends, strict=True):
+                if group is not None and group.key == key:
+                    group.add(block.slice(start, end - start), values[start:end])
+                    continue
+                if group is not None:
+                    await out.reduce(fn, group, ctx)
+                group = _Group(key, directory, budget.group_values)
+                group.add(block.slice(start, end - start), values[start:end])
+    if group is not None:
+        await out.reduce(fn, group, ctx)
+    out.flush()
+    part.write(ctx._emitted())  # already PermanentTaskError for what cannot be shuffled
+
+
+class _Group:
+    """One key's values: a list while they fit the budget's share, else a scratch file."""
+
+    def __init__(self, key: Any, directory: Path, limit: int) -> None:
+        self.key = key
+        self._directory, self._limit = directory, limit
+        self._values: list[Any] = []
+        self._bytes = 0
+        self._file: BinaryIO | None = None
+        self._path = directory / "group"
+
+    def add(self, rows: shuffle.Table, values: list[Any]) -> None:
+        if self._file is None:
+            self._values += values
+            self._bytes += rows.nbytes
+            if self._bytes <= self._limit:
+                return
+            # Too big to hold: what is held so far goes to disk, and everything after it.
+            self._file = open(self._path, "wb")  # noqa: SIM115 - closed in values()
+            rows = shuffle.pairs_to_table([self.key] * len(self._values), self._values)
+            self._values = []
+        for block in shuffle.blocks(rows, 1 << 20):
+            self._file.write(shuffle.encode_run(block))
+
+    def values(self) -> list[Any] | LazyValues:
+        if self._file is None:
+            return self._values
+        self._file.close()
+        return LazyValues(spill.Slice(self._path, 0, self._path.stat().st_size))
+
+
+class LazyValues(Iterable[Any]):
+    """The values of a key too large for memory, read from local scratch as iterated.
+
+    It can be iterated ONCE (a second pass raises RuntimeError): ``reduce`` gets it instead
+    of a list only for a key whose values exceed the worker's budget share.
+    """
+
+    def __init__(self, source: spill.Slice) -> None:
+        self._source = source
+        self._used = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._used:
+            raise RuntimeError("the values of a key larger than memory can be iterated once")
+        self._used = True
+        return spill.values_of([self._source])
+
+
+class _Output:
+    """A reduce's output rows, written to the part every ``_OUTPUT_ROWS`` rows."""
+
+    def __init__(self, part: spill.PartWriter) -> None:
+        self.part = part
+        self.keys: list[Any] = []
+        self.values: list[Any] = []
+
+    async def reduce(self, fn: object, group: _Group, ctx: TaskContext) -> None:
+        for value in await call_user(fn, group.key, group.values(), ctx):  # type: ignore[arg-type]
+            self.keys.append(group.key)
+            self.values.append(value)
+        if len(self.keys) >= _OUTPUT_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
         try:
-            tables.append(shuffle.decode_run(run))
-        except shuffle.CorruptRunError as exc:
-            raise CorruptRun(position, exc) from exc
-    if isinstance(job.reducer, str):
-        return formats.encode(shuffle.merge_runs(tables, job.reducer), output_format)
-    # A map-side built-in combiner already merged counts; merge_runs finishes that merge.
-    merged = shuffle.merge_runs(tables, None)
-    return formats.encode(await _apply_user_reduce(job.reducer, merged, ctx), output_format)
+            table = shuffle.pairs_to_table(self.keys, self.values)
+        except shuffle.ShuffleError as exc:
+            raise PermanentTaskError(str(exc)) from exc
+        self.part.write(table)
+        self.keys, self.values = [], []
 
 
 async def run_low_level_map(worker: JobWorker, index: int, task_input: str,

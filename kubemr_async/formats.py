@@ -57,8 +57,8 @@ from .shuffle import (
 )
 from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, OutputFormat
 
-__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest", "part_name",
-           "printable"]
+__all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest",
+           "parquet_table", "part_name", "printable"]
 
 #: The manifest a finished job leaves beside its parts: {"job", "format", "results", "parts"}.
 SUCCESS_MARKER = "_SUCCESS"
@@ -306,6 +306,16 @@ def _require_finite(table: Table, bad_rows: Any, role: _Role) -> None:
 
 
 def _encode_parquet(table: Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(parquet_table(table), sink)
+    return sink.getvalue()
+
+
+def parquet_table(table: Table) -> pa.Table:
+    """A shuffle table as a part's parquet columns (FormatError names an unwritable key).
+
+    Also what a part streamed chunk by chunk writes through a ``pq.ParquetWriter``.
+    """
     columns: list[pa.Array] = []
     fields: list[pa.Field] = []
     roles: tuple[_Role, _Role] = ("key", "value")
@@ -330,9 +340,7 @@ def _encode_parquet(table: Table) -> bytes:
             field = pa.field(role, pa.string(), metadata=field.metadata)
         columns.append(column)
         fields.append(field)
-    sink = io.BytesIO()
-    pq.write_table(pa.table(columns, schema=pa.schema(fields)), sink)
-    return sink.getvalue()
+    return pa.table(columns, schema=pa.schema(fields))
 
 
 def _is_utf8(data: bytes) -> bool:

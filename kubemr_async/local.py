@@ -95,7 +95,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     lease_seconds: float, overwrite: bool = False,
                     args: dict[str, str] | None = None, progress: bool = True,
                     verbose: bool = False, inline: bool = False,
-                    output_format: OutputFormat = "text") -> LocalRunResult:
+                    output_format: OutputFormat = "text",
+                    memory: int | None = None) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
@@ -105,7 +106,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
-        output_format=output_format))
+        output_format=output_format, memory=memory))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -137,7 +138,8 @@ async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
-               inline: bool, output_format: OutputFormat) -> LocalRunResult:
+               inline: bool, output_format: OutputFormat,
+               memory: int | None = None) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -149,7 +151,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
-                   output_format=output_format)
+                   output_format=output_format, memory=memory)
     splits = await plan_inputs(spec)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything

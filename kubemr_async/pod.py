@@ -19,7 +19,7 @@ from .api import load_job
 from .errors import JobDefinitionError, UsageError
 from .kube import Kube
 from .protocol import JobPhase
-from .runtime import Worker
+from .runtime import Worker, container_memory_limit
 from .spec import JobSpec
 from .state.kube import KubeStateStore
 from .storage.s3 import S3BlobStore
@@ -62,7 +62,8 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
             # The namespace is part of the prefix: jobs of the same name in two namespaces
             # (two tenants) sharing an output location never see or delete each other's data.
             prefix = f"{key.strip('/')}/{namespace}/{job_name}".lstrip("/")
-            worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix)
+            worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix,
+                            memory_limit=container_memory_limit())
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
             phase = await worker.run()
             log.info("worker done", extra={**context, "phase": phase.value,

@@ -6,8 +6,9 @@ operations still hold, so two workers racing for one task cannot both win.
 
 Layout (why it scales): the job has one small record (``job``) and every task has its own
 record (``map-00042``, ``reduce-00003``). A claim, a lease renewal or a commit rewrites only
-the task's own record, whose size depends on the number of reducers but never on the number
-of tasks, so the cost per write stays flat as jobs grow (the original kubemr rewrote one
+the task's own record, whose size depends neither on the number of tasks nor on the number
+of reducers (a key/value map commits the key of its one shuffle object, not a key per
+partition), so the cost per write stays flat as jobs grow (the original kubemr rewrote one
 ever-growing object per claim, which is why its author abandoned the design).
 
 Task lifecycle::
@@ -40,10 +41,15 @@ from .records import Body, JobError, JobRecord, JobStatus, PatchOp, TaskOutputs,
 from .spec import JobSpec
 
 JOB_KEY = "job"
-#: A key/value map's ``outputs`` maps each partition ("0", "1", ...) to its run, plus this
-#: one reserved non-numeric entry: the type of the keys the map emitted (absent if none).
-#: Keys of two types have no common order, so a map checks it against the committed maps
-#: before committing, and a reduce checks all of them (two maps may commit at one instant).
+#: A key/value map's ``outputs``: the key of its one shuffle object (``shuffle``) and that
+#: object's size in bytes (``size``, a decimal string: with R, a reducer finds its index
+#: entry from the end, see ``shuffle.entry_range``), and the type of the keys the map
+#: emitted (``keyType``). A map that emitted nothing commits ``{}``. Keys of two types
+#: have no common order, so a map checks its type against the committed maps before
+#: committing, and a reduce checks all of them (two maps may commit at one instant).
+#: A low-level (JobWorker) map's outputs are its own ``{partition: string}``.
+SHUFFLE = "shuffle"
+SHUFFLE_SIZE = "size"
 KEY_TYPE = "keyType"
 
 
@@ -77,6 +83,14 @@ class Update:
 
     key: str
     ops: tuple[PatchOp, ...]
+
+
+def shuffle_outputs(key: str | None, size: int, key_type: str | None) -> dict[str, str]:
+    """A key/value map's ``outputs``: its one shuffle object, whatever the reducers."""
+    outputs = {} if key is None else {SHUFFLE: key, SHUFFLE_SIZE: str(size)}
+    if key_type is not None:
+        outputs[KEY_TYPE] = key_type
+    return outputs
 
 
 def map_key(index: int) -> str:
@@ -403,13 +417,22 @@ class JobView:
         return min(leases) if leases else None
 
     def map_outputs(self, partition: int) -> list[tuple[TaskRecord, str]]:
-        """Each committed map with its output for one reduce partition, in map order.
+        """Each committed low-level map with its output for one partition, in map order.
 
-        The map's record comes along so that a reduce that finds its run corrupt can
-        re-open exactly the map (and the attempt) that wrote it.
+        (Key/value maps write one shuffle object each: :meth:`shuffle_objects`.)
         """
         return [(m, outputs[str(partition)]) for m in self.maps
                 if isinstance(outputs := m["outputs"], dict) and str(partition) in outputs]
+
+    def shuffle_objects(self) -> list[tuple[TaskRecord, str, int]]:
+        """Each committed key/value map with its shuffle object's key and size, in map order.
+
+        Every reducer reads its slice of each; the map's record comes along so that a
+        reduce that finds its slice corrupt can re-open exactly the map (and the attempt)
+        that wrote it. Maps that emitted nothing have no object.
+        """
+        return [(m, outputs[SHUFFLE], int(outputs[SHUFFLE_SIZE])) for m in self.maps
+                if isinstance(outputs := m["outputs"], dict) and SHUFFLE in outputs]
 
     def key_type_clash(self, task: str | None = None, key_type: str | None = None) -> str | None:
         """Why the job's keys do not share one type, or None if they do.

@@ -14,8 +14,9 @@ from typing import Literal, NotRequired, TypedDict
 
 from .spec import JobSpecDict
 
-#: A committed task's outputs: a key/value map's ``{partition: run key}`` (plus the reserved
-#: ``keyType`` entry), or one string (a reduce's result, a low-level or map-only map's output).
+#: A committed task's outputs: a key/value map's ``{"shuffle": key, "size": bytes,
+#: "keyType": type}`` (the same few fields whatever the number of reducers), a low-level
+#: map's ``{partition: output}``, or one string (a reduce's result, a map-only map's part).
 TaskOutputs = dict[str, str] | str
 
 

@@ -17,22 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import execute, formats, protocol, shuffle
+import anyio
+
+from . import execute, formats, protocol, shuffle, spill
 from .api import AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import read_task_input
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, TaskOutputs, TaskRecord
-from .spec import JobSpec
+from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore
 from .storage.base import BlobStore
 from .storage.urls import StoreCache
@@ -41,6 +45,27 @@ log = logging.getLogger("kubemr.worker")
 T = TypeVar("T")
 
 _PERMANENT = (PermanentTaskError, JobDefinitionError, shuffle.ShuffleError)
+#: Bytes per ranged GET of a reducer's slice, and per write of an upload.
+_FETCH_PIECE = 8 * 1024 * 1024
+_UPLOAD_PIECE = 8 * 1024 * 1024
+#: Indexes up to this size are read (and kept) whole rather than one entry at a time.
+_WHOLE_INDEX = 64 * 1024
+
+
+def container_memory_limit() -> int | None:
+    """This container's memory limit from its cgroup (v2, else v1), or None if unlimited.
+
+    What a worker pod's default budget comes from (``spec.memory_budget``), so that our
+    own buffers never get the pod OOMKilled.
+    """
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a huge number (v1, ~2**63 rounded to pages) both mean no limit.
+        return int(text) if text.isdigit() and int(text) < 1 << 60 else None
+    return None
 
 
 class UserLoop:
@@ -81,7 +106,8 @@ class Worker:
 
     def __init__(self, job_name: str, job: AnyJob, store: StateStore, blobs: BlobStore,
                  worker_id: str, *, data_prefix: str = "", io_concurrency: int = 16,
-                 clock: Callable[[], float] = time.time, inline: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, inline: bool = False,
+                 memory_limit: int | None = None) -> None:
         self.job_name = job_name
         # inline: callbacks run on this loop (SameLoop) instead of a UserLoop thread.
         self.inline = inline
@@ -90,6 +116,8 @@ class Worker:
         self.blobs = blobs
         self.worker_id = worker_id
         self.clock = clock
+        # The container's memory limit, the default budget when the spec sets none.
+        self.memory_limit = memory_limit
         # Where this job's runs and outputs live inside ``blobs`` (attempt-unique keys below).
         self.prefix = data_prefix.rstrip("/") or job_name
         self._io = asyncio.Semaphore(io_concurrency)
@@ -97,6 +125,9 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
+        # Whole shuffle-object indexes read for earlier reduces (see _remember_index).
+        self._indexes: dict[str, bytes] = {}
+        self._index_bytes = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -118,6 +149,7 @@ class Worker:
         self._view = JobView({key: rec.body for key, rec in records.items()})
         assert self._view.job is not None
         self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
+        self.budget = shuffle.ShuffleBudget(memory_budget(self.spec.memory, self.memory_limit))
         self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -305,31 +337,131 @@ class Worker:
             outputs = await self.user.run(
                 execute.run_low_level_map(self.job, index, ctx.input, ctx))
             return {str(p): out for p, out in outputs.items()}
-        sources = self._view.map_outputs(index)
         if isinstance(self.job, Job):
-            # Maps that committed at the same instant could not see each other's key type.
-            clash = self._view.key_type_clash()
-            if clash is not None:
-                raise PermanentTaskError(clash)
-            runs = await self._gather(self.blobs.get(key) for _, key in sources)
-            fmt = self.spec.output_format
-            try:
-                part = await self.user.run(execute.run_reduce(self.job, runs, ctx, fmt))
-            except execute.CorruptRun as exc:
-                writer, key = sources[exc.position]
-                raise _CorruptRun(writer, f"{ctx.task} read a corrupt run "
-                                          f"{self.blobs.url(key)}: {exc}") from exc
-            return await self._put_part(index, ctx.attempt, part)
-        inputs = [output for _, output in sources]
+            return await self._reduce(self.job, index, ctx)
+        inputs = [output for _, output in self._view.map_outputs(index)]
         return await self.user.run(execute.run_low_level_reduce(self.job, index, inputs, ctx))
 
-    async def _put_part(self, index: int, attempt: int, part: bytes) -> str:
+    async def _reduce(self, job: Job, index: int, ctx: TaskContext) -> str:
+        """Fetch this partition's slice of every map's shuffle object, merge, reduce, upload.
+
+        The slices go to local scratch first (Hadoop's reducers fetch the same way): the
+        fetch keeps a bounded number of bytes in flight, checks each slice's checksum as
+        it arrives, and the merge then reads one block per input at a time.
+        """
+        # Maps that committed at the same instant could not see each other's key type.
+        clash = self._view.key_type_clash()
+        if clash is not None:
+            raise PermanentTaskError(clash)
+        sources = self._view.shuffle_objects()
+        with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
+            slices = await self._fetch_slices(sources, index, directory / "slices", ctx.task)
+            run = execute.run_reduce(job, slices, ctx, self.spec.output_format, directory,
+                                     self.budget)
+            try:
+                part = await self.user.run(run)
+            except execute.CorruptRun as exc:
+                writer, key, _ = sources[exc.position]
+                raise _CorruptRun(writer, f"{ctx.task} read a corrupt shuffle object "
+                                          f"{self.blobs.url(key)}: {exc}") from exc
+            return await self._put_part(index, ctx.attempt, part)
+
+    async def _fetch_slices(self, sources: list[tuple[TaskRecord, str, int]], partition: int,
+                            path: Path, task: str) -> list[spill.Slice]:
+        """Every source's slice of ``partition``, in one local file, in source order."""
+        reducers = self.spec.reducers
+
+        async def entry(key: str, size: int) -> shuffle.SliceEntry:
+            start, length = shuffle.entry_range(reducers, partition, size)
+            if reducers * length > _WHOLE_INDEX:
+                data = await self.blobs.get_range(key, start, length)
+            else:
+                index = self._indexes.get(key)
+                if index is None:
+                    first, _ = shuffle.entry_range(reducers, 0, size)
+                    index = await self.blobs.get_range(key, first, reducers * length)
+                    self._remember_index(key, index)
+                data = index[partition * length:(partition + 1) * length]
+            return shuffle.decode_entry(data, partition, size)
+
+        entries = await self._gather(
+            self._attributed(writer, key, task, entry(key, size))
+            for writer, key, size in sources)
+        offsets = [0]
+        for found in entries:
+            offsets.append(offsets[-1] + found.length)
+        # Bytes in flight: whole pieces under a budget share (Spark's maxSizeInFlight).
+        piece = min(_FETCH_PIECE, self.budget.in_flight)
+        slots = anyio.Semaphore(max(1, self.budget.in_flight // piece))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+        async def fetch(position: int) -> None:
+            writer, key, _ = sources[position]
+            found, crc = entries[position], 0
+            for start in range(0, found.length, piece):
+                length = min(piece, found.length - start)
+                async with slots:
+                    data = await self.blobs.get_range(key, found.offset + start, length)
+                    if len(data) != length:
+                        raise _CorruptRun(writer, f"{task} read a corrupt shuffle object "
+                                                  f"{self.blobs.url(key)}: slice of partition "
+                                                  f"{partition} is truncated")
+                    crc = zlib.crc32(data, crc)
+                    await anyio.to_thread.run_sync(os.pwrite, fd, data, offsets[position] + start)
+            if crc != found.crc:
+                raise _CorruptRun(writer, f"{task} read a corrupt shuffle object "
+                                          f"{self.blobs.url(key)}: slice of partition "
+                                          f"{partition} fails its checksum (crc32 {crc:#010x}, "
+                                          f"index says {found.crc:#010x})")
+
+        try:
+            async with anyio.create_task_group() as group:
+                for position in range(len(sources)):
+                    group.start_soon(fetch, position)
+        except BaseExceptionGroup as eg:
+            raise _first(eg) from None
+        finally:
+            os.close(fd)
+        return [spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)]
+
+    def _remember_index(self, key: str, index: bytes) -> None:
+        """Keep a map's whole index for this worker's next reduces, within a budget share.
+
+        With small indexes (R entries of 32 bytes) one GET per map per *worker* replaces
+        one per map per *reduce*: a 2,000 x 500 job makes ~8,000 index reads, not 10^6.
+        """
+        self._indexes[key] = index
+        self._index_bytes += len(index)
+        while self._index_bytes > self.budget.in_flight // 4:
+            oldest = next(iter(self._indexes))
+            self._index_bytes -= len(self._indexes.pop(oldest))
+
+    async def _attributed(self, writer: TaskRecord, key: str, task: str,
+                          aw: Awaitable[T]) -> T:
+        """``aw``, with a damaged index entry blamed on the map that wrote ``key``."""
+        try:
+            return await aw
+        except shuffle.CorruptRunError as exc:
+            raise _CorruptRun(writer, f"{task} read a corrupt shuffle object "
+                                      f"{self.blobs.url(key)}: {exc}") from exc
+
+    async def _put_part(self, index: int, attempt: int, part: bytes | Path) -> str:
         """Store result part ``index`` under an attempt-unique key; its URL is the output."""
         # The attempt goes before the extension, so tools that go by it still read it.
         stem, dot, extension = formats.part_name(index, self.spec.output_format).partition(".")
         key = f"{self.prefix}/output/{stem}.attempt-{attempt}{dot}{extension}"
-        await self.blobs.put(key, part)
+        if isinstance(part, Path):
+            await self._put_file(key, part)
+        else:
+            await self.blobs.put(key, part)
         return self.blobs.url(key)
+
+    async def _put_file(self, key: str, path: Path) -> None:
+        """Upload a local file piece by piece (multipart on S3), never whole in memory."""
+        async with (self._io, self.blobs.open_writer(key) as writer,
+                    await anyio.open_file(path, "rb") as f):
+            while data := await f.read(_UPLOAD_PIECE):
+                await writer.write(data)
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body)
@@ -337,18 +469,21 @@ class Worker:
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.output_format))
             return await self._put_part(int(body["index"]), ctx.attempt, part)
-        runs, key_type = await self.user.run(execute.run_map(job, data, ctx))
-        base = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}"
-        keys = {r: f"{base}/part-{r:05d}.run" for r in runs}
-        await self._gather(self.blobs.put(keys[r], run) for r, run in runs.items())
+        key: str | None = None
+        size = 0
+        with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
+            written, key_type = await self.user.run(
+                execute.run_map(job, data, ctx, directory, self.budget))
+            del data
+            if written is not None:
+                path, size = written
+                key = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}.shuffle"
+                await self._put_file(key, path)
         # Checked last, against the freshest view: the clash names the map committed first.
         clash = self._view.key_type_clash(ctx.task, key_type)
         if clash is not None:
             raise PermanentTaskError(clash)
-        outputs = {str(r): k for r, k in keys.items()}
-        if key_type is not None:
-            outputs[protocol.KEY_TYPE] = key_type
-        return outputs
+        return protocol.shuffle_outputs(key, size, key_type)
 
     async def _read_input(self, body: TaskRecord) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object), decompressed."""
@@ -364,6 +499,12 @@ class Worker:
                 return await aw
 
         return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a task group's failure stands for: the first that is not a group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class _CorruptRun(Exception):

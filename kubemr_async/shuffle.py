@@ -46,7 +46,8 @@ escapes (Python's ``json`` reads them back; orjson refuses them, so it falls bac
 
 Run format (version 1)
 ----------------------
-A run is one partition of one map attempt's output, sorted by key::
+A run is a checksummed, self-describing piece of a sorted table: one *block* of a shuffle
+object (below), a spill's block on local scratch, or a block of a streamed result part::
 
     offset  size  field
     0       6     magic b"KMRRUN"
@@ -67,6 +68,31 @@ encode + decode and shrinks the runs by 30%; zstd costs ~5-9 ms more and shrinks
 58%, which wins only when storage moves bytes slower than ~300-500 MB/s (S3 over a
 network, not local disk). No compression saves ~2 ms and writes 40% more bytes.
 
+Shuffle object (format 1)
+-------------------------
+A map attempt writes ONE shuffle object, whatever the number of reducers (Spark's
+sort-based shuffle): M objects instead of M x R, and a task record that names one key::
+
+    blocks of partition 0 | blocks of partition 1 | ... | index | footer
+
+Every partition's rows are contiguous and sorted by key, cut into *blocks*, each a run as
+above (so each block carries its own length and CRC); a partition's blocks follow each
+other in key order. The index has one entry per partition, ``SLICE_ENTRY`` (offset,
+length, rows, CRC32 of the slice's bytes, and a CRC32 of the entry itself together with
+its partition and the object's size, so a misplaced or stale read cannot pass). The
+footer is fixed-size: magic ``b"KMRSHF"``, version, partitions, index offset. A reducer
+that knows the object's size (recorded at commit) and R reads its own entry with one
+32-byte ranged GET (:func:`entry_range`), then its slice with ranged GETs.
+
+Merging sorted streams
+----------------------
+:func:`merge_sorted` is a vectorized k-way merge: it never compares rows one at a time in
+Python. Each step takes, from every stream's current block, the rows up to the smallest
+"last key" among those blocks (every row that can precede anything not yet read), sorts
+that union stably (stream order breaks ties) and yields it. At least one block is used
+up per step, so memory is one block per stream plus one output chunk. A key may span
+chunks: :func:`fold_sorted` (built-in reducers) carries the last key over.
+
 Why the partition hash is our own
 ---------------------------------
 Every map task must send a key to the same reducer, whichever process, machine or library
@@ -83,8 +109,9 @@ import math
 import reprlib
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, TypeAlias
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -93,19 +120,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = [
+    "RUN_HEADER_SIZE",
+    "SLICE_ENTRY",
     "Combiner",
     "CorruptRunError",
     "Kind",
     "RunCompression",
+    "ShuffleBudget",
     "ShuffleError",
+    "SliceEntry",
     "Table",
+    "blocks",
     "bytes_to_str",
     "column_kind",
     "combine",
     "concat_tables",
+    "decode_entry",
     "decode_run",
     "dump_json",
+    "encode_index",
     "encode_run",
+    "entry_range",
+    "fold_sorted",
+    "group_starts",
     "is_non_finite",
     "iter_groups",
     "key_type",
@@ -113,10 +150,12 @@ __all__ = [
     "load_json",
     "merge_combiner",
     "merge_runs",
+    "merge_sorted",
     "pairs_to_table",
     "partition",
     "partition_for",
     "partition_ids",
+    "run_length",
     "sort_by_key",
     "split_words",
     "stable_hash",
@@ -1019,3 +1058,211 @@ def to_python(column: pa.Array | pa.ChunkedArray, kind: _Kind) -> list[Any]:
         return [load_json(item) for item in items]
     return items
 
+
+
+# --------------------------------------------------------------------------- shuffle object
+
+RUN_HEADER_SIZE = _HEADER.size
+SLICE_ENTRY = struct.Struct("<QQQII")
+_ENTRY_BODY = struct.Struct("<QQQI")
+_ENTRY_CHECK = struct.Struct("<IQ")
+_SHUFFLE_MAGIC = b"KMRSHF"
+_SHUFFLE_VERSION = 1
+_FOOTER = struct.Struct("<6sBxIQ")
+
+
+class SliceEntry(NamedTuple):
+    """Where one partition's rows are in a shuffle object (module docstring)."""
+
+    offset: int
+    length: int
+    rows: int
+    crc: int
+
+
+def run_length(header: bytes | memoryview) -> int:
+    """The total size (header included) of the run whose header starts ``header``."""
+    if len(header) < _HEADER.size:
+        raise CorruptRunError(f"block header is truncated: {len(header)} bytes")
+    magic, version, length, _ = _HEADER.unpack_from(header)
+    if magic != _MAGIC or version != _VERSION:
+        raise CorruptRunError(f"not a kubemr block: magic {bytes(magic)!r} version {version}")
+    return _HEADER.size + int(length)
+
+
+def _entry_crc(body: bytes, partition: int, object_size: int) -> int:
+    return zlib.crc32(body + _ENTRY_CHECK.pack(partition, object_size))
+
+
+def encode_index(entries: Sequence[SliceEntry], index_offset: int) -> bytes:
+    """The index and footer that end a shuffle object whose blocks end at ``index_offset``."""
+    size = index_offset + len(entries) * SLICE_ENTRY.size + _FOOTER.size
+    parts = []
+    for partition, entry in enumerate(entries):
+        body = _ENTRY_BODY.pack(*entry)
+        parts.append(body + struct.pack("<I", _entry_crc(body, partition, size)))
+    parts.append(_FOOTER.pack(_SHUFFLE_MAGIC, _SHUFFLE_VERSION, len(entries), index_offset))
+    return b"".join(parts)
+
+
+def entry_range(partitions: int, partition: int, object_size: int) -> tuple[int, int]:
+    """``(offset, length)`` of partition's index entry in an object of ``object_size``."""
+    start = object_size - _FOOTER.size - (partitions - partition) * SLICE_ENTRY.size
+    return start, SLICE_ENTRY.size
+
+
+def decode_entry(data: bytes, partition: int, object_size: int) -> SliceEntry:
+    """Check and parse one index entry read at :func:`entry_range`; CorruptRunError if bad."""
+    if len(data) != SLICE_ENTRY.size:
+        raise CorruptRunError(f"index entry of partition {partition} is truncated: "
+                              f"{len(data)} of {SLICE_ENTRY.size} bytes")
+    offset, length, rows, crc, check = SLICE_ENTRY.unpack(data)
+    if _entry_crc(data[:_ENTRY_BODY.size], partition, object_size) != check:
+        raise CorruptRunError(f"index entry of partition {partition} fails its checksum")
+    if offset + length > object_size:
+        raise CorruptRunError(f"index entry of partition {partition} points past the end")
+    return SliceEntry(offset, length, rows, crc)
+
+
+@dataclass(frozen=True)
+class ShuffleBudget:
+    """How one worker's memory budget is shared by the stages of the shuffle.
+
+    The shares leave room for the copies each stage makes (combining, partitioning and
+    sorting a buffer need about three times its size; a merge holds one block per input
+    plus an output chunk about as large as all of those).
+    """
+
+    memory: int
+
+    @property
+    def map_buffer(self) -> int:
+        """Bytes of emitted pairs (Arrow size) buffered before a spill."""
+        return max(1 << 20, self.memory // 6)
+
+    @property
+    def block_bytes(self) -> int:
+        """Target Arrow size of one block of a sorted slice."""
+        return min(1 << 20, max(32 << 10, self.memory // 128))
+
+    @property
+    def merge_factor(self) -> int:
+        """Sorted streams one merge pass holds open; more go through intermediate passes."""
+        return max(2, self.memory // (6 * self.block_bytes))
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes of a reducer's ranged GETs in flight (Spark's maxSizeInFlight, 48 MiB)."""
+        return max(1 << 20, min(48 << 20, self.memory // 4))
+
+    @property
+    def group_values(self) -> int:
+        """Arrow bytes of one key's values held before they go to local scratch (lazy
+        values); small, because as Python objects they take about five times as much."""
+        return max(256 << 10, self.memory // 32)
+
+
+def blocks(table: Table, block_bytes: int) -> Iterator[Table]:
+    """``table`` cut into consecutive slices of about ``block_bytes`` (Arrow size) each."""
+    rows = table.num_rows
+    if rows == 0:
+        return
+    per_block = max(1, int(block_bytes * rows / max(1, table.nbytes)))
+    for start in range(0, rows, per_block):
+        yield table.slice(start, per_block)
+
+
+def _comparable(table: Table) -> pa.Array:
+    """The key column in a form compared bytewise or numerically (str as its bytes)."""
+    keys = _single(table.column("key"))
+    if pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type):
+        keys = keys.cast(pa.binary())
+    return keys
+
+
+def _order_key(value: Any) -> tuple[bool, Any]:
+    # NaN sorts after every number, as Arrow's sort puts it.
+    return (isinstance(value, float) and math.isnan(value), 0 if value != value else value)
+
+
+def _rows_at_most(keys: pa.Array, bound: Any) -> int:
+    """How many leading rows of ascending ``keys`` are <= ``bound`` (binary search)."""
+    if isinstance(bound, float) and math.isnan(bound):
+        return len(keys)
+    if pa.types.is_floating(keys.type) or pa.types.is_integer(keys.type):
+        return int(np.searchsorted(keys.to_numpy(), bound, side="right"))
+    lo, hi = 0, len(keys)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid].as_py() <= bound:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def merge_sorted(streams: Sequence[Iterable[Table]]) -> Iterator[Table]:
+    """K-way merge of streams of key-sorted tables into key-sorted chunks (module docstring).
+
+    Equal keys come out in stream order, and within a stream in its own order, exactly as
+    :func:`merge_runs` orders one partition's runs.
+    """
+    iterators = [iter(stream) for stream in streams]
+    heads: dict[int, Table] = {}
+
+    def advance(i: int) -> None:
+        for table in iterators[i]:
+            if table.num_rows:
+                heads[i] = table
+                return
+        heads.pop(i, None)
+
+    for i in range(len(iterators)):
+        advance(i)
+    while heads:
+        if len(heads) == 1:
+            (i, table), = heads.items()
+            yield table
+            advance(i)
+            continue
+        lasts = {i: _comparable(t.slice(t.num_rows - 1))[0].as_py() for i, t in heads.items()}
+        bound = min(lasts.values(), key=_order_key)
+        taken = []
+        for i in sorted(heads):
+            table = heads[i]
+            count = table.num_rows if lasts[i] == bound else _rows_at_most(
+                _comparable(table), bound)
+            if count:
+                taken.append(table.slice(0, count))
+            if count == table.num_rows:
+                advance(i)
+            else:
+                heads[i] = table.slice(count)
+        yield sort_by_key(concat_tables(taken))
+
+
+def group_starts(table: Table) -> npt.NDArray[np.int64]:
+    """Where each run of equal keys starts in a key-sorted table (empty for no rows)."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _group_starts(_single(table.column("key")), column_kind(table, "key"))
+
+
+def fold_sorted(chunks: Iterable[Table], combiner: Combiner) -> Iterator[Table]:
+    """Fold key-sorted chunks with a built-in reducer, carrying a key across chunk edges.
+
+    Like :func:`merge_runs` it folds with :func:`merge_combiner`: the rows are already
+    map-side combined values.
+    """
+    folding = merge_combiner(combiner)
+    carry: Table | None = None
+    for chunk in chunks:
+        if chunk.num_rows == 0:
+            continue
+        table = chunk if carry is None else concat_tables([carry, chunk])
+        folded = sort_by_key(combine(table, folding))
+        carry = folded.slice(folded.num_rows - 1)
+        if folded.num_rows > 1:
+            yield folded.slice(0, folded.num_rows - 1)
+    if carry is not None:
+        yield carry

@@ -25,6 +25,14 @@ T = TypeVar("T")
 MIB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64 * MIB
 MIN_CHUNK_SIZE = 1
+#: A worker's memory budget for the shuffle (spec ``memory``, ``kubemr run --memory``) when
+#: neither the spec nor a container memory limit gives one.
+DEFAULT_MEMORY = 512 * MIB
+#: Below this a budget cannot hold a merge pass's blocks and one output chunk.
+MIN_MEMORY = 16 * MIB
+#: What a worker process needs besides its budget (interpreter, numpy, Arrow, clients);
+#: a container's memory limit minus this is the default budget on Kubernetes.
+MEMORY_HEADROOM = 192 * MIB
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_LEASE_SECONDS = 30.0
@@ -65,6 +73,7 @@ class JobSpecDict(TypedDict):
     output: str
     splitInputs: bool
     outputFormat: OutputFormat
+    memory: NotRequired[int]
     image: NotRequired[str]
     workers: NotRequired[int]
     template: NotRequired[dict[str, Any]]
@@ -88,6 +97,9 @@ class JobSpec:
     # JobWorker jobs get each input string verbatim (one map per string).
     split_inputs: bool = True
     output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
+    # Bytes of memory each worker's shuffle stays within (None: the container's limit
+    # minus MEMORY_HEADROOM on Kubernetes, else DEFAULT_MEMORY; see memory_budget).
+    memory: int | None = None
     # Cluster-only: the worker image, worker pods, pod template overrides, clean-up delay.
     image: str | None = None
     workers: int | None = None
@@ -112,6 +124,8 @@ class JobSpec:
             "splitInputs": self.split_inputs,
             "outputFormat": self.output_format,
         }
+        if self.memory is not None:
+            spec["memory"] = self.memory
         if cluster:
             if self.image is not None:
                 spec["image"] = self.image
@@ -156,6 +170,7 @@ class JobSpec:
             output=_str(data, "output", ""),
             split_inputs=_bool(data, "splitInputs", True),
             output_format=cast(OutputFormat, _str(data, "outputFormat", DEFAULT_OUTPUT_FORMAT)),
+            memory=_optional(data, "memory", _int),
             image=_optional(data, "image", _str),
             workers=_optional(data, "workers", _int),
             template=_optional(data, "template", _object),
@@ -271,6 +286,8 @@ def validate(spec: JobSpec) -> None:
     if spec.output_format not in OUTPUT_FORMATS:
         raise InvalidSpec("spec.outputFormat", f"must be one of {', '.join(OUTPUT_FORMATS)}, "
                           f"got {spec.output_format!r}")
+    if spec.memory is not None:
+        _between("memory", spec.memory, MIN_MEMORY)
     if spec.image is not None and not spec.image:
         raise InvalidSpec("spec.image", "a worker image is required")
     if spec.workers is not None:
@@ -286,3 +303,13 @@ def parse_size(text: str) -> int:
         raise UsageError(f"invalid size {text!r}: use bytes or a suffix like 64MiB, 512k, 1G")
     number, unit = int(match.group(1)), match.group(2)
     return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def memory_budget(spec_memory: int | None, container_limit: int | None) -> int:
+    """A worker's budget: the spec's, else the container's limit less the interpreter's
+    headroom (never below MIN_MEMORY), else DEFAULT_MEMORY."""
+    if spec_memory is not None:
+        return spec_memory
+    if container_limit is not None:
+        return max(MIN_MEMORY, container_limit - MEMORY_HEADROOM)
+    return DEFAULT_MEMORY

@@ -389,3 +389,42 @@ def test_map_only_job_succeeds_with_map_outputs_in_map_order() -> None:
     job = write(records, verdict)
     assert job is not None and job["phase"] == JobPhase.SUCCEEDED
     assert job["results"] == ["out-map-00000", "out-map-00001", "out-map-00002"]
+
+
+def _bytes(value: object) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+@pytest.mark.parametrize("key_type", ["str", None])
+def test_a_map_writes_the_same_bytes_at_one_reducer_and_at_a_thousand(
+        key_type: str | None) -> None:
+    """Claim, renewal and commit of a key/value map are the same bytes whatever R is."""
+    def lifecycle(reducers: int) -> list[bytes]:
+        spec = JobSpec(name="wc", job="wc.py", inputs=("a",), reducers=reducers)
+        records: dict[str, Any] = {protocol.JOB_KEY: protocol.new_job(spec)}
+        records.update(protocol.plan(spec, [("in-0", (0, 10))]))
+        body = records["map-00000"]
+        written = []
+        for update in (lambda b: protocol.claim(b, "w1", 0.0, 10.0, 3),
+                       lambda b: protocol.renew(b, "w1", 3.0, 10.0),
+                       lambda b: protocol.commit(b, "w1", protocol.shuffle_outputs(
+                           "wc/map/00000/attempt-1.shuffle", 123_456, key_type))):
+            step = update(body)
+            body = write(records, step)
+            assert body is not None
+            written += [_bytes(step.ops), _bytes(body)]
+        view = JobView(records)
+        assert view.shuffle_objects() == [(body, "wc/map/00000/attempt-1.shuffle", 123_456)]
+        return written
+
+    one, thousand = lifecycle(1), lifecycle(1000)
+    assert one == thousand
+    assert max(map(len, one)) < 2048
+
+
+def test_a_map_that_emitted_nothing_has_no_shuffle_object() -> None:
+    records = new_records(maps=1)
+    body = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10, 3))
+    assert body is not None
+    assert write(records, protocol.commit(body, "w", protocol.shuffle_outputs(None, 0, None)))
+    assert JobView(records).shuffle_objects() == []

@@ -71,9 +71,9 @@ async def records(store: SQLiteStateStore, name: str) -> dict[str, Body]:
 
 
 class DamagingStore(FileBlobStore):
-    """Flips a byte of map-00001's run on disk just before a reduce reads it.
+    """Flips a byte inside map-00001's first block on disk just before a reduce reads it.
 
-    ``times`` bounds how many distinct runs (attempts) are damaged; each once.
+    ``times`` bounds how many distinct shuffle objects (attempts) are damaged; each once.
     """
 
     def __init__(self, root: Path, times: int) -> None:
@@ -81,15 +81,15 @@ class DamagingStore(FileBlobStore):
         self.times = times
         self.damaged: list[str] = []
 
-    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
         if ("/map/00001/" in key and key not in self.damaged
                 and len(self.damaged) < self.times):
             path = self._path(key)
             data = bytearray(path.read_bytes())
-            data[-1] ^= 0xFF
+            data[30] ^= 0xFF
             path.write_bytes(bytes(data))
             self.damaged.append(key)
-        return await super().get(key, start, end)
+        return await super().get_range(key, offset, length)
 
 
 async def test_a_corrupt_run_reruns_the_map_that_wrote_it(
@@ -98,13 +98,14 @@ async def test_a_corrupt_run_reruns_the_map_that_wrote_it(
     blobs = DamagingStore(tmp_path / "blobs", times=1)
     worker = Worker(spec.name, word_count(), store, blobs, "w-1")
     assert await worker.run() == JobPhase.SUCCEEDED
-    assert blobs.damaged == ["wc/map/00001/attempt-1/part-00000.run"]
+    assert blobs.damaged == ["wc/map/00001/attempt-1.shuffle"]
     bodies = await records(store, spec.name)
     rerun = bodies["map-00001"]
     assert (rerun["attempt"], rerun["failures"]) == (2, 1)
     assert rerun["error"].startswith(
-        "reduce-00000 read a corrupt run "
-        f"{blobs.url('wc/map/00001/attempt-1/part-00000.run')}: run checksum mismatch")
+        "reduce-00000 read a corrupt shuffle object "
+        f"{blobs.url('wc/map/00001/attempt-1.shuffle')}: slice of partition 0 fails its "
+        "checksum")
     reduce = bodies["reduce-00000"]
     assert (reduce["attempt"], reduce["failures"]) == (2, 0), \
         "the reduce gave its claim back without a failure and read the new run"
@@ -121,10 +122,11 @@ async def test_a_map_whose_runs_keep_arriving_corrupt_fails_the_job_naming_it(
     blobs = DamagingStore(tmp_path / "blobs", times=10)
     worker = Worker(spec.name, word_count(), store, blobs, "w-1")
     assert await worker.run() == JobPhase.FAILED
-    assert blobs.damaged == [f"wc/map/00001/attempt-{n}/part-00000.run" for n in (1, 2)]
+    assert blobs.damaged == [f"wc/map/00001/attempt-{n}.shuffle" for n in (1, 2)]
     job = (await records(store, spec.name))[protocol.JOB_KEY]
     message = protocol.format_error(job["error"])
-    assert message.startswith("task map-00001 attempt 2: reduce-00000 read a corrupt run")
+    assert message.startswith(
+        "task map-00001 attempt 2: reduce-00000 read a corrupt shuffle object")
 
 
 class FakeClock:

@@ -1,17 +1,28 @@
-"""The BlobStore protocol: whole-object writes that are atomic, ranged reads, prefix listing.
+"""The BlobStore protocol: atomic writes (whole or streamed), ranged reads, prefix listing.
 
-Intermediate runs and results are written once under attempt-unique keys and never
-modified, so the protocol needs no locking: ``put`` must only make an object visible
-complete, never half-written. Every backend passes tests/test_blob_contract.py.
+Intermediate shuffle objects and results are written once under attempt-unique keys and
+never modified, so the protocol needs no locking: ``put`` and ``open_writer`` must only
+make an object visible complete, never half-written. A streamed write exists so that an
+object larger than a worker's memory budget (a map's shuffle object, a reduce's result
+part) never has to be held whole; a ranged read exists so that a reducer fetches only its
+slice of every map's shuffle object. Every backend passes tests/test_blob_contract.py.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 
 class BlobNotFound(FileNotFoundError):
     """The object does not exist."""
+
+
+class BlobWriter(Protocol):
+    """An object being written in pieces (see :meth:`BlobStore.open_writer`)."""
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; may wait while earlier pieces are still being sent."""
 
 
 class BlobStore(Protocol):
@@ -20,6 +31,16 @@ class BlobStore(Protocol):
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of the object (clipped to its size); BlobNotFound if absent."""
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` (clipped to the object); BlobNotFound if absent."""
+
+    def open_writer(self, key: str) -> AbstractAsyncContextManager[BlobWriter]:
+        """Write ``key`` in pieces: ``async with store.open_writer(key) as w: await w.write(b)``.
+
+        The object appears, whole, only when the block exits normally; if it raises (or is
+        cancelled) nothing appears and whatever was sent is discarded.
+        """
 
     async def size(self, key: str) -> int:
         """Length of the object in bytes; BlobNotFound if absent."""

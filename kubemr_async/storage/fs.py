@@ -7,7 +7,9 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .base import BlobNotFound
 
@@ -24,18 +26,32 @@ class FileBlobStore:
             raise ValueError(f"blob key {key!r} escapes the store root {self.root}")
         return path
 
-    def _put(self, key: str, data: bytes) -> None:
+    def _temp(self, key: str) -> tuple[Path, Path]:
+        """The object's path and a hidden temp file beside it (listings skip those)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        return path, path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+    def _put(self, key: str, data: bytes) -> None:
+        path, tmp = self._temp(key)
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            _publish(f, tmp, path)
 
     async def put(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._put, key, data)
+
+    @contextlib.asynccontextmanager
+    async def open_writer(self, key: str) -> AsyncIterator[_FileWriter]:
+        """A temp file written piece by piece, fsynced and renamed into place on success."""
+        path, tmp = await asyncio.to_thread(self._temp, key)
+        f = await asyncio.to_thread(open, tmp, "wb")
+        try:
+            yield _FileWriter(f)
+            await asyncio.to_thread(_publish, f, tmp, path)
+        finally:
+            f.close()
+            tmp.unlink(missing_ok=True)
 
     def _get(self, key: str, start: int, end: int | None) -> bytes:
         try:
@@ -48,6 +64,11 @@ class FileBlobStore:
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         return await asyncio.to_thread(self._get, key, start, end)
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative range ({offset}, {length}) for {key!r}")
+        return await asyncio.to_thread(self._get, key, offset, offset + length)
 
     async def size(self, key: str) -> int:
         path = self._path(key)
@@ -99,3 +120,18 @@ class FileBlobStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def _publish(f: BinaryIO, tmp: Path, path: Path) -> None:
+    """Make a fully written temp file durable, then visible under its name in one step."""
+    f.flush()
+    os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _FileWriter:
+    def __init__(self, f: BinaryIO) -> None:
+        self._file = f
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._file.write, data)

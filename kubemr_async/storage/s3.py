@@ -37,11 +37,13 @@ import os
 import random
 import re
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal, Self
 
 import aiohttp
+import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
@@ -59,6 +61,9 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 #: DeleteObjects accepts at most this many keys per request.
 DELETE_BATCH = 1000
+#: Parts a streamed upload (``open_writer``) keeps in flight; its memory is this many parts
+#: plus the one being filled.
+_WRITER_PARTS_IN_FLIGHT = 2
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _ACCESS_CODES = frozenset({"AccessDenied", "403", "InvalidAccessKeyId",
@@ -353,43 +358,61 @@ class S3BlobStore:
             await client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
     async def _put_multipart(self, key: str, data: bytes) -> None:
-        client = await self._client()
-        state = self._loop_client()
         # Grow parts for huge objects so they fit S3's 10,000-part limit.
         part_size = max(self.config.multipart_part_size, -(-len(data) // MAX_PARTS))
-        with self._errors("CreateMultipartUpload", key):
-            created = await client.create_multipart_upload(Bucket=self.bucket, Key=key)
-        upload_id: str = created["UploadId"]
-
-        async def upload(number: int, offset: int) -> dict[str, Any]:
-            async with state.parts:  # the slice (a copy) is only made once we may send it
-                with self._errors(f"UploadPart {number}", key):
-                    resp = await client.upload_part(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                        Body=data[offset:offset + part_size])
-            return {"PartNumber": number, "ETag": resp["ETag"]}
-
+        upload = await _Upload.create(self, key)
         try:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(upload(i + 1, offset))
-                             for i, offset in enumerate(range(0, len(data), part_size))]
-            except BaseExceptionGroup as eg:
-                # Report the first real failure, not a group of it and its cancelled siblings.
-                raise eg.exceptions[0] from None
-            parts = [task.result() for task in tasks]
-            with self._errors("CompleteMultipartUpload", key):
-                await client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id,
-                    MultipartUpload={"Parts": parts})
+            async with anyio.create_task_group() as group:
+                for number, offset in enumerate(range(0, len(data), part_size), start=1):
+                    # The slice (a copy) is only made once the part may be sent.
+                    group.start_soon(upload.send, number,
+                                     partial(_slice, data, offset, part_size))
+            await upload.complete()
         except BaseException:
-            await self._abort(client, key, upload_id)
+            await upload.abort()
             raise
 
+    @contextlib.asynccontextmanager
+    async def open_writer(self, key: str) -> AsyncIterator[_S3Writer]:
+        """A streamed upload: one PutObject if it stays small, else a multipart upload.
+
+        At most ``_WRITER_PARTS_IN_FLIGHT`` parts are in flight (``write`` waits for a slot),
+        so the writer holds a bounded number of part-sized buffers whatever the object's
+        size. On failure in-flight parts are let finish before the abort (below).
+        """
+        writer = _S3Writer(self, key)
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as group:
+            writer.group = group
+            try:
+                yield writer
+                await writer.flush(final=True)
+            except BaseException as exc:
+                failure = exc
+                writer.stopped = True
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    group.cancel_scope.cancel()
+        upload = writer.upload
+        failure = failure or (upload.error if upload is not None else None)
+        if failure is not None:
+            if upload is not None:
+                await upload.abort()
+            raise failure
+        if upload is None:
+            client = await self._client()
+            with self._errors("PutObject", key):
+                await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(writer.buffer))
+        else:
+            await upload.complete()
+
     async def _abort(self, client: Any, key: str, upload_id: str) -> None:
-        """Best effort: the upload's stored parts are billed until aborted or expired."""
-        abort = asyncio.ensure_future(client.abort_multipart_upload(
-            Bucket=self.bucket, Key=key, UploadId=upload_id))
+        """Best effort: the upload's stored parts are billed until aborted or expired.
+
+        A part the server was still receiving when the abort arrived can be stored after it
+        (S3 documents this), leaving the upload listed; so the abort is checked with
+        ListParts and repeated until the upload is gone.
+        """
+        abort = asyncio.ensure_future(self._abort_until_gone(client, key, upload_id))
         try:
             await asyncio.shield(abort)  # a second cancel must not stop the abort itself
         except asyncio.CancelledError:
@@ -399,6 +422,17 @@ class S3BlobStore:
         except Exception as exc:  # the original error matters more; this one is logged
             log.warning("could not abort the multipart upload of %s: %s", self.url(key),
                         _describe(exc))
+
+    async def _abort_until_gone(self, client: Any, key: str, upload_id: str) -> None:
+        for attempt in range(self.config.max_attempts):
+            await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            try:
+                await client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError as exc:
+                if _error_code(exc) in ("NoSuchUpload", "404"):
+                    return
+                raise
+            await asyncio.sleep(_backoff(attempt))
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)``, clipped to the object; one ranged GET, read in big chunks."""
@@ -448,6 +482,12 @@ class S3BlobStore:
             # A server may ignore Range and send the whole object (200, not 206).
             return data[start:end]
         return data
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``, clipped to the object: one ranged GET."""
+        if length < 0:
+            raise ValueError(f"negative length {length} for {self.url(key)}")
+        return await self.get(key, offset, offset + length)
 
     async def size(self, key: str) -> int:
         client = await self._client()
@@ -511,3 +551,97 @@ class S3BlobStore:
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(state.close(), loop)
             # A stopped loop's client cannot be closed from here; dropping it is all we can do.
+
+
+def _slice(data: bytes, offset: int, size: int) -> bytes:
+    return data[offset:offset + size]
+
+
+class _Upload:
+    """One multipart upload: its parts are sent concurrently, completed or aborted once.
+
+    A failed part does not cancel its siblings: a part cancelled on our side may still be
+    stored by the server after the abort (the known flake of a failed upload staying
+    listed), so parts already sent finish, parts not yet started are skipped, and the
+    abort comes after all of them.
+    """
+
+    def __init__(self, store: S3BlobStore, client: Any, key: str, upload_id: str) -> None:
+        self.store, self.client, self.key, self.upload_id = store, client, key, upload_id
+        self.parts: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+
+    @classmethod
+    async def create(cls, store: S3BlobStore, key: str) -> _Upload:
+        client = await store._client()
+        with store._errors("CreateMultipartUpload", key):
+            created = await client.create_multipart_upload(Bucket=store.bucket, Key=key)
+        return cls(store, client, key, created["UploadId"])
+
+    async def send(self, number: int, body: Callable[[], bytes]) -> None:
+        async with self.store._loop_client().parts:
+            if self.error is not None:
+                return
+            try:
+                with self.store._errors(f"UploadPart {number}", self.key):
+                    resp = await self.client.upload_part(
+                        Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                        PartNumber=number, Body=body())
+            except Exception as exc:
+                self.error = self.error or exc
+                return
+        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    async def complete(self) -> None:
+        if self.error is not None:
+            raise self.error
+        parts = sorted(self.parts, key=lambda part: int(part["PartNumber"]))
+        with self.store._errors("CompleteMultipartUpload", self.key):
+            await self.client.complete_multipart_upload(
+                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts})
+
+    async def abort(self) -> None:
+        await self.store._abort(self.client, self.key, self.upload_id)
+
+
+class _S3Writer:
+    """What ``S3BlobStore.open_writer`` yields: buffers to a part, then sends it."""
+
+    def __init__(self, store: S3BlobStore, key: str) -> None:
+        self.store, self.key = store, key
+        self.buffer = bytearray()
+        self.upload: _Upload | None = None
+        self.group: Any = None
+        self.stopped = False
+        self._parts = 0
+        self._slots = anyio.Semaphore(_WRITER_PARTS_IN_FLIGHT)
+
+    async def write(self, data: bytes) -> None:
+        if self.upload is not None and self.upload.error is not None:
+            raise self.upload.error
+        self.buffer += data
+        await self.flush(final=False)
+
+    async def flush(self, *, final: bool) -> None:
+        """Send every full part; with ``final``, the rest too (unless one PutObject will do)."""
+        small = len(self.buffer) <= self.store.config.multipart_threshold
+        if final and self.upload is None and small:
+            return
+        part_size = self.store.config.multipart_part_size
+        while len(self.buffer) >= part_size or (final and self.buffer):
+            if self.upload is None:
+                self.upload = await _Upload.create(self.store, self.key)
+            body = bytes(self.buffer[:part_size])
+            del self.buffer[:part_size]
+            self._parts += 1
+            await self._slots.acquire()
+            self.group.start_soon(self._send, self._parts, body)
+
+    async def _send(self, number: int, body: bytes) -> None:
+        assert self.upload is not None
+        try:
+            if not self.stopped:
+                await self.upload.send(number, lambda: body)
+        finally:
+            self._slots.release()
