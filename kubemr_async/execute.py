@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from . import formats, shuffle
+from . import formats, order, shuffle
 from .api import Job, JobWorker, TaskContext, call_user
 from .errors import PermanentTaskError
 from .spec import OutputFormat
@@ -80,7 +80,8 @@ async def run_map(job: Job, data: bytes,
         table = shuffle.combine(table, combiner)
     elif combiner is not None:
         table = await _apply_user_reduce(combiner, shuffle.sort_by_key(table), ctx)
-    parts = shuffle.partition(table, ctx.partitions)
+    await job.prepare_map(ctx)  # the total-order partition file, if the job has one
+    parts = shuffle.partition(table, ctx.partitions, job.partition_ids)
     runs = {r: shuffle.encode_run(part) for r, part in enumerate(parts) if part.num_rows}
     return runs, shuffle.key_type(table)
 
@@ -108,6 +109,8 @@ async def run_reduce(job: Job, runs: list[bytes], ctx: TaskContext,
         return formats.encode(shuffle.merge_runs(tables, job.reducer), output_format)
     # A map-side built-in combiner already merged counts; merge_runs finishes that merge.
     merged = shuffle.merge_runs(tables, None)
+    if job.sort_values:
+        merged = order.sort_by_key_and_value(merged)
     return formats.encode(await _apply_user_reduce(job.reducer, merged, ctx), output_format)
 
 
