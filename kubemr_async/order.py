@@ -35,12 +35,15 @@ one part, because the partition is a function of the key alone.
 Choosing boundaries as plain sample quantiles fails on skewed data: when one key is half
 the sample, several quantiles equal it, the part it starts gets it *and* whatever follows.
 :func:`choose_boundaries` works on the distinct sample keys weighted by their counts and
-moves each ideal cut (at ``i * n / R``) to the nearer edge of the key it falls in. A cut
-thus moves by at most half of one key's weight, which bounds every part by
-``n / R + (heaviest key's weight)`` in the sample: a key heavier than ``n / R`` ends up
-alone in its part (its own cuts round to its edges) and never pulls its neighbours along.
-Some parts may then be empty (two cuts on one edge); they are still written, so part
-numbers stay ``0 .. R-1``.
+places the cuts one by one: each cut's ideal position is what is left of the sample divided
+by the parts left, moved to the nearer edge of the key it falls in (a key is never split),
+and at least one key past the previous cut. A cut thus misses its ideal by at most half of
+one key's weight, so a part holds about ``n / R`` sampled rows plus at most the heaviest
+key (the property tests check ``<= n / R + heaviest``); a key heavier than a part's share
+ends up alone in its part, and since the ideal is recomputed after every cut, the parts
+after a heavy key share what is left instead of staying empty. Parts are empty only when
+the sample has fewer distinct keys than R; they are still written, so part numbers stay
+``0 .. R-1``.
 """
 
 from __future__ import annotations
@@ -295,7 +298,30 @@ def _successor(domain: Domain, largest: Any) -> Any:
         return largest + b"\x00"
     if domain == "int":
         return largest + 1 if largest < np.iinfo(np.int64).max else largest
-    return float(np.nextafter(largest, np.inf)) if np.isfinite(largest) else largest
+    with np.errstate(over="ignore"):
+        return float(np.nextafter(largest, np.inf)) if np.isfinite(largest) else largest
+
+
+def _cut_edges(counts: npt.NDArray[np.int64], partitions: int) -> npt.NDArray[np.int64]:
+    """Where the ``partitions - 1`` cuts go, as edges between distinct keys (0 .. D).
+
+    Cut by cut, the ideal position is what is left divided by the parts left, so a heavy
+    key that fills one part does not leave the parts after it empty; each cut moves to the
+    nearer edge of the key it falls in (never splitting a key), and at least one key past
+    the previous cut while keys remain.
+    """
+    edges = np.concatenate(([0], np.cumsum(counts)))
+    total, size = int(edges[-1]), len(counts)
+    cuts = np.zeros(partitions - 1, dtype=np.int64)
+    previous = 0
+    for i in range(partitions - 1):
+        done = int(edges[previous])
+        ideal = done + (total - done) / (partitions - i)
+        inside = min(int(np.searchsorted(edges, ideal, side="right")) - 1, size - 1)
+        start, end = edges[inside], edges[inside + 1]
+        edge = inside if ideal - start <= end - ideal else inside + 1
+        previous = cuts[i] = min(max(edge, previous + 1), size)
+    return cuts
 
 
 def choose_boundaries(sample: Keys, partitions: int) -> _Normal:
@@ -313,15 +339,7 @@ def choose_boundaries(sample: Keys, partitions: int) -> _Normal:
     if len(values) == 0:
         raise OrderError("cannot choose partition boundaries from an empty sample")
     distinct, counts = _distinct_counts(domain, values)
-    cumulative = np.cumsum(counts)
-    total = int(cumulative[-1])
-    # Ideal cut i sits at i * total / partitions rows; it falls in distinct key j, which
-    # spans rows [cumulative[j] - counts[j], cumulative[j]). Move it to the nearer edge.
-    ideal = np.arange(1, partitions, dtype=np.float64) * total / partitions
-    inside = np.searchsorted(cumulative, ideal, side="right")
-    end = cumulative[inside]
-    start = end - counts[inside]
-    edge = np.where(ideal - start <= end - ideal, inside, inside + 1)
+    edge = _cut_edges(counts, partitions)
     size = len(distinct)
     if domain == "bytes":
         items = [*distinct.to_pylist(), _successor(domain, distinct[size - 1].as_py())]
@@ -419,7 +437,8 @@ def sample_windows(sizes: Sequence[int], splits: int, per_split: int, window: in
     if splits < 1 or per_split < 1 or window < 1:
         raise ValueError("splits, per_split and window must be positive")
     count = len(sizes)
-    chosen = sorted({(2 * i + 1) * count // (2 * splits) for i in range(min(splits, count))})
+    take = min(splits, count)
+    chosen = sorted({(2 * i + 1) * count // (2 * take) for i in range(take)})
     plan: list[tuple[int, int, int]] = []
     for index in chosen:
         size = sizes[index]
