@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: import the repo's package
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.corpus import default_data_dir  # noqa: E402
-from benchmarks.wordcount import default_kubemr, machine_info  # noqa: E402
+from benchmarks.wordcount import children_by_parent, default_kubemr, machine_info  # noqa: E402
 from kubemr_async.validate import (  # noqa: E402
     KEY_SIZE,
     RECORD_SIZE,
@@ -189,17 +189,7 @@ class TreePeaks:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+        children = children_by_parent()
         stack = list(children.get(os.getpid(), []))
         while stack:
             pid = stack.pop()
