@@ -227,13 +227,15 @@ class TreePeaks:
 
 
 def _short_name(cmdline: str) -> str:
-    if "kubemr" in cmdline and " run " in f"{cmdline} ":
-        return "kubemr run"
-    if "kubemr" in cmdline and "worker" in cmdline:
+    argv = cmdline.split()
+    if "--peer-child" in argv[:-1]:
+        return argv[argv.index("--peer-child") + 1]
+    if "kubemr_async.local" in argv:
         return "kubemr worker"
-    if "--peer-child" in cmdline:
-        return cmdline.split("--peer-child", 1)[1].split()[0]
-    return cmdline.split(" ", 1)[0].rsplit("/", 1)[-1] or "?"
+    if (len(argv) > 2 and argv[1].endswith("/kubemr") and argv[2] == "run") or (
+            len(argv) > 1 and argv[0].endswith("kubemr") and argv[1] == "run"):
+        return "kubemr run"
+    return argv[0].rsplit("/", 1)[-1] if argv else "?"
 
 
 # --------------------------------------------------------------------------------------

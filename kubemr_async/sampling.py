@@ -87,10 +87,10 @@ async def plan_total_order(job: Job, splits: Sequence[Split], partitions: int,
         return None
     keys, key_type = await sample_keys(job, splits, settings, stores)
     if len(keys) == 0:
-        # No keys in the sample: the input is empty or the sampled windows emit nothing.
-        # Any boundary is then correct; one at the empty key sends everything to part 0+.
-        log.warning("total-order sample is empty; all keys go to the last partition")
-        keys = pa.array([b""], pa.binary())
+        # The input is empty, or the sampled windows emit nothing: no boundaries, so every
+        # key goes to part 0. Still a total order, whatever the keys' type.
+        log.warning("total-order sample is empty; every key goes to the first partition")
+        return order.TotalOrder(pa.array([], pa.binary()), partitions, "bytes", "")
     try:
         return order.TotalOrder.from_sample(keys, partitions, key_type or "")
     except shuffle.ShuffleError as exc:

@@ -195,3 +195,48 @@ def test_kubemr_run_sorts_globally_across_parts(tmp_path: Path, skew: float) -> 
         assert max(sizes) < 0.45 * sum(sizes)
     else:
         assert min(sizes) > 0.15 * sum(sizes)
+
+
+def test_an_empty_sample_sends_every_key_to_the_first_part(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    job = load_job(SORT_JOB)
+    assert isinstance(job, Job)
+    total = asyncio.run(plan_total_order(job, plan_splits([(str(empty), 0)], 1000), 3))
+    assert total is not None
+    again = type(total).from_bytes(total.to_bytes())
+    assert again.partition_ids(pa.array([5, 1]), 3).tolist() == [0, 0]
+
+
+def test_a_map_failing_while_sampled_fails_the_run_with_one_line(tmp_path: Path) -> None:
+    module = tmp_path / "broken.py"
+    module.write_text(
+        "from kubemr_async import Job\n"
+        "job = Job('broken')\n"
+        "job.partition('total-order')\n"
+        "@job.map\n"
+        "def m(text, ctx):\n"
+        "    raise ValueError('bad record')\n"
+        "job.reduce('count')\n")
+    data = tmp_path / "in.txt"
+    data.write_text("a\nb\n")
+    proc = subprocess.run(
+        [KUBEMR, "run", str(module), "--input", str(data), "--output", str(tmp_path / "out"),
+         "--reducers", "2", "--workers", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "sampling keys for the total-order partitioner: ValueError: bad record" in (
+        proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_compares_keys_exactly_across_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys whose first 8 bytes differ below float64's precision, the last 2 going down:
+    # sorted, and must stay sorted when a block boundary falls between them.
+    monkeypatch.setattr("kubemr_async.validate._BLOCK_LINES", 1)
+    payload = b" " * 89 + b"\n"
+    path = tmp_path / "r.txt"
+    path.write_bytes(b"a" + b" " * 7 + b"~~" + payload + b"a" + b" " * 6 + b"!  " + payload)
+    assert summarize([path]).sorted
