@@ -60,4 +60,6 @@ def test_every_peer_validates_on_a_tiny_corpus(
     for peer in peers:
         assert f"| {peer} " in out
     assert "FAIL" not in out and "ERROR" not in out
-    assert "kubemr processes (peak RSS MiB): kubemr run" in out
+    # Every process is reported by name: kubemr's parent and each worker.
+    kubemr_line = next(ln for ln in out.splitlines() if "kubemr processes" in ln)
+    assert "kubemr run" in kubemr_line and kubemr_line.count("kubemr worker") == 2
