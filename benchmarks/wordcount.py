@@ -111,6 +111,23 @@ def peer_dask_bag(paths: Sequence[str], workers: int) -> WordCounts:
     return dict(pairs)
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from /proc (Linux): {parent pid: [child pids]}."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces; the fields after its ')' are fixed.
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
 class PeakRSS:
     """Peak resident memory of this process and all its descendants while a peer runs.
 
@@ -130,18 +147,7 @@ class PeakRSS:
 
     @classmethod
     def _tree_bytes(cls) -> int:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            # The command name may hold spaces; the fields after its ')' are fixed.
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+        children = children_by_parent()
         total, stack = 0, [os.getpid()]
         while stack:
             pid = stack.pop()

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import shuffle
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from . import order, shuffle
 from .errors import JobDefinitionError, PermanentTaskError
 from .storage.urls import StoreCache
 
@@ -47,6 +51,28 @@ MapFn = Callable[[Any, "TaskContext"], Awaitable[None] | AsyncIterator[tuple[Any
                  | Iterator[tuple[Any, Any]] | None]
 ReduceFn = Callable[[Any, list[Any], "TaskContext"], Awaitable[Any] | AsyncIterator[Any]
                     | Iterator[Any] | Any]
+# A partitioner: per key ``fn(key, partitions) -> int``, or vectorized
+# ``fn(keys: pyarrow.Array, partitions) -> sequence of ints``.
+PartitionFn = Callable[[Any, int], Any]
+
+# ctx.args key under which the planner tells maps where the total-order partition file is.
+PARTITION_FILE_ARG = "kubemr.partition-file"
+
+
+@dataclass(frozen=True)
+class TotalOrderSampling:
+    """How the total-order partitioner samples keys before the maps run (as TeraSort does).
+
+    ``splits`` evenly spaced input splits are read in ``per_split`` evenly spaced windows of
+    ``window`` bytes each; the job's own map runs on those bytes, and ``sample`` of the keys
+    it emits (chosen deterministically) become the sample the boundaries are cut from.
+    Sampling the map's *output* keys, not raw input, is what makes any map shape work.
+    """
+
+    sample: int = 100_000
+    splits: int = 10
+    per_split: int = 8
+    window: int = 128 << 10
 
 
 @dataclass
@@ -127,12 +153,19 @@ class TaskContext:
 class Job:
     """A key/value MapReduce job built from decorated ``async def`` callbacks."""
 
-    def __init__(self, name: str = "") -> None:
+    def __init__(self, name: str = "", *, sort_values: bool = False) -> None:
         self.name = name
         self.map_fn: MapFn | None = None
         self.map_input: MapInput = "text"
         self.combiner: Builtin | ReduceFn | None = None
         self.reducer: Builtin | ReduceFn | None = None
+        # Values reach reduce sorted (in the key order of their type) within each key.
+        self.sort_values = sort_values
+        self.partitioner: Literal["hash"] | TotalOrderSampling | PartitionFn = "hash"
+        self.partition_vectorized = False
+        # The total-order boundaries once the planner's partition file is loaded.
+        self.total_order: order.TotalOrder | None = None
+        self._partition_file: str | None = None
 
     def map(self, fn: MapFn | None = None, *, input: MapInput = "text") -> Any:
         """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``).
@@ -157,14 +190,105 @@ class Job:
         self.combiner = _builtin_or_callable("combine", fn)
         return fn
 
-    def reduce(self, fn: Builtin | ReduceFn) -> Any:
+    def reduce(self, fn: Builtin | ReduceFn, *, sort_values: bool | None = None) -> Any:
         """Register the reducer: a built-in name or ``async def fn(key, values, ctx)``.
 
         A callable returns (or yields) the value(s) written for the key in the job's output
-        format; returning None writes nothing for that key.
+        format; returning None writes nothing for that key. ``sort_values=True`` (also
+        ``Job(sort_values=True)``) hands each key's values over sorted, as mrjob's
+        ``SORT_VALUES`` and Hadoop's secondary sort do; otherwise their order is unspecified.
         """
         self.reducer = _builtin_or_callable("reduce", fn)
+        if sort_values is not None:
+            self.sort_values = sort_values
         return fn
+
+    def partition(self, fn: Literal["hash", "total-order"] | PartitionFn = "hash", *,
+                  vectorized: bool = False, sample: int = TotalOrderSampling.sample,
+                  splits: int = TotalOrderSampling.splits) -> Any:
+        """Choose how keys are assigned to reduce partitions.
+
+        * ``"hash"`` (default): the stable FNV-1a hash of the key's bytes
+          (``shuffle.partition_ids``); spreads keys evenly, no order across parts.
+        * ``"total-order"``: part 0's keys all precede part 1's, and so on, so the parts
+          concatenated are sorted. Keys are sampled before the maps run (``sample`` keys
+          from ``splits`` input splits; see :class:`TotalOrderSampling`), and the
+          boundaries are balanced even when a few keys repeat very often
+          (``kubemr_async.order``).
+        * a callable ``fn(key, partitions) -> int`` (per key, Python), or with
+          ``vectorized=True`` ``fn(keys, partitions)`` taking a pyarrow array and returning
+          one int per key (numpy array or sequence). Must be deterministic: every map must
+          send a key to the same partition. Usable as a decorator.
+        """
+        if fn == "hash":
+            self.partitioner = "hash"
+        elif fn == "total-order":
+            if sample < 1 or splits < 1:
+                raise JobDefinitionError(
+                    f"total-order sample and splits must be positive, got {sample}, {splits}")
+            self.partitioner = TotalOrderSampling(sample=sample, splits=splits)
+        elif isinstance(fn, str):
+            raise JobDefinitionError(
+                f"unknown partitioner {fn!r}; use 'hash', 'total-order' or a callable")
+        else:
+            _require_callable("partition", fn)
+            self.partitioner = fn
+        self.partition_vectorized = vectorized
+        self.total_order = None
+        return fn
+
+    @property
+    def total_order_sampling(self) -> TotalOrderSampling | None:
+        """The sampling settings when the job wants a total order, else None."""
+        p = self.partitioner
+        return p if isinstance(p, TotalOrderSampling) else None
+
+    def use_total_order(self, boundaries: order.TotalOrder | bytes) -> None:
+        """Install the boundaries (a partition file's bytes, or a TotalOrder) for the maps."""
+        if self.total_order_sampling is None:
+            raise JobDefinitionError("the job does not use the total-order partitioner")
+        self.total_order = (boundaries if isinstance(boundaries, order.TotalOrder)
+                            else order.TotalOrder.from_bytes(boundaries))
+
+    async def prepare_map(self, ctx: TaskContext) -> None:
+        """Before a map partitions: load the planner's partition file, once per process.
+
+        The planner wrote it (``sampling.prepare_partitioner``) and named it in
+        ``ctx.args[PARTITION_FILE_ARG]``; a job that needs none returns at once.
+        """
+        url = ctx.args.get(PARTITION_FILE_ARG)
+        if self.total_order_sampling is None or ctx.partitions <= 1 or url is None:
+            return
+        if self._partition_file != url:
+            self.use_total_order(await ctx.fetch(url))
+            self._partition_file = url
+
+    def partition_ids(self, keys: pa.Array | pa.ChunkedArray, reducers: int
+                      ) -> npt.NDArray[np.int64]:
+        """The reduce partition of every key: the one function the map side calls.
+
+        ``keys`` is the key column of a shuffle table (Arrow); the result holds one id in
+        ``[0, reducers)`` per key. Raises PermanentTaskError for a partitioner that cannot
+        answer (a total order whose boundaries were never loaded, a callable returning a
+        bad id), since running the map again would give the same answer.
+        """
+        if reducers < 1:
+            raise ValueError(f"reducers must be at least 1, got {reducers}")
+        p = self.partitioner
+        try:
+            if p == "hash":
+                return shuffle.partition_ids(keys, reducers)
+            if isinstance(p, TotalOrderSampling):
+                if reducers == 1:
+                    return np.zeros(len(keys), dtype=np.int64)
+                if self.total_order is None:
+                    raise PermanentTaskError(
+                        "the total-order partitioner has no boundaries: the job was planned "
+                        "without sampling its keys (sampling.prepare_partitioner)")
+                return self.total_order.partition_ids(keys, reducers)
+            return _checked_ids(p, keys, reducers, self.partition_vectorized)
+        except shuffle.ShuffleError as exc:
+            raise PermanentTaskError(str(exc)) from exc
 
     def check(self, where: str, reducers: int | None = None) -> None:
         """Refuse a job that cannot run with ``reducers`` partitions (None: not known yet).
@@ -185,6 +309,26 @@ class Job:
         if self.combiner is not None:
             return self.combiner
         return self.reducer if isinstance(self.reducer, str) else None
+
+
+def _checked_ids(fn: PartitionFn, keys: pa.Array | pa.ChunkedArray, reducers: int,
+                 vectorized: bool) -> npt.NDArray[np.int64]:
+    """Call a user partitioner and refuse an answer that is not one valid id per key."""
+    if vectorized:
+        ids = np.asarray(fn(keys, reducers))
+    else:
+        ids = np.asarray([fn(key, reducers) for key in keys.to_pylist()])
+    if ids.shape != (len(keys),) or (len(keys) and ids.dtype.kind not in "iu"):
+        raise PermanentTaskError(
+            f"the partitioner must return one int per key; for {len(keys)} keys it returned "
+            f"an array of shape {ids.shape} and dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= reducers))
+    if bad.size:
+        key = keys[int(bad[0])].as_py()
+        raise PermanentTaskError(
+            f"the partitioner sent key {key!r:.60} to partition {int(ids[bad[0]])}; "
+            f"expected an int in [0, {reducers})")
+    return ids.astype(np.int64, copy=False)
 
 
 class JobWorker:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import formats, shuffle, spill
+from . import formats, order, shuffle, spill
 from .api import Job, JobWorker, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .spec import OutputFormat
@@ -106,7 +106,7 @@ class _MapSpills:
                 raise PermanentTaskError(f"{self.ctx.task} emitted keys of type {first} and "
                                          f"{second}; a job's keys must share one type")
         path = self.directory / f"spill-{len(self.files):05d}"
-        parts = shuffle.partition(table, self.ctx.partitions)
+        parts = shuffle.partition(table, self.ctx.partitions, self.job.partition_ids)
         spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
         self.files.append(path)
 
@@ -164,6 +164,7 @@ async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
     object. Returns its path and size (None if the map emitted nothing) and the type of
     the keys, which the runtime checks against the other maps' before it commits.
     """
+    await job.prepare_map(ctx)  # the total-order partition file, if the job has one
     spills = _MapSpills(job, ctx, directory, budget)
     ctx._spill, ctx._spill_bytes = spills.spill, budget.map_buffer
     try:
@@ -210,7 +211,8 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
             for chunk in chunks:
                 part.write(chunk)
         else:
-            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget,
+                                 job.sort_values)
     except BaseException:
         part.abort()
         raise
@@ -220,9 +222,9 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
 
 async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskContext,
                          part: spill.PartWriter, directory: Path,
-                         budget: shuffle.ShuffleBudget) -> None:
+                         budget: shuffle.ShuffleBudget, sort_values: bool) -> None:
     """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``)."""
-    out = _Output(part)
+    out = _Output(part, sort_values)
     group: _Group | None = None
     for chunk in chunks:
         for block in shuffle.blocks(chunk, budget.block_bytes):
@@ -298,13 +300,17 @@ class LazyValues(Iterable[Any]):
 class _Output:
     """A reduce's output rows, written to the part every ``_OUTPUT_ROWS`` rows."""
 
-    def __init__(self, part: spill.PartWriter) -> None:
+    def __init__(self, part: spill.PartWriter, sort_values: bool) -> None:
         self.part = part
+        self.sort_values = sort_values
         self.keys: list[Any] = []
         self.values: list[Any] = []
 
     async def reduce(self, fn: object, group: _Group, ctx: TaskContext) -> None:
-        for value in await call_user(fn, group.key, group.values(), ctx):  # type: ignore[arg-type]
+        values = group.values()
+        if self.sort_values:
+            values = _sorted_values(group.key, values)
+        for value in await call_user(fn, group.key, values, ctx):  # type: ignore[arg-type]
             self.keys.append(group.key)
             self.values.append(value)
         if len(self.keys) >= _OUTPUT_ROWS:
@@ -317,6 +323,22 @@ class _Output:
             raise PermanentTaskError(str(exc)) from exc
         self.part.write(table)
         self.keys, self.values = [], []
+
+
+def _sorted_values(key: Any, values: list[Any] | LazyValues) -> list[Any]:
+    """A key's values in the key order of their kind (``sort_values``; see order.py).
+
+    The merge orders rows by key only, so the values are sorted here, in memory: a key
+    whose values exceed the worker's budget share cannot be sorted this way.
+    """
+    if isinstance(values, LazyValues):
+        raise PermanentTaskError(
+            f"sort_values: key {key!r:.60} has more values than the worker's memory budget "
+            "holds; give the workers more memory (--memory, spec.memory) or drop sort_values")
+    if len(values) < 2:
+        return values
+    table = order.sort_by_key_and_value(shuffle.pairs_to_table([key] * len(values), values))
+    return shuffle.to_python(table.column("value"), shuffle.column_kind(table, "value"))
 
 
 async def run_low_level_map(worker: JobWorker, index: int, task_input: str,

@@ -57,6 +57,7 @@ from .outdir import (
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
 from .records import TaskOutputs
+from .sampling import prepare_partitioner
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
@@ -194,6 +195,8 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
     store = SQLiteStateStore(work / "state.db")
     try:
         try:
+            # Total-order jobs: sample the keys and write the boundaries before any map runs.
+            spec = await prepare_partitioner(job, spec, splits, str(work / "partition-file"))
             await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
             await store.create(name, protocol.plan(spec, splits))
             records, _ = await store.snapshot(name)

@@ -109,7 +109,7 @@ import math
 import reprlib
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeAlias
 
@@ -931,14 +931,19 @@ def _radix_key(ids: npt.NDArray[np.int64], partitions: int) -> npt.NDArray[Any]:
     return ids.astype(np.uint16) if partitions <= 1 << 16 else ids
 
 
-def partition(table: Table, partitions: int) -> list[Table]:
-    """Split rows by ``partition_ids``; each of the ``partitions`` tables is sorted by key."""
+Partitioner: TypeAlias = "Callable[[pa.Array, int], npt.NDArray[np.int64]]"
+
+
+def partition(table: Table, partitions: int,
+              partitioner: Partitioner | None = None) -> list[Table]:
+    """Split rows by ``partitioner`` (default ``partition_ids``, the hash); each of the
+    ``partitions`` tables is sorted by key. The partitioner sees each distinct key once."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     if table.num_rows == 0:
         return [table for _ in range(partitions)]
     distinct, rows = _distinct_keys(_single(table.column("key")))
-    ids = partition_ids(distinct, partitions)
+    ids = (partitioner or partition_ids)(distinct, partitions)
     # Ordering by key and then stably by partition leaves every partition sorted.
     order = _sort_order(distinct)
     order = order[np.argsort(_radix_key(ids[order], partitions), kind="stable")]
