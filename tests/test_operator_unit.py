@@ -211,3 +211,22 @@ def test_watch_events_that_change_nothing_a_reconcile_acts_on_are_dropped() -> N
     assert changes.changed("DELETED", deleting)
     changes.relisted([])
     assert len(changes) == 0, "a re-list forgets jobs that went away unseen"
+
+
+def test_workers_spill_to_an_empty_dir_unless_the_template_gives_its_own() -> None:
+    pod = job_for()["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": build.SCRATCH_VOLUME, "emptyDir": {}}]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": build.SCRATCH_VOLUME, "mountPath": "/tmp"}]
+    # A template's own volumes are kept beside ours; its own scratch definition wins.
+    memory = {"name": build.SCRATCH_VOLUME, "emptyDir": {"medium": "Memory"}}
+    pod = job_for({"spec": {"volumes": [{"name": "data", "emptyDir": {}}, memory]}})[
+        "spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "data", "emptyDir": {}}, memory]
+    # Something of its own mounted at /tmp: nothing is added.
+    own = {"name": "data", "mountPath": "/tmp/"}
+    pod = job_for({"spec": {"volumes": [{"name": "data", "emptyDir": {}}],
+                            "containers": [{"name": "worker", "volumeMounts": [own]}]}})[
+        "spec"]["template"]["spec"]
+    assert pod["containers"][0]["volumeMounts"] == [own]
+    assert pod["volumes"] == [{"name": "data", "emptyDir": {}}]

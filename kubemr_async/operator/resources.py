@@ -185,6 +185,7 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
         # one whose Role reaches only this job's objects.
         pod["spec"]["serviceAccountName"] = account
         pod["spec"].pop("serviceAccount", None)
+    _add_scratch(pod["spec"])
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
@@ -192,6 +193,32 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
         "spec": {"parallelism": spec.workers or DEFAULT_WORKERS,
                  "backoffLimit": config.worker_backoff_limit, "template": pod},
     }
+
+
+#: The volume under the worker's temp dir: spills, merge passes and parts being written.
+SCRATCH_VOLUME = "kubemr-scratch"
+SCRATCH_PATH = "/tmp"
+
+
+def _add_scratch(pod: KubeObject) -> None:
+    """Give the worker container an ``emptyDir`` at /tmp, its scratch (see ``spill``).
+
+    The shuffle spills beyond the memory budget to the temp dir; in a container that is
+    the image's writable layer (slow, and lost to ``readOnlyRootFilesystem``), so it gets
+    a volume of its own, deleted with the pod. A template may define a volume of the same
+    name (``medium: Memory``, a ``sizeLimit``, an ephemeral PVC) or mount its own at /tmp;
+    then that one is used.
+    """
+    worker = next((c for c in pod.get("containers", []) if c.get("name") == "worker"), None)
+    if worker is None:
+        return
+    mounts = worker.setdefault("volumeMounts", [])
+    if any(m.get("mountPath", "").rstrip("/") == SCRATCH_PATH for m in mounts):
+        return
+    mounts.append({"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH})
+    volumes = pod.setdefault("volumes", [])
+    if not any(v.get("name") == SCRATCH_VOLUME for v in volumes):
+        volumes.append({"name": SCRATCH_VOLUME, "emptyDir": {}})
 
 
 def workers_failed(workers: KubeObject) -> str | None:
