@@ -1190,16 +1190,21 @@ def _order_key(value: Any) -> tuple[bool, Any]:
     return (isinstance(value, float) and math.isnan(value), 0 if value != value else value)
 
 
-def _rows_at_most(keys: pa.Array, bound: Any) -> int:
-    """How many leading rows of ascending ``keys`` are <= ``bound`` (binary search)."""
+def _rows_at_most(keys: pa.Array, bound: Any, *, inclusive: bool = True) -> int:
+    """How many leading rows of ascending ``keys`` are <= ``bound`` (< with ``inclusive``
+    False), by binary search; NaN sorts last."""
     if isinstance(bound, float) and math.isnan(bound):
-        return len(keys)
+        if inclusive:
+            return len(keys)
+        return int(np.count_nonzero(~np.isnan(keys.to_numpy())))
     if pa.types.is_floating(keys.type) or pa.types.is_integer(keys.type):
-        return int(np.searchsorted(keys.to_numpy(), bound, side="right"))
+        return int(np.searchsorted(keys.to_numpy(), bound,
+                                   side="right" if inclusive else "left"))
     lo, hi = 0, len(keys)
     while lo < hi:
         mid = (lo + hi) // 2
-        if keys[mid].as_py() <= bound:
+        value = keys[mid].as_py()
+        if value <= bound if inclusive else value < bound:
             lo = mid + 1
         else:
             hi = mid
@@ -1233,10 +1238,18 @@ def merge_sorted(streams: Sequence[Iterable[Table]]) -> Iterator[Table]:
         lasts = {i: _comparable(t.slice(t.num_rows - 1))[0].as_py() for i, t in heads.items()}
         bound = min(lasts.values(), key=_order_key)
         taken = []
+        # A stream whose head ends at the bound may hold more rows of that key in its next
+        # table: streams after it take only rows below the bound this round, so equal keys
+        # still come out in stream order.
+        below_only = False
         for i in sorted(heads):
             table = heads[i]
-            count = table.num_rows if lasts[i] == bound else _rows_at_most(
-                _comparable(table), bound)
+            if below_only:
+                count = _rows_at_most(_comparable(table), bound, inclusive=False)
+            elif _order_key(lasts[i]) == _order_key(bound):  # NaN-aware equality
+                count, below_only = table.num_rows, True
+            else:
+                count = _rows_at_most(_comparable(table), bound)
             if count:
                 taken.append(table.slice(0, count))
             if count == table.num_rows:
