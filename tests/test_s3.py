@@ -297,6 +297,35 @@ async def test_delete_prefix_batches_past_1000_keys(bucket: Bucket, proxy: Fault
     assert len(deletes) == 2  # 1000 + 234
 
 
+def delete_result(code: str) -> web.Response:
+    """A DeleteObjects answer whose one per-key error is ``code``."""
+    body = ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult '
+            'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Error><Key>race/a</Key>'
+            f"<Code>{code}</Code><Message>injected {code}</Message></Error></DeleteResult>")
+    return web.Response(status=200, body=body.encode(), content_type="application/xml")
+
+
+@real_s3
+@pytest.mark.parametrize(("code", "fails"), [("NoSuchKey", False), ("AccessDenied", True)])
+async def test_delete_prefix_ignores_keys_another_worker_deleted_first(
+        bucket: Bucket, proxy: FaultProxy, code: str, fails: bool) -> None:
+    """Every worker cleans up a decided job, so a key can vanish while DeleteObjects runs;
+    some S3 servers then answer NoSuchKey for it. That key is gone, as asked; any other
+    per-key error is still a failure."""
+    store = via(bucket, proxy)
+    await store.put("race/a", b"1")
+
+    async def answer(seen: Seen) -> web.Response | None:
+        return delete_result(code) if seen.method == "POST" and "delete" in seen.query else None
+
+    proxy.rule = answer
+    if fails:
+        with pytest.raises(S3Error, match=r"AccessDenied.*\(1 of 1 keys not deleted\)"):
+            await store.delete_prefix("race/")
+    else:
+        assert await store.delete_prefix("race/") == 1
+
+
 @real_s3
 async def test_one_client_per_loop_for_the_store_life(bucket: Bucket) -> None:
     store = bucket.store()

@@ -518,7 +518,10 @@ class S3BlobStore:
             with self._errors(f"DeleteObjects prefix {prefix!r}"):
                 resp = await client.delete_objects(Bucket=self.bucket, Delete={
                     "Objects": [{"Key": k} for k in batch], "Quiet": True})
-            errors = resp.get("Errors") or []
+            # Another worker may have deleted some of these meanwhile (every worker cleans
+            # up a decided job). S3 reports deleting a missing key as success; some
+            # compatible servers answer NoSuchKey, which means the same here: it is gone.
+            errors = [e for e in resp.get("Errors") or [] if e.get("Code") != "NoSuchKey"]
             if errors:
                 first = errors[0]
                 raise S3Error(f"S3 DeleteObjects {self._where(first.get('Key', ''))} failed: "
