@@ -10,6 +10,7 @@ renewals, watches) lean, and keeps ``kubernetes_asyncio`` out of every other mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from kubernetes_asyncio.config import (
 )
 
 from ..errors import KubemrError
-from .errors import KubeApiError, NotFound, error_for
+from .errors import Conflict, KubeApiError, NotFound, error_for
 
 #: A Kubernetes object as the API returns it (decoded JSON): unstructured, unlike records.
 KubeObject = dict[str, Any]
@@ -124,6 +125,19 @@ SELF_SUBJECT_REVIEWS = Resource("authentication.k8s.io", "v1", "selfsubjectrevie
 
 Query = Mapping[str, str | int | bool | None]
 
+#: What an HTTP call raises when the server gave no (complete) answer.
+_NO_ANSWER = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+async def _read_all(resp: aiohttp.ClientResponse, context: str) -> bytes:
+    """The whole body of ``resp``, which is released; a broken read is Unreachable."""
+    try:
+        return await resp.read()
+    except _NO_ANSWER as exc:
+        raise Unreachable(context, exc) from exc
+    finally:
+        resp.release()
+
 
 def _query(query: Query | None) -> list[tuple[str, str]]:
     # Go's strconv.ParseBool reads "true"; Python's str(True) would be "True".
@@ -197,16 +211,11 @@ class Kube:
                 header_params={"Accept": accept, "Content-Type": content_type},
                 body=body, auth_settings=["BearerToken"], _preload_content=False,
                 _request_timeout=read_timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except _NO_ANSWER as exc:
             raise Unreachable(context, exc) from exc
         if not 200 <= resp.status < 300:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise Unreachable(context, exc) from exc
-            finally:
-                resp.release()
-            raise error_for(context, resp.status, raw, str(resp.reason))
+            raise error_for(context, resp.status, await _read_all(resp, context),
+                            str(resp.reason))
         return resp
 
     async def request(self, method: str, path: str, *, context: str,
@@ -219,12 +228,7 @@ class Kube:
         resp = await self.open(method, path, context=context, query=query, body=body,
                                content_type=content_type, read_timeout=read_timeout,
                                accept=accept)
-        try:
-            raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise Unreachable(context, exc) from exc
-        finally:
-            resp.release()
+        raw = await _read_all(resp, context)
         decoded: KubeObject = orjson.loads(raw) if raw else {}
         return decoded
 
@@ -257,11 +261,8 @@ class Kube:
     async def ensure(self, resource: Resource, body: Mapping[str, Any],
                      namespace: str | None = None, *, context: str | None = None) -> None:
         """Create the object unless one of its name exists (what a reconcile repeats)."""
-        try:
+        with contextlib.suppress(Conflict):
             await self.create(resource, body, namespace, context=context)
-        except KubeApiError as exc:
-            if exc.status != 409:
-                raise
 
     async def patch(self, resource: Resource, name: str, body: object,
                     namespace: str | None = None, *, content_type: str = MERGE_PATCH,
