@@ -9,11 +9,13 @@ A record is one line of exactly 100 bytes, the ASCII form of the sort benchmark'
     byte  99     "\\n"
 
 The map cuts a split into records (vectorized: no Python per record) and emits the key and
-the payload. The total-order partitioner samples the keys before the maps run, so every key
-in ``part-00000`` precedes every key in ``part-00001``, and so on, even when a few keys
-repeat very often. ``sort_values=True`` orders records with equal keys by their payload, so
-the output is exactly ``LC_ALL=C sort``'s, line for line (once the TAB the text format
-puts between key and value is taken out).
+the payload; the built-in ``identity`` reducer writes the merged rows as they come. The
+total-order partitioner samples the keys before the maps run, so every key in
+``part-00000`` precedes every key in ``part-00001``, and so on, even when a few keys repeat
+very often. ``sort_values=True`` orders records with equal keys by their payload (the
+maps sort by key and payload, and the merge keeps it), so the output is exactly
+``LC_ALL=C sort``'s, line for line (once the TAB the text format puts between key and
+value is taken out).
 
     kubemr run examples/sort.py --input DIR --output /tmp/sorted --reducers 4
 
@@ -22,8 +24,6 @@ Each output line is ``key<TAB>payload``; check the result with
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +57,6 @@ def records(chunk: bytes, ctx: TaskContext) -> None:
                    _column(rows[:, KEY_SIZE:-1], RECORD_SIZE - KEY_SIZE - 1))
 
 
-@job.reduce
-def every_record(key: bytes, payloads: list[bytes], ctx: TaskContext) -> Iterator[bytes]:
-    yield from payloads  # one output line per record, payloads in order (sort_values)
+# Every record as it comes out of the merge: by key, then payload (sort_values), with no
+# Python call per key (the built-in identity reducer).
+job.reduce("identity")

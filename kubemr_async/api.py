@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,11 @@ from .storage.urls import StoreCache
 #: spill can measure (only when spilling; without it they stay lists to the end).
 _PAIRS_PER_TABLE = 65_536
 
-Builtin = shuffle.Combiner
-BUILTINS: tuple[Builtin, ...] = ("sum", "count", "min", "max")
+#: ``identity`` writes every (key, value) row as it comes out of the merge (Hadoop's
+#: IdentityReducer); the others fold each key's values and also combine map-side.
+Builtin = shuffle.Combiner | Literal["identity"]
+COMBINERS: tuple[shuffle.Combiner, ...] = ("sum", "count", "min", "max")
+BUILTINS: tuple[Builtin, ...] = (*COMBINERS, "identity")
 MapInput = Literal["text", "bytes", "name"]
 
 # Callbacks may be ``async def`` (plain or generators) or plain ``def`` (plain or generators).
@@ -157,7 +161,7 @@ class Job:
         self.name = name
         self.map_fn: MapFn | None = None
         self.map_input: MapInput = "text"
-        self.combiner: Builtin | ReduceFn | None = None
+        self.combiner: shuffle.Combiner | ReduceFn | None = None
         self.reducer: Builtin | ReduceFn | None = None
         # Values reach reduce sorted (in the key order of their type) within each key.
         self.sort_values = sort_values
@@ -185,9 +189,9 @@ class Job:
 
         return register(fn) if fn is not None else register
 
-    def combine(self, fn: Builtin | ReduceFn) -> Any:
+    def combine(self, fn: shuffle.Combiner | ReduceFn) -> Any:
         """Register a map-side combiner: a built-in name or ``async def fn(key, values, ctx)``."""
-        self.combiner = _builtin_or_callable("combine", fn)
+        self.combiner = _builtin_or_callable("combine", fn, COMBINERS)
         return fn
 
     def reduce(self, fn: Builtin | ReduceFn, *, sort_values: bool | None = None) -> Any:
@@ -198,7 +202,7 @@ class Job:
         ``Job(sort_values=True)``) hands each key's values over sorted, as mrjob's
         ``SORT_VALUES`` and Hadoop's secondary sort do; otherwise their order is unspecified.
         """
-        self.reducer = _builtin_or_callable("reduce", fn)
+        self.reducer = _builtin_or_callable("reduce", fn, BUILTINS)
         if sort_values is not None:
             self.sort_values = sort_values
         return fn
@@ -304,11 +308,16 @@ class Job:
                 "with --reducers 0 (reducers: 0 in the job spec)")
 
     @property
-    def map_side_combiner(self) -> Builtin | ReduceFn | None:
-        """Built-in reducers are associative, so they also combine map-side by default."""
+    def map_side_combiner(self) -> shuffle.Combiner | ReduceFn | None:
+        """Built-in folds are associative, so they also combine map-side by default."""
         if self.combiner is not None:
             return self.combiner
-        return self.reducer if isinstance(self.reducer, str) else None
+        return self.reducer if self.reducer in COMBINERS else None
+
+    @property
+    def folding_reducer(self) -> shuffle.Combiner | None:
+        """The built-in fold the reduce side applies as it merges (None: not a fold)."""
+        return self.reducer if self.reducer in COMBINERS else None
 
 
 def _checked_ids(fn: PartitionFn, keys: pa.Array | pa.ChunkedArray, reducers: int,
@@ -351,11 +360,11 @@ def _require_callable(role: str, fn: Any) -> None:
         raise JobDefinitionError(f"{role} callback must be callable, got {type(fn).__name__}")
 
 
-def _builtin_or_callable(role: str, fn: Any) -> Any:
+def _builtin_or_callable(role: str, fn: Any, builtins: tuple[str, ...]) -> Any:
     if isinstance(fn, str):
-        if fn not in BUILTINS:
+        if fn not in builtins:
             raise JobDefinitionError(
-                f"unknown built-in {role} {fn!r}; choose one of {', '.join(BUILTINS)}")
+                f"unknown built-in {role} {fn!r}; choose one of {', '.join(builtins)}")
         return fn
     _require_callable(role, fn)
     return fn
@@ -367,7 +376,18 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> list[Any]:
     Returns the yielded items, or ``[value]`` for a non-None return value (see
     :func:`iter_user`).
     """
-    return [item async for item in iter_user(fn, *args)]
+    # Once per key in a Python reduce: the common shapes are checked first and without an
+    # async generator in between (iter_user's laziness is for maps).
+    result = fn(*args)
+    if isinstance(result, types.GeneratorType):
+        return list(result)
+    if isinstance(result, types.CoroutineType) or inspect.isawaitable(result):
+        result = await result
+    elif inspect.isasyncgen(result):
+        return [item async for item in result]
+    if isinstance(result, types.GeneratorType):
+        return list(result)
+    return [] if result is None else [result]
 
 
 async def iter_user(fn: Callable[..., Any], *args: Any) -> AsyncIterator[Any]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import formats, order, shuffle, spill
+from . import formats, merge, order, shuffle, spill
 from .api import Job, JobWorker, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .spec import OutputFormat
@@ -106,7 +106,12 @@ class _MapSpills:
                 raise PermanentTaskError(f"{self.ctx.task} emitted keys of type {first} and "
                                          f"{second}; a job's keys must share one type")
         path = self.directory / f"spill-{len(self.files):05d}"
-        parts = shuffle.partition(table, self.ctx.partitions, self.job.partition_ids)
+        if self.job.sort_values:
+            # The secondary sort: rows by key, then value, so that every merge keeps values
+            # in order and a reducer gets them sorted without sorting anything itself.
+            table = order.sort_by_key_and_value(table)
+        parts = shuffle.partition(table, self.ctx.partitions, self.job.partition_ids,
+                                  presorted=self.job.sort_values)
         spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
         self.files.append(path)
 
@@ -125,7 +130,7 @@ class _MapSpills:
             for partition in range(self.ctx.partitions):
                 sources = [_reader(index[partition]) for index in indexes]
                 for chunk in _merged(sources, self.directory / f"p{partition}", self.budget,
-                                     builtin):
+                                     builtin, self.job.sort_values):
                     writer.add(partition, chunk)
             size = writer.finish()
         return path, size
@@ -146,13 +151,14 @@ def _reader(source: spill.Slice, position: int | None = None) -> _Source:
 
 
 def _merged(sources: list[_Source], directory: Path, budget: shuffle.ShuffleBudget,
-            combiner: shuffle.Combiner | None) -> Iterator[shuffle.Table]:
-    """Sorted chunks of all ``sources``, folded by ``combiner`` if it is a built-in."""
+            combiner: shuffle.Combiner | None, by_value: bool) -> Iterator[shuffle.Table]:
+    """Sorted chunks of all ``sources`` (by key, or by key and value with ``by_value``),
+    folded by ``combiner`` if it is a built-in."""
     if len(sources) > budget.merge_factor:
         directory.mkdir(exist_ok=True)
-        sources = spill.merge_passes(sources, directory, budget, combiner)
-    chunks = shuffle.merge_sorted([source() for source in sources])
-    return chunks if combiner is None else shuffle.fold_sorted(chunks, combiner)
+        sources = spill.merge_passes(sources, directory, budget, combiner, by_value=by_value)
+    chunks = merge.merge_sorted([source() for source in sources], by_value=by_value)
+    return chunks if combiner is None else merge.fold_sorted(chunks, combiner)
 
 
 async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
@@ -202,17 +208,16 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
     in ``directory`` chunk by chunk, whose path is returned. A damaged slice raises
     :class:`CorruptRun` with its position in ``sources``.
     """
-    builtin = job.reducer if isinstance(job.reducer, str) else None
+    builtin = job.folding_reducer
     readers = [_reader(source, position) for position, source in enumerate(sources)]
     part = spill.PartWriter(directory / "part", output_format)
     try:
-        chunks = _merged(readers, directory / "merge", budget, builtin)
-        if builtin is not None:
+        chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
+        if isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
             for chunk in chunks:
                 part.write(chunk)
         else:
-            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget,
-                                 job.sort_values)
+            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
     except BaseException:
         part.abort()
         raise
@@ -222,9 +227,12 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
 
 async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskContext,
                          part: spill.PartWriter, directory: Path,
-                         budget: shuffle.ShuffleBudget, sort_values: bool) -> None:
-    """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``)."""
-    out = _Output(part, sort_values)
+                         budget: shuffle.ShuffleBudget) -> None:
+    """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``).
+
+    Values come in the merge's order: sorted within their key when the job sorts values.
+    """
+    out = _Output(part)
     group: _Group | None = None
     for chunk in chunks:
         for block in shuffle.blocks(chunk, budget.block_bytes):
@@ -234,46 +242,60 @@ async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskC
                                      shuffle.column_kind(block, "key"))
             values = shuffle.to_python(block.column("value"),
                                        shuffle.column_kind(block, "value"))
+            row_bytes = block.nbytes / block.num_rows
             for key, start, end in zip(keys, starts.tolist(), ends, strict=True):
-                if group is not None and group.key == key:
-                    group.add(block.slice(start, end - start), values[start:end])
-                    continue
-                if group is not None:
-                    await out.reduce(fn, group, ctx)
-                group = _Group(key, directory, budget.group_values)
-                group.add(block.slice(start, end - start), values[start:end])
+                if group is None or not _same_key(group.key, key):
+                    if group is not None:
+                        await out.reduce(fn, group, ctx)
+                    group = _Group(key, directory, budget.group_values)
+                group.add(values, start, end, block, row_bytes)
     if group is not None:
         await out.reduce(fn, group, ctx)
     out.flush()
     part.write(ctx._emitted())  # already PermanentTaskError for what cannot be shuffled
 
 
+def _same_key(left: Any, right: Any) -> bool:
+    # A key spanning blocks is one group; NaN keys are one group although NaN != NaN.
+    return bool(left == right or (left != left and right != right))
+
+
 class _Group:
     """One key's values: a list while they fit the budget's share, else a scratch file."""
+
+    __slots__ = ("_bytes", "_directory", "_file", "_limit", "_path", "_values", "key")
 
     def __init__(self, key: Any, directory: Path, limit: int) -> None:
         self.key = key
         self._directory, self._limit = directory, limit
         self._values: list[Any] = []
-        self._bytes = 0
+        self._bytes = 0.0
         self._file: BinaryIO | None = None
-        self._path = directory / "group"
+        self._path: Path | None = None
 
-    def add(self, rows: shuffle.Table, values: list[Any]) -> None:
+    def add(self, values: list[Any], start: int, end: int, block: shuffle.Table,
+            row_bytes: float) -> None:
+        """Rows ``start:end`` of ``block`` (their Python ``values``) belong to this key."""
         if self._file is None:
-            self._values += values
-            self._bytes += rows.nbytes
+            if end - start == 1:
+                self._values.append(values[start])
+            else:
+                self._values += values[start:end]
+            self._bytes += (end - start) * row_bytes
             if self._bytes <= self._limit:
                 return
             # Too big to hold: what is held so far goes to disk, and everything after it.
+            self._path = self._directory / "group"
             self._file = open(self._path, "wb")  # noqa: SIM115 - closed in values()
             rows = shuffle.pairs_to_table([self.key] * len(self._values), self._values)
             self._values = []
-        for block in shuffle.blocks(rows, 1 << 20):
-            self._file.write(shuffle.encode_run(block))
+        else:
+            rows = block.slice(start, end - start)
+        for piece in shuffle.blocks(rows, 1 << 20):
+            self._file.write(shuffle.encode_run(piece))
 
     def values(self) -> list[Any] | LazyValues:
-        if self._file is None:
+        if self._file is None or self._path is None:
             return self._values
         self._file.close()
         return LazyValues(spill.Slice(self._path, 0, self._path.stat().st_size))
@@ -283,7 +305,8 @@ class LazyValues(Iterable[Any]):
     """The values of a key too large for memory, read from local scratch as iterated.
 
     It can be iterated ONCE (a second pass raises RuntimeError): ``reduce`` gets it instead
-    of a list only for a key whose values exceed the worker's budget share.
+    of a list only for a key whose values exceed the worker's budget share. With
+    ``sort_values`` they come sorted, like a list would.
     """
 
     def __init__(self, source: spill.Slice) -> None:
@@ -300,19 +323,19 @@ class LazyValues(Iterable[Any]):
 class _Output:
     """A reduce's output rows, written to the part every ``_OUTPUT_ROWS`` rows."""
 
-    def __init__(self, part: spill.PartWriter, sort_values: bool) -> None:
+    def __init__(self, part: spill.PartWriter) -> None:
         self.part = part
-        self.sort_values = sort_values
         self.keys: list[Any] = []
         self.values: list[Any] = []
 
     async def reduce(self, fn: object, group: _Group, ctx: TaskContext) -> None:
-        values = group.values()
-        if self.sort_values:
-            values = _sorted_values(group.key, values)
-        for value in await call_user(fn, group.key, values, ctx):  # type: ignore[arg-type]
+        produced = await call_user(fn, group.key, group.values(), ctx)  # type: ignore[arg-type]
+        if len(produced) == 1:
             self.keys.append(group.key)
-            self.values.append(value)
+            self.values.append(produced[0])
+        elif produced:
+            self.keys += [group.key] * len(produced)
+            self.values += produced
         if len(self.keys) >= _OUTPUT_ROWS:
             self.flush()
 
@@ -323,22 +346,6 @@ class _Output:
             raise PermanentTaskError(str(exc)) from exc
         self.part.write(table)
         self.keys, self.values = [], []
-
-
-def _sorted_values(key: Any, values: list[Any] | LazyValues) -> list[Any]:
-    """A key's values in the key order of their kind (``sort_values``; see order.py).
-
-    The merge orders rows by key only, so the values are sorted here, in memory: a key
-    whose values exceed the worker's budget share cannot be sorted this way.
-    """
-    if isinstance(values, LazyValues):
-        raise PermanentTaskError(
-            f"sort_values: key {key!r:.60} has more values than the worker's memory budget "
-            "holds; give the workers more memory (--memory, spec.memory) or drop sort_values")
-    if len(values) < 2:
-        return values
-    table = order.sort_by_key_and_value(shuffle.pairs_to_table([key] * len(values), values))
-    return shuffle.to_python(table.column("value"), shuffle.column_kind(table, "value"))
 
 
 async def run_low_level_map(worker: JobWorker, index: int, task_input: str,

@@ -67,6 +67,7 @@ __all__ = [
     "compare",
     "domain_of",
     "is_sorted",
+    "key_and_value_order",
     "partition_by_boundaries",
     "sample_windows",
     "searchsorted",
@@ -141,8 +142,8 @@ def sort_indices(keys: Keys) -> npt.NDArray[np.int64]:
     """The stable ascending order of ``keys`` in the key order (indices into ``keys``)."""
     domain, values = _normalise(keys)
     if domain == "bytes":
-        # Arrow's sort is stable and compares binary with memcmp: bytewise, unsigned.
-        return np.asarray(pc.sort_indices(values).to_numpy(), dtype=np.int64)
+        # Bytewise, unsigned; by 8-byte prefixes first, ties through Arrow's stable sort.
+        return shuffle.prefix_order(values)
     # numpy's sort puts NaN last, as the key order does.
     return np.argsort(values, kind="stable").astype(np.int64, copy=False)
 
@@ -191,11 +192,46 @@ def sort_by_key_and_value(table: shuffle.Table) -> shuffle.Table:
     """
     if table.num_rows < 2:
         return table
-    # Sort by value first, then stably by key: rows end up by key, and by value within it.
-    by_value = sort_indices(table.column("value"))
-    keys = table.column("key").combine_chunks().take(pa.array(by_value))
-    order = by_value[sort_indices(keys)]
-    return table.take(pa.array(order))
+    return table.take(pa.array(key_and_value_order(table)))
+
+
+def key_and_value_order(table: shuffle.Table) -> npt.NDArray[np.int64]:
+    """The stable order of ``table``'s rows by key, then value (indices into the table).
+
+    The keys are sorted alone (fast for distinct keys: see ``shuffle.prefix_order``); only
+    rows whose key repeats are sorted again, by (key rank, value, row).
+    """
+    if table.num_rows < 2:
+        return np.arange(table.num_rows, dtype=np.int64)
+    domain, keys = _normalise(table.column("key"))
+    by_key = sort_indices(keys)
+    ranked = keys.take(pa.array(by_key)) if domain == "bytes" else keys[by_key]
+    same = _equal_neighbours(domain, ranked)
+    if not same.any() or table.schema.field("value").type == pa.null():
+        return by_key
+    in_tie = np.zeros(len(by_key), dtype=np.bool_)
+    in_tie[1:] = same
+    in_tie[:-1] |= same
+    tied = np.flatnonzero(in_tie)
+    members = by_key[tied]
+    run = np.cumsum(np.concatenate(([True], ~same)))[tied]
+    _, values = _normalise(table.column("value").take(pa.array(members)))
+    rows = pa.table({"run": run, "value": values, "row": members})
+    by = [("run", "ascending"), ("value", "ascending"), ("row", "ascending")]
+    # Arrow sorts binary bytewise and puts NaN after every number, as the key order does.
+    by_key[tied] = members[pc.sort_indices(rows, sort_keys=by).to_numpy()]
+    return by_key
+
+
+def _equal_neighbours(domain: Domain, ranked: _Normal) -> npt.NDArray[np.bool_]:
+    """Whether each row of sorted ``ranked`` equals the next (NaN equals NaN)."""
+    if domain == "bytes":
+        equal = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1))
+        return np.asarray(equal.to_numpy(zero_copy_only=False), dtype=np.bool_)
+    same: npt.NDArray[np.bool_] = ranked[1:] == ranked[:-1]
+    if domain == "float":
+        same |= np.isnan(ranked[1:]) & np.isnan(ranked[:-1])
+    return same
 
 
 # --------------------------------------------------------------------------- searching

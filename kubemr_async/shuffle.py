@@ -86,12 +86,9 @@ that knows the object's size (recorded at commit) and R reads its own entry with
 
 Merging sorted streams
 ----------------------
-:func:`merge_sorted` is a vectorized k-way merge: it never compares rows one at a time in
-Python. Each step takes, from every stream's current block, the rows up to the smallest
-"last key" among those blocks (every row that can precede anything not yet read), sorts
-that union stably (stream order breaks ties) and yields it. At least one block is used
-up per step, so memory is one block per stream plus one output chunk. A key may span
-chunks: :func:`fold_sorted` (built-in reducers) carries the last key over.
+Sorted slices and spills are merged by ``merge.merge_sorted`` (a vectorized k-way merge)
+and folded by ``merge.fold_sorted``; this module gives them :func:`sort_by_key`,
+:func:`combine` and the run format.
 
 Why the partition hash is our own
 ---------------------------------
@@ -109,7 +106,7 @@ import math
 import reprlib
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeAlias
 
@@ -141,7 +138,6 @@ __all__ = [
     "encode_index",
     "encode_run",
     "entry_range",
-    "fold_sorted",
     "group_starts",
     "is_non_finite",
     "iter_groups",
@@ -150,11 +146,11 @@ __all__ = [
     "load_json",
     "merge_combiner",
     "merge_runs",
-    "merge_sorted",
     "pairs_to_table",
     "partition",
     "partition_for",
     "partition_ids",
+    "prefix_order",
     "run_length",
     "sort_by_key",
     "split_words",
@@ -840,7 +836,7 @@ def _single(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
 def _sort_order(keys: pa.Array) -> npt.NDArray[np.int64]:
     """Stable ascending order of ``keys``."""
     if _arrow_kind(keys.type) in ("str", "bytes"):
-        return _prefix_order(keys)
+        return prefix_order(keys)
     return np.asarray(pc.sort_indices(keys).to_numpy(), dtype=np.int64)
 
 
@@ -884,7 +880,7 @@ def _take(
     return pa.table([keys, table.column("value").take(row_order)], schema=table.schema)
 
 
-def _prefix_order(strings: pa.Array) -> npt.NDArray[np.int64]:
+def prefix_order(strings: pa.Array) -> npt.NDArray[np.int64]:
     """Stable ascending order of strings, fast when few of them share their first 8 bytes.
 
     Sorting the first eight bytes as big-endian integers orders every pair of strings that
@@ -934,22 +930,33 @@ def _radix_key(ids: npt.NDArray[np.int64], partitions: int) -> npt.NDArray[Any]:
 Partitioner: TypeAlias = "Callable[[pa.Array, int], npt.NDArray[np.int64]]"
 
 
-def partition(table: Table, partitions: int,
-              partitioner: Partitioner | None = None) -> list[Table]:
+def partition(table: Table, partitions: int, partitioner: Partitioner | None = None, *,
+              presorted: bool = False) -> list[Table]:
     """Split rows by ``partitioner`` (default ``partition_ids``, the hash); each of the
-    ``partitions`` tables is sorted by key. The partitioner sees each distinct key once."""
+    ``partitions`` tables is sorted by key. The partitioner sees each distinct key once.
+
+    With ``presorted`` the rows are already in order (by key, or by key and value for
+    ``sort_values``) and keep that order within each partition.
+    """
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     if table.num_rows == 0:
         return [table for _ in range(partitions)]
     distinct, rows = _distinct_keys(_single(table.column("key")))
     ids = (partitioner or partition_ids)(distinct, partitions)
-    # Ordering by key and then stably by partition leaves every partition sorted.
-    order = _sort_order(distinct)
-    order = order[np.argsort(_radix_key(ids[order], partitions), kind="stable")]
     bounds = np.zeros(partitions + 1, dtype=np.int64)
     np.cumsum(np.bincount(ids if rows is None else ids[rows], minlength=partitions), out=bounds[1:])
-    shuffled = _take(table, order, distinct, rows)
+    if presorted:
+        row_ids = ids if rows is None else ids[rows]
+        # A total order's partitions already follow the key order: nothing to move.
+        grouped = bool((row_ids[1:] >= row_ids[:-1]).all())
+        shuffled = table if grouped else table.take(
+            np.argsort(_radix_key(row_ids, partitions), kind="stable"))
+    else:
+        # Ordering by key and then stably by partition leaves every partition sorted.
+        order = _sort_order(distinct)
+        order = order[np.argsort(_radix_key(ids[order], partitions), kind="stable")]
+        shuffled = _take(table, order, distinct, rows)
     return [
         shuffled.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(partitions)
     ]
@@ -1177,110 +1184,8 @@ def blocks(table: Table, block_bytes: int) -> Iterator[Table]:
         yield table.slice(start, per_block)
 
 
-def _comparable(table: Table) -> pa.Array:
-    """The key column in a form compared bytewise or numerically (str as its bytes)."""
-    keys = _single(table.column("key"))
-    if pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type):
-        keys = keys.cast(pa.binary())
-    return keys
-
-
-def _order_key(value: Any) -> tuple[bool, Any]:
-    # NaN sorts after every number, as Arrow's sort puts it.
-    return (isinstance(value, float) and math.isnan(value), 0 if value != value else value)
-
-
-def _rows_at_most(keys: pa.Array, bound: Any, *, inclusive: bool = True) -> int:
-    """How many leading rows of ascending ``keys`` are <= ``bound`` (< with ``inclusive``
-    False), by binary search; NaN sorts last."""
-    if isinstance(bound, float) and math.isnan(bound):
-        if inclusive:
-            return len(keys)
-        return int(np.count_nonzero(~np.isnan(keys.to_numpy())))
-    if pa.types.is_floating(keys.type) or pa.types.is_integer(keys.type):
-        return int(np.searchsorted(keys.to_numpy(), bound,
-                                   side="right" if inclusive else "left"))
-    lo, hi = 0, len(keys)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        value = keys[mid].as_py()
-        if value <= bound if inclusive else value < bound:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def merge_sorted(streams: Sequence[Iterable[Table]]) -> Iterator[Table]:
-    """K-way merge of streams of key-sorted tables into key-sorted chunks (module docstring).
-
-    Equal keys come out in stream order, and within a stream in its own order, exactly as
-    :func:`merge_runs` orders one partition's runs.
-    """
-    iterators = [iter(stream) for stream in streams]
-    heads: dict[int, Table] = {}
-
-    def advance(i: int) -> None:
-        for table in iterators[i]:
-            if table.num_rows:
-                heads[i] = table
-                return
-        heads.pop(i, None)
-
-    for i in range(len(iterators)):
-        advance(i)
-    while heads:
-        if len(heads) == 1:
-            (i, table), = heads.items()
-            yield table
-            advance(i)
-            continue
-        lasts = {i: _comparable(t.slice(t.num_rows - 1))[0].as_py() for i, t in heads.items()}
-        bound = min(lasts.values(), key=_order_key)
-        taken = []
-        # A stream whose head ends at the bound may hold more rows of that key in its next
-        # table: streams after it take only rows below the bound this round, so equal keys
-        # still come out in stream order.
-        below_only = False
-        for i in sorted(heads):
-            table = heads[i]
-            if below_only:
-                count = _rows_at_most(_comparable(table), bound, inclusive=False)
-            elif _order_key(lasts[i]) == _order_key(bound):  # NaN-aware equality
-                count, below_only = table.num_rows, True
-            else:
-                count = _rows_at_most(_comparable(table), bound)
-            if count:
-                taken.append(table.slice(0, count))
-            if count == table.num_rows:
-                advance(i)
-            else:
-                heads[i] = table.slice(count)
-        yield sort_by_key(concat_tables(taken))
-
-
 def group_starts(table: Table) -> npt.NDArray[np.int64]:
     """Where each run of equal keys starts in a key-sorted table (empty for no rows)."""
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
     return _group_starts(_single(table.column("key")), column_kind(table, "key"))
-
-
-def fold_sorted(chunks: Iterable[Table], combiner: Combiner) -> Iterator[Table]:
-    """Fold key-sorted chunks with a built-in reducer, carrying a key across chunk edges.
-
-    Like :func:`merge_runs` it folds with :func:`merge_combiner`: the rows are already
-    map-side combined values.
-    """
-    folding = merge_combiner(combiner)
-    carry: Table | None = None
-    for chunk in chunks:
-        if chunk.num_rows == 0:
-            continue
-        table = chunk if carry is None else concat_tables([carry, chunk])
-        folded = sort_by_key(combine(table, folding))
-        carry = folded.slice(folded.num_rows - 1)
-        if folded.num_rows > 1:
-            yield folded.slice(0, folded.num_rows - 1)
-    if carry is not None:
-        yield carry

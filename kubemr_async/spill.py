@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
-from . import formats, shuffle
+from . import formats, merge, shuffle
 from .spec import OutputFormat
 
 SCRATCH_ENV = "KUBEMR_SCRATCH_DIR"
@@ -157,14 +157,16 @@ Source = Callable[[], Iterator[shuffle.Table]]
 
 
 def merge_passes(sources: list[Source], directory: Path, budget: shuffle.ShuffleBudget,
-                 combiner: shuffle.Combiner | None = None) -> list[Source]:
+                 combiner: shuffle.Combiner | None = None, *,
+                 by_value: bool = False) -> list[Source]:
     """Merge groups of sorted inputs into fewer, until one pass can hold them all open.
 
     Hadoop's merge factor: while there are more inputs than
     :attr:`ShuffleBudget.merge_factor`, consecutive groups of that many are merged into
     intermediate slices on local disk (each pass reads and writes every row once). A
     built-in ``combiner`` folds keys as it goes. Each intermediate takes its inputs'
-    place, so equal keys keep the inputs' order.
+    place, so equal keys keep the inputs' order. ``by_value``: the inputs are sorted by key
+    and value (``merge.merge_sorted``), and so are the intermediates.
     """
     factor = budget.merge_factor
     number = 0
@@ -175,9 +177,9 @@ def merge_passes(sources: list[Source], directory: Path, budget: shuffle.Shuffle
             if len(group) == 1:
                 merged += group
                 continue
-            chunks = shuffle.merge_sorted([source() for source in group])
+            chunks = merge.merge_sorted([source() for source in group], by_value=by_value)
             if combiner is not None:
-                chunks = shuffle.fold_sorted(chunks, combiner)
+                chunks = merge.fold_sorted(chunks, combiner)
             number += 1
             written = write_slice(directory / f"merge-{number:05d}", chunks, budget.block_bytes)
             merged.append(partial(read_blocks, written))

@@ -106,6 +106,43 @@ def test_callbacks_may_be_async_or_plain_functions_or_generators(tmp_path: Path,
     assert result_lines(tmp_path / "out") == word_counts()
 
 
+@pytest.mark.parametrize("sort_values", [False, True])
+def test_the_identity_reducer_writes_every_pair_in_key_order(tmp_path: Path,
+                                                              sort_values: bool) -> None:
+    # Every word with its position: identity keeps each pair (no fold), parts are sorted
+    # by key, and with sort_values by key and then value.
+    result = run_job(tmp_path, f"""
+from kubemr_async import Job
+job = Job(sort_values={sort_values})
+
+@job.map
+def words(text, ctx):
+    for position, word in enumerate(text.split()):
+        yield word, -position
+
+job.reduce("identity")
+""", "--reducers", "2")
+    assert result.returncode == 0, result.stderr
+    expected = sorted(f"{w}\t{-i}" for i, w in enumerate(TEXT.split()))
+    assert result_lines(tmp_path / "out") == expected
+    for part in (tmp_path / "out").glob("part-*"):
+        pairs = [line.split("\t") for line in part.read_text().splitlines()]
+        keys = [k.encode() for k, _ in pairs]
+        assert keys == sorted(keys)
+        if sort_values:
+            assert pairs == sorted(pairs, key=lambda p: (p[0].encode(), int(p[1])))
+
+
+def test_identity_is_a_reducer_not_a_combiner() -> None:
+    from kubemr_async import Job
+    from kubemr_async.errors import JobDefinitionError
+    job = Job()
+    with pytest.raises(JobDefinitionError, match="unknown built-in combine 'identity'"):
+        job.combine("identity")  # type: ignore[arg-type]
+    job.reduce("identity")
+    assert job.map_side_combiner is None and job.folding_reducer is None
+
+
 def test_a_map_that_returns_instead_of_yielding_is_named_clearly(tmp_path: Path) -> None:
     result = run_job(tmp_path, """
 from kubemr_async import Job

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemr_async import shuffle, spill
+from kubemr_async import merge, shuffle, spill
 from kubemr_async.shuffle import CorruptRunError, ShuffleBudget
 
 KEYS = {
@@ -44,9 +44,31 @@ def test_merge_sorted_equals_concatenate_and_stable_sort(kind: str, data: Any) -
     streams = data.draw(st.lists(st.lists(KEYS[kind], max_size=30), max_size=5))
     cuts = data.draw(st.lists(st.integers(0, 40), max_size=4))
     inputs = [sorted_tables(keys, cuts) for keys in streams if keys]
-    merged = rows(shuffle.merge_sorted(inputs))
+    merged = rows(merge.merge_sorted(inputs))
     expected = rows([shuffle.merge_runs([t for s in inputs for t in s], None)]) if inputs else []
     assert merged == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_merge_sorted_by_value_equals_a_stable_sort_by_key_and_value(data: Any) -> None:
+    # Few distinct keys and values, so that equal keys, equal (key, value) rows and block
+    # edges inside a key are common; values are their stream and position's tag in order
+    # to see that ties keep stream order.
+    pair = st.tuples(st.sampled_from([b"a", b"b", b"bb"]), st.integers(0, 3))
+    streams = data.draw(st.lists(st.lists(pair, max_size=25), max_size=5))
+    cuts = data.draw(st.lists(st.integers(0, 30), max_size=4))
+    inputs, expected = [], []
+    for number, pairs in enumerate(streams):
+        pairs = sorted(pairs)
+        expected += [(k, v, number, i) for i, (k, v) in enumerate(pairs)]
+        table = shuffle.pairs_to_table([k for k, _ in pairs],
+                                       [v * 1000 + number * 100 + i for i, (_, v) in
+                                        enumerate(pairs)])
+        bounds = sorted({0, len(pairs), *(c % (len(pairs) + 1) for c in cuts)})
+        inputs.append([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
+    merged = rows(merge.merge_sorted(inputs, by_value=True))
+    assert merged == [(k, v * 1000 + n * 100 + i) for k, v, n, i in sorted(expected)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -56,7 +78,7 @@ def test_fold_sorted_carries_a_key_across_chunks(keys: list[bytes], cuts: list[i
     table = shuffle.sort_by_key(shuffle.pairs_to_table(keys, 1))
     bounds = sorted({0, len(keys), *(c % (len(keys) + 1) for c in cuts)})
     chunks = [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
-    assert dict(rows(shuffle.fold_sorted(chunks, "count"))) == dict(Counter(keys))
+    assert dict(rows(merge.fold_sorted(chunks, "count"))) == dict(Counter(keys))
 
 
 def test_a_shuffle_file_holds_each_partition_contiguous_with_a_checked_index(
@@ -90,7 +112,7 @@ def test_merge_passes_keep_the_order_of_equal_keys(tmp_path: Path) -> None:
         sources.append(lambda source=source: spill.read_blocks(source))
     merged = spill.merge_passes(sources, tmp_path, budget)
     assert len(merged) <= budget.merge_factor
-    out = rows(shuffle.merge_sorted([source() for source in merged]))
+    out = rows(merge.merge_sorted([source() for source in merged]))
     assert [v for k, v in out if k == b"k"] == [i for i in range(count) for _ in (0, 1)]
     assert [k for k, _ in out if k != b"k"] == [f"{i:04d}".encode() for i in range(count)]
 
@@ -102,5 +124,5 @@ def test_merge_keeps_stream_order_when_a_key_continues_in_a_streams_next_table(
     both, not slip in between (a case hypothesis found once)."""
     first = sorted_tables([key, key], [1])  # two tables of one row each
     second = sorted_tables([key], [])
-    merged = rows(shuffle.merge_sorted([first, second]))
+    merged = rows(merge.merge_sorted([first, second]))
     assert [value for _, value in merged] == [0, 1, 0]

@@ -240,13 +240,3 @@ def test_validation_compares_keys_exactly_across_blocks(
     path = tmp_path / "r.txt"
     path.write_bytes(b"a" + b" " * 7 + b"~~" + payload + b"a" + b" " * 6 + b"!  " + payload)
     assert summarize([path]).sorted
-
-
-def test_sort_values_sorts_a_key_in_memory_and_refuses_one_larger_than_memory(
-        tmp_path: Path) -> None:
-    from kubemr_async import execute, spill
-    assert execute._sorted_values("k", [b"b", b"a", b"c"]) == [b"a", b"b", b"c"]
-    assert execute._sorted_values("k", [10, -2, 3]) == [-2, 3, 10]
-    lazy = execute.LazyValues(spill.Slice(tmp_path / "group", 0, 0))
-    with pytest.raises(PermanentTaskError, match="sort_values: key 'k' has more values than"):
-        execute._sorted_values("k", lazy)
