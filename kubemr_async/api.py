@@ -167,7 +167,7 @@ class Job:
         self.sort_values = sort_values
         self.partitioner: Literal["hash"] | TotalOrderSampling | PartitionFn = "hash"
         self.partition_vectorized = False
-        # The total-order boundaries once the planner's partition file is loaded.
+        # The total-order boundaries once a partition file is loaded, and that file's URL.
         self.total_order: order.TotalOrder | None = None
         self._partition_file: str | None = None
 
@@ -238,7 +238,7 @@ class Job:
             _require_callable("partition", fn)
             self.partitioner = fn
         self.partition_vectorized = vectorized
-        self.total_order = None
+        self.total_order, self._partition_file = None, None
         return fn
 
     @property
@@ -247,25 +247,41 @@ class Job:
         p = self.partitioner
         return p if isinstance(p, TotalOrderSampling) else None
 
-    def use_total_order(self, boundaries: order.TotalOrder | bytes) -> None:
-        """Install the boundaries (a partition file's bytes, or a TotalOrder) for the maps."""
+    def needs_boundaries(self, partitions: int) -> bool:
+        """Whether maps into ``partitions`` parts need a partition file (sampled boundaries)."""
+        return self.total_order_sampling is not None and partitions > 1
+
+    @property
+    def partition_file(self) -> str | None:
+        """The URL of the partition file whose boundaries are installed (None: none yet)."""
+        return self._partition_file
+
+    def use_total_order(self, boundaries: order.TotalOrder | bytes,
+                        source: str | None = None) -> None:
+        """Install the boundaries (a partition file's bytes, or a TotalOrder) for the maps.
+
+        ``source`` is the partition file's URL they came from, so :meth:`prepare_map` does
+        not load it again.
+        """
         if self.total_order_sampling is None:
             raise JobDefinitionError("the job does not use the total-order partitioner")
         self.total_order = (boundaries if isinstance(boundaries, order.TotalOrder)
                             else order.TotalOrder.from_bytes(boundaries))
+        self._partition_file = source
 
     async def prepare_map(self, ctx: TaskContext) -> None:
-        """Before a map partitions: load the planner's partition file, once per process.
+        """Before a map partitions: load the partition file, once per process.
 
-        The planner wrote it (``sampling.prepare_partitioner``) and named it in
-        ``ctx.args[PARTITION_FILE_ARG]``; a job that needs none returns at once.
+        ``ctx.args[PARTITION_FILE_ARG]`` names it: ``kubemr run`` samples before planning
+        (``sampling.prepare_partitioner``); on a cluster the worker samples, or loads what
+        another worker sampled, before its first map (``sampling.ensure_partition_file``).
+        A job that needs none returns at once.
         """
         url = ctx.args.get(PARTITION_FILE_ARG)
-        if self.total_order_sampling is None or ctx.partitions <= 1 or url is None:
+        if not self.needs_boundaries(ctx.partitions) or url is None:
             return
         if self._partition_file != url:
-            self.use_total_order(await ctx.fetch(url))
-            self._partition_file = url
+            self.use_total_order(await ctx.fetch(url), source=url)
 
     def partition_ids(self, keys: pa.Array | pa.ChunkedArray, reducers: int
                       ) -> npt.NDArray[np.int64]:
@@ -287,8 +303,9 @@ class Job:
                     return np.zeros(len(keys), dtype=np.int64)
                 if self.total_order is None:
                     raise PermanentTaskError(
-                        "the total-order partitioner has no boundaries: the job was planned "
-                        "without sampling its keys (sampling.prepare_partitioner)")
+                        "the total-order partitioner has no boundaries: the map ran before "
+                        "the job's keys were sampled (sampling.prepare_partitioner, or "
+                        "sampling.ensure_partition_file before the first map)")
                 return self.total_order.partition_ids(keys, reducers)
             return _checked_ids(p, keys, reducers, self.partition_vectorized)
         except shuffle.ShuffleError as exc:

@@ -23,17 +23,17 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 
-from . import execute, formats, protocol, shuffle, spill
-from .api import AnyJob, Job, TaskContext
+from . import execute, formats, protocol, sampling, shuffle, spill
+from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
-from .inputs import read_task_input
+from .inputs import Split, read_task_input
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
@@ -469,6 +469,7 @@ class Worker:
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.output_format))
             return await self._put_part(int(body["index"]), ctx.attempt, part)
+        ctx.args = await self._partition_args(job)
         key: str | None = None
         size = 0
         with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
@@ -484,6 +485,32 @@ class Worker:
         if clash is not None:
             raise PermanentTaskError(clash)
         return protocol.shuffle_outputs(key, size, key_type)
+
+    async def _partition_args(self, job: Job) -> Mapping[str, str]:
+        """The maps' ctx.args, naming the partition file of a total-order job.
+
+        ``kubemr run`` samples before it plans and names the file in the spec. A cluster's
+        operator cannot (it imports no job module), so the first map of a total-order job
+        in this process samples, or loads what another worker sampled, from a file beside
+        the shuffle objects: removed with them on success, kept for a retry on failure.
+        """
+        args = self.spec.args
+        if not job.needs_boundaries(self.spec.reducers) or PARTITION_FILE_ARG in args:
+            return args
+        key = f"{self.prefix}/map/{sampling.PARTITION_FILE}"
+        url = self.blobs.url(key)
+        if job.partition_file != url:
+            boundaries = await self.user.run(sampling.ensure_partition_file(
+                job, self._splits, self.spec.reducers, self.blobs, key, self._stores))
+            assert boundaries is not None  # the job needs them
+            job.use_total_order(boundaries, source=url)
+        return {**args, PARTITION_FILE_ARG: url}
+
+    def _splits(self) -> list[Split]:
+        """Every map task's input and byte range, in task order: the splits it was planned on."""
+        return [(body["input"] or "", None if body["range"] is None
+                 else (int(body["range"][0]), int(body["range"][1])))
+                for body in self._view.maps]
 
     async def _read_input(self, body: TaskRecord) -> bytes:
         """The task's split (or, for unsplit inputs, the whole object), decompressed."""

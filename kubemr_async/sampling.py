@@ -5,27 +5,41 @@ R balanced ranges, write the R-1 boundaries to a partition file that every map r
 the *job's own map* runs on the sampled bytes, so the sample holds the keys the maps will
 emit (whatever the map does to its input), not raw input records.
 
-Entry points, in the order a planner calls them:
+Entry points:
 
 * :func:`plan_total_order` (``job``, the planned ``splits``, ``partitions``) -> the
   boundaries, or None when the job needs none (not total-order, or one partition).
-* :func:`prepare_partitioner` does that, writes the partition file to a URL every worker
-  can read, and returns the spec with ``args[PARTITION_FILE_ARG]`` naming it. Call it
-  where the job's tasks are planned, before the job record is created (``kubemr run``:
-  ``local._run_in``; on a cluster: before ``protocol.plan`` in the operator, or as a
-  sampling task, since the operator does not import job modules).
-* Each map calls ``await job.prepare_map(ctx)`` before partitioning (it loads the file once
-  per process), then partitions with ``job.partition_ids(keys, reducers)``.
+* :func:`write_partition_file` does that and writes the partition file; both ways of
+  running a job go through it:
+
+  - ``kubemr run`` samples where it plans the job, before the job record is created:
+    :func:`prepare_partitioner` (called by ``local._run_in``) writes the file into the
+    run's work directory and returns the spec with ``args[PARTITION_FILE_ARG]`` naming it.
+  - On a cluster the operator plans the job but never imports job modules, so the
+    *workers* sample: before its first map of a total-order job (``runtime.Worker``), a
+    worker calls :func:`ensure_partition_file` on ``<job prefix>/map/PARTITION_FILE``
+    (beside the shuffle objects, so it is removed with them when the job succeeds, and
+    kept, for a retry to reuse, when it fails). An existing file is loaded; otherwise the
+    worker samples from the map tasks' splits, writes the file, and uses what it reads
+    back. Every worker that samples gets the same bytes, so two writing at once is
+    harmless. A map that raises on the sample fails its task for good
+    (:class:`SamplingFailed`), and with it the job.
+
+* Each map calls ``await job.prepare_map(ctx)`` before partitioning (it loads the file
+  named in ``ctx.args`` once per process), then partitions with
+  ``job.partition_ids(keys, reducers)``.
 
 The sample is deterministic: the same splits give the same windows (``order.sample_windows``)
-and the same subsample (a fixed seed), so a re-planned job gets the same boundaries.
+and the same subsample (a fixed seed), so a re-planned job, or every worker of a cluster
+job, gets the same boundaries -- provided the map is deterministic, which re-running a
+failed map already assumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 
@@ -35,13 +49,25 @@ from .errors import JobFailed, PermanentTaskError
 from .execute import _map_table as map_table  # the map exactly as a map task runs it
 from .inputs import Split, read_split, read_task_input
 from .spec import JobSpec
+from .storage.base import BlobNotFound, BlobStore
 from .storage.urls import StoreCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan_total_order", "prepare_partitioner", "sample_keys"]
+__all__ = ["PARTITION_FILE", "SamplingFailed", "ensure_partition_file", "plan_total_order",
+           "prepare_partitioner", "sample_keys", "write_partition_file"]
 
 SAMPLE_SEED = 0
+#: The partition file's name under a cluster job's intermediate prefix (``<prefix>/map/``).
+PARTITION_FILE = "_partition-file"
+
+
+class SamplingFailed(PermanentTaskError):
+    """The job's map raised on the sampled input; running it again would raise again."""
+
+
+def _sampling_failure(exc: BaseException) -> str:
+    return f"sampling keys for the total-order partitioner: {type(exc).__name__}: {exc}"
 
 
 async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSampling,
@@ -71,7 +97,10 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
                                     await store.size(key))
         ctx = TaskContext(job=job.name, task="sample", attempt=1, partitions=1, input=url,
                           stores=stores)
-        tables.append(await map_table(job, data, ctx))
+        try:
+            tables.append(await map_table(job, data, ctx))
+        except Exception as exc:  # the user's map: name the sampling in the job's failure
+            raise SamplingFailed(_sampling_failure(exc)) from exc
     table = shuffle.concat_tables(tables)
     keys = order.subsample(table.column("key"), settings.sample, seed=SAMPLE_SEED)
     if isinstance(keys, pa.Array):
@@ -97,24 +126,62 @@ async def plan_total_order(job: Job, splits: Sequence[Split], partitions: int,
         raise PermanentTaskError(f"cannot choose total-order boundaries: {exc}") from exc
 
 
+async def write_partition_file(job: Job, splits: Sequence[Split], partitions: int,
+                               store: BlobStore, key: str,
+                               stores: StoreCache | None = None) -> bool:
+    """Sample and write the boundaries to ``key`` in ``store``; False if none are needed."""
+    boundaries = await plan_total_order(job, splits, partitions, stores)
+    if boundaries is None:
+        return False
+    await store.put(key, boundaries.to_bytes())
+    log.info("total-order boundaries written", extra={"job": job.name, "url": store.url(key)})
+    return True
+
+
 async def prepare_partitioner(job: object, spec: JobSpec, splits: Sequence[Split],
                               url: str, stores: StoreCache | None = None) -> JobSpec:
     """Sample, write the partition file to ``url``, and return the spec that names it.
 
     A job that needs no partition file (not a key/value job, not total-order, at most one
-    reducer) gets ``spec`` back unchanged and nothing is written.
+    reducer) gets ``spec`` back unchanged and nothing is written. Any failure while sampling
+    is the job's: JobFailed, naming the sampling.
     """
     if not isinstance(job, Job):
         return spec
     stores = stores or StoreCache()
-    try:
-        boundaries = await plan_total_order(job, splits, spec.reducers, stores)
-    except Exception as exc:  # the user's map ran here: report it as the job's failure
-        raise JobFailed(f"job {spec.name} failed: sampling keys for the total-order "
-                        f"partitioner: {type(exc).__name__}: {exc}") from exc
-    if boundaries is None:
-        return spec
     store, key = stores.open(url)
-    await store.put(key, boundaries.to_bytes())
-    log.info("total-order boundaries written", extra={"job": spec.name, "url": url})
+    try:
+        written = await write_partition_file(job, splits, spec.reducers, store, key, stores)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, SamplingFailed) else _sampling_failure(exc)
+        raise JobFailed(f"job {spec.name} failed: {reason}") from exc
+    if not written:
+        return spec
     return dataclasses.replace(spec, args={**spec.args, PARTITION_FILE_ARG: store.url(key)})
+
+
+async def ensure_partition_file(job: Job, splits: Callable[[], Sequence[Split]],
+                                partitions: int, store: BlobStore, key: str,
+                                stores: StoreCache | None = None) -> order.TotalOrder | None:
+    """The boundaries in the partition file at ``key``, sampling and writing it if absent.
+
+    A cluster's workers call this before their first map (the operator cannot sample: it
+    imports no job module). An existing file is loaded as is; an absent one is sampled from
+    ``splits()`` (every map task's input and byte range, in task order), written, and read
+    back, so every worker uses what is stored. The sample is deterministic, so workers that
+    sample at once write identical bytes. None when the job needs no boundaries.
+    """
+    if not job.needs_boundaries(partitions):
+        return None
+    try:
+        data = await store.get(key)
+    except BlobNotFound:
+        log.info("sampling keys for the total-order partitioner",
+                 extra={"job": job.name, "url": store.url(key)})
+        await write_partition_file(job, splits(), partitions, store, key, stores)
+        data = await store.get(key)
+    try:
+        return order.TotalOrder.from_bytes(data)
+    except shuffle.ShuffleError as exc:
+        raise PermanentTaskError(
+            f"the partition file {store.url(key)} is unreadable: {exc}") from exc

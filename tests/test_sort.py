@@ -16,8 +16,15 @@ from kubemr_async import Job, PermanentTaskError, shuffle
 from kubemr_async.api import PARTITION_FILE_ARG, TaskContext, load_job
 from kubemr_async.errors import JobDefinitionError
 from kubemr_async.inputs import plan_splits
-from kubemr_async.sampling import plan_total_order, prepare_partitioner
+from kubemr_async.sampling import (
+    PARTITION_FILE,
+    SamplingFailed,
+    ensure_partition_file,
+    plan_total_order,
+    prepare_partitioner,
+)
 from kubemr_async.spec import JobSpec
+from kubemr_async.storage.fs import FileBlobStore
 from kubemr_async.validate import ValidationError, check_sorted_copy, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +174,61 @@ def test_sampling_plans_the_same_boundaries_and_hands_them_to_the_maps(tmp_path:
     # A job that needs no sample leaves the spec alone and writes nothing.
     assert asyncio.run(prepare_partitioner(Job("plain"), spec, splits, url + "2")) is spec
     assert not Path(url + "2").exists()
+
+
+def test_a_cluster_worker_loads_the_partition_file_or_samples_and_writes_it(
+        tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        write_records(inputs / f"r{i}.txt", render_records(6, i, i * 1500, 1500, skew=0.5))
+    files = sorted(inputs.iterdir())
+    splits = plan_splits([(str(p), p.stat().st_size) for p in files], 40_000)
+    job = load_job(SORT_JOB)
+    assert isinstance(job, Job)
+    store = FileBlobStore(tmp_path / "blobs")
+    key = f"out/ns/job/map/{PARTITION_FILE}"
+    calls: list[int] = []
+
+    def planned() -> list[tuple[str, tuple[int, int] | None]]:
+        calls.append(1)
+        return splits
+
+    async def scenario() -> None:
+        # Absent: sampled from the splits, written, and what is stored comes back.
+        first = await ensure_partition_file(job, planned, 4, store, key)
+        expected = await plan_total_order(job, splits, 4)
+        assert first is not None and expected is not None and calls == [1]
+        assert await store.get(key) == expected.to_bytes() == first.to_bytes()
+        # Present: loaded as stored, without sampling (another worker wrote it).
+        other = await plan_total_order(job, splits[:1], 3)
+        assert other is not None
+        await store.put(key, other.to_bytes())
+        loaded = await ensure_partition_file(job, planned, 4, store, key)
+        assert loaded is not None and loaded.to_bytes() == other.to_bytes() and calls == [1]
+        # One reducer, or a job that is not total-order: nothing to load or write.
+        assert await ensure_partition_file(job, planned, 1, store, key + "-1") is None
+        assert await ensure_partition_file(Job("plain"), planned, 4, store, key + "-2") is None
+        assert calls == [1] and await store.list(key + "-") == []
+        # A damaged file is a permanent error naming it.
+        await store.put(key, b"not a partition file")
+        with pytest.raises(PermanentTaskError, match=r"partition file .* is unreadable"):
+            await ensure_partition_file(job, planned, 4, store, key)
+        # A map that raises on the sample fails for good, naming the sampling; no file.
+        broken = Job("broken")
+        broken.partition("total-order")
+
+        @broken.map
+        def m(text: str, ctx: TaskContext) -> None:
+            raise ValueError("bad record")
+
+        broken.reduce("count")
+        with pytest.raises(SamplingFailed, match="sampling keys for the total-order "
+                                                 "partitioner: ValueError: bad record"):
+            await ensure_partition_file(broken, planned, 4, store, key + "-3")
+        assert await store.list(key + "-") == []
+
+    asyncio.run(scenario())
 
 
 # --------------------------------------------------------------------------- end to end
