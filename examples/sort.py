@@ -36,11 +36,15 @@ job = Job("sort", sort_values=True)
 job.partition("total-order", sample=100_000, splits=10)
 
 
-def _column(rows: np.ndarray, width: int) -> pa.Array:
-    """Fixed-width byte rows as an Arrow binary column, without a Python object per row."""
-    data = pa.py_buffer(np.ascontiguousarray(rows).tobytes())
-    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), rows.shape[0], [None, data])
-    return fixed.cast(pa.binary())
+def _column(rows: np.ndarray) -> pa.Array:
+    """Fixed-width byte rows as an Arrow binary column: one copy of the bytes (to make them
+    contiguous) and computed offsets, no Python object per row."""
+    count, width = rows.shape
+    large = count * width >= 2**31  # offsets must fit int32 for pa.binary()
+    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int64 if large else np.int32)
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), count,
+                                 [None, pa.py_buffer(offsets),
+                                  pa.py_buffer(np.ascontiguousarray(rows))])
 
 
 @job.map(input="bytes")
@@ -53,8 +57,7 @@ def records(chunk: bytes, ctx: TaskContext) -> None:
     if bad.size:
         raise PermanentTaskError(f"{ctx.input}: record {int(bad[0])} of the split does not end "
                                  f"with a newline at byte {RECORD_SIZE}")
-    ctx.emit_batch(_column(rows[:, :KEY_SIZE], KEY_SIZE),
-                   _column(rows[:, KEY_SIZE:-1], RECORD_SIZE - KEY_SIZE - 1))
+    ctx.emit_batch(_column(rows[:, :KEY_SIZE]), _column(rows[:, KEY_SIZE:-1]))
 
 
 # Every record as it comes out of the merge: by key, then payload (sort_values), with no

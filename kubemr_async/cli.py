@@ -124,7 +124,8 @@ def run(
     reducers: Annotated[int, typer.Option(
                         help="Reduce partitions (output files); 0 runs map-only.")]
     = DEFAULT_REDUCERS,
-    chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
+    chunk_size: Annotated[str, typer.Option(
+        help="Split inputs into chunks of this size (at most an eighth of --memory).")]
     = "64MiB",
     max_attempts: Annotated[int, typer.Option(
                             help="Attempts per task before the job fails.")]
@@ -333,7 +334,8 @@ def submit(
     = DEFAULT_REDUCERS,
     max_attempts: Annotated[int, typer.Option(help="Attempts per task before the job fails.")]
     = DEFAULT_MAX_ATTEMPTS,
-    chunk_size: Annotated[str, typer.Option(help="Split inputs into chunks of this size.")]
+    chunk_size: Annotated[str, typer.Option(
+        help="Split inputs into chunks of this size (at most an eighth of spec.memory).")]
     = "64MiB",
     lease_seconds: Annotated[float, typer.Option(
         help="A task whose worker stops renewing for this long is re-run.")]

@@ -7,8 +7,10 @@ starve heartbeats. Built-in reducers never call into per-record Python.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -86,18 +88,15 @@ class _MapSpills:
         self.files: list[Path] = []
         self.key_types: dict[str, int] = {}
 
-    def spill(self, table: shuffle.Table, *, combined: bool = False) -> None:
-        """Combine (a built-in combiner), partition, sort and write one buffer as a spill.
-
-        A user combiner is a coroutine, and a spill happens inside ``ctx.emit``; so only
-        the last buffer goes through it (a combiner is an optimisation: any subset of a
-        map's pairs may be combined, or none).
-        """
+    def spill(self, table: shuffle.Table) -> None:
+        """Combine, partition, sort and write one full buffer (or the last) as a spill."""
         if table.num_rows == 0:
             return
         combiner = self.job.map_side_combiner
-        if isinstance(combiner, str) and not combined:
+        if isinstance(combiner, str):
             table = shuffle.combine(table, combiner)
+        elif combiner is not None:
+            table = self._combine(combiner, table)
         kind = shuffle.key_type(table)
         if kind is not None:
             self.key_types.setdefault(kind, len(self.files))
@@ -114,6 +113,23 @@ class _MapSpills:
                                   presorted=self.job.sort_values)
         spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
         self.files.append(path)
+
+    def _combine(self, fn: object, table: shuffle.Table) -> shuffle.Table:
+        """A user combiner on one buffer, as Hadoop runs it on every spill.
+
+        A spill can happen inside ``ctx.emit``, where nothing can be awaited, so the
+        combiner (``async def`` or plain) runs to completion on a private event loop in a
+        helper thread while the map waits: user code still runs one call at a time. Pairs
+        the combiner emits join its output rather than triggering another spill.
+        """
+        ctx = self.ctx
+        spill, ctx._spill = ctx._spill, None
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="kubemr-combine") as pool:
+                return pool.submit(asyncio.run, _apply_user_reduce(
+                    fn, shuffle.sort_by_key(table), ctx)).result()
+        finally:
+            ctx._spill = spill
 
     def merge(self) -> tuple[Path, int] | None:
         """The spills merged into one shuffle object: path and size (None if no rows)."""
@@ -177,13 +193,7 @@ async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
         await _run_user_map(job, data, ctx)
     finally:
         ctx._spill = None
-    table = ctx._emitted()
-    combiner = job.map_side_combiner
-    combined = False
-    if combiner is not None and not isinstance(combiner, str) and table.num_rows:
-        table = await _apply_user_reduce(combiner, shuffle.sort_by_key(table), ctx)
-        combined = True
-    spills.spill(table, combined=combined)
+    spills.spill(ctx._emitted())
     kind = next(iter(spills.key_types), None)
     return spills.merge(), kind
 

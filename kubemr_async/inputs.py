@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import compression
+from . import compression, shuffle
 from .errors import PermanentTaskError, UsageError
 from .spec import JobSpec
 from .storage.base import BlobNotFound, BlobStore
@@ -261,7 +261,10 @@ async def plan_inputs(spec: JobSpec) -> list[Split]:
         return [(text, None) for pattern in spec.inputs for text in await _unsplit(pattern)]
     objects = await expand_inputs(spec.inputs)
     check_local_compressed(objects)
-    return plan_splits(objects, spec.chunk_size)
+    chunk = spec.chunk_size
+    if spec.memory is not None:
+        chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
+    return plan_splits(objects, chunk)
 
 
 async def _unsplit(text: str) -> list[str]:

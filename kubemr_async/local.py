@@ -58,7 +58,7 @@ from .progress import ProgressBar
 from .protocol import JobPhase, JobView
 from .records import TaskOutputs
 from .sampling import prepare_partitioner
-from .spec import DEFAULT_REDUCERS, MAX_WORKERS, JobSpec, OutputFormat
+from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
 from .storage.urls import is_s3
@@ -302,7 +302,8 @@ async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subpro
 
 async def _spawn_worker(work: Path, name: str, index: int) -> asyncio.subprocess.Process:
     """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # print() lines arrive as they happen
+    # print() lines arrive as they happen; the allocator settings keep RSS near the budget.
+    env = {**WORKER_PROCESS_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
         "--blobs", str(work / "blobs"), "--job", name, "--worker-id", f"local-{index}",

@@ -1148,6 +1148,13 @@ class ShuffleBudget:
     memory: int
 
     @property
+    def split_bytes(self) -> int:
+        """The largest input split a map is given: the map callback holds its split whole
+        (as bytes or str) next to what it emits, so splits are planned no larger than this
+        when the job has a budget, whatever the chunk size asks."""
+        return max(1 << 20, self.memory // 8)
+
+    @property
     def map_buffer(self) -> int:
         """Bytes of emitted pairs (Arrow size) buffered before a spill."""
         return max(1 << 20, self.memory // 6)

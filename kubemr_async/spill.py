@@ -31,6 +31,8 @@ from . import formats, merge, shuffle
 from .spec import OutputFormat
 
 SCRATCH_ENV = "KUBEMR_SCRATCH_DIR"
+#: Arrow bytes of a result chunk encoded and written at once (PartWriter).
+_WRITE_PIECE = 4 << 20
 
 
 @contextmanager
@@ -205,10 +207,13 @@ class PartWriter:
     def write(self, table: shuffle.Table) -> None:
         if table.num_rows == 0:
             return
-        if self.fmt != "parquet":
-            self._file.write(formats.encode(table, self.fmt))
-            return
-        self._file.write(shuffle.encode_run(table))
+        # Encoded a few MiB at a time: the text of a whole merged chunk (and its copy as
+        # bytes) would be two more chunk-sized buffers on top of the chunk.
+        for piece in shuffle.blocks(table, _WRITE_PIECE):
+            if self.fmt != "parquet":
+                self._file.write(formats.encode(piece, self.fmt))
+            else:
+                self._file.write(shuffle.encode_run(piece))
 
     def close(self) -> None:
         self._file.close()

@@ -133,6 +133,27 @@ job.reduce("identity")
             assert pairs == sorted(pairs, key=lambda p: (p[0].encode(), int(p[1])))
 
 
+def test_workers_start_with_two_malloc_arenas_unless_told_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = """
+import os
+from kubemr_async import Job
+job = Job()
+
+@job.map
+def env(text, ctx):
+    yield "arenas", os.environ.get("MALLOC_ARENA_MAX", "unset")
+
+job.reduce("identity")
+"""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert run_job(tmp_path, source).returncode == 0
+    assert set(result_lines(tmp_path / "out")) == {"arenas\t2"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert run_job(tmp_path, source, "--overwrite").returncode == 0
+    assert set(result_lines(tmp_path / "out")) == {"arenas\t4"}
+
+
 def test_identity_is_a_reducer_not_a_combiner() -> None:
     from kubemr_async import Job
     from kubemr_async.errors import JobDefinitionError

@@ -223,3 +223,18 @@ async def test_long_lines_cross_the_read_window(tmp_path: Path) -> None:
     # Lines belong to the split they begin in: b and c both begin in [200000, 201000).
     assert [p for p in pieces if p] == [b"a" * 200_000 + b"\n",
                                         b"b" * 10 + b"\n" + b"c" * 150_000]
+
+
+@pytest.mark.anyio
+async def test_splits_are_no_larger_than_an_eighth_of_the_memory_budget(tmp_path: Path) -> None:
+    # A map holds its split whole, so the budget caps the chunk size; without a budget in
+    # the spec, the chunk size is taken as given.
+    MiB = 1 << 20
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"x" * (10 * MiB))
+    spec = JobSpec(name="j", job="j.py", inputs=(str(path),), chunk_size=8 * MiB,
+                   memory=32 * MiB)
+    assert {end - start for _, (start, end) in await plan_inputs(spec)} == {4 * MiB, 2 * MiB}
+    unbudgeted = JobSpec(name="j", job="j.py", inputs=(str(path),), chunk_size=8 * MiB)
+    assert [rng for _, rng in await plan_inputs(unbudgeted)] == [(0, 8 * MiB),
+                                                                 (8 * MiB, 10 * MiB)]

@@ -51,3 +51,40 @@ def test_kubemr_run_refuses_a_bad_memory_in_one_line(tmp_path: Path, value: str,
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+COMBINED = """
+from kubemr_async import Job
+
+job = Job("combined")
+
+@job.map
+def ones(text, ctx):
+    for _ in range(PAIRS):
+        ctx.emit("k", 1)
+
+@job.combine
+async def partial(key, values, ctx):
+    yield sum(values)
+
+@job.reduce
+def total(key, values, ctx):
+    yield f"{len(values)} {sum(values)}"
+"""
+
+
+def test_a_user_combiner_runs_on_every_spill(tmp_path: Path) -> None:
+    # ~13 MB of pairs against a 16 MiB budget's 2.7 MiB map buffer: several spills, each
+    # combined to one row, so the reduce sees one value per spill (not 65,536-pair lists
+    # of raw ones) and the total stays exact.
+    pairs = 1_000_000
+    (tmp_path / "job.py").write_text(COMBINED.replace("PAIRS", str(pairs)))
+    data = tmp_path / "in.txt"
+    data.write_text("x\n")
+    result = run_kubemr("run", str(tmp_path / "job.py"), "-i", str(data), "--output",
+                        str(tmp_path / "out"), "--memory", "16MiB", "--reducers", "1",
+                        "--workers", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    values, total = (tmp_path / "out" / "part-00000").read_text().split("\t")[1].split()
+    assert int(total) == pairs
+    assert 2 <= int(values) <= 10

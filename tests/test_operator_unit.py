@@ -102,6 +102,7 @@ def test_secret_copy_is_owned_and_the_env_refers_to_it() -> None:
     assert env["KUBEMR_JOB"]["value"] == "wc-1" and env["KUBEMR_NAMESPACE"]["value"] == "team"
     assert env["KUBEMR_S3_ENDPOINT"]["value"] == "http://s3:9000"
     assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert env["MALLOC_ARENA_MAX"]["value"] == "2"  # RSS near the budget (spec.py)
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "wc-1-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     bare = {e["name"] for e in build.worker_env(MRJ, OperatorConfig())}

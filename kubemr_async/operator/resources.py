@@ -17,7 +17,7 @@ from ..crd import API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, TASK_PLURAL
 from ..kube import KubeObject
 from ..protocol import JobPhase
 from ..records import JobError
-from ..spec import DEFAULT_WORKERS, JobSpec
+from ..spec import DEFAULT_WORKERS, WORKER_PROCESS_ENV, JobSpec
 from .config import OperatorConfig
 
 FINALIZER = "kubemr.io/cleanup"
@@ -133,6 +133,7 @@ def worker_env(mrj: KubeObject, config: OperatorConfig,
         {"name": "KUBEMR_NAMESPACE", "value": meta["namespace"]},
         {"name": "KUBEMR_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "AWS_REGION", "value": config.s3_region},
+        *({"name": name, "value": value} for name, value in WORKER_PROCESS_ENV.items()),
     ]
     if config.s3_endpoint:
         env.append({"name": "KUBEMR_S3_ENDPOINT", "value": config.s3_endpoint})
