@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from . import order, shuffle
 from .errors import JobDefinitionError, PermanentTaskError
+from .recordio import RECORD_INPUTS
 from .storage.urls import StoreCache
 
 #: Pairs from ctx.emit collected in Python lists before they become a table the map's
@@ -48,13 +49,17 @@ _PAIRS_PER_TABLE = 65_536
 Builtin = shuffle.Combiner | Literal["identity"]
 COMBINERS: tuple[shuffle.Combiner, ...] = ("sum", "count", "min", "max")
 BUILTINS: tuple[Builtin, ...] = (*COMBINERS, "identity")
-MapInput = Literal["text", "bytes", "name"]
+MapInput = Literal["text", "bytes", "name", "lines", "jsonl", "csv", "parquet"]
+#: Inputs handed to the map once per split; the others (recordio) once per record.
+SPLIT_INPUTS: tuple[MapInput, ...] = ("text", "bytes", "name")
 
 # Callbacks may be ``async def`` (plain or generators) or plain ``def`` (plain or generators).
 MapFn = Callable[[Any, "TaskContext"], Awaitable[None] | AsyncIterator[tuple[Any, Any]]
                  | Iterator[tuple[Any, Any]] | None]
 ReduceFn = Callable[[Any, list[Any], "TaskContext"], Awaitable[Any] | AsyncIterator[Any]
                     | Iterator[Any] | Any]
+# Setup and teardown hooks: ``fn(ctx)``, plain or async; a teardown may yield pairs.
+HookFn = Callable[["TaskContext"], Any]
 # A partitioner: per key ``fn(key, partitions) -> int``, or vectorized
 # ``fn(keys: pyarrow.Array, partitions) -> sequence of ints``.
 PartitionFn = Callable[[Any, int], Any]
@@ -93,6 +98,9 @@ class TaskContext:
     stores: StoreCache = field(default_factory=StoreCache, repr=False)
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("kubemr.user"), {}))
+    #: The attempt's own state, shared by its setup, its map or reduce calls and its
+    #: teardown (a fresh dict per attempt: a retry starts from an empty one).
+    state: dict[str, Any] = field(default_factory=dict)
     _keys: list[Any] = field(default_factory=list, repr=False)
     _values: list[Any] = field(default_factory=list, repr=False)
     _tables: list[shuffle.Table] = field(default_factory=list, repr=False)
@@ -161,6 +169,10 @@ class Job:
         self.name = name
         self.map_fn: MapFn | None = None
         self.map_input: MapInput = "text"
+        self.map_setup_fn: HookFn | None = None
+        self.map_teardown_fn: HookFn | None = None
+        self.reduce_setup_fn: HookFn | None = None
+        self.reduce_teardown_fn: HookFn | None = None
         self.combiner: shuffle.Combiner | ReduceFn | None = None
         self.reducer: Builtin | ReduceFn | None = None
         # Values reach reduce sorted (in the key order of their type) within each key.
@@ -174,13 +186,19 @@ class Job:
     def map(self, fn: MapFn | None = None, *, input: MapInput = "text") -> Any:
         """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``).
 
-        ``input`` chooses what the callback receives per input split: ``"text"`` (str,
-        undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the input
-        string itself, for callbacks that do their own I/O). The callback either yields
+        ``input`` chooses what the callback receives. Once per input split: ``"text"``
+        (str, undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the
+        input string itself, for callbacks that do their own I/O). Once per record
+        (``kubemr_async.recordio``): ``"lines"`` (a str line without its ``\n`` or
+        ``\r\n``), ``"jsonl"`` (a decoded JSON value per non-blank line), ``"csv"`` (a row
+        as a dict keyed by the file's header line) or ``"parquet"`` (a
+        ``pyarrow.RecordBatch``; files are split by row group). The callback either yields
         ``(key, value)`` pairs or calls ``ctx.emit``/``ctx.emit_batch``.
         """
-        if input not in ("text", "bytes", "name"):
-            raise JobDefinitionError(f"map input must be 'text', 'bytes' or 'name', got {input!r}")
+        kinds = (*SPLIT_INPUTS, *RECORD_INPUTS)
+        if input not in kinds:
+            raise JobDefinitionError(
+                f"map input must be one of {', '.join(map(repr, kinds))}, got {input!r}")
 
         def register(func: MapFn) -> MapFn:
             _require_callable("map", func)
@@ -188,6 +206,39 @@ class Job:
             return func
 
         return register(fn) if fn is not None else register
+
+    def map_setup(self, fn: HookFn) -> HookFn:
+        """Register ``fn(ctx)`` (plain or async), run once per map attempt before its input.
+
+        Keep what the map and the teardown need in ``ctx.state`` (a dict per attempt).
+        """
+        _require_callable("map_setup", fn)
+        self.map_setup_fn = fn
+        return fn
+
+    def map_teardown(self, fn: HookFn) -> HookFn:
+        """Register ``fn(ctx)``, run once per map attempt after its last record or split.
+
+        It may emit final pairs (``ctx.emit``, or yield ``(key, value)``). It also runs when
+        the map raised (to release resources; what it emits is then discarded, and an
+        error of its own is logged, not raised over the map's).
+        """
+        _require_callable("map_teardown", fn)
+        self.map_teardown_fn = fn
+        return fn
+
+    def reduce_setup(self, fn: HookFn) -> HookFn:
+        """Register ``fn(ctx)``, run once per reduce attempt before its first key."""
+        _require_callable("reduce_setup", fn)
+        self.reduce_setup_fn = fn
+        return fn
+
+    def reduce_teardown(self, fn: HookFn) -> HookFn:
+        """Register ``fn(ctx)``, run once per reduce attempt after its last key; the
+        ``(key, value)`` rows it emits or yields end the partition's part."""
+        _require_callable("reduce_teardown", fn)
+        self.reduce_teardown_fn = fn
+        return fn
 
     def combine(self, fn: shuffle.Combiner | ReduceFn) -> Any:
         """Register a map-side combiner: a built-in name or ``async def fn(key, values, ctx)``."""

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import formats, merge, order, shuffle, spill
-from .api import Job, JobWorker, TaskContext, call_user, iter_user
+from . import formats, merge, order, recordio, shuffle, spill
+from .api import HookFn, Job, JobWorker, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
+from .recordio import ParquetSplit, TextSplit
 from .spec import OutputFormat
 
 _Source = spill.Source
+#: What a map task reads: a split's bytes, or (per-record inputs) a text or Parquet split.
+MapData = bytes | TextSplit | ParquetSplit
 #: Output rows of a Python reduce collected before they are written to the part.
 _OUTPUT_ROWS = 65_536
 
@@ -36,7 +40,11 @@ class CorruptRun(Exception):
         self.position = position
 
 
-def _map_argument(job: Job, data: bytes, ctx: TaskContext) -> object:
+def _map_argument(job: Job, data: bytes | TextSplit | ParquetSplit, ctx: TaskContext) -> object:
+    if isinstance(data, TextSplit):
+        data = data.data
+    if isinstance(data, ParquetSplit):
+        raise PermanentTaskError(f"a {job.map_input!r} map cannot read a Parquet split")
     if job.map_input == "bytes":
         return data
     if job.map_input == "name":
@@ -59,21 +67,80 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def _run_user_map(job: Job, data: bytes, ctx: TaskContext) -> None:
-    """Call the user's map on one split; what it yields is emitted as it comes."""
+async def _run_user_map(job: Job, data: MapData, ctx: TaskContext) -> None:
+    """One map attempt's user code on one split: setup, the map (once per split, or once
+    per record), teardown; what they yield is emitted as it comes."""
     assert job.map_fn is not None
-    returned = inspect.isfunction(job.map_fn) and not (
-        inspect.isgeneratorfunction(job.map_fn) or inspect.isasyncgenfunction(job.map_fn))
-    async for item in iter_user(job.map_fn, _map_argument(job, data, ctx), ctx):
-        if not (isinstance(item, tuple) and len(item) == 2):
-            how = (f"returned a {type(item).__name__}" if returned
-                   else f"yielded a {type(item).__name__}: {item!r:.80}")
-            raise PermanentTaskError(
-                f"map must yield (key, value) tuples or call ctx.emit; it {how}")
-        ctx.emit(*item)
+    fn = job.map_fn
+    await _setup(job.map_setup_fn, ctx)
+    try:
+        if job.map_input not in recordio.RECORD_INPUTS:
+            await _emit_results("map", fn(_map_argument(job, data, ctx), ctx), ctx)
+        else:
+            if isinstance(data, bytes):  # a sample window, or an unsplit read
+                data = TextSplit(ctx.input, data)
+            for record in recordio.records(job.map_input, data):
+                result = fn(record, ctx)
+                if result is not None:
+                    await _emit_results("map", result, ctx)
+    except Exception:
+        await _teardown_after_failure(job.map_teardown_fn, ctx)
+        raise
+    await _teardown(job.map_teardown_fn, ctx)
 
 
-async def _map_table(job: Job, data: bytes, ctx: TaskContext) -> shuffle.Table:
+async def _setup(hook: HookFn | None, ctx: TaskContext) -> None:
+    if hook is not None:
+        async for _ in iter_user(hook, ctx):  # a setup's return value means nothing
+            pass
+
+
+async def _teardown(hook: HookFn | None, ctx: TaskContext) -> None:
+    """A teardown: what it yields (or returns) is emitted, like a map's pairs."""
+    if hook is not None:
+        await _emit_results("teardown", hook(ctx), ctx)
+
+
+async def _teardown_after_failure(hook: HookFn | None, ctx: TaskContext) -> None:
+    """The teardown of an attempt whose user code raised: it releases what setup took;
+    its pairs go nowhere, and its own error is logged so the first one is reported."""
+    if hook is None:
+        return
+    try:
+        async for _ in iter_user(hook, ctx):
+            pass
+    except Exception as exc:
+        ctx.log.warning("teardown after a failure raised %s: %s", type(exc).__name__, exc)
+    ctx._keys, ctx._values, ctx._tables, ctx._buffered = [], [], [], 0  # the attempt fails
+
+
+async def _emit_results(role: str, result: Any, ctx: TaskContext) -> None:
+    """Emit what one call of a map (or teardown) produced: ``result`` is its return value,
+    a coroutine, or a (sync or async) generator of ``(key, value)`` pairs."""
+    if isinstance(result, types.CoroutineType) or inspect.isawaitable(result):
+        result = await result
+        if result is None:
+            return
+    if inspect.isasyncgen(result):
+        async for item in result:
+            _emit_pair(role, item, ctx, returned=False)
+    elif isinstance(result, types.GeneratorType) or inspect.isgenerator(result):
+        for item in result:
+            _emit_pair(role, item, ctx, returned=False)
+    elif result is not None:
+        _emit_pair(role, result, ctx, returned=True)
+
+
+def _emit_pair(role: str, item: Any, ctx: TaskContext, *, returned: bool) -> None:
+    if not (isinstance(item, tuple) and len(item) == 2):
+        how = (f"returned a {type(item).__name__}" if returned
+               else f"yielded a {type(item).__name__}: {item!r:.80}")
+        raise PermanentTaskError(
+            f"{role} must yield (key, value) tuples or call ctx.emit; it {how}")
+    ctx.emit(*item)
+
+
+async def _map_table(job: Job, data: MapData, ctx: TaskContext) -> shuffle.Table:
     """Call the user's map on one split: everything it emitted, in emission order."""
     await _run_user_map(job, data, ctx)
     return ctx._emitted()
@@ -177,7 +244,7 @@ def _merged(sources: list[_Source], directory: Path, budget: shuffle.ShuffleBudg
     return chunks if combiner is None else merge.fold_sorted(chunks, combiner)
 
 
-async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
+async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
                   budget: shuffle.ShuffleBudget) -> tuple[tuple[Path, int] | None, str | None]:
     """Map one split into one shuffle object in ``directory``: sort and spill, then merge.
 
@@ -198,7 +265,7 @@ async def run_map(job: Job, data: bytes, ctx: TaskContext, directory: Path,
     return spills.merge(), kind
 
 
-async def run_map_only(job: Job, data: bytes, ctx: TaskContext,
+async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
                        output_format: OutputFormat) -> bytes:
     """Map one split of a map-only job (no reducers): its result part, in emission order.
 
@@ -222,12 +289,19 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
     readers = [_reader(source, position) for position, source in enumerate(sources)]
     part = spill.PartWriter(directory / "part", output_format)
     try:
-        chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
-        if isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
-            for chunk in chunks:
-                part.write(chunk)
-        else:
-            await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+        await _setup(job.reduce_setup_fn, ctx)
+        try:
+            chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
+            if isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
+                for chunk in chunks:
+                    part.write(chunk)
+            else:
+                await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+        except Exception:
+            await _teardown_after_failure(job.reduce_teardown_fn, ctx)
+            raise
+        await _teardown(job.reduce_teardown_fn, ctx)
+        part.write(ctx._emitted())  # the teardown's rows (and any the setup emitted) end it
     except BaseException:
         part.abort()
         raise

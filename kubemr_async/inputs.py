@@ -22,16 +22,18 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import glob
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import compression, shuffle
+from . import compression, recordio, shuffle
 from .errors import PermanentTaskError, UsageError
+from .recordio import ParquetSplit, TextSplit
 from .spec import JobSpec
 from .storage.base import BlobNotFound, BlobStore
-from .storage.urls import is_s3, split_s3
+from .storage.urls import StoreCache, is_s3, split_s3
 
 if TYPE_CHECKING:
     from .storage.s3 import S3Config
@@ -255,8 +257,14 @@ def check_local_compressed(objects: Sequence[tuple[str, int]]) -> None:
             raise UsageError(str(exc)) from None
 
 
-async def plan_inputs(spec: JobSpec) -> list[Split]:
-    """The map tasks' inputs: data splits, or (unsplit jobs) one input string per map."""
+async def plan_inputs(spec: JobSpec, map_input: str | None = None) -> list[Split]:
+    """The map tasks' inputs: data splits, or (unsplit jobs) one input string per map.
+
+    ``map_input`` is the job's map input when the planner knows it (``kubemr run``):
+    ``"parquet"`` plans Parquet files by row group (:func:`plan_parquet_splits`). A
+    planner that does not know it (the operator imports no job module) cuts every file
+    into byte ranges, which a Parquet map reads by row-group midpoints just as well.
+    """
     if not spec.split_inputs:
         return [(text, None) for pattern in spec.inputs for text in await _unsplit(pattern)]
     objects = await expand_inputs(spec.inputs)
@@ -264,7 +272,135 @@ async def plan_inputs(spec: JobSpec) -> list[Split]:
     chunk = spec.chunk_size
     if spec.memory is not None:
         chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
+    if map_input == "parquet":
+        return await plan_parquet_splits(objects, chunk)
     return plan_splits(objects, chunk)
+
+
+async def plan_parquet_splits(objects: Sequence[tuple[str, int]], chunk_size: int,
+                              stores: StoreCache | None = None) -> list[Split]:
+    """Cut Parquet files at row-group boundaries into splits of about ``chunk_size`` bytes.
+
+    Only each file's footer is read. Consecutive row groups join a split until the next
+    would take it past ``chunk_size`` (a group larger than that is a split of its own); a
+    file without row groups, and a compressed file, is one split. A file that is not
+    Parquet is a UsageError naming it, before any task runs.
+    """
+    cache = stores or StoreCache()
+    splits: list[Split] = []
+    try:
+        for url, size in objects:
+            if size == 0 or compression.codec_for(url) is not None:
+                splits.append((url, (0, size)))
+                continue
+            store, key = cache.open(url)
+            try:
+                spans = recordio.row_group_spans(await _parquet_metadata(store, key, size))
+            except PermanentTaskError as exc:
+                raise UsageError(str(exc)) from None
+            starts = [0]
+            for lo, hi in spans[1:]:  # the split so far begins at its first group's start
+                if hi - max(starts[-1], spans[0][0]) > chunk_size:
+                    starts.append(lo)
+            bounds = [*starts, size]
+            splits += [(url, (a, b)) for a, b in itertools.pairwise(bounds)]
+    finally:
+        if stores is None:
+            await cache.aclose()
+    return splits
+
+
+async def _parquet_footer(store: BlobStore, key: str, size: int) -> bytes:
+    """A Parquet file's footer (with its length and magic): usually one ranged read."""
+    url = store.url(key)
+    if size < 12:
+        raise PermanentTaskError(f"input {url} is not a Parquet file (too short)")
+    tail = await store.get(key, max(0, size - _WINDOW), size)
+    length = recordio.parquet_footer_length(tail, url)
+    if length + 8 > size - 4:
+        raise PermanentTaskError(f"input {url} is not a Parquet file (footer length "
+                                 f"{length} past its start)")
+    if length + 8 > len(tail):
+        tail = await store.get(key, size - 8 - length, size)
+    return tail[len(tail) - 8 - length:]
+
+
+async def _parquet_metadata(store: BlobStore, key: str, size: int) -> Any:
+    return recordio.parquet_metadata(store.url(key),
+                                     await _parquet_footer(store, key, size))
+
+
+async def read_parquet_split(store: BlobStore, key: str,
+                             byte_range: tuple[int, int] | None) -> ParquetSplit:
+    """The row groups a split owns (midpoint in its range): the footer and their bytes.
+
+    A compressed file is read and decompressed whole (it is one split).
+    """
+    url = store.url(key)
+    if compression.codec_for(key) is not None:
+        data = await read_task_input(store, key, None)
+        size = len(data)
+        footer_length = recordio.parquet_footer_length(data[-8:], url)
+        footer = data[max(0, size - 8 - footer_length):]
+        groups = recordio.parquet_metadata(url, footer).num_row_groups
+        return ParquetSplit(url, size, ((size - len(footer), footer), (0, data)),
+                            tuple(range(groups)))
+    size = await store.size(key)
+    footer = await _parquet_footer(store, key, size)
+    spans = recordio.row_group_spans(recordio.parquet_metadata(url, footer))
+    start, end = byte_range if byte_range is not None else (0, size)
+    owned = recordio.owned_row_groups(spans, start, end)
+    if not owned:
+        return ParquetSplit(url, size, ((size - len(footer), footer),), ())
+    lo, hi = min(spans[i][0] for i in owned), max(spans[i][1] for i in owned)
+    return ParquetSplit(url, size, ((size - len(footer), footer),
+                                    (lo, await store.get(key, lo, hi))), tuple(owned))
+
+
+async def read_text_split(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
+                          kind: str) -> TextSplit:
+    """A text split for a per-record map: its lines, offset, and (csv) the file's header."""
+    if byte_range is None or compression.codec_for(key) is not None:
+        return TextSplit(store.url(key), await read_task_input(store, key, byte_range))
+    size = await store.size(key)
+    begin, data = await read_split_at(store, key, byte_range[0], byte_range[1], size)
+    return await text_split(store, key, begin, data, kind, size)
+
+
+async def text_split(store: BlobStore, key: str, begin: int, data: bytes, kind: str,
+                     size: int) -> TextSplit:
+    """``data`` (whole lines from ``begin``) as a TextSplit; a CSV split not at byte 0
+    gets the file's first line as its header, by ranged reads from the start."""
+    header = None
+    if kind == "csv" and begin > 0:
+        header = await _first_line(store, key, size)
+    return TextSplit(store.url(key), data, begin, header)
+
+
+async def _first_line(store: BlobStore, key: str, size: int) -> bytes:
+    """The file's first line, without its terminator (``\n`` or ``\r\n``)."""
+    line = b""
+    while len(line) < size:
+        window = await store.get(key, len(line), min(size, len(line) + _WINDOW))
+        if not window:
+            break
+        found = window.find(b"\n")
+        if found >= 0:
+            line += window[:found]
+            break
+        line += window
+    return line.removesuffix(b"\r")
+
+
+async def read_map_input(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
+                         kind: str) -> bytes | TextSplit | ParquetSplit:
+    """What a map of input ``kind`` reads: the split's bytes (``"text"``/``"bytes"``),
+    a TextSplit (``"lines"``, ``"jsonl"``, ``"csv"``) or a ParquetSplit."""
+    if kind == "parquet":
+        return await read_parquet_split(store, key, byte_range)
+    if kind in recordio.RECORD_INPUTS:
+        return await read_text_split(store, key, byte_range, kind)
+    return await read_task_input(store, key, byte_range)
 
 
 async def _unsplit(text: str) -> list[str]:
@@ -342,13 +478,19 @@ async def _line_start(store: BlobStore, key: str, pos: int, size: int,
 
 async def read_split(store: BlobStore, key: str, start: int, end: int, size: int) -> bytes:
     """The lines that begin in ``[start, end)``; one ranged read in the common case."""
+    return (await read_split_at(store, key, start, end, size))[1]
+
+
+async def read_split_at(store: BlobStore, key: str, start: int, end: int,
+                        size: int) -> tuple[int, bytes]:
+    """Where the first line beginning in ``[start, end)`` starts, and those lines."""
     lo = max(0, start - 1)
     data = await store.get(key, lo, min(size, end + _WINDOW))
     begin = await _line_start(store, key, start, size, data, lo)
     stop = await _line_start(store, key, end, size, data[end - 1 - lo:] if end > lo else b"",
                              end - 1)
     if begin >= stop:
-        return b""
+        return begin, b""
     if stop <= lo + len(data):
-        return data[begin - lo:stop - lo]
-    return await store.get(key, begin, stop)
+        return begin, data[begin - lo:stop - lo]
+    return begin, await store.get(key, begin, stop)

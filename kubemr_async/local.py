@@ -153,7 +153,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
                    output_format=output_format, memory=memory)
-    splits = await plan_inputs(spec)
+    splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
     output.parent.mkdir(parents=True, exist_ok=True)

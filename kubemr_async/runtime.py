@@ -33,7 +33,7 @@ from . import execute, formats, protocol, sampling, shuffle, spill
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
-from .inputs import Split, read_task_input
+from .inputs import Split, read_map_input
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
@@ -464,7 +464,7 @@ class Worker:
                 await writer.write(data)
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
-        data = b"" if job.map_input == "name" else await self._read_input(body)
+        data = b"" if job.map_input == "name" else await self._read_input(body, job.map_input)
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.output_format))
@@ -512,13 +512,14 @@ class Worker:
                  else (int(body["range"][0]), int(body["range"][1])))
                 for body in self._view.maps]
 
-    async def _read_input(self, body: TaskRecord) -> bytes:
-        """The task's split (or, for unsplit inputs, the whole object), decompressed."""
+    async def _read_input(self, body: TaskRecord, kind: str) -> execute.MapData:
+        """The task's split (or, for unsplit inputs, the whole object), decompressed, as
+        a map of input ``kind`` reads it (see inputs.read_map_input)."""
         source, key = self._stores.open(body["input"] or "")
         byte_range = body["range"]
         async with self._io:
-            return await read_task_input(source, key, None if byte_range is None
-                                         else (int(byte_range[0]), int(byte_range[1])))
+            return await read_map_input(source, key, None if byte_range is None
+                                        else (int(byte_range[0]), int(byte_range[1])), kind)
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:

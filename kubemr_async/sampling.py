@@ -43,11 +43,12 @@ from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 
-from . import compression, order, shuffle
+from . import compression, order, recordio, shuffle
 from .api import PARTITION_FILE_ARG, Job, TaskContext, TotalOrderSampling
 from .errors import JobFailed, PermanentTaskError
+from .execute import MapData
 from .execute import _map_table as map_table  # the map exactly as a map task runs it
-from .inputs import Split, read_split, read_task_input
+from .inputs import Split, read_map_input, read_split, read_split_at, text_split
 from .spec import JobSpec
 from .storage.base import BlobNotFound, BlobStore
 from .storage.urls import StoreCache
@@ -85,12 +86,18 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
     for index, begin, end in windows:
         url, rng = splits[index]
         store, key = stores.open(url)
-        if rng is None or job.map_input == "name" or compression.codec_for(key) is not None:
-            if index in whole:
+        data: MapData
+        if (rng is None or job.map_input in ("name", "parquet")
+                or compression.codec_for(key) is not None):
+            if index in whole:  # read whole: a Parquet split by its row groups
                 continue
             whole.add(index)
             data = (b"" if job.map_input == "name"
-                    else await read_task_input(store, key, rng))
+                    else await read_map_input(store, key, rng, job.map_input))
+        elif job.map_input in recordio.RECORD_INPUTS:  # a window of records (CSV: + header)
+            size = await store.size(key)
+            start, window = await read_split_at(store, key, rng[0] + begin, rng[0] + end, size)
+            data = await text_split(store, key, start, window, job.map_input, size)
         else:
             offset = rng[0]
             data = await read_split(store, key, offset + begin, offset + end,
