@@ -7,11 +7,12 @@ The public API is small: a :class:`Job` with ``async def`` callbacks (or the low
 """
 
 from .api import Job, JobWorker, TaskContext
-from .errors import JobFailed, KubemrError, PermanentTaskError, UsageError
+from .errors import CounterError, JobFailed, KubemrError, PermanentTaskError, UsageError
 from .results import read_results
 from .shuffle import partition_for
 
 __all__ = [
+    "CounterError",
     "Job",
     "JobFailed",
     "JobWorker",

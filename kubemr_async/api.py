@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from . import order, shuffle
+from . import counters, order, shuffle
 from .errors import JobDefinitionError, PermanentTaskError
 from .recordio import RECORD_INPUTS
 from .storage.urls import StoreCache
@@ -109,6 +109,24 @@ class TaskContext:
     _spill: Callable[[shuffle.Table], None] | None = field(default=None, repr=False)
     _spill_bytes: int = field(default=0, repr=False)
     _buffered: int = field(default=0, repr=False)
+    # This attempt's counters: written with its commit, so only a committed attempt counts.
+    _counters: counters.TaskCounters = field(default_factory=counters.TaskCounters,
+                                             repr=False)
+
+    def __post_init__(self) -> None:
+        self._counters.task = self.task
+
+    def counter(self, group: str, name: str, n: int = 1) -> None:
+        """Add ``n`` (an int, may be negative) to counter ``name`` of ``group``.
+
+        Hadoop's and mrjob's counters: the job's totals (``status.counters``, the
+        ``_SUCCESS`` manifest, ``kubemr run``'s summary) sum the increments of the attempt
+        that committed each task, exactly once: a failed, retried or abandoned attempt's
+        increments never count. Names are 1-100 characters without control characters;
+        a task may keep at most 16 distinct counters (see :mod:`kubemr_async.counters`).
+        A bad call raises :class:`~kubemr_async.errors.CounterError`, failing the task.
+        """
+        self._counters.add(group, name, n)
 
     def emit(self, key: Any, value: Any) -> None:
         """Emit one pair (fine for modest volumes; prefer :meth:`emit_batch` in hot loops)."""

@@ -183,6 +183,10 @@ def run(
     result = _guard(lambda: asyncio.run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
+    if result.counters:
+        from .cli_render import counters_table
+
+        typer.echo(counters_table(result.counters), err=True)
     typer.echo(str(result.output))
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import protocol
+from . import counters, protocol
 from .protocol import JobPhase, Progress
 
 
@@ -95,4 +95,12 @@ def describe(obj: Mapping[str, Any]) -> str:
     width = max(len(label) for label, _ in fields) + 3  # "Label:" and two spaces
     lines = [f"{label + ':':<{width}}{value}".rstrip() for label, value in fields]
     lines += [f"  {result}" for result in results]
+    totals = counters.read(status.get("counters"))
+    if totals:
+        lines.append(counters_table(totals))
     return "\n".join(lines)
+
+
+def counters_table(totals: Mapping[str, Mapping[str, int]]) -> str:
+    """A job's counters as Hadoop prints them: ``Counters:``, each group, its names."""
+    return "\n".join(["Counters:", *counters.lines(totals)])

@@ -23,6 +23,7 @@ import anyio
 import yaml
 
 from .conditions import CONDITION_TYPES
+from .counters import MAX_COUNTERS
 from .errors import KubemrError
 from .kube import APPLY_PATCH, CRDS, Kube, KubeObject, Resource
 from .protocol import JobPhase, TaskKind, TaskState
@@ -171,6 +172,25 @@ def _job_spec_schema() -> dict[str, Any]:
     }
 
 
+def _counters_schema(doc: str, per_task: bool) -> dict[str, Any]:
+    """``{group: {name: amount}}``. Atomic, so managedFields name the field, not every
+    counter (that would double a task record's cost of its counters); a task's are capped
+    as ``ctx.counter`` caps them (its groups, plus the framework's)."""
+    limit: dict[str, Any] = {"maxProperties": MAX_COUNTERS + 1} if per_task else {}
+    names: dict[str, Any] = {"maxProperties": MAX_COUNTERS} if per_task else {}
+    return {
+        "type": "object",
+        "description": doc,
+        **limit,
+        "additionalProperties": {
+            "type": "object",
+            **names,
+            "additionalProperties": {"type": "integer", "format": "int64"},
+        },
+        "x-kubernetes-map-type": "atomic",
+    }
+
+
 def _job_status_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -213,6 +233,9 @@ def _job_status_schema() -> dict[str, Any]:
                 },
             },
             "seq": _int(0, doc="Bumped by every write; guarded writes test it (CAS)."),
+            "counters": _counters_schema(
+                "The job's counters, {group: {name: amount}}: the sum over its committed "
+                "tasks, each counted once (group kubemr: the framework's).", per_task=False),
             "observedGeneration": _int(fmt="int64"),
             "conditions": _conditions_schema(),
             "taskNamespace": _string("Namespace holding this job's MapReduceTask objects."),
@@ -354,6 +377,8 @@ def _task_status_schema() -> dict[str, Any]:
             },
             "error": {"type": "string"},
             "seq": _int(0),
+            "counters": _counters_schema(
+                "The committed attempt's counters, {group: {name: amount}}.", per_task=True),
         },
     }
 

@@ -59,3 +59,10 @@ def first_error() -> Iterator[None]:
         while isinstance(first, BaseExceptionGroup) and first.exceptions:
             first = first.exceptions[0]
         raise first from None
+
+
+class CounterError(PermanentTaskError, ValueError):
+    """A bad ``ctx.counter`` call (a name, an amount, too many counters): one line saying why.
+
+    Permanent: the same code would make the same call again.
+    """

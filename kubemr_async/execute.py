@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import formats, merge, order, recordio, shuffle, spill
+from . import counters, formats, merge, order, recordio, shuffle, spill
 from .api import HookFn, Job, JobWorker, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .recordio import ParquetSplit, TextSplit
@@ -154,11 +154,13 @@ class _MapSpills:
         self.job, self.ctx, self.directory, self.budget = job, ctx, directory, budget
         self.files: list[Path] = []
         self.key_types: dict[str, int] = {}
+        self.rows = 0  # pairs the map emitted (before any combiner)
 
     def spill(self, table: shuffle.Table) -> None:
         """Combine, partition, sort and write one full buffer (or the last) as a spill."""
         if table.num_rows == 0:
             return
+        self.rows += table.num_rows
         combiner = self.job.map_side_combiner
         if isinstance(combiner, str):
             table = shuffle.combine(table, combiner)
@@ -261,6 +263,7 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     finally:
         ctx._spill = None
     spills.spill(ctx._emitted())
+    ctx._counters.set_framework(counters.MAP_OUTPUT_RECORDS, spills.rows)
     kind = next(iter(spills.key_types), None)
     return spills.merge(), kind
 
@@ -272,7 +275,9 @@ async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
     As in Hadoop, a map-only job has no shuffle, so no combiner runs and nothing is sorted;
     keys of different types in different maps are fine, as no reduce compares them.
     """
-    return formats.encode(await _map_table(job, data, ctx), output_format)
+    table = await _map_table(job, data, ctx)
+    ctx._counters.set_framework(counters.MAP_OUTPUT_RECORDS, table.num_rows)
+    return formats.encode(table, output_format)
 
 
 async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
@@ -296,7 +301,8 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
                 for chunk in chunks:
                     part.write(chunk)
             else:
-                await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+                groups = await _reduce_groups(job.reducer, chunks, ctx, part, directory, budget)
+                ctx._counters.set_framework(counters.REDUCE_INPUT_GROUPS, groups)
         except Exception:
             await _teardown_after_failure(job.reduce_teardown_fn, ctx)
             raise
@@ -306,13 +312,15 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
         part.abort()
         raise
     part.close()
+    ctx._counters.set_framework(counters.REDUCE_OUTPUT_RECORDS, part.rows)
     return part.path
 
 
 async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskContext,
                          part: spill.PartWriter, directory: Path,
-                         budget: shuffle.ShuffleBudget) -> None:
-    """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``).
+                         budget: shuffle.ShuffleBudget) -> int:
+    """Call a Python reduce once per key as the merged chunks arrive (see ``_Group``);
+    returns how many keys (groups) it reduced.
 
     Values come in the merge's order: sorted within their key when the job sorts values.
     """
@@ -337,6 +345,7 @@ async def _reduce_groups(fn: object, chunks: Iterator[shuffle.Table], ctx: TaskC
         await out.reduce(fn, group, ctx)
     out.flush()
     part.write(ctx._emitted())  # already PermanentTaskError for what cannot be shuffled
+    return out.groups
 
 
 def _same_key(left: Any, right: Any) -> bool:
@@ -411,8 +420,10 @@ class _Output:
         self.part = part
         self.keys: list[Any] = []
         self.values: list[Any] = []
+        self.groups = 0
 
     async def reduce(self, fn: object, group: _Group, ctx: TaskContext) -> None:
+        self.groups += 1
         produced = await call_user(fn, group.key, group.values(), ctx)  # type: ignore[arg-type]
         if len(produced) == 1:
             self.keys.append(group.key)

@@ -56,7 +56,7 @@ from .outdir import (
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .records import TaskOutputs
+from .records import Counters, TaskOutputs
 from .sampling import prepare_partitioner
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
@@ -82,6 +82,8 @@ class LocalRunResult:
     job: str
     parts: list[Path]
     seconds: float
+    #: The job's counters (each committed task's, summed): also in the _SUCCESS manifest.
+    counters: Counters = field(default_factory=dict)
 
 
 def job_name_for(job_ref: str, name: str) -> str:
@@ -215,9 +217,10 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
         kept = _keep_failed_logs(work, name)
         raise JobFailed(_failure(name, view, workers, router, kept))
     assert view.job is not None
+    totals = view.job.get("counters") or {}
     parts = _publish(view.job["results"], work, output, name, spec.job,
-                     time.monotonic() - started, held, spec.output_format)
-    return LocalRunResult(output, name, parts, time.monotonic() - started)
+                     time.monotonic() - started, held, spec.output_format, totals)
+    return LocalRunResult(output, name, parts, time.monotonic() - started, totals)
 
 
 def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
@@ -447,7 +450,7 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
 
 def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, name: str,
              job_ref: str, seconds: float, held: tuple[OutputLock, OutputState],
-             output_format: OutputFormat) -> list[Path]:
+             output_format: OutputFormat, totals: Counters) -> list[Path]:
     """Move result files (and the workers' logs) into a staging directory, then swap it in
     (only while this run still holds the output's lock, over what was checked at start)."""
     staging = work / "publish"
@@ -465,7 +468,7 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, na
         os.replace(work / "logs", staging / LOGS_DIR)
     (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
         name, output_format, results, [p.name for p in parts], module=job_ref,
-        seconds=round(seconds, 3)))
+        seconds=round(seconds, 3), counters=totals))
     lock, expected = held
     if not lock.held():
         raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "

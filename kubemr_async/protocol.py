@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import cast
 
-from .records import Body, JobError, JobRecord, JobStatus, PatchOp, TaskOutputs, TaskRecord
+from .counters import total
+from .records import (
+    Body,
+    Counters,
+    JobError,
+    JobRecord,
+    JobStatus,
+    PatchOp,
+    TaskOutputs,
+    TaskRecord,
+)
 from .spec import JobSpec
 
 JOB_KEY = "job"
@@ -202,10 +212,15 @@ def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Up
                                     *_write(body, leaseExpires=now + lease_seconds)))
 
 
-def commit(body: TaskRecord, worker: str, outputs: TaskOutputs) -> Update:
-    """Publish the attempt's outputs; only the current holder's commit can succeed."""
+def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
+           counters: Counters | None = None) -> Update:
+    """Publish the attempt's outputs and counters; only the current holder's commit can
+    succeed, so only the attempt that wins it counts (a zombie's or a failed attempt's
+    increments are never written). ``add`` sets ``/counters`` whether or not the record has
+    them yet (a map that re-runs after a re-open replaces its earlier attempt's)."""
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0)))
+        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0),
+        {"op": "add", "path": "/counters", "value": counters or {}}))
 
 
 def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
@@ -467,8 +482,15 @@ class JobView:
         results = self.results()
         if results is None:
             return None
-        return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.SUCCEEDED.value,
-                                            results=results)))
+        return Update(JOB_KEY, (*_write(self.job, phase=JobPhase.SUCCEEDED.value,
+                                        results=results),
+                                {"op": "add", "path": "/counters", "value": self.counters()}))
+
+    def counters(self) -> Counters:
+        """The job's counters: the sum over its committed tasks (each counted once, with
+        the attempt that committed it). A full scan: asked once, for the verdict."""
+        return total(t.get("counters") for t in self.tasks.values()
+                     if t["state"] == TaskState.COMMITTED)
 
     def results(self) -> list[TaskOutputs | None] | None:
         """The job's results once every task they come from has committed, else None.

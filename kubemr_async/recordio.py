@@ -84,6 +84,15 @@ class ParquetSplit:
                                      f"{_one_line(exc)}") from exc
 
 
+def split_bytes(data: bytes | TextSplit | ParquetSplit) -> int:
+    """The input bytes a map read (decompressed; a Parquet split's fetched pieces)."""
+    if isinstance(data, TextSplit):
+        return len(data.data)
+    if isinstance(data, ParquetSplit):
+        return sum(len(piece) for _, piece in data.pieces)
+    return len(data)
+
+
 def records(kind: RecordInput, split: TextSplit | ParquetSplit) -> Iterator[Any]:
     """The records of ``split`` as the map of input ``kind`` receives them."""
     if isinstance(split, ParquetSplit):

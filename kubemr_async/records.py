@@ -19,6 +19,10 @@ from .spec import JobSpecDict
 #: map's ``{partition: output}``, or one string (a reduce's result, a map-only map's part).
 TaskOutputs = dict[str, str] | str
 
+#: Counters, ``{group: {name: amount}}``: a committed attempt's, or a job's totals
+#: (:mod:`kubemr_async.counters`).
+Counters = dict[str, dict[str, int]]
+
 
 class JobError(TypedDict):
     """Why a job failed: the task and attempt that decided it ("" and 0 for none)."""
@@ -37,6 +41,8 @@ class JobStatus(TypedDict):
     results: list[TaskOutputs | None]
     error: JobError | None
     seq: int
+    #: The sum of the committed tasks' counters, stamped with the Succeeded verdict.
+    counters: NotRequired[Counters]
 
 
 class JobRecord(JobStatus):
@@ -60,6 +66,8 @@ class TaskRecord(TypedDict):
     outputs: TaskOutputs | None
     error: str
     seq: int
+    #: The counters of the attempt that committed, written with the commit (only then).
+    counters: NotRequired[Counters]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).

@@ -29,13 +29,13 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import execute, formats, protocol, sampling, shuffle, spill
+from . import counters, execute, formats, protocol, recordio, sampling, shuffle, spill
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
 from .protocol import JobPhase, JobView, TaskKind, TaskState
-from .records import Body, TaskOutputs, TaskRecord
+from .records import Body, Counters, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore
 from .storage.base import BlobStore
@@ -221,13 +221,13 @@ class Worker:
             # committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
-            await self._write_manifest([str(result) for result in results])
+            await self._write_manifest([str(result) for result in results], view.counters())
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],
                                            "worker": self.worker_id})
 
-    async def _write_manifest(self, results: list[str]) -> None:
+    async def _write_manifest(self, results: list[str], totals: Counters) -> None:
         """Make the result location self-describing before the job is stamped Succeeded.
 
         The same shape as `kubemr run`'s ``_SUCCESS``: the format, the result URLs, and the
@@ -236,7 +236,7 @@ class Worker:
         base = self.blobs.url(self.prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
         await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}", formats.manifest(
-            self.job_name, self.spec.output_format, results, parts))
+            self.job_name, self.spec.output_format, results, parts, counters=totals))
 
     # --- one attempt ------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class Worker:
                 log.warning("lease lost; abandoning attempt", extra=context)
                 return
             try:
-                outputs = work.result()
+                outputs, kept = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
@@ -286,8 +286,9 @@ class Worker:
                                                     self.spec.max_attempts, permanent))
                 return
             async with holder.lock:
+                # The attempt's counters go with its commit: counted only if it wins.
                 committed = await self._write(protocol.commit(holder.body, self.worker_id,
-                                                              outputs))
+                                                              outputs, kept))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
             else:
@@ -316,7 +317,8 @@ class Worker:
                     return
                 holder.body = renewed.task
 
-    async def _perform(self, body: TaskRecord) -> TaskOutputs:
+    async def _perform(self, body: TaskRecord) -> tuple[TaskOutputs, Counters]:
+        """Run one attempt: its outputs and the counters it kept (user's and framework's)."""
         ctx = TaskContext(job=self.job_name, task=protocol.task_name(body),
                           attempt=int(body["attempt"]), partitions=self.spec.reducers,
                           input=body["input"] or "", args=self.spec.args,
@@ -327,6 +329,10 @@ class Worker:
         ctx.log = logging.LoggerAdapter(logging.getLogger("kubemr.user"), {
             "job": self.job_name, "task": ctx.task, "attempt": ctx.attempt,
             "worker": self.worker_id})
+        outputs = await self._outputs(body, ctx)
+        return outputs, ctx._counters.snapshot()
+
+    async def _outputs(self, body: TaskRecord, ctx: TaskContext) -> TaskOutputs:
         index = int(body["index"])
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
@@ -355,7 +361,9 @@ class Worker:
             raise PermanentTaskError(clash)
         sources = self._view.shuffle_objects()
         with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
-            slices = await self._fetch_slices(sources, index, directory / "slices", ctx.task)
+            slices, rows = await self._fetch_slices(sources, index, directory / "slices",
+                                                    ctx.task)
+            ctx._counters.set_framework(counters.REDUCE_INPUT_RECORDS, rows)
             run = execute.run_reduce(job, slices, ctx, self.spec.output_format, directory,
                                      self.budget)
             try:
@@ -367,8 +375,9 @@ class Worker:
             return await self._put_part(index, ctx.attempt, part)
 
     async def _fetch_slices(self, sources: list[tuple[TaskRecord, str, int]], partition: int,
-                            path: Path, task: str) -> list[spill.Slice]:
-        """Every source's slice of ``partition``, in one local file, in source order."""
+                            path: Path, task: str) -> tuple[list[spill.Slice], int]:
+        """Every source's slice of ``partition``, in one local file, in source order, and
+        the rows they hold (from the maps' indexes)."""
         reducers = self.spec.reducers
 
         async def entry(key: str, size: int) -> shuffle.SliceEntry:
@@ -422,7 +431,8 @@ class Worker:
             raise _first(eg) from None
         finally:
             os.close(fd)
-        return [spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)]
+        return ([spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)],
+                sum(found.rows for found in entries))
 
     def _remember_index(self, key: str, index: bytes) -> None:
         """Keep a map's whole index for this worker's next reduces, within a budget share.
@@ -465,6 +475,7 @@ class Worker:
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body, job.map_input)
+        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.output_format))

@@ -203,10 +203,12 @@ class PartWriter:
         self.fmt = fmt
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._tables: list[shuffle.Table] = []
+        self.rows = 0  # rows written (the reduce's output records)
 
     def write(self, table: shuffle.Table) -> None:
         if table.num_rows == 0:
             return
+        self.rows += table.num_rows
         # Encoded a few MiB at a time: the text of a whole merged chunk (and its copy as
         # bytes) would be two more chunk-sized buffers on top of the chunk.
         for piece in shuffle.blocks(table, _WRITE_PIECE):

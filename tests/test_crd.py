@@ -18,6 +18,7 @@ import yaml
 
 from kubemr_async import crd
 from kubemr_async.conditions import job_conditions
+from kubemr_async.counters import MAX_COUNTERS
 from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
 from kubemr_async.kube import Kube
 from kubemr_async.protocol import JobPhase
@@ -60,6 +61,23 @@ def test_schema_uses_the_spec_limits() -> None:
     assert props["reducers"]["maximum"] == MAX_REDUCERS
     assert props["chunkSize"]["default"] == DEFAULT_CHUNK_SIZE
     assert set(spec["spec"]["required"]) == {"image", "inputs", "job", "output"}
+
+
+def test_counters_are_atomic_int64_maps_and_a_tasks_are_capped() -> None:
+    def counters_of(made: dict[str, Any]) -> dict[str, Any]:
+        schema = made["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        found: dict[str, Any] = schema["properties"]["status"]["properties"]["counters"]
+        return found
+
+    job, task = counters_of(crd.job_crd()), counters_of(crd.task_crd())
+    for schema in (job, task):
+        # Atomic: managedFields name the field once, not every counter in it.
+        assert schema["x-kubernetes-map-type"] == "atomic"
+        assert schema["additionalProperties"]["additionalProperties"] == {
+            "type": "integer", "format": "int64"}
+    assert task["maxProperties"] == MAX_COUNTERS + 1  # the user's groups and "kubemr"
+    assert task["additionalProperties"]["maxProperties"] == MAX_COUNTERS
+    assert "maxProperties" not in job, "a job's totals have no cap of their own"
 
 
 # --- against the API server ----------------------------------------------------------

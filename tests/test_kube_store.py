@@ -10,6 +10,7 @@ a MapReduceJob created with kubectl; and the per-write size staying flat as jobs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import statistics
@@ -21,8 +22,15 @@ from typing import Any
 import pytest
 
 from kubemr_async import protocol
+from kubemr_async.counters import (
+    INT64_MAX,
+    MAP_INPUT_BYTES,
+    MAP_OUTPUT_RECORDS,
+    MAX_COUNTERS,
+    TaskCounters,
+)
 from kubemr_async.crd import GROUP, JOB_PLURAL, LABEL_JOB, TASK_PLURAL, VERSION
-from kubemr_async.errors import UsageError
+from kubemr_async.errors import CounterError, UsageError
 from kubemr_async.kube import KubeApiError
 from kubemr_async.protocol import Update
 from kubemr_async.spec import JobSpec
@@ -391,3 +399,36 @@ async def test_claim_latency(kube_cluster: TestCluster) -> None:
         p95 = sorted(latencies)[94]
         print(f"\nclaim latency: median {median * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
         assert median < 0.5
+
+
+@kube
+async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
+        kube_cluster: TestCluster) -> None:
+    """The worst a task's counters can do to its record: as many, as long and as large as
+    ctx.counter admits, plus every framework counter at 64 bits, on a key/value map."""
+    kept = TaskCounters("map-00000")
+    with contextlib.suppress(CounterError):  # admit until the byte budget refuses
+        for i in range(MAX_COUNTERS):
+            kept.add(f"g{i % 2}", f"{i:02d}-" + "n" * 30, INT64_MAX)
+    for name in (MAP_INPUT_BYTES, MAP_OUTPUT_RECORDS):
+        kept.set_framework(name, INT64_MAX)
+    worst = {group: dict.fromkeys(names, -INT64_MAX) for group, names in
+             kept.snapshot().items()}
+    async with kube_backend(kube_cluster) as factory:
+        store = await open_store(factory)
+        sizes = {}
+        for job, counted in (("cnt-none", None), ("cnt-worst", worst)):
+            await store.create(job, job_records(job, maps=1, reducers=4))
+            body = (await store.snapshot(job))[0]["map-00000"].body
+            held = await store.patch(job, protocol.claim(body, "worker-1", 1.0, 30.0, 3))
+            assert held is not None
+            outputs = protocol.shuffle_outputs(
+                f"results/{job}/map/00000/attempt-1.shuffle", 1 << 30, "bytes")
+            committed = await store.patch(job, protocol.commit(held.body, "worker-1", outputs,
+                                                               counted))
+            assert committed is not None
+            assert committed.task.get("counters") == (counted or {})
+            sizes[job] = _object_bytes(kube_cluster, await store.task_namespace(job),
+                                       f"{job}-map-00000")
+        print(f"\ncommitted map task object bytes: {sizes}")
+        assert sizes["cnt-worst"] < 2048, sizes

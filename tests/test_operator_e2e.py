@@ -7,6 +7,8 @@ as its own process, worker pods run by the test kubelet.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +20,8 @@ import yaml
 from kubemr_async.testing.cluster import ApiError, TestCluster
 
 from .operator_fixtures import BUCKET, DATA, OPERATOR_NS, kube_namespace, operator, s3
-from .test_local_run import ROOT
+from .test_counters import expected_totals
+from .test_local_run import KUBEMR, ROOT
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
 
@@ -141,6 +144,39 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
     account = kube_cluster.api("GET", f"/api/v1/namespaces/{kube_namespace}/serviceaccounts/"
                                f"kubemr-worker-{name}")
     assert account["metadata"]["ownerReferences"][0]["name"] == name
+
+
+def test_counters_are_stamped_exactly_once_and_kubemr_status_prints_them(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        tmp_path: Path) -> None:
+    """User and framework counters on a cluster: first attempts of some tasks increment,
+    then raise; status.counters still equal a plain-Python count of the input."""
+    log = tmp_path / "failed-attempts.log"
+    failing = "map-00001,reduce-00000"
+    manifest = echo_job("counting", [f"s3://{BUCKET}/data/"], splitInputs=True, workers=2,
+                        reducers=2, args={"fail": failing, "log": str(log)})
+    manifest["spec"]["job"] = "tests.jobs.counting"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Succeeded", status
+    failed = sorted(line.split()[0] for line in log.read_text().splitlines())
+    assert failed == sorted(failing.split(",")), "the chosen first attempts did fail"
+    expected = expected_totals()
+    assert status["counters"] == expected
+    base = [KUBEMR, "status", name, "--kubeconfig", str(kube_cluster.kubeconfig_path),
+            "-n", kube_namespace]
+    printed = subprocess.run([*base, "-o", "json"], capture_output=True, text=True,
+                             timeout=120, check=True)
+    assert json.loads(printed.stdout)["status"]["counters"] == expected
+    described = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                               check=True).stdout.splitlines()
+    start = described.index("Counters:")
+    assert described[start:] == ["Counters:", "  kubemr",
+                                 *[f"    {k}={v}" for k, v in expected["kubemr"].items()],
+                                 "  text", *[f"    {k}={v}" for k, v in expected["text"].items()]]
+    manifest_key = f"echo/{kube_namespace}/{name}/_SUCCESS"  # echo_job's output prefix
+    written = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    assert written["counters"] == expected, "the result location's manifest has them too"
 
 
 def test_twenty_workers_commit_five_hundred_tasks_exactly_once(

@@ -477,6 +477,8 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
         phase=status.get("phase", fresh["phase"]), maps=status.get("maps", fresh["maps"]),
         results=status.get("results", fresh["results"]),
         error=status.get("error", fresh["error"]), seq=status.get("seq", fresh["seq"]))
+    if "counters" in status:
+        body["counters"] = status["counters"]
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 
