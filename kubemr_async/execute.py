@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import formats, merge, order, shuffle, spill
-from .api import Job, JobWorker, TaskContext, call_user, iter_user
+from . import formats, merge, order, shuffle, spill, streaming
+from .api import Job, JobWorker, Shell, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .spec import OutputFormat
 
@@ -62,6 +62,9 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
 async def _run_user_map(job: Job, data: bytes, ctx: TaskContext) -> None:
     """Call the user's map on one split; what it yields is emitted as it comes."""
     assert job.map_fn is not None
+    if isinstance(job.map_fn, Shell):
+        await streaming.run_mapper(job.map_fn, data, ctx)
+        return
     returned = inspect.isfunction(job.map_fn) and not (
         inspect.isgeneratorfunction(job.map_fn) or inspect.isasyncgenfunction(job.map_fn))
     async for item in iter_user(job.map_fn, _map_argument(job, data, ctx), ctx):
@@ -115,7 +118,7 @@ class _MapSpills:
         self.files.append(path)
 
     def _combine(self, fn: object, table: shuffle.Table) -> shuffle.Table:
-        """A user combiner on one buffer, as Hadoop runs it on every spill.
+        """A user combiner (or Shell command) on one buffer, as Hadoop runs it on every spill.
 
         A spill can happen inside ``ctx.emit``, where nothing can be awaited, so the
         combiner (``async def`` or plain) runs to completion on a private event loop in a
@@ -126,8 +129,10 @@ class _MapSpills:
         spill, ctx._spill = ctx._spill, None
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="kubemr-combine") as pool:
-                return pool.submit(asyncio.run, _apply_user_reduce(
-                    fn, shuffle.sort_by_key(table), ctx)).result()
+                combined = (streaming.run_combiner(fn, shuffle.sort_by_key(table), ctx)
+                            if isinstance(fn, Shell)
+                            else _apply_user_reduce(fn, shuffle.sort_by_key(table), ctx))
+                return pool.submit(asyncio.run, combined).result()
         finally:
             ctx._spill = spill
 
@@ -223,7 +228,9 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
     part = spill.PartWriter(directory / "part", output_format)
     try:
         chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
-        if isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
+        if isinstance(job.reducer, Shell):
+            await streaming.run_reducer(job.reducer, chunks, ctx, part)
+        elif isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
             for chunk in chunks:
                 part.write(chunk)
         else:
