@@ -3,10 +3,11 @@
 The public API is small: a :class:`Job` with ``async def`` callbacks (or the low-level
 :class:`JobWorker`), the :class:`TaskContext` every callback receives, and
 :func:`partition_for` for low-level jobs that partition by themselves, and
-:func:`read_results` to read a finished job's results back in any output format.
+:func:`read_results` to read a finished job's results back in any output format;
+:class:`Shell` makes a shell command a map, combine or reduce step (Hadoop Streaming).
 """
 
-from .api import Job, JobWorker, TaskContext
+from .api import Job, JobWorker, Shell, TaskContext
 from .errors import CounterError, JobFailed, KubemrError, PermanentTaskError, UsageError
 from .results import read_results
 from .shuffle import partition_for
@@ -18,6 +19,7 @@ __all__ = [
     "JobWorker",
     "KubemrError",
     "PermanentTaskError",
+    "Shell",
     "TaskContext",
     "UsageError",
     "partition_for",

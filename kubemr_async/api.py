@@ -38,6 +38,7 @@ import pyarrow as pa
 from . import counters, order, shuffle
 from .errors import JobDefinitionError, PermanentTaskError
 from .recordio import RECORD_INPUTS
+from .spec import JobSpec
 from .storage.urls import StoreCache
 
 #: Pairs from ctx.emit collected in Python lists before they become a table the map's
@@ -66,6 +67,31 @@ PartitionFn = Callable[[Any, int], Any]
 
 # ctx.args key under which the planner tells maps where the total-order partition file is.
 PARTITION_FILE_ARG = "kubemr.partition-file"
+
+
+@dataclass(frozen=True)
+class Shell:
+    """A shell command as a map, combine or reduce step, with Hadoop Streaming's protocol.
+
+    ``job.map(Shell("tr -s ' ' '\\n'"))``, ``job.combine(Shell(...))``,
+    ``job.reduce(Shell("uniq -c"))``: the command runs under ``/bin/sh -c`` once per task
+    (a combiner: once per spill buffer). A mapper reads its split's lines on stdin and
+    writes ``key<TAB>value`` lines (no TAB: the line is the key, the value empty); a
+    combiner or reducer reads ``key<TAB>value`` lines sorted by key, each key's lines
+    contiguous. A reducer's stdout lines are its result part's lines as they are (text
+    format). Keys and values are UTF-8 text; ``reporter:counter:GROUP,NAME,N`` and
+    ``reporter:status:MSG`` lines on stderr update the task's counters and status. See
+    :mod:`kubemr_async.streaming`.
+    """
+
+    command: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.command, str) or not self.command.strip():
+            raise JobDefinitionError(f"Shell needs a command, got {self.command!r}")
+
+    def __str__(self) -> str:
+        return self.command
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,9 @@ class TaskContext:
     # This attempt's counters: written with its commit, so only a committed attempt counts.
     _counters: counters.TaskCounters = field(default_factory=counters.TaskCounters,
                                              repr=False)
+
+    #: The latest status a callback or a command (``reporter:status:``) set.
+    status: str = ""
 
     def __post_init__(self) -> None:
         self._counters.task = self.task
@@ -185,14 +214,14 @@ class Job:
 
     def __init__(self, name: str = "", *, sort_values: bool = False) -> None:
         self.name = name
-        self.map_fn: MapFn | None = None
+        self.map_fn: MapFn | Shell | None = None
         self.map_input: MapInput = "text"
         self.map_setup_fn: HookFn | None = None
         self.map_teardown_fn: HookFn | None = None
         self.reduce_setup_fn: HookFn | None = None
         self.reduce_teardown_fn: HookFn | None = None
-        self.combiner: shuffle.Combiner | ReduceFn | None = None
-        self.reducer: Builtin | ReduceFn | None = None
+        self.combiner: shuffle.Combiner | ReduceFn | Shell | None = None
+        self.reducer: Builtin | ReduceFn | Shell | None = None
         # Values reach reduce sorted (in the key order of their type) within each key.
         self.sort_values = sort_values
         self.partitioner: Literal["hash"] | TotalOrderSampling | PartitionFn = "hash"
@@ -201,8 +230,9 @@ class Job:
         self.total_order: order.TotalOrder | None = None
         self._partition_file: str | None = None
 
-    def map(self, fn: MapFn | None = None, *, input: MapInput = "text") -> Any:
-        """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``).
+    def map(self, fn: MapFn | Shell | None = None, *, input: MapInput = "text") -> Any:
+        """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``),
+        or a :class:`Shell` command reading the split on stdin.
 
         ``input`` chooses what the callback receives. Once per input split: ``"text"``
         (str, undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the
@@ -218,7 +248,10 @@ class Job:
             raise JobDefinitionError(
                 f"map input must be one of {', '.join(map(repr, kinds))}, got {input!r}")
 
-        def register(func: MapFn) -> MapFn:
+        def register(func: MapFn | Shell) -> MapFn | Shell:
+            if isinstance(func, Shell):  # its stdin is the split's bytes, whatever input says
+                self.map_fn, self.map_input = func, "bytes"
+                return func
             _require_callable("map", func)
             self.map_fn, self.map_input = func, input
             return func
@@ -258,13 +291,16 @@ class Job:
         self.reduce_teardown_fn = fn
         return fn
 
-    def combine(self, fn: shuffle.Combiner | ReduceFn) -> Any:
-        """Register a map-side combiner: a built-in name or ``async def fn(key, values, ctx)``."""
+    def combine(self, fn: shuffle.Combiner | ReduceFn | Shell) -> Any:
+        """Register a map-side combiner: a built-in name, ``async def fn(key, values, ctx)``
+        or a :class:`Shell` command (run on every spill buffer, sorted by key)."""
         self.combiner = _builtin_or_callable("combine", fn, COMBINERS)
         return fn
 
-    def reduce(self, fn: Builtin | ReduceFn, *, sort_values: bool | None = None) -> Any:
-        """Register the reducer: a built-in name or ``async def fn(key, values, ctx)``.
+    def reduce(self, fn: Builtin | ReduceFn | Shell, *,
+               sort_values: bool | None = None) -> Any:
+        """Register the reducer: a built-in name, ``async def fn(key, values, ctx)`` or a
+        :class:`Shell` command reading the partition's sorted ``key<TAB>value`` lines.
 
         A callable returns (or yields) the value(s) written for the key in the job's output
         format; returning None writes nothing for that key. ``sort_values=True`` (also
@@ -394,7 +430,7 @@ class Job:
                 "with --reducers 0 (reducers: 0 in the job spec)")
 
     @property
-    def map_side_combiner(self) -> shuffle.Combiner | ReduceFn | None:
+    def map_side_combiner(self) -> shuffle.Combiner | ReduceFn | Shell | None:
         """Built-in folds are associative, so they also combine map-side by default."""
         if self.combiner is not None:
             return self.combiner
@@ -447,6 +483,8 @@ def _require_callable(role: str, fn: Any) -> None:
 
 
 def _builtin_or_callable(role: str, fn: Any, builtins: tuple[str, ...]) -> Any:
+    if isinstance(fn, Shell):
+        return fn
     if isinstance(fn, str):
         if fn not in builtins:
             raise JobDefinitionError(
@@ -498,13 +536,50 @@ async def iter_user(fn: Callable[..., Any], *args: Any) -> AsyncIterator[Any]:
         yield result
 
 
-def load_job(ref: str, reducers: int | None = None) -> AnyJob:
+@dataclass(frozen=True)
+class Commands:
+    """Shell-command steps from the job spec (``mapper``, ``combiner``, ``reducer``)."""
+
+    mapper: str | None = None
+    combiner: str | None = None
+    reducer: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.mapper or self.combiner or self.reducer)
+
+
+def load_job(ref: str, reducers: int | None = None, commands: Commands | None = None
+             ) -> AnyJob:
     """Import a job module (a ``.py`` path, or ``package.module`` with an optional ``:attr``).
 
+    ``commands`` (the spec's shell steps) replace the module's steps they name; with no
+    module (``ref`` empty) they are the whole job (``Job("streaming")``).
     Raises JobDefinitionError with a one-line reason: missing file, import failure, no job,
     several jobs without ``:attr`` to choose, or a job that cannot run with ``reducers``
     partitions (when given).
     """
+    if commands:
+        job = Job("streaming") if not ref else _import_job(ref, None)
+        if not isinstance(job, Job):
+            raise JobDefinitionError(
+                f"{ref}: a JobWorker job cannot take --mapper/--combiner/--reducer commands")
+        if commands.mapper:
+            job.map(Shell(commands.mapper))
+        if commands.combiner:
+            job.combine(Shell(commands.combiner))
+        if commands.reducer:
+            job.reduce(Shell(commands.reducer))
+        return _checked(job, ref or "the shell-command job", reducers)
+    return _import_job(ref, reducers)
+
+
+def load_spec_job(spec: JobSpec) -> AnyJob:
+    """The job a spec describes: its module, its shell commands, or both (see load_job)."""
+    return load_job(spec.job, spec.reducers,
+                    Commands(spec.mapper, spec.combiner, spec.reducer))
+
+
+def _import_job(ref: str, reducers: int | None) -> AnyJob:
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     module: Any
     if target.endswith(".py") or "/" in target:

@@ -99,10 +99,17 @@ def _workers(value: int) -> int:
 
 
 _FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
+_MAPPER_HELP = ("Shell command as the map (Hadoop Streaming): the split's lines on stdin, "
+                "key<TAB>value lines on stdout.")
+_COMBINER_HELP = "Shell command as the combiner: sorted key<TAB>value lines in and out."
+_REDUCER_HELP = ("Shell command as the reducer: key<TAB>value lines sorted by key on stdin; "
+                 "its stdout is the result part.")
 
 
 #: The `kubemr run` flag behind each spec field, for errors the JobSpec raises.
-_RUN_FLAGS = {"spec.reducers": "--reducers", "spec.maxAttempts": "--max-attempts",
+_RUN_FLAGS = {"spec.mapper": "--mapper", "spec.combiner": "--combiner",
+              "spec.reducer": "--reducer", "spec.reducers": "--reducers",
+              "spec.maxAttempts": "--max-attempts",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
               "spec.outputFormat": "--format", "spec.inputs": "--input",
               "spec.memory": "--memory"}
@@ -110,7 +117,10 @@ _RUN_FLAGS = {"spec.reducers": "--reducers", "spec.maxAttempts": "--max-attempts
 
 @app.command()
 def run(
-    job: Annotated[str, typer.Argument(help="Job module: a .py file or package.module[:attr].")],
+    job: Annotated[str | None, typer.Argument(
+        help="Job module: a .py file or package.module[:attr]. Optional with --mapper (then "
+             "a first argument that is not a .py file is an input).",
+        show_default=False)] = None,
     inputs: Annotated[list[str] | None, typer.Argument(
         metavar="[INPUT]...", show_default=False,
         help="More inputs, so an unquoted shell glob after --input works.")] = None,
@@ -150,6 +160,11 @@ def run(
         help="Memory budget per worker (e.g. 256MiB, 1GiB): buffers, merges and fetches "
              "stay within it and spill to local disk beyond it.",
         show_default=False)] = None,
+    mapper: Annotated[str | None, typer.Option(help=_MAPPER_HELP, show_default=False)] = None,
+    combiner: Annotated[str | None, typer.Option(help=_COMBINER_HELP, show_default=False)]
+    = None,
+    reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
+    = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -157,8 +172,14 @@ def run(
     task; each worker's full log is kept under DIR/_logs on success, and under
     $KUBEMR_LOG_DIR (default ~/.local/state/kubemr/runs) on failure.
     """
+    from .api import Commands
     from .local import run_local
 
+    commands = Commands(mapper, combiner, reducer)
+    if job is not None and mapper is not None and not job.endswith(".py"):
+        inputs, job = [job, *(inputs or [])], None  # `--mapper CMD --input data/*.txt`
+    if job is None and mapper is None:
+        _fail("missing JOB_MODULE (or --mapper CMD for a shell-command job)", 2)
     every_input = [*(input or []), *(inputs or [])]
     if not every_input:
         _fail("missing inputs: give --input PATH (repeatable)", 2)
@@ -167,13 +188,14 @@ def run(
     async def start() -> LocalRunResult:
         try:
             return await run_local(
-                job, every_input, output, workers=workers, reducers=reducers,
+                job or "", every_input, output, workers=workers, reducers=reducers,
                 chunk_size=parse_size(chunk_size),
                 max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
                 args=_args(arg or []), progress=progress and sys.stderr.isatty() and not inline,
                 verbose=verbose, inline=inline,
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
-                memory=None if memory is None else _size("--memory", memory))
+                memory=None if memory is None else _size("--memory", memory),
+                commands=commands)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -311,7 +333,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 #: submit's flags that describe a job, so they cannot be combined with a manifest FILE.
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
-              "split_inputs", "output_format")
+              "split_inputs", "output_format", "mapper", "combiner", "reducer")
 
 
 @app.command()
@@ -353,6 +375,11 @@ def submit(
                                                help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
+    mapper: Annotated[str | None, typer.Option(help=_MAPPER_HELP, show_default=False)] = None,
+    combiner: Annotated[str | None, typer.Option(help=_COMBINER_HELP, show_default=False)]
+    = None,
+    reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
+    = None,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -370,12 +397,14 @@ def submit(
                 raise UsageError(f"give a manifest FILE or job flags, not both "
                                  f"(got --{given[0].replace('_', '-')})")
             return _read_manifest(file)
-        if not (image and job and input and output):
-            required = {"--image": image, "--job": job, "--input": input, "--output": output}
+        if not (image and (job or mapper) and input and output):
+            required = {"--image": image, "--job (or --mapper)": job or mapper,
+                        "--input": input, "--output": output}
             missing = ", ".join(flag for flag, value in required.items() if not value)
             raise UsageError(f"missing {missing} (or give a manifest FILE)")
         return build_manifest(SubmitOptions(
-            image=image, job=job, inputs=input, output=output, name=name,
+            image=image, job=job or "", inputs=input, output=output, name=name,
+            mapper=mapper, combiner=combiner, reducer=reducer,
             generate_name=generate_name, workers=workers, reducers=reducers,
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,

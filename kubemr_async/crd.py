@@ -28,6 +28,7 @@ from .errors import KubemrError
 from .kube import APPLY_PATCH, CRDS, Kube, KubeObject, Resource
 from .protocol import JobPhase, TaskKind, TaskState
 from .spec import (
+    COMMAND_FIELDS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
@@ -117,7 +118,17 @@ def _job_spec_schema() -> dict[str, Any]:
                 "x-kubernetes-list-type": "atomic",
             },
             "job": _string("The job module: a file in the image (/app/wordcount.py) or "
-                           "'package.module:attribute'.", minLength=1),
+                           "'package.module:attribute'. Optional with a mapper command.",
+                           minLength=1),
+            "mapper": _string("A shell command as the map (Hadoop Streaming): the split's "
+                              "lines on stdin, key<TAB>value lines on stdout. Replaces the "
+                              "job module's map, or is the job with no module.", minLength=1),
+            "combiner": _string("A shell command as the map-side combiner, run on every "
+                                "spill buffer: sorted key<TAB>value lines in and out.",
+                                minLength=1),
+            "reducer": _string("A shell command as the reducer: the partition's key<TAB>value "
+                               "lines sorted by key on stdin; its stdout is the result part.",
+                               minLength=1),
             "args": {
                 "type": "object",
                 "description": "Free-form string arguments handed to the job's callbacks.",
@@ -164,10 +175,18 @@ def _job_spec_schema() -> dict[str, Any]:
         },
         # Changing what a running job computes would mix two jobs' tasks and outputs.
         "x-kubernetes-validations": [
-            {"rule": f"self.{field} == oldSelf.{field}",
-             "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-            for field in ("job", "inputs", "reducers", "output", "chunkSize", "splitInputs",
-                          "outputFormat")
+            {"rule": "has(self.job) || has(self.mapper)",
+             "message": "spec.job: a job module (or spec.mapper, a shell command) is required",
+             "fieldPath": ".job"},
+            *({"rule": f"self.{field} == oldSelf.{field}",
+               "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
+              for field in ("inputs", "reducers", "output", "chunkSize", "splitInputs",
+                            "outputFormat")),
+            # Optional fields: set or unset as before, and the same value.
+            *({"rule": f"has(self.{field}) == has(oldSelf.{field}) && "
+                       f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
+               "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
+              for field in ("job", *COMMAND_FIELDS)),
         ],
     }
 

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import counters, formats, merge, order, recordio, shuffle, spill
-from .api import HookFn, Job, JobWorker, TaskContext, call_user, iter_user
+from . import counters, formats, merge, order, recordio, shuffle, spill, streaming
+from .api import HookFn, Job, JobWorker, Shell, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .recordio import ParquetSplit, TextSplit
 from .spec import OutputFormat
@@ -72,6 +72,11 @@ async def _run_user_map(job: Job, data: MapData, ctx: TaskContext) -> None:
     per record), teardown; what they yield is emitted as it comes."""
     assert job.map_fn is not None
     fn = job.map_fn
+    if isinstance(fn, Shell):
+        if isinstance(data, ParquetSplit):
+            raise PermanentTaskError("a shell mapper reads text lines, not a Parquet split")
+        await streaming.run_mapper(fn, data.data if isinstance(data, TextSplit) else data, ctx)
+        return
     await _setup(job.map_setup_fn, ctx)
     try:
         if job.map_input not in recordio.RECORD_INPUTS:
@@ -184,7 +189,7 @@ class _MapSpills:
         self.files.append(path)
 
     def _combine(self, fn: object, table: shuffle.Table) -> shuffle.Table:
-        """A user combiner on one buffer, as Hadoop runs it on every spill.
+        """A user combiner (or Shell command) on one buffer, as Hadoop runs it on every spill.
 
         A spill can happen inside ``ctx.emit``, where nothing can be awaited, so the
         combiner (``async def`` or plain) runs to completion on a private event loop in a
@@ -195,8 +200,10 @@ class _MapSpills:
         spill, ctx._spill = ctx._spill, None
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="kubemr-combine") as pool:
-                return pool.submit(asyncio.run, _apply_user_reduce(
-                    fn, shuffle.sort_by_key(table), ctx)).result()
+                combined = (streaming.run_combiner(fn, shuffle.sort_by_key(table), ctx)
+                            if isinstance(fn, Shell)
+                            else _apply_user_reduce(fn, shuffle.sort_by_key(table), ctx))
+                return pool.submit(asyncio.run, combined).result()
         finally:
             ctx._spill = spill
 
@@ -297,7 +304,9 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
         await _setup(job.reduce_setup_fn, ctx)
         try:
             chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
-            if isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
+            if isinstance(job.reducer, Shell):
+                await streaming.run_reducer(job.reducer, chunks, ctx, part)
+            elif isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
                 for chunk in chunks:
                     part.write(chunk)
             else:

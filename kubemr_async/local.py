@@ -39,7 +39,7 @@ import anyio
 import orjson
 
 from . import formats, logs, protocol
-from .api import AnyJob, Job, load_job
+from .api import AnyJob, Commands, Job, load_job, load_spec_job
 from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
@@ -99,8 +99,12 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     args: dict[str, str] | None = None, progress: bool = True,
                     verbose: bool = False, inline: bool = False,
                     output_format: OutputFormat = "text",
-                    memory: int | None = None) -> LocalRunResult:
+                    memory: int | None = None,
+                    commands: Commands | None = None) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
+
+    ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
+    whole job with ``job_ref`` empty.
 
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
     SIGTERM. ``workers=0`` means ``inline``.
@@ -109,7 +113,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
-        output_format=output_format, memory=memory))
+        output_format=output_format, memory=memory, commands=commands))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -142,14 +146,18 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
-               memory: int | None = None) -> LocalRunResult:
+               memory: int | None = None, commands: Commands | None = None) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
     started = time.monotonic()
-    output, job, job_ref = await asyncio.to_thread(_prepare, output, job_ref, reducers)
+    commands = commands or Commands()
+    output, job, job_ref = await asyncio.to_thread(_prepare, output, job_ref, reducers,
+                                                   commands)
     name = job_name_for(job_ref, job.name)
     spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
+                   mapper=commands.mapper, combiner=commands.combiner,
+                   reducer=commands.reducer,
                    max_attempts=max_attempts,
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
@@ -171,10 +179,11 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _prepare(output: Path, job_ref: str, reducers: int) -> tuple[Path, AnyJob, str]:
+def _prepare(output: Path, job_ref: str, reducers: int,
+             commands: Commands) -> tuple[Path, AnyJob, str]:
     """Checks that need no worker: the job module loads (fail fast, before any process)."""
     output = output.resolve()
-    job = load_job(job_ref, reducers)
+    job = load_job(job_ref, reducers, commands)
     if job_ref.endswith(".py"):  # workers may run from another directory
         job_ref = str(Path(job_ref).resolve())
     return output, job, job_ref
@@ -541,7 +550,7 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
     try:
         records, _ = await store.snapshot(job_name)
         spec = JobSpec.from_dict(job_name, records[protocol.JOB_KEY].job["spec"])
-        job = load_job(spec.job, spec.reducers)
+        job = load_spec_job(spec)
         worker = Worker(job_name, job, store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)

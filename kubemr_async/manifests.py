@@ -85,6 +85,9 @@ class SubmitOptions:
     chunk_size: int = defaults.DEFAULT_CHUNK_SIZE
     lease_seconds: float = defaults.DEFAULT_LEASE_SECONDS
     output_format: OutputFormat = defaults.DEFAULT_OUTPUT_FORMAT
+    mapper: str | None = None
+    combiner: str | None = None
+    reducer: str | None = None
 
 
 def build_manifest(options: SubmitOptions) -> KubeObject:
@@ -110,6 +113,7 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         output=options.output, split_inputs=options.split_inputs,
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
         output_format=options.output_format, image=options.image, workers=options.workers,
+        mapper=options.mapper, combiner=options.combiner, reducer=options.reducer,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
     return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata, "spec": spec}
@@ -117,6 +121,6 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
 
 def _name_prefix(job: str) -> str:
     """``examples.wordcount`` / ``/app/wordcount.py`` / ``pkg.mod:job`` -> ``wordcount-``."""
-    stem = re.split(r"[./:]", job.removesuffix(".py").rstrip("/"))[-1] if job else ""
+    stem = re.split(r"[./:]", job.removesuffix(".py").rstrip("/"))[-1] if job else "streaming"
     cleaned = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:57]
     return f"{cleaned or 'job'}-"

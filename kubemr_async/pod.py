@@ -15,7 +15,7 @@ import socket
 from collections.abc import Mapping
 
 from . import protocol
-from .api import load_job
+from .api import load_spec_job
 from .errors import JobDefinitionError, UsageError
 from .kube import Kube
 from .protocol import JobPhase
@@ -49,7 +49,7 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
         spec = JobSpec.from_dict(job_name, job_record["spec"])
         context = {"job": job_name, "worker": worker_id}
         try:
-            job = load_job(spec.job, spec.reducers)
+            job = load_spec_job(spec)
         except JobDefinitionError as exc:
             # Every pod of this image would fail the same way: decide the job instead of
             # letting pods crash until the Job's backoff limit runs out.

@@ -371,6 +371,20 @@ def pairs_to_table(keys: Any, values: Any) -> Table:
     return _make_table(key_array, key_kind, value_array, value_kind)
 
 
+def text_table(keys: pa.Array, values: pa.Array) -> Table:
+    """Text keys and values given as Arrow binary arrays (a shell command's output) as a
+    table of str: a column of valid UTF-8 is ``str``, any other keeps its bytes as a str
+    holding undecodable bytes (``strbytes``, "Text is bytes"), so no byte is lost."""
+    columns: list[tuple[pa.Array, _Kind]] = []
+    for array in (keys, values):
+        try:
+            columns.append((array.cast(pa.string()), "str"))
+        except pa.ArrowInvalid:  # Arrow validates UTF-8 when it casts binary to string
+            columns.append((array, "strbytes"))
+    (key_array, key_kind), (value_array, value_kind) = columns
+    return _make_table(key_array, key_kind, value_array, value_kind)
+
+
 def concat_tables(tables: Sequence[Table]) -> Table:
     """Concatenate shuffle tables.
 

@@ -53,8 +53,11 @@ MAX_JOB_NAME = 63
 #: An S3 URL: bucket name rules (3-63 chars, lowercase, digits, '.', '-') plus an optional key.
 OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 
-#: What a MapReduceJob must give (the CRD's ``required``); `kubemr run` needs job and inputs.
-RESOURCE_REQUIRED = ("image", "inputs", "job", "output")
+#: What a MapReduceJob must give (the CRD's ``required``), besides a job module or a mapper
+#: command (``job`` or ``mapper``: the CRD says so in a rule); `kubemr run` needs inputs.
+RESOURCE_REQUIRED = ("image", "inputs", "output")
+#: The shell-command steps (Hadoop Streaming), in the resource's spelling.
+COMMAND_FIELDS = ("mapper", "combiner", "reducer")
 
 #: How result parts are written (see kubemr_async.formats); the one list of valid formats.
 OutputFormat = Literal["text", "jsonl", "parquet"]
@@ -69,7 +72,7 @@ _NAME = re.compile(NAME_PATTERN)
 class JobSpecDict(TypedDict):
     """A ``MapReduceJob``'s ``spec`` as the resource (and every job record) spells it."""
 
-    job: str
+    job: NotRequired[str]  # absent for a job of shell commands only (``mapper``)
     inputs: list[str]
     reducers: int
     maxAttempts: int
@@ -80,6 +83,9 @@ class JobSpecDict(TypedDict):
     splitInputs: bool
     outputFormat: OutputFormat
     memory: NotRequired[int]
+    mapper: NotRequired[str]
+    combiner: NotRequired[str]
+    reducer: NotRequired[str]
     image: NotRequired[str]
     workers: NotRequired[int]
     template: NotRequired[dict[str, Any]]
@@ -106,6 +112,11 @@ class JobSpec:
     # Bytes of memory each worker's shuffle stays within (None: the container's limit
     # minus MEMORY_HEADROOM on Kubernetes, else DEFAULT_MEMORY; see memory_budget).
     memory: int | None = None
+    # Shell commands for the steps (Hadoop Streaming; kubemr_async.streaming): they replace
+    # the job module's steps, or are the whole job when ``job`` is empty.
+    mapper: str | None = None
+    combiner: str | None = None
+    reducer: str | None = None
     # Cluster-only: the worker image, worker pods, pod template overrides, clean-up delay.
     image: str | None = None
     workers: int | None = None
@@ -119,7 +130,6 @@ class JobSpec:
         """The resource's spec; ``cluster=False`` leaves out the cluster-only fields (the
         job record's copy: workers never read them, and a store may fill them in)."""
         spec: JobSpecDict = {
-            "job": self.job,
             "inputs": list(self.inputs),
             "reducers": self.reducers,
             "maxAttempts": self.max_attempts,
@@ -130,8 +140,16 @@ class JobSpec:
             "splitInputs": self.split_inputs,
             "outputFormat": self.output_format,
         }
+        if self.job:
+            spec["job"] = self.job
         if self.memory is not None:
             spec["memory"] = self.memory
+        if self.mapper is not None:
+            spec["mapper"] = self.mapper
+        if self.combiner is not None:
+            spec["combiner"] = self.combiner
+        if self.reducer is not None:
+            spec["reducer"] = self.reducer
         if cluster:
             if self.image is not None:
                 spec["image"] = self.image
@@ -177,6 +195,9 @@ class JobSpec:
             split_inputs=_bool(data, "splitInputs", True),
             output_format=cast(OutputFormat, _str(data, "outputFormat", DEFAULT_OUTPUT_FORMAT)),
             memory=_optional(data, "memory", _int),
+            mapper=_optional(data, "mapper", _str),
+            combiner=_optional(data, "combiner", _str),
+            reducer=_optional(data, "reducer", _str),
             image=_optional(data, "image", _str),
             workers=_optional(data, "workers", _int),
             template=_optional(data, "template", _object),
@@ -276,8 +297,12 @@ def validate(spec: JobSpec) -> None:
     if not _NAME.match(spec.name):
         raise InvalidSpec("metadata.name", f"{spec.name!r} is invalid: use lowercase letters, "
                           f"digits and '-', at most {MAX_JOB_NAME} characters")
-    if not spec.job:
-        raise InvalidSpec("spec.job", "a job module is required")
+    for name in COMMAND_FIELDS:
+        if getattr(spec, name) is not None and not getattr(spec, name).strip():
+            raise InvalidSpec(f"spec.{name}", "a shell command must not be empty")
+    if not spec.job and spec.mapper is None:
+        raise InvalidSpec("spec.job", "a job module (or spec.mapper, a shell command) is "
+                          "required")
     if not spec.inputs:
         raise InvalidSpec("spec.inputs", "at least one input is required")
     if not all(spec.inputs):

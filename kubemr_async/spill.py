@@ -217,6 +217,11 @@ class PartWriter:
             else:
                 self._file.write(shuffle.encode_run(piece))
 
+    def write_bytes(self, data: bytes) -> None:
+        """Bytes written to a text part as they are (a shell reducer's output lines)."""
+        assert self.fmt == "text", "only a text part takes raw lines"
+        self._file.write(data)
+
     def close(self) -> None:
         self._file.close()
         if self.fmt != "parquet":

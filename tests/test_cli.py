@@ -557,6 +557,21 @@ def test_manifest_from_flags() -> None:
                                                output="s3://bkt/o", reducers=-1))
 
 
+def test_manifest_from_command_flags_needs_no_job_module() -> None:
+    manifest = manifests.build_manifest(manifests.SubmitOptions(
+        image="img:1", job="", inputs=["s3://b/data/"], output="s3://bkt/out",
+        mapper="cat", combiner="uniq", reducer="uniq -c"))
+    assert manifest["metadata"] == {"generateName": "streaming-"}
+    spec = manifest["spec"]
+    assert "job" not in spec
+    assert (spec["mapper"], spec["combiner"], spec["reducer"]) == ("cat", "uniq", "uniq -c")
+    result = run_kubemr("submit", "--image", "i", "--input", "s3://b/x", "--output",
+                        "s3://bkt/o", "--reducer", "uniq -c")
+    assert result.returncode == 2
+    assert result.stderr == ("kubemr: error: missing --job (or --mapper) "
+                             "(or give a manifest FILE)\n")
+
+
 def test_load_manifest_and_its_namespace() -> None:
     text = (ROOT / "examples" / "wordcount.yaml").read_text()
     manifest = manifests.load_manifest(text, "wordcount.yaml")

@@ -60,7 +60,9 @@ def test_schema_uses_the_spec_limits() -> None:
     props = spec["spec"]["properties"]
     assert props["reducers"]["maximum"] == MAX_REDUCERS
     assert props["chunkSize"]["default"] == DEFAULT_CHUNK_SIZE
-    assert set(spec["spec"]["required"]) == {"image", "inputs", "job", "output"}
+    assert set(spec["spec"]["required"]) == {"image", "inputs", "output"}
+    rules = [rule["rule"] for rule in spec["spec"]["x-kubernetes-validations"]]
+    assert "has(self.job) || has(self.mapper)" in rules  # a job module or a mapper command
 
 
 def test_counters_are_atomic_int64_maps_and_a_tasks_are_capped() -> None:
@@ -127,7 +129,8 @@ INVALID_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("missing inputs", _drop("inputs"), "spec.inputs: Required value"),
     ("empty inputs", _set("inputs", []), "spec.inputs"),
     ("empty input string", _set("inputs", ["s3://data/a", ""]), "spec.inputs[1]"),
-    ("missing job", _drop("job"), "spec.job: Required value"),
+    ("missing job", _drop("job"), "spec.job: a job module (or spec.mapper"),
+    ("empty mapper", _set("mapper", ""), "spec.mapper"),
     ("zero maxAttempts", _set("maxAttempts", 0), "spec.maxAttempts"),
     ("too many maxAttempts", _set("maxAttempts", 101), "spec.maxAttempts"),
     ("zero leaseSeconds", _set("leaseSeconds", 0), "spec.leaseSeconds"),
@@ -187,6 +190,11 @@ def test_valid_job_is_accepted_with_defaults_filled(
         "chunkSize": DEFAULT_CHUNK_SIZE, "splitInputs": True, "outputFormat": "text",
     }
     assert "status" not in created, "status is a subresource: create ignores it"
+    # Shell commands instead of a job module (Hadoop Streaming).
+    streaming = valid_job(mapper="cat", combiner="uniq", reducer="uniq -c")
+    del streaming["spec"]["job"]
+    spec = kube_cluster.api("POST", JOBS.format(ns=namespace), streaming)["spec"]
+    assert (spec["mapper"], spec["combiner"], spec["reducer"]) == ("cat", "uniq", "uniq -c")
     csv = valid_job()
     csv["spec"]["outputFormat"] = "csv"
     with pytest.raises(ApiError, match=r"spec.outputFormat: Unsupported value: \W+csv\W"):
@@ -229,6 +237,10 @@ def test_status_and_immutable_spec_are_enforced(
         kube_cluster.api("PATCH", path, {"spec": {"reducers": 4}}, content_type=MERGE)
     with pytest.raises(ApiError, match=r"spec.outputFormat is immutable"):
         kube_cluster.api("PATCH", path, {"spec": {"outputFormat": "jsonl"}}, content_type=MERGE)
+    with pytest.raises(ApiError, match=r"spec.job is immutable"):
+        kube_cluster.api("PATCH", path, {"spec": {"job": "/app/other.py"}}, content_type=MERGE)
+    with pytest.raises(ApiError, match=r"spec.reducer is immutable"):
+        kube_cluster.api("PATCH", path, {"spec": {"reducer": "uniq -c"}}, content_type=MERGE)
     # What may change on a running job, does.
     assert kube_cluster.api("PATCH", path, {"spec": {"workers": 8}},
                             content_type=MERGE)["spec"]["workers"] == 8

@@ -179,6 +179,37 @@ def test_counters_are_stamped_exactly_once_and_kubemr_status_prints_them(
     assert written["counters"] == expected, "the result location's manifest has them too"
 
 
+def test_streaming_job_from_spec_commands_runs_on_the_cluster(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any) -> None:
+    """No job module: the spec's mapper, combiner and reducer are shell commands, run by
+    the worker pods (this checkout, so awk and tr are there)."""
+    from .test_streaming import MAPPER, SUMMER, TEXT_INPUTS, reference
+
+    manifest = {"apiVersion": "kubemr.io/v1alpha1", "kind": "MapReduceJob",
+                "metadata": {"generateName": "streaming-"},
+                "spec": {"image": "kubemr-tests:dev", "reducers": 2, "chunkSize": 16384,
+                         "inputs": [f"s3://{BUCKET}/data/{path.name}" for path in TEXT_INPUTS],
+                         "mapper": MAPPER, "combiner": SUMMER, "reducer": SUMMER,
+                         "output": f"s3://{BUCKET}/results"}}
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert "job" not in job["spec"] and job["spec"]["mapper"] == MAPPER
+    lines: list[bytes] = []
+    for url in job["status"]["results"]:
+        key = url[len(f"s3://{BUCKET}/"):]
+        lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
+    assert len(job["status"]["results"]) == 2
+    assert sorted(lines) == reference(TEXT_INPUTS)
+    # A failing command fails the job with the task, the attempt and the command.
+    manifest["spec"] = {**manifest["spec"], "mapper": "no-such-command-kubemr-xyz"}
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    assert "mapper command 'no-such-command-kubemr-xyz' not found" in status["error"]["message"]
+    assert status["error"]["task"].startswith("map-")
+
+
 def test_twenty_workers_commit_five_hundred_tasks_exactly_once(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path, tmp_path: Path) -> None:
     log = tmp_path / "attempts.log"

@@ -1,0 +1,254 @@
+"""Shell commands as map, combine and reduce steps (Hadoop Streaming), with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import kubemr_async
+from kubemr_async import Job, PermanentTaskError, Shell, TaskContext, formats, shuffle, spill
+from kubemr_async.errors import JobDefinitionError
+from kubemr_async.spec import InvalidSpec, JobSpec
+from kubemr_async.streaming import (
+    CommandFailed,
+    parse_pairs,
+    run_mapper,
+    run_reducer,
+    text_pairs,
+)
+
+from .test_local_run import DATA, ROOT, _failed_run_logs, kubemr, output_lines
+
+__all__ = ["_failed_run_logs"]  # the autouse fixture keeping failed runs' logs in tmp
+
+#: UTF-8 inputs, and one file whose words are not UTF-8 (its bytes are kept as they are).
+TEXT_INPUTS = [DATA / "generated-log.txt", DATA / "kubemr-story.txt"]
+MAPPER = "LC_ALL=C tr -s '[:space:]' '\\n' | awk 'NF { print $0 \"\\t1\" }'"
+SUMMER = ("awk -F'\\t' '$1 != k { if (NR > 1) print k \"\\t\" n; k = $1; n = 0 } "
+          "{ n += $2 } END { if (NR) print k \"\\t\" n }'")
+
+
+def reference(files: list[Path]) -> list[bytes]:
+    counts: Counter[bytes] = Counter()
+    for path in files:
+        counts.update(path.read_bytes().split())
+    return sorted(word + b"\t" + str(n).encode() for word, n in counts.items())
+
+
+def inputs(files: list[Path]) -> list[str]:
+    return [arg for path in files for arg in ("--input", str(path))]
+
+
+def context(task: str = "map-00001", attempt: int = 2) -> TaskContext:
+    return TaskContext(job="streaming-test", task=task, attempt=attempt, partitions=1)
+
+
+def mapped(command: str, data: bytes) -> tuple[TaskContext, list[tuple[str, str]]]:
+    ctx = context()
+    asyncio.run(run_mapper(Shell(command), data, ctx))
+    table = ctx._emitted()
+    return ctx, list(zip(table.column("key").to_pylist(), table.column("value").to_pylist(),
+                         strict=True))
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+def test_lines_split_on_the_first_tab_and_a_line_without_one_is_all_key() -> None:
+    keys, values = parse_pairs(b"a\t1\nb\nc\t2\t3\n\nd\t\nlast\tno-newline")
+    assert keys.to_pylist() == [b"a", b"b", b"c", b"", b"d", b"last"]
+    assert values.to_pylist() == [b"1", b"", b"2\t3", b"", b"", b"no-newline"]
+
+
+def test_output_bytes_are_kept_and_a_nul_byte_fails_naming_the_line() -> None:
+    table = text_pairs(b"caf\xe9\t1\nok\t2\n", "w")
+    assert shuffle.key_type(table) == "str"
+    keys = table.column("key").to_pylist()
+    assert [shuffle.str_to_bytes(shuffle.bytes_to_str(k)) for k in keys] == [b"caf\xe9", b"ok"]
+    with pytest.raises(PermanentTaskError, match=r"w wrote a NUL byte in output line 2 "
+                                                 r".*expected text lines key<TAB>value"):
+        text_pairs(b"ok\t1\nz\x00\t2\n", "w")
+
+
+# --- the Python API -------------------------------------------------------------------
+
+
+def test_shell_is_public_and_takes_any_step() -> None:
+    assert "Shell" in kubemr_async.__all__
+    job = Job("mixed")
+    job.map(Shell("cat"))
+    job.combine(Shell("uniq"))
+    job.reduce(Shell("uniq -c"))
+    assert (job.map_fn, job.combiner, job.reducer) == (Shell("cat"), Shell("uniq"),
+                                                       Shell("uniq -c"))
+    assert job.map_input == "bytes" and job.folding_reducer is None
+    with pytest.raises(JobDefinitionError, match="Shell needs a command"):
+        Shell("  ")
+
+
+def test_spec_takes_commands_instead_of_a_job_module() -> None:
+    spec = JobSpec(name="s", job="", inputs=("x",), mapper="cat", reducer="uniq")
+    assert spec.to_dict()["mapper"] == "cat" and "job" not in spec.to_dict()
+    assert JobSpec.from_dict("s", spec.to_dict()) == spec
+    with pytest.raises(InvalidSpec, match=r"spec.job: a job module \(or spec.mapper"):
+        JobSpec(name="s", job="", inputs=("x",), reducer="uniq")
+    with pytest.raises(InvalidSpec, match=r"spec\.reducer: a shell command must not be empty"):
+        JobSpec(name="s", job="", inputs=("x",), mapper="cat", reducer=" ")
+
+
+# --- one process ----------------------------------------------------------------------
+
+
+def test_mapper_streams_large_input_and_output_without_deadlock() -> None:
+    data = b"".join(b"key%07d\tvalue\n" % i for i in range(400_000))  # ~7 MiB each way
+    _, pairs = mapped("cat", data)
+    assert len(pairs) == 400_000
+    assert pairs[0] == ("key0000000", "value") and pairs[-1] == ("key0399999", "value")
+
+
+def test_reducer_gets_sorted_lines_and_its_output_is_the_part(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the command's `tee seen`
+    rows = shuffle.pairs_to_table([b"a", b"a", b"b"], [1, 2, 3])  # bytes keys, int values
+    command = Shell("tee seen | cut -f1 | uniq -c | awk '{ print $2 \"\\t\" $1 }'")
+    parts = {}
+    for fmt in ("text", "jsonl"):
+        part = spill.PartWriter(tmp_path / f"part.{fmt}", fmt)
+        asyncio.run(run_reducer(command, [rows], context("reduce-00000"), part))
+        part.close()
+        parts[fmt] = part.path.read_bytes()
+        assert (tmp_path / "seen").read_bytes() == b"a\t1\na\t2\nb\t3\n"
+    assert parts["text"] == b"a\t2\nb\t1\n"
+    assert list(formats.decode(parts["jsonl"], "jsonl")) == [("a", "2"), ("b", "1")]
+
+
+def test_nonexistent_command_fails_permanently_naming_task_attempt_and_command() -> None:
+    with pytest.raises(PermanentTaskError) as caught:
+        mapped("no-such-command-kubemr-xyz", b"a\n")
+    message = str(caught.value)
+    assert message.startswith("map-00001 attempt 2: mapper command "
+                              "'no-such-command-kubemr-xyz' not found (exit 127")
+    assert "no-such-command-kubemr-xyz" in message.partition("stderr:")[2]
+    assert "\n" not in message
+
+
+def test_nonzero_exit_carries_the_last_twenty_stderr_lines() -> None:
+    command = "cat >/dev/null; for i in $(seq 1 30); do echo oops$i >&2; done; exit 3"
+    with pytest.raises(CommandFailed) as caught:
+        mapped(command, b"x\n")
+    message = str(caught.value)
+    assert message.startswith("map-00001 attempt 2: mapper command ")
+    assert "exited with code 3; stderr: oops11 | oops12" in message
+    assert message.endswith("| oops30") and "oops10 |" not in message
+    assert "\n" not in message
+
+
+def test_killed_by_a_signal_names_the_signal() -> None:
+    with pytest.raises(CommandFailed, match=r"mapper command 'kill -TERM \$\$' was killed by "
+                                            r"SIGTERM"):
+        mapped("kill -TERM $$", b"x\n")
+
+
+def test_malformed_output_fails_saying_what_was_expected() -> None:
+    with pytest.raises(PermanentTaskError, match=r"map-00001 attempt 2: mapper command "
+                                                 r".* wrote a NUL byte in output line 1 .*"
+                                                 r"expected text lines key<TAB>value"):
+        mapped("printf 'a\\000b\\t1\\n'", b"")
+
+
+def test_reporter_lines_reach_counters_and_status_and_other_stderr_is_passed_through(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    command = ("echo 'reporter:counter:Words,Seen,5' >&2; echo 'reporter:status:halfway' >&2;"
+               " echo 'a user message' >&2; echo 'reporter:counter:Words,Seen,2' >&2; cat")
+    ctx, pairs = mapped(command, b"k\tv\n")
+    assert pairs == [("k", "v")]
+    assert ctx._counters.snapshot() == {"Words": {"Seen": 7}}
+    assert ctx.status == "halfway"
+    err = capfd.readouterr().err
+    assert "a user message" in err and "reporter:counter" not in err
+
+
+def test_cancelling_the_attempt_kills_the_command_process_group(tmp_path: Path) -> None:
+    child = tmp_path / "child"
+
+    async def cancel() -> int:
+        task = asyncio.create_task(run_mapper(
+            Shell(f"sleep 60 & echo $! > {shlex.quote(str(child))}; wait"), b"", context()))
+        deadline = time.monotonic() + 20
+        while not (child.exists() and child.read_text().strip()):
+            assert time.monotonic() < deadline, "the command never started"
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return int(child.read_text())
+
+    pid = asyncio.run(cancel())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # gone, or a zombie nobody has reaped yet
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError("the command's child survived the cancelled attempt")
+
+
+# --- whole jobs with `kubemr run` -------------------------------------------------------
+
+
+def test_streaming_wordcount_equals_the_python_wordcount(tmp_path: Path) -> None:
+    python_out, shell_out = tmp_path / "python", tmp_path / "shell"
+    common = [*inputs(TEXT_INPUTS), "--reducers", "2", "--chunk-size", "16k", "--workers", "2"]
+    python = kubemr("run", str(ROOT / "examples" / "wordcount.py"), *common,
+                    "--output", str(python_out))
+    assert python.returncode == 0, python.stderr
+    shell = kubemr("run", "--mapper", MAPPER, "--combiner", f"{SUMMER}; echo combined >&2",
+                   "--reducer", SUMMER, *common, "--output", str(shell_out))
+    assert shell.returncode == 0, shell.stderr
+    assert "combined" in shell.stderr, "the combiner ran, its stderr shown as the task's"
+    for name in ("part-00000", "part-00001"):  # same partitions, same bytes
+        assert (shell_out / name).read_bytes() == (python_out / name).read_bytes()
+    assert output_lines(shell_out) == reference(TEXT_INPUTS)
+
+
+def test_shell_mapper_with_a_python_reducer_and_python_mapper_with_a_shell_reducer(
+        tmp_path: Path) -> None:
+    module = tmp_path / "mixed.py"
+    module.write_text(
+        "from kubemr_async import Job, Shell\n"
+        "job = Job('mixed')\n"
+        f"job.map(Shell({MAPPER!r}))\n"
+        "@job.reduce\n"
+        "def total(word, counts, ctx):\n"
+        "    assert all(isinstance(c, str) for c in counts)\n"
+        "    return sum(int(c) for c in counts)\n")
+    files = [*TEXT_INPUTS, DATA / "mixed-bytes.txt"]  # non-UTF-8 words keep their bytes
+    result = kubemr("run", str(module), *inputs(files), "--reducers", "2",
+                    "--output", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert output_lines(tmp_path / "a") == reference(files)
+    # The Python wordcount's map (bytes keys, int values) feeding a shell reducer.
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "--reducer", SUMMER,
+                    *inputs(files), "--reducers", "2", "--output", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    assert output_lines(tmp_path / "b") == reference(files)
+
+
+def test_a_missing_command_fails_the_run_in_one_line(tmp_path: Path) -> None:
+    result = kubemr("run", "--mapper", "no-such-command-kubemr-xyz", "--reducer", "cat",
+                    *inputs(TEXT_INPUTS[1:]), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("kubemr: error: job streaming-")
+    assert ("map-00000 attempt 1: mapper command 'no-such-command-kubemr-xyz' not found"
+            in line)
