@@ -8,20 +8,23 @@ starve heartbeats. Built-in reducers never call into per-record Python.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
-from . import counters, formats, merge, order, recordio, shuffle, spill, streaming
+from . import allocators, counters, formats, merge, order, recordio, shuffle, spill, streaming
 from .api import HookFn, Job, JobWorker, Shell, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .recordio import ParquetSplit, TextSplit
 from .spec import OutputFormat
 
 _Source = spill.Source
+P = ParamSpec("P")
+T = TypeVar("T")
 #: What a map task reads: a split's bytes, or (per-record inputs) a text or Parquet split.
 MapData = bytes | TextSplit | ParquetSplit
 #: Output rows of a Python reduce collected before they are written to the part.
@@ -253,6 +256,21 @@ def _merged(sources: list[_Source], directory: Path, budget: shuffle.ShuffleBudg
     return chunks if combiner is None else merge.fold_sorted(chunks, combiner)
 
 
+def _releasing_memory(
+        fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A task's compute that hands its freed memory back to the OS when it ends (see
+    ``allocators``), so the next task on this worker starts from what it needs."""
+    @functools.wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            allocators.release_unused()
+
+    return run
+
+
+@_releasing_memory
 async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
                   budget: shuffle.ShuffleBudget) -> tuple[tuple[Path, int] | None, str | None]:
     """Map one split into one shuffle object in ``directory``: sort and spill, then merge.
@@ -275,6 +293,7 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     return spills.merge(), kind
 
 
+@_releasing_memory
 async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
                        output_format: OutputFormat) -> bytes:
     """Map one split of a map-only job (no reducers): its result part, in emission order.
@@ -287,6 +306,7 @@ async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
     return formats.encode(table, output_format)
 
 
+@_releasing_memory
 async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
                      output_format: OutputFormat, directory: Path,
                      budget: shuffle.ShuffleBudget) -> Path:
