@@ -50,6 +50,9 @@ _FETCH_PIECE = 8 * 1024 * 1024
 _UPLOAD_PIECE = 8 * 1024 * 1024
 #: Indexes up to this size are read (and kept) whole rather than one entry at a time.
 _WHOLE_INDEX = 64 * 1024
+#: Shuffle objects up to this size are read (and kept) whole: every reduce's slice of a
+#: small map output then costs no request of its own.
+_WHOLE_OBJECT = 64 * 1024
 
 
 def container_memory_limit() -> int | None:
@@ -126,8 +129,9 @@ class Worker:
         self._stores = StoreCache()
         self._rng = random.Random()
         # Whole shuffle-object indexes read for earlier reduces (see _remember_index).
-        self._indexes: dict[str, bytes] = {}
-        self._index_bytes = 0
+        # What this worker keeps of small shuffle objects: key -> (offset, bytes there).
+        self._kept: dict[str, tuple[int, bytes]] = {}
+        self._kept_bytes = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -380,17 +384,28 @@ class Worker:
         the rows they hold (from the maps' indexes)."""
         reducers = self.spec.reducers
 
+        async def kept(key: str, size: int) -> tuple[int, bytes] | None:
+            """A small object whole, else a small index whole (read once per worker)."""
+            found = self._kept.get(key)
+            if found is None:
+                first, length = shuffle.entry_range(reducers, 0, size)
+                if size <= _WHOLE_OBJECT:
+                    found = (0, await self.blobs.get_range(key, 0, size))
+                elif reducers * length <= _WHOLE_INDEX:
+                    found = (first, await self.blobs.get_range(key, first, reducers * length))
+                else:
+                    return None
+                self._keep(key, found)
+            return found
+
         async def entry(key: str, size: int) -> shuffle.SliceEntry:
             start, length = shuffle.entry_range(reducers, partition, size)
-            if reducers * length > _WHOLE_INDEX:
+            held = await kept(key, size)
+            if held is None:
                 data = await self.blobs.get_range(key, start, length)
             else:
-                index = self._indexes.get(key)
-                if index is None:
-                    first, _ = shuffle.entry_range(reducers, 0, size)
-                    index = await self.blobs.get_range(key, first, reducers * length)
-                    self._remember_index(key, index)
-                data = index[partition * length:(partition + 1) * length]
+                base, blob = held
+                data = blob[start - base:start - base + length]
             return shuffle.decode_entry(data, partition, size)
 
         entries = await self._gather(
@@ -407,16 +422,24 @@ class Worker:
         async def fetch(position: int) -> None:
             writer, key, _ = sources[position]
             found, crc = entries[position], 0
+            held = self._kept.get(key)
+            whole = held[1] if held is not None and held[0] == 0 else None
             for start in range(0, found.length, piece):
                 length = min(piece, found.length - start)
                 async with slots:
-                    data = await self.blobs.get_range(key, found.offset + start, length)
+                    begin = found.offset + start
+                    data = (whole[begin:begin + length] if whole is not None
+                            else await self.blobs.get_range(key, begin, length))
                     if len(data) != length:
                         raise _CorruptRun(writer, f"{task} read a corrupt shuffle object "
                                                   f"{self.blobs.url(key)}: slice of partition "
                                                   f"{partition} is truncated")
                     crc = zlib.crc32(data, crc)
-                    await anyio.to_thread.run_sync(os.pwrite, fd, data, offsets[position] + start)
+                    if length <= _WHOLE_OBJECT:  # a small write does not block the loop
+                        os.pwrite(fd, data, offsets[position] + start)
+                    else:
+                        await anyio.to_thread.run_sync(os.pwrite, fd, data,
+                                                       offsets[position] + start)
             if crc != found.crc:
                 raise _CorruptRun(writer, f"{task} read a corrupt shuffle object "
                                           f"{self.blobs.url(key)}: slice of partition "
@@ -434,17 +457,18 @@ class Worker:
         return ([spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)],
                 sum(found.rows for found in entries))
 
-    def _remember_index(self, key: str, index: bytes) -> None:
-        """Keep a map's whole index for this worker's next reduces, within a budget share.
+    def _keep(self, key: str, held: tuple[int, bytes]) -> None:
+        """Keep a map's small object (or its whole index) for this worker's next reduces,
+        within a budget share, oldest dropped first.
 
-        With small indexes (R entries of 32 bytes) one GET per map per *worker* replaces
-        one per map per *reduce*: a 2,000 x 500 job makes ~8,000 index reads, not 10^6.
+        One GET per map per *worker* replaces one (or two) per map per *reduce*: a job of
+        2,000 tiny maps x 500 reducers on 4 workers makes ~8,000 reads, not 10^6.
         """
-        self._indexes[key] = index
-        self._index_bytes += len(index)
-        while self._index_bytes > self.budget.in_flight // 4:
-            oldest = next(iter(self._indexes))
-            self._index_bytes -= len(self._indexes.pop(oldest))
+        self._kept[key] = held
+        self._kept_bytes += len(held[1])
+        while self._kept_bytes > self.budget.in_flight // 4:
+            oldest = next(iter(self._kept))
+            self._kept_bytes -= len(self._kept.pop(oldest)[1])
 
     async def _attributed(self, writer: TaskRecord, key: str, task: str,
                           aw: Awaitable[T]) -> T:

@@ -129,6 +129,37 @@ async def test_a_map_whose_runs_keep_arriving_corrupt_fails_the_job_naming_it(
         "task map-00001 attempt 2: reduce-00000 read a corrupt shuffle object")
 
 
+class CountingStore(FileBlobStore):
+    """Counts the ranged reads of each shuffle object."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: Counter[str] = Counter()
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if "/map/" in key:
+            self.reads[key] += 1
+        return await super().get_range(key, offset, length)
+
+
+async def test_a_worker_reads_each_small_shuffle_object_once_for_all_its_reduces(
+        store: SQLiteStateStore, tmp_path: Path) -> None:
+    # Without keeping small objects whole each reduce would read every map's index entry
+    # and slice: 2 x maps x reducers requests; kept, one read per map serves them all.
+    spec = await submit(store, tmp_path, reducers=5)
+    blobs = CountingStore(tmp_path / "blobs")
+    worker = Worker(spec.name, word_count(), store, blobs, "w-1")
+    assert await worker.run() == JobPhase.SUCCEEDED
+    assert len(blobs.reads) == len(TEXT)
+    assert set(blobs.reads.values()) == {1}
+    counts: Counter[str] = Counter()
+    for url in (await records(store, spec.name))[protocol.JOB_KEY]["results"]:
+        for line in Path(url).read_text().splitlines():
+            word, n = line.split("\t")
+            counts[word] += int(n)
+    assert counts == Counter(w for text in TEXT for w in text.decode().split())
+
+
 class FakeClock:
     def __init__(self, now: float) -> None:
         self.now = now
