@@ -154,7 +154,8 @@ async def test_a_worker_reads_each_small_shuffle_object_once_for_all_its_reduces
     assert set(blobs.reads.values()) == {1}
     counts: Counter[str] = Counter()
     for url in (await records(store, spec.name))[protocol.JOB_KEY]["results"]:
-        for line in Path(url).read_text().splitlines():
+        key = str(Path(url).relative_to(tmp_path / "blobs"))
+        for line in (await blobs.get(key)).decode().splitlines():
             word, n = line.split("\t")
             counts[word] += int(n)
     assert counts == Counter(w for text in TEXT for w in text.decode().split())
