@@ -14,8 +14,9 @@ Two ways to write a job:
   ``reduce(partition, inputs) -> output string``; inputs and outputs are plain strings whose
   meaning is up to you, and :class:`TaskContext` offers helpers to fetch and store objects.
 
-A job module defines one module-level ``Job`` or ``JobWorker`` instance; workers import the
-module by path or name and find it (see :func:`load_job`).
+A job module defines one module-level ``Job`` or ``JobWorker`` instance, or a
+:class:`Pipeline` of ``Job`` steps (a multi-step job); workers import the module by path or
+name and find it (see :func:`load_job`).
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path
     try:
         async with anyio.create_task_group() as pumps:
             for index in range(count):
-                proc = await _spawn_worker(work, blobs, name, index)
+                proc = await _spawn_worker(work, name, index, blobs)
                 procs.append(proc)
                 pumps.start_soon(_pump, proc, index, work, router)
             try:
@@ -395,14 +395,14 @@ async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subpro
     return view
 
 
-async def _spawn_worker(work: Path, blobs: Path, name: str, index: int
+async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = None
                         ) -> asyncio.subprocess.Process:
     """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
     # print() lines arrive as they happen; the allocator settings keep RSS near the budget.
     env = {**WORKER_PROCESS_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
-        "--blobs", str(blobs), "--job", name, "--worker-id", f"local-{index}",
+        "--blobs", str(blobs or work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
         "--parent-pid", str(os.getpid()),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT)
