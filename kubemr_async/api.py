@@ -14,8 +14,9 @@ Two ways to write a job:
   ``reduce(partition, inputs) -> output string``; inputs and outputs are plain strings whose
   meaning is up to you, and :class:`TaskContext` offers helpers to fetch and store objects.
 
-A job module defines one module-level ``Job`` or ``JobWorker`` instance; workers import the
-module by path or name and find it (see :func:`load_job`).
+A job module defines one module-level ``Job`` or ``JobWorker`` instance, or a
+:class:`Pipeline` of ``Job`` steps (a multi-step job); workers import the module by path or
+name and find it (see :func:`load_job`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _PAIRS_PER_TABLE = 65_536
 Builtin = shuffle.Combiner | Literal["identity"]
 COMBINERS: tuple[shuffle.Combiner, ...] = ("sum", "count", "min", "max")
 BUILTINS: tuple[Builtin, ...] = (*COMBINERS, "identity")
-MapInput = Literal["text", "bytes", "name", "lines", "jsonl", "csv", "parquet"]
+MapInput = Literal["text", "bytes", "name", "lines", "jsonl", "csv", "parquet", "pairs"]
 #: Inputs handed to the map once per split; the others (recordio) once per record.
 SPLIT_INPUTS: tuple[MapInput, ...] = ("text", "bytes", "name")
 
@@ -212,8 +213,16 @@ class TaskContext:
 class Job:
     """A key/value MapReduce job built from decorated ``async def`` callbacks."""
 
-    def __init__(self, name: str = "", *, sort_values: bool = False) -> None:
+    def __init__(self, name: str = "", *, sort_values: bool = False,
+                 reducers: int | None = None) -> None:
         self.name = name
+        if reducers is not None and (isinstance(reducers, bool) or not isinstance(reducers, int)
+                                     or reducers < 0):
+            raise JobDefinitionError(
+                f"job {name or '(unnamed)'}: reducers must be an int >= 0, got {reducers!r}")
+        #: The job's own reducer count (a top-N step needs exactly 1): it wins over
+        #: ``--reducers`` in ``kubemr run``; a cluster spec must agree (see check).
+        self.reducers = reducers
         self.map_fn: MapFn | Shell | None = None
         self.map_input: MapInput = "text"
         self.map_setup_fn: HookFn | None = None
@@ -234,7 +243,9 @@ class Job:
         """Register the map callback: ``async def fn(input, ctx)`` (or a plain ``def``),
         or a :class:`Shell` command reading the split on stdin.
 
-        ``input`` chooses what the callback receives. Once per input split: ``"text"``
+        ``input`` chooses what the callback receives. ``"pairs"``: a ``(key, value)``
+        tuple per record of a ``parquet`` result part (what every step of a
+        :class:`Pipeline` after the first reads). Once per input split: ``"text"``
         (str, undecodable bytes kept via surrogateescape), ``"bytes"``, or ``"name"`` (the
         input string itself, for callbacks that do their own I/O). Once per record
         (``kubemr_async.recordio``): ``"lines"`` (a str line without its ``\n`` or
@@ -424,6 +435,10 @@ class Job:
         """
         if self.map_fn is None:
             raise JobDefinitionError(f"{where}: the job has no map callback (use @job.map)")
+        if self.reducers is not None and reducers is not None and reducers != self.reducers:
+            raise JobDefinitionError(
+                f"{where}: the job fixes reducers={self.reducers} but the spec has "
+                f"reducers: {reducers}")
         if self.reducer is None and reducers:
             raise JobDefinitionError(
                 f"{where}: the job has no reducer; add job.reduce(...) or run it map-only "
@@ -475,6 +490,68 @@ class JobWorker:
 
 
 AnyJob = Job | JobWorker
+
+
+class Pipeline:
+    """A multi-step job (mrjob's ``MRStep`` list): ``Pipeline("topn", [count, top])``.
+
+    Every step is a :class:`Job` (map, optional combine and reduce: callbacks, built-ins or
+    :class:`Shell` commands), run in order as one job. Each step after the first reads the
+    previous step's output as ``(key, value)`` pairs (map input ``"pairs"``), with the
+    types they were written with: every step but the last writes its parts in the
+    ``parquet`` format into the run's own space (never the output), and they are deleted
+    once the next step has committed. A step's ``Job(reducers=N)`` fixes its reducer count
+    (a top-N step wants 1); other steps use the run's. A module that defines a Pipeline is
+    that job (its steps' Jobs may be module-level too).
+    """
+
+    def __init__(self, name: str, steps: Sequence[Job]) -> None:
+        self.name = name
+        what = f"pipeline {name or '(unnamed)'}"
+        if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
+            raise JobDefinitionError(f"{what}: steps must be a list of Jobs, "
+                                     f"got {type(steps).__name__}")
+        if not steps:
+            raise JobDefinitionError(f"{what} has no steps; give it a list of at least one Job")
+        first: dict[int, int] = {}
+        for number, step in enumerate(steps, 1):
+            if not isinstance(step, Job):
+                raise JobDefinitionError(
+                    f"{what}: step {number} is a {type(step).__name__}, not a kubemr_async.Job")
+            if id(step) in first:
+                raise JobDefinitionError(
+                    f"{what}: step {number} is step {first[id(step)]}'s Job again; "
+                    "define a Job per step")
+            first[id(step)] = number
+            if step.map_fn is None:
+                raise JobDefinitionError(
+                    f"{what}: step {number} ({step.name or 'unnamed'}) has no map callback "
+                    "(use @job.map before building the Pipeline)")
+            if number > 1:
+                # A later step reads pairs: a Python map per pair, a Shell map as lines.
+                if step.map_input not in ("text", "pairs") and not isinstance(step.map_fn, Shell):
+                    raise JobDefinitionError(
+                        f"{what}: step {number} ({step.name or 'unnamed'}) reads step "
+                        f"{number - 1}'s (key, value) pairs; its map input must be 'pairs', "
+                        f"not {step.map_input!r}")
+                step.map_input = "pairs"
+        self.steps: tuple[Job, ...] = tuple(steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def step(self, index: int, where: str) -> Job:
+        """Step ``index`` (0-based); a one-line error naming ``where`` if there is none."""
+        if not 0 <= index < len(self.steps):
+            raise JobDefinitionError(
+                f"{where}: step {index + 1} does not exist (pipeline {self.name} has "
+                f"{len(self.steps)} step{'s' if len(self.steps) > 1 else ''})")
+        return self.steps[index]
+
+    def label(self, index: int) -> str:
+        """How messages and progress name a step: ``step 2/3 (top)``."""
+        name = self.steps[index].name
+        return f"step {index + 1}/{len(self.steps)}" + (f" ({name})" if name else "")
 
 
 def _require_callable(role: str, fn: Any) -> None:
@@ -548,18 +625,24 @@ class Commands:
         return bool(self.mapper or self.combiner or self.reducer)
 
 
-def load_job(ref: str, reducers: int | None = None, commands: Commands | None = None
-             ) -> AnyJob:
+def load_job(ref: str, reducers: int | None = None, commands: Commands | None = None,
+             *, step: int = 0, steps: int = 1) -> AnyJob:
     """Import a job module (a ``.py`` path, or ``package.module`` with an optional ``:attr``).
 
     ``commands`` (the spec's shell steps) replace the module's steps they name; with no
     module (``ref`` empty) they are the whole job (``Job("streaming")``).
+    A module that defines a :class:`Pipeline` gives its step ``step`` (0-based), and must
+    have ``steps`` steps (the spec's count); a single job is one step.
     Raises JobDefinitionError with a one-line reason: missing file, import failure, no job,
-    several jobs without ``:attr`` to choose, or a job that cannot run with ``reducers``
-    partitions (when given).
+    several jobs without ``:attr`` to choose, a step count that does not match, or a job
+    that cannot run with ``reducers`` partitions (when given).
     """
     if commands:
-        job = Job("streaming") if not ref else _import_job(ref, None)
+        job = Job("streaming") if not ref else _import_target(ref)
+        if isinstance(job, Pipeline):
+            raise JobDefinitionError(
+                f"{ref}: --mapper/--combiner/--reducer cannot replace a step of a multi-step "
+                "job; use Shell(...) in its steps")
         if not isinstance(job, Job):
             raise JobDefinitionError(
                 f"{ref}: a JobWorker job cannot take --mapper/--combiner/--reducer commands")
@@ -569,17 +652,52 @@ def load_job(ref: str, reducers: int | None = None, commands: Commands | None = 
             job.combine(Shell(commands.combiner))
         if commands.reducer:
             job.reduce(Shell(commands.reducer))
-        return _checked(job, ref or "the shell-command job", reducers)
-    return _import_job(ref, reducers)
+        return _checked(_single(job, ref or "the shell-command job", step, steps),
+                        ref or "the shell-command job", reducers)
+    found = _import_target(ref)
+    if isinstance(found, Pipeline):
+        if len(found) != steps:
+            hint = ("; multi-step jobs run with `kubemr run` (a MapReduceJob runs one step)"
+                    if steps == 1 else "")
+            raise JobDefinitionError(
+                f"{ref}: pipeline {found.name} has {len(found)} steps but the job spec says "
+                f"steps: {steps}{hint}")
+        where = f"{ref} {found.label(step)}" if 0 <= step < len(found) else ref
+        return _checked(found.step(step, ref), where, reducers)
+    return _checked(_single(found, ref, step, steps), ref, reducers)
+
+
+def load_steps(ref: str, reducers: int, commands: Commands | None = None
+               ) -> tuple[str, list[AnyJob]]:
+    """The name and every step of a job module, each checked with its reducer count (a
+    step's own ``Job(reducers=N)``, else ``reducers``): a single job is one step."""
+    found = _import_target(ref) if ref and not commands else None
+    if not isinstance(found, Pipeline):
+        job = load_job(ref, reducers, commands)
+        return job.name, [job]
+    for index, step in enumerate(found.steps):
+        where = f"{ref} {found.label(index)}"
+        _checked(step, where, step.reducers if step.reducers is not None else reducers)
+    return found.name, list(found.steps)
+
+
+def _single(job: AnyJob, ref: str, step: int, steps: int) -> AnyJob:
+    if steps != 1 or step != 0:
+        raise JobDefinitionError(
+            f"{ref} defines a single-step job but the job spec says steps: {steps}, "
+            f"step: {step + 1}")
+    return job
 
 
 def load_spec_job(spec: JobSpec) -> AnyJob:
-    """The job a spec describes: its module, its shell commands, or both (see load_job)."""
+    """The job a spec describes: its module, its shell commands, or both (see load_job);
+    for a multi-step job, the spec's step."""
     return load_job(spec.job, spec.reducers,
-                    Commands(spec.mapper, spec.combiner, spec.reducer))
+                    Commands(spec.mapper, spec.combiner, spec.reducer),
+                    step=spec.step, steps=spec.steps)
 
 
-def _import_job(ref: str, reducers: int | None) -> AnyJob:
+def _import_target(ref: str) -> AnyJob | Pipeline:
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     module: Any
     if target.endswith(".py") or "/" in target:
@@ -594,28 +712,39 @@ def _import_job(ref: str, reducers: int | None) -> AnyJob:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
+        except JobDefinitionError as exc:  # a Pipeline or Job refused at import: say why
+            raise JobDefinitionError(f"job module {target}: {exc}") from exc
         except Exception as exc:
             raise JobDefinitionError(
                 f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             module = importlib.import_module(target)
+        except JobDefinitionError as exc:
+            raise JobDefinitionError(f"job module {target}: {exc}") from exc
         except Exception as exc:
             raise JobDefinitionError(
                 f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
     if attr:
         found = getattr(module, attr, None)
-        if not isinstance(found, Job | JobWorker):
-            raise JobDefinitionError(f"{ref}: {attr} is not a kubemr_async Job or JobWorker")
-        return _checked(found, ref, reducers)
+        if not isinstance(found, Job | JobWorker | Pipeline):
+            raise JobDefinitionError(
+                f"{ref}: {attr} is not a kubemr_async Job, JobWorker or Pipeline")
+        return found
+    pipelines = [v for v in vars(module).values() if isinstance(v, Pipeline)]
+    if len(pipelines) > 1:
+        raise JobDefinitionError(
+            f"job module {ref} defines several pipelines; name one as {ref}:NAME")
+    if pipelines:  # the steps' Jobs are its parts, not jobs of their own
+        return pipelines[0]
     jobs: Sequence[AnyJob] = [v for v in vars(module).values() if isinstance(v, Job | JobWorker)]
     if not jobs:
         raise JobDefinitionError(
-            f"job module {ref} defines no job (expected a module-level kubemr_async.Job "
-            "or JobWorker instance)")
+            f"job module {ref} defines no job (expected a module-level kubemr_async.Job, "
+            "JobWorker or Pipeline instance)")
     if len(jobs) > 1:
         raise JobDefinitionError(f"job module {ref} defines several jobs; name one as {ref}:NAME")
-    return _checked(jobs[0], ref, reducers)
+    return jobs[0]
 
 
 def _checked(job: AnyJob, ref: str, reducers: int | None) -> AnyJob:

@@ -16,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, ParamSpec, TypeVar
 
+import pyarrow as pa
+
 from . import allocators, counters, formats, merge, order, recordio, shuffle, spill, streaming
 from .api import HookFn, Job, JobWorker, Shell, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .recordio import ParquetSplit, TextSplit
-from .spec import OutputFormat
+from .spec import PartFormat
 
 _Source = spill.Source
 P = ParamSpec("P")
@@ -77,7 +79,11 @@ async def _run_user_map(job: Job, data: MapData, ctx: TaskContext) -> None:
     fn = job.map_fn
     if isinstance(fn, Shell):
         if isinstance(data, ParquetSplit):
-            raise PermanentTaskError("a shell mapper reads text lines, not a Parquet split")
+            if job.map_input != "pairs":
+                raise PermanentTaskError("a shell mapper reads text lines, not a Parquet split")
+            tables = (pa.Table.from_batches([batch]) for batch in data.batches())
+            await streaming.run_mapper(fn, tables, ctx)
+            return
         await streaming.run_mapper(fn, data.data if isinstance(data, TextSplit) else data, ctx)
         return
     await _setup(job.map_setup_fn, ctx)
@@ -295,7 +301,7 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
 
 @_releasing_memory
 async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
-                       output_format: OutputFormat) -> bytes:
+                       output_format: PartFormat) -> bytes:
     """Map one split of a map-only job (no reducers): its result part, in emission order.
 
     As in Hadoop, a map-only job has no shuffle, so no combiner runs and nothing is sorted;
@@ -308,7 +314,7 @@ async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
 
 @_releasing_memory
 async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
-                     output_format: OutputFormat, directory: Path,
+                     output_format: PartFormat, directory: Path,
                      budget: shuffle.ShuffleBudget) -> Path:
     """Reduce one partition from every map's slice (local files, in map order).
 

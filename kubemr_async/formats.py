@@ -20,6 +20,11 @@ Strings follow the shuffle's one rule, UTF-8 with ``surrogateescape``
     ``.encode("utf-8", "surrogateescape")`` turns into the exact bytes. JSON has no NaN or
     Infinity, so a non-finite float fails the task naming the key (rather than orjson's
     silent ``null``).
+``pairs`` (``part-00000.parquet``; internal)
+    What each step of a multi-step job but the last writes, for the next step's
+    ``"pairs"`` map input: ``parquet``, except that a str column keeps the shuffle's own
+    representation (binary with field metadata ``{"kubemr.codec": "str"}``), so str
+    holding undecodable bytes round-trips. Never a job's output format.
 ``parquet`` (``part-00000.parquet``)
     Columns ``key`` and ``value`` with their Arrow types: string, binary, int64, float64,
     bool; mixed or structured values are a string column of JSON text whose field metadata
@@ -55,7 +60,7 @@ from .shuffle import (
     load_json,
     str_to_bytes,
 )
-from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, OutputFormat
+from .spec import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, OutputFormat, PartFormat
 
 __all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest",
            "parquet_table", "part_name", "printable"]
@@ -63,7 +68,10 @@ __all__ = ["SUCCESS_MARKER", "FormatError", "decode", "encode", "manifest",
 #: The manifest a finished job leaves beside its parts: {"job", "format", "results", "parts"}.
 SUCCESS_MARKER = "_SUCCESS"
 
-_SUFFIXES: dict[OutputFormat, str] = {"text": "", "jsonl": ".jsonl", "parquet": ".parquet"}
+_SUFFIXES: dict[PartFormat, str] = {"text": "", "jsonl": ".jsonl", "parquet": ".parquet",
+                                    "pairs": ".parquet"}
+#: The part formats written as Parquet files.
+PARQUET_FORMATS: tuple[PartFormat, ...] = ("parquet", "pairs")
 _ALTERNATIVES = "use --format jsonl or parquet"
 
 _Role = Literal["key", "value"]
@@ -112,16 +120,16 @@ def read_manifest(data: bytes) -> Manifest:
     return Manifest(body["job"], fmt, tuple(parts))
 
 
-def part_name(index: int, fmt: OutputFormat) -> str:
+def part_name(index: int, fmt: PartFormat) -> str:
     """The file name of result part ``index``: ``part-00000`` plus the format's extension."""
     return f"part-{index:05d}{_SUFFIXES[_checked(fmt)]}"
 
 
-def encode(table: Table, fmt: OutputFormat) -> bytes:
+def encode(table: Table, fmt: PartFormat) -> bytes:
     """One result part holding ``table``'s rows in order; FormatError names the bad key."""
     fmt = _checked(fmt)
-    if fmt == "parquet":
-        return _encode_parquet(table)
+    if fmt in PARQUET_FORMATS:
+        return _encode_parquet(table, lossless=fmt == "pairs")
     if table.num_rows == 0:
         return b""
     if fmt == "text":
@@ -129,14 +137,14 @@ def encode(table: Table, fmt: OutputFormat) -> bytes:
     return _encode_jsonl(table)
 
 
-def decode(data: bytes, fmt: OutputFormat) -> Iterator[tuple[Any, Any]]:
+def decode(data: bytes, fmt: PartFormat) -> Iterator[tuple[Any, Any]]:
     """The ``(key, value)`` pairs of a part written by :func:`encode`, in order.
 
     text gives str keys and values (surrogateescape); jsonl the decoded JSON; parquet the
     typed values.
     """
     fmt = _checked(fmt)
-    if fmt == "parquet":
+    if fmt in PARQUET_FORMATS:
         table = pq.read_table(pa.BufferReader(data))
         keys = shuffle.to_python(table.column("key"), column_kind(table, "key"))
         values = shuffle.to_python(table.column("value"), column_kind(table, "value"))
@@ -179,7 +187,7 @@ def _jsonable(value: Any) -> Any:
     return bytes_to_str(value) if isinstance(value, bytes) else value
 
 
-def _checked(fmt: str) -> OutputFormat:
+def _checked(fmt: str) -> PartFormat:
     if fmt not in _SUFFIXES:
         raise ValueError(f"unknown output format {fmt!r}; expected one of "
                          f"{', '.join(OUTPUT_FORMATS)}")
@@ -310,16 +318,17 @@ def _require_finite(table: Table, bad_rows: Any, role: _Role) -> None:
 # --------------------------------------------------------------------------- parquet
 
 
-def _encode_parquet(table: Table) -> bytes:
+def _encode_parquet(table: Table, *, lossless: bool = False) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(parquet_table(table), sink)
+    pq.write_table(parquet_table(table, lossless=lossless), sink)
     return sink.getvalue()
 
 
-def parquet_table(table: Table) -> pa.Table:
+def parquet_table(table: Table, *, lossless: bool = False) -> pa.Table:
     """A shuffle table as a part's parquet columns (FormatError names an unwritable key).
 
     Also what a part streamed chunk by chunk writes through a ``pq.ParquetWriter``.
+    ``lossless`` (the ``pairs`` format) keeps str columns as the shuffle holds them.
     """
     columns: list[pa.Array] = []
     fields: list[pa.Field] = []
@@ -328,7 +337,9 @@ def parquet_table(table: Table) -> pa.Table:
         field = table.schema.field(role)
         column = table.column(role).combine_chunks()
         kind = column_kind(table, role)
-        if kind == "strbytes":
+        if kind == "strbytes" and lossless:
+            pass  # binary with the str codec: read back as the same str, any bytes
+        elif kind == "strbytes":
             try:
                 column = column.cast(pa.string())
             except pa.ArrowInvalid:

@@ -272,7 +272,7 @@ async def plan_inputs(spec: JobSpec, map_input: str | None = None) -> list[Split
     chunk = spec.chunk_size
     if spec.memory is not None:
         chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
-    if map_input == "parquet":
+    if map_input in recordio.PARQUET_INPUTS:
         return await plan_parquet_splits(objects, chunk)
     return plan_splits(objects, chunk)
 
@@ -396,7 +396,7 @@ async def read_map_input(store: BlobStore, key: str, byte_range: tuple[int, int]
                          kind: str) -> bytes | TextSplit | ParquetSplit:
     """What a map of input ``kind`` reads: the split's bytes (``"text"``/``"bytes"``),
     a TextSplit (``"lines"``, ``"jsonl"``, ``"csv"``) or a ParquetSplit."""
-    if kind == "parquet":
+    if kind in recordio.PARQUET_INPUTS:
         return await read_parquet_split(store, key, byte_range)
     if kind in recordio.RECORD_INPUTS:
         return await read_text_split(store, key, byte_range, kind)

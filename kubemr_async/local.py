@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -38,8 +39,8 @@ from typing import IO, Any, TypeVar
 import anyio
 import orjson
 
-from . import formats, logs, protocol
-from .api import AnyJob, Commands, Job, load_job, load_spec_job
+from . import counters, formats, logs, protocol
+from .api import AnyJob, Commands, Job, load_spec_job, load_steps
 from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
@@ -152,17 +153,20 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                          f"got {workers}")
     started = time.monotonic()
     commands = commands or Commands()
-    output, job, job_ref = await asyncio.to_thread(_prepare, output, job_ref, reducers,
-                                                   commands)
-    name = job_name_for(job_ref, job.name)
-    spec = JobSpec(name=name, job=job_ref, inputs=tuple(inputs), reducers=reducers,
+    output, (title, steps), job_ref = await asyncio.to_thread(_prepare, output, job_ref,
+                                                              reducers, commands)
+    job = steps[0]
+    name = job_name_for(job_ref, title)
+    spec = JobSpec(name=name if len(steps) == 1 else _step_name(name, 0), job=job_ref,
+                   inputs=tuple(inputs), reducers=_step_reducers(job, reducers),
                    mapper=commands.mapper, combiner=commands.combiner,
                    reducer=commands.reducer,
                    max_attempts=max_attempts,
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
-                   output_format=output_format, memory=memory)
+                   output_format=output_format,
+                   memory=memory, steps=len(steps))
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -173,20 +177,32 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
         work = hidden_path(output, "work")
         work.mkdir()
         try:
-            return await _run_in(work, spec, splits, job, output, (lock, expected), workers,
-                                 progress, verbose, inline, started)
+            run = _Run(work, output, (lock, expected), workers, progress, verbose, inline,
+                       started, name, reducers, output_format, steps, title)
+            return await run.all_steps(spec, splits)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _prepare(output: Path, job_ref: str, reducers: int,
-             commands: Commands) -> tuple[Path, AnyJob, str]:
-    """Checks that need no worker: the job module loads (fail fast, before any process)."""
+             commands: Commands) -> tuple[Path, tuple[str, list[AnyJob]], str]:
+    """Checks that need no worker: the job module loads, every step of it (fail fast,
+    before any process)."""
     output = output.resolve()
-    job = load_job(job_ref, reducers, commands)
+    steps = load_steps(job_ref, reducers, commands)
     if job_ref.endswith(".py"):  # workers may run from another directory
         job_ref = str(Path(job_ref).resolve())
-    return output, job, job_ref
+    return output, steps, job_ref
+
+
+def _step_name(name: str, index: int) -> str:
+    """The record set of step ``index`` of a multi-step run (one per step, in one store)."""
+    return f"{name}-s{index + 1}"
+
+
+def _step_reducers(job: AnyJob, reducers: int) -> int:
+    """A step's reducer count: its own ``Job(reducers=N)``, else the run's."""
+    return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
 
 
 def _local_paths(inputs: Sequence[str], splits: list[Split]) -> set[Path]:
@@ -198,42 +214,109 @@ def _local_paths(inputs: Sequence[str], splits: list[Split]) -> set[Path]:
     return found
 
 
-async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, output: Path,
-                  held: tuple[OutputLock, OutputState], workers: int, progress: bool,
-                  verbose: bool, inline: bool, started: float) -> LocalRunResult:
-    name = spec.name
-    router = _LogRouter(verbose)
-    store = SQLiteStateStore(work / "state.db")
-    try:
+@dataclass
+class _Run:
+    """One `kubemr run` in its work directory: the job's steps in order, then publishing.
+
+    Each step is a job of its own in the run's store (``<name>-s<N>`` when there are
+    several), with its own workers and blob directory; a step's parts (``parquet``) are
+    the next step's inputs, read as (key, value) pairs, and are deleted once that step
+    has committed. Only the last step's parts are published.
+    """
+
+    work: Path
+    output: Path
+    held: tuple[OutputLock, OutputState]
+    workers: int
+    progress: bool
+    verbose: bool
+    inline: bool
+    started: float
+    name: str
+    reducers: int
+    output_format: OutputFormat
+    steps: list[AnyJob]
+    title: str
+    router: _LogRouter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.router = _LogRouter(self.verbose)
+
+    def label(self, index: int) -> str:
+        """``step 2/3 (top)``: how progress and errors name a step ("" for one step)."""
+        if len(self.steps) == 1:
+            return ""
+        step_name = self.steps[index].name
+        return f"step {index + 1}/{len(self.steps)}" + (f" ({step_name})" if step_name else "")
+
+    async def all_steps(self, spec: JobSpec, splits: list[Split]) -> LocalRunResult:
+        step_counters: list[Counters] = []
+        previous: Path | None = None
+        view: JobView | None = None
+        for index, job in enumerate(self.steps):
+            if view is not None:
+                spec = dataclasses.replace(
+                    spec, name=_step_name(self.name, index), step=index,
+                    inputs=_step_inputs(view, previous),
+                    reducers=_step_reducers(job, self.reducers))
+                splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
+            blobs = self.work / ("blobs" if len(self.steps) == 1 else f"blobs-{index + 1}")
+            view = await self._step(index, spec, splits, job, blobs)
+            if previous is not None:  # this step has committed: its input is no longer needed
+                await asyncio.to_thread(shutil.rmtree, previous, True)
+            previous = blobs
+            assert view.job is not None
+            step_counters.append(view.job.get("counters") or {})
+        assert view is not None and view.job is not None and previous is not None
+        totals = counters.total(step_counters)
+        extra = ({"steps": len(self.steps), "stepCounters": step_counters}
+                 if len(self.steps) > 1 else {})
+        parts = _publish(view.job["results"], self.work, previous, self.output, self.name,
+                         spec.job, time.monotonic() - self.started, self.held,
+                         spec.output_format, totals, extra)
+        return LocalRunResult(self.output, self.name, parts, time.monotonic() - self.started,
+                              totals)
+
+    async def _step(self, index: int, spec: JobSpec, splits: list[Split], job: AnyJob,
+                    blobs: Path) -> JobView:
+        """Run one step to its verdict; JobFailed naming the step unless it Succeeded."""
+        work, name, label = self.work, spec.name, self.label(index)
+        store = SQLiteStateStore(work / "state.db")
         try:
-            # Total-order jobs: sample the keys and write the boundaries before any map runs.
-            spec = await prepare_partitioner(job, spec, splits, str(work / "partition-file"))
-            await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
-            await store.create(name, protocol.plan(spec, splits))
-            records, _ = await store.snapshot(name)
-            await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job,
-                                                       len(splits)))
-            if inline:
-                view = await _run_inline(store, name, job, work, verbose)
-            else:
-                view = await _supervise(store, name, work, workers, progress, router)
-        finally:
-            await store.aclose()
-    except BaseException:
-        _keep_failed_logs(work, name)
-        raise
-    if view.phase != JobPhase.SUCCEEDED:
-        kept = _keep_failed_logs(work, name)
-        raise JobFailed(_failure(name, view, workers, router, kept))
-    assert view.job is not None
-    totals = view.job.get("counters") or {}
-    parts = _publish(view.job["results"], work, output, name, spec.job,
-                     time.monotonic() - started, held, spec.output_format, totals)
-    return LocalRunResult(output, name, parts, time.monotonic() - started, totals)
+            try:
+                # Total-order jobs: sample the keys and write the boundaries before any map.
+                spec = await prepare_partitioner(job, spec, splits,
+                                                 str(work / f"partition-file-{index + 1}"))
+                await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
+                await store.create(name, protocol.plan(spec, splits))
+                records, _ = await store.snapshot(name)
+                await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job,
+                                                           len(splits)))
+                if self.inline:
+                    view = await _run_inline(store, name, job, blobs, self.verbose)
+                else:
+                    view = await _supervise(store, name, work, blobs, self.workers,
+                                            self.progress, self.router, label)
+            finally:
+                await store.aclose()
+        except BaseException:
+            _keep_failed_logs(work, self.name)
+            raise
+        if view.phase != JobPhase.SUCCEEDED:
+            kept = _keep_failed_logs(work, self.name)
+            raise JobFailed(_failure(self.name, view, self.workers, self.router, kept, label))
+        return view
+
+
+def _step_inputs(view: JobView, blobs: Path | None) -> tuple[str, ...]:
+    """The previous step's committed parts: the next step's inputs."""
+    assert view.job is not None and blobs is not None
+    parts = tuple(r for r in view.job["results"] if isinstance(r, str))
+    return parts or (str(blobs),)
 
 
 def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
-             kept: Path | None) -> str:
+             kept: Path | None, step: str = "") -> str:
     """One line: what failed, and the log that holds the failing attempt."""
     if not view.phase.finished:
         reason = (f"all {workers} workers exited before the job finished"
@@ -241,7 +324,7 @@ def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
     else:
         reason = protocol.format_error(view.job["error"] if view.job else None)
         reason = f"{view.phase.value.lower()}: {reason}"
-    message = f"job {name} {reason}"
+    message = f"job {name} {step + ' ' if step else ''}{reason}"
     if kept is None:
         return message
     error = view.job["error"] if view.job else None
@@ -253,16 +336,16 @@ def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
 # --- the worker processes ----------------------------------------------------------------
 
 
-async def _supervise(store: SQLiteStateStore, name: str, work: Path, count: int,
-                     show_progress: bool, router: _LogRouter) -> JobView:
+async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path, count: int,
+                     show_progress: bool, router: _LogRouter, label: str = "") -> JobView:
     """Start the workers, follow the job to its verdict, and stop them all either way."""
-    (work / "logs").mkdir()
+    (work / "logs").mkdir(exist_ok=True)  # a multi-step run's steps append to one per worker
     procs: list[asyncio.subprocess.Process] = []
-    bar = ProgressBar() if show_progress else None
+    bar = ProgressBar(label) if show_progress else None
     try:
         async with anyio.create_task_group() as pumps:
             for index in range(count):
-                proc = await _spawn_worker(work, name, index)
+                proc = await _spawn_worker(work, name, index, blobs)
                 procs.append(proc)
                 pumps.start_soon(_pump, proc, index, work, router)
             try:
@@ -312,13 +395,14 @@ async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subpro
     return view
 
 
-async def _spawn_worker(work: Path, name: str, index: int) -> asyncio.subprocess.Process:
+async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = None
+                        ) -> asyncio.subprocess.Process:
     """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
     # print() lines arrive as they happen; the allocator settings keep RSS near the budget.
     env = {**WORKER_PROCESS_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
-        "--blobs", str(work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
+        "--blobs", str(blobs or work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
         "--parent-pid", str(os.getpid()),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT)
@@ -457,14 +541,15 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
     return target
 
 
-def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, name: str,
-             job_ref: str, seconds: float, held: tuple[OutputLock, OutputState],
-             output_format: OutputFormat, totals: Counters) -> list[Path]:
+def _publish(results: Sequence[TaskOutputs | None], work: Path, blob_dir: Path, output: Path,
+             name: str, job_ref: str, seconds: float, held: tuple[OutputLock, OutputState],
+             output_format: OutputFormat, totals: Counters,
+             extra: Mapping[str, object] | None = None) -> list[Path]:
     """Move result files (and the workers' logs) into a staging directory, then swap it in
     (only while this run still holds the output's lock, over what was checked at start)."""
     staging = work / "publish"
     staging.mkdir()
-    blobs = (work / "blobs").resolve()
+    blobs = blob_dir.resolve()
     parts = []
     for partition, result in enumerate(results):
         source = Path(result) if isinstance(result, str) else None  # parts are file paths
@@ -477,7 +562,7 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, na
         os.replace(work / "logs", staging / LOGS_DIR)
     (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
         name, output_format, results, [p.name for p in parts], module=job_ref,
-        seconds=round(seconds, 3), counters=totals))
+        seconds=round(seconds, 3), counters=totals, **(extra or {})))
     lock, expected = held
     if not lock.held():
         raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "
@@ -489,13 +574,13 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, na
 # --- --inline --------------------------------------------------------------------------
 
 
-async def _run_inline(store: SQLiteStateStore, name: str, job: AnyJob, work: Path,
+async def _run_inline(store: SQLiteStateStore, name: str, job: AnyJob, blobs: Path,
                       verbose: bool) -> JobView:
     """The whole job in this process: one Worker, user callbacks on this thread's loop."""
     from .runtime import Worker
 
     logs.setup_console(verbose)
-    worker = Worker(name, job, store, FileBlobStore(work / "blobs"), "inline-0", inline=True)
+    worker = Worker(name, job, store, FileBlobStore(blobs), "inline-0", inline=True)
     await worker.run()
     records, _ = await store.snapshot(name)
     return JobView({key: rec.body for key, rec in records.items()})

@@ -8,15 +8,16 @@ from . import protocol
 class ProgressBar:
     """Maps and reduces done/total on stderr (rich draws only when stderr is a terminal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "") -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         self._progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), console=Console(stderr=True),
                                   transient=False)
-        self._maps = self._progress.add_task("maps", total=None)
-        self._reduces = self._progress.add_task("reduces", total=None)
+        prefix = f"{label} " if label else ""  # a multi-step job's step: "step 2/3 (top) "
+        self._maps = self._progress.add_task(f"{prefix}maps", total=None)
+        self._reduces = self._progress.add_task(f"{prefix}reduces", total=None)
         self._progress.start()
 
     def update(self, progress: protocol.Progress) -> None:

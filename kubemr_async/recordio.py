@@ -17,6 +17,9 @@ time, without another whole copy of the split:
   does not fall inside it (splits are cut at line starts).
 * ``parquet``: ``pyarrow.RecordBatch`` objects of at most :data:`PARQUET_BATCH_ROWS` rows
   from the split's row groups.
+* ``pairs``: ``(key, value)`` tuples from a result part in the ``parquet`` format (what a
+  multi-step job's steps hand each other), each key and value with the type it was
+  emitted with (the part's ``key``/``value`` columns, JSON-coded columns decoded).
 
 A record that does not parse fails the task for good (:class:`PermanentTaskError`), naming
 the input and where: ``line N`` when the split starts at the beginning of the file (line
@@ -35,13 +38,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
+from . import shuffle
 from .errors import PermanentTaskError
 
 if TYPE_CHECKING:  # imported when a Parquet input is read, not with every job module
     import pyarrow.parquet as pq
 
-RecordInput = Literal["lines", "jsonl", "csv", "parquet"]
-RECORD_INPUTS: tuple[RecordInput, ...] = ("lines", "jsonl", "csv", "parquet")
+RecordInput = Literal["lines", "jsonl", "csv", "parquet", "pairs"]
+RECORD_INPUTS: tuple[RecordInput, ...] = ("lines", "jsonl", "csv", "parquet", "pairs")
+#: The record inputs read from Parquet files (planned by row group).
+PARQUET_INPUTS: tuple[RecordInput, ...] = ("parquet", "pairs")
 #: Rows per RecordBatch handed to a ``parquet`` map.
 PARQUET_BATCH_ROWS = 65_536
 #: A Parquet file ends with its footer's length (4 bytes, little-endian) and ``PAR1``.
@@ -96,7 +102,10 @@ def split_bytes(data: bytes | TextSplit | ParquetSplit) -> int:
 def records(kind: RecordInput, split: TextSplit | ParquetSplit) -> Iterator[Any]:
     """The records of ``split`` as the map of input ``kind`` receives them."""
     if isinstance(split, ParquetSplit):
-        return split.batches()
+        return _pairs(split) if kind == "pairs" else split.batches()
+    if kind == "pairs":
+        raise PermanentTaskError(f"input {split.url}: a 'pairs' map reads Parquet result "
+                                 "parts, not text")
     if kind == "lines":
         return (line.decode("utf-8", "surrogateescape") for _, _, line in _lines(split.data))
     if kind == "jsonl":
@@ -104,6 +113,22 @@ def records(kind: RecordInput, split: TextSplit | ParquetSplit) -> Iterator[Any]
     if kind == "csv":
         return _csv_rows(split)
     raise ValueError(f"{kind!r} is not a text record input")
+
+
+def _pairs(split: ParquetSplit) -> Iterator[tuple[Any, Any]]:
+    for batch in split.batches():
+        table = pa.Table.from_batches([batch])
+        if table.schema.names[:2] != ["key", "value"]:
+            raise PermanentTaskError(
+                f"input {split.url}: a 'pairs' map reads result parts with key and value "
+                f"columns, not {', '.join(table.schema.names)}")
+        try:
+            keys = shuffle.to_python(table.column("key"), shuffle.column_kind(table, "key"))
+            values = shuffle.to_python(table.column("value"),
+                                       shuffle.column_kind(table, "value"))
+        except shuffle.ShuffleError as exc:
+            raise PermanentTaskError(f"input {split.url}: {exc}") from exc
+        yield from zip(keys, values, strict=True)
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, int, bytes]]:

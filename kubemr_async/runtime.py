@@ -368,7 +368,7 @@ class Worker:
             slices, rows = await self._fetch_slices(sources, index, directory / "slices",
                                                     ctx.task)
             ctx._counters.set_framework(counters.REDUCE_INPUT_RECORDS, rows)
-            run = execute.run_reduce(job, slices, ctx, self.spec.output_format, directory,
+            run = execute.run_reduce(job, slices, ctx, self.spec.part_format, directory,
                                      self.budget)
             try:
                 part = await self.user.run(run)
@@ -482,7 +482,7 @@ class Worker:
     async def _put_part(self, index: int, attempt: int, part: bytes | Path) -> str:
         """Store result part ``index`` under an attempt-unique key; its URL is the output."""
         # The attempt goes before the extension, so tools that go by it still read it.
-        stem, dot, extension = formats.part_name(index, self.spec.output_format).partition(".")
+        stem, dot, extension = formats.part_name(index, self.spec.part_format).partition(".")
         key = f"{self.prefix}/output/{stem}.attempt-{attempt}{dot}{extension}"
         if isinstance(part, Path):
             await self._put_file(key, part)
@@ -502,7 +502,7 @@ class Worker:
         ctx._counters.set_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
-                execute.run_map_only(job, data, ctx, self.spec.output_format))
+                execute.run_map_only(job, data, ctx, self.spec.part_format))
             return await self._put_part(int(body["index"]), ctx.attempt, part)
         ctx.args = await self._partition_args(job)
         key: str | None = None

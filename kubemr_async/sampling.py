@@ -87,7 +87,7 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
         url, rng = splits[index]
         store, key = stores.open(url)
         data: MapData
-        if (rng is None or job.map_input in ("name", "parquet")
+        if (rng is None or job.map_input in ("name", "parquet", "pairs")
                 or compression.codec_for(key) is not None):
             if index in whole:  # read whole: a Parquet split by its row groups
                 continue

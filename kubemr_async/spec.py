@@ -47,6 +47,8 @@ MIN_LEASE_SECONDS = 1
 DEFAULT_REDUCERS = 1
 MAX_REDUCERS = 10_000
 DEFAULT_WORKERS = 2
+#: The most steps a multi-step job (api.Pipeline) may have.
+MAX_STEPS = 100
 MAX_WORKERS = 1000
 #: Task names are ``<job>-<key>`` and the job name is a label value, so it must be a DNS label.
 MAX_JOB_NAME = 63
@@ -63,6 +65,9 @@ COMMAND_FIELDS = ("mapper", "combiner", "reducer")
 OutputFormat = Literal["text", "jsonl", "parquet"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("text", "jsonl", "parquet")
 DEFAULT_OUTPUT_FORMAT: OutputFormat = "text"
+#: What a part may be written as: an output format, or ``pairs``, the lossless Parquet
+#: that every step of a multi-step job but the last writes (kubemr_async.formats).
+PartFormat = OutputFormat | Literal["pairs"]
 
 #: RFC 1123 label: Kubernetes object names derived from the job name must stay valid.
 NAME_PATTERN = rf"^[a-z0-9]([-a-z0-9]{{0,{MAX_JOB_NAME - 2}}}[a-z0-9])?$"
@@ -90,6 +95,8 @@ class JobSpecDict(TypedDict):
     workers: NotRequired[int]
     template: NotRequired[dict[str, Any]]
     ttlSecondsAfterFinished: NotRequired[int]
+    steps: NotRequired[int]
+    step: NotRequired[int]
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,10 @@ class JobSpec:
     mapper: str | None = None
     combiner: str | None = None
     reducer: str | None = None
+    # A multi-step job (api.Pipeline): its number of steps, and the step (0-based) this
+    # spec's tasks run; `kubemr run` runs step after step, each its own record set.
+    steps: int = 1
+    step: int = 0
     # Cluster-only: the worker image, worker pods, pod template overrides, clean-up delay.
     image: str | None = None
     workers: int | None = None
@@ -125,6 +136,12 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def part_format(self) -> PartFormat:
+        """How this spec's parts are written: the output format for the last step, else
+        ``pairs`` (the next step's input, never published)."""
+        return "pairs" if self.step < self.steps - 1 else self.output_format
 
     def to_dict(self, *, cluster: bool = True) -> JobSpecDict:
         """The resource's spec; ``cluster=False`` leaves out the cluster-only fields (the
@@ -150,6 +167,10 @@ class JobSpec:
             spec["combiner"] = self.combiner
         if self.reducer is not None:
             spec["reducer"] = self.reducer
+        if self.steps != 1:
+            spec["steps"] = self.steps
+        if self.step != 0:
+            spec["step"] = self.step
         if cluster:
             if self.image is not None:
                 spec["image"] = self.image
@@ -198,6 +219,8 @@ class JobSpec:
             mapper=_optional(data, "mapper", _str),
             combiner=_optional(data, "combiner", _str),
             reducer=_optional(data, "reducer", _str),
+            steps=_int(data, "steps", 1),
+            step=_int(data, "step", 0),
             image=_optional(data, "image", _str),
             workers=_optional(data, "workers", _int),
             template=_optional(data, "template", _object),
@@ -308,6 +331,10 @@ def validate(spec: JobSpec) -> None:
     if not all(spec.inputs):
         raise InvalidSpec("spec.inputs", "an input must not be empty")
     _between("reducers", spec.reducers, 0, MAX_REDUCERS, " (map-only)")
+    _between("steps", spec.steps, 1, MAX_STEPS)
+    if not 0 <= spec.step < spec.steps:
+        raise InvalidSpec("spec.step", f"must be between 0 and {spec.steps - 1} (the job has "
+                          f"{spec.steps} steps), got {spec.step}")
     _between("maxAttempts", spec.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
     _between("leaseSeconds", spec.lease_seconds, MIN_LEASE_SECONDS)
     _between("chunkSize", spec.chunk_size, MIN_CHUNK_SIZE)

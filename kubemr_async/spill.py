@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import pyarrow.parquet as pq
 
 from . import formats, merge, shuffle
-from .spec import OutputFormat
+from .spec import PartFormat
 
 SCRATCH_ENV = "KUBEMR_SCRATCH_DIR"
 #: Arrow bytes of a result chunk encoded and written at once (PartWriter).
@@ -198,7 +198,7 @@ class PartWriter:
     known, then are converted to the common one and written.
     """
 
-    def __init__(self, path: Path, fmt: OutputFormat) -> None:
+    def __init__(self, path: Path, fmt: PartFormat) -> None:
         self.path = path
         self.fmt = fmt
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
@@ -212,7 +212,7 @@ class PartWriter:
         # Encoded a few MiB at a time: the text of a whole merged chunk (and its copy as
         # bytes) would be two more chunk-sized buffers on top of the chunk.
         for piece in shuffle.blocks(table, _WRITE_PIECE):
-            if self.fmt != "parquet":
+            if self.fmt not in formats.PARQUET_FORMATS:
                 self._file.write(formats.encode(piece, self.fmt))
             else:
                 self._file.write(shuffle.encode_run(piece))
@@ -224,16 +224,18 @@ class PartWriter:
 
     def close(self) -> None:
         self._file.close()
-        if self.fmt != "parquet":
+        if self.fmt not in formats.PARQUET_FORMATS:
             return
+        lossless = self.fmt == "pairs"
         staged = self.path.with_name(self.path.name + ".blocks")
         self.path.rename(staged)
         source = Slice(staged, 0, staged.stat().st_size)
         empty = shuffle.concat_tables([block.slice(0, 0) for block in read_blocks(source)])
-        schema = formats.parquet_table(empty).schema
+        schema = formats.parquet_table(empty, lossless=lossless).schema
         with pq.ParquetWriter(self.path, schema) as writer:
             for block in read_blocks(source):
-                writer.write_table(formats.parquet_table(shuffle.concat_tables([empty, block])))
+                writer.write_table(formats.parquet_table(shuffle.concat_tables([empty, block]),
+                                                         lossless=lossless))
         staged.unlink()
 
     def abort(self) -> None:

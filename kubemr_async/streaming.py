@@ -300,14 +300,20 @@ def _rows(tables: Iterable[shuffle.Table]) -> Iterator[bytes]:
             yield formats.encode(piece, "text")
 
 
-async def run_mapper(shell: Shell, data: bytes, ctx: TaskContext) -> None:
-    """The split on stdin; stdout's pairs emitted as they come (the map spills them)."""
+async def run_mapper(shell: Shell, data: bytes | Iterable[shuffle.Table],
+                     ctx: TaskContext) -> None:
+    """The split on stdin; stdout's pairs emitted as they come (the map spills them).
+
+    ``data`` is the split's bytes, or (a later step of a multi-step job) the previous
+    step's pairs, written to stdin as ``key<TAB>value`` lines like a reducer's.
+    """
     where = _name(shell, ctx, "mapper")
 
     def emit(lines: bytes) -> None:
         ctx._append(text_pairs(lines, where))
 
-    await run(shell, ctx, "mapper", _pieces(data), emit)
+    feed = _pieces(data) if isinstance(data, bytes) else _rows(data)
+    await run(shell, ctx, "mapper", feed, emit)
 
 
 async def run_combiner(shell: Shell, table: shuffle.Table, ctx: TaskContext) -> shuffle.Table:

@@ -1,0 +1,209 @@
+"""Multi-step jobs (``Pipeline``): `kubemr run` end to end with real worker processes, and
+the one-line refusals of a bad pipeline or spec."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kubemr_async import Job, Pipeline, Shell
+from kubemr_async.api import load_job, load_steps
+from kubemr_async.errors import JobDefinitionError
+from kubemr_async.progress import ProgressBar
+from kubemr_async.spec import InvalidSpec, JobSpec
+from tests.test_local_run import DATA, ROOT, kubemr
+
+THREE = ROOT / "tests" / "jobs" / "three_steps.py"
+
+
+@pytest.fixture(autouse=True)
+def _failed_run_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Failed runs keep their logs here, not in the home directory."""
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    monkeypatch.setenv("KUBEMR_LOG_DIR", str(logs))
+    return logs
+
+
+def _word_counts() -> Counter[bytes]:
+    counts: Counter[bytes] = Counter()
+    for path in sorted(DATA.iterdir()):
+        counts.update(path.read_bytes().split())
+    return counts
+
+
+def _leftovers(directory: Path) -> list[str]:
+    """Hidden work or staging directories a run left next to its output."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_three_steps_match_plain_python_and_drop_intermediate_parts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # Step 3's map itself fails the job if step 1's parts still exist (see the module).
+    result = kubemr("run", str(THREE), "--input", str(DATA), "--output", str(out),
+                    "--reducers", "3", "--workers", "2", "--chunk-size", "40k")
+    assert result.returncode == 0, result.stderr
+    # Plain Python: the words as str.split() sees the text (surrogateescape), grouped by
+    # count, then the number of distinct words whose count is odd or even.
+    words = Counter(w for p in sorted(DATA.iterdir())
+                    for w in p.read_bytes().decode("utf-8", "surrogateescape").split())
+    by_count: dict[int, list[str]] = {}
+    for word, n in words.items():
+        by_count.setdefault(n, []).append(word)
+    parity: Counter[str] = Counter()
+    for n, grouped in by_count.items():
+        parity["odd" if n % 2 else "even"] += len(grouped)
+    expected = sorted(f"{k}\t{v}".encode() for k, v in parity.items())
+    # The last step fixes reducers=2: two parts whatever --reducers says.
+    parts = sorted(p.name for p in out.glob("part-*"))
+    assert parts == ["part-00000", "part-00001"]
+    got = sorted(line for p in parts for line in (out / p).read_bytes().splitlines())
+    assert got == expected
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["steps"] == 3 and manifest["parts"] == parts
+    assert [s["kubemr"]["reduceOutputRecords"] for s in manifest["stepCounters"]] == [
+        len(words), len(by_count), 2]
+    assert _leftovers(tmp_path) == []
+
+
+def test_topn_example_matches_plain_python(tmp_path: Path) -> None:
+    out = tmp_path / "top"
+    result = kubemr("run", str(ROOT / "examples" / "topn_words.py"), "--input", str(DATA),
+                    "--output", str(out), "--reducers", "3", "--chunk-size", "16k",
+                    "--arg", "n=7")
+    assert result.returncode == 0, result.stderr
+    top = heapq.nsmallest(7, _word_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+    assert [p.name for p in out.glob("part-*")] == ["part-00000"]  # the top step's 1 reducer
+    assert (out / "part-00000").read_bytes().splitlines() == [
+        word + b"\t" + str(n).encode() for word, n in top]
+
+
+def test_a_failing_step_fails_the_job_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = kubemr("run", str(THREE), "--input", str(DATA), "--output", str(out),
+                    "--max-attempts", "1", "--arg", "fail=3")
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert "step 3/3 (histogram) failed" in error, error
+    assert "ValueError: step 3 was told to fail" in error, error
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_shell_map_reads_the_previous_steps_pairs_as_lines(tmp_path: Path) -> None:
+    module = tmp_path / "frequent.py"
+    module.write_text(textwrap.dedent("""
+        from kubemr_async import Job, Pipeline, Shell
+        count = Job("count")
+        @count.map(input="lines")
+        def words(line, ctx):
+            for word in line.split():
+                yield word, 1
+        count.reduce("sum")
+        frequent = Job("frequent", reducers=0)
+        frequent.map(Shell("awk -F'\\\\t' '$2 >= 3 { print $1 \\"\\\\t\\" $2 }'"))
+        pipeline = Pipeline("frequent", [count, frequent])
+    """))
+    story = DATA / "kubemr-story.txt"
+    out = tmp_path / "out"
+    result = kubemr("run", str(module), "--input", str(story), "--output", str(out),
+                    "--inline", "--reducers", "2")
+    assert result.returncode == 0, result.stderr
+    counts = Counter(story.read_bytes().split())
+    expected = sorted(w + b"\t" + str(n).encode() for w, n in counts.items() if n >= 3)
+    assert expected
+    got = sorted(line for p in out.glob("part-*") for line in p.read_bytes().splitlines())
+    assert got == expected
+
+
+def _module(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "job.py"
+    path.write_text("from kubemr_async import Job, Pipeline, Shell\n" + textwrap.dedent(body))
+    return str(path)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("p = Pipeline('p', [])\n", "pipeline p has no steps; give it a list of at least one Job"),
+    ("a = Job('a')\np = Pipeline('p', [a])\n",
+     "pipeline p: step 1 (a) has no map callback"),
+    ("a = Job('a')\na.map(Shell('cat'))\np = Pipeline('p', [a, 'b'])\n",
+     "pipeline p: step 2 is a str, not a kubemr_async.Job"),
+    ("a = Job('a')\na.map(Shell('cat'))\np = Pipeline('p', [a, a])\n",
+     "pipeline p: step 2 is step 1's Job again"),
+    ("a, b = Job('a'), Job('b')\na.map(Shell('cat'))\nb.map(Shell('cat'), input='lines')\n"
+     "b.map(lambda line, ctx: None, input='lines')\np = Pipeline('p', [a, b])\n",
+     "its map input must be 'pairs', not 'lines'"),
+])
+def test_a_bad_pipeline_is_refused_in_one_line(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(JobDefinitionError) as info:
+        load_steps(_module(tmp_path, body), 1)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_step_the_pipeline_does_not_have_is_refused(tmp_path: Path) -> None:
+    ref = _module(tmp_path, """
+        a, b = Job('a'), Job('b')
+        a.map(Shell('cat'))
+        a.reduce(Shell('cat'))
+        b.map(Shell('cat'))
+        b.reduce(Shell('cat'))
+        p = Pipeline('p', [a, b])
+    """)
+    assert load_job(ref, 1, step=1, steps=2).name == "b"
+    with pytest.raises(JobDefinitionError, match="step 3 does not exist \\(pipeline p has 2 "):
+        load_job(ref, 1, step=2, steps=2)
+    with pytest.raises(JobDefinitionError, match="pipeline p has 2 steps but the job spec "
+                                                 "says steps: 1"):
+        load_job(ref, 1)  # a MapReduceJob: its spec has no steps (the CRD prunes it)
+    with pytest.raises(JobDefinitionError, match="defines a single-step job but the job spec "
+                                                 "says steps: 2"):
+        load_job(str(ROOT / "examples" / "wordcount.py"), 1, step=1, steps=2)
+
+
+def test_a_step_fixing_its_reducers_refuses_another_count(tmp_path: Path) -> None:
+    ref = _module(tmp_path, """
+        a = Job('a', reducers=1)
+        a.map(Shell('cat'))
+        a.reduce(Shell('cat'))
+    """)
+    assert load_job(ref, 1).name == "a"
+    with pytest.raises(JobDefinitionError, match="fixes reducers=1 but the spec has "
+                                                 "reducers: 4"):
+        load_job(ref, 4)
+    with pytest.raises(JobDefinitionError, match="reducers must be an int >= 0"):
+        Job("x", reducers=-1)
+
+
+def test_later_steps_read_pairs() -> None:
+    first, second = Job("first"), Job("second")
+    first.map(Shell("cat"))
+    second.map(lambda pair, ctx: None)
+    pipeline = Pipeline("p", [first, second])
+    assert (first.map_input, second.map_input) == ("bytes", "pairs")
+    assert pipeline.label(1) == "step 2/2 (second)"
+
+
+def test_progress_names_the_step() -> None:
+    bar = ProgressBar("step 2/3 (top)")
+    try:
+        assert [t.description for t in bar._progress.tasks] == [
+            "step 2/3 (top) maps", "step 2/3 (top) reduces"]
+    finally:
+        bar.close()
+
+
+def test_spec_steps_round_trip_and_limits() -> None:
+    spec = JobSpec(name="j", job="m.py", inputs=("x",), steps=3, step=1)
+    data = spec.to_dict()
+    assert (data["steps"], data["step"]) == (3, 1)
+    assert JobSpec.from_dict("j", data) == spec
+    assert spec.part_format == "pairs"
+    assert JobSpec(name="j", job="m.py", inputs=("x",), steps=3, step=2).part_format == "text"
+    assert "steps" not in JobSpec(name="j", job="m.py", inputs=("x",)).to_dict()
+    with pytest.raises(InvalidSpec, match=r"spec\.steps: must be between 1 and 100, got 0"):
+        JobSpec(name="j", job="m.py", inputs=("x",), steps=0)
+    with pytest.raises(InvalidSpec, match=r"spec\.step: must be between 0 and 1"):
+        JobSpec(name="j", job="m.py", inputs=("x",), steps=2, step=2)
