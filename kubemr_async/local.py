@@ -56,7 +56,7 @@ from .outdir import (
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .records import Counters, TaskOutputs
+from .records import Counters, Skipped, TaskOutputs
 from .sampling import prepare_partitioner
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
@@ -84,6 +84,8 @@ class LocalRunResult:
     seconds: float
     #: The job's counters (each committed task's, summed): also in the _SUCCESS manifest.
     counters: Counters = field(default_factory=dict)
+    #: Skip mode: a sample of the records the job skipped (also in the manifest).
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def job_name_for(job_ref: str, name: str) -> str:
@@ -100,7 +102,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     verbose: bool = False, inline: bool = False,
                     output_format: OutputFormat = "text",
                     memory: int | None = None,
-                    commands: Commands | None = None) -> LocalRunResult:
+                    commands: Commands | None = None,
+                    max_skipped_records: int = 0) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
@@ -113,7 +116,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
-        output_format=output_format, memory=memory, commands=commands))
+        output_format=output_format, memory=memory, commands=commands,
+        max_skipped_records=max_skipped_records))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -146,7 +150,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
-               memory: int | None = None, commands: Commands | None = None) -> LocalRunResult:
+               memory: int | None = None, commands: Commands | None = None,
+               max_skipped_records: int = 0) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -162,7 +167,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
-                   output_format=output_format, memory=memory)
+                   output_format=output_format, memory=memory,
+                   max_skipped_records=max_skipped_records)
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -227,9 +233,10 @@ async def _run_in(work: Path, spec: JobSpec, splits: list[Split], job: AnyJob, o
         raise JobFailed(_failure(name, view, workers, router, kept))
     assert view.job is not None
     totals = view.job.get("counters") or {}
+    skipped = view.job.get("skipped") or []
     parts = _publish(view.job["results"], work, output, name, spec.job,
-                     time.monotonic() - started, held, spec.output_format, totals)
-    return LocalRunResult(output, name, parts, time.monotonic() - started, totals)
+                     time.monotonic() - started, held, spec.output_format, totals, skipped)
+    return LocalRunResult(output, name, parts, time.monotonic() - started, totals, skipped)
 
 
 def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
@@ -459,7 +466,8 @@ def _keep_failed_logs(work: Path, name: str) -> Path | None:
 
 def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, name: str,
              job_ref: str, seconds: float, held: tuple[OutputLock, OutputState],
-             output_format: OutputFormat, totals: Counters) -> list[Path]:
+             output_format: OutputFormat, totals: Counters,
+             skipped: list[Skipped]) -> list[Path]:
     """Move result files (and the workers' logs) into a staging directory, then swap it in
     (only while this run still holds the output's lock, over what was checked at start)."""
     staging = work / "publish"
@@ -477,7 +485,8 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, output: Path, na
         os.replace(work / "logs", staging / LOGS_DIR)
     (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
         name, output_format, results, [p.name for p in parts], module=job_ref,
-        seconds=round(seconds, 3), counters=totals))
+        seconds=round(seconds, 3), counters=totals,
+        **({"skipped": skipped} if skipped else {})))
     lock, expected = held
     if not lock.held():
         raise OutputBusy(f"output {output}: this run's lock was taken over (not refreshed for "
