@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from . import counters, order, shuffle
+from . import counters, order, shuffle, skips
 from .errors import JobDefinitionError, PermanentTaskError
 from .recordio import RECORD_INPUTS
 from .spec import JobSpec
@@ -139,6 +139,8 @@ class TaskContext:
     # This attempt's counters: written with its commit, so only a committed attempt counts.
     _counters: counters.TaskCounters = field(default_factory=counters.TaskCounters,
                                              repr=False)
+    # Skip mode (spec.maxSkippedRecords > 0): this attempt's skipped records; None: off.
+    _skips: skips.TaskSkips | None = field(default=None, repr=False)
 
     #: The latest status a callback or a command (``reporter:status:``) set.
     status: str = ""

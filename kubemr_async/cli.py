@@ -112,7 +112,11 @@ _RUN_FLAGS = {"spec.mapper": "--mapper", "spec.combiner": "--combiner",
               "spec.maxAttempts": "--max-attempts",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
               "spec.outputFormat": "--format", "spec.inputs": "--input",
-              "spec.memory": "--memory"}
+              "spec.memory": "--memory", "spec.maxSkippedRecords": "--max-skipped-records"}
+
+_SKIP_HELP = ("Skip mode: each task skips up to N bad records (per-record map inputs: a "
+              "call that raises, a JSONL/CSV record that does not parse) or reduce keys "
+              "(a call that raises), reporting them, instead of failing. 0: off.")
 
 
 @app.command()
@@ -165,6 +169,7 @@ def run(
     = None,
     reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
     = None,
+    max_skipped_records: Annotated[int, typer.Option(metavar="N", help=_SKIP_HELP)] = 0,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -195,7 +200,7 @@ def run(
                 verbose=verbose, inline=inline,
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
-                commands=commands)
+                commands=commands, max_skipped_records=max_skipped_records)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -209,6 +214,10 @@ def run(
         from .cli_render import counters_table
 
         typer.echo(counters_table(result.counters), err=True)
+    if result.skipped:
+        from .cli_render import skipped_table
+
+        typer.echo(skipped_table(result.skipped), err=True)
     typer.echo(str(result.output))
 
 
@@ -333,7 +342,8 @@ def _read_manifest(file: str) -> dict[str, Any]:
 #: submit's flags that describe a job, so they cannot be combined with a manifest FILE.
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
-              "split_inputs", "output_format", "mapper", "combiner", "reducer")
+              "split_inputs", "output_format", "mapper", "combiner", "reducer",
+              "max_skipped_records")
 
 
 @app.command()
@@ -380,6 +390,7 @@ def submit(
     = None,
     reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
     = None,
+    max_skipped_records: Annotated[int, typer.Option(metavar="N", help=_SKIP_HELP)] = 0,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -408,7 +419,8 @@ def submit(
             generate_name=generate_name, workers=workers, reducers=reducers,
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
-            output_format=output_format))  # type: ignore[arg-type]  # JobSpec checks it
+            output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
+            max_skipped_records=max_skipped_records))
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

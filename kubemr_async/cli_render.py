@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import counters, protocol
+from . import counters, protocol, skips
 from .protocol import JobPhase, Progress
 
 
@@ -98,9 +98,18 @@ def describe(obj: Mapping[str, Any]) -> str:
     totals = counters.read(status.get("counters"))
     if totals:
         lines.append(counters_table(totals))
+    sample = skips.read(status.get("skipped"))
+    if sample:
+        lines.append(skipped_table(sample))
     return "\n".join(lines)
 
 
 def counters_table(totals: Mapping[str, Mapping[str, int]]) -> str:
     """A job's counters as Hadoop prints them: ``Counters:``, each group, its names."""
     return "\n".join(["Counters:", *counters.lines(totals)])
+
+
+def skipped_table(sample: Sequence[Mapping[str, Any]]) -> str:
+    """Skip mode's sample: ``Skipped records (sample):``, then one line per record."""
+    return "\n".join(["Skipped records (sample):",
+                      *skips.lines(skips.read(list(sample)))])

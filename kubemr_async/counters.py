@@ -28,6 +28,8 @@ MAP_OUTPUT_RECORDS = "mapOutputRecords"
 REDUCE_INPUT_RECORDS = "reduceInputRecords"
 REDUCE_INPUT_GROUPS = "reduceInputGroups"
 REDUCE_OUTPUT_RECORDS = "reduceOutputRecords"
+#: Records (or reduce keys) skip mode skipped (``maxSkippedRecords``; :mod:`.skips`).
+SKIPPED_RECORDS = "skippedRecords"
 
 #: A group or a name: 1 to this many characters, no control characters.
 MAX_NAME_CHARS = 100
@@ -116,6 +118,11 @@ class TaskCounters:
                 f"{MAX_COUNTER_BYTES} bytes of the task record (names plus 22 bytes each); "
                 f"use fewer or shorter names")
         self._bytes += cost
+
+    @property
+    def user_bytes(self) -> int:
+        """What the user's counters may take of the record, each valued at its widest."""
+        return self._bytes
 
     def set_framework(self, name: str, value: int) -> None:
         """A framework counter of this attempt (counted by the framework, not user code)."""

@@ -27,6 +27,7 @@ from .counters import MAX_COUNTERS
 from .errors import KubemrError
 from .kube import APPLY_PATCH, CRDS, Kube, KubeObject, Resource
 from .protocol import JobPhase, TaskKind, TaskState
+from .skips import MAX_ERROR_CHARS, MAX_JOB_SAMPLE, MAX_KEY_CHARS, MAX_TASK_SAMPLE
 from .spec import (
     COMMAND_FIELDS,
     DEFAULT_CHUNK_SIZE,
@@ -38,6 +39,7 @@ from .spec import (
     MAX_ATTEMPTS_LIMIT,
     MAX_JOB_NAME,
     MAX_REDUCERS,
+    MAX_SKIPPED_RECORDS_LIMIT,
     MAX_WORKERS,
     MIN_CHUNK_SIZE,
     MIN_LEASE_SECONDS,
@@ -144,6 +146,11 @@ def _job_spec_schema() -> dict[str, Any]:
             },
             "chunkSize": _int(MIN_CHUNK_SIZE, default=DEFAULT_CHUNK_SIZE, fmt="int64",
                               doc="Bytes of input per map task."),
+            "maxSkippedRecords": _int(
+                0, MAX_SKIPPED_RECORDS_LIMIT,
+                doc="Skip mode: each task skips up to this many records (per-record map "
+                    "inputs) or reduce keys whose call raises or that do not parse, instead "
+                    "of failing; counted as kubemr/skippedRecords. Unset or 0: off."),
             "memory": _int(MIN_MEMORY, fmt="int64",
                            doc="Bytes of memory each worker's shuffle stays within (buffers, "
                                "merges, fetches); beyond it data spills to local scratch. "
@@ -210,6 +217,25 @@ def _counters_schema(doc: str, per_task: bool) -> dict[str, Any]:
     }
 
 
+def _skipped_schema(doc: str, per_task: bool) -> dict[str, Any]:
+    """A sample of skipped records. Atomic, like counters; bounded as skips.py bounds it."""
+    place: dict[str, Any] = {
+        "error": {"type": "string", "maxLength": MAX_ERROR_CHARS},
+        "offset": _int(0, fmt="int64"),
+        "line": _int(1, fmt="int64"),
+        "key": {"type": "string", "maxLength": MAX_KEY_CHARS},
+    }
+    if not per_task:
+        place |= {"task": {"type": "string"}, "input": {"type": "string"}}
+    return {
+        "type": "array",
+        "description": doc,
+        "maxItems": MAX_TASK_SAMPLE if per_task else MAX_JOB_SAMPLE,
+        "items": {"type": "object", "required": ["error"], "properties": place},
+        "x-kubernetes-list-type": "atomic",
+    }
+
+
 def _job_status_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -255,6 +281,10 @@ def _job_status_schema() -> dict[str, Any]:
             "counters": _counters_schema(
                 "The job's counters, {group: {name: amount}}: the sum over its committed "
                 "tasks, each counted once (group kubemr: the framework's).", per_task=False),
+            "skipped": _skipped_schema(
+                "Skip mode: a sample of the records the committed tasks skipped (input, "
+                "offset or line, or reduce key, and the error); their number is counter "
+                "kubemr/skippedRecords.", per_task=False),
             "observedGeneration": _int(fmt="int64"),
             "conditions": _conditions_schema(),
             "taskNamespace": _string("Namespace holding this job's MapReduceTask objects."),
@@ -398,6 +428,9 @@ def _task_status_schema() -> dict[str, Any]:
             "seq": _int(0),
             "counters": _counters_schema(
                 "The committed attempt's counters, {group: {name: amount}}.", per_task=True),
+            "skipped": _skipped_schema(
+                "Skip mode: a sample of the records the committed attempt skipped.",
+                per_task=True),
         },
     }
 

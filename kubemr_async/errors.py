@@ -66,3 +66,15 @@ class CounterError(PermanentTaskError, ValueError):
 
     Permanent: the same code would make the same call again.
     """
+
+
+class SkipLimitExceeded(KubemrError):
+    """Skip mode met more bad records in one task than ``maxSkippedRecords`` allows.
+
+    The attempt fails as any failure does (retried up to ``maxAttempts``); the message says
+    the limit and the last record's place and error.
+    """
+
+
+class PermanentSkipLimitExceeded(SkipLimitExceeded, PermanentTaskError):
+    """The skip limit, exceeded on a record that cannot parse: retrying cannot help."""

@@ -18,7 +18,18 @@ from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 import pyarrow as pa
 
-from . import allocators, counters, formats, merge, order, recordio, shuffle, spill, streaming
+from . import (
+    allocators,
+    counters,
+    formats,
+    merge,
+    order,
+    recordio,
+    shuffle,
+    skips,
+    spill,
+    streaming,
+)
 from .api import HookFn, Job, JobWorker, Shell, TaskContext, call_user, iter_user
 from .errors import PermanentTaskError
 from .recordio import ParquetSplit, TextSplit
@@ -93,14 +104,69 @@ async def _run_user_map(job: Job, data: MapData, ctx: TaskContext) -> None:
         else:
             if isinstance(data, bytes):  # a sample window, or an unsplit read
                 data = TextSplit(ctx.input, data)
-            for record in recordio.records(job.map_input, data):
-                result = fn(record, ctx)
-                if result is not None:
-                    await _emit_results("map", result, ctx)
+            if ctx._skips is not None and isinstance(data, TextSplit):
+                await _map_skipping(fn, job.map_input, data, ctx, ctx._skips)
+            else:
+                for record in recordio.records(job.map_input, data):
+                    result = fn(record, ctx)
+                    if result is not None:
+                        await _emit_results("map", result, ctx)
     except Exception:
         await _teardown_after_failure(job.map_teardown_fn, ctx)
         raise
     await _teardown(job.map_teardown_fn, ctx)
+
+
+async def _map_skipping(fn: Any, kind: recordio.RecordInput, data: TextSplit,
+                        ctx: TaskContext, skipping: skips.TaskSkips) -> None:
+    """Skip mode's map loop: a record whose call raises (or that does not parse) is
+    skipped, what its call emitted dropped, and counted; past the limit the attempt fails.
+    A PermanentTaskError (a bad pair, a bad counter) and a failed spill still fail it."""
+    for number, pos, record in recordio.placed_records(kind, data):
+        if isinstance(record, recordio.BadRecord):
+            _skip_map_record(data, number, pos, record.reason, ctx, skipping)
+            continue
+        mark = _mark(ctx, skipping)
+        try:
+            result = fn(record, ctx)
+            if result is not None:
+                await _emit_results("map", result, ctx)
+        except PermanentTaskError:
+            raise
+        except Exception as exc:
+            if skipping.framework_error is not None:
+                raise
+            _drop_since(mark, ctx, skipping)
+            _skip_map_record(data, number, pos, exc, ctx, skipping)
+
+
+def _skip_map_record(data: TextSplit, number: int, pos: int, error: BaseException | str,
+                     ctx: TaskContext, skipping: skips.TaskSkips) -> None:
+    line = number if data.offset == 0 else None
+    skipping.skip(skips.map_place(data.offset + pos, line), error)
+    ctx._counters.set_framework(counters.SKIPPED_RECORDS, skipping.count)
+    ctx.log.warning("skipped a record at %s: %s", recordio.where(data, number, pos),
+                    skips.one_line(error))
+
+
+_Mark = tuple[int, int, int]
+
+
+def _mark(ctx: TaskContext, skipping: skips.TaskSkips) -> _Mark:
+    """What is buffered before a call, so that a skipped call's pairs can be dropped."""
+    return len(ctx._keys), len(ctx._tables), skipping.spills
+
+
+def _drop_since(mark: _Mark, ctx: TaskContext, skipping: skips.TaskSkips) -> None:
+    """Drop the pairs a failed call emitted, unless a spill (or a batch made of the pairs
+    before it) took them already."""
+    keys, tables, spills = mark
+    if skipping.spills != spills or len(ctx._keys) < keys:
+        return
+    del ctx._keys[keys:], ctx._values[keys:]
+    for table in ctx._tables[tables:]:
+        ctx._buffered -= table.nbytes
+    del ctx._tables[tables:]
 
 
 async def _setup(hook: HookFn | None, ctx: TaskContext) -> None:
@@ -289,6 +355,8 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     await job.prepare_map(ctx)  # the total-order partition file, if the job has one
     spills = _MapSpills(job, ctx, directory, budget)
     ctx._spill, ctx._spill_bytes = spills.spill, budget.map_buffer
+    if ctx._skips is not None:
+        ctx._spill = _watched_spill(spills, ctx._skips)
     try:
         await _run_user_map(job, data, ctx)
     finally:
@@ -297,6 +365,21 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     ctx._counters.set_framework(counters.MAP_OUTPUT_RECORDS, spills.rows)
     kind = next(iter(spills.key_types), None)
     return spills.merge(), kind
+
+
+def _watched_spill(spills: _MapSpills,
+                   skipping: skips.TaskSkips) -> Callable[[shuffle.Table], None]:
+    """Skip mode's spill: counted (a skipped call's pairs cannot be dropped past one), and
+    its failure kept, so the map does not skip the record whose emit triggered it."""
+    def spill(table: shuffle.Table) -> None:
+        skipping.spills += 1
+        try:
+            spills.spill(table)
+        except BaseException as exc:
+            skipping.framework_error = exc
+            raise
+
+    return spill
 
 
 @_releasing_memory
@@ -459,7 +542,22 @@ class _Output:
 
     async def reduce(self, fn: object, group: _Group, ctx: TaskContext) -> None:
         self.groups += 1
-        produced = await call_user(fn, group.key, group.values(), ctx)  # type: ignore[arg-type]
+        skipping = ctx._skips
+        if skipping is None:
+            produced = await call_user(fn, group.key, group.values(), ctx)  # type: ignore[arg-type]
+        else:
+            mark = _mark(ctx, skipping)
+            try:
+                produced = await call_user(fn, group.key, group.values(), ctx)  # type: ignore[arg-type]
+            except PermanentTaskError:
+                raise
+            except Exception as exc:
+                _drop_since(mark, ctx, skipping)
+                skipping.skip(skips.key_place(group.key), exc)
+                ctx._counters.set_framework(counters.SKIPPED_RECORDS, skipping.count)
+                ctx.log.warning("skipped key %s: %s", skips.key_place(group.key).get("key"),
+                                skips.one_line(exc))
+                return
         if len(produced) == 1:
             self.keys.append(group.key)
             self.values.append(produced[0])

@@ -57,7 +57,7 @@ from .outdir import (
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .records import Counters, TaskOutputs
+from .records import Counters, Skipped, TaskOutputs
 from .sampling import prepare_partitioner
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
@@ -85,6 +85,8 @@ class LocalRunResult:
     seconds: float
     #: The job's counters (each committed task's, summed): also in the _SUCCESS manifest.
     counters: Counters = field(default_factory=dict)
+    #: Skip mode: a sample of the records the job skipped (also in the manifest).
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def job_name_for(job_ref: str, name: str) -> str:
@@ -101,7 +103,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     verbose: bool = False, inline: bool = False,
                     output_format: OutputFormat = "text",
                     memory: int | None = None,
-                    commands: Commands | None = None) -> LocalRunResult:
+                    commands: Commands | None = None,
+                    max_skipped_records: int = 0) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
@@ -114,7 +117,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
-        output_format=output_format, memory=memory, commands=commands))
+        output_format=output_format, memory=memory, commands=commands,
+        max_skipped_records=max_skipped_records))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -147,7 +151,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                reducers: int, chunk_size: int, max_attempts: int, lease_seconds: float,
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
-               memory: int | None = None, commands: Commands | None = None) -> LocalRunResult:
+               memory: int | None = None, commands: Commands | None = None,
+               max_skipped_records: int = 0) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -165,8 +170,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    lease_seconds=max(lease_seconds, INLINE_LEASE_SECONDS) if inline
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
-                   output_format=output_format,
-                   memory=memory, steps=len(steps))
+                   output_format=output_format, memory=memory, steps=len(steps),
+                   max_skipped_records=max_skipped_records)
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -251,6 +256,7 @@ class _Run:
 
     async def all_steps(self, spec: JobSpec, splits: list[Split]) -> LocalRunResult:
         step_counters: list[Counters] = []
+        skipped: list[Skipped] = []
         previous: Path | None = None
         view: JobView | None = None
         for index, job in enumerate(self.steps):
@@ -267,15 +273,19 @@ class _Run:
             previous = blobs
             assert view.job is not None
             step_counters.append(view.job.get("counters") or {})
+            skipped += view.job.get("skipped") or []
         assert view is not None and view.job is not None and previous is not None
         totals = counters.total(step_counters)
-        extra = ({"steps": len(self.steps), "stepCounters": step_counters}
-                 if len(self.steps) > 1 else {})
+        extra: dict[str, object] = (
+            {"steps": len(self.steps), "stepCounters": step_counters}
+            if len(self.steps) > 1 else {})
+        if skipped:
+            extra["skipped"] = skipped
         parts = _publish(view.job["results"], self.work, previous, self.output, self.name,
                          spec.job, time.monotonic() - self.started, self.held,
                          spec.output_format, totals, extra)
         return LocalRunResult(self.output, self.name, parts, time.monotonic() - self.started,
-                              totals)
+                              totals, skipped)
 
     async def _step(self, index: int, spec: JobSpec, splits: list[Split], job: AnyJob,
                     blobs: Path) -> JobView:

@@ -88,6 +88,7 @@ class SubmitOptions:
     mapper: str | None = None
     combiner: str | None = None
     reducer: str | None = None
+    max_skipped_records: int = 0
 
 
 def build_manifest(options: SubmitOptions) -> KubeObject:
@@ -114,6 +115,7 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
         output_format=options.output_format, image=options.image, workers=options.workers,
         mapper=options.mapper, combiner=options.combiner, reducer=options.reducer,
+        max_skipped_records=options.max_skipped_records,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
     return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata, "spec": spec}

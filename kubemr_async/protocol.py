@@ -45,9 +45,11 @@ from .records import (
     JobRecord,
     JobStatus,
     PatchOp,
+    Skipped,
     TaskOutputs,
     TaskRecord,
 )
+from .skips import job_sample
 from .spec import JobSpec
 
 JOB_KEY = "job"
@@ -213,14 +215,18 @@ def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Up
 
 
 def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
-           counters: Counters | None = None) -> Update:
+           counters: Counters | None = None, skipped: list[Skipped] | None = None) -> Update:
     """Publish the attempt's outputs and counters; only the current holder's commit can
     succeed, so only the attempt that wins it counts (a zombie's or a failed attempt's
     increments are never written). ``add`` sets ``/counters`` whether or not the record has
-    them yet (a map that re-runs after a re-open replaces its earlier attempt's)."""
+    them yet (a map that re-runs after a re-open replaces its earlier attempt's).
+    ``skipped`` (skip mode only; None leaves the record without it): the sample of the
+    records the attempt skipped, counted only with its commit, too."""
+    ops: list[PatchOp] = [{"op": "add", "path": "/counters", "value": counters or {}}]
+    if skipped is not None:
+        ops.append({"op": "add", "path": "/skipped", "value": skipped})
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0),
-        {"op": "add", "path": "/counters", "value": counters or {}}))
+        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0), *ops))
 
 
 def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
@@ -484,7 +490,19 @@ class JobView:
             return None
         return Update(JOB_KEY, (*_write(self.job, phase=JobPhase.SUCCEEDED.value,
                                         results=results),
-                                {"op": "add", "path": "/counters", "value": self.counters()}))
+                                {"op": "add", "path": "/counters", "value": self.counters()},
+                                *self._skipped_op()))
+
+    def _skipped_op(self) -> tuple[PatchOp, ...]:
+        sample = self.skipped()
+        return ({"op": "add", "path": "/skipped", "value": sample},) if sample else ()
+
+    def skipped(self) -> list[Skipped]:
+        """A sample of the records skip mode skipped, from the committed tasks (maps, then
+        reduces), each task's committed attempt's only. A full scan, like counters()."""
+        return job_sample((task_name(t), t.get("input"), t.get("skipped"))
+                          for t in (*self.maps, *self.reduces)
+                          if t["state"] == TaskState.COMMITTED and t.get("skipped"))
 
     def counters(self) -> Counters:
         """The job's counters: the sum over its committed tasks (each counted once, with

@@ -21,8 +21,9 @@ time, without another whole copy of the split:
   multi-step job's steps hand each other), each key and value with the type it was
   emitted with (the part's ``key``/``value`` columns, JSON-coded columns decoded).
 
-A record that does not parse fails the task for good (:class:`PermanentTaskError`), naming
-the input and where: ``line N`` when the split starts at the beginning of the file (line
+A record that does not parse fails the task for good (:class:`BadRecord`, a
+:class:`PermanentTaskError`), or with skip mode on is skipped (:func:`placed_records`),
+naming the input and where: ``line N`` when the split starts at the beginning of the file (line
 numbers are then the file's), else the byte offset of the line in the file and its line
 number within the split.
 """
@@ -158,7 +159,43 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class BadRecord(PermanentTaskError):
+    """A record that does not parse: where (``number``, ``pos``) and why, in one line."""
+
+    def __init__(self, place: str, reason: str, number: int, pos: int) -> None:
+        super().__init__(f"{place}: {reason}")
+        self.reason, self.number, self.pos = reason, number, pos
+
+
+#: (line number in the split, byte position in its data, the record or a BadRecord).
+Placed = tuple[int, int, Any]
+
+
+def placed_records(kind: RecordInput, split: TextSplit) -> Iterator[Placed]:
+    """Skip mode's records of a text split: each with its place, and a record that does
+    not parse as a :class:`BadRecord` in its stead (rather than raised)."""
+    if kind == "lines":
+        return ((number, pos, line.decode("utf-8", "surrogateescape"))
+                for number, pos, line in _lines(split.data))
+    if kind == "jsonl":
+        return _placed_json_lines(split)
+    if kind == "csv":
+        return _placed_csv_rows(split)
+    raise ValueError(f"{kind!r} is not a text record input")
+
+
+def _raising(placed: Iterator[Placed]) -> Iterator[Any]:
+    for _, _, record in placed:
+        if isinstance(record, BadRecord):
+            raise record
+        yield record
+
+
 def _json_lines(split: TextSplit) -> Iterator[Any]:
+    return _raising(_placed_json_lines(split))
+
+
+def _placed_json_lines(split: TextSplit) -> Iterator[Placed]:
     loads = json.loads
     for number, pos, line in _lines(split.data):
         if not line.strip():
@@ -166,12 +203,16 @@ def _json_lines(split: TextSplit) -> Iterator[Any]:
         try:
             value = loads(line)
         except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError on bad UTF-8
-            raise PermanentTaskError(f"{where(split, number, pos)}: invalid JSON: "
-                                     f"{_one_line(exc)}: {line[:60]!r}") from None
-        yield value
+            value = BadRecord(where(split, number, pos),
+                              f"invalid JSON: {_one_line(exc)}: {line[:60]!r}", number, pos)
+        yield number, pos, value
 
 
 def _csv_rows(split: TextSplit) -> Iterator[dict[str, str]]:
+    return _raising(_placed_csv_rows(split))
+
+
+def _placed_csv_rows(split: TextSplit) -> Iterator[Placed]:
     lines = _lines(split.data)
     header_line = split.header
     if header_line is None:  # the split starts the file: its first line is the header
@@ -194,16 +235,19 @@ def _csv_rows(split: TextSplit) -> Iterator[dict[str, str]]:
             row = next(rows)
         except StopIteration:
             return
-        except csv.Error as exc:
-            raise PermanentTaskError(f"{where(split, *position)}: malformed CSV: "
-                                     f"{_one_line(exc)}") from None
+        except csv.Error as exc:  # the reader goes on with the next line
+            yield (position[0], position[1],
+                   BadRecord(where(split, *position), f"malformed CSV: {_one_line(exc)}",
+                             *position))
+            continue
         if not row:
             continue
         if len(row) != fields:
-            raise PermanentTaskError(
-                f"{where(split, *position)}: CSV row has {len(row)} fields, the header "
-                f"has {fields}")
-        yield dict(zip(header, row, strict=True))
+            yield (position[0], position[1], BadRecord(
+                where(split, *position), f"CSV row has {len(row)} fields, the header has "
+                f"{fields}", *position))
+            continue
+        yield position[0], position[1], dict(zip(header, row, strict=True))
 
 
 def parquet_footer_length(tail: bytes, url: str) -> int:

@@ -24,6 +24,23 @@ TaskOutputs = dict[str, str] | str
 Counters = dict[str, dict[str, int]]
 
 
+class Skipped(TypedDict):
+    """A record skip mode skipped (:mod:`kubemr_async.skips`): where it was and why.
+
+    A map's record: its byte ``offset`` in the (decompressed) input, and its ``line``
+    number when the split starts the file; a reduce's: its ``key`` (a short repr). On the
+    job (``status.skipped``, the ``_SUCCESS`` manifest) it also names its ``task`` and, for
+    a map, its ``input`` URL.
+    """
+
+    error: str
+    offset: NotRequired[int]
+    line: NotRequired[int]
+    key: NotRequired[str]
+    task: NotRequired[str]
+    input: NotRequired[str]
+
+
 class JobError(TypedDict):
     """Why a job failed: the task and attempt that decided it ("" and 0 for none)."""
 
@@ -43,6 +60,9 @@ class JobStatus(TypedDict):
     seq: int
     #: The sum of the committed tasks' counters, stamped with the Succeeded verdict.
     counters: NotRequired[Counters]
+    #: A sample of the records skip mode skipped, over the committed tasks (their number
+    #: is counter kubemr/skippedRecords), stamped with the Succeeded verdict.
+    skipped: NotRequired[list[Skipped]]
 
 
 class JobRecord(JobStatus):
@@ -68,6 +88,8 @@ class TaskRecord(TypedDict):
     seq: int
     #: The counters of the attempt that committed, written with the commit (only then).
     counters: NotRequired[Counters]
+    #: Skip mode only: a sample of the records the committed attempt skipped.
+    skipped: NotRequired[list[Skipped]]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).

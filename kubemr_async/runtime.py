@@ -29,13 +29,23 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import counters, execute, formats, protocol, recordio, sampling, shuffle, spill
+from . import (
+    counters,
+    execute,
+    formats,
+    protocol,
+    recordio,
+    sampling,
+    shuffle,
+    skips,
+    spill,
+)
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
 from .protocol import JobPhase, JobView, TaskKind, TaskState
-from .records import Body, Counters, TaskOutputs, TaskRecord
+from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore
 from .storage.base import BlobStore
@@ -225,13 +235,15 @@ class Worker:
             # committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
-            await self._write_manifest([str(result) for result in results], view.counters())
+            await self._write_manifest([str(result) for result in results], view.counters(),
+                                       view.skipped())
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],
                                            "worker": self.worker_id})
 
-    async def _write_manifest(self, results: list[str], totals: Counters) -> None:
+    async def _write_manifest(self, results: list[str], totals: Counters,
+                              skipped: list[Skipped]) -> None:
         """Make the result location self-describing before the job is stamped Succeeded.
 
         The same shape as `kubemr run`'s ``_SUCCESS``: the format, the result URLs, and the
@@ -240,7 +252,8 @@ class Worker:
         base = self.blobs.url(self.prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
         await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}", formats.manifest(
-            self.job_name, self.spec.output_format, results, parts, counters=totals))
+            self.job_name, self.spec.output_format, results, parts, counters=totals,
+            **({"skipped": skipped} if skipped else {})))
 
     # --- one attempt ------------------------------------------------------------------
 
@@ -262,7 +275,7 @@ class Worker:
                 log.warning("lease lost; abandoning attempt", extra=context)
                 return
             try:
-                outputs, kept = work.result()
+                outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
@@ -290,9 +303,10 @@ class Worker:
                                                     self.spec.max_attempts, permanent))
                 return
             async with holder.lock:
-                # The attempt's counters go with its commit: counted only if it wins.
+                # The attempt's counters (and skipped records) go with its commit:
+                # counted only if it wins.
                 committed = await self._write(protocol.commit(holder.body, self.worker_id,
-                                                              outputs, kept))
+                                                              outputs, kept, skipped))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
             else:
@@ -321,8 +335,10 @@ class Worker:
                     return
                 holder.body = renewed.task
 
-    async def _perform(self, body: TaskRecord) -> tuple[TaskOutputs, Counters]:
-        """Run one attempt: its outputs and the counters it kept (user's and framework's)."""
+    async def _perform(self, body: TaskRecord
+                       ) -> tuple[TaskOutputs, Counters, list[Skipped] | None]:
+        """Run one attempt: its outputs, the counters it kept (user's and framework's) and,
+        in skip mode, the sample of the records it skipped."""
         ctx = TaskContext(job=self.job_name, task=protocol.task_name(body),
                           attempt=int(body["attempt"]), partitions=self.spec.reducers,
                           input=body["input"] or "", args=self.spec.args,
@@ -333,8 +349,12 @@ class Worker:
         ctx.log = logging.LoggerAdapter(logging.getLogger("kubemr.user"), {
             "job": self.job_name, "task": ctx.task, "attempt": ctx.attempt,
             "worker": self.worker_id})
+        if self.spec.max_skipped_records:
+            ctx._skips = skips.TaskSkips(self.spec.max_skipped_records, ctx.input)
         outputs = await self._outputs(body, ctx)
-        return outputs, ctx._counters.snapshot()
+        sample = (ctx._skips.fit(ctx._counters.user_bytes) if ctx._skips is not None
+                  else None)
+        return outputs, ctx._counters.snapshot(), sample
 
     async def _outputs(self, body: TaskRecord, ctx: TaskContext) -> TaskOutputs:
         index = int(body["index"])

@@ -41,6 +41,8 @@ MEMORY_HEADROOM = 192 * MIB
 WORKER_PROCESS_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "2"}
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
+#: Skip mode (kubemr_async.skips): bad records skipped per task; 0, the default, is off.
+MAX_SKIPPED_RECORDS_LIMIT = 2**31 - 1
 DEFAULT_LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 1
 #: One default for `kubemr run`, `kubemr submit` and the CRD: one result file per job.
@@ -88,6 +90,7 @@ class JobSpecDict(TypedDict):
     splitInputs: bool
     outputFormat: OutputFormat
     memory: NotRequired[int]
+    maxSkippedRecords: NotRequired[int]
     mapper: NotRequired[str]
     combiner: NotRequired[str]
     reducer: NotRequired[str]
@@ -119,6 +122,9 @@ class JobSpec:
     # Bytes of memory each worker's shuffle stays within (None: the container's limit
     # minus MEMORY_HEADROOM on Kubernetes, else DEFAULT_MEMORY; see memory_budget).
     memory: int | None = None
+    # Skip mode: a task skips up to this many records (or reduce keys) whose call raises
+    # or that do not parse, instead of failing (kubemr_async.skips); 0 is off.
+    max_skipped_records: int = 0
     # Shell commands for the steps (Hadoop Streaming; kubemr_async.streaming): they replace
     # the job module's steps, or are the whole job when ``job`` is empty.
     mapper: str | None = None
@@ -161,6 +167,8 @@ class JobSpec:
             spec["job"] = self.job
         if self.memory is not None:
             spec["memory"] = self.memory
+        if self.max_skipped_records:
+            spec["maxSkippedRecords"] = self.max_skipped_records
         if self.mapper is not None:
             spec["mapper"] = self.mapper
         if self.combiner is not None:
@@ -216,6 +224,7 @@ class JobSpec:
             split_inputs=_bool(data, "splitInputs", True),
             output_format=cast(OutputFormat, _str(data, "outputFormat", DEFAULT_OUTPUT_FORMAT)),
             memory=_optional(data, "memory", _int),
+            max_skipped_records=_int(data, "maxSkippedRecords", 0),
             mapper=_optional(data, "mapper", _str),
             combiner=_optional(data, "combiner", _str),
             reducer=_optional(data, "reducer", _str),
@@ -346,6 +355,7 @@ def validate(spec: JobSpec) -> None:
                           f"got {spec.output_format!r}")
     if spec.memory is not None:
         _between("memory", spec.memory, MIN_MEMORY)
+    _between("maxSkippedRecords", spec.max_skipped_records, 0, MAX_SKIPPED_RECORDS_LIMIT)
     if spec.image is not None and not spec.image:
         raise InvalidSpec("spec.image", "a worker image is required")
     if spec.workers is not None:

@@ -21,18 +21,20 @@ from typing import Any
 
 import pytest
 
-from kubemr_async import protocol
+from kubemr_async import protocol, skips
 from kubemr_async.counters import (
     INT64_MAX,
     MAP_INPUT_BYTES,
     MAP_OUTPUT_RECORDS,
     MAX_COUNTERS,
+    SKIPPED_RECORDS,
     TaskCounters,
 )
 from kubemr_async.crd import GROUP, JOB_PLURAL, LABEL_JOB, TASK_PLURAL, VERSION
 from kubemr_async.errors import CounterError, UsageError
 from kubemr_async.kube import KubeApiError
 from kubemr_async.protocol import Update
+from kubemr_async.records import Skipped
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.base import JobNotFound, WatchEvent
 from kubemr_async.state.kube import (
@@ -410,14 +412,18 @@ async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
     with contextlib.suppress(CounterError):  # admit until the byte budget refuses
         for i in range(MAX_COUNTERS):
             kept.add(f"g{i % 2}", f"{i:02d}-" + "n" * 30, INT64_MAX)
-    for name in (MAP_INPUT_BYTES, MAP_OUTPUT_RECORDS):
+    for name in (MAP_INPUT_BYTES, MAP_OUTPUT_RECORDS, SKIPPED_RECORDS):
         kept.set_framework(name, INT64_MAX)
     worst = {group: dict.fromkeys(names, -INT64_MAX) for group, names in
              kept.snapshot().items()}
     async with kube_backend(kube_cluster) as factory:
         store = await open_store(factory)
         sizes = {}
-        for job, counted in (("cnt-none", None), ("cnt-worst", worst)):
+        for job, counted, sample in (("cnt-none", None, None), ("cnt-worst", worst, None),
+                                     ("skip-worst", worst,
+                                      _worst_skipped_sample(kept.user_bytes)),
+                                     ("skip-only", {"kubemr": worst["kubemr"]},
+                                      _worst_skipped_sample(0))):
             await store.create(job, job_records(job, maps=1, reducers=4))
             body = (await store.snapshot(job))[0]["map-00000"].body
             held = await store.patch(job, protocol.claim(body, "worker-1", 1.0, 30.0, 3))
@@ -425,10 +431,26 @@ async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
             outputs = protocol.shuffle_outputs(
                 f"results/{job}/map/00000/attempt-1.shuffle", 1 << 30, "bytes")
             committed = await store.patch(job, protocol.commit(held.body, "worker-1", outputs,
-                                                               counted))
+                                                               counted, sample))
             assert committed is not None
             assert committed.task.get("counters") == (counted or {})
+            assert committed.task.get("skipped") == sample
             sizes[job] = _object_bytes(kube_cluster, await store.task_namespace(job),
                                        f"{job}-map-00000")
         print(f"\ncommitted map task object bytes: {sizes}")
         assert sizes["cnt-worst"] < 2048, sizes
+        assert sizes["skip-worst"] < 2048, sizes
+        assert sizes["skip-only"] < 2048, sizes
+
+
+def _worst_skipped_sample(counter_bytes: int) -> list[Skipped]:
+    """The largest sample skip mode commits for a task beside user counters taking
+    ``counter_bytes``: the longest errors (ASCII: each character a byte on the server), at
+    the widest offsets and line numbers."""
+    kept = skips.TaskSkips(10**6)
+    for i in range(10 * skips.MAX_TASK_SAMPLE):
+        kept.skip(skips.map_place(2**62 + i, 2**40), ValueError("x" * 500))
+    assert kept.count == 50
+    sample = kept.fit(counter_bytes)
+    assert sample, "room for one entry at least"
+    return sample

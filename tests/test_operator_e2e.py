@@ -210,6 +210,38 @@ def test_streaming_job_from_spec_commands_runs_on_the_cluster(
     assert status["error"]["task"].startswith("map-")
 
 
+def test_skip_mode_stamps_the_skipped_sample_on_a_succeeded_job(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any) -> None:
+    """spec.maxSkippedRecords on a cluster: poison records and a malformed line skipped,
+    the committed tasks' sample in status.skipped, kubemr status and the manifest."""
+    lines = [json.dumps({"id": i, "word": f"w{i % 5}"}) for i in range(200)]
+    lines[50] = "{not json"
+    s3.put_object(Bucket=BUCKET, Key="skip/records.jsonl",
+                  Body=("\n".join(lines) + "\n").encode())
+    url = f"s3://{BUCKET}/skip/records.jsonl"
+    manifest = echo_job("skipping", [url], splitInputs=True, workers=1, reducers=1,
+                        maxSkippedRecords=3, args={"poison": "7,120"})
+    manifest["spec"]["job"] = "tests.jobs.skipping"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["counters"]["kubemr"]["skippedRecords"] == 3
+    assert [(e["task"], e["input"], e["line"], e["error"]) for e in status["skipped"]] == [
+        ("map-00000", url, 8, "ValueError: poison record 7"),
+        ("map-00000", url, 51, "invalid JSON: Expecting property name enclosed in double "
+                               "quotes: line 1 column 2 (char 1): b'{not json'"),
+        ("map-00000", url, 121, "ValueError: poison record 120")]
+    described = subprocess.run(
+        [KUBEMR, "status", name, "--kubeconfig", str(kube_cluster.kubeconfig_path),
+         "-n", kube_namespace], capture_output=True, text=True, timeout=120,
+        check=True).stdout.splitlines()
+    start = described.index("Skipped records (sample):")
+    assert described[start + 1] == f"  map-00000 {url} line 8: ValueError: poison record 7"
+    written = json.loads(s3.get_object(
+        Bucket=BUCKET, Key=f"echo/{kube_namespace}/{name}/_SUCCESS")["Body"].read())
+    assert written["skipped"] == status["skipped"]
+
+
 def test_twenty_workers_commit_five_hundred_tasks_exactly_once(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path, tmp_path: Path) -> None:
     log = tmp_path / "attempts.log"

@@ -479,6 +479,8 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
         error=status.get("error", fresh["error"]), seq=status.get("seq", fresh["seq"]))
     if "counters" in status:
         body["counters"] = status["counters"]
+    if "skipped" in status:
+        body["skipped"] = status["skipped"]
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 
