@@ -36,6 +36,8 @@ from .recordio import ParquetSplit, TextSplit
 from .spec import PartFormat
 
 _Source = spill.Source
+#: A generous bound on how much larger a stored (lz4) block is as Arrow data.
+_ARROW_PER_STORED_BYTE = 4
 P = ParamSpec("P")
 T = TypeVar("T")
 #: What a map task reads: a split's bytes, or (per-record inputs) a text or Parquet split.
@@ -295,9 +297,9 @@ class _MapSpills:
         with open(path, "wb") as f:
             writer = spill.ShuffleFileWriter(f, self.ctx.partitions, self.budget.block_bytes)
             for partition in range(self.ctx.partitions):
-                sources = [_reader(index[partition]) for index in indexes]
-                for chunk in _merged(sources, self.directory / f"p{partition}", self.budget,
-                                     builtin, self.job.sort_values):
+                slices = [index[partition] for index in indexes]
+                for chunk in _merged(slices, self.directory / f"p{partition}", self.budget,
+                                     builtin, self.job.sort_values, reduce_inputs=False):
                     writer.add(partition, chunk)
             size = writer.finish()
         return path, size
@@ -317,10 +319,28 @@ def _reader(source: spill.Slice, position: int | None = None) -> _Source:
     return read
 
 
-def _merged(sources: list[_Source], directory: Path, budget: shuffle.ShuffleBudget,
-            combiner: shuffle.Combiner | None, by_value: bool) -> Iterator[shuffle.Table]:
-    """Sorted chunks of all ``sources`` (by key, or by key and value with ``by_value``),
-    folded by ``combiner`` if it is a built-in."""
+def _merged(slices: list[spill.Slice], directory: Path, budget: shuffle.ShuffleBudget,
+            combiner: shuffle.Combiner | None, by_value: bool, *,
+            reduce_inputs: bool) -> Iterator[shuffle.Table]:
+    """Sorted chunks of all ``slices`` (by key, or by key and value with ``by_value``),
+    folded by ``combiner`` if it is a built-in; a damaged block of a reduce input raises
+    :class:`CorruptRun` naming its position.
+
+    Inputs that fit a small share of the budget together are read at once and sorted as
+    one table (stable, so equal rows keep the inputs' order, as the merge keeps it): a
+    reduce over thousands of tiny map outputs would otherwise spend its time stepping a
+    k-way merge of thousands of streams in Python.
+    """
+    sources = [_reader(piece, position if reduce_inputs else None)
+               for position, piece in enumerate(slices)]
+    if sum(piece.length for piece in slices) * _ARROW_PER_STORED_BYTE <= budget.map_buffer:
+        table = shuffle.concat_tables([block for source in sources for block in source()])
+        if table.num_rows == 0:
+            return iter(())
+        if combiner is not None:
+            table = shuffle.combine(table, shuffle.merge_combiner(combiner))
+        return iter([order.sort_by_key_and_value(table) if by_value
+                     else shuffle.sort_by_key(table)])
     if len(sources) > budget.merge_factor:
         directory.mkdir(exist_ok=True)
         sources = spill.merge_passes(sources, directory, budget, combiner, by_value=by_value)
@@ -407,12 +427,12 @@ async def run_reduce(job: Job, sources: list[spill.Slice], ctx: TaskContext,
     :class:`CorruptRun` with its position in ``sources``.
     """
     builtin = job.folding_reducer
-    readers = [_reader(source, position) for position, source in enumerate(sources)]
     part = spill.PartWriter(directory / "part", output_format)
     try:
         await _setup(job.reduce_setup_fn, ctx)
         try:
-            chunks = _merged(readers, directory / "merge", budget, builtin, job.sort_values)
+            chunks = _merged(sources, directory / "merge", budget, builtin, job.sort_values,
+                             reduce_inputs=True)
             if isinstance(job.reducer, Shell):
                 await streaming.run_reducer(job.reducer, chunks, ctx, part)
             elif isinstance(job.reducer, str):  # a fold, or "identity": the rows as they merge
