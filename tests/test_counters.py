@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +261,41 @@ def test_bad_counter_calls_fail_the_job_at_once_with_one_line(tmp_path: Path, ca
     assert "task map-00000 attempt 1: " in error, "permanent: not retried"
     assert message in error
     assert "Traceback" not in result.stderr
+
+
+KUBEMR = str(Path(sys.executable).parent / "kubemr")
+
+
+def test_the_line_stats_example_counts_exactly(tmp_path: Path) -> None:
+    # The plain-Python reference reads lines as input="lines" does: split at LF, a CR
+    # before it dropped, a last line without LF still a line.
+    data_dir = Path(__file__).resolve().parent.parent / "examples" / "data"
+    lines: list[bytes] = []
+    for path in sorted(data_dir.iterdir()):
+        data = path.read_bytes()
+        pieces = data.split(b"\n")
+        if data.endswith(b"\n"):
+            pieces.pop()
+        lines += [p[:-1] if p.endswith(b"\r") else p for p in pieces]
+
+    def utf8(line: bytes) -> bool:
+        try:
+            line.decode()
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    result = subprocess.run(
+        [KUBEMR, "run", str(data_dir.parent / "line_stats.py"), "--input", str(data_dir),
+         "--output", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert manifest["counters"]["lines"] == {
+        "blank": sum(not line.split() for line in lines),
+        "bytes": sum(len(line) + 1 for line in lines),
+        "not utf-8": sum(not utf8(line) for line in lines)}
+    got = dict(line.split("\t") for line in
+               (tmp_path / "out" / "part-00000").read_text().splitlines())
+    expected = Counter(len(line.split()) for line in lines if line.split())
+    assert {int(k): int(v) for k, v in got.items()} == expected
