@@ -449,9 +449,7 @@ class Job:
     @property
     def map_side_combiner(self) -> shuffle.Combiner | ReduceFn | Shell | None:
         """Built-in folds are associative, so they also combine map-side by default."""
-        if self.combiner is not None:
-            return self.combiner
-        return self.reducer if self.reducer in COMBINERS else None
+        return self.combiner if self.combiner is not None else self.folding_reducer
 
     @property
     def folding_reducer(self) -> shuffle.Combiner | None:

@@ -99,11 +99,21 @@ def _workers(value: int) -> int:
 
 
 _FORMAT_HELP = "Result format: text (key<TAB>value lines), jsonl or parquet."
-_MAPPER_HELP = ("Shell command as the map (Hadoop Streaming): the split's lines on stdin, "
-                "key<TAB>value lines on stdout.")
-_COMBINER_HELP = "Shell command as the combiner: sorted key<TAB>value lines in and out."
-_REDUCER_HELP = ("Shell command as the reducer: key<TAB>value lines sorted by key on stdin; "
-                 "its stdout is the result part.")
+# Options shared by `kubemr run` and `kubemr submit`: the shell-command steps and skip mode.
+Mapper = Annotated[str | None, typer.Option(
+    help="Shell command as the map (Hadoop Streaming): the split's lines on stdin, "
+         "key<TAB>value lines on stdout.", show_default=False)]
+Combiner = Annotated[str | None, typer.Option(
+    help="Shell command as the combiner: sorted key<TAB>value lines in and out.",
+    show_default=False)]
+Reducer = Annotated[str | None, typer.Option(
+    help="Shell command as the reducer: key<TAB>value lines sorted by key on stdin; its "
+         "stdout is the result part.", show_default=False)]
+MaxSkippedRecords = Annotated[int, typer.Option(
+    metavar="N",
+    help="Skip mode: each task skips up to N bad records (per-record map inputs: a call "
+         "that raises, a JSONL/CSV record that does not parse) or reduce keys (a call that "
+         "raises), reporting them, instead of failing. 0: off.")]
 
 
 #: The `kubemr run` flag behind each spec field, for errors the JobSpec raises.
@@ -113,10 +123,6 @@ _RUN_FLAGS = {"spec.mapper": "--mapper", "spec.combiner": "--combiner",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
               "spec.outputFormat": "--format", "spec.inputs": "--input",
               "spec.memory": "--memory", "spec.maxSkippedRecords": "--max-skipped-records"}
-
-_SKIP_HELP = ("Skip mode: each task skips up to N bad records (per-record map inputs: a "
-              "call that raises, a JSONL/CSV record that does not parse) or reduce keys "
-              "(a call that raises), reporting them, instead of failing. 0: off.")
 
 
 @app.command()
@@ -164,12 +170,10 @@ def run(
         help="Memory budget per worker (e.g. 256MiB, 1GiB): buffers, merges and fetches "
              "stay within it and spill to local disk beyond it.",
         show_default=False)] = None,
-    mapper: Annotated[str | None, typer.Option(help=_MAPPER_HELP, show_default=False)] = None,
-    combiner: Annotated[str | None, typer.Option(help=_COMBINER_HELP, show_default=False)]
-    = None,
-    reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
-    = None,
-    max_skipped_records: Annotated[int, typer.Option(metavar="N", help=_SKIP_HELP)] = 0,
+    mapper: Mapper = None,
+    combiner: Combiner = None,
+    reducer: Reducer = None,
+    max_skipped_records: MaxSkippedRecords = 0,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -385,12 +389,10 @@ def submit(
                                                help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
-    mapper: Annotated[str | None, typer.Option(help=_MAPPER_HELP, show_default=False)] = None,
-    combiner: Annotated[str | None, typer.Option(help=_COMBINER_HELP, show_default=False)]
-    = None,
-    reducer: Annotated[str | None, typer.Option(help=_REDUCER_HELP, show_default=False)]
-    = None,
-    max_skipped_records: Annotated[int, typer.Option(metavar="N", help=_SKIP_HELP)] = 0,
+    mapper: Mapper = None,
+    combiner: Combiner = None,
+    reducer: Reducer = None,
+    max_skipped_records: MaxSkippedRecords = 0,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,

@@ -334,13 +334,12 @@ def _merged(slices: list[spill.Slice], directory: Path, budget: shuffle.ShuffleB
     sources = [_reader(piece, position if reduce_inputs else None)
                for position, piece in enumerate(slices)]
     if sum(piece.length for piece in slices) * _ARROW_PER_STORED_BYTE <= budget.map_buffer:
-        table = shuffle.concat_tables([block for source in sources for block in source()])
-        if table.num_rows == 0:
-            return iter(())
-        if combiner is not None:
-            table = shuffle.combine(table, shuffle.merge_combiner(combiner))
-        return iter([order.sort_by_key_and_value(table) if by_value
-                     else shuffle.sort_by_key(table)])
+        tables = [block for source in sources for block in source()]
+        if by_value and combiner is None:
+            table = order.sort_by_key_and_value(shuffle.concat_tables(tables))
+        else:  # a fold leaves one row per key, so its order by value is moot
+            table = shuffle.merge_runs(tables, combiner)
+        return iter([table] if table.num_rows else [])
     if len(sources) > budget.merge_factor:
         directory.mkdir(exist_ok=True)
         sources = spill.merge_passes(sources, directory, budget, combiner, by_value=by_value)

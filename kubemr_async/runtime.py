@@ -138,8 +138,8 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
-        # Whole shuffle-object indexes read for earlier reduces (see _remember_index).
-        # What this worker keeps of small shuffle objects: key -> (offset, bytes there).
+        # What this worker keeps of small shuffle objects for its next reduces (see _keep):
+        # key -> (offset, the bytes from there): a whole object, or its whole index.
         self._kept: dict[str, tuple[int, bytes]] = {}
         self._kept_bytes = 0
         self._changed = asyncio.Event()

@@ -215,14 +215,7 @@ def test_a_cluster_worker_loads_the_partition_file_or_samples_and_writes_it(
         with pytest.raises(PermanentTaskError, match=r"partition file .* is unreadable"):
             await ensure_partition_file(job, planned, 4, store, key)
         # A map that raises on the sample fails for good, naming the sampling; no file.
-        broken = Job("broken")
-        broken.partition("total-order")
-
-        @broken.map
-        def m(text: str, ctx: TaskContext) -> None:
-            raise ValueError("bad record")
-
-        broken.reduce("count")
+        from .jobs.unsampleable import job as broken
         with pytest.raises(SamplingFailed, match="sampling keys for the total-order "
                                                  "partitioner: ValueError: bad record"):
             await ensure_partition_file(broken, planned, 4, store, key + "-3")
