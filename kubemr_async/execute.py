@@ -343,7 +343,8 @@ def _merged(slices: list[spill.Slice], directory: Path, budget: shuffle.ShuffleB
     if len(sources) > budget.merge_factor:
         directory.mkdir(exist_ok=True)
         sources = spill.merge_passes(sources, directory, budget, combiner, by_value=by_value)
-    chunks = merge.merge_sorted([source() for source in sources], by_value=by_value)
+    chunks = merge.merge_sorted([source() for source in sources],
+                                chunk_bytes=budget.merge_chunk, by_value=by_value)
     return chunks if combiner is None else merge.fold_sorted(chunks, combiner)
 
 

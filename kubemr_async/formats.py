@@ -215,8 +215,8 @@ def _join(*parts: pa.Array | pa.Scalar) -> bytes:
 
 
 def _encode_text(table: Table) -> bytes:
-    keys = _text_column(table.column("key").combine_chunks(), column_kind(table, "key"))
-    values = _text_column(table.column("value").combine_chunks(), column_kind(table, "value"))
+    keys = _text_column(shuffle.single_array(table.column("key")), column_kind(table, "key"))
+    values = _text_column(shuffle.single_array(table.column("value")), column_kind(table, "value"))
     text = _join(keys, pa.scalar(b"\t"), values, pa.scalar(b"\n"))
     # One LF per row means no key or value holds one (a memchr-speed count of the joined
     # text, where scanning each column would cost a pass per check); TABs matter in keys.
@@ -269,7 +269,7 @@ def _encode_jsonl(table: Table) -> bytes:
 
 
 def _json_column(table: Table, role: _Role) -> pa.Array:
-    column = table.column(role).combine_chunks()
+    column = shuffle.single_array(table.column(role))
     kind = column_kind(table, role)
     if kind == "int":
         return column.cast(pa.string()).cast(pa.binary())
@@ -335,7 +335,7 @@ def parquet_table(table: Table, *, lossless: bool = False) -> pa.Table:
     roles: tuple[_Role, _Role] = ("key", "value")
     for role in roles:
         field = table.schema.field(role)
-        column = table.column(role).combine_chunks()
+        column = shuffle.single_array(table.column(role))
         kind = column_kind(table, role)
         if kind == "strbytes" and lossless:
             pass  # binary with the str codec: read back as the same str, any bytes

@@ -3,11 +3,13 @@
 Every merge in the shuffle goes through :func:`merge_sorted`: a map merging its spills,
 intermediate merge passes on local scratch, and a reducer merging every map's slice.
 
-It never compares rows one at a time in Python. Each step takes, from every stream's
-current block, the rows up to the smallest "last row" among those blocks (every row that
-can precede anything not yet read), sorts that union stably (stream order breaks ties) and
-yields it. At least one block is used up per step, so memory is one block per stream plus
-one output chunk.
+It never compares rows one at a time in Python. Each step picks a bound no later than any
+stream's last row in its current block (every row up to it can precede nothing not yet
+read), takes every stream's rows up to the bound, sorts that union stably (stream order
+breaks ties) and yields it. The bound is also no later than the row at which a stream's
+share of ``chunk_bytes`` ends, so a step's chunk is about ``chunk_bytes`` however many
+streams merge: memory is one block per stream plus one bounded chunk (and its sorted
+copy), not a chunk as large as all the blocks together.
 
 Rows are ordered by key (``order``'s key order). With ``by_value`` they are ordered by key
 and then by value (the secondary sort behind ``sort_values``): every input stream is
@@ -35,8 +37,7 @@ __all__ = ["fold_sorted", "merge_sorted"]
 
 def _comparable(table: Table, column: str) -> pa.Array:
     """A column in a form compared bytewise or numerically (str as its bytes)."""
-    array = table.column(column)
-    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    array = shuffle.single_array(table.column(column))
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         array = array.cast(pa.binary())
     return array
@@ -70,16 +71,34 @@ def _rows_at_most(values: pa.Array, bound: Any, *, inclusive: bool = True) -> in
 
 
 class _Head:
-    """A stream's current block, with its comparable key (and value) columns."""
+    """A stream's current block, with its comparable key (and value) columns, and the
+    Arrow bytes of its rows (``row_bytes``, kept from the whole block: a slice's own
+    size is not cheap to tell)."""
 
-    def __init__(self, table: Table, by_value: bool) -> None:
-        self.table = table
-        self.keys = _comparable(table, "key")
-        self.values = _comparable(table, "value") if by_value else None
+    def __init__(self, table: Table, keys: pa.Array, values: pa.Array | None,
+                 row_bytes: float) -> None:
+        self.table, self.keys, self.values, self.row_bytes = table, keys, values, row_bytes
 
-    def last(self) -> tuple[tuple[bool, Any], ...]:
-        """The order position of the block's last row."""
-        row = len(self.keys) - 1
+    @classmethod
+    def of(cls, table: Table, by_value: bool) -> _Head:
+        """A new block's head."""
+        return cls(table, _comparable(table, "key"),
+                   _comparable(table, "value") if by_value else None,
+                   table.nbytes / max(1, table.num_rows))
+
+    def rest(self, start: int) -> _Head:
+        """The head past its first ``start`` rows (its columns sliced, not converted again)."""
+        return _Head(self.table.slice(start), self.keys.slice(start),
+                     None if self.values is None else self.values.slice(start), self.row_bytes)
+
+    def last(self, share: float) -> tuple[tuple[bool, Any], ...]:
+        """The order position of the block's last row within ``share`` bytes (at least
+        its first row)."""
+        rows = max(1, math.ceil(share / max(self.row_bytes, 1.0)))
+        return self.position(min(rows, len(self.keys)) - 1)
+
+    def position(self, row: int) -> tuple[tuple[bool, Any], ...]:
+        """The order position of one row."""
         position: tuple[tuple[bool, Any], ...] = (_order_key(self.keys[row].as_py()),)
         if self.values is not None:
             position += (_order_key(self.values[row].as_py()),)
@@ -98,9 +117,10 @@ class _Head:
         return lo + _rows_at_most(self.values.slice(lo, hi - lo), value, inclusive=inclusive)
 
 
-def merge_sorted(streams: Sequence[Iterable[Table]], *, by_value: bool = False
-                 ) -> Iterator[Table]:
-    """K-way merge of streams of sorted tables into sorted chunks (module docstring).
+def merge_sorted(streams: Sequence[Iterable[Table]], *, chunk_bytes: int,
+                 by_value: bool = False) -> Iterator[Table]:
+    """K-way merge of streams of sorted tables into sorted chunks of about ``chunk_bytes``
+    (Arrow size; more when one key's equal rows are more) (module docstring).
 
     Equal rows come out in stream order, and within a stream in its own order, exactly as
     ``shuffle.merge_runs`` orders one partition's runs. With ``by_value`` the streams are
@@ -112,7 +132,7 @@ def merge_sorted(streams: Sequence[Iterable[Table]], *, by_value: bool = False
     def advance(i: int) -> None:
         for table in iterators[i]:
             if table.num_rows:
-                heads[i] = _Head(table, by_value)
+                heads[i] = _Head.of(table, by_value)
                 return
         heads.pop(i, None)
 
@@ -127,8 +147,12 @@ def merge_sorted(streams: Sequence[Iterable[Table]], *, by_value: bool = False
             yield head.table
             advance(i)
             continue
-        lasts = {i: head.last() for i, head in heads.items()}
-        bound = min(lasts.values())
+        share = chunk_bytes / len(heads)
+        # Each stream's last row within its share: the smallest of them bounds the step,
+        # and the stream whose whole block ends at it is the one that may continue in its
+        # next table.
+        bound = min(head.last(share) for head in heads.values())
+        lasts = {i: head.position(head.table.num_rows - 1) for i, head in heads.items()}
         taken = []
         # A stream whose head ends at the bound may hold more rows equal to it in its next
         # table: streams after it take only rows below the bound this round, so equal rows
@@ -148,7 +172,7 @@ def merge_sorted(streams: Sequence[Iterable[Table]], *, by_value: bool = False
             if count == rows:
                 advance(i)
             else:
-                heads[i] = _Head(head.table.slice(count), by_value)
+                heads[i] = head.rest(count)
         yield sort(shuffle.concat_tables(taken))
 
 

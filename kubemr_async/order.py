@@ -108,10 +108,10 @@ def domain_of(keys: Keys) -> Domain:
 def _normalise(keys: Keys) -> tuple[Domain, _Normal]:
     """Keys as one array of their domain: Arrow binary, or numpy int64 / float64."""
     if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks()
+        keys = shuffle.single_array(keys)
     if not isinstance(keys, pa.Array):
         # The map side's own conversion rules (and its canonical floats).
-        keys = shuffle.pairs_to_table(keys, None).column("key").combine_chunks()
+        keys = shuffle.single_array(shuffle.pairs_to_table(keys, None).column("key"))
     kind = keys.type
     if keys.null_count and not pa.types.is_null(kind):
         raise OrderError("null keys have no place in the key order")

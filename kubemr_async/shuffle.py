@@ -422,7 +422,7 @@ def _is_column(obj: Any, *, allow_sequence: bool) -> bool:
 
 def _column(obj: Any, role: _Role) -> tuple[pa.Array, _Kind]:
     if isinstance(obj, pa.ChunkedArray):
-        obj = obj.combine_chunks()
+        obj = single_array(obj)
     if isinstance(obj, pa.Array):
         return _from_arrow(obj, role)
     if isinstance(obj, np.ndarray):
@@ -674,7 +674,7 @@ def stable_hash(keys: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.uint64]:
     8 little-endian bytes of an int64 (two's complement), 8 little-endian bytes of a
     float64 with -0.0 as 0.0 and every NaN as 0x7ff8000000000000, and 1 byte for a bool.
     """
-    array = _single(keys)
+    array = single_array(keys)
     if array.null_count and not pa.types.is_null(array.type):
         raise ShuffleError("cannot hash null keys")
     kind = _arrow_kind(array.type)
@@ -839,12 +839,16 @@ def sort_by_key(table: Table) -> Table:
     """Rows ordered by key (bytewise for str/bytes/JSON, numeric for numbers), stable."""
     if table.num_rows < 2:
         return table
-    distinct, rows = _distinct_keys(_single(table.column("key")))
+    distinct, rows = _distinct_keys(single_array(table.column("key")))
     return _take(table, _sort_order(distinct), distinct, rows)
 
 
-def _single(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+def single_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one Array; a column of one chunk (what a run decodes to) without a
+    copy, which Arrow's ``combine_chunks`` always makes."""
+    if not isinstance(column, pa.ChunkedArray):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _sort_order(keys: pa.Array) -> npt.NDArray[np.int64]:
@@ -956,7 +960,7 @@ def partition(table: Table, partitions: int, partitioner: Partitioner | None = N
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     if table.num_rows == 0:
         return [table for _ in range(partitions)]
-    distinct, rows = _distinct_keys(_single(table.column("key")))
+    distinct, rows = _distinct_keys(single_array(table.column("key")))
     ids = (partitioner or partition_ids)(distinct, partitions)
     bounds = np.zeros(partitions + 1, dtype=np.int64)
     np.cumsum(np.bincount(ids if rows is None else ids[rows], minlength=partitions), out=bounds[1:])
@@ -1038,10 +1042,10 @@ def iter_groups(table: Table) -> Iterator[tuple[Any, list[Any]]]:
         return
     key_kind = _kind(table.schema.field("key"))
     value_kind = _kind(table.schema.field("value"))
-    keys = table.column("key").combine_chunks()
+    keys = single_array(table.column("key"))
     if not _is_sorted(keys, key_kind):
         table = sort_by_key(table)
-        keys = table.column("key").combine_chunks()
+        keys = single_array(table.column("key"))
     starts = _group_starts(keys, key_kind)
     group_keys = to_python(keys.take(starts), key_kind)
     values = to_python(table.column("value"), value_kind)
@@ -1155,8 +1159,9 @@ class ShuffleBudget:
     """How one worker's memory budget is shared by the stages of the shuffle.
 
     The shares leave room for the copies each stage makes (combining, partitioning and
-    sorting a buffer need about three times its size; a merge holds one block per input
-    plus an output chunk about as large as all of those).
+    sorting a buffer need about three times its size; a merge holds one block per input,
+    as Arrow tables and as the comparable columns it searches, plus a bounded output
+    chunk and its sorted copy).
     """
 
     memory: int
@@ -1184,6 +1189,12 @@ class ShuffleBudget:
         return max(2, self.memory // (6 * self.block_bytes))
 
     @property
+    def merge_chunk(self) -> int:
+        """Arrow bytes of one merge step's output: a few blocks, however many streams the
+        merge holds open (a chunk is sorted, so it is held twice)."""
+        return 4 * self.block_bytes
+
+    @property
     def in_flight(self) -> int:
         """Bytes of a reducer's ranged GETs in flight (Spark's maxSizeInFlight, 48 MiB)."""
         return max(1 << 20, min(48 << 20, self.memory // 4))
@@ -1209,4 +1220,4 @@ def group_starts(table: Table) -> npt.NDArray[np.int64]:
     """Where each run of equal keys starts in a key-sorted table (empty for no rows)."""
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    return _group_starts(_single(table.column("key")), column_kind(table, "key"))
+    return _group_starts(single_array(table.column("key")), column_kind(table, "key"))

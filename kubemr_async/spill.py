@@ -179,7 +179,8 @@ def merge_passes(sources: list[Source], directory: Path, budget: shuffle.Shuffle
             if len(group) == 1:
                 merged += group
                 continue
-            chunks = merge.merge_sorted([source() for source in group], by_value=by_value)
+            chunks = merge.merge_sorted([source() for source in group],
+                                        chunk_bytes=budget.merge_chunk, by_value=by_value)
             if combiner is not None:
                 chunks = merge.fold_sorted(chunks, combiner)
             number += 1

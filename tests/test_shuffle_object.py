@@ -22,6 +22,10 @@ KEYS = {
     "float": st.floats(allow_nan=False),
 }
 
+#: A merge step's chunk size: from a row or two (every step bounded by one stream's
+#: share) to more than any test's streams hold (each step up to the smallest last row).
+CHUNK_BYTES = st.sampled_from([1, 40, 300, 1 << 20])
+
 
 def sorted_tables(keys: list[Any], cuts: list[int]) -> list[shuffle.Table]:
     """One sorted stream: keys sorted, values their position, cut into several tables."""
@@ -44,7 +48,7 @@ def test_merge_sorted_equals_concatenate_and_stable_sort(kind: str, data: Any) -
     streams = data.draw(st.lists(st.lists(KEYS[kind], max_size=30), max_size=5))
     cuts = data.draw(st.lists(st.integers(0, 40), max_size=4))
     inputs = [sorted_tables(keys, cuts) for keys in streams if keys]
-    merged = rows(merge.merge_sorted(inputs))
+    merged = rows(merge.merge_sorted(inputs, chunk_bytes=data.draw(CHUNK_BYTES)))
     expected = rows([shuffle.merge_runs([t for s in inputs for t in s], None)]) if inputs else []
     assert merged == expected
 
@@ -67,7 +71,7 @@ def test_merge_sorted_by_value_equals_a_stable_sort_by_key_and_value(data: Any) 
                                         enumerate(pairs)])
         bounds = sorted({0, len(pairs), *(c % (len(pairs) + 1) for c in cuts)})
         inputs.append([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
-    merged = rows(merge.merge_sorted(inputs, by_value=True))
+    merged = rows(merge.merge_sorted(inputs, chunk_bytes=data.draw(CHUNK_BYTES), by_value=True))
     assert merged == [(k, v * 1000 + n * 100 + i) for k, v, n, i in sorted(expected)]
 
 
@@ -112,7 +116,7 @@ def test_merge_passes_keep_the_order_of_equal_keys(tmp_path: Path) -> None:
         sources.append(lambda source=source: spill.read_blocks(source))
     merged = spill.merge_passes(sources, tmp_path, budget)
     assert len(merged) <= budget.merge_factor
-    out = rows(merge.merge_sorted([source() for source in merged]))
+    out = rows(merge.merge_sorted([source() for source in merged], chunk_bytes=budget.merge_chunk))
     assert [v for k, v in out if k == b"k"] == [i for i in range(count) for _ in (0, 1)]
     assert [k for k, _ in out if k != b"k"] == [f"{i:04d}".encode() for i in range(count)]
 
@@ -124,5 +128,20 @@ def test_merge_keeps_stream_order_when_a_key_continues_in_a_streams_next_table(
     both, not slip in between (a case hypothesis found once)."""
     first = sorted_tables([key, key], [1])  # two tables of one row each
     second = sorted_tables([key], [])
-    merged = rows(merge.merge_sorted([first, second]))
+    merged = rows(merge.merge_sorted([first, second], chunk_bytes=1 << 20))
     assert [value for _, value in merged] == [0, 1, 0]
+
+
+def test_a_merge_step_is_bounded_by_the_chunk_size_not_the_number_of_streams() -> None:
+    """Forty streams of one 1,000-row block each: a merge step takes about ``chunk_bytes``
+    from all of them together, not a block's worth from each."""
+    streams = [[shuffle.sort_by_key(shuffle.pairs_to_table(
+        [f"{(i * 7919 + s) % 100_000:06d}".encode() for i in range(1000)], s))]
+        for s in range(40)]
+    row_bytes = streams[0][0].nbytes / 1000
+    chunk_bytes = int(200 * row_bytes)
+    chunks = list(merge.merge_sorted(streams, chunk_bytes=chunk_bytes))
+    assert sum(c.num_rows for c in chunks) == 40_000
+    assert max(c.num_rows for c in chunks) <= 200 + 40  # a share each, rounded up
+    keys = [k for c in chunks for k in c.column("key").to_pylist()]
+    assert keys == sorted(keys)
