@@ -418,7 +418,8 @@ class Worker:
                 self._keep(key, found)
             return found
 
-        async def entry(key: str, size: int) -> shuffle.SliceEntry:
+        async def entry(key: str, size: int) -> tuple[shuffle.SliceEntry, bytes | None]:
+            """The slice's index entry, and the object itself if it was read whole."""
             start, length = shuffle.entry_range(reducers, partition, size)
             held = await kept(key, size)
             if held is None:
@@ -426,13 +427,14 @@ class Worker:
             else:
                 base, blob = held
                 data = blob[start - base:start - base + length]
-            return shuffle.decode_entry(data, partition, size)
+            whole = held[1] if held is not None and held[0] == 0 else None
+            return shuffle.decode_entry(data, partition, size), whole
 
         entries = await self._gather(
             self._attributed(writer, key, task, entry(key, size))
             for writer, key, size in sources)
         offsets = [0]
-        for found in entries:
+        for found, _ in entries:
             offsets.append(offsets[-1] + found.length)
         # Bytes in flight: whole pieces under a budget share (Spark's maxSizeInFlight).
         piece = min(_FETCH_PIECE, self.budget.in_flight)
@@ -441,9 +443,7 @@ class Worker:
 
         async def fetch(position: int) -> None:
             writer, key, _ = sources[position]
-            found, crc = entries[position], 0
-            held = self._kept.get(key)
-            whole = held[1] if held is not None and held[0] == 0 else None
+            (found, whole), crc = entries[position], 0
             for start in range(0, found.length, piece):
                 length = min(piece, found.length - start)
                 async with slots:
@@ -474,21 +474,24 @@ class Worker:
             raise _first(eg) from None
         finally:
             os.close(fd)
-        return ([spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)],
-                sum(found.rows for found in entries))
+        return ([spill.Slice(path, offsets[i], found.length)
+                 for i, (found, _) in enumerate(entries)],
+                sum(found.rows for found, _ in entries))
 
     def _keep(self, key: str, held: tuple[int, bytes]) -> None:
         """Keep a map's small object (or its whole index) for this worker's next reduces,
-        within a budget share, oldest dropped first.
+        while they fit a budget share.
 
         One GET per map per *worker* replaces one (or two) per map per *reduce*: a job of
-        2,000 tiny maps x 500 reducers on 4 workers makes ~8,000 reads, not 10^6.
+        2,000 tiny maps x 500 reducers on 4 workers makes ~8,000 reads, not 10^6. Once the
+        share is full, new objects are not kept (nothing is evicted): every reduce reads
+        the maps in the same order, and a scan defeats eviction (dropping the oldest to
+        make room drops exactly the one the next reduce reads first, so nothing would
+        ever be found), while keeping the first ones saves their reads in every reduce.
         """
-        self._kept[key] = held
-        self._kept_bytes += len(held[1])
-        while self._kept_bytes > self.budget.in_flight // 4:
-            oldest = next(iter(self._kept))
-            self._kept_bytes -= len(self._kept.pop(oldest)[1])
+        if self._kept_bytes + len(held[1]) <= self.budget.in_flight // 4:
+            self._kept[key] = held
+            self._kept_bytes += len(held[1])
 
     async def _attributed(self, writer: TaskRecord, key: str, task: str,
                           aw: Awaitable[T]) -> T:

@@ -20,7 +20,7 @@ from kubemr_async import Job, TaskContext, protocol, read_results
 from kubemr_async.inputs import plan_inputs
 from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
-from kubemr_async.shuffle import split_words
+from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
@@ -159,6 +159,30 @@ async def test_a_worker_reads_each_small_shuffle_object_once_for_all_its_reduces
             word, n = line.split("\t")
             counts[word] += int(n)
     assert counts == Counter(w for text in TEXT for w in text.decode().split())
+
+
+async def test_a_small_object_not_kept_is_read_once_per_reduce_not_twice(
+        store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No share to keep objects in: each reduce reads each small object whole, once, and
+    # takes both its index entry and its slice from that one read.
+    monkeypatch.setattr(ShuffleBudget, "in_flight", property(lambda self: 2))
+    spec = await submit(store, tmp_path, reducers=5)
+    blobs = CountingStore(tmp_path / "blobs")
+    worker = Worker(spec.name, word_count(), store, blobs, "w-1")
+    assert await worker.run() == JobPhase.SUCCEEDED
+    assert worker._kept == {}
+    assert sorted(blobs.reads.values()) == [5] * len(TEXT)
+
+
+def test_a_full_keep_share_keeps_what_it_holds() -> None:
+    """Every reduce reads the maps in one order: evicting the oldest for a new object
+    would drop the next reduce's first read, so a full share admits nothing more."""
+    worker = Worker("wc", word_count(), None, None, "w-1")  # type: ignore[arg-type]
+    worker.budget = ShuffleBudget(64 << 20)  # keeps in_flight // 4 = 4 MiB
+    for i in range(6):
+        worker._keep(f"map-{i}", (0, bytes(1 << 20)))
+    assert list(worker._kept) == ["map-0", "map-1", "map-2", "map-3"]
+    assert worker._kept_bytes == 4 << 20
 
 
 class FakeClock:
