@@ -44,6 +44,7 @@ from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
+from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
@@ -58,10 +59,11 @@ _PERMANENT = (PermanentTaskError, JobDefinitionError, shuffle.ShuffleError)
 #: Bytes per ranged GET of a reducer's slice, and per write of an upload.
 _FETCH_PIECE = 8 * 1024 * 1024
 _UPLOAD_PIECE = 8 * 1024 * 1024
-#: Indexes up to this size are read (and kept) whole rather than one entry at a time.
+#: Indexes up to this size are read (and kept, see ``kept``) whole rather than one entry at
+#: a time, while the worker's share for kept objects has room.
 _WHOLE_INDEX = 64 * 1024
-#: Shuffle objects up to this size are read (and kept) whole: every reduce's slice of a
-#: small map output then costs no request of its own.
+#: Shuffle objects up to this size are read whole (and kept, while there is room): every
+#: reduce's slice of a small map output then costs at most one request.
 _WHOLE_OBJECT = 64 * 1024
 
 
@@ -138,10 +140,9 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
-        # What this worker keeps of small shuffle objects for its next reduces (see _keep):
-        # key -> (offset, the bytes from there): a whole object, or its whole index.
-        self._kept: dict[str, tuple[int, bytes]] = {}
-        self._kept_bytes = 0
+        # What this worker keeps of small shuffle objects for its next reduces (its share
+        # of the budget is set with the budget, in run()).
+        self._kept = KeptObjects(0)
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -164,6 +165,7 @@ class Worker:
         assert self._view.job is not None
         self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.budget = shuffle.ShuffleBudget(memory_budget(self.spec.memory, self.memory_limit))
+        self._kept = KeptObjects(self.budget.kept_bytes)
         self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -404,31 +406,27 @@ class Worker:
         the rows they hold (from the maps' indexes)."""
         reducers = self.spec.reducers
 
-        async def kept(key: str, size: int) -> tuple[int, bytes] | None:
-            """A small object whole, else a small index whole (read once per worker)."""
-            found = self._kept.get(key)
-            if found is None:
-                first, length = shuffle.entry_range(reducers, 0, size)
-                if size <= _WHOLE_OBJECT:
-                    found = (0, await self.blobs.get_range(key, 0, size))
-                elif reducers * length <= _WHOLE_INDEX:
-                    found = (first, await self.blobs.get_range(key, first, reducers * length))
-                else:
-                    return None
-                self._keep(key, found)
-            return found
-
         async def entry(key: str, size: int) -> tuple[shuffle.SliceEntry, bytes | None]:
-            """The slice's index entry, and the object itself if it was read whole."""
+            """The slice's index entry, and the object's bytes if it was read whole."""
+            held = self._kept.get(key)
+            if held is not None:
+                return held.entry(partition), held.blocks
             start, length = shuffle.entry_range(reducers, partition, size)
-            held = await kept(key, size)
-            if held is None:
-                data = await self.blobs.get_range(key, start, length)
+            first, _ = shuffle.entry_range(reducers, 0, size)
+            if size <= _WHOLE_OBJECT:  # one read serves the entry and the slice
+                whole = await self.blobs.get_range(key, 0, size)
+                self._kept.keep(key, whole[first:first + reducers * length], reducers, size,
+                                blocks=whole[:first])
+                return shuffle.decode_entry(whole[start:start + length], partition, size), whole
+            if reducers * length <= _WHOLE_INDEX and self._kept.has_room(reducers * length):
+                index = await self.blobs.get_range(key, first, reducers * length)
+                kept = self._kept.keep(key, index, reducers, size)
+                if kept is not None:
+                    return kept.entry(partition), None
+                data = index[start - first:start - first + length]
             else:
-                base, blob = held
-                data = blob[start - base:start - base + length]
-            whole = held[1] if held is not None and held[0] == 0 else None
-            return shuffle.decode_entry(data, partition, size), whole
+                data = await self.blobs.get_range(key, start, length)
+            return shuffle.decode_entry(data, partition, size), None
 
         entries = await self._gather(
             self._attributed(writer, key, task, entry(key, size))
@@ -477,21 +475,6 @@ class Worker:
         return ([spill.Slice(path, offsets[i], found.length)
                  for i, (found, _) in enumerate(entries)],
                 sum(found.rows for found, _ in entries))
-
-    def _keep(self, key: str, held: tuple[int, bytes]) -> None:
-        """Keep a map's small object (or its whole index) for this worker's next reduces,
-        while they fit a budget share.
-
-        One GET per map per *worker* replaces one (or two) per map per *reduce*: a job of
-        2,000 tiny maps x 500 reducers on 4 workers makes ~8,000 reads, not 10^6. Once the
-        share is full, new objects are not kept (nothing is evicted): every reduce reads
-        the maps in the same order, and a scan defeats eviction (dropping the oldest to
-        make room drops exactly the one the next reduce reads first, so nothing would
-        ever be found), while keeping the first ones saves their reads in every reduce.
-        """
-        if self._kept_bytes + len(held[1]) <= self.budget.in_flight // 4:
-            self._kept[key] = held
-            self._kept_bytes += len(held[1])
 
     async def _attributed(self, writer: TaskRecord, key: str, task: str,
                           aw: Awaitable[T]) -> T:
