@@ -152,15 +152,18 @@ def test_readyz_follows_its_checks_and_metrics_pass_the_linter(promlint: str) ->
         endpoint.close()
 
 
-def test_kubemr_run_metrics_port_serves_what_the_workers_did(tmp_path: Path,
-                                                             promlint: str) -> None:
-    """Two worker processes, scraped through the parent while the job is held half-way:
-    every map committed, the injected reduce failure counted once, every input byte read."""
+@pytest.mark.parametrize("workers", [["--workers", "2"], ["--inline"]])
+def test_kubemr_run_metrics_port_serves_what_the_workers_did(tmp_path: Path, promlint: str,
+                                                             workers: list[str]) -> None:
+    """Scraped through `kubemr run` while the job is held half-way (two worker processes,
+    summed; or the one inline worker, whose held reduce blocks the loop but not the
+    endpoint's thread): every map committed, the injected reduce failure counted once,
+    every input byte read."""
     port, gate = free_port(), tmp_path / "gate"
     env = {**os.environ, "KUBEMR_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.Popen(
         [KUBEMR, "run", COUNTING, "-i", str(DATA), "--output", str(tmp_path / "out"),
-         "--workers", "2", "--reducers", "1", "--arg", "fail=reduce-00000",
+         *workers, "--reducers", "1", "--arg", "fail=reduce-00000",
          "--arg", f"gate={gate}", "--metrics-port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
