@@ -34,6 +34,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import anyio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -138,8 +139,6 @@ class Health:
 
     async def heartbeat(self) -> None:
         """Mark the loop alive forever (run it as a task on the loop being watched)."""
-        import anyio
-
         while True:
             self.loop.mark()
             await anyio.sleep(self.interval)

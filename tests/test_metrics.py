@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubemr_async import metrics
+from kubemr_async.kube import Backoff
 from kubemr_async.testing import run_ensure_script
 
 from .test_counters import COUNTING, expected_totals
@@ -150,6 +152,23 @@ def test_readyz_follows_its_checks_and_metrics_pass_the_linter(promlint: str) ->
         assert all(name.startswith("kubemr_") for name in ours), ours
     finally:
         endpoint.close()
+
+
+def test_api_retries_count_the_waits_of_a_backoff() -> None:
+    """The first wait after a reset does not sleep (nothing to retry yet); each one after
+    is a retry."""
+    def retries() -> float:
+        return REGISTRY.get_sample_value("kubemr_api_retries_total") or 0.0
+
+    backoff = Backoff(initial=0.001, maximum=0.001)
+    before = retries()
+
+    async def waits() -> None:
+        for _ in range(3):
+            await backoff.wait()
+
+    asyncio.run(waits())
+    assert retries() - before == 2
 
 
 @pytest.mark.parametrize("workers", [["--workers", "2"], ["--inline"]])

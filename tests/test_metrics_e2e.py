@@ -68,6 +68,7 @@ def test_operator_and_worker_metrics_count_what_the_job_did(
         f"{op}/metrics", lambda s: value(s, "kubemr_operator_jobs", phase="Running") == 1)
     lint(promlint, text)
     assert value(samples, "kubemr_operator_reconciles_total", result="success") >= 1
+    assert ("kubemr_operator_workqueue_depth", frozenset()) in samples
 
     # The end: the worker's final counts, scraped before the operator can stop it.
     process = PROCESSES[operator]
