@@ -823,6 +823,7 @@ def test_notes_tell_how_to_run_the_example(tools: Tools, kube_cluster: TestClust
         assert f"kubectl create{namespace_flag} -f examples/wordcount.yaml" in notes
         assert f"kubectl get mrj{namespace_flag} -w" in notes
         assert "docker build -f examples/Dockerfile" in notes
+        assert "Service demo-kubemr-async-metrics (port 8080, /metrics)" in notes
 
 
 @pytest.mark.kube
