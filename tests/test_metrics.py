@@ -18,13 +18,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubemr_async import metrics
-from kubemr_async.kube import Backoff
+from kubemr_async.errors import UsageError
+from kubemr_async.kube import Backoff, Kube
+from kubemr_async.operator import Operator, OperatorConfig
 from kubemr_async.testing import run_ensure_script
 
 from .test_counters import COUNTING, expected_totals
@@ -211,3 +214,21 @@ def test_kubemr_run_metrics_port_serves_what_the_workers_did(tmp_path: Path, pro
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_a_busy_port_is_one_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # The endpoint comes first in run(): no API call is made, so no server is needed.
+        operator = Operator(cast(Kube, None), OperatorConfig(metrics_port=port))
+        with pytest.raises(UsageError, match=f"--metrics-port {port}: Address already in use"):
+            asyncio.run(operator.run())
+        out = tmp_path / "out"
+        run = subprocess.run([KUBEMR, "run", COUNTING, "-i", str(DATA), "--output", str(out),
+                              "--metrics-port", str(port)], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "KUBEMR_LOG_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert run.stderr == f"kubemr: error: --metrics-port {port}: Address already in use\n"
+    assert not out.exists()

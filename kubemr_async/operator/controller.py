@@ -19,6 +19,7 @@ import anyio
 
 from .. import metrics
 from ..crd import MAPREDUCE_JOBS
+from ..errors import UsageError
 from ..kube import Kube, KubeApiError, KubeObject, Listed, list_watch
 from ..protocol import JobPhase
 from .config import OperatorConfig
@@ -58,8 +59,7 @@ class Operator:
         403 on the watch): then every loop is stopped and that error is raised.
         """
         metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
-        endpoint = (metrics.Endpoint(self.config.metrics_port, health=self.health)
-                    if self.config.metrics_port else None)
+        endpoint = self._serve() if self.config.metrics_port else None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.health.heartbeat, name="kubemr-operator-heartbeat")
@@ -73,6 +73,15 @@ class Operator:
         finally:
             if endpoint is not None:
                 endpoint.close()
+
+    def _serve(self) -> metrics.Endpoint:
+        """/metrics, /healthz and /readyz on ``config.metrics_port``; a port that cannot
+        be bound is a usage error (one line), not a traceback."""
+        port = self.config.metrics_port
+        try:
+            return metrics.Endpoint(port, health=self.health)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
     async def reconcile(self, namespace: str, name: str) -> None:
         """Reconcile one job now, outside the queue (tests; the queue calls it too)."""
