@@ -25,7 +25,9 @@ multiprocess files under :data:`MULTIPROCESS_ENV`, and the parent serves their s
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -161,6 +163,28 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow scraper never holds up shutdown
 
 
+class _DualStackServer(_ThreadingServer):
+    """Every address, IPv6 and IPv4 alike: a pod of an IPv6-only cluster is probed and
+    scraped on its IPv6 address, and 127.0.0.1 still reaches it."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _server(host: str, port: int, app: WsgiApp) -> WSGIServer:
+    """The server for ``host`` ("": every address, both IP versions where IPv6 exists)."""
+    if not host:
+        try:
+            return make_server("::", port, app, _DualStackServer, handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise  # (a port in use is in use for IPv4 too)
+    return make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes and probes every few seconds are not worth a log line each."""
@@ -189,12 +213,15 @@ def wsgi_app(registry: CollectorRegistry, health: Health | None) -> WsgiApp:
 
 
 class Endpoint:
-    """The HTTP server of one process, in a daemon thread; :meth:`close` stops it."""
+    """The HTTP server of one process, in a daemon thread; :meth:`close` stops it.
+
+    ``host`` "" (pods, the operator) is every address of both IP versions; ``kubemr run``
+    passes 127.0.0.1, so a laptop's metrics stay on the laptop.
+    """
 
     def __init__(self, port: int, host: str = "", registry: CollectorRegistry = REGISTRY,
                  health: Health | None = None) -> None:
-        self._server = make_server(host, port, wsgi_app(registry, health), _ThreadingServer,
-                                   handler_class=_QuietHandler)
+        self._server = _server(host, port, wsgi_app(registry, health))
         #: The bound port (``port`` 0 picks a free one).
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,

@@ -157,6 +157,22 @@ def test_readyz_follows_its_checks_and_metrics_pass_the_linter(promlint: str) ->
         endpoint.close()
 
 
+def test_the_every_address_endpoint_answers_on_ipv4_and_ipv6_loopback() -> None:
+    """Pods and the operator bind every address: both IP versions where IPv6 exists, so
+    an IPv6-only cluster's probes reach it too."""
+    endpoint = metrics.Endpoint(0)
+    try:
+        assert get(f"http://127.0.0.1:{endpoint.port}/metrics")[0] == 200
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            return  # no IPv6 on this machine: IPv4 was all there was to serve
+        assert get(f"http://[::1]:{endpoint.port}/metrics")[0] == 200
+    finally:
+        endpoint.close()
+
+
 def test_api_retries_count_the_waits_of_a_backoff() -> None:
     """The first wait after a reset does not sleep (nothing to retry yet); each one after
     is a retry."""
