@@ -174,6 +174,10 @@ def run(
     combiner: Combiner = None,
     reducer: Reducer = None,
     max_skipped_records: MaxSkippedRecords = 0,
+    metrics_port: Annotated[int | None, typer.Option(
+        metavar="PORT", show_default=False,
+        help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
+    = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -204,7 +208,8 @@ def run(
                 verbose=verbose, inline=inline,
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
-                commands=commands, max_skipped_records=max_skipped_records)
+                commands=commands, max_skipped_records=max_skipped_records,
+                metrics_port=metrics_port)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -259,6 +264,18 @@ def operator(
     s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
     worker_backoff_limit: Annotated[int, typer.Option(
         help="Failed worker pods tolerated before a job fails.")] = 4,
+    metrics_port: Annotated[int, typer.Option(
+        envvar="KUBEMR_OPERATOR_METRICS_PORT", metavar="PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (0: off).")] = 0,
+    worker_metrics_port: Annotated[int, typer.Option(
+        envvar="KUBEMR_WORKER_METRICS_PORT", metavar="PORT",
+        help="Worker pods serve /metrics on this port, with scrape annotations (0: off).")]
+    = 0,
+    worker_metrics_linger: Annotated[float, typer.Option(
+        metavar="SECONDS",
+        help="Worker pods keep /metrics up this long after their job is decided (a last "
+             "scrape sees the final counts); cut short when the workers are deleted.")]
+    = 30.0,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -272,7 +289,9 @@ def operator(
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
     config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
                             s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
-                            worker_backoff_limit=worker_backoff_limit)
+                            worker_backoff_limit=worker_backoff_limit,
+                            metrics_port=metrics_port, worker_metrics_port=worker_metrics_port,
+                            worker_metrics_linger=worker_metrics_linger)
 
     async def main() -> None:
         async with await Kube.connect(kubeconfig, context) as kube:

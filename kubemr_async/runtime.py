@@ -33,6 +33,7 @@ from . import (
     counters,
     execute,
     formats,
+    metrics,
     protocol,
     recordio,
     sampling,
@@ -216,7 +217,10 @@ class Worker:
                 update = protocol.claim(body, self.worker_id, now, self.spec.lease_seconds,
                                         self.spec.max_attempts)
                 claimed = await self._write(update)
-                if claimed is not None and claimed.task["state"] == TaskState.RUNNING:
+                if claimed is None:
+                    metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
+                elif claimed.task["state"] == TaskState.RUNNING:
+                    metrics.TASKS_CLAIMED.labels(body["kind"]).inc()
                     await self._execute(claimed.task)
                     break
             else:
@@ -260,6 +264,16 @@ class Worker:
     # --- one attempt ------------------------------------------------------------------
 
     async def _execute(self, body: TaskRecord) -> None:
+        started = time.monotonic()
+        outcome = await self._attempt(body)
+        metrics.TASK_SECONDS.labels(body["kind"], outcome).observe(time.monotonic() - started)
+        outcome_counter = _OUTCOME_COUNTERS.get(outcome)
+        if outcome_counter is not None:
+            outcome_counter.labels(body["kind"]).inc()
+
+    async def _attempt(self, body: TaskRecord) -> str:
+        """Run one claimed attempt to its end; its outcome (committed, failed, released,
+        lost), as the task metrics name it."""
         task = protocol.task_name(body)
         attempt = int(body["attempt"])
         context = {"job": self.job_name, "task": task, "attempt": attempt,
@@ -275,14 +289,14 @@ class Worker:
             if lost.is_set():
                 work.cancel()
                 log.warning("lease lost; abandoning attempt", extra=context)
-                return
+                return "lost"
             try:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
                 log.info("released on shutdown", extra=context)
-                return
+                return "released"
             except _CorruptRun as exc:
                 # The map goes back first, so the released reduce is not claimable again
                 # until a new run exists. Losing the re-open race is fine: another reduce
@@ -294,7 +308,7 @@ class Worker:
                                                   self.spec.max_attempts))
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
-                return
+                return "released"
             except Exception as exc:
                 message = _describe(exc)
                 permanent = isinstance(exc, _PERMANENT)
@@ -303,7 +317,8 @@ class Worker:
                 async with holder.lock:
                     await self._write(protocol.fail(holder.body, self.worker_id, message,
                                                     self.spec.max_attempts, permanent))
-                return
+                return "failed"
+            _count_records(body["kind"], kept)
             async with holder.lock:
                 # The attempt's counters (and skipped records) go with its commit:
                 # counted only if it wins.
@@ -311,9 +326,10 @@ class Worker:
                                                               outputs, kept, skipped))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
-            else:
-                self.tasks_done += 1
-                log.info("committed", extra=context)
+                return "lost"
+            self.tasks_done += 1
+            log.info("committed", extra=context)
+            return "committed"
         finally:
             self._current = None
             for helper in (heartbeat, lost_waiter):
@@ -329,12 +345,15 @@ class Worker:
                     renewed = await self._write(protocol.renew(
                         holder.body, self.worker_id, self.clock(), self.spec.lease_seconds))
                 except Exception as exc:  # a flaky store: try again before the lease runs out
+                    metrics.LEASE_RENEWALS.labels("error").inc()
                     log.warning("lease renewal failed; retrying",
                                 extra={"job": self.job_name, "error": _describe(exc)})
                     continue
                 if renewed is None:
+                    metrics.LEASE_RENEWALS.labels("lost").inc()
                     lost.set()
                     return
+                metrics.LEASE_RENEWALS.labels("renewed").inc()
                 holder.body = renewed.task
 
     async def _perform(self, body: TaskRecord
@@ -463,6 +482,7 @@ class Worker:
                                           f"{self.blobs.url(key)}: slice of partition "
                                           f"{partition} fails its checksum (crc32 {crc:#010x}, "
                                           f"index says {found.crc:#010x})")
+            metrics.READ_BYTES.labels("shuffle").inc(found.length)
 
         try:
             async with anyio.create_task_group() as group:
@@ -491,21 +511,26 @@ class Worker:
         stem, dot, extension = formats.part_name(index, self.spec.part_format).partition(".")
         key = f"{self.prefix}/output/{stem}.attempt-{attempt}{dot}{extension}"
         if isinstance(part, Path):
-            await self._put_file(key, part)
+            await self._put_file(key, part, "output")
         else:
             await self.blobs.put(key, part)
+            metrics.WRITTEN_BYTES.labels("output").inc(len(part))
         return self.blobs.url(key)
 
-    async def _put_file(self, key: str, path: Path) -> None:
-        """Upload a local file piece by piece (multipart on S3), never whole in memory."""
+    async def _put_file(self, key: str, path: Path, sink: str) -> None:
+        """Upload a local file piece by piece (multipart on S3), never whole in memory;
+        its bytes are counted as written to ``sink``."""
         async with (self._io, self.blobs.open_writer(key) as writer,
                     await anyio.open_file(path, "rb") as f):
             while data := await f.read(_UPLOAD_PIECE):
                 await writer.write(data)
+                metrics.WRITTEN_BYTES.labels(sink).inc(len(data))
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body, job.map_input)
-        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
+        read = recordio.split_bytes(data)
+        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, read)
+        metrics.READ_BYTES.labels("input").inc(read)
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.part_format))
@@ -520,7 +545,7 @@ class Worker:
             if written is not None:
                 path, size = written
                 key = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}.shuffle"
-                await self._put_file(key, path)
+                await self._put_file(key, path, "shuffle")
         # Checked last, against the freshest view: the clash names the map committed first.
         clash = self._view.key_type_clash(ctx.task, key_type)
         if clash is not None:
@@ -568,6 +593,24 @@ class Worker:
                 return await aw
 
         return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+#: The counter of each outcome of an attempt (a lost one counts only in the histogram).
+_OUTCOME_COUNTERS = {"committed": metrics.TASKS_COMMITTED, "failed": metrics.TASKS_FAILED,
+                     "released": metrics.TASKS_RELEASED}
+#: The framework counters that are records read or written, by task kind.
+_RECORD_METRICS = ((counters.REDUCE_INPUT_RECORDS, metrics.RECORDS_READ),
+                   (counters.MAP_OUTPUT_RECORDS, metrics.RECORDS_WRITTEN),
+                   (counters.REDUCE_OUTPUT_RECORDS, metrics.RECORDS_WRITTEN))
+
+
+def _count_records(kind: str, kept: Counters) -> None:
+    """An attempt that finished its work: its records read and written, from the
+    framework counters it kept (whether or not its commit then wins)."""
+    framework = kept.get(counters.FRAMEWORK_GROUP) or {}
+    for name, metric in _RECORD_METRICS:
+        if name in framework:
+            metric.labels(kind).inc(framework[name])
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
