@@ -11,12 +11,10 @@ S3) happen inside the commands, so shell completion and ``kubemr version`` stay 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import StrEnum
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -78,6 +76,19 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, imported here: ``kubemr --help`` has no event loop to pay for."""
+    import asyncio
+
+    return asyncio.run(main)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("kubemr-async")
 
 
 def _args(values: list[str]) -> dict[str, str]:
@@ -216,7 +227,7 @@ def run(
                 raise
             raise UsageError(f"{exc} (the {flag} flag)") from None
 
-    result = _guard(lambda: asyncio.run(start()))
+    result = _guard(lambda: _run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     if result.counters:
@@ -246,7 +257,7 @@ def worker() -> None:
     from .pod import run_pod_worker
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
-    raise typer.Exit(_guard(lambda: asyncio.run(run_pod_worker())))
+    raise typer.Exit(_guard(lambda: _run(run_pod_worker())))
 
 
 @app.command()
@@ -297,7 +308,7 @@ def operator(
         async with await Kube.connect(kubeconfig, context) as kube:
             await Operator(kube, config).run()
 
-    _guard(lambda: asyncio.run(main()))
+    _guard(lambda: _run(main()))
 
 
 # --- the cluster commands ------------------------------------------------------------
@@ -312,7 +323,7 @@ def _on_cluster(kubeconfig: str | None, context: str | None, namespace: str | No
         async with connect(kubeconfig, context, namespace) as client:
             return await action(client)
 
-    return _guard(lambda: asyncio.run(main()))
+    return _guard(lambda: _run(main()))
 
 
 async def _wait(client: JobClient, name: str) -> None:
@@ -620,12 +631,12 @@ def retry(
 @app.command()
 def version() -> None:
     """Print the kubemr-async version."""
-    typer.echo(package_version("kubemr-async"))
+    typer.echo(_version())
 
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(package_version("kubemr-async"))
+        typer.echo(_version())
         raise typer.Exit(0)
 
 
