@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from . import spec as defaults
+from .api import Commands, module_found, pipeline_reducers
 from .crd import API_VERSION, JOB_KIND
 from .errors import UsageError
 from .kube import KubeObject
@@ -107,9 +108,17 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         raise UsageError(f"--generate-name {prefix!r} is invalid: use lowercase letters, "
                          "digits and '-', starting with a letter or digit, at most 58 "
                          "characters")
+    commands = Commands(options.mapper, options.combiner, options.reducer)
+    # A Pipeline module runs as one MapReduceJob: the operator plans each step, so the
+    # spec names the steps and their reducers (a module only in the image cannot be read
+    # here; its workers refuse a pipeline whose spec does not say so, in one line).
+    counts = (pipeline_reducers(options.job, options.reducers, commands)
+              if options.job and module_found(options.job) else ())
     spec = JobSpec(
         name=options.name or f"{prefix}00000",  # the shape of a generated name
-        job=options.job, inputs=tuple(options.inputs), reducers=options.reducers,
+        job=options.job, inputs=tuple(options.inputs),
+        reducers=counts[0] if counts else options.reducers,
+        steps=len(counts) or 1, step_reducers=counts,
         max_attempts=options.max_attempts, args=dict(options.args or {}),
         output=options.output, split_inputs=options.split_inputs,
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
