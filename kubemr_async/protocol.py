@@ -156,11 +156,17 @@ def new_status() -> JobStatus:
     return {"phase": JobPhase.PENDING.value, "maps": 0, "results": [], "error": None, "seq": 0}
 
 
-def new_job(spec: JobSpec) -> JobRecord:
-    """The job record; it stays Pending until every task record exists. A multi-step job's
-    starts at the spec's step, so :func:`advance` has a ``step`` to test."""
+def new_job(spec: JobSpec, *, every_step: bool = False) -> JobRecord:
+    """The job record; it stays Pending until every task record exists.
+
+    ``every_step``: the record set will hold every step of a multi-step job (a
+    MapReduceJob), so the record gets ``step`` (the spec's, where it starts) for
+    :func:`advance` to test and move. Without it a multi-step spec's record set is the one
+    step its spec names (`kubemr run` runs each step as a record set of its own), whose
+    verdict is its own.
+    """
     record = JobRecord(spec=spec.to_dict(cluster=False), **new_status())
-    if spec.steps > 1:
+    if every_step and spec.steps > 1:
         record["step"] = spec.step
     return record
 
@@ -203,7 +209,7 @@ def advance(job: JobRecord, map_count: int) -> Update:
     that already won is refused.
     """
     step = job_step(job)
-    steps = int(job["spec"].get("steps", 1))
+    steps = int(job["spec"].get("steps", 1)) if "step" in job else 1
     if step + 1 >= steps:
         raise ValueError(f"step {step + 1} is the job's last (of {steps}); nothing to advance to")
     return Update(JOB_KEY, (_test("phase", JobPhase.RUNNING.value), _test("step", step),
@@ -449,8 +455,10 @@ class JobView:
 
     @property
     def last_step(self) -> bool:
-        """Whether the current step is the job's last: its results are the job's."""
-        return self.job is None or self.step + 1 >= int(self.job["spec"].get("steps", 1))
+        """Whether the current step is the last of the record set (its results are the
+        job's): always, unless the records hold every step (see :func:`new_job`)."""
+        return (self.job is None or "step" not in self.job
+                or self.step + 1 >= int(self.job["spec"].get("steps", 1)))
 
     @property
     def map_total(self) -> int:

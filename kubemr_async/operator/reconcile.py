@@ -147,7 +147,7 @@ class Reconciler:
             await self.event(mrj["metadata"], "Failed", reason, warning=True)
             return False
         await self._ensure_task_namespace(mrj)
-        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, every_step=True)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job
