@@ -250,6 +250,18 @@ class Worker:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _stamp_verdict(self, view: JobView, verdict: protocol.Update) -> None:
+        if view.progress().failed:
+            # Decide a failure on a fresh read: the watch brings the job and its tasks on
+            # two streams, so a retry's job write (sent after its task resets) can arrive
+            # first, and this view would fail the re-opened job again over a task that the
+            # retry has reset. A snapshot reads the job, then the tasks: consistent.
+            records, _ = await self.store.snapshot(self.job_name)
+            for key, record in records.items():
+                self._remember(key, record.body)
+            fresh = view.verdict()
+            if fresh is None:
+                return
+            verdict = fresh
         results = view.results()
         if results is not None and isinstance(self.job, Job):
             # Every task the results come from has committed, so the map runs are garbage.

@@ -92,7 +92,8 @@ def test_a_failed_step_is_retried_without_running_the_steps_before_it(
     job = kube_cluster.api("GET", job_path(cli.namespace, name))
     view = JobView({protocol.JOB_KEY: {"spec": job["spec"], **job["status"]}, **records})
     reopened = {u.key for u in protocol.retry(view)} - {protocol.JOB_KEY}
-    assert reopened and all(key.startswith("s2-reduce-") for key in reopened), reopened
+    assert "s2-reduce-00000" in reopened, reopened
+    assert all(key.startswith("s2-reduce-") for key in reopened), reopened
     ran_before = log.read_text().splitlines()
 
     retried = cli("retry", name, "--wait")
@@ -105,4 +106,4 @@ def test_a_failed_step_is_retried_without_running_the_steps_before_it(
     assert ran_after, "the retry ran tasks"
     again = sorted(line for line in ran_after if not line.startswith(("s2-reduce-", "s3-")))
     assert again == [], f"tasks of committed steps (or step 2's maps) ran again: {again}"
-    assert {line.split()[0] for line in ran_after if line.startswith("s2-")} == reopened
+    assert reopened <= {line.split()[0] for line in ran_after}, (reopened, ran_after)
