@@ -122,8 +122,8 @@ class Worker:
     """
 
     def __init__(self, job_name: str, job: AnyJob | Sequence[AnyJob], store: StateStore,
-                 blobs: BlobStore,
-                 worker_id: str, *, data_prefix: str = "", io_concurrency: int = 16,
+                 blobs: BlobStore, worker_id: str, *, data_prefix: str = "",
+                 io_concurrency: int = 16,
                  clock: Callable[[], float] = time.time, inline: bool = False,
                  memory_limit: int | None = None) -> None:
         self.job_name = job_name

@@ -247,3 +247,6 @@ def test_a_workers_steps_and_the_submitted_spec_come_from_the_module() -> None:
     with pytest.raises(JobDefinitionError, match=r"pipeline three has 3 steps but the job "
                                                  r"spec says steps: 1; give spec\.steps"):
         load_spec_steps(JobSpec(name="j", job=str(THREE), inputs=("x",)))
+    broken = build_manifest(SubmitOptions(image="i", job="tests.jobs.broken",
+                                          inputs=["s3://bucket/in"], output="s3://bucket/out"))
+    assert "steps" not in broken["spec"], "a module that fails here is the workers' to report"
