@@ -656,15 +656,22 @@ def load_job(ref: str, reducers: int | None = None, commands: Commands | None = 
                         ref or "the shell-command job", reducers)
     found = _import_target(ref)
     if isinstance(found, Pipeline):
-        if len(found) != steps:
-            hint = ("; multi-step jobs run with `kubemr run` (a MapReduceJob runs one step)"
-                    if steps == 1 else "")
-            raise JobDefinitionError(
-                f"{ref}: pipeline {found.name} has {len(found)} steps but the job spec says "
-                f"steps: {steps}{hint}")
-        where = f"{ref} {found.label(step)}" if 0 <= step < len(found) else ref
-        return _checked(found.step(step, ref), where, reducers)
+        return _pipeline_step(found, ref, step, steps, reducers)
     return _checked(_single(found, ref, step, steps), ref, reducers)
+
+
+def _pipeline_step(found: Pipeline, ref: str, step: int, steps: int,
+                   reducers: int | None) -> AnyJob:
+    """Step ``step`` of ``found``, checked with its reducer count; the pipeline must have
+    the ``steps`` steps the spec says."""
+    if len(found) != steps:
+        hint = ("; give spec.steps (kubemr submit fills it from the module)"
+                if steps == 1 else "")
+        raise JobDefinitionError(
+            f"{ref}: pipeline {found.name} has {len(found)} steps but the job spec says "
+            f"steps: {steps}{hint}")
+    where = f"{ref} {found.label(step)}" if 0 <= step < len(found) else ref
+    return _checked(found.step(step, ref), where, reducers)
 
 
 def load_steps(ref: str, reducers: int, commands: Commands | None = None
@@ -676,9 +683,34 @@ def load_steps(ref: str, reducers: int, commands: Commands | None = None
         job = load_job(ref, reducers, commands)
         return job.name, [job]
     for index, step in enumerate(found.steps):
-        where = f"{ref} {found.label(index)}"
-        _checked(step, where, step.reducers if step.reducers is not None else reducers)
+        _checked(step, f"{ref} {found.label(index)}", step_reducer_count(step, reducers))
     return found.name, list(found.steps)
+
+
+def step_reducer_count(job: AnyJob, reducers: int) -> int:
+    """A step's reducer count: its own ``Job(reducers=N)``, else the run's (``reducers``)."""
+    return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
+
+
+def module_found(ref: str) -> bool:
+    """Whether job module ``ref`` exists here (a file, or an importable module), without
+    importing it: `kubemr submit` names modules that may exist only in the worker image."""
+    target = ref if ref.endswith(".py") else ref.partition(":")[0]
+    if target.endswith(".py") or "/" in target:
+        return Path(target).is_file()
+    try:
+        return importlib.util.find_spec(target) is not None
+    except (ImportError, ValueError):  # a parent package missing, or an invalid name
+        return False
+
+
+def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None
+                      ) -> tuple[int, ...]:
+    """Each step's reducer count of a multi-step job module (``spec.stepReducers``; their
+    number is ``spec.steps``), or () for a single job. Every step is checked, as by
+    `kubemr run`, so a broken pipeline fails before it is submitted."""
+    _, steps = load_steps(ref, reducers, commands)
+    return tuple(step_reducer_count(step, reducers) for step in steps) if len(steps) > 1 else ()
 
 
 def _single(job: AnyJob, ref: str, step: int, steps: int) -> AnyJob:
@@ -695,6 +727,19 @@ def load_spec_job(spec: JobSpec) -> AnyJob:
     return load_job(spec.job, spec.reducers,
                     Commands(spec.mapper, spec.combiner, spec.reducer),
                     step=spec.step, steps=spec.steps)
+
+
+def load_spec_steps(spec: JobSpec) -> list[AnyJob]:
+    """Every step a spec describes, the module imported once and each step checked with
+    its own reducer count: a MapReduceJob's workers run whichever step is current. A
+    single-step spec gives its one job (see load_spec_job)."""
+    if spec.steps == 1 or Commands(spec.mapper, spec.combiner, spec.reducer):
+        return [load_spec_job(spec)]  # commands cannot replace a pipeline's steps: it says so
+    found = _import_target(spec.job)
+    if not isinstance(found, Pipeline):
+        return [_single(found, spec.job, 0, spec.steps)]  # refuses: the counts differ
+    return [_pipeline_step(found, spec.job, step, spec.steps, spec.at_step(step).reducers)
+            for step in range(spec.steps)]
 
 
 def _import_target(ref: str) -> AnyJob | Pipeline:

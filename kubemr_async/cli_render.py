@@ -82,8 +82,11 @@ def describe(obj: Mapping[str, Any]) -> str:
     meta, status = obj["metadata"], obj.get("status") or {}
     progress = status_progress(obj)
     phase = status.get("phase") or JobPhase.PENDING.value
-    fields = [("Name", meta["name"]), ("Namespace", meta["namespace"]), ("Phase", phase),
-              ("Maps", f"{progress.maps_done}/{progress.maps_total}"),
+    fields = [("Name", meta["name"]), ("Namespace", meta["namespace"]), ("Phase", phase)]
+    steps = int((obj.get("spec") or {}).get("steps") or 1)
+    if steps > 1:  # the maps and reduces below are the current step's
+        fields.append(("Step", f"{int(status.get('step') or 0) + 1}/{steps}"))
+    fields += [("Maps", f"{progress.maps_done}/{progress.maps_total}"),
               ("Reduces", f"{progress.reduces_done}/{progress.reduces_total}")]
     if status.get("completionTime"):
         fields.append(("Completed", str(status["completionTime"])))

@@ -40,6 +40,7 @@ from .spec import (
     MAX_JOB_NAME,
     MAX_REDUCERS,
     MAX_SKIPPED_RECORDS_LIMIT,
+    MAX_STEPS,
     MAX_WORKERS,
     MIN_CHUNK_SIZE,
     MIN_LEASE_SECONDS,
@@ -131,6 +132,18 @@ def _job_spec_schema() -> dict[str, Any]:
             "reducer": _string("A shell command as the reducer: the partition's key<TAB>value "
                                "lines sorted by key on stdin; its stdout is the result part.",
                                minLength=1),
+            "steps": _int(1, MAX_STEPS, doc="A multi-step job (a Pipeline module): its "
+                          "number of steps, run one after another in this one job, each "
+                          "reading the previous step's (key, value) pairs. Unset: 1."),
+            "stepReducers": {
+                "type": "array",
+                "description": "A multi-step job: each step's reducer count, in order (the "
+                               "operator plans every step without the module); the first "
+                               "equals reducers. kubemr submit fills it from the module.",
+                "maxItems": MAX_STEPS,
+                "items": _int(0, MAX_REDUCERS),
+                "x-kubernetes-list-type": "atomic",
+            },
             "args": {
                 "type": "object",
                 "description": "Free-form string arguments handed to the job's callbacks.",
@@ -185,6 +198,13 @@ def _job_spec_schema() -> dict[str, Any]:
             {"rule": "has(self.job) || has(self.mapper)",
              "message": "spec.job: a job module (or spec.mapper, a shell command) is required",
              "fieldPath": ".job"},
+            {"rule": "!has(self.stepReducers) || "
+                     "size(self.stepReducers) == (has(self.steps) ? self.steps : 1)",
+             "message": "spec.stepReducers: must give one count per step",
+             "fieldPath": ".stepReducers"},
+            {"rule": "!has(self.stepReducers) || self.stepReducers[0] == self.reducers",
+             "message": "spec.reducers: must equal spec.stepReducers[0]",
+             "fieldPath": ".reducers"},
             *({"rule": f"self.{field} == oldSelf.{field}",
                "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
               for field in ("inputs", "reducers", "output", "chunkSize", "splitInputs",
@@ -193,7 +213,7 @@ def _job_spec_schema() -> dict[str, Any]:
             *({"rule": f"has(self.{field}) == has(oldSelf.{field}) && "
                        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
                "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-              for field in ("job", *COMMAND_FIELDS)),
+              for field in ("job", *COMMAND_FIELDS, "steps", "stepReducers")),
         ],
     }
 
@@ -257,7 +277,10 @@ def _job_status_schema() -> dict[str, Any]:
                     "message": "a Failed or Cancelled job can only go back to Running (retry)",
                 }],
             },
-            "maps": _int(0, doc="Map tasks the job was split into."),
+            "maps": _int(0, doc="Map tasks the job (a multi-step job's current step) was "
+                                "split into."),
+            "step": _int(0, MAX_STEPS - 1, doc="A multi-step job's current step (0-based): "
+                                               "only its tasks run."),
             "mapsDone": _int(0),
             "reduces": _int(0),
             "reducesDone": _int(0),
@@ -426,6 +449,8 @@ def _task_status_schema() -> dict[str, Any]:
             },
             "error": {"type": "string"},
             "seq": _int(0),
+            "step": _int(1, MAX_STEPS - 1, doc="The step (0-based) of a multi-step job this "
+                                               "task belongs to; unset: the first."),
             "counters": _counters_schema(
                 "The committed attempt's counters, {group: {name: amount}}.", per_task=True),
             "skipped": _skipped_schema(

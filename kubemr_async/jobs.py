@@ -428,12 +428,15 @@ class ResultReader:
 
 
 def final_outputs(view: JobView, start: int) -> list[str]:
-    """Outputs of partitions ``start, start+1, ...`` that are final now, in order."""
+    """Outputs of partitions ``start, start+1, ...`` that are final now, in order (only
+    the last step's: an earlier step's parts are the next step's input, not results)."""
     if view.phase == JobPhase.SUCCEEDED and view.job is not None:
         return [str(result) for result in view.job["results"][start:]]
+    if not view.last_step:
+        return []
     outputs = []
     for partition in range(start, view.reduce_total):
-        task = view.tasks.get(protocol.reduce_key(partition))
+        task = view.tasks.get(protocol.reduce_key(partition, view.step))
         if task is None or task["state"] != TaskState.COMMITTED:
             break
         outputs.append(str(task["outputs"]))

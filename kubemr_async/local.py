@@ -42,7 +42,7 @@ import anyio
 import orjson
 
 from . import counters, formats, logs, metrics, protocol
-from .api import AnyJob, Commands, Job, load_spec_job, load_steps
+from .api import AnyJob, Commands, Job, load_spec_job, load_steps, step_reducer_count
 from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
@@ -167,7 +167,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
     job = steps[0]
     name = job_name_for(job_ref, title)
     spec = JobSpec(name=name if len(steps) == 1 else _step_name(name, 0), job=job_ref,
-                   inputs=tuple(inputs), reducers=_step_reducers(job, reducers),
+                   inputs=tuple(inputs), reducers=step_reducer_count(job, reducers),
                    mapper=commands.mapper, combiner=commands.combiner,
                    reducer=commands.reducer,
                    max_attempts=max_attempts,
@@ -230,11 +230,6 @@ def _step_name(name: str, index: int) -> str:
     return f"{name}-s{index + 1}"
 
 
-def _step_reducers(job: AnyJob, reducers: int) -> int:
-    """A step's reducer count: its own ``Job(reducers=N)``, else the run's."""
-    return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
-
-
 def _local_paths(inputs: Sequence[str], splits: list[Split]) -> set[Path]:
     """Resolved local inputs: the arguments that name paths, and every expanded file."""
     found = {Path(url).resolve() for url, _ in splits if not is_s3(url)
@@ -291,7 +286,7 @@ class _Run:
                 spec = dataclasses.replace(
                     spec, name=_step_name(self.name, index), step=index,
                     inputs=_step_inputs(view, previous),
-                    reducers=_step_reducers(job, self.reducers))
+                    reducers=step_reducer_count(job, self.reducers))
                 splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
             blobs = self.work / ("blobs" if len(self.steps) == 1 else f"blobs-{index + 1}")
             view = await self._step(index, spec, splits, job, blobs)

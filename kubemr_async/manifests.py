@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from . import spec as defaults
+from .api import Commands, module_found, pipeline_reducers
 from .crd import API_VERSION, JOB_KIND
-from .errors import UsageError
+from .errors import JobDefinitionError, UsageError
 from .kube import KubeObject
 from .spec import InvalidSpec, JobSpec, OutputFormat
 
@@ -107,9 +108,12 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         raise UsageError(f"--generate-name {prefix!r} is invalid: use lowercase letters, "
                          "digits and '-', starting with a letter or digit, at most 58 "
                          "characters")
+    counts = _step_reducers(options)
     spec = JobSpec(
         name=options.name or f"{prefix}00000",  # the shape of a generated name
-        job=options.job, inputs=tuple(options.inputs), reducers=options.reducers,
+        job=options.job, inputs=tuple(options.inputs),
+        reducers=counts[0] if counts else options.reducers,
+        steps=len(counts) or 1, step_reducers=counts,
         max_attempts=options.max_attempts, args=dict(options.args or {}),
         output=options.output, split_inputs=options.split_inputs,
         chunk_size=options.chunk_size, lease_seconds=options.lease_seconds,
@@ -119,6 +123,23 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
     return {"apiVersion": API_VERSION, "kind": JOB_KIND, "metadata": metadata, "spec": spec}
+
+
+def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
+    """Each step's reducer count if the job module is a Pipeline found here, else ().
+
+    A Pipeline runs as one MapReduceJob whose operator plans each step, so the spec names
+    the steps and their reducers. The image's copy of the module is the one that runs: one
+    that is not here, or does not load here, is left to the workers, which fail the job in
+    one line (a broken module as always; a pipeline whose spec lacks ``steps`` saying so).
+    """
+    if not options.job or not module_found(options.job):
+        return ()
+    commands = Commands(options.mapper, options.combiner, options.reducer)
+    try:
+        return pipeline_reducers(options.job, options.reducers, commands)
+    except JobDefinitionError:
+        return ()
 
 
 def _name_prefix(job: str) -> str:

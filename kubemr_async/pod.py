@@ -16,7 +16,7 @@ import socket
 from collections.abc import Mapping
 
 from . import metrics, protocol
-from .api import load_spec_job
+from .api import load_spec_steps
 from .errors import JobDefinitionError, UsageError
 from .kube import Kube
 from .protocol import JobPhase
@@ -24,7 +24,7 @@ from .runtime import Worker, container_memory_limit
 from .spec import JobSpec
 from .state.kube import KubeStateStore
 from .storage.s3 import S3BlobStore
-from .storage.urls import split_s3
+from .storage.urls import job_data_prefix, split_s3
 
 log = logging.getLogger("kubemr.worker")
 
@@ -87,20 +87,18 @@ async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.
         spec = JobSpec.from_dict(job_name, job_record["spec"])
         context = {"job": job_name, "worker": worker_id}
         try:
-            job = load_spec_job(spec)
+            steps = load_spec_steps(spec)
         except JobDefinitionError as exc:
             # Every pod of this image would fail the same way: decide the job instead of
             # letting pods crash until the Job's backoff limit runs out.
             await store.patch(job_name, protocol.abort(job_record, JobPhase.FAILED, str(exc)))
             log.error("job module unusable; job failed", extra={**context, "error": str(exc)})
             return 1
-        bucket, key = split_s3(spec.output)
+        bucket, _ = split_s3(spec.output)
         blobs = S3BlobStore.from_env(bucket)
         try:
-            # The namespace is part of the prefix: jobs of the same name in two namespaces
-            # (two tenants) sharing an output location never see or delete each other's data.
-            prefix = f"{key.strip('/')}/{namespace}/{job_name}".lstrip("/")
-            worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix,
+            prefix = job_data_prefix(spec.output, namespace, job_name)
+            worker = Worker(job_name, steps, store, blobs, worker_id, data_prefix=prefix,
                             memory_limit=container_memory_limit())
 
             def on_sigterm() -> None:

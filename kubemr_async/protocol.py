@@ -50,7 +50,7 @@ from .records import (
     TaskRecord,
 )
 from .skips import job_sample
-from .spec import JobSpec
+from .spec import JobSpec, JobSpecDict
 
 JOB_KEY = "job"
 #: A key/value map's ``outputs``: the key of its one shuffle object (``shuffle``) and that
@@ -105,16 +105,47 @@ def shuffle_outputs(key: str | None, size: int, key_type: str | None) -> dict[st
     return outputs
 
 
-def map_key(index: int) -> str:
-    return f"map-{index:05d}"
+def map_key(index: int, step: int = 0) -> str:
+    return f"{_step_tag(step)}map-{index:05d}"
 
 
-def reduce_key(partition: int) -> str:
-    return f"reduce-{partition:05d}"
+def reduce_key(partition: int, step: int = 0) -> str:
+    return f"{_step_tag(step)}reduce-{partition:05d}"
+
+
+def _step_tag(step: int) -> str:
+    """``s2-`` for step 2 (0-based 1) of a multi-step job: its tasks' keys never meet an
+    earlier step's. Step 1's tasks keep the single-step names."""
+    return f"s{step + 1}-" if step else ""
+
+
+def task_step(body: TaskRecord) -> int:
+    """The step (0-based) a task belongs to; records without one are step 0's."""
+    return int(body.get("step", 0))
 
 
 def task_name(body: TaskRecord) -> str:
-    return map_key(body["index"]) if body["kind"] == TaskKind.MAP else reduce_key(body["index"])
+    key = map_key if body["kind"] == TaskKind.MAP else reduce_key
+    return key(body["index"], task_step(body))
+
+
+def job_step(job: JobRecord) -> int:
+    """The job's current step (0-based): ``status.step``, else its spec's (a one-step
+    record set of `kubemr run`, or a job whose status is not initialised yet)."""
+    return int(job.get("step", job["spec"].get("step", 0)))
+
+
+def step_reducers(spec: JobSpecDict, step: int) -> int:
+    """Step ``step``'s reducer count, as :meth:`JobSpec.at_step` gives it."""
+    counts = spec.get("stepReducers")
+    return int(counts[step]) if counts else int(spec["reducers"])
+
+
+def step_prefix(prefix: str, spec: JobSpec) -> str:
+    """Where step ``spec.step``'s shuffle objects and parts live under a job's blob
+    prefix: the prefix itself for a single-step job, ``<prefix>/s<N>`` for step N of
+    several (so one step's clean-up is one ``delete_prefix`` that spares the others)."""
+    return prefix if spec.steps == 1 else f"{prefix}/s{spec.step + 1}"
 
 
 # --- initial records ----------------------------------------------------------------
@@ -125,14 +156,24 @@ def new_status() -> JobStatus:
     return {"phase": JobPhase.PENDING.value, "maps": 0, "results": [], "error": None, "seq": 0}
 
 
-def new_job(spec: JobSpec) -> JobRecord:
-    """The job record; it stays Pending until every task record exists."""
-    return JobRecord(spec=spec.to_dict(cluster=False), **new_status())
+def new_job(spec: JobSpec, *, every_step: bool = False) -> JobRecord:
+    """The job record; it stays Pending until every task record exists.
+
+    ``every_step``: the record set will hold every step of a multi-step job (a
+    MapReduceJob), so the record gets ``step`` (the spec's, where it starts) for
+    :func:`advance` to test and move. Without it a multi-step spec's record set is the one
+    step its spec names (`kubemr run` runs each step as a record set of its own), whose
+    verdict is its own.
+    """
+    record = JobRecord(spec=spec.to_dict(cluster=False), **new_status())
+    if every_step and spec.steps > 1:
+        record["step"] = spec.step
+    return record
 
 
 def new_task(kind: TaskKind, index: int, task_input: str | None = None,
-             byte_range: tuple[int, int] | None = None) -> TaskRecord:
-    return {
+             byte_range: tuple[int, int] | None = None, step: int = 0) -> TaskRecord:
+    record: TaskRecord = {
         "kind": kind.value,
         "index": index,
         "input": task_input,
@@ -146,6 +187,9 @@ def new_task(kind: TaskKind, index: int, task_input: str | None = None,
         "error": "",
         "seq": 0,
     }
+    if step:
+        record["step"] = step
+    return record
 
 
 def start_job(job: JobRecord, map_count: int) -> Update:
@@ -154,6 +198,22 @@ def start_job(job: JobRecord, map_count: int) -> Update:
         _test("phase", JobPhase.PENDING.value),
         *_write(job, phase=JobPhase.RUNNING.value, maps=map_count),
     ))
+
+
+def advance(job: JobRecord, map_count: int) -> Update:
+    """A multi-step job moves on from its current step, once the next step's task records
+    (``map_count`` maps) exist: workers then claim only those.
+
+    The ``test`` on the old step (and on ``seq``, like every write) makes it happen once:
+    two reconciles that both saw the step done cannot both move it, and a retry of one
+    that already won is refused.
+    """
+    step = job_step(job)
+    steps = int(job["spec"].get("steps", 1)) if "step" in job else 1
+    if step + 1 >= steps:
+        raise ValueError(f"step {step + 1} is the job's last (of {steps}); nothing to advance to")
+    return Update(JOB_KEY, (_test("phase", JobPhase.RUNNING.value), _test("step", step),
+                            *_write(job, step=step + 1, maps=map_count)))
 
 
 # --- guarded task transitions -------------------------------------------------------
@@ -318,11 +378,14 @@ class JobView:
         self.records: dict[str, Body] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.job: JobRecord | None = None
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._pending = {TaskKind.MAP.value: _Sample(), TaskKind.REDUCE.value: _Sample()}
+        # Every index is per step (a multi-step job's records of all its steps share one
+        # view); the questions below are about the current step only.
+        self._counts: Counter[tuple[int, str, str]] = Counter()
+        self._pending: dict[tuple[int, str], _Sample] = {}
         self._running: dict[str, TaskRecord] = {}
-        # Committed maps by the type of their keys (a clash is two non-empty entries).
-        self._key_types: dict[str, set[str]] = {}
+        # Committed maps by step and the type of their keys (a clash is two non-empty
+        # entries of one step).
+        self._key_types: dict[tuple[int, str], set[str]] = {}
         for key, body in (records or {}).items():
             self.update(key, body)
 
@@ -333,35 +396,48 @@ class JobView:
             return
         old = self.tasks.get(key)
         if old is not None:
-            self._counts[(old["kind"], old["state"])] -= 1
-            self._pending[old["kind"]].discard(key)
+            old_step = task_step(old)
+            self._counts[(old_step, old["kind"], old["state"])] -= 1
+            self._pending_of(old_step, old["kind"]).discard(key)
             self._running.pop(key, None)
             old_type = _key_type(old)
             if old_type is not None:
-                self._key_types[old_type].discard(key)
+                self._key_types[(old_step, old_type)].discard(key)
         body = cast(TaskRecord, body)
+        step = task_step(body)
         self.records[key] = self.tasks[key] = body
         new_type = _key_type(body)
         if new_type is not None:
-            self._key_types.setdefault(new_type, set()).add(key)
-        self._counts[(body["kind"], body["state"])] += 1
+            self._key_types.setdefault((step, new_type), set()).add(key)
+        self._counts[(step, body["kind"], body["state"])] += 1
         if body["state"] == TaskState.PENDING:
-            self._pending[body["kind"]].add(key)
+            self._pending_of(step, body["kind"]).add(key)
         elif body["state"] == TaskState.RUNNING:
             self._running[key] = body
 
+    def _pending_of(self, step: int, kind: str) -> _Sample:
+        return self._pending.setdefault((step, kind), _Sample())
+
     def _count(self, kind: TaskKind, state: TaskState | None = None) -> int:
         if state is not None:
-            return self._counts[(kind.value, state.value)]
-        return sum(self._counts[(kind.value, s.value)] for s in TaskState)
+            return self._counts[(self.step, kind.value, state.value)]
+        return sum(self._counts[(self.step, kind.value, s.value)] for s in TaskState)
 
     def _sorted(self, kind: TaskKind) -> list[TaskRecord]:
-        return sorted((b for b in self.tasks.values() if b["kind"] == kind),
-                      key=lambda t: t["index"])
+        step = self.step
+        return sorted((b for b in self.tasks.values()
+                       if b["kind"] == kind and task_step(b) == step), key=lambda t: t["index"])
+
+    def every_task(self) -> list[TaskRecord]:
+        """Every task of every step, by step, maps before reduces, in index order (a full
+        scan: for whole-job questions such as a retry or the job's skipped records)."""
+        return sorted(self.tasks.values(), key=lambda t: (task_step(t), t["kind"] != TaskKind.MAP,
+                                                          t["index"]))
 
     @property
     def maps(self) -> list[TaskRecord]:
-        """Every map record in index order (a full scan: for rare, whole-job questions)."""
+        """The current step's map records in index order (a full scan: for rare,
+        step-wide questions)."""
         return self._sorted(TaskKind.MAP)
 
     @property
@@ -373,12 +449,26 @@ class JobView:
         return JobPhase(self.job["phase"]) if self.job else JobPhase.PENDING
 
     @property
+    def step(self) -> int:
+        """The current step (0-based; 0 for a single-step job)."""
+        return job_step(self.job) if self.job else 0
+
+    @property
+    def last_step(self) -> bool:
+        """Whether the current step is the last of the record set (its results are the
+        job's): always, unless the records hold every step (see :func:`new_job`)."""
+        return (self.job is None or "step" not in self.job
+                or self.step + 1 >= int(self.job["spec"].get("steps", 1)))
+
+    @property
     def map_total(self) -> int:
         return int(self.job["maps"]) if self.job else self._count(TaskKind.MAP)
 
     @property
     def reduce_total(self) -> int:
-        return int(self.job["spec"]["reducers"]) if self.job else self._count(TaskKind.REDUCE)
+        if self.job is None:
+            return self._count(TaskKind.REDUCE)
+        return step_reducers(self.job["spec"], self.step)
 
     @property
     def complete(self) -> bool:
@@ -413,9 +503,8 @@ class JobView:
         stage = self._stage()
         if stage is None:
             return []
-        expired = [b for b in self._running.values() if b["kind"] == stage
-                   and lease_expired(b, now)]
-        pending = [self.tasks[k] for k in self._pending[stage.value]]
+        expired = self._expired(stage, now)
+        pending = [self.tasks[k] for k in self._pending_of(self.step, stage.value)]
         return sorted([*pending, *expired], key=lambda t: t["index"])
 
     def candidates(self, now: float, count: int, rng: random.Random) -> list[TaskRecord]:
@@ -426,11 +515,16 @@ class JobView:
         stage = self._stage()
         if stage is None:
             return []
-        expired = [b for b in self._running.values() if b["kind"] == stage
-                   and lease_expired(b, now)]
+        expired = self._expired(stage, now)
         rng.shuffle(expired)
-        picked = [self.tasks[k] for k in self._pending[stage.value].sample(count, rng)]
+        pending = self._pending_of(self.step, stage.value)
+        picked = [self.tasks[k] for k in pending.sample(count, rng)]
         return [*expired, *picked][:max(count, len(expired))]
+
+    def _expired(self, stage: TaskKind, now: float) -> list[TaskRecord]:
+        """The current step's running tasks of ``stage`` whose lease ran out."""
+        return [b for b in self._running.values() if b["kind"] == stage
+                and task_step(b) == self.step and lease_expired(b, now)]
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease runs out: the latest a waiting worker should look."""
@@ -462,8 +556,8 @@ class JobView:
         maps'. Without: the first clash among the committed maps themselves. The clash
         names the first committed map (by name) of each type; O(number of key types).
         """
-        firsts = sorted((min(tasks), kind) for kind, tasks in self._key_types.items()
-                        if tasks - {task})
+        firsts = sorted((min(tasks), kind) for (step, kind), tasks in self._key_types.items()
+                        if step == self.step and tasks - {task})
         if key_type is not None:
             other = next(((name, kind) for name, kind in firsts if kind != key_type), None)
             return None if other is None else _key_clash(task or "a map", key_type, *other)
@@ -475,6 +569,8 @@ class JobView:
         """The job's final write, if the tasks have decided it and nobody stamped it yet.
 
         Any worker (or the operator) may send it; the test on ``seq`` makes it idempotent.
+        A failed task of the current step fails the job; success waits for the last step
+        (an earlier step's end is :meth:`step_results`, for the operator to advance).
         """
         if self.job is None or self.phase != JobPhase.RUNNING or not self.complete:
             return None
@@ -486,7 +582,7 @@ class JobView:
             return Update(JOB_KEY, tuple(_write(self.job, phase=JobPhase.FAILED.value,
                                                 error=error)))
         results = self.results()
-        if results is None:
+        if results is None or not self.last_step:
             return None
         return Update(JOB_KEY, (*_write(self.job, phase=JobPhase.SUCCEEDED.value,
                                         results=results),
@@ -501,7 +597,7 @@ class JobView:
         """A sample of the records skip mode skipped, from the committed tasks (maps, then
         reduces), each task's committed attempt's only. A full scan, like counters()."""
         return job_sample((task_name(t), t.get("input"), t.get("skipped"))
-                          for t in (*self.maps, *self.reduces)
+                          for t in self.every_task()
                           if t["state"] == TaskState.COMMITTED and t.get("skipped"))
 
     def counters(self) -> Counters:
@@ -522,6 +618,14 @@ class JobView:
         if self._count(TaskKind.REDUCE, TaskState.COMMITTED) == self.reduce_total:
             return [t["outputs"] for t in self.reduces]
         return None
+
+    def step_results(self) -> list[str] | None:
+        """The current step's part URLs (the next step's inputs) once all its tasks have
+        committed, if the job is Running and has a next step; else None."""
+        if self.phase != JobPhase.RUNNING or self.last_step or not self.complete:
+            return None
+        results = self.results()
+        return None if results is None else [r for r in results if isinstance(r, str)]
 
 
 def _key_type(body: TaskRecord) -> str | None:
@@ -547,6 +651,9 @@ def abort(job: JobRecord, phase: JobPhase, reason: str) -> Update:
 def retry(view: JobView) -> list[Update]:
     """Re-open a Failed or Cancelled job, keeping every committed task and its outputs.
 
+    A multi-step job stays in its step: the earlier steps' tasks have all committed, so it
+    resumes where it failed.
+
     Failed and unfinished tasks go back to pending with a fresh failure budget (attempt
     numbers keep counting, so new outputs never reuse old keys). Apply the updates in
     order: the job's own update comes last, so no worker starts before the tasks are reset.
@@ -557,7 +664,7 @@ def retry(view: JobView) -> list[Update]:
     updates = [
         Update(task_name(t), tuple(_write(t, state=TaskState.PENDING.value, worker="",
                                           leaseExpires=0.0, failures=0)))
-        for t in (*view.maps, *view.reduces)
+        for t in view.every_task()
         if t["state"] != TaskState.COMMITTED and (t["state"] != TaskState.PENDING
                                                   or t["failures"])
     ]
@@ -569,10 +676,13 @@ def retry(view: JobView) -> list[Update]:
 def plan(spec: JobSpec,
          map_inputs: Iterable[tuple[str, tuple[int, int] | None]]
          ) -> list[tuple[str, TaskRecord]]:
-    """Every task record of a new job: one map per input split, one reduce per partition."""
-    records = [(map_key(i), new_task(TaskKind.MAP, i, task_input, byte_range))
+    """Every task record of a new job, or of step ``spec.step`` of a multi-step one: one
+    map per input split, one reduce per partition."""
+    step = spec.step
+    records = [(map_key(i, step), new_task(TaskKind.MAP, i, task_input, byte_range, step))
                for i, (task_input, byte_range) in enumerate(map_inputs)]
-    records += [(reduce_key(r), new_task(TaskKind.REDUCE, r)) for r in range(spec.reducers)]
+    records += [(reduce_key(r, step), new_task(TaskKind.REDUCE, r, step=step))
+                for r in range(spec.reducers)]
     return records
 
 

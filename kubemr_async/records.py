@@ -63,6 +63,9 @@ class JobStatus(TypedDict):
     #: A sample of the records skip mode skipped, over the committed tasks (their number
     #: is counter kubemr/skippedRecords), stamped with the Succeeded verdict.
     skipped: NotRequired[list[Skipped]]
+    #: A multi-step job's current step (0-based): only its tasks are claimable, and
+    #: ``maps`` counts its maps. Moved on by ``protocol.advance`` (absent: one step).
+    step: NotRequired[int]
 
 
 class JobRecord(JobStatus):
@@ -90,6 +93,9 @@ class TaskRecord(TypedDict):
     counters: NotRequired[Counters]
     #: Skip mode only: a sample of the records the committed attempt skipped.
     skipped: NotRequired[list[Skipped]]
+    #: The step (0-based) of a multi-step job this task belongs to; absent for step 0, so
+    #: a single-step job's records are unchanged.
+    step: NotRequired[int]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).

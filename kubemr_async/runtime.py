@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,31 +118,40 @@ class SameLoop:
 
 
 class Worker:
-    """Runs tasks of one job until the job is decided, deleted, or the worker is stopped."""
+    """Runs tasks of one job until the job is decided, deleted, or the worker is stopped.
 
-    def __init__(self, job_name: str, job: AnyJob, store: StateStore, blobs: BlobStore,
-                 worker_id: str, *, data_prefix: str = "", io_concurrency: int = 16,
+    ``job`` is the job, or every step of a multi-step job run as one (a MapReduceJob): the
+    worker then runs the tasks of whichever step the job record says is current.
+    """
+
+    def __init__(self, job_name: str, job: AnyJob | Sequence[AnyJob], store: StateStore,
+                 blobs: BlobStore, worker_id: str, *, data_prefix: str = "",
+                 io_concurrency: int = 16,
                  clock: Callable[[], float] = time.time, inline: bool = False,
                  memory_limit: int | None = None) -> None:
         self.job_name = job_name
         # inline: callbacks run on this loop (SameLoop) instead of a UserLoop thread.
         self.inline = inline
-        self.job = job
+        self.steps: list[AnyJob] = list(job) if isinstance(job, Sequence) else [job]
+        self.job = self.steps[0]
         self.store = store
         self.blobs = blobs
         self.worker_id = worker_id
         self.clock = clock
         # The container's memory limit, the default budget when the spec sets none.
         self.memory_limit = memory_limit
-        # Where this job's runs and outputs live inside ``blobs`` (attempt-unique keys below).
-        self.prefix = data_prefix.rstrip("/") or job_name
+        # Where this job's data lives inside ``blobs``: the manifest at the base, each
+        # step's runs and outputs (attempt-unique keys) under its own prefix.
+        self.base_prefix = data_prefix.rstrip("/") or job_name
+        self.prefix = self.base_prefix
+        self._step = -1
         self._io = asyncio.Semaphore(io_concurrency)
         self._view = JobView()
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
         # What this worker keeps of small shuffle objects for its next reduces (its share
-        # of the budget is set with the budget, in run()).
+        # of the budget is known in run(); each step starts with none kept).
         self._kept = KeptObjects(0)
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -164,9 +173,10 @@ class Worker:
         records, revision = await self.store.snapshot(self.job_name)
         self._view = JobView({key: rec.body for key, rec in records.items()})
         assert self._view.job is not None
-        self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
-        self.budget = shuffle.ShuffleBudget(memory_budget(self.spec.memory, self.memory_limit))
-        self._kept = KeptObjects(self.budget.kept_bytes)
+        self.job_spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
+        self.budget = shuffle.ShuffleBudget(memory_budget(self.job_spec.memory,
+                                                          self.memory_limit))
+        self._enter_step(self._view.step)
         self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -176,6 +186,19 @@ class Worker:
             await asyncio.gather(watcher, return_exceptions=True)
             self.user.close()
             await self._stores.aclose()
+
+    def _enter_step(self, step: int) -> None:
+        """Run step ``step``'s tasks from now on: its job, its spec (reducers, part format)
+        and its blob prefix. Only the current step's tasks are claimable, so no task of
+        the step left behind is still ours (a zombie's commit fails its guard anyway)."""
+        self.spec = self.job_spec.at_step(step)
+        # A worker given one job runs it whatever the step (`kubemr run` starts fresh
+        # workers for each step, each its own record set).
+        self.job = self.steps[step] if len(self.steps) > 1 else self.steps[0]
+        self.prefix = protocol.step_prefix(self.base_prefix, self.spec)
+        self._step = step
+        # The last step's shuffle objects are no step's inputs any more.
+        self._kept = KeptObjects(self.budget.kept_bytes)
 
     async def _watch(self, since: str) -> None:
         async for event in self.store.watch(self.job_name, since):
@@ -204,6 +227,8 @@ class Worker:
         while True:
             if self._job_deleted or view.phase.finished or self._stopping.is_set():
                 return view.phase
+            if view.step != self._step:
+                self._enter_step(view.step)
             verdict = view.verdict()
             if verdict is not None:
                 await self._stamp_verdict(view, verdict)
@@ -233,6 +258,18 @@ class Worker:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _stamp_verdict(self, view: JobView, verdict: protocol.Update) -> None:
+        if view.progress().failed:
+            # Decide a failure on a fresh read: the watch brings the job and its tasks on
+            # two streams, so a retry's job write (sent after its task resets) can arrive
+            # first, and this view would fail the re-opened job again over a task that the
+            # retry has reset. A snapshot reads the job, then the tasks: consistent.
+            records, _ = await self.store.snapshot(self.job_name)
+            for key, record in records.items():
+                self._remember(key, record.body)
+            fresh = view.verdict()
+            if fresh is None:
+                return
+            verdict = fresh
         results = view.results()
         if results is not None and isinstance(self.job, Job):
             # Every task the results come from has committed, so the map runs are garbage.
@@ -240,6 +277,11 @@ class Worker:
             # Failed job keeps its runs (and gets no manifest) so a retry can reuse the
             # committed maps.
             removed = await self.blobs.delete_prefix(f"{self.prefix}/map/")
+            # A multi-step job's earlier steps: every part the last step read (and anything
+            # an operator that stopped mid-advance left behind).
+            for step in range(self.spec.step):
+                removed += await self.blobs.delete_prefix(
+                    protocol.step_prefix(self.base_prefix, self.job_spec.at_step(step)) + "/")
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
             await self._write_manifest([str(result) for result in results], view.counters(),
                                        view.skipped())
@@ -255,9 +297,9 @@ class Worker:
         The same shape as `kubemr run`'s ``_SUCCESS``: the format, the result URLs, and the
         parts relative to the manifest, which is what ``read_results`` follows.
         """
-        base = self.blobs.url(self.prefix).rstrip("/") + "/"
+        base = self.blobs.url(self.base_prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
-        await self.blobs.put(f"{self.prefix}/{SUCCESS_MARKER}", formats.manifest(
+        await self.blobs.put(f"{self.base_prefix}/{SUCCESS_MARKER}", formats.manifest(
             self.job_name, self.spec.output_format, results, parts, counters=totals,
             **({"skipped": skipped} if skipped else {})))
 

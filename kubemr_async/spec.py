@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 
 from .errors import UsageError
@@ -99,6 +99,7 @@ class JobSpecDict(TypedDict):
     template: NotRequired[dict[str, Any]]
     ttlSecondsAfterFinished: NotRequired[int]
     steps: NotRequired[int]
+    stepReducers: NotRequired[list[int]]
     step: NotRequired[int]
 
 
@@ -134,6 +135,10 @@ class JobSpec:
     # spec's tasks run; `kubemr run` runs step after step, each its own record set.
     steps: int = 1
     step: int = 0
+    # Each step's reducer count, when the job is planned step by step without its module
+    # (a MapReduceJob: the operator plans every step); empty: every step has ``reducers``.
+    # ``reducers`` is always the count of ``step`` (see at_step).
+    step_reducers: tuple[int, ...] = ()
     # Cluster-only: the worker image, worker pods, pod template overrides, clean-up delay.
     image: str | None = None
     workers: int | None = None
@@ -142,6 +147,11 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def at_step(self, step: int) -> JobSpec:
+        """This job's spec for step ``step`` (0-based): its ``step`` and its reducer count."""
+        reducers = self.step_reducers[step] if self.step_reducers else self.reducers
+        return replace(self, step=step, reducers=reducers)
 
     @property
     def part_format(self) -> PartFormat:
@@ -177,6 +187,8 @@ class JobSpec:
             spec["reducer"] = self.reducer
         if self.steps != 1:
             spec["steps"] = self.steps
+        if self.step_reducers:
+            spec["stepReducers"] = list(self.step_reducers)
         if self.step != 0:
             spec["step"] = self.step
         if cluster:
@@ -230,6 +242,7 @@ class JobSpec:
             reducer=_optional(data, "reducer", _str),
             steps=_int(data, "steps", 1),
             step=_int(data, "step", 0),
+            step_reducers=tuple(_int_list(data, "stepReducers")),
             image=_optional(data, "image", _str),
             workers=_optional(data, "workers", _int),
             template=_optional(data, "template", _object),
@@ -280,6 +293,13 @@ def _str_list(data: Mapping[str, Any], field: str) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise _wrong(field, "a list of strings", value)
     return list(value)
+
+
+def _int_list(data: Mapping[str, Any], field: str) -> list[int]:
+    value = data.get(field, [])
+    if not isinstance(value, list | tuple):
+        raise _wrong(field, "a list of integers", value)
+    return [_int({field: item}, field, 0) for item in value]
 
 
 def _str_map(data: Mapping[str, Any], field: str) -> dict[str, str]:
@@ -344,6 +364,7 @@ def validate(spec: JobSpec) -> None:
     if not 0 <= spec.step < spec.steps:
         raise InvalidSpec("spec.step", f"must be between 0 and {spec.steps - 1} (the job has "
                           f"{spec.steps} steps), got {spec.step}")
+    _check_step_reducers(spec)
     _between("maxAttempts", spec.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
     _between("leaseSeconds", spec.lease_seconds, MIN_LEASE_SECONDS)
     _between("chunkSize", spec.chunk_size, MIN_CHUNK_SIZE)
@@ -362,6 +383,21 @@ def validate(spec: JobSpec) -> None:
         _between("workers", spec.workers, 1, MAX_WORKERS)
     if spec.ttl_seconds_after_finished is not None:
         _between("ttlSecondsAfterFinished", spec.ttl_seconds_after_finished, 0)
+
+
+def _check_step_reducers(spec: JobSpec) -> None:
+    """``stepReducers``: one count per step, each a valid ``reducers``, and the spec's own
+    step's equal to ``reducers`` (so a reader of either sees the same job)."""
+    if not spec.step_reducers:
+        return
+    if len(spec.step_reducers) != spec.steps:
+        raise InvalidSpec("spec.stepReducers", f"must give one count per step ({spec.steps}), "
+                          f"got {len(spec.step_reducers)}")
+    for index, count in enumerate(spec.step_reducers):
+        _between(f"stepReducers[{index}]", count, 0, MAX_REDUCERS, " (map-only)")
+    if spec.step_reducers[spec.step] != spec.reducers:
+        raise InvalidSpec("spec.reducers", f"must equal spec.stepReducers[{spec.step}] "
+                          f"({spec.step_reducers[spec.step]}), got {spec.reducers}")
 
 
 def parse_size(text: str) -> int:

@@ -633,6 +633,9 @@ def test_list_table_and_status_text() -> None:
                       completionTime="2025-01-01T12:00:00Z")
     assert cli_render.describe(done).endswith(
         "Completed:  2025-01-01T12:00:00Z\nResults:\n  s3://b/p0\n  s3://b/p1")
+    second = {**job_object("t", "ns", now, phase="Running", step=1, maps=4),
+              "spec": {"steps": 3, "reducers": 2}}
+    assert "Phase:      Running\nStep:       2/3\nMaps:       0/4\n" in cli_render.describe(second)
 
 
 def test_results_are_final_in_partition_order() -> None:
@@ -646,6 +649,12 @@ def test_results_are_final_in_partition_order() -> None:
     assert jobs.final_outputs(view, 1) == ["out-1", "out-2"]
     view.update("job", {**job, "phase": "Succeeded", "results": ["r0", "r1", "r2"]})
     assert jobs.final_outputs(view, 1) == ["r1", "r2"]
+    # A multi-step job's earlier step: its committed parts are the next step's input.
+    first = {**job, "spec": {"reducers": 3, "steps": 2, "stepReducers": [3, 1]}, "step": 0}
+    assert jobs.final_outputs(JobView({"job": first, **reduces}), 0) == []
+    last = {**first, "step": 1}
+    step_two = {reduce_key(0, 1): {**new_task_state(0, "committed"), "step": 1}}
+    assert jobs.final_outputs(JobView({"job": last, **reduces, **step_two}), 0) == ["out-0"]
     with pytest.raises(JobFailed, match="job w cancelled: cancelled by me"):
         jobs.published_results("w", {"status": {"phase": "Cancelled", "error": {
             "task": "", "attempt": 0, "message": "cancelled by me"}}})

@@ -140,6 +140,13 @@ INVALID_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("output bucket uppercase", _set("output", "s3://Results/x"), "spec.output"),
     ("non-string arg", _set("args", {"lang": 1}), "spec.args.lang"),
     ("negative ttl", _set("ttlSecondsAfterFinished", -1), "spec.ttlSecondsAfterFinished"),
+    ("zero steps", _set("steps", 0), "spec.steps"),
+    ("stepReducers not one per step", lambda spec: spec.update(steps=3, stepReducers=[1, 1]),
+     "spec.stepReducers: must give one count per step"),
+    ("stepReducers[0] is not reducers", lambda spec: spec.update(steps=2, stepReducers=[4, 1]),
+     "spec.reducers: must equal spec.stepReducers[0]"),
+    ("negative step reducers", lambda spec: spec.update(steps=2, stepReducers=[1, -1]),
+     "spec.stepReducers[1]"),
 ]
 
 

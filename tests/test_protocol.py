@@ -428,3 +428,140 @@ def test_a_map_that_emitted_nothing_has_no_shuffle_object() -> None:
     assert body is not None
     assert write(records, protocol.commit(body, "w", protocol.shuffle_outputs(None, 0, None)))
     assert JobView(records).shuffle_objects() == []
+
+
+# --- a multi-step job as one record set (a MapReduceJob) -----------------------------------
+
+STEPS = JobSpec(name="three", job="three.py", inputs=("a",), reducers=2, steps=3,
+                step_reducers=(2, 3, 1))
+
+
+def commit_all(records: dict[str, dict[str, Any]], step: int) -> None:
+    """Claim and commit every task of ``step`` (maps first), as workers would."""
+    for kind in (TaskKind.MAP, TaskKind.REDUCE):
+        view = JobView(records)
+        assert view.step == step
+        for body in view.claimable(0.0):
+            assert body["kind"] == kind and body.get("step", 0) == step
+            claimed = write(records, protocol.claim(body, "w", 0.0, 10.0, 3))
+            assert claimed is not None
+            outputs = (protocol.shuffle_outputs(None, 0, None) if kind == TaskKind.MAP
+                       else f"s3://b/three/s{step + 1}/output/part-{body['index']:05d}.parquet")
+            assert write(records, protocol.commit(claimed, "w", outputs)) is not None
+
+
+def three_step_records() -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {
+        protocol.JOB_KEY: protocol.new_job(STEPS, every_step=True)}
+    records.update(protocol.plan(STEPS, [("in-0", (0, 10)), ("in-1", (10, 20))]))
+    records[protocol.JOB_KEY] = apply_patch(records[protocol.JOB_KEY],
+                                            protocol.start_job(records[protocol.JOB_KEY], 2).ops)
+    return records
+
+
+def test_the_next_step_is_planned_over_the_parts_with_its_own_keys_and_reducers() -> None:
+    records = three_step_records()
+    assert records[protocol.JOB_KEY]["step"] == 0
+    assert "map-00000" in records and "step" not in records["map-00000"], "step 1 unchanged"
+    commit_all(records, 0)
+    view = JobView(records)
+    parts = view.step_results()
+    assert parts == ["s3://b/three/s1/output/part-00000.parquet",
+                     "s3://b/three/s1/output/part-00001.parquet"]
+    assert view.verdict() is None, "an earlier step's end is no verdict"
+    planned = dict(protocol.plan(STEPS.at_step(1), [(p, None) for p in parts]))
+    assert list(planned) == ["s2-map-00000", "s2-map-00001", "s2-reduce-00000",
+                             "s2-reduce-00001", "s2-reduce-00002"]
+    assert {body["step"] for body in planned.values()} == {1}
+    records.update(planned)
+    # Created but not yet current: no worker may claim them.
+    assert JobView(records).claimable(0.0) == []
+    assert write(records, protocol.advance(JobView(records).job, 2)) is not None
+    view = JobView(records)
+    assert (view.step, view.map_total, view.reduce_total) == (1, 2, 3)
+    assert [protocol.task_name(t) for t in view.claimable(0.0)] == ["s2-map-00000",
+                                                                    "s2-map-00001"]
+    assert view.step_results() is None and view.progress().maps_done == 0
+
+
+def test_a_second_advance_from_the_same_step_is_refused() -> None:
+    records = three_step_records()
+    commit_all(records, 0)
+    seen = JobView(records).job  # two reconciles read the same job record
+    assert seen is not None
+    first = write(records, protocol.advance(seen, 4))
+    assert first is not None and first["step"] == 1
+    assert write(records, protocol.advance(seen, 4)) is None, "the test on the old step fails"
+    # Even with a fresh seq, the step test alone refuses a stale advance.
+    stale = {**seen, "seq": records[protocol.JOB_KEY]["seq"]}
+    assert write(records, protocol.advance(stale, 4)) is None  # type: ignore[arg-type]
+    assert records[protocol.JOB_KEY]["step"] == 1 and records[protocol.JOB_KEY]["maps"] == 4
+
+
+def test_the_last_step_stamps_the_verdict_and_there_is_no_step_after_it() -> None:
+    records = three_step_records()
+    for step in range(3):
+        commit_all(records, step)
+        view = JobView(records)
+        if step < 2:
+            parts = view.step_results()
+            assert parts is not None
+            records.update(protocol.plan(STEPS.at_step(step + 1), [(p, None) for p in parts]))
+            assert view.job is not None
+            assert write(records, protocol.advance(view.job, len(parts))) is not None
+    view = JobView(records)
+    with pytest.raises(ValueError, match="step 3 is the job's last"):
+        protocol.advance(view.job, 1)  # type: ignore[arg-type]
+    verdict = view.verdict()
+    assert verdict is not None and view.step_results() is None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == "Succeeded"
+    assert job["results"] == ["s3://b/three/s3/output/part-00000.parquet"]
+
+
+def test_retry_of_a_failed_later_step_keeps_every_earlier_step() -> None:
+    records = three_step_records()
+    commit_all(records, 0)
+    view = JobView(records)
+    parts = view.step_results()
+    assert parts is not None and view.job is not None
+    records.update(protocol.plan(STEPS.at_step(1), [(p, None) for p in parts]))
+    write(records, protocol.advance(view.job, len(parts)))
+    body = JobView(records).claimable(0.0)[0]
+    claimed = write(records, protocol.claim(body, "w", 0.0, 10.0, 3))
+    assert claimed is not None
+    write(records, protocol.fail(claimed, "w", "PermanentTaskError: no", 3, permanent=True))
+    view = JobView(records)
+    verdict = view.verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == "Failed"
+    assert job["error"]["task"] == "s2-map-00000", "the failed task names its step"
+    before = {k: v["seq"] for k, v in records.items() if not k.startswith("s2-")}
+    updates = protocol.retry(JobView(records))
+    assert [u.key for u in updates] == ["s2-map-00000", protocol.JOB_KEY]
+    for update in updates:
+        assert write(records, update) is not None
+    view = JobView(records)
+    assert (view.phase, view.step) == (JobPhase.RUNNING, 1)
+    assert {k: records[k]["seq"] for k in before if k != protocol.JOB_KEY} == {
+        k: s for k, s in before.items() if k != protocol.JOB_KEY}
+    assert [protocol.task_name(t) for t in view.claimable(0.0)] == ["s2-map-00000",
+                                                                    "s2-map-00001"]
+
+
+def test_a_record_set_of_one_step_is_decided_by_that_step() -> None:
+    """`kubemr run` gives each step its own record set: its end is its verdict."""
+    spec = STEPS.at_step(1)
+    records: dict[str, dict[str, Any]] = {protocol.JOB_KEY: protocol.new_job(spec)}
+    records.update(protocol.plan(spec, [("part-0", None)]))
+    records[protocol.JOB_KEY] = apply_patch(records[protocol.JOB_KEY],
+                                            protocol.start_job(records[protocol.JOB_KEY], 1).ops)
+    assert "step" not in records[protocol.JOB_KEY]
+    commit_all(records, 1)
+    view = JobView(records)
+    assert view.step_results() is None
+    verdict = view.verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["phase"] == "Succeeded"

@@ -158,3 +158,30 @@ async def test_protocol_records_round_trip(state_backend: StoreFactory) -> None:
     started = await store.patch("job-f", protocol.start_job(snap[protocol.JOB_KEY].body, 1))
     assert started is not None and started.body["phase"] == "Running"
     assert started.body["spec"] == spec.to_dict(), "the job record keeps its spec"
+
+
+async def test_a_multi_step_job_advances_once_from_a_step(state_backend: StoreFactory) -> None:
+    """Two planners that read the same finished step race to advance: one wins, and the
+    step's tasks keep their keys beside the next step's (``s2-``) in one record set."""
+    clients = [await state_backend() for _ in range(2)]
+    spec = JobSpec(name="job-s", job="job.py", inputs=("in",), reducers=1, steps=3,
+                   step_reducers=(1, 2, 1))
+    await clients[0].create("job-s", [(protocol.JOB_KEY, protocol.new_job(spec, every_step=True)),
+                                      task(0)])
+    records, _ = await clients[0].snapshot("job-s")
+    started = await clients[0].patch("job-s", protocol.start_job(records[protocol.JOB_KEY].job,
+                                                                 1))
+    assert started is not None
+    read = started.job
+    assert read["step"] == 0
+    await clients[0].create("job-s", protocol.plan(spec.at_step(1), [("part-0", None)]))
+    results = await asyncio.gather(*(c.patch("job-s", protocol.advance(read, 1))
+                                     for c in clients))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and winners[0].job["step"] == 1
+    assert await clients[1].patch("job-s", protocol.advance(read, 1)) is None
+    records, _ = await clients[1].snapshot("job-s")
+    assert records[protocol.JOB_KEY].job["step"] == 1
+    assert sorted(records) == ["job", "map-00000", "s2-map-00000", "s2-reduce-00000",
+                               "s2-reduce-00001"]
+    assert records["s2-map-00000"].task["step"] == 1

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kubemr_async import Job, Pipeline, Shell
-from kubemr_async.api import load_job, load_steps
+from kubemr_async.api import load_job, load_spec_steps, load_steps, pipeline_reducers
 from kubemr_async.errors import JobDefinitionError
+from kubemr_async.manifests import SubmitOptions, build_manifest
 from kubemr_async.progress import ProgressBar
 from kubemr_async.spec import InvalidSpec, JobSpec
 from tests.test_local_run import DATA, ROOT, kubemr
@@ -41,14 +42,10 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def test_three_steps_match_plain_python_and_drop_intermediate_parts(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    # Step 3's map itself fails the job if step 1's parts still exist (see the module).
-    result = kubemr("run", str(THREE), "--input", str(DATA), "--output", str(out),
-                    "--reducers", "3", "--workers", "2", "--chunk-size", "40k")
-    assert result.returncode == 0, result.stderr
-    # Plain Python: the words as str.split() sees the text (surrogateescape), grouped by
-    # count, then the number of distinct words whose count is odd or even.
+def three_steps_reference() -> tuple[Counter[str], dict[int, list[str]], list[bytes]]:
+    """tests/jobs/three_steps.py in plain Python over examples/data: the words as
+    str.split() sees the text (surrogateescape), grouped by count, then the number of
+    distinct words whose count is odd or even (the sorted result lines)."""
     words = Counter(w for p in sorted(DATA.iterdir())
                     for w in p.read_bytes().decode("utf-8", "surrogateescape").split())
     by_count: dict[int, list[str]] = {}
@@ -57,7 +54,16 @@ def test_three_steps_match_plain_python_and_drop_intermediate_parts(tmp_path: Pa
     parity: Counter[str] = Counter()
     for n, grouped in by_count.items():
         parity["odd" if n % 2 else "even"] += len(grouped)
-    expected = sorted(f"{k}\t{v}".encode() for k, v in parity.items())
+    return words, by_count, sorted(f"{k}\t{v}".encode() for k, v in parity.items())
+
+
+def test_three_steps_match_plain_python_and_drop_intermediate_parts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # Step 3's map itself fails the job if step 1's parts still exist (see the module).
+    result = kubemr("run", str(THREE), "--input", str(DATA), "--output", str(out),
+                    "--reducers", "3", "--workers", "2", "--chunk-size", "40k")
+    assert result.returncode == 0, result.stderr
+    words, by_count, expected = three_steps_reference()
     # The last step fixes reducers=2: two parts whatever --reducers says.
     parts = sorted(p.name for p in out.glob("part-*"))
     assert parts == ["part-00000", "part-00001"]
@@ -157,7 +163,7 @@ def test_a_step_the_pipeline_does_not_have_is_refused(tmp_path: Path) -> None:
         load_job(ref, 1, step=2, steps=2)
     with pytest.raises(JobDefinitionError, match="pipeline p has 2 steps but the job spec "
                                                  "says steps: 1"):
-        load_job(ref, 1)  # a MapReduceJob: its spec has no steps (the CRD prunes it)
+        load_job(ref, 1)  # a spec that does not say it has steps
     with pytest.raises(JobDefinitionError, match="defines a single-step job but the job spec "
                                                  "says steps: 2"):
         load_job(str(ROOT / "examples" / "wordcount.py"), 1, step=1, steps=2)
@@ -207,3 +213,40 @@ def test_spec_steps_round_trip_and_limits() -> None:
         JobSpec(name="j", job="m.py", inputs=("x",), steps=0)
     with pytest.raises(InvalidSpec, match=r"spec\.step: must be between 0 and 1"):
         JobSpec(name="j", job="m.py", inputs=("x",), steps=2, step=2)
+
+
+def test_step_reducers_are_one_count_per_step_and_agree_with_reducers() -> None:
+    spec = JobSpec(name="j", job="m.py", inputs=("x",), reducers=2, steps=3,
+                   step_reducers=(2, 0, 1))
+    assert spec.to_dict()["stepReducers"] == [2, 0, 1]
+    assert JobSpec.from_dict("j", spec.to_dict()) == spec
+    assert [(s.step, s.reducers, s.part_format) for s in map(spec.at_step, range(3))] == [
+        (0, 2, "pairs"), (1, 0, "pairs"), (2, 1, "text")]
+    with pytest.raises(InvalidSpec, match=r"spec\.stepReducers: must give one count per step "
+                                          r"\(3\), got 2"):
+        JobSpec(name="j", job="m.py", inputs=("x",), steps=3, step_reducers=(1, 1))
+    with pytest.raises(InvalidSpec, match=r"spec\.reducers: must equal "
+                                          r"spec\.stepReducers\[0\] \(4\), got 1"):
+        JobSpec(name="j", job="m.py", inputs=("x",), steps=2, step_reducers=(4, 1))
+    with pytest.raises(InvalidSpec, match=r"spec\.stepReducers\[1\]: must be between 0"):
+        JobSpec(name="j", job="m.py", inputs=("x",), steps=2, step_reducers=(1, -1))
+
+
+def test_a_workers_steps_and_the_submitted_spec_come_from_the_module() -> None:
+    spec = JobSpec(name="j", job=str(THREE), inputs=("x",), reducers=3, steps=3,
+                   step_reducers=(3, 3, 2))
+    assert [job.name for job in load_spec_steps(spec)] == ["count", "bycount", "histogram"]
+    assert pipeline_reducers(str(THREE), 3) == (3, 3, 2)  # histogram fixes reducers=2
+    assert pipeline_reducers(str(ROOT / "examples" / "wordcount.py"), 3) == ()
+    manifest = build_manifest(SubmitOptions(image="i", job=str(THREE), inputs=["s3://bucket/in"],
+                                            output="s3://bucket/out", reducers=3))
+    assert (manifest["spec"]["steps"], manifest["spec"]["stepReducers"]) == (3, [3, 3, 2])
+    missing = build_manifest(SubmitOptions(image="i", job="/app/only_in_image.py",
+                                           inputs=["s3://bucket/in"], output="s3://bucket/out"))
+    assert "steps" not in missing["spec"], "a module only in the image is not read"
+    with pytest.raises(JobDefinitionError, match=r"pipeline three has 3 steps but the job "
+                                                 r"spec says steps: 1; give spec\.steps"):
+        load_spec_steps(JobSpec(name="j", job=str(THREE), inputs=("x",)))
+    broken = build_manifest(SubmitOptions(image="i", job="tests.jobs.broken",
+                                          inputs=["s3://bucket/in"], output="s3://bucket/out"))
+    assert "steps" not in broken["spec"], "a module that fails here is the workers' to report"

@@ -4,7 +4,9 @@ A follower watches the job's records (the state store's watch), keeps a
 :class:`~kubemr_async.protocol.JobView` of them, writes the progress counts behind the
 printer columns at most once per interval, and stamps the verdict if the workers died right
 after the last commit (the same guarded patch any worker would send). When the job is
-decided it asks for one more reconcile, which finishes the job.
+decided it asks for one more reconcile, which finishes the job; when a step of a multi-step
+job is done, it asks for one that plans the next step (the reconcile's, so that planning
+and advancing share the queue's one-reconcile-per-job rule).
 
 The verdict is the workers' to stamp: the one that does removes the intermediate runs and
 writes the result manifest first, which the operator cannot do. So a follower waits
@@ -52,14 +54,15 @@ WATCH_BUFFER = 1024
 class Followers:
     """The progress followers of the jobs being run, at most one per job.
 
-    ``on_finished`` is called with a job's key when its follower saw it decided;
-    ``verdict_grace`` is how long the workers have to stamp a verdict themselves.
+    ``reconcile`` is called with a job's key when its follower saw it decided, or saw a
+    step of it done; ``verdict_grace`` is how long the workers have to stamp a verdict
+    themselves.
     """
 
-    def __init__(self, kube: Kube, on_finished: Callable[[Key], None],
+    def __init__(self, kube: Kube, reconcile: Callable[[Key], None],
                  verdict_grace: float = VERDICT_GRACE) -> None:
         self.kube = kube
-        self.on_finished = on_finished
+        self.reconcile = reconcile
         self.verdict_grace = verdict_grace
         self._running: dict[Key, anyio.CancelScope] = {}
         self._group: TaskGroup | None = None
@@ -99,7 +102,7 @@ class Followers:
         try:
             with scope:
                 if await self._mirror(key, store):
-                    self.on_finished(key)
+                    self.reconcile(key)
         except Exception:
             log.exception("following progress failed", extra={"job": "/".join(key)})
         finally:
@@ -116,12 +119,16 @@ class Followers:
         shown: protocol.Progress | None = None
         last = -inf
         decided_at = inf  # when the view first held a verdict nobody had stamped
+        asked_step = -1  # the last step whose end asked for a reconcile (to advance)
         send, receive = anyio.create_memory_object_stream[WatchEvent | None](WATCH_BUFFER)
         async with anyio.create_task_group() as group, receive:
             # The watch runs in its own task, so waiting for its next event can time out
             # (to write throttled progress) without cancelling the watch itself.
             group.start_soon(_watch, store, name, revision, send)
             while not view.phase.finished:
+                if asked_step != view.step and view.step_results() is not None:
+                    asked_step = view.step
+                    self.reconcile(key)
                 verdict = view.verdict()
                 decided_at = inf if verdict is None else min(decided_at, anyio.current_time())
                 if verdict is not None and anyio.current_time() - decided_at >= self.verdict_grace:

@@ -1,9 +1,10 @@
 """Reconcile one MapReduceJob: bring the cluster to what the job's phase asks for.
 
 Pending: plan it (task records in its task namespace). Running: make sure its workers exist
-(ServiceAccount, Roles, RoleBindings, Secret copy, batch Job), follow its progress, and fail
-it if its workers cannot run. Decided: stamp it, stop the workers, honour the TTL. Deleted:
-remove what garbage collection cannot (the task namespace), then our finalizer.
+(ServiceAccount, Roles, RoleBindings, Secret copy, batch Job), follow its progress, fail
+it if its workers cannot run, and move a multi-step job whose step is done to its next.
+Decided: stamp it, stop the workers, honour the TTL. Deleted: remove what garbage
+collection cannot (the task namespace), then our finalizer.
 
 Every step is idempotent (create-if-missing, guarded patches), so a reconcile can run any
 number of times, and an operator restarted at any point converges to the same state
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from .. import protocol
@@ -42,6 +44,7 @@ from ..kube import (
 from ..protocol import JobPhase, JobView
 from ..spec import JobSpec
 from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
+from ..storage.urls import StoreCache, job_data_prefix
 from .config import OperatorConfig
 from .followers import Followers, Key
 from .resources import (
@@ -113,6 +116,7 @@ class Reconciler:
             await self._write_status(mrj, phase)
             await self._ensure_workers(mrj)
             self.followers.follow((namespace, name), store)
+            await self._advance(mrj, store)
             await self._check_workers(mrj, store)
         else:
             await self._finish(mrj)
@@ -143,7 +147,7 @@ class Reconciler:
             await self.event(mrj["metadata"], "Failed", reason, warning=True)
             return False
         await self._ensure_task_namespace(mrj)
-        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, every_step=True)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job
@@ -161,6 +165,52 @@ class Reconciler:
         return task_ns
 
     # --- a running job ----------------------------------------------------------------
+
+    async def _advance(self, mrj: KubeObject, store: KubeStateStore) -> None:
+        """A multi-step job whose current step has committed: plan the next step over the
+        step's parts (``pairs`` Parquet, split by row group: no job module needed), create
+        its tasks, then move ``status.step`` with :func:`protocol.advance`, whose guard lets
+        one reconcile (of however many saw the step done) do it. Then the data no step
+        will read again goes."""
+        namespace, name = job_key(mrj)
+        spec = JobSpec.from_dict(name, mrj["spec"])
+        if spec.steps == 1:
+            return
+        records, _ = await store.snapshot(name)
+        view = JobView({key: record.body for key, record in records.items()})
+        parts = view.step_results()
+        if parts is None or view.job is None:
+            return
+        done, label = view.step, f"step {view.step + 2}/{spec.steps}"
+        try:
+            step_spec = replace(spec.at_step(done + 1), inputs=tuple(parts))
+            splits = await plan_inputs(step_spec, "pairs")  # the map input of later steps
+        except KubemrError as exc:
+            await self._fail(mrj, store, f"planning {label}: {exc}")
+            return
+        await store.create(name, protocol.plan(step_spec, splits))
+        if await store.patch(name, protocol.advance(view.job, len(splits))) is not None:
+            await self.event(mrj["metadata"], "Advanced",
+                             f"{label}: {len(splits)} map and {step_spec.reducers} reduce "
+                             "tasks created")
+        await self._drop_step_data(spec, namespace, name, done)
+
+    async def _drop_step_data(self, spec: JobSpec, namespace: str, name: str,
+                              done: int) -> None:
+        """Step ``done`` has committed: its shuffle objects, and the whole previous step
+        (the parts it read), will never be read again (a retry keeps committed tasks)."""
+        stores = StoreCache()
+        try:
+            blobs, _ = stores.open(spec.output)
+            prefix = job_data_prefix(spec.output, namespace, name)
+            removed = await blobs.delete_prefix(
+                f"{protocol.step_prefix(prefix, spec.at_step(done))}/map/")
+            if done:
+                removed += await blobs.delete_prefix(
+                    f"{protocol.step_prefix(prefix, spec.at_step(done - 1))}/")
+        finally:
+            await stores.aclose()
+        log.info("removed data of finished steps", extra={"job": name, "count": removed})
 
     async def _ensure_workers(self, mrj: KubeObject) -> None:
         """The workers' identity (a ServiceAccount whose Roles reach only this job's

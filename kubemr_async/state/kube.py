@@ -481,6 +481,8 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
         body["counters"] = status["counters"]
     if "skipped" in status:
         body["skipped"] = status["skipped"]
+    if "step" in status:
+        body["step"] = status["step"]
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 

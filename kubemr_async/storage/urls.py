@@ -20,6 +20,16 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def job_data_prefix(output: str, namespace: str, job: str) -> str:
+    """The key under which a cluster job's workers keep its data in the ``output`` bucket.
+
+    The namespace is part of it: jobs of the same name in two namespaces (two tenants)
+    sharing an output location never see or delete each other's data.
+    """
+    _, key = split_s3(output)
+    return f"{key.strip('/')}/{namespace}/{job}".lstrip("/")
+
+
 def _locate(url: str) -> tuple[str, str]:
     """(store identity, key): an S3 bucket or a filesystem root, and the key inside it."""
     if is_s3(url):
