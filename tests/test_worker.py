@@ -171,8 +171,9 @@ class FakeClock:
 
 async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
         store: SQLiteStateStore, tmp_path: Path) -> None:
-    """Worker A claims a map and hangs; once the fake clock passes its lease, worker B
-    takes the map over as attempt 2 and finishes the job; A's commit then loses."""
+    """Worker A claims a map and hangs; once B has watched A's record stay unchanged for a
+    lease on the fake clock, B takes the map over as attempt 2 and finishes the job; A's
+    commit then loses."""
     lease = 600.0  # A's heartbeat sleeps lease/3 of real time: it never renews here
     spec = await submit(store, tmp_path, lease_seconds=lease)
     clock = FakeClock(1000.0)
@@ -189,7 +190,7 @@ async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
 
     job.map_fn = hang_on_first_attempt
     blobs = FileBlobStore(tmp_path / "blobs")
-    a = Worker(spec.name, job, store, blobs, "a", clock=clock)
+    a = Worker(spec.name, job, store, blobs, "a", clock=clock, monotonic=clock)
     running_a = asyncio.create_task(a.run())
     try:
         assert await asyncio.to_thread(started.wait, 60)
@@ -197,8 +198,14 @@ async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
         held = (await records(store, spec.name))["map-00000"]
         assert (held["worker"], held["attempt"], held["leaseExpires"]) == ("a", 1, 1000 + lease)
 
-        clock.now += lease + 1
-        b = Worker(spec.name, job, store, blobs, "b", clock=clock)
+        # B's first reading dates its snapshot (A's claim, seen at 1000); every later one
+        # is a lease past it, so B has watched the record stay unchanged for a lease.
+        readings = [clock.now]
+
+        def b_monotonic() -> float:
+            return readings.pop() if readings else clock.now + lease + 1
+
+        b = Worker(spec.name, job, store, blobs, "b", clock=clock, monotonic=b_monotonic)
         assert await b.run() == JobPhase.SUCCEEDED
         taken = (await records(store, spec.name))["map-00000"]
         assert (taken["worker"], taken["attempt"], taken["failures"]) == ("b", 2, 1)
