@@ -21,10 +21,11 @@ from kubemr_async.protocol import JobPhase, JobView, TaskState
 from kubemr_async.runtime import Worker
 from kubemr_async.shuffle import split_words
 from kubemr_async.spec import JobSpec
-from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
 
-from .test_worker import TEXT, store, submit  # noqa: F401 - the store fixture
+from .backends import StoreFactory
+from .test_state_contract import kube_state_backend, state_backend  # noqa: F401 - fixtures
+from .test_worker import TEXT, submit
 
 LEASE = 10.0
 SPEC = JobSpec(name="wc", job="wc.py", inputs=("a",), reducers=1, max_attempts=3,
@@ -119,7 +120,9 @@ def slow_word_count() -> Job:
 
 @pytest.mark.anyio
 async def test_skewed_workers_take_over_no_live_lease_but_a_dead_holders(
-        store: SQLiteStateStore, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        state_backend: StoreFactory, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    """On SQLite and on the real API server: each worker has its own client."""
+    store = await state_backend()
     spec = await submit(store, tmp_path, reducers=2, lease_seconds=E2E_LEASE)
     # A worker that claimed map-00002 with a clock an hour ahead, then died: its
     # leaseExpires says "an hour from now", yet a lease of silence must be enough.
@@ -129,9 +132,9 @@ async def test_skewed_workers_take_over_no_live_lease_but_a_dead_holders(
     assert await store.patch(spec.name, ghost) is not None
 
     blobs = FileBlobStore(tmp_path / "blobs")
-    ahead = Worker(spec.name, slow_word_count(), store, blobs, "ahead",
+    ahead = Worker(spec.name, slow_word_count(), await state_backend(), blobs, "ahead",
                    clock=lambda: time.time() + 60)
-    behind = Worker(spec.name, slow_word_count(), store, blobs, "behind",
+    behind = Worker(spec.name, slow_word_count(), await state_backend(), blobs, "behind",
                     clock=lambda: time.time() - 60)
     began = time.monotonic()
     phases = await asyncio.wait_for(asyncio.gather(ahead.run(), behind.run()), 120)
@@ -152,6 +155,7 @@ async def test_skewed_workers_take_over_no_live_lease_but_a_dead_holders(
     for word, count in read_results(tmp_path / "blobs" / spec.name):
         words[word] += int(count)
     assert words == Counter(w.decode() for text in TEXT for w in text.split())
-    print(f"\nclock skew +60 s / -60 s, {len(final) - 1} tasks, lease {E2E_LEASE} s: "
+    print(f"\n{type(store).__name__}: clock skew +60 s / -60 s, {len(final) - 1} tasks, "
+          f"lease {E2E_LEASE} s: "
           f"live leases taken over 0, dead holder's task taken over 1 "
           f"(attempt {dead['attempt']}), job {seconds:.1f} s")

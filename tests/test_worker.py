@@ -22,6 +22,7 @@ from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
 from kubemr_async.shuffle import split_words
 from kubemr_async.spec import JobSpec
+from kubemr_async.state.base import StateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
 
@@ -48,7 +49,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStateStore]:
     await state.aclose()
 
 
-async def submit(store: SQLiteStateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
+async def submit(store: StateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
     """Write a new word-count job's records (one map per input file) and start it."""
     inputs = tmp_path / "in"
     inputs.mkdir()
