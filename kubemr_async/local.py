@@ -406,7 +406,6 @@ class _Crew:
     #: Deaths since a task last committed, and the committed count at the last death.
     deaths: int = 0
     committed: int = 0
-    restarts: int = 0
     _gone: int = 0
     _all_gone: anyio.Event = field(default_factory=anyio.Event)
 
@@ -440,6 +439,7 @@ class _Crew:
             while not self.stopping:
                 worker_id = f"local-{index}" + (f"-r{generation}" if generation else "")
                 oom_before = _oom_kills()
+                self.router.last_lines.pop(index, None)  # not the previous process's line
                 proc = await _spawn_worker(self.work, self.name, index, self.blobs, worker_id)
                 self.procs[index] = proc
                 pumped = anyio.Event()
@@ -447,6 +447,8 @@ class _Crew:
                 code = await proc.wait()
                 if self.stopping or code == 0:
                     return  # stopped by us, or the job was decided
+                if proc.stdin is not None:  # its watchdog pipe: a new process gets its own
+                    proc.stdin.close()
                 with anyio.move_on_after(1.0):  # its last lines, for the cause
                     await pumped.wait()
                 oom = oom_before is not None and (_oom_kills() or 0) > oom_before
@@ -456,7 +458,6 @@ class _Crew:
                     return
                 self.router.notice(index, f"worker {worker_id} {cause}; starting another")
                 generation += 1
-                self.restarts += 1
         finally:
             self._gone += 1
             if self._gone == self.count:
