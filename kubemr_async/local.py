@@ -377,8 +377,9 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path
     return view
 
 
-#: Worker deaths in a row, per worker slot, with no task committing in between, after
-#: which `kubemr run` fails the job instead of starting another (a crash loop).
+#: Worker deaths in a row with no task committing in between, per worker (counted over
+#: all the slots together), after which `kubemr run` fails the job instead of starting
+#: another (a crash loop).
 CRASH_LOOP_DEATHS = 3
 
 
@@ -391,7 +392,7 @@ class _Crew:
     guarded ``protocol.fail`` as that worker and attempt, counted against
     ``maxAttempts`` like a lapsed lease) instead of waiting a lease for a takeover.
     Deaths in a row with no commit in between end the job once they reach
-    ``CRASH_LOOP_DEATHS`` per slot, naming the last one's cause.
+    ``CRASH_LOOP_DEATHS`` times the number of slots, naming the last one's cause.
     """
 
     store: SQLiteStateStore

@@ -25,7 +25,10 @@ Task lifecycle::
 lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
 leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
 Every write bumps ``seq``, and every guarded write tests it, which makes each update a
-compare-and-swap on the whole record.
+compare-and-swap on the whole record. That bump is also what a lease is judged by: a
+running task may be taken over once an observer has seen its ``seq`` stay the same for
+``leaseSeconds`` on its own monotonic clock (:meth:`JobView.lease_lapsed`), so no
+machine's wall clock is compared with another's.
 """
 
 from __future__ import annotations
