@@ -11,12 +11,10 @@ S3) happen inside the commands, so shell completion and ``kubemr version`` stay 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import StrEnum
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -78,6 +76,19 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, imported here: ``kubemr --help`` has no event loop to pay for."""
+    import asyncio
+
+    return asyncio.run(main)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("kubemr-async")
 
 
 def _args(values: list[str]) -> dict[str, str]:
@@ -174,6 +185,10 @@ def run(
     combiner: Combiner = None,
     reducer: Reducer = None,
     max_skipped_records: MaxSkippedRecords = 0,
+    metrics_port: Annotated[int | None, typer.Option(
+        metavar="PORT", show_default=False,
+        help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
+    = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -204,14 +219,15 @@ def run(
                 verbose=verbose, inline=inline,
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
-                commands=commands, max_skipped_records=max_skipped_records)
+                commands=commands, max_skipped_records=max_skipped_records,
+                metrics_port=metrics_port)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
                 raise
             raise UsageError(f"{exc} (the {flag} flag)") from None
 
-    result = _guard(lambda: asyncio.run(start()))
+    result = _guard(lambda: _run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
     if result.counters:
@@ -241,7 +257,7 @@ def worker() -> None:
     from .pod import run_pod_worker
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
-    raise typer.Exit(_guard(lambda: asyncio.run(run_pod_worker())))
+    raise typer.Exit(_guard(lambda: _run(run_pod_worker())))
 
 
 @app.command()
@@ -259,6 +275,18 @@ def operator(
     s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
     worker_backoff_limit: Annotated[int, typer.Option(
         help="Failed worker pods tolerated before a job fails.")] = 4,
+    metrics_port: Annotated[int, typer.Option(
+        envvar="KUBEMR_OPERATOR_METRICS_PORT", metavar="PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (0: off).")] = 0,
+    worker_metrics_port: Annotated[int, typer.Option(
+        envvar="KUBEMR_WORKER_METRICS_PORT", metavar="PORT",
+        help="Worker pods serve /metrics on this port, with scrape annotations (0: off).")]
+    = 0,
+    worker_metrics_linger: Annotated[float, typer.Option(
+        metavar="SECONDS",
+        help="Worker pods keep /metrics up this long after their job is decided (a last "
+             "scrape sees the final counts); cut short when the workers are deleted.")]
+    = 30.0,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -272,13 +300,15 @@ def operator(
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
     config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
                             s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
-                            worker_backoff_limit=worker_backoff_limit)
+                            worker_backoff_limit=worker_backoff_limit,
+                            metrics_port=metrics_port, worker_metrics_port=worker_metrics_port,
+                            worker_metrics_linger=worker_metrics_linger)
 
     async def main() -> None:
         async with await Kube.connect(kubeconfig, context) as kube:
             await Operator(kube, config).run()
 
-    _guard(lambda: asyncio.run(main()))
+    _guard(lambda: _run(main()))
 
 
 # --- the cluster commands ------------------------------------------------------------
@@ -293,7 +323,7 @@ def _on_cluster(kubeconfig: str | None, context: str | None, namespace: str | No
         async with connect(kubeconfig, context, namespace) as client:
             return await action(client)
 
-    return _guard(lambda: asyncio.run(main()))
+    return _guard(lambda: _run(main()))
 
 
 async def _wait(client: JobClient, name: str) -> None:
@@ -601,12 +631,12 @@ def retry(
 @app.command()
 def version() -> None:
     """Print the kubemr-async version."""
-    typer.echo(package_version("kubemr-async"))
+    typer.echo(_version())
 
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(package_version("kubemr-async"))
+        typer.echo(_version())
         raise typer.Exit(0)
 
 

@@ -23,6 +23,7 @@ from . import (
     counters,
     formats,
     merge,
+    metrics,
     order,
     recordio,
     shuffle,
@@ -264,6 +265,8 @@ class _MapSpills:
                                   presorted=self.job.sort_values)
         spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
         self.files.append(path)
+        metrics.SPILLS.inc()
+        metrics.SPILLED_BYTES.inc(path.stat().st_size)
 
     def _combine(self, fn: object, table: shuffle.Table) -> shuffle.Table:
         """A user combiner (or Shell command) on one buffer, as Hadoop runs it on every spill.

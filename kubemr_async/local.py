@@ -12,7 +12,9 @@ file, and what user code printed is shown on stderr prefixed with the worker and
 (framework logs only with ``--verbose``). Workers die with the parent: PR_SET_PDEATHSIG
 on Linux and, everywhere, EOF on a stdin pipe whose write end only the parent holds.
 ``--inline`` runs the same runtime in this process, user code on the main thread, so
-``breakpoint()`` and profilers work.
+``breakpoint()`` and profilers work. ``--metrics-port`` serves the workers' metrics from
+this process: worker processes count into prometheus_client's multiprocess files in the
+work directory, summed at each scrape (see :mod:`kubemr_async.metrics`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import IO, Any, TypeVar
 import anyio
 import orjson
 
-from . import counters, formats, logs, protocol
+from . import counters, formats, logs, metrics, protocol
 from .api import AnyJob, Commands, Job, load_spec_job, load_steps
 from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
@@ -104,11 +106,13 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     output_format: OutputFormat = "text",
                     memory: int | None = None,
                     commands: Commands | None = None,
-                    max_skipped_records: int = 0) -> LocalRunResult:
+                    max_skipped_records: int = 0,
+                    metrics_port: int | None = None) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
-    whole job with ``job_ref`` empty.
+    whole job with ``job_ref`` empty. ``metrics_port``: serve /metrics on localhost there
+    while the job runs.
 
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
     SIGTERM. ``workers=0`` means ``inline``.
@@ -118,7 +122,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
-        max_skipped_records=max_skipped_records))
+        max_skipped_records=max_skipped_records, metrics_port=metrics_port))
 
 
 async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -152,7 +156,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
                memory: int | None = None, commands: Commands | None = None,
-               max_skipped_records: int = 0) -> LocalRunResult:
+               max_skipped_records: int = 0, metrics_port: int | None = None) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -181,12 +185,33 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
         expected = check_output(output, overwrite, input_paths)
         work = hidden_path(output, "work")
         work.mkdir()
+        endpoint: metrics.Endpoint | None = None
         try:
+            endpoint, metrics_dir = _serve_metrics(metrics_port, work, inline)
             run = _Run(work, output, (lock, expected), workers, progress, verbose, inline,
-                       started, name, reducers, output_format, steps, title)
+                       started, name, reducers, output_format, steps, title, metrics_dir)
             return await run.all_steps(spec, splits)
         finally:
+            if endpoint is not None:
+                endpoint.close()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve_metrics(port: int | None, work: Path,
+                   inline: bool) -> tuple[metrics.Endpoint | None, Path | None]:
+    """The run's /metrics on localhost, and the directory worker processes count into
+    (None inline: the worker counts in this process)."""
+    if port is None:
+        return None, None
+    directory = None if inline else work / "metrics"
+    try:
+        if directory is None:
+            return metrics.Endpoint(port, "127.0.0.1"), None
+        directory.mkdir()
+        registry = metrics.multiprocess_registry(directory)
+        return metrics.Endpoint(port, "127.0.0.1", registry), directory
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
 
 def _prepare(output: Path, job_ref: str, reducers: int,
@@ -242,6 +267,8 @@ class _Run:
     output_format: OutputFormat
     steps: list[AnyJob]
     title: str
+    #: Where worker processes count their metrics (None: no metrics served).
+    metrics_dir: Path | None
     router: _LogRouter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -306,7 +333,8 @@ class _Run:
                     view = await _run_inline(store, name, job, blobs, self.verbose)
                 else:
                     view = await _supervise(store, name, work, blobs, self.workers,
-                                            self.progress, self.router, label)
+                                            self.progress, self.router, label,
+                                            self.metrics_dir)
             finally:
                 await store.aclose()
         except BaseException:
@@ -347,11 +375,12 @@ def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
 
 
 async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path, count: int,
-                     show_progress: bool, router: _LogRouter, label: str = "") -> JobView:
+                     show_progress: bool, router: _LogRouter, label: str = "",
+                     metrics_dir: Path | None = None) -> JobView:
     """Start the workers, replace those that die, follow the job to its verdict, and stop
     them all either way."""
     (work / "logs").mkdir(exist_ok=True)  # a multi-step run's steps append to one per worker
-    crew = _Crew(store, name, work, blobs, router, count)
+    crew = _Crew(store, name, work, blobs, router, count, metrics_dir)
     bar = ProgressBar(label) if show_progress else None
     try:
         async with anyio.create_task_group() as group:
@@ -401,6 +430,8 @@ class _Crew:
     blobs: Path
     router: _LogRouter
     count: int
+    #: Where worker processes count their metrics (None: no metrics served).
+    metrics_dir: Path | None = None
     procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     stopping: bool = False
     view: JobView = field(default_factory=JobView)
@@ -441,7 +472,8 @@ class _Crew:
                 worker_id = f"local-{index}" + (f"-r{generation}" if generation else "")
                 oom_before = _oom_kills()
                 self.router.last_lines.pop(index, None)  # not the previous process's line
-                proc = await _spawn_worker(self.work, self.name, index, self.blobs, worker_id)
+                proc = await _spawn_worker(self.work, self.name, index, self.blobs,
+                                           self.metrics_dir, worker_id)
                 self.procs[index] = proc
                 pumped = anyio.Event()
                 group.start_soon(_pump, proc, index, self.work, self.router, pumped)
@@ -530,10 +562,13 @@ def _oom_kills() -> int | None:
 
 
 async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = None,
-                        worker_id: str = "") -> asyncio.subprocess.Process:
+                        metrics_dir: Path | None = None, worker_id: str = ""
+                        ) -> asyncio.subprocess.Process:
     """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
     # print() lines arrive as they happen; the allocator settings keep RSS near the budget.
     env = {**WORKER_PROCESS_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
+    if metrics_dir is not None:
+        env[metrics.MULTIPROCESS_ENV] = str(metrics_dir)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
         "--blobs", str(blobs or work / "blobs"), "--job", name,

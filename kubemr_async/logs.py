@@ -13,7 +13,7 @@ import time
 import orjson
 
 CONTEXT_FIELDS = ("job", "task", "attempt", "worker", "phase", "error", "permanent", "count",
-                  "pid", "exit_code")
+                  "pid", "exit_code", "port")
 
 
 class JSONFormatter(logging.Formatter):

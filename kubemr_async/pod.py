@@ -1,20 +1,21 @@
 """`kubemr worker`: the runtime inside a worker pod, on the Kubernetes and S3 backends.
 
 Everything comes from the environment the operator sets (job name and namespace, the pod
-name as worker id, S3 endpoint and credentials from a Secret), so the pod spec stays the
-only place where a job's wiring is written down.
+name as worker id, S3 endpoint and credentials from a Secret, the /metrics port), so the
+pod spec stays the only place where a job's wiring is written down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 from collections.abc import Mapping
 
-from . import protocol
+from . import metrics, protocol
 from .api import load_spec_job
 from .errors import JobDefinitionError, UsageError
 from .kube import Kube
@@ -40,6 +41,43 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
     job_name = _require(env, "KUBEMR_JOB")
     namespace = _require(env, "KUBEMR_NAMESPACE")
     worker_id = env.get("KUBEMR_WORKER_ID") or socket.gethostname()
+    endpoint = _serve_metrics(env, {"job": job_name, "worker": worker_id})
+    stopped = asyncio.Event()  # SIGTERM: the pod is being stopped
+    try:
+        code = await _work(job_name, namespace, worker_id, stopped)
+        if endpoint is not None:
+            await _linger(float(env.get(metrics.LINGER_ENV) or 0), stopped)
+        return code
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+async def _linger(seconds: float, stopped: asyncio.Event) -> None:
+    """Keep /metrics up a while after the work is done, so that a last scrape sees the
+    worker's final counts (Prometheus scrapes every 15 to 60 s; a worker that left at once
+    would take its last tasks' counts with it). Ends early on SIGTERM: the operator deletes
+    the workers as soon as the job is decided, so this costs a job nothing."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopped.wait(), seconds)
+
+
+def _serve_metrics(env: Mapping[str, str], context: dict[str, str]) -> metrics.Endpoint | None:
+    """/metrics on ``KUBEMR_METRICS_PORT`` while the worker runs, if the operator set it.
+
+    A port that cannot be bound costs the pod its metrics, not the job its worker.
+    """
+    port = int(env.get(metrics.PORT_ENV) or 0)
+    if not port:
+        return None
+    try:
+        return metrics.Endpoint(port)
+    except OSError as exc:
+        log.warning("cannot serve metrics", extra={**context, "port": port, "error": str(exc)})
+        return None
+
+
+async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.Event) -> int:
     async with await Kube.connect() as kube:
         store = KubeStateStore(kube, namespace)
         records, _ = await store.snapshot(job_name)
@@ -64,7 +102,12 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
             prefix = f"{key.strip('/')}/{namespace}/{job_name}".lstrip("/")
             worker = Worker(job_name, job, store, blobs, worker_id, data_prefix=prefix,
                             memory_limit=container_memory_limit())
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
+
+            def on_sigterm() -> None:
+                stopped.set()
+                worker.stop()
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
             phase = await worker.run()
             log.info("worker done", extra={**context, "phase": phase.value,
                                            "count": worker.tasks_done})

@@ -33,6 +33,7 @@ from . import (
     counters,
     execute,
     formats,
+    metrics,
     protocol,
     recordio,
     sampling,
@@ -44,6 +45,7 @@ from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
+from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
@@ -58,10 +60,11 @@ _PERMANENT = (PermanentTaskError, JobDefinitionError, shuffle.ShuffleError)
 #: Bytes per ranged GET of a reducer's slice, and per write of an upload.
 _FETCH_PIECE = 8 * 1024 * 1024
 _UPLOAD_PIECE = 8 * 1024 * 1024
-#: Indexes up to this size are read (and kept) whole rather than one entry at a time.
+#: Indexes up to this size are read (and kept, see ``kept``) whole rather than one entry at
+#: a time, while the worker's share for kept objects has room.
 _WHOLE_INDEX = 64 * 1024
-#: Shuffle objects up to this size are read (and kept) whole: every reduce's slice of a
-#: small map output then costs no request of its own.
+#: Shuffle objects up to this size are read whole (and kept, while there is room): every
+#: reduce's slice of a small map output then costs at most one request.
 _WHOLE_OBJECT = 64 * 1024
 
 
@@ -143,10 +146,9 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
-        # What this worker keeps of small shuffle objects for its next reduces (see _keep):
-        # key -> (offset, the bytes from there): a whole object, or its whole index.
-        self._kept: dict[str, tuple[int, bytes]] = {}
-        self._kept_bytes = 0
+        # What this worker keeps of small shuffle objects for its next reduces (its share
+        # of the budget is set with the budget, in run()).
+        self._kept = KeptObjects(0)
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._job_deleted = False
@@ -170,6 +172,7 @@ class Worker:
         assert self._view.job is not None
         self.spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.budget = shuffle.ShuffleBudget(memory_budget(self.spec.memory, self.memory_limit))
+        self._kept = KeptObjects(self.budget.kept_bytes)
         self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
@@ -227,7 +230,10 @@ class Worker:
                                        "attempt": body["attempt"], "holder": body["worker"],
                                        "worker": self.worker_id})
                 claimed = await self._write(update)
-                if claimed is not None and claimed.task["state"] == TaskState.RUNNING:
+                if claimed is None:
+                    metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
+                elif claimed.task["state"] == TaskState.RUNNING:
+                    metrics.TASKS_CLAIMED.labels(body["kind"]).inc()
                     await self._execute(claimed.task)
                     break
             else:
@@ -272,6 +278,16 @@ class Worker:
     # --- one attempt ------------------------------------------------------------------
 
     async def _execute(self, body: TaskRecord) -> None:
+        started = time.monotonic()
+        outcome = await self._attempt(body)
+        metrics.TASK_SECONDS.labels(body["kind"], outcome).observe(time.monotonic() - started)
+        outcome_counter = _OUTCOME_COUNTERS.get(outcome)
+        if outcome_counter is not None:
+            outcome_counter.labels(body["kind"]).inc()
+
+    async def _attempt(self, body: TaskRecord) -> str:
+        """Run one claimed attempt to its end; its outcome (committed, failed, released,
+        lost), as the task metrics name it."""
         task = protocol.task_name(body)
         attempt = int(body["attempt"])
         context = {"job": self.job_name, "task": task, "attempt": attempt,
@@ -287,14 +303,14 @@ class Worker:
             if lost.is_set():
                 work.cancel()
                 log.warning("lease lost; abandoning attempt", extra=context)
-                return
+                return "lost"
             try:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
                 log.info("released on shutdown", extra=context)
-                return
+                return "released"
             except _CorruptRun as exc:
                 # The map goes back first, so the released reduce is not claimable again
                 # until a new run exists. Losing the re-open race is fine: another reduce
@@ -306,7 +322,7 @@ class Worker:
                                                   self.spec.max_attempts))
                 async with holder.lock:
                     await self._write(protocol.release(holder.body, self.worker_id))
-                return
+                return "released"
             except Exception as exc:
                 message = _describe(exc)
                 permanent = isinstance(exc, _PERMANENT)
@@ -315,7 +331,8 @@ class Worker:
                 async with holder.lock:
                     await self._write(protocol.fail(holder.body, self.worker_id, message,
                                                     self.spec.max_attempts, permanent))
-                return
+                return "failed"
+            _count_records(body["kind"], kept)
             async with holder.lock:
                 # The attempt's counters (and skipped records) go with its commit:
                 # counted only if it wins.
@@ -323,9 +340,10 @@ class Worker:
                                                               outputs, kept, skipped))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
-            else:
-                self.tasks_done += 1
-                log.info("committed", extra=context)
+                return "lost"
+            self.tasks_done += 1
+            log.info("committed", extra=context)
+            return "committed"
         finally:
             self._current = None
             for helper in (heartbeat, lost_waiter):
@@ -341,12 +359,15 @@ class Worker:
                     renewed = await self._write(protocol.renew(
                         holder.body, self.worker_id, self.clock(), self.spec.lease_seconds))
                 except Exception as exc:  # a flaky store: try again before the lease runs out
+                    metrics.LEASE_RENEWALS.labels("error").inc()
                     log.warning("lease renewal failed; retrying",
                                 extra={"job": self.job_name, "error": _describe(exc)})
                     continue
                 if renewed is None:
+                    metrics.LEASE_RENEWALS.labels("lost").inc()
                     lost.set()
                     return
+                metrics.LEASE_RENEWALS.labels("renewed").inc()
                 holder.body = renewed.task
 
     async def _perform(self, body: TaskRecord
@@ -418,35 +439,33 @@ class Worker:
         the rows they hold (from the maps' indexes)."""
         reducers = self.spec.reducers
 
-        async def kept(key: str, size: int) -> tuple[int, bytes] | None:
-            """A small object whole, else a small index whole (read once per worker)."""
-            found = self._kept.get(key)
-            if found is None:
-                first, length = shuffle.entry_range(reducers, 0, size)
-                if size <= _WHOLE_OBJECT:
-                    found = (0, await self.blobs.get_range(key, 0, size))
-                elif reducers * length <= _WHOLE_INDEX:
-                    found = (first, await self.blobs.get_range(key, first, reducers * length))
-                else:
-                    return None
-                self._keep(key, found)
-            return found
-
-        async def entry(key: str, size: int) -> shuffle.SliceEntry:
+        async def entry(key: str, size: int) -> tuple[shuffle.SliceEntry, bytes | None]:
+            """The slice's index entry, and the object's bytes if it was read whole."""
+            held = self._kept.get(key)
+            if held is not None:
+                return held.entry(partition), held.blocks
             start, length = shuffle.entry_range(reducers, partition, size)
-            held = await kept(key, size)
-            if held is None:
-                data = await self.blobs.get_range(key, start, length)
+            first, _ = shuffle.entry_range(reducers, 0, size)
+            if size <= _WHOLE_OBJECT:  # one read serves the entry and the slice
+                whole = await self.blobs.get_range(key, 0, size)
+                self._kept.keep(key, whole[first:first + reducers * length], reducers, size,
+                                blocks=whole[:first])
+                return shuffle.decode_entry(whole[start:start + length], partition, size), whole
+            if reducers * length <= _WHOLE_INDEX and self._kept.has_room(reducers * length):
+                index = await self.blobs.get_range(key, first, reducers * length)
+                kept = self._kept.keep(key, index, reducers, size)
+                if kept is not None:
+                    return kept.entry(partition), None
+                data = index[start - first:start - first + length]
             else:
-                base, blob = held
-                data = blob[start - base:start - base + length]
-            return shuffle.decode_entry(data, partition, size)
+                data = await self.blobs.get_range(key, start, length)
+            return shuffle.decode_entry(data, partition, size), None
 
         entries = await self._gather(
             self._attributed(writer, key, task, entry(key, size))
             for writer, key, size in sources)
         offsets = [0]
-        for found in entries:
+        for found, _ in entries:
             offsets.append(offsets[-1] + found.length)
         # Bytes in flight: whole pieces under a budget share (Spark's maxSizeInFlight).
         piece = min(_FETCH_PIECE, self.budget.in_flight)
@@ -455,9 +474,7 @@ class Worker:
 
         async def fetch(position: int) -> None:
             writer, key, _ = sources[position]
-            found, crc = entries[position], 0
-            held = self._kept.get(key)
-            whole = held[1] if held is not None and held[0] == 0 else None
+            (found, whole), crc = entries[position], 0
             for start in range(0, found.length, piece):
                 length = min(piece, found.length - start)
                 async with slots:
@@ -479,6 +496,7 @@ class Worker:
                                           f"{self.blobs.url(key)}: slice of partition "
                                           f"{partition} fails its checksum (crc32 {crc:#010x}, "
                                           f"index says {found.crc:#010x})")
+            metrics.READ_BYTES.labels("shuffle").inc(found.length)
 
         try:
             async with anyio.create_task_group() as group:
@@ -488,21 +506,9 @@ class Worker:
             raise _first(eg) from None
         finally:
             os.close(fd)
-        return ([spill.Slice(path, offsets[i], found.length) for i, found in enumerate(entries)],
-                sum(found.rows for found in entries))
-
-    def _keep(self, key: str, held: tuple[int, bytes]) -> None:
-        """Keep a map's small object (or its whole index) for this worker's next reduces,
-        within a budget share, oldest dropped first.
-
-        One GET per map per *worker* replaces one (or two) per map per *reduce*: a job of
-        2,000 tiny maps x 500 reducers on 4 workers makes ~8,000 reads, not 10^6.
-        """
-        self._kept[key] = held
-        self._kept_bytes += len(held[1])
-        while self._kept_bytes > self.budget.in_flight // 4:
-            oldest = next(iter(self._kept))
-            self._kept_bytes -= len(self._kept.pop(oldest)[1])
+        return ([spill.Slice(path, offsets[i], found.length)
+                 for i, (found, _) in enumerate(entries)],
+                sum(found.rows for found, _ in entries))
 
     async def _attributed(self, writer: TaskRecord, key: str, task: str,
                           aw: Awaitable[T]) -> T:
@@ -519,21 +525,26 @@ class Worker:
         stem, dot, extension = formats.part_name(index, self.spec.part_format).partition(".")
         key = f"{self.prefix}/output/{stem}.attempt-{attempt}{dot}{extension}"
         if isinstance(part, Path):
-            await self._put_file(key, part)
+            await self._put_file(key, part, "output")
         else:
             await self.blobs.put(key, part)
+            metrics.WRITTEN_BYTES.labels("output").inc(len(part))
         return self.blobs.url(key)
 
-    async def _put_file(self, key: str, path: Path) -> None:
-        """Upload a local file piece by piece (multipart on S3), never whole in memory."""
+    async def _put_file(self, key: str, path: Path, sink: str) -> None:
+        """Upload a local file piece by piece (multipart on S3), never whole in memory;
+        its bytes are counted as written to ``sink``."""
         async with (self._io, self.blobs.open_writer(key) as writer,
                     await anyio.open_file(path, "rb") as f):
             while data := await f.read(_UPLOAD_PIECE):
                 await writer.write(data)
+                metrics.WRITTEN_BYTES.labels(sink).inc(len(data))
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
         data = b"" if job.map_input == "name" else await self._read_input(body, job.map_input)
-        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
+        read = recordio.split_bytes(data)
+        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, read)
+        metrics.READ_BYTES.labels("input").inc(read)
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
                 execute.run_map_only(job, data, ctx, self.spec.part_format))
@@ -548,7 +559,7 @@ class Worker:
             if written is not None:
                 path, size = written
                 key = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}.shuffle"
-                await self._put_file(key, path)
+                await self._put_file(key, path, "shuffle")
         # Checked last, against the freshest view: the clash names the map committed first.
         clash = self._view.key_type_clash(ctx.task, key_type)
         if clash is not None:
@@ -596,6 +607,24 @@ class Worker:
                 return await aw
 
         return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+#: The counter of each outcome of an attempt (a lost one counts only in the histogram).
+_OUTCOME_COUNTERS = {"committed": metrics.TASKS_COMMITTED, "failed": metrics.TASKS_FAILED,
+                     "released": metrics.TASKS_RELEASED}
+#: The framework counters that are records read or written, by task kind.
+_RECORD_METRICS = ((counters.REDUCE_INPUT_RECORDS, metrics.RECORDS_READ),
+                   (counters.MAP_OUTPUT_RECORDS, metrics.RECORDS_WRITTEN),
+                   (counters.REDUCE_OUTPUT_RECORDS, metrics.RECORDS_WRITTEN))
+
+
+def _count_records(kind: str, kept: Counters) -> None:
+    """An attempt that finished its work: its records read and written, from the
+    framework counters it kept (whether or not its commit then wins)."""
+    framework = kept.get(counters.FRAMEWORK_GROUP) or {}
+    for name, metric in _RECORD_METRICS:
+        if name in framework:
+            metric.labels(kind).inc(framework[name])
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1200,6 +1200,11 @@ class ShuffleBudget:
         return max(1 << 20, min(48 << 20, self.memory // 4))
 
     @property
+    def kept_bytes(self) -> int:
+        """Bytes of small shuffle objects a worker keeps for its next reduces (``kept``)."""
+        return self.in_flight // 4
+
+    @property
     def group_values(self) -> int:
         """Arrow bytes of one key's values held before they go to local scratch (lazy
         values); small, because as Python objects they take about five times as much."""

@@ -10,3 +10,10 @@ pytest_plugins = ["tests.fixtures_env"]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def operator_args() -> list[str]:
+    """More `kubemr operator` flags for tests/operator_fixtures.py's operator; a test module
+    overrides this fixture to add its own (the metrics ports, say)."""
+    return []

@@ -28,6 +28,8 @@ from .test_local_run import KUBEMR, ROOT
 DATA = ROOT / "examples" / "data"
 BUCKET = "kubemr-examples"
 OPERATOR_NS = "kubemr-system"
+#: The process behind each running operator's log, for a test that must pause it.
+PROCESSES: dict[Path, subprocess.Popen[bytes]] = {}
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +57,10 @@ def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
-             kube_namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`kubemr operator` as a separate process, configured as the Helm chart configures it;
-    yields the path of its log."""
+             kube_namespace: str, operator_args: list[str],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`kubemr operator` as a separate process, configured as the Helm chart configures it
+    (plus ``operator_args``, a fixture a module may override); yields the path of its log."""
     _create_ignoring_conflict(kube_cluster, "/api/v1/namespaces",
                               {"metadata": {"name": OPERATOR_NS}})
     _create_ignoring_conflict(
@@ -79,11 +82,13 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
             [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
-             "--namespace", kube_namespace],
+             "--namespace", kube_namespace, *operator_args],
             stdout=out, stderr=subprocess.STDOUT, env=env)
+    PROCESSES[log] = proc
     try:
         yield log
     finally:
+        del PROCESSES[log]
         proc.terminate()
         proc.wait(timeout=30)
 

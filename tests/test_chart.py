@@ -42,6 +42,8 @@ from kubemr_async.testing import run_ensure_script
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.s3server import S3Server
 
+from .test_metrics import free_port, wait_for_status
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubemr-async"
 KUBEMR = str(Path(sys.executable).parent / "kubemr")
@@ -62,6 +64,7 @@ VALUE_SETS: dict[str, Obj] = {
     "namespaced-existing-secret": {
         "watchNamespace": "<watch>", "s3": {"existingSecret": "s3-credentials"},
     },
+    "metrics-off": {"metrics": {"enabled": False}},
     "external-service-account-no-rbac": {
         "serviceAccount": {"create": False, "name": "operator"},
         "rbac": {"create": False}, "admissionPolicy": {"enabled": False},
@@ -76,7 +79,12 @@ VALUE_SETS: dict[str, Obj] = {
         "watchNamespace": "<watch>",
         "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1,
                      "extraArgs": ["--context=in-cluster"],
-                     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+                     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+                     "httpPort": 9000},
+        "metrics": {"enabled": True, "workerPort": 9191, "workerLingerSeconds": 5,
+                    "service": {"annotations": {"example.com/team": "data"}},
+                    "serviceMonitor": {"enabled": False, "interval": "1m",
+                                       "labels": {"release": "prom"}}},
         "s3": {"accessKeyId": "a", "secretAccessKey": "b"},
         "serviceAccount": {"annotations": {"example.com/role": "kubemr"}},
         "commonLabels": {"team": "data"},
@@ -238,6 +246,9 @@ def test_helm_lint_strict_is_clean(tools: Tools, name: str, tmp_path: Path) -> N
     ({"resources": {"limit": {"cpu": 1}}}, "limit"),
     ({"rbac": {"create": "yes"}}, "/rbac/create"),
     ({"tmpSizeLimit": "lots"}, "/tmpSizeLimit"),
+    ({"operator": {"httpPort": 0}}, "/operator/httpPort"),
+    ({"metrics": {"workerPort": 70000}}, "/metrics/workerPort"),
+    ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
     ({"replicas": 1}, "replicas"),  # a typo of replicaCount: unknown keys are refused
 ])
 def test_values_schema_rejects_bad_values(tools: Tools, values: Obj, complaint: str,
@@ -296,7 +307,9 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert main["image"] == f"kubemr-async:{chart['appVersion']}"
     assert main["imagePullPolicy"] == "IfNotPresent"
     assert main["command"] == ["kubemr", "operator"]
-    assert main["args"] == ["--worker-backoff-limit=4"]  # no --namespace: every namespace
+    assert main["args"] == ["--worker-backoff-limit=4", "--metrics-port=8080",
+                            "--worker-metrics-port=9090", "--worker-metrics-linger=30"]
+    # (no --namespace: every namespace)
     security = main["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
     assert security["readOnlyRootFilesystem"] is True
@@ -305,8 +318,9 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert {"cpu", "memory"} <= main["resources"]["requests"].keys()
     assert {"cpu", "memory"} <= main["resources"]["limits"].keys()
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert main[probe]["exec"]["command"][0] == "python", probe
+    assert main["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -317,17 +331,36 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert not {"KUBEMR_S3_SECRET", "KUBEMR_S3_ENDPOINT", "AWS_ACCESS_KEY_ID"} & env.keys()
 
 
-def test_liveness_probe_command_tells_a_live_operator_from_anything_else(
-        tools: Tools, tmp_path: Path) -> None:
-    """The probe checks PID 1's command line; run its code against a fake /proc/1."""
-    probe = container(render(tools, {}, tmp_path))["livenessProbe"]["exec"]["command"]
-    assert probe[:2] == ["python", "-c"]
-    fake = tmp_path / "cmdline"
-    code = probe[2].replace("/proc/1/cmdline", str(fake))
-    fake.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/kubemr\0operator\0--namespace=x\0")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    fake.write_bytes(b"/bin/sh\0-c\0sleep 1\0")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 1
+def test_metrics_service_and_service_monitor(tools: Tools, tmp_path: Path) -> None:
+    """The Service selects the operator pod's `http` port; the ServiceMonitor (off by
+    default: it needs the prometheus-operator's CRDs) scrapes that Service; metrics off
+    leaves both out, and the workers' port unset, but keeps the probes' port."""
+    objects = render(tools, {}, tmp_path, release="rel", namespace="ops")
+    service = one(objects, "Service")
+    assert service["metadata"]["name"] == "rel-kubemr-async-metrics"
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "http-metrics", "port": 8080,
+                                         "targetPort": "http", "protocol": "TCP"}]
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    assert not by_kind(objects, "ServiceMonitor")
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    proc = tools.helm("lint", "--strict", str(CHART), "--values",
+                      str(values_file(values, tmp_path)))
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+    monitor = one(render(tools, values, tmp_path, release="rel", namespace="ops"),
+                  "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
+        "labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "http-metrics", "path": "/metrics",
+                                             "interval": "30s"}]
+    off = render(tools, values_for("metrics-off"), tmp_path)
+    assert not by_kind(off, "Service") and not by_kind(off, "ServiceMonitor")
+    main = container(off)
+    assert main["args"] == ["--worker-backoff-limit=4", "--metrics-port=8080"]
+    assert main["readinessProbe"]["httpGet"]["port"] == "http"
 
 
 def test_everything_set_reaches_the_objects(tools: Tools, tmp_path: Path) -> None:
@@ -350,7 +383,12 @@ def test_everything_set_reaches_the_objects(tools: Tools, tmp_path: Path) -> Non
     assert main["image"] == "registry.example/kubemr-async:1.2.3"
     assert main["imagePullPolicy"] == "Always"
     assert main["args"] == ["--namespace=jobs", "--worker-backoff-limit=1",
-                            "--context=in-cluster"]
+                            "--metrics-port=9000", "--worker-metrics-port=9191",
+                            "--worker-metrics-linger=5", "--context=in-cluster"]
+    assert main["ports"][0]["containerPort"] == 9000
+    service = one(objects, "Service")
+    assert service["spec"]["ports"][0]["port"] == 9000
+    assert service["metadata"]["annotations"]["example.com/team"] == "data"
     assert "livenessProbe" not in main and "readinessProbe" in main
     env = {e["name"]: e for e in main["env"]}
     assert env["KUBEMR_LOG_LEVEL"]["value"] == "DEBUG"
@@ -785,6 +823,7 @@ def test_notes_tell_how_to_run_the_example(tools: Tools, kube_cluster: TestClust
         assert f"kubectl create{namespace_flag} -f examples/wordcount.yaml" in notes
         assert f"kubectl get mrj{namespace_flag} -w" in notes
         assert "docker build -f examples/Dockerfile" in notes
+        assert "Service demo-kubemr-async-metrics (port 8080, /metrics)" in notes
 
 
 @pytest.mark.kube
@@ -966,7 +1005,9 @@ def operator_command(cluster: TestCluster, release: Release) -> tuple[list[str],
     main = deployment["spec"]["template"]["spec"]["containers"][0]
     argv = [*main["command"], *main.get("args", [])]
     assert argv[0] == "kubemr"
-    env = {"PATH": str(Path(KUBEMR).parent), "HOME": str(Path.home())}
+    # PYTHONPATH: this checkout's code (as the pods run it), not whatever the venv's
+    # editable install points at (another worktree's).
+    env = {"PATH": str(Path(KUBEMR).parent), "HOME": str(Path.home()), "PYTHONPATH": str(ROOT)}
     for var in main.get("env", []):
         source = var.get("valueFrom")
         if source is None:
@@ -997,8 +1038,12 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
     operator_ns = create_namespace(kube_cluster, "kubemr-op")
     jobs_ns = create_namespace(kube_cluster, "kubemr-jobs")
     s3 = upload_example_data(s3_server)
+    http_port = free_port()
     values = {"replicaCount": 0, "watchNamespace": jobs_ns,
-              "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1},
+              "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1, "httpPort": http_port},
+              # Worker pods of this machine's kubelet share one host: a free port for them.
+              "metrics": {"enabled": True, "workerPort": free_port(),
+                          "workerLingerSeconds": 30, "serviceMonitor": {"enabled": False}},
               "s3": {"endpoint": s3_server.endpoint_url, "region": s3_server.region,
                      "accessKeyId": s3_server.access_key,
                      "secretAccessKey": s3_server.secret_key}}
@@ -1013,6 +1058,9 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
                 proc = subprocess.Popen([*argv, "--kubeconfig", str(kubeconfig)], env=env,
                                         stdout=out, stderr=subprocess.STDOUT)
             try:
+                # The probes' endpoints, where the Deployment's args put them.
+                wait_for_status(f"http://127.0.0.1:{http_port}/healthz", 200)
+                wait_for_status(f"http://127.0.0.1:{http_port}/readyz", 200)
                 run_wordcount(kube_cluster, jobs_ns, s3, log)
             finally:
                 proc.terminate()

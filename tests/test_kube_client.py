@@ -153,8 +153,10 @@ async def test_list_watch_lists_then_follows_in_order(kube: Kube, namespace: str
 async def test_list_watch_resumes_when_the_server_ends_the_watch(
         kube: Kube, namespace: str) -> None:
     counters = Counters()
+    progressed: list[int] = []  # on_progress calls, at each watch (re)connect count
     events = list_watch(kube, CONFIG_MAPS, namespace, context="watching", counters=counters,
-                        label_selector=OURS, timeout_seconds=1)
+                        label_selector=OURS, timeout_seconds=1,
+                        on_progress=lambda: progressed.append(counters.watch_connects))
     changes: list[Listed | Changed] = []
 
     async def follow() -> None:  # consuming while the objects come, one watch apiece
@@ -172,6 +174,10 @@ async def test_list_watch_resumes_when_the_server_ends_the_watch(
     assert all(isinstance(e, Changed) and e.type == "ADDED" for e in changes)
     assert counters.watch_connects >= 3, "the server ended each watch; we resumed"
     assert counters.relists == 0, "resumed from the last version seen, no re-list"
+    # The list, every event and every watch the server ended on time showed progress (a
+    # bookmark would too): what the operator's /readyz is built on.
+    assert progressed[0] == 0, "the list, before any watch"
+    assert len(progressed) >= 1 + 3 + (counters.watch_connects - 1)
 
 
 async def test_list_watch_relists_after_410(kube: Kube, namespace: str) -> None:

@@ -231,3 +231,32 @@ def test_workers_spill_to_an_empty_dir_unless_the_template_gives_its_own() -> No
         "spec"]["template"]["spec"]
     assert pod["containers"][0]["volumeMounts"] == [own]
     assert pod["volumes"] == [{"name": "data", "emptyDir": {}}]
+
+
+def test_workers_serve_metrics_with_scrape_annotations_only_when_configured() -> None:
+    config = OperatorConfig(worker_metrics_port=9090, worker_metrics_linger=12.5)
+    env = build.worker_env(MRJ, config)
+    pod = build.worker_job(MRJ, config, env)["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                              "prometheus.io/port": "9090",
+                                              "prometheus.io/path": "/metrics"}
+    assert pod["spec"]["containers"][0]["ports"] == [
+        {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    values = {e["name"]: e.get("value") for e in env}
+    assert values["KUBEMR_METRICS_PORT"] == "9090"
+    assert values["KUBEMR_METRICS_LINGER_SECONDS"] == "12.5"
+    plain = job_for()["spec"]["template"]
+    assert "annotations" not in plain["metadata"]
+    assert "ports" not in plain["spec"]["containers"][0]
+    assert "KUBEMR_METRICS_PORT" not in {e["name"] for e in build.worker_env(MRJ, OperatorConfig())}
+
+
+def test_jobs_are_counted_by_the_phase_the_watch_last_saw() -> None:
+    changes = ChangeFilter()
+    changes.relisted([mrj_with(status={"phase": "Running"}),
+                      mrj_with(metadata={"namespace": "team", "name": "new"})])
+    assert changes.phases() == {"Running": 1, "Pending": 1}
+    changes.changed("MODIFIED", mrj_with(status={"phase": "Succeeded"}))
+    assert changes.phases() == {"Succeeded": 1, "Pending": 1}
+    changes.changed("DELETED", mrj_with(metadata={"namespace": "team", "name": "new"}))
+    assert changes.phases() == {"Succeeded": 1}

@@ -20,7 +20,7 @@ from kubemr_async import Job, TaskContext, protocol, read_results
 from kubemr_async.inputs import plan_inputs
 from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
-from kubemr_async.shuffle import split_words
+from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.base import StateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
@@ -160,6 +160,19 @@ async def test_a_worker_reads_each_small_shuffle_object_once_for_all_its_reduces
             word, n = line.split("\t")
             counts[word] += int(n)
     assert counts == Counter(w for text in TEXT for w in text.decode().split())
+
+
+async def test_a_small_object_not_kept_is_read_once_per_reduce_not_twice(
+        store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No share to keep objects in: each reduce reads each small object whole, once, and
+    # takes both its index entry and its slice from that one read.
+    monkeypatch.setattr(ShuffleBudget, "in_flight", property(lambda self: 2))
+    spec = await submit(store, tmp_path, reducers=5)
+    blobs = CountingStore(tmp_path / "blobs")
+    worker = Worker(spec.name, word_count(), store, blobs, "w-1")
+    assert await worker.run() == JobPhase.SUCCEEDED
+    assert len(worker._kept) == 0
+    assert sorted(blobs.reads.values()) == [5] * len(TEXT)
 
 
 class FakeClock:

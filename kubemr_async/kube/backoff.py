@@ -6,6 +6,8 @@ import random
 
 import anyio
 
+from .. import metrics
+
 
 class Backoff:
     """Exponential delays with jitter: ``initial``, doubling, capped at ``maximum``.
@@ -33,4 +35,5 @@ class Backoff:
         delay = self._next
         self._next = min(self.maximum, max(self.initial, self._next * self.factor))
         if delay:
+            metrics.API_RETRIES.inc()
             await anyio.sleep(delay * (1 + self.jitter * random.random()))

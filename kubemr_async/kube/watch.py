@@ -14,7 +14,7 @@ The rules every Kubernetes client learns the hard way live here once:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -61,7 +61,9 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                      label_selector: str | None = None, field_selector: str | None = None,
                      timeout_seconds: int = 300, inactivity_timeout: float | None = None,
                      counters: WatchCounters | None = None,
-                     backoff: Backoff | None = None) -> AsyncGenerator[Listed | Changed, None]:
+                     backoff: Backoff | None = None,
+                     on_progress: Callable[[], None] | None = None,
+                     ) -> AsyncGenerator[Listed | Changed, None]:
     """Follow a collection forever: a :class:`Listed` first (unless resuming ``since`` a
     version the caller listed itself), then :class:`Changed` events, and a fresh
     :class:`Listed` after every 410 Gone.
@@ -69,7 +71,12 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
     ``timeout_seconds`` bounds one watch request on the server, after which we resume;
     ``inactivity_timeout`` bounds silence on the client (a connection that died without a
     FIN), and must exceed the gap between the bookmarks the server sends.
+
+    ``on_progress`` is called whenever the server shows the watch is current: a list, an
+    event, a bookmark (which a caller never sees otherwise), a watch it ended on time.
+    The operator's readiness is built on it.
     """
+    progressed = on_progress or _nothing
     counters = counters or _Uncounted()
     backoff = backoff or Backoff()
     silence = inactivity_timeout if inactivity_timeout is not None else timeout_seconds + 15.0
@@ -88,6 +95,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                 log.warning("%s; retrying in %.1fs", exc, backoff.delay)
                 continue
             backoff.reset()
+            progressed()
             yield Listed(items, current)
         counters.watch_connects += 1
         try:
@@ -112,6 +120,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                 line = await resp.content.readline()
                 if not line:  # the server ended the watch (timeoutSeconds): resume
                     backoff.reset()
+                    progressed()
                     break
                 event = orjson.loads(line)
                 kind, obj = event["type"], event["object"]
@@ -120,6 +129,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                     error = error_for(context, code, orjson.dumps(obj))
                     break
                 backoff.reset()
+                progressed()
                 current = obj["metadata"]["resourceVersion"]
                 if kind != "BOOKMARK":
                     yield Changed(kind, obj)
@@ -136,3 +146,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
             raise error
         elif error is not None:
             log.warning("%s; retrying in %.1fs", error, backoff.delay)
+
+
+def _nothing() -> None:
+    """The default ``on_progress``: nobody is listening."""

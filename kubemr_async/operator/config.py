@@ -23,3 +23,14 @@ class OperatorConfig:
     reconcile_workers: int = 4
     #: How often every job is reconciled whatever the watch said (a missed event heals).
     resync_seconds: float = 30.0
+    #: The port of the operator's /metrics, /healthz and /readyz (0: none served).
+    metrics_port: int = 0
+    #: The port each worker pod serves /metrics on, announced by the usual scrape
+    #: annotations (0: workers serve none).
+    worker_metrics_port: int = 0
+    #: Seconds a worker pod keeps serving /metrics after its job is decided, so a last
+    #: scrape sees its final counts (cut short when the operator deletes the workers).
+    worker_metrics_linger: float = 30.0
+    #: /readyz fails once the jobs' watch has delivered nothing (no list, event or
+    #: bookmark) for this long; the API server sends a bookmark about every minute.
+    watch_ready_seconds: float = 180.0

@@ -1,20 +1,27 @@
 """The operator process: watch MapReduceJobs, queue their keys, reconcile them.
 
-Four loops run in one anyio task group: the jobs' list-watch (feeding the queue), a
+Five loops run in one anyio task group: the jobs' list-watch (feeding the queue), a
 periodic resync (every job, whatever the watch said), the reconcile workers (draining the
-queue) and the progress followers. If one fails, the task group cancels the others and
-:meth:`Operator.run` raises that one error: nothing is left running behind it.
+queue), the progress followers and the health heartbeat. If one fails, the task group
+cancels the others and :meth:`Operator.run` raises that one error: nothing is left running
+behind it. With ``config.metrics_port`` set, /metrics, /healthz and /readyz are served
+(:class:`~kubemr_async.metrics.Endpoint`) for as long as :meth:`Operator.run` runs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from typing import Any
 
 import anyio
 
+from .. import metrics
 from ..crd import MAPREDUCE_JOBS
+from ..errors import UsageError
 from ..kube import Kube, KubeApiError, KubeObject, Listed, list_watch
+from ..protocol import JobPhase
 from .config import OperatorConfig
 from .followers import Followers, Key
 from .queue import WorkQueue, run_workers
@@ -39,6 +46,11 @@ class Operator:
         self.followers = Followers(kube, self.queue.add)
         self.reconciler = Reconciler(kube, config, self.followers, self.queue.add_after)
         self.changes = ChangeFilter()
+        self.health = metrics.Health()
+        #: Readiness: the jobs' watch is current. Leader election (issue 15) will add its
+        #: own check here, ``health.add_readiness("leader", ...)``, so a standby is not ready.
+        self.watch_current = metrics.Recent(config.watch_ready_seconds)
+        self.health.add_readiness("watch", self.watch_current)
 
     async def run(self) -> None:
         """Watch MapReduceJobs and reconcile each change; resync everything periodically.
@@ -46,8 +58,11 @@ class Operator:
         Runs until cancelled, or until a loop fails with what retrying cannot fix (say, a
         403 on the watch): then every loop is stopped and that error is raised.
         """
+        metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
+        endpoint = self._serve() if self.config.metrics_port else None
         try:
             async with anyio.create_task_group() as group:
+                group.start_soon(self.health.heartbeat, name="kubemr-operator-heartbeat")
                 group.start_soon(self._watch_jobs, name="kubemr-operator-watch")
                 group.start_soon(self._resync, name="kubemr-operator-resync")
                 group.start_soon(self.followers.run, name="kubemr-operator-followers")
@@ -55,6 +70,18 @@ class Operator:
                                  self.config.reconcile_workers, name="kubemr-operator-workers")
         except BaseExceptionGroup as failed:
             raise _sole(failed) from None
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+
+    def _serve(self) -> metrics.Endpoint:
+        """/metrics, /healthz and /readyz on ``config.metrics_port``; a port that cannot
+        be bound is a usage error (one line), not a traceback."""
+        port = self.config.metrics_port
+        try:
+            return metrics.Endpoint(port, health=self.health)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
     async def reconcile(self, namespace: str, name: str) -> None:
         """Reconcile one job now, outside the queue (tests; the queue calls it too)."""
@@ -62,9 +89,12 @@ class Operator:
 
     async def _reconcile_key(self, key: Key) -> None:
         namespace, name = key
+        started = time.monotonic()
         try:
             await self.reconcile(namespace, name)
         except Exception as exc:
+            metrics.RECONCILES.labels("error").inc()
+            metrics.RECONCILE_ERRORS.inc()
             # Retried with backoff by the queue; the Event tells `kubectl describe` readers
             # why the job is not moving (e.g. a permission the operator lacks).
             log.exception("reconcile failed", extra={"job": f"{namespace}/{name}"})
@@ -72,19 +102,29 @@ class Operator:
                                         "ReconcileError", f"{type(exc).__name__}: {exc}",
                                         warning=True)
             raise
+        else:
+            metrics.RECONCILES.labels("success").inc()
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
     async def _watch_jobs(self) -> None:
         """List, then watch from the list's version (:func:`~kubemr_async.kube.list_watch`:
         bookmarks, resume, re-list after 410, backoff on transient trouble such as the 429
         of a freshly installed CRD whose storage initialises)."""
         async for item in list_watch(self.kube, MAPREDUCE_JOBS, self.config.namespace,
-                                     context="watching MapReduceJobs"):
+                                     context="watching MapReduceJobs",
+                                     on_progress=self.watch_current.mark):
             if isinstance(item, Listed):  # a fresh cut: every job is reconciled
                 self.changes.relisted(item.items)
                 for obj in item.items:
                     self.queue.add(job_key(obj))
             elif self.changes.changed(item.type, item.object):
                 self.queue.add(job_key(item.object))
+            else:
+                continue
+            phases = self.changes.phases()
+            for phase in JobPhase:
+                metrics.JOBS.labels(phase.value).set(phases[phase.value])
 
     async def _resync(self) -> None:
         while True:
@@ -114,6 +154,11 @@ class ChangeFilter:
     def __len__(self) -> int:
         """How many jobs the filter remembers."""
         return len(self._seen)
+
+    def phases(self) -> Counter[str]:
+        """How many of the jobs remembered are in each phase (a new one is Pending)."""
+        return Counter(fingerprint[3] or JobPhase.PENDING.value
+                       for fingerprint in self._seen.values())
 
     def relisted(self, items: list[KubeObject]) -> None:
         """A fresh list (each of its jobs is reconciled anyway): remember exactly these, so

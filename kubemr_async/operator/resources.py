@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 
-from .. import protocol
+from .. import metrics, protocol
 from ..conditions import job_conditions
 from ..crd import API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, TASK_PLURAL
 from ..kube import KubeObject
@@ -137,6 +137,9 @@ def worker_env(mrj: KubeObject, config: OperatorConfig,
     ]
     if config.s3_endpoint:
         env.append({"name": "KUBEMR_S3_ENDPOINT", "value": config.s3_endpoint})
+    if config.worker_metrics_port:
+        env += [{"name": metrics.PORT_ENV, "value": str(config.worker_metrics_port)},
+                {"name": metrics.LINGER_ENV, "value": str(config.worker_metrics_linger)}]
     if secret:
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                 for key in S3_SECRET_KEYS]
@@ -180,6 +183,8 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
             "terminationGracePeriodSeconds": 30,
         },
     }
+    if config.worker_metrics_port:
+        _add_metrics_port(pod, config.worker_metrics_port)
     if spec.template:
         pod = deep_merge(pod, dict(spec.template))
         # A job may shape its pods, but never choose their identity: the account is the
@@ -194,6 +199,16 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
         "spec": {"parallelism": spec.workers or DEFAULT_WORKERS,
                  "backoffLimit": config.worker_backoff_limit, "template": pod},
     }
+
+
+def _add_metrics_port(pod: KubeObject, port: int) -> None:
+    """Declare the worker's /metrics port and the scrape annotations that Prometheus's
+    usual pod discovery (and most charts' scrape configs) follow."""
+    pod["metadata"]["annotations"] = {"prometheus.io/scrape": "true",
+                                      "prometheus.io/port": str(port),
+                                      "prometheus.io/path": "/metrics"}
+    pod["spec"]["containers"][0]["ports"] = [
+        {"name": "metrics", "containerPort": port, "protocol": "TCP"}]
 
 
 #: The volume under the worker's temp dir: spills, merge passes and parts being written.
