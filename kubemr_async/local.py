@@ -372,25 +372,26 @@ def _failure(name: str, view: JobView, workers: int, router: _LogRouter,
 async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path, count: int,
                      show_progress: bool, router: _LogRouter, label: str = "",
                      metrics_dir: Path | None = None) -> JobView:
-    """Start the workers, follow the job to its verdict, and stop them all either way."""
+    """Start the workers, replace those that die, follow the job to its verdict, and stop
+    them all either way."""
     (work / "logs").mkdir(exist_ok=True)  # a multi-step run's steps append to one per worker
-    procs: list[asyncio.subprocess.Process] = []
+    crew = _Crew(store, name, work, blobs, router, count, metrics_dir)
     bar = ProgressBar(label) if show_progress else None
     try:
-        async with anyio.create_task_group() as pumps:
+        async with anyio.create_task_group() as group:
             for index in range(count):
-                proc = await _spawn_worker(work, name, index, blobs, metrics_dir)
-                procs.append(proc)
-                pumps.start_soon(_pump, proc, index, work, router)
+                group.start_soon(crew.keep, index, group)
             try:
-                view = await _follow(store, name, procs, bar)
+                view = await crew.follow(bar)
             finally:
-                await _stop_workers(procs)
+                crew.stopping = True
+                await _stop_workers(list(crew.procs.values()))
                 # Pipes close when the workers exit, unless a process they spawned holds
                 # one: give the pumps a moment to drain, then cancel what is left.
-                pumps.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
+                group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
     finally:
-        await _stop_workers(procs)
+        crew.stopping = True
+        await _stop_workers(list(crew.procs.values()))
         if bar:
             bar.close()
     if not view.phase.finished:
@@ -400,37 +401,164 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path
     return view
 
 
-async def _follow(store: SQLiteStateStore, name: str, procs: list[asyncio.subprocess.Process],
-                  bar: ProgressBar | None) -> JobView:
-    """Watch the job until it is decided or every worker has exited."""
-    records, revision = await store.snapshot(name)
-    view = JobView({key: rec.body for key, rec in records.items()})
+#: Worker deaths in a row with no task committing in between, per worker (counted over
+#: all the slots together), after which `kubemr run` fails the job instead of starting
+#: another (a crash loop).
+CRASH_LOOP_DEATHS = 3
 
-    async def follow() -> None:
-        async for event in store.watch(name, revision):
-            view.update(event.record.key, event.record.body)
-            if bar:
-                bar.update(view.progress())
-            if view.phase.finished:
-                return
 
-    async def all_exited() -> None:
-        for proc in procs:
-            await proc.wait()
+@dataclass
+class _Crew:
+    """One step's worker processes, each slot restarted when its process dies, as
+    Kubernetes restarts a pod's container.
 
-    # Whichever ends first (the verdict, or the last worker gone) ends the other.
-    async with anyio.create_task_group() as group:
-        async def first(wait: Callable[[], Awaitable[None]]) -> None:
-            await wait()
-            group.cancel_scope.cancel()
+    A dead process can write nothing more, so its claimed tasks are failed at once (a
+    guarded ``protocol.fail`` as that worker and attempt, counted against
+    ``maxAttempts`` like a lapsed lease) instead of waiting a lease for a takeover.
+    Deaths in a row with no commit in between end the job once they reach
+    ``CRASH_LOOP_DEATHS`` times the number of slots, naming the last one's cause.
+    """
 
-        group.start_soon(first, follow)
-        group.start_soon(first, all_exited)
-    return view
+    store: SQLiteStateStore
+    name: str
+    work: Path
+    blobs: Path
+    router: _LogRouter
+    count: int
+    #: Where worker processes count their metrics (None: no metrics served).
+    metrics_dir: Path | None = None
+    procs: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
+    stopping: bool = False
+    view: JobView = field(default_factory=JobView)
+    #: Deaths since a task last committed, and the committed count at the last death.
+    deaths: int = 0
+    committed: int = 0
+    _gone: int = 0
+    _all_gone: anyio.Event = field(default_factory=anyio.Event)
+
+    async def follow(self, bar: ProgressBar | None) -> JobView:
+        """Watch the job until it is decided or every worker has left for good."""
+        records, revision = await self.store.snapshot(self.name)
+        self.view = view = JobView({key: rec.body for key, rec in records.items()})
+
+        async def watch() -> None:
+            async for event in self.store.watch(self.name, revision):
+                view.update(event.record.key, event.record.body)
+                if bar:
+                    bar.update(view.progress())
+                if view.phase.finished:
+                    return
+
+        # Whichever ends first (the verdict, or the last worker gone) ends the other.
+        async with anyio.create_task_group() as group:
+            async def first(wait: Callable[[], Awaitable[Any]]) -> None:
+                await wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(first, watch)
+            group.start_soon(first, self._all_gone.wait)
+        return view
+
+    async def keep(self, index: int, group: anyio.abc.TaskGroup) -> None:
+        """Run worker slot ``index``: a process, and a new one each time it dies."""
+        generation = 0
+        try:
+            while not self.stopping:
+                worker_id = f"local-{index}" + (f"-r{generation}" if generation else "")
+                oom_before = _oom_kills()
+                self.router.last_lines.pop(index, None)  # not the previous process's line
+                proc = await _spawn_worker(self.work, self.name, index, self.blobs,
+                                           self.metrics_dir, worker_id)
+                self.procs[index] = proc
+                pumped = anyio.Event()
+                group.start_soon(_pump, proc, index, self.work, self.router, pumped)
+                code = await proc.wait()
+                if self.stopping or code == 0:
+                    return  # stopped by us, or the job was decided
+                if proc.stdin is not None:  # its watchdog pipe: a new process gets its own
+                    proc.stdin.close()
+                with anyio.move_on_after(1.0):  # its last lines, for the cause
+                    await pumped.wait()
+                oom = oom_before is not None and (_oom_kills() or 0) > oom_before
+                cause = death_cause(code, self.router.last_lines.get(index, ""), oom)
+                await self._fail_claims(worker_id, cause)
+                if await self._crash_loop(worker_id, cause):
+                    return
+                self.router.notice(index, f"worker {worker_id} {cause}; starting another")
+                generation += 1
+        finally:
+            self._gone += 1
+            if self._gone == self.count:
+                self._all_gone.set()
+
+    async def _fail_claims(self, worker_id: str, cause: str) -> None:
+        """Fail the attempts the dead worker held: it can never renew or commit them."""
+        records, _ = await self.store.snapshot(self.name)
+        max_attempts = int(records[protocol.JOB_KEY].job["spec"]["maxAttempts"])
+        held = [record.task for key, record in records.items() if key != protocol.JOB_KEY
+                and record.task["state"] == protocol.TaskState.RUNNING
+                and record.task["worker"] == worker_id]
+        for task in held:
+            message = f"worker {worker_id} died during attempt {task['attempt']}: {cause}"
+            await self.store.patch(self.name, protocol.fail(task, worker_id, message,
+                                                            max_attempts))
+
+    async def _crash_loop(self, worker_id: str, cause: str) -> bool:
+        """Count a death; at the limit fail the job naming the cause. True if it ended."""
+        progress = self.view.progress()
+        committed = progress.maps_done + progress.reduces_done
+        self.deaths = self.deaths + 1 if committed == self.committed else 1
+        self.committed = committed
+        if self.deaths < CRASH_LOOP_DEATHS * self.count:
+            return False
+        records, _ = await self.store.snapshot(self.name)
+        job = records[protocol.JOB_KEY].job
+        if not JobPhase(job["phase"]).finished:
+            reason = (f"workers died {self.deaths} times in a row with no task committing; "
+                      f"the last, {worker_id}, {cause}")
+            await self.store.patch(self.name, protocol.abort(job, JobPhase.FAILED, reason))
+        return True
+
+
+def death_cause(returncode: int, last_line: str, oom_killed: bool) -> str:
+    """One line: how a worker process ended (signal name or exit code), "out of memory"
+    when that is known, and its last log line.
+
+    `kubemr run` sets its workers no memory limit of its own, so out of memory is known
+    two ways only: a MemoryError that escaped the worker (its last line), or SIGKILL while
+    the kernel's OOM-kill count of our cgroup went up (``oom_killed``).
+    """
+    if returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    if (oom_killed and returncode == -signal.SIGKILL) or last_line.startswith("MemoryError"):
+        how += " (out of memory)"
+    line = " ".join(last_line.split())[:200]
+    return f"{how}; its last log line: {line}" if line else how
+
+
+def _oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's cgroup
+    (v2 ``memory.events``), or None where that cannot be read."""
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next(line[3:] for line in groups if line.startswith("0::"))
+        for line in Path(f"/sys/fs/cgroup{path}/memory.events").read_text().splitlines():
+            field_name, _, value = line.partition(" ")
+            if field_name == "oom_kill":
+                return int(value)
+    except (OSError, StopIteration, ValueError):
+        return None
+    return None
 
 
 async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = None,
-                        metrics_dir: Path | None = None) -> asyncio.subprocess.Process:
+                        metrics_dir: Path | None = None, worker_id: str = ""
+                        ) -> asyncio.subprocess.Process:
     """A worker process whose output comes back on one pipe and whose stdin is a watchdog."""
     # print() lines arrive as they happen; the allocator settings keep RSS near the budget.
     env = {**WORKER_PROCESS_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
@@ -438,7 +566,8 @@ async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = 
         env[metrics.MULTIPROCESS_ENV] = str(metrics_dir)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubemr_async.local", "--state", str(work / "state.db"),
-        "--blobs", str(blobs or work / "blobs"), "--job", name, "--worker-id", f"local-{index}",
+        "--blobs", str(blobs or work / "blobs"), "--job", name,
+        "--worker-id", worker_id or f"local-{index}",
         "--parent-pid", str(os.getpid()),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT)
@@ -464,8 +593,17 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
 
 
 async def _pump(proc: asyncio.subprocess.Process, index: int, work: Path,
-                router: _LogRouter) -> None:
-    """Copy one worker's output into its log file, showing what the user should see."""
+                router: _LogRouter, done: anyio.Event) -> None:
+    """Copy one worker's output into its log file, showing what the user should see;
+    ``done`` once the output ended."""
+    try:
+        await _copy_output(proc, index, work, router)
+    finally:
+        done.set()
+
+
+async def _copy_output(proc: asyncio.subprocess.Process, index: int, work: Path,
+                       router: _LogRouter) -> None:
     assert proc.stdout is not None
     stream = proc.stdout
     log = await asyncio.to_thread(open, work / "logs" / f"worker-{index}.log", "ab")
@@ -492,13 +630,18 @@ class _LogRouter:
     current: dict[int, str] = field(default_factory=dict)
     attempts: dict[tuple[str, int], int] = field(default_factory=dict)
     last_line: str = ""
+    #: Each worker slot's last non-blank line (a dead worker's is part of its cause).
+    last_lines: dict[int, str] = field(default_factory=dict)
     out: IO[str] | None = None
 
     def route(self, index: int, raw: bytes) -> None:
         text = raw.decode(errors="replace").rstrip("\r\n")
+        entry = _structured(raw)
         if text.strip():
             self.last_line = text[-300:]
-        entry = _structured(raw)
+            self.last_lines[index] = text[-300:] if entry is None else " ".join(
+                f"{name}={entry[name]}" for name in ("level", "msg", "task", "attempt", "error")
+                if name in entry)
         if entry is None:  # print(), sys.stderr, a subprocess: the user's own output
             self._show(index, self.current.get(index), text)
             return
@@ -525,6 +668,10 @@ class _LogRouter:
             self.attempts[(task, int(entry.get("attempt", 0)))] = index
         elif self.current.get(index) == task and msg != "lease renewal failed; retrying":
             del self.current[index]  # committed, failed, released or abandoned
+
+    def notice(self, index: int, line: str) -> None:
+        """A line from `kubemr run` itself about worker ``index`` (a death, a restart)."""
+        self._show(index, None, line)
 
     def _show(self, index: int, task: Any, line: str) -> None:
         prefix = f"[w{index} {task}]" if isinstance(task, str) and task else f"[w{index}]"

@@ -25,7 +25,10 @@ Task lifecycle::
 lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
 leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
 Every write bumps ``seq``, and every guarded write tests it, which makes each update a
-compare-and-swap on the whole record.
+compare-and-swap on the whole record. That bump is also what a lease is judged by: a
+running task may be taken over once an observer has seen its ``seq`` stay the same for
+``leaseSeconds`` on its own monotonic clock (:meth:`JobView.lease_lapsed`), so no
+machine's wall clock is compared with another's.
 """
 
 from __future__ import annotations
@@ -237,19 +240,31 @@ def _held_by(body: TaskRecord, worker: str) -> list[PatchOp]:
 
 
 def lease_expired(body: TaskRecord, now: float) -> bool:
+    """The holder's own verdict: ``leaseExpires`` (its wall clock) is before ``now``.
+
+    Only for a reader that has watched nothing (a snapshot in a test or a tool): a worker
+    judges by its own observation instead (:meth:`JobView.lease_lapsed`), because two
+    machines' wall clocks may disagree by more than a lease.
+    """
     return body["state"] == TaskState.RUNNING and float(body["leaseExpires"]) < now
 
 
 def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
-          max_attempts: int) -> Update:
+          max_attempts: int, *, lapsed: bool | None = None) -> Update:
     """Claim a pending task, or take over one whose holder stopped renewing its lease.
+
+    ``now`` (the claimant's wall clock) only dates the new lease for people reading the
+    record. Whether a running task may be taken over is ``lapsed``, the claimant's own
+    observation (:meth:`JobView.lease_lapsed`); None falls back to the record's
+    ``leaseExpires`` against ``now``. Either way the write is guarded by the ``seq`` that
+    was read, so a renewal that lands first makes the takeover lose.
 
     Taking over counts the lost attempt as a failure; if that was the last allowed one
     the update fails the task instead of claiming it.
     """
     key = task_name(body)
     if body["state"] == TaskState.RUNNING:
-        if not lease_expired(body, now):
+        if not (lease_expired(body, now) if lapsed is None else lapsed):
             raise ValueError(f"task {key} is held by {body['worker']} until its lease expires")
         reason = (f"lease expired: worker {body['worker']} stopped renewing "
                   f"during attempt {body['attempt']}")
@@ -374,7 +389,8 @@ class JobView:
     are then read without scanning all tasks (a 10,000-task job sees ~20,000 changes).
     """
 
-    def __init__(self, records: Mapping[str, Body] | None = None) -> None:
+    def __init__(self, records: Mapping[str, Body] | None = None,
+                 seen: float | None = None) -> None:
         self.records: dict[str, Body] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.job: JobRecord | None = None
@@ -383,14 +399,22 @@ class JobView:
         self._counts: Counter[tuple[int, str, str]] = Counter()
         self._pending: dict[tuple[int, str], _Sample] = {}
         self._running: dict[str, TaskRecord] = {}
+        # When this observer saw each running task's record change (see lease_lapsed).
+        self._seen: dict[str, float | None] = {}
         # Committed maps by step and the type of their keys (a clash is two non-empty
         # entries of one step).
         self._key_types: dict[tuple[int, str], set[str]] = {}
         for key, body in (records or {}).items():
-            self.update(key, body)
+            self.update(key, body, seen)
 
-    def update(self, key: str, body: Body) -> None:
-        """Take in the latest body of one record (the key tells a job record from a task's)."""
+    def update(self, key: str, body: Body, seen: float | None = None) -> None:
+        """Take in the latest body of one record (the key tells a job record from a task's).
+
+        ``seen``: when the caller received it, on the caller's own monotonic clock. A
+        running task's lease lapses ``leaseSeconds`` after the last change seen (a new
+        ``seq``; a re-delivery of the same one does not restart it). Without ``seen`` the
+        holder's ``leaseExpires`` is trusted instead.
+        """
         if key == JOB_KEY:
             self.job = self.records[key] = cast(JobRecord, body)
             return
@@ -400,6 +424,9 @@ class JobView:
             self._counts[(old_step, old["kind"], old["state"])] -= 1
             self._pending_of(old_step, old["kind"]).discard(key)
             self._running.pop(key, None)
+            if old["seq"] == body["seq"] and key in self._seen:
+                seen = self._seen[key]
+            self._seen.pop(key, None)
             old_type = _key_type(old)
             if old_type is not None:
                 self._key_types[(old_step, old_type)].discard(key)
@@ -414,6 +441,7 @@ class JobView:
             self._pending_of(step, body["kind"]).add(key)
         elif body["state"] == TaskState.RUNNING:
             self._running[key] = body
+            self._seen[key] = seen
 
     def _pending_of(self, step: int, kind: str) -> _Sample:
         return self._pending.setdefault((step, kind), _Sample())
@@ -522,13 +550,31 @@ class JobView:
         return [*expired, *picked][:max(count, len(expired))]
 
     def _expired(self, stage: TaskKind, now: float) -> list[TaskRecord]:
-        """The current step's running tasks of ``stage`` whose lease ran out."""
-        return [b for b in self._running.values() if b["kind"] == stage
-                and task_step(b) == self.step and lease_expired(b, now)]
+        """The current step's running tasks of ``stage`` whose lease lapsed (lease_lapsed)."""
+        return [b for k, b in self._running.items() if b["kind"] == stage
+                and task_step(b) == self.step and self.lease_lapsed(k, now)]
+
+    def _lease_end(self, key: str) -> float:
+        """When task ``key``'s lease runs out on this observer's clock (see update)."""
+        seen = self._seen.get(key)
+        if seen is None or self.job is None:
+            return float(self._running[key]["leaseExpires"])
+        return seen + float(self.job["spec"]["leaseSeconds"])
+
+    def lease_lapsed(self, key: str, now: float) -> bool:
+        """Whether running task ``key`` may be taken over at ``now`` (the clock of ``seen``).
+
+        Kubernetes' leader-election rule: the holder's record has not changed for
+        ``leaseSeconds`` as this observer measured it, so no other machine's clock is read
+        and a skewed one can never make a live lease look expired. A holder that renews
+        changes the record every ``leaseSeconds / 3``; a fresh observer waits one whole
+        lease from when it first saw the record.
+        """
+        return key in self._running and self._lease_end(key) < now
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease runs out: the latest a waiting worker should look."""
-        leases = [float(t["leaseExpires"]) for t in self._running.values()]
+        leases = [self._lease_end(key) for key in self._running]
         return min(leases) if leases else None
 
     def map_outputs(self, partition: int) -> list[tuple[TaskRecord, str]]:

@@ -128,7 +128,8 @@ class Worker:
                  blobs: BlobStore, worker_id: str, *, data_prefix: str = "",
                  io_concurrency: int = 16,
                  clock: Callable[[], float] = time.time, inline: bool = False,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.job_name = job_name
         # inline: callbacks run on this loop (SameLoop) instead of a UserLoop thread.
         self.inline = inline
@@ -137,7 +138,11 @@ class Worker:
         self.store = store
         self.blobs = blobs
         self.worker_id = worker_id
+        # clock: wall time, only to date the leases we write for people reading records.
+        # monotonic: when we saw each record change, which alone decides a takeover
+        # (JobView.lease_lapsed), so another machine's clock never matters.
         self.clock = clock
+        self.monotonic = monotonic
         # The container's memory limit, the default budget when the spec sets none.
         self.memory_limit = memory_limit
         # Where this job's data lives inside ``blobs``: the manifest at the base, each
@@ -171,7 +176,8 @@ class Worker:
     async def run(self) -> JobPhase:
         """Work until the job finishes; returns the phase the job was in when we left."""
         records, revision = await self.store.snapshot(self.job_name)
-        self._view = JobView({key: rec.body for key, rec in records.items()})
+        self._view = JobView({key: rec.body for key, rec in records.items()},
+                             seen=self.monotonic())
         assert self._view.job is not None
         self.job_spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.budget = shuffle.ShuffleBudget(memory_budget(self.job_spec.memory,
@@ -210,7 +216,7 @@ class Worker:
         # Our own writes are applied at once; the watch may deliver them (or older ones) later.
         known = self._view.records.get(key)
         if known is None or body["seq"] >= known["seq"]:
-            self._view.update(key, body)
+            self._view.update(key, body, seen=self.monotonic())
             self._changed.set()
 
     async def _write(self, update: protocol.Update) -> Record | None:
@@ -234,13 +240,20 @@ class Worker:
                 await self._stamp_verdict(view, verdict)
                 continue
             self._changed.clear()
-            now = self.clock()
+            now = self.monotonic()
             # A random few: workers spread over different tasks, so most claims win at once.
             for body in view.candidates(now, 8, self._rng):
                 if self._stopping.is_set():
                     break
-                update = protocol.claim(body, self.worker_id, now, self.spec.lease_seconds,
-                                        self.spec.max_attempts)
+                update = protocol.claim(
+                    body, self.worker_id, self.clock(), self.spec.lease_seconds,
+                    self.spec.max_attempts,
+                    lapsed=view.lease_lapsed(protocol.task_name(body), now))
+                if body["state"] == TaskState.RUNNING:
+                    log.warning("taking over a lapsed lease",
+                                extra={"job": self.job_name, "task": protocol.task_name(body),
+                                       "attempt": body["attempt"], "holder": body["worker"],
+                                       "worker": self.worker_id})
                 claimed = await self._write(update)
                 if claimed is None:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
@@ -253,7 +266,8 @@ class Worker:
 
     async def _wait_for_change(self, view: JobView) -> None:
         expiry = view.next_lease_expiry()
-        timeout = 2.0 if expiry is None else min(2.0, max(0.05, expiry - self.clock() + 0.01))
+        timeout = (2.0 if expiry is None
+                   else min(2.0, max(0.05, expiry - self.monotonic() + 0.01)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 

@@ -22,6 +22,7 @@ from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
 from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
+from kubemr_async.state.base import StateStore
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
 
@@ -48,7 +49,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStateStore]:
     await state.aclose()
 
 
-async def submit(store: SQLiteStateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
+async def submit(store: StateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
     """Write a new word-count job's records (one map per input file) and start it."""
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -184,8 +185,9 @@ class FakeClock:
 
 async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
         store: SQLiteStateStore, tmp_path: Path) -> None:
-    """Worker A claims a map and hangs; once the fake clock passes its lease, worker B
-    takes the map over as attempt 2 and finishes the job; A's commit then loses."""
+    """Worker A claims a map and hangs; once B has watched A's record stay unchanged for a
+    lease on the fake clock, B takes the map over as attempt 2 and finishes the job; A's
+    commit then loses."""
     lease = 600.0  # A's heartbeat sleeps lease/3 of real time: it never renews here
     spec = await submit(store, tmp_path, lease_seconds=lease)
     clock = FakeClock(1000.0)
@@ -202,7 +204,7 @@ async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
 
     job.map_fn = hang_on_first_attempt
     blobs = FileBlobStore(tmp_path / "blobs")
-    a = Worker(spec.name, job, store, blobs, "a", clock=clock)
+    a = Worker(spec.name, job, store, blobs, "a", clock=clock, monotonic=clock)
     running_a = asyncio.create_task(a.run())
     try:
         assert await asyncio.to_thread(started.wait, 60)
@@ -210,8 +212,14 @@ async def test_an_expired_lease_is_taken_over_and_the_late_commit_loses(
         held = (await records(store, spec.name))["map-00000"]
         assert (held["worker"], held["attempt"], held["leaseExpires"]) == ("a", 1, 1000 + lease)
 
-        clock.now += lease + 1
-        b = Worker(spec.name, job, store, blobs, "b", clock=clock)
+        # B's first reading dates its snapshot (A's claim, seen at 1000); every later one
+        # is a lease past it, so B has watched the record stay unchanged for a lease.
+        readings = [clock.now]
+
+        def b_monotonic() -> float:
+            return readings.pop() if readings else clock.now + lease + 1
+
+        b = Worker(spec.name, job, store, blobs, "b", clock=clock, monotonic=b_monotonic)
         assert await b.run() == JobPhase.SUCCEEDED
         taken = (await records(store, spec.name))["map-00000"]
         assert (taken["worker"], taken["attempt"], taken["failures"]) == ("b", 2, 1)
