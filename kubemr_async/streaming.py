@@ -11,7 +11,9 @@ forever on a full pipe:
   at a time with numpy/Arrow (:func:`parse_pairs`), and emitted with ``ctx.emit_batch``,
   so the map sorts and spills them like any other map's;
 * combiner: stdin is one spill buffer's rows sorted by key as ``key<TAB>value`` lines;
-  stdout is parsed back into pairs the same way;
+  stdout is parsed back into pairs the same way. Behind a shell mapper the buffer is the
+  mapper's stdout lines themselves, held unparsed and handed over in key order
+  (:func:`run_mapper_combined`);
 * reducer: stdin is the partition's merged rows as ``key<TAB>value`` lines (sorted by key,
   groups contiguous); stdout is the result part's bytes as they are (text format), or
   parsed into pairs for the jsonl and parquet formats.
@@ -56,13 +58,13 @@ _PIECE = 1 << 20
 _BATCH = 4 << 20
 #: Lines of the command's stderr kept for the error of a failed command.
 _TAIL = 20
+_TAIL_LINE = 300
+_REPORTER = b"reporter:"
 #: What a held stdout line costs beyond its bytes: the two Arrow offsets of its pair, so
 #: a buffer of lines spills about where the same buffer of pairs would.
 _LINE_OVERHEAD = 8
 #: Most bytes of stdout lines held for one combiner run: their offsets are 32-bit.
 _HELD_LINES = 1 << 30
-_TAIL_LINE = 300
-_REPORTER = b"reporter:"
 
 
 class CommandFailed(KubemrError):
@@ -107,7 +109,7 @@ def _layout(raw: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int32], ...]:
 
 def _raw(data: bytes) -> npt.NDArray[np.uint8]:
     if len(data) > shuffle._INT32_MAX:
-        raise ValueError(f"parse_pairs takes below 2 GiB, got {len(data)} bytes")
+        raise ValueError(f"text lines are parsed below 2 GiB at a time, got {len(data)} bytes")
     return np.frombuffer(data, dtype=np.uint8)
 
 
