@@ -383,7 +383,9 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
 
     Emitted pairs are buffered up to the budget's map share; a full buffer is combined,
     partitioned, sorted and spilled (``_MapSpills.spill``), and the spills merge into one
-    object. Returns its path and size (None if the map emitted nothing) and the type of
+    object. A shell mapper with a shell combiner buffers its stdout lines unparsed instead
+    (``streaming.run_mapper_combined``), outside skip mode and multi-step pair inputs.
+    Returns the object's path and size (None if the map emitted nothing) and the type of
     the keys, which the runtime checks against the other maps' before it commits.
     """
     await job.prepare_map(ctx)  # the total-order partition file, if the job has one
