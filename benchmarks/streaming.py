@@ -15,13 +15,16 @@ run, each checked against the ``collections.Counter`` reference of ``wordcount.p
 
 The mapper splits on exactly ``bytes.split()``'s whitespace (``[:space:]`` in the C
 locale) and emits ``word<TAB>1``; the reducer sums the counts of each run of equal words.
-Timings are wall-clock, best of --repeat; peak RSS is the whole process tree's; ratios
-are the peer's time over kubemr-streaming's. Exit status is non-zero if any disagreed.
+Timings are wall-clock, best of --repeat; CPU is the user and system seconds of the
+peer's whole process tree in that run (on a shared machine the wall clock depends on the
+load, the CPU much less); peak RSS is the whole process tree's; ratios are the peer's time
+over kubemr-streaming's. Exit status is non-zero if any disagreed.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
@@ -84,12 +87,19 @@ def run_pipeline(paths: Sequence[Path]) -> WordCounts:
     return counts
 
 
-def measure(run: Callable[[], WordCounts]) -> tuple[float, int, WordCounts]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(run: Callable[[], WordCounts]) -> tuple[float, float, int, WordCounts]:
+    """Wall seconds, CPU seconds of the peer's (waited-for) process tree, peak RSS, counts."""
+    cpu = _children_cpu()
     with wordcount.PeakRSS() as memory:
         started = time.perf_counter()
         counts = run()
         seconds = time.perf_counter() - started
-    return seconds, memory.peak, counts
+    return seconds, _children_cpu() - cpu, memory.peak, counts
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -119,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             args.workers, args.data_dir),
         "pipeline": lambda: run_pipeline(data.paths),
     }
-    best: dict[str, tuple[float, int]] = {}
+    best: dict[str, tuple[float, float, int]] = {}  # seconds, CPU seconds, peak RSS
     errors: dict[str, str] = {}
     for round_ in range(args.repeat):  # round-robin, so drifting load hits every peer alike
         for peer, run in runners.items():
@@ -128,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {peer} round {round_ + 1}/{args.repeat} ...", end="", flush=True,
                   file=sys.stderr)
             try:
-                seconds, peak, counts = measure(run)
+                seconds, cpu, peak, counts = measure(run)
             except PeerError as exc:
                 print(" failed", file=sys.stderr)
                 errors[peer] = str(exc)
@@ -137,26 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if counts != reference:
                 errors[peer] = wordcount.diff_summary(reference, counts)
             old = best.get(peer)
-            best[peer] = (min(seconds, old[0]) if old else seconds,
-                          max(peak, old[1]) if old else peak)
+            fastest = old if old and old[0] <= seconds else (seconds, cpu, peak)
+            best[peer] = (*fastest[:2], max(peak, old[2]) if old else peak)
     print(f"corpus:  {data.size_bytes / 2**20:.0f} MiB in {len(data.paths)} files, seed "
           f"{data.spec.seed}; {sum(reference.values())} words, {len(reference)} distinct")
     for line in wordcount.machine_info():
         print(line)
     print(f"settings: --workers {args.workers}, best of {args.repeat}")
     print(f"mapper:  {MAPPER}\nreducer: {REDUCER} (also the combiner)\n")
-    base = best.get("kubemr-streaming", (0.0, 0))[0]
-    print(f"{'peer':<18}{'seconds':>9}{'MB/s':>8}{'peak RSS MiB':>14}{'x streaming':>13}"
-          f"  correct")
+    base = best.get("kubemr-streaming", (0.0, 0.0, 0))
+    print(f"{'peer':<18}{'seconds':>9}{'MB/s':>8}{'CPU s':>8}{'peak RSS MiB':>14}"
+          f"{'x streaming':>13}{'CPU x':>7}  correct")
     for peer in PEERS:
         if peer not in best:
-            print(f"{peer:<18}{'-':>9}{'-':>8}{'-':>14}{'-':>13}  ERROR")
+            print(f"{peer:<18}{'-':>9}{'-':>8}{'-':>8}{'-':>14}{'-':>13}{'-':>7}  ERROR")
             continue
-        seconds, peak = best[peer]
-        ratio = f"{seconds / base:.2f}x" if base else "n/a"
-        print(f"{peer:<18}{seconds:>9.2f}{data.size_bytes / 1e6 / seconds:>8.1f}"
-              f"{peak / 2**20:>14.0f}{ratio:>13}  {'no' if peer in errors else 'yes'}")
-    print("\nx streaming = peer seconds / kubemr-streaming seconds (<1: the peer is faster)")
+        seconds, cpu, peak = best[peer]
+        ratio = f"{seconds / base[0]:.2f}x" if base[0] else "n/a"
+        cpu_ratio = f"{cpu / base[1]:.2f}x" if base[1] else "n/a"
+        print(f"{peer:<18}{seconds:>9.2f}{data.size_bytes / 1e6 / seconds:>8.1f}{cpu:>8.1f}"
+              f"{peak / 2**20:>14.0f}{ratio:>13}{cpu_ratio:>7}  "
+              f"{'no' if peer in errors else 'yes'}")
+    print("\nx streaming = peer seconds / kubemr-streaming seconds (<1: the peer is faster); "
+          "CPU x likewise for CPU seconds")
     for peer, error in errors.items():
         print(f"\n{peer}: FAIL\n{error}")
     return 1 if errors else 0

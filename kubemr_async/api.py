@@ -414,8 +414,9 @@ class Job:
             raise ValueError(f"reducers must be at least 1, got {reducers}")
         p = self.partitioner
         try:
-            if p == "hash":
-                return shuffle.partition_ids(keys, reducers)
+            if p == "hash":  # one partition holds every key: nothing to hash
+                return (np.zeros(len(keys), dtype=np.int64) if reducers == 1
+                        else shuffle.partition_ids(keys, reducers))
             if isinstance(p, TotalOrderSampling):
                 if reducers == 1:
                     return np.zeros(len(keys), dtype=np.int64)

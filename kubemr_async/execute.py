@@ -248,7 +248,19 @@ class _MapSpills:
         if isinstance(combiner, str):
             table = shuffle.combine(table, combiner)
         elif combiner is not None:
-            table = self._combine(combiner, table)
+            self._write(self._combine(combiner, table), combined=True)
+            return
+        self._write(table)
+
+    def combined(self, table: shuffle.Table, rows: int) -> None:
+        """Spill a buffer of ``rows`` pairs the map has combined itself (a shell mapper's
+        lines through a shell combiner, ``streaming.run_mapper_combined``)."""
+        self.rows += rows
+        self._write(table, combined=True)
+
+    def _write(self, table: shuffle.Table, *, combined: bool = False) -> None:
+        """Partition, sort and write one buffer as a spill; the output of a user combiner
+        (``combined``) is not sorted again when it is in key order already."""
         kind = shuffle.key_type(table)
         if kind is not None:
             self.key_types.setdefault(kind, len(self.files))
@@ -257,12 +269,15 @@ class _MapSpills:
                 raise PermanentTaskError(f"{self.ctx.task} emitted keys of type {first} and "
                                          f"{second}; a job's keys must share one type")
         path = self.directory / f"spill-{len(self.files):05d}"
-        if self.job.sort_values:
+        presorted = self.job.sort_values
+        if presorted:
             # The secondary sort: rows by key, then value, so that every merge keeps values
             # in order and a reducer gets them sorted without sorting anything itself.
             table = order.sort_by_key_and_value(table)
+        elif combined:
+            presorted = shuffle.in_key_order(table)
         parts = shuffle.partition(table, self.ctx.partitions, self.job.partition_ids,
-                                  presorted=self.job.sort_values)
+                                  presorted=presorted)
         spill.write_shuffle_file(path, [[part] for part in parts], self.budget.block_bytes)
         self.files.append(path)
         metrics.SPILLS.inc()
@@ -372,7 +387,9 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
 
     Emitted pairs are buffered up to the budget's map share; a full buffer is combined,
     partitioned, sorted and spilled (``_MapSpills.spill``), and the spills merge into one
-    object. Returns its path and size (None if the map emitted nothing) and the type of
+    object. A shell mapper with a shell combiner buffers its stdout lines unparsed instead
+    (``streaming.run_mapper_combined``), outside skip mode and multi-step pair inputs.
+    Returns the object's path and size (None if the map emitted nothing) and the type of
     the keys, which the runtime checks against the other maps' before it commits.
     """
     await job.prepare_map(ctx)  # the total-order partition file, if the job has one
@@ -380,8 +397,15 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     ctx._spill, ctx._spill_bytes = spills.spill, budget.map_buffer
     if ctx._skips is not None:
         ctx._spill = _watched_spill(spills, ctx._skips)
+    mapper, combiner = job.map_fn, job.map_side_combiner
+    lines = data.data if isinstance(data, TextSplit) else data
     try:
-        await _run_user_map(job, data, ctx)
+        if (isinstance(mapper, Shell) and isinstance(combiner, Shell)
+                and isinstance(lines, bytes) and ctx._skips is None):
+            await streaming.run_mapper_combined(mapper, combiner, lines, ctx,
+                                                budget.map_buffer, spills.combined)
+        else:
+            await _run_user_map(job, data, ctx)
     finally:
         ctx._spill = None
     spills.spill(ctx._emitted())

@@ -843,6 +843,18 @@ def sort_by_key(table: Table) -> Table:
     return _take(table, _sort_order(distinct), distinct, rows)
 
 
+def in_key_order(table: Table) -> bool:
+    """Whether the rows are in key order already, as :func:`sort_by_key` would leave them:
+    a user combiner's output usually is, and then needs no sort. One vectorized pass, for
+    str and bytes keys (compared bytewise, as they sort); other kinds answer False."""
+    keys = single_array(table.column("key"))
+    if _arrow_kind(keys.type) not in ("str", "bytes"):
+        return False
+    if len(keys) < 2:
+        return True
+    return bool(pc.all(pc.less_equal(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py())
+
+
 def single_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """A column as one Array; a column of one chunk (what a run decodes to) without a
     copy, which Arrow's ``combine_chunks`` always makes."""
@@ -885,6 +897,16 @@ def _take(
     """The rows of ``table`` in the ``order`` of their distinct keys, equal keys in input order."""
     if rows is None:
         return table.take(order)
+    row_order = _rows_in_order(order, rows)
+    # Gathering from the distinct strings stays in cache; gathering the rows' own does not.
+    keys = distinct.take(rows[row_order])
+    return pa.table([keys, table.column("value").take(row_order)], schema=table.schema)
+
+
+def _rows_in_order(order: npt.NDArray[np.int64],
+                   rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The rows (each an index into distinct keys) ordered by the ``order`` of their
+    distinct keys, equal keys in row order."""
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     ranks = rank[rows]
@@ -893,9 +915,15 @@ def _take(
     if order.size > 1 << 16:
         high = (ranks >> 16).astype(np.uint16)
         row_order = row_order[np.argsort(high[row_order], kind="stable")]
-    # Gathering from the distinct strings stays in cache; gathering the rows' own does not.
-    keys = distinct.take(rows[row_order])
-    return pa.table([keys, table.column("value").take(row_order)], schema=table.schema)
+    return row_order
+
+
+def key_order(keys: pa.Array) -> npt.NDArray[np.int64]:
+    """The stable order of ``keys`` (as :func:`sort_by_key` sorts them), for a caller that
+    gathers something other than the keys in that order (whole text lines, say)."""
+    distinct, rows = _distinct_keys(keys)
+    order = _sort_order(distinct)
+    return order if rows is None else _rows_in_order(order, rows)
 
 
 def prefix_order(strings: pa.Array) -> npt.NDArray[np.int64]:

@@ -11,7 +11,9 @@ forever on a full pipe:
   at a time with numpy/Arrow (:func:`parse_pairs`), and emitted with ``ctx.emit_batch``,
   so the map sorts and spills them like any other map's;
 * combiner: stdin is one spill buffer's rows sorted by key as ``key<TAB>value`` lines;
-  stdout is parsed back into pairs the same way;
+  stdout is parsed back into pairs the same way. Behind a shell mapper the buffer is the
+  mapper's stdout lines themselves, held unparsed and handed over in key order
+  (:func:`run_mapper_combined`);
 * reducer: stdin is the partition's merged rows as ``key<TAB>value`` lines (sorted by key,
   groups contiguous); stdout is the result part's bytes as they are (text format), or
   parsed into pairs for the jsonl and parquet formats.
@@ -37,10 +39,11 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from . import formats, shuffle, spill
@@ -57,6 +60,11 @@ _BATCH = 4 << 20
 _TAIL = 20
 _TAIL_LINE = 300
 _REPORTER = b"reporter:"
+#: What a held stdout line costs beyond its bytes: the two Arrow offsets of its pair, so
+#: a buffer of lines spills about where the same buffer of pairs would.
+_LINE_OVERHEAD = 8
+#: Most bytes of stdout lines held for one combiner run: their offsets are 32-bit.
+_HELD_LINES = 1 << 30
 
 
 class CommandFailed(KubemrError):
@@ -71,25 +79,23 @@ def _name(shell: Shell, ctx: TaskContext, role: Role) -> str:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_pairs(data: bytes) -> tuple[pa.Array, pa.Array]:
-    """The ``key<TAB>value`` lines of ``data`` as two Arrow binary arrays, vectorized.
+def _layout(raw: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int32], ...]:
+    """Each line's start, key end, value start and end (its LF, or the data's end).
 
-    Lines end at LF (a last line without one counts); each splits at its first TAB, and a
-    line with none is all key with an empty value. No byte is copied until the keys and
-    values are taken out of one zero-copy array of 4 pieces per line.
+    Lines end at LF (a last line without one counts); a key ends at its line's first TAB,
+    and a line with none is all key with an empty value (key end = value start = end).
     """
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if raw.size == 0:
-        return pa.array([], pa.binary()), pa.array([], pa.binary())
-    if raw.size > shuffle._INT32_MAX:
-        raise ValueError(f"parse_pairs takes below 2 GiB, got {raw.size} bytes")
-    ends = np.flatnonzero(raw == 10)
+    # 32-bit positions (``_raw`` takes below 2 GiB): half the memory of numpy's own.
+    ends = np.flatnonzero(raw == 10).astype(np.int32)
     if raw[-1] != 10:
         ends = np.append(ends, raw.size)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
-    tabs = np.flatnonzero(raw == 9)
+    tabs = np.flatnonzero(raw == 9).astype(np.int32)
+    if tabs.size == ends.size and (tabs < ends).all() and (tabs[1:] > ends[:-1]).all():
+        # One TAB in every line (plain key<TAB>value): no search for each line's first.
+        return starts, tabs, tabs + 1, ends
     key_ends = ends.copy()
     value_starts = ends.copy()
     if tabs.size:
@@ -98,16 +104,42 @@ def parse_pairs(data: bytes) -> tuple[pa.Array, pa.Array]:
         first[1:] = line[1:] != line[:-1]
         key_ends[line[first]] = tabs[first]
         value_starts[line[first]] = tabs[first] + 1
-    lines = ends.size
+    return starts, key_ends, value_starts, ends
+
+
+def _raw(data: bytes) -> npt.NDArray[np.uint8]:
+    if len(data) > shuffle._INT32_MAX:
+        raise ValueError(f"text lines are parsed below 2 GiB at a time, got {len(data)} bytes")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _pieces_array(data: bytes, bounds: list[npt.NDArray[np.int32]]) -> pa.Array:
+    """A zero-copy binary array cutting ``data`` at ``bounds`` (per line, in order): line
+    i's pieces are ``data[bounds[0][i]:bounds[1][i]]``, ..., the last up to the next line."""
+    per_line = len(bounds)
+    lines = bounds[0].size
+    offsets = np.empty(per_line * lines + 1, dtype=np.int32)
+    for position, bound in enumerate(bounds):
+        offsets[position:-1:per_line] = bound
+    offsets[-1] = len(data)
+    return pa.Array.from_buffers(pa.binary(), per_line * lines,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def parse_pairs(data: bytes) -> tuple[pa.Array, pa.Array]:
+    """The ``key<TAB>value`` lines of ``data`` as two Arrow binary arrays, vectorized.
+
+    Lines end at LF (a last line without one counts); each splits at its first TAB, and a
+    line with none is all key with an empty value. No byte is copied until the keys and
+    values are taken out of one zero-copy array of 4 pieces per line.
+    """
+    raw = _raw(data)
+    if raw.size == 0:
+        return pa.array([], pa.binary()), pa.array([], pa.binary())
+    starts, key_ends, value_starts, ends = _layout(raw)
     # Pieces per line: key, TAB, value, LF (each possibly empty).
-    offsets = np.empty(4 * lines + 1, dtype=np.int32)
-    offsets[0:-1:4] = starts
-    offsets[1:-1:4] = key_ends
-    offsets[2:-1:4] = value_starts
-    offsets[3:-1:4] = ends
-    offsets[-1] = raw.size
-    pieces = pa.Array.from_buffers(pa.binary(), 4 * lines,
-                                   [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    pieces = _pieces_array(data, [starts, key_ends, value_starts, ends])
+    lines = starts.size
     keys = pieces.take(pa.array(np.arange(0, 4 * lines, 4)))
     values = pieces.take(pa.array(np.arange(2, 4 * lines, 4)))
     return keys, values
@@ -159,12 +191,13 @@ class _Lines:
 
 
 async def run(shell: Shell, ctx: TaskContext, role: Role, feed: Iterable[bytes | memoryview],
-              sink: Callable[[bytes], None], batch: int = _BATCH) -> None:
+              sink: Callable[[bytes], Awaitable[None]], batch: int = _BATCH) -> None:
     """Run ``shell``: write ``feed`` to its stdin while whole stdout lines go to ``sink``.
 
     ``sink`` gets at least ``batch`` bytes of whole lines at a time, and the rest (which
-    may end without LF) last. Raises CommandFailed or PermanentTaskError naming the task,
-    attempt and command; a cancelled call kills the command's process group.
+    may end without LF) last; the command's stdout waits while ``sink`` runs (a mapper's
+    combiner, say). Raises CommandFailed or PermanentTaskError naming the task, attempt
+    and command; a cancelled call kills the command's process group.
     """
     where = _name(shell, ctx, role)
     env = {**os.environ, "KUBEMR_JOB": ctx.job, "KUBEMR_TASK": ctx.task,
@@ -182,7 +215,7 @@ async def run(shell: Shell, ctx: TaskContext, role: Role, feed: Iterable[bytes |
         while data := await proc.stdout.read(_PIECE):
             whole = lines.add(data)
             if whole is not None:
-                sink(whole)
+                await sink(whole)
         await writer  # raises what encoding the input raised
         await errors
         code = await proc.wait()
@@ -198,7 +231,7 @@ async def run(shell: Shell, ctx: TaskContext, role: Role, feed: Iterable[bytes |
         raise _exit_error(code, where, tail)
     rest = lines.rest()
     if rest:
-        sink(rest)
+        await sink(rest)
 
 
 async def _write(proc: asyncio.subprocess.Process, feed: Iterable[bytes | memoryview]) -> None:
@@ -287,8 +320,9 @@ def _exit_error(code: int, where: str, tail: deque[str]) -> Exception:
 # --------------------------------------------------------------------------- the three steps
 
 
-def _pieces(data: bytes) -> Iterator[memoryview]:
-    view = memoryview(data)
+def _pieces(data: bytes | pa.Buffer, size: int | None = None) -> Iterator[memoryview]:
+    """The first ``size`` bytes of ``data`` (all of them by default), a piece at a time."""
+    view = memoryview(data)[:size]
     for start in range(0, len(view), _PIECE):
         yield view[start:start + _PIECE]
 
@@ -309,22 +343,89 @@ async def run_mapper(shell: Shell, data: bytes | Iterable[shuffle.Table],
     """
     where = _name(shell, ctx, "mapper")
 
-    def emit(lines: bytes) -> None:
+    async def emit(lines: bytes) -> None:
         ctx._append(text_pairs(lines, where))
 
     feed = _pieces(data) if isinstance(data, bytes) else _rows(data)
     await run(shell, ctx, "mapper", feed, emit)
 
 
+async def run_mapper_combined(mapper: Shell, combiner: Shell, data: bytes, ctx: TaskContext,
+                              buffer_bytes: int,
+                              spill: Callable[[shuffle.Table, int], None]) -> None:
+    """A shell mapper whose output goes through a shell combiner as the very lines it wrote.
+
+    Stdout is held as it came, up to ``buffer_bytes`` counted as the pairs the lines would
+    be, and only the keys are parsed: the combiner's stdin is the held lines ordered stably
+    by key, one gather, where a buffer of pairs is parsed into keys and values, sorted and
+    encoded back to the same text. ``spill`` gets each buffer's combined pairs and how many
+    lines went in. A buffer with a line without TAB is combined the general way (whose
+    stdin line for it is ``key<TAB>``).
+    """
+    where = _name(mapper, ctx, "mapper")
+    limit = min(buffer_bytes, _HELD_LINES)
+    held: list[bytes] = []
+    size = rows = 0
+
+    async def combine() -> None:
+        nonlocal held, size, rows
+        data, count = b"".join(held), rows
+        held, size, rows = [], 0, 0
+        if not data:
+            return
+        ordered = _by_key(data)
+        if ordered is None:  # a line without TAB: the general way, as pairs
+            spill(await run_combiner(combiner, shuffle.sort_by_key(
+                shuffle.text_table(*parse_pairs(data))), ctx), count)
+            return
+        del data  # the combiner's stdin is the ordered copy
+        _, offsets, text = ordered.buffers()
+        length = int(np.frombuffer(offsets, dtype=np.int32, count=len(ordered) + 1)[-1])
+        spill(await _combined(combiner, ctx, _pieces(text, length)), count)
+
+    async def hold(lines: bytes) -> None:
+        nonlocal size, rows
+        _check_text(lines, where)
+        if not lines.endswith(b"\n"):  # the last line: held lines each end with LF
+            lines += b"\n"
+        held.append(lines)
+        count = lines.count(b"\n")
+        rows += count
+        size += len(lines) + _LINE_OVERHEAD * count
+        if size > limit:
+            await combine()
+
+    await run(mapper, ctx, "mapper", _pieces(data), hold)
+    await combine()
+
+
+def _by_key(data: bytes) -> pa.Array | None:
+    """``data``'s lines (each ending with LF) stably sorted by key, as a binary array whose
+    data is the sorted text; None if a line has no TAB."""
+    starts, key_ends, _, ends = _layout(_raw(data))
+    if (key_ends == ends).any():
+        return None
+    keys = _pieces_array(data, [starts, key_ends]).take(
+        pa.array(np.arange(0, 2 * starts.size, 2)))
+    order = pa.array(shuffle.key_order(keys))
+    del keys, key_ends, ends
+    return _pieces_array(data, [starts]).take(order)
+
+
 async def run_combiner(shell: Shell, table: shuffle.Table, ctx: TaskContext) -> shuffle.Table:
     """One spill buffer (sorted by key) through the command; its output pairs."""
+    return await _combined(shell, ctx, _rows([table]))
+
+
+async def _combined(shell: Shell, ctx: TaskContext,
+                    feed: Iterable[bytes | memoryview]) -> shuffle.Table:
     where = _name(shell, ctx, "combiner")
     tables: list[shuffle.Table] = []
 
-    def collect(lines: bytes) -> None:
+    async def collect(lines: bytes) -> None:
         tables.append(text_pairs(lines, where))
 
-    await run(shell, ctx, "combiner", _rows([table]), collect)
+    await run(shell, ctx, "combiner", feed, collect)
     return shuffle.concat_tables(tables)
 
 
@@ -333,7 +434,7 @@ async def run_reducer(shell: Shell, chunks: Iterable[shuffle.Table], ctx: TaskCo
     """The partition's merged rows on stdin; stdout is the part (parsed unless text)."""
     where = _name(shell, ctx, "reducer")
 
-    def write(lines: bytes) -> None:
+    async def write(lines: bytes) -> None:
         if part.fmt == "text":
             _check_text(lines, where)
             part.write_bytes(lines)

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import corpus, wordcount  # noqa: E402
+from benchmarks import corpus, streaming, wordcount  # noqa: E402
 
 SIZE = 1 << 20
 FILES = 4
@@ -145,6 +145,24 @@ def test_kubemr_in_every_format_matches_the_reference(
     for row in ("kubemr ", "kubemr-jsonl", "kubemr-parquet"):
         assert row in out
     assert "FAIL" not in out and "ERROR" not in out
+
+
+def test_streaming_peers_all_match_the_reference_and_report_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The real CLI (shell steps and Python) and the bare pipeline, on a small corpus.
+    status = streaming.main(["--size-mib", "0.25", "--files", "2", "--workers", "1",
+                             "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in streaming.PEERS}
+    assert sorted(rows) == sorted(streaming.PEERS)
+    for row in rows.values():
+        assert row[-1] == "yes", out
+    for peer in ("kubemr-streaming", "kubemr-python"):  # interpreters: ~1 s CPU at least
+        assert float(rows[peer][3]) > 0, f"{peer} reports no CPU seconds: {out}"
+    assert rows["kubemr-streaming"][-3:-1] == ["1.00x", "1.00x"]
 
 
 def test_results_reader_rejects_a_directory_without_manifest(tmp_path: Path) -> None:

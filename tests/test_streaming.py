@@ -12,13 +12,24 @@ from pathlib import Path
 import pytest
 
 import kubemr_async
-from kubemr_async import Job, PermanentTaskError, Shell, TaskContext, formats, shuffle, spill
+from kubemr_async import (
+    Job,
+    PermanentTaskError,
+    Shell,
+    TaskContext,
+    counters,
+    execute,
+    formats,
+    shuffle,
+    spill,
+)
 from kubemr_async.errors import JobDefinitionError
 from kubemr_async.spec import InvalidSpec, JobSpec
 from kubemr_async.streaming import (
     CommandFailed,
     parse_pairs,
     run_mapper,
+    run_mapper_combined,
     run_reducer,
     text_pairs,
 )
@@ -110,6 +121,76 @@ def test_mapper_streams_large_input_and_output_without_deadlock() -> None:
     _, pairs = mapped("cat", data)
     assert len(pairs) == 400_000
     assert pairs[0] == ("key0000000", "value") and pairs[-1] == ("key0399999", "value")
+
+
+def combined(data: bytes, combiner: str, buffer_bytes: int = 1 << 20,
+             ) -> list[tuple[list[tuple[str, str]], int]]:
+    """``cat`` as the mapper of ``data``, then ``combiner``: each spill's pairs and rows."""
+    spills: list[tuple[list[tuple[str, str]], int]] = []
+
+    def spill(table: shuffle.Table, rows: int) -> None:
+        keys, values = (shuffle.to_python(table.column(name), shuffle.column_kind(table, name))
+                        for name in ("key", "value"))
+        pairs = zip(keys, values, strict=True)
+        spills.append((list(pairs), rows))
+
+    asyncio.run(run_mapper_combined(Shell("cat"), Shell(combiner), data, context(),
+                                    buffer_bytes, spill))
+    return spills
+
+
+def test_a_mapper_s_lines_reach_the_combiner_as_they_are_stably_sorted_by_key(
+        tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    lines = b"b\t1\ncaf\xe9\tx\ta\\b\r\na\t2\nb\t3\n\t4\na\t1"  # no LF at the end
+    assert combined(lines, f"tee {seen}") == [(
+        [("", "4"), ("a", "2"), ("a", "1"), ("b", "1"), ("b", "3"),
+         (shuffle.bytes_to_str(b"caf\xe9"), "x\ta\\b\r")], 6)]
+    assert seen.read_bytes() == (b"\t4\na\t2\na\t1\nb\t1\nb\t3\ncaf\xe9\tx\ta\\b\r\n")
+
+
+def test_a_full_buffer_of_lines_is_combined_and_spilled_on_its_own() -> None:
+    rows = 1_500_000  # 9 MB: stdout comes a few MiB at a time
+    data = b"k%d\t1\n" * rows % tuple(i % 7 for i in range(rows))
+    spills = combined(data, SUMMER, buffer_bytes=1 << 20)
+    assert len(spills) > 1
+    assert sum(count for _, count in spills) == rows
+    totals: Counter[str] = Counter()
+    for pairs, _ in spills:
+        assert [key for key, _ in pairs] == sorted(key for key, _ in pairs)
+        totals.update({key: int(value) for key, value in pairs})
+    assert totals == {f"k{i}": len(range(i, rows, 7)) for i in range(7)}
+
+
+def test_a_line_without_tab_reaches_the_combiner_as_key_and_empty_value() -> None:
+    # A pair's line, as every combiner input is written: "zz<TAB>", two fields.
+    assert combined(b"b\t1\nzz\na\t2\n", "awk -F'\\t' '{ print $1 \"\\t\" NF }'") == [
+        ([("a", "2"), ("b", "2"), ("zz", "2")], 3)]
+
+
+def test_a_combiner_s_output_is_sorted_unless_it_is_in_key_order_already(
+        tmp_path: Path) -> None:
+    job = Job("combined")
+    job.map(Shell("cat"))
+    job.combine(Shell("sort -r"))  # its output runs against the key order
+    job.reduce(Shell("cat"))
+    ctx = TaskContext(job="combined", task="map-00000", attempt=1, partitions=2)
+    data = b"".join(b"k%02d\t%d\n" % (i % 13, i) for i in range(100))
+    written, kind = asyncio.run(execute.run_map(job, data, ctx, tmp_path,
+                                                shuffle.ShuffleBudget(64 << 20)))
+    assert written is not None and kind == "str"
+    parts = [[row for block in spill.read_blocks(piece)
+              for row in zip(block.column("key").to_pylist(), block.column("value").to_pylist(),
+                             strict=True)]
+             for piece in spill.read_index(written[0], 2)]
+    assert all(part == sorted(part, key=lambda row: row[0]) for part in parts)
+    assert sorted(row for part in parts for row in part) == sorted(
+        (f"k{i % 13:02d}", str(i)) for i in range(100))
+    assert ctx._counters.snapshot()[counters.FRAMEWORK_GROUP][counters.MAP_OUTPUT_RECORDS] == 100
+    sorted_keys = shuffle.pairs_to_table(["a", "a", "b\udcff"], [2, 1, 3])
+    assert shuffle.in_key_order(sorted_keys)
+    assert not shuffle.in_key_order(shuffle.pairs_to_table(["b", "a"], [1, 2]))
+    assert not shuffle.in_key_order(shuffle.pairs_to_table([1, 2], [1, 2]))  # numbers: sort
 
 
 def test_reducer_gets_sorted_lines_and_its_output_is_the_part(
