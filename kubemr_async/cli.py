@@ -499,6 +499,10 @@ def status(
 def list_jobs(
     all_namespaces: Annotated[bool, typer.Option(
         "--all-namespaces", "-A", help="List the jobs of every namespace.")] = False,
+    selector: Annotated[str | None, typer.Option(
+        "--selector", "-l",
+        help="Only jobs whose labels match this selector, as kubectl's -l "
+             "(team=a, team!=b, 'tier in (x,y)', comma-separated).")] = None,
     output: Output = OutputFormat.TABLE,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
@@ -508,7 +512,7 @@ def list_jobs(
     from .cli_render import list_table
 
     async def action(client: JobClient) -> None:
-        listing = await client.list(all_namespaces)
+        listing = await client.list(all_namespaces, selector)
         if output is OutputFormat.TABLE and not listing["items"]:
             where = "" if all_namespaces else f" in {client.namespace} namespace"
             typer.echo(f"No resources found{where}.", err=True)

@@ -163,12 +163,19 @@ class JobClient:
         except NotFound:
             raise self._missing(name) from None
 
-    async def list(self, all_namespaces: bool = False) -> KubeObject:
-        """The MapReduceJobList of this namespace, or of every namespace."""
+    async def list(self, all_namespaces: bool = False, selector: str | None = None
+                   ) -> KubeObject:
+        """The MapReduceJobList of this namespace, or of every namespace; only the jobs
+        whose labels match ``selector`` (a label selector, as kubectl's ``-l``) if given.
+        The API server parses the selector: one it refuses is a usage error."""
         where = "all namespaces" if all_namespaces else f"namespace {self.namespace}"
         path = MAPREDUCE_JOBS.path(None if all_namespaces else self.namespace)
-        return await _retrying(lambda: self.kube.request(
-            "GET", path, context=f"listing jobs in {where}"))
+        try:
+            return await _retrying(lambda: self.kube.request(
+                "GET", path, query={"labelSelector": selector},
+                context=f"listing jobs in {where}"))
+        except BadRequest as exc:
+            raise UsageError(f"--selector {selector!r}: {exc.reason}") from None
 
     async def _records(self, name: str) -> tuple[dict[str, Record], str]:
         try:

@@ -181,6 +181,35 @@ def upload(s3: Any, prefix: str, texts: dict[str, str]) -> str:
 
 
 @e2e
+def test_list_filters_by_label_selector_as_kubectl_does(cli: Cli,
+                                                        kube_cluster: TestCluster) -> None:
+    names = {}
+    for team in ("a", "b"):
+        name = submit(cli, "--generate-name", f"team-{team}-", "--job", "tests.jobs.attempts",
+                      "--input", "x", "--no-split-inputs", "--output", f"s3://{BUCKET}/echo")
+        kube_cluster.api("PATCH", job_path(cli.namespace, name),
+                         {"metadata": {"labels": {"team": team, "tier": "batch"}}},
+                         content_type="application/merge-patch+json")
+        names[team] = name
+
+    def listed(*selector: str) -> set[str]:
+        rows = ok(cli("list", *selector)).splitlines()[1:]
+        return {line.split()[0] for line in rows} & set(names.values())
+
+    assert listed("-l", "team=a") == {names["a"]}
+    assert listed("--selector", "team!=a,tier=batch") == {names["b"]}
+    assert listed("-l", "team in (a,b)") == set(names.values())
+    assert listed() == set(names.values())
+    nothing = cli("list", "-l", "team=c")
+    assert nothing.returncode == 0 and nothing.stdout == ""
+    assert f"No resources found in {cli.namespace} namespace." in nothing.stderr
+    as_json = json.loads(ok(cli("list", "-l", "team=b", "-o", "json")))
+    assert [item["metadata"]["name"] for item in as_json["items"]] == [names["b"]]
+    error = one_line_error(cli("list", "-l", "team in (a"), 2)
+    assert error.startswith("--selector 'team in (a': "), error
+
+
+@e2e
 def test_submit_yaml_wait_then_status_list_and_results(cli: Cli, kube_cluster: TestCluster,
                                                        s3: Any, tmp_path: Path) -> None:
     result = cli("submit", str(ROOT / "examples" / "wordcount.yaml"), "--wait")
