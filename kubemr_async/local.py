@@ -574,11 +574,14 @@ async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = 
 
 
 async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
-    """SIGTERM (workers hand their claims back), then SIGKILL whatever is left."""
+    """SIGTERM and the end of stdin (workers hand their claims back; either one stops a
+    worker, and a signal can be lost to a full wakeup pipe), then SIGKILL what is left."""
     for proc in procs:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
+        if proc.stdin is not None:
+            proc.stdin.close()
     with anyio.move_on_after(10.0):
         for proc in procs:
             await proc.wait()
@@ -587,9 +590,6 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         await proc.wait()
-    for proc in procs:
-        if proc.stdin is not None:
-            proc.stdin.close()
 
 
 async def _pump(proc: asyncio.subprocess.Process, index: int, work: Path,
@@ -822,6 +822,12 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
         worker = Worker(job_name, job, store, FileBlobStore(blobs), worker_id)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
+        # asyncio's wakeup pipe also carries a byte per call_soon_threadsafe (every store
+        # and file operation done in a thread): on a busy machine it can be full when the
+        # SIGTERM comes, and Python then prints a traceback into the user's output. The
+        # signal is lost either way; stdin's end (below), which the parent closes with its
+        # SIGTERM, stops the worker all the same.
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         _watch_stdin(loop, worker.stop)
         await worker.run()
         return 0
