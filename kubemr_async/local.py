@@ -829,7 +829,13 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
         # SIGTERM, stops the worker all the same.
         signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         _watch_stdin(loop, worker.stop)
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            # Done: a SIGTERM from now on has nothing to stop. Ignore it before the loop
+            # closes its wakeup pipe, or one landing in between prints a traceback.
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return 0
     finally:
         await store.aclose()
