@@ -41,3 +41,18 @@ def test_importing_the_package_and_the_cli_loads_no_heavy_library() -> None:
     code = "import sys; from kubemr_async import Job; print('pyarrow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip() == "True"
+
+
+def test_help_and_a_usage_error_load_no_heavy_library_nor_rich() -> None:
+    """``kubemr --help`` and a mistyped command are the commands people run most often by
+    hand; they print plain text, so neither the heavy libraries nor rich get imported."""
+    for argv in (["--help"], ["status"]):
+        code = ("import runpy, sys; sys.argv = ['kubemr', *sys.argv[1:]]\n"
+                "try:\n    runpy.run_module('kubemr_async.cli', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                f"print('loaded=' + ','.join(m for m in [*{HEAVY!r}, 'rich'] if m in sys.modules),"
+                " file=sys.stderr)")
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True)
+        assert "kubemr" in done.stdout + done.stderr, argv  # it printed help or the error
+        assert done.stderr.strip().splitlines()[-1] == "loaded=", (argv, done.stderr)
