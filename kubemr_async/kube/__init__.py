@@ -1,5 +1,6 @@
 """The Kubernetes client layer: the only package that talks to the API server.
 
+* :mod:`.config` -- where the API server is and our credentials (kubeconfig or in-cluster);
 * :mod:`.client` -- :class:`Kube` (one connection per process, ``async with``), resource
   types as :class:`Resource` paths, verbs returning plain dicts, patch content types;
 * :mod:`.errors` -- typed errors (NotFound, Conflict, Unprocessable...) raised in one place;
@@ -7,7 +8,8 @@
 * :mod:`.backoff` -- the one retry-delay policy;
 * :mod:`.namespaces` -- the one way kubemr makes a namespace for itself.
 
-Nothing outside this package imports ``kubernetes_asyncio`` (an import-linter contract).
+Nothing outside this package imports ``kubernetes_asyncio`` (an import-linter contract), and
+inside it only :mod:`.config` does, for kubeconfigs whose credentials a plugin mints.
 """
 
 from .backoff import Backoff
@@ -30,12 +32,12 @@ from .client import (
     SERVICE_ACCOUNTS,
     STRATEGIC_MERGE_PATCH,
     Kube,
-    KubeconfigError,
     KubeObject,
     Resource,
     Unreachable,
     kubeconfig_contexts,
 )
+from .config import KubeconfigError
 from .errors import (
     BadRequest,
     Conflict,
