@@ -24,7 +24,7 @@ from kubemr_async.kube import (
     KubeconfigError,
     kubeconfig_contexts,
 )
-from kubemr_async.kube.config import Kubeconfig, in_cluster
+from kubemr_async.kube.config import Kubeconfig, environment_proxy, in_cluster
 from kubemr_async.testing.cluster import TestCluster
 
 pytestmark = [pytest.mark.anyio]
@@ -92,6 +92,23 @@ def test_a_kubeconfig_that_cannot_work_is_one_line_naming_why(
     with pytest.raises(KubeconfigError, match=message) as err:
         Kubeconfig.read(str(path)).endpoint(context)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("url", "proxied"), [
+    ("https://127.0.0.1:6443", True),
+    ("https://10.1.2.3", False),  # in a CIDR
+    ("https://kubernetes.default.svc", False),  # a leading-dot domain covers subdomains
+    ("https://api.example.com", False),  # example.com:443 covers its subdomains on 443
+    ("https://example.com:6443", True),  # ... but not another port
+    ("https://other.io", True),
+])
+def test_the_proxy_environment_is_honoured_as_client_go_honours_it(url: str,
+                                                                   proxied: bool) -> None:
+    environ = {"HTTPS_PROXY": "http://proxy:3128",
+               "NO_PROXY": "localhost, .svc,10.0.0.0/8,example.com:443"}
+    assert environment_proxy(url, environ) == ("http://proxy:3128" if proxied else None)
+    assert environment_proxy(url, {"https_proxy": "http://p:1", "no_proxy": "*"}) is None
+    assert environment_proxy(url, {}) is None
 
 
 def test_unreadable_files_are_named(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import ssl
 import tempfile
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -80,10 +82,42 @@ def load(kubeconfig: str | None = None, context: str | None = None,
     ``~/.kube/config``."""
     explicit = kubeconfig is not None or context is not None or environ.get("KUBECONFIG")
     if not explicit and environ.get("KUBERNETES_SERVICE_HOST"):
-        return in_cluster(environ)
-    paths = kubeconfig or environ.get("KUBECONFIG") or "~/.kube/config"
-    config = Kubeconfig.read(paths)
-    return config.endpoint(context)
+        endpoint = in_cluster(environ)
+    else:
+        paths = kubeconfig or environ.get("KUBECONFIG") or "~/.kube/config"
+        endpoint = Kubeconfig.read(paths).endpoint(context)
+    endpoint.proxy = endpoint.proxy or environment_proxy(endpoint.host, environ)
+    return endpoint
+
+
+def environment_proxy(url: str, environ: Mapping[str, str]) -> str | None:
+    """The proxy ``HTTPS_PROXY`` (or ``https_proxy``) names for ``url``, unless
+    ``NO_PROXY`` exempts its host: client-go's ``http.ProxyFromEnvironment``, read once."""
+    parts = urlsplit(url)
+    names = (f"{parts.scheme.upper()}_PROXY", f"{parts.scheme}_proxy")
+    proxy = next((environ[name] for name in names if environ.get(name)), None)
+    no_proxy = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if proxy is None or any(_exempt(entry.strip(), parts.hostname or "", port)
+                            for entry in no_proxy.split(",")):
+        return None
+    return proxy
+
+
+def _exempt(entry: str, host: str, port: int) -> bool:
+    """Whether one ``NO_PROXY`` entry covers ``host`` (Go's rules: ``*``, an IP or CIDR,
+    a domain and its subdomains with or without a leading dot, an optional ``:port``)."""
+    if not entry:
+        return False
+    if entry == "*":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
+    name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+    if entry_port and entry_port != str(port):
+        return False
+    domain = name.lstrip(".").lower()
+    return host.lower() == domain or host.lower().endswith("." + domain)
 
 
 def in_cluster(environ: Mapping[str, str] = os.environ,
