@@ -63,3 +63,28 @@ def apply_patch(doc: Mapping[str, Any], ops: JSONPatch) -> dict[str, Any]:
         else:
             raise ValueError(f"unsupported JSON Patch op {kind!r}")
     return result
+
+
+def writes_hold(doc: Mapping[str, Any], ops: JSONPatch) -> bool:
+    """Whether ``doc`` shows every write of ``ops`` (its ``test`` operations aside): each
+    added or replaced path holds the op's value, each removed one is gone.
+
+    How a client tells whether a patch whose answer it never got was applied: the
+    protocol's writes all bump ``seq`` under a ``test`` of it, so a record whose fields
+    (``seq`` included) are what the patch wrote is the patch having landed.
+    """
+    for op in ops:
+        kind, path = op["op"], op["path"]
+        if kind == "test":
+            continue
+        parts = _split(path)
+        try:
+            parent = _parent(dict(doc), parts, path)
+        except PatchTestFailed:
+            return False
+        if kind == "remove":
+            if parts[-1] in parent:
+                return False
+        elif parts[-1] not in parent or parent[parts[-1]] != op["value"]:
+            return False
+    return True

@@ -572,6 +572,13 @@ class JobView:
         """
         return key in self._running and self._lease_end(key) < now
 
+    def restart_observation(self, now: float) -> None:
+        """Judge every running task's lease from ``now``, as an observer that has just
+        started watching would: for when this observer could not see for a while (its
+        store was out of reach), so a record that did not change then proves nothing."""
+        for key in self._running:
+            self._seen[key] = now
+
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease runs out: the latest a waiting worker should look."""
         leases = [self._lease_end(key) for key in self._running]

@@ -49,7 +49,7 @@ from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
 from .spec import JobSpec, memory_budget
-from .state.base import Record, StateStore
+from .state.base import Record, StateStore, StoreUnavailable
 from .storage.base import BlobStore
 from .storage.urls import StoreCache
 
@@ -219,8 +219,8 @@ class Worker:
             self._view.update(key, body, seen=self.monotonic())
             self._changed.set()
 
-    async def _write(self, update: protocol.Update) -> Record | None:
-        record = await self.store.patch(self.job_name, update)
+    async def _write(self, update: protocol.Update, *, resend: bool = True) -> Record | None:
+        record = await self.store.patch(self.job_name, update, resend=resend)
         if record is None:
             return None
         self._remember(record.key, record.body)
@@ -249,12 +249,24 @@ class Worker:
                     body, self.worker_id, self.clock(), self.spec.lease_seconds,
                     self.spec.max_attempts,
                     lapsed=view.lease_lapsed(protocol.task_name(body), now))
-                if body["state"] == TaskState.RUNNING:
+                takeover = body["state"] == TaskState.RUNNING
+                if takeover:
                     log.warning("taking over a lapsed lease",
                                 extra={"job": self.job_name, "task": protocol.task_name(body),
                                        "attempt": body["attempt"], "holder": body["worker"],
                                        "worker": self.worker_id})
-                claimed = await self._write(update)
+                try:
+                    # A takeover rests on this view being current: never sent again after
+                    # an outage (see StateStore.patch).
+                    claimed = await self._write(update, resend=not takeover)
+                except StoreUnavailable as exc:
+                    # Nobody could renew while the store was out of reach, and we could not
+                    # see: judge leases afresh from now on, as a new observer would.
+                    log.warning("store unavailable; leases are judged afresh",
+                                extra={"job": self.job_name, "error": str(exc),
+                                       "worker": self.worker_id})
+                    view.restart_observation(self.monotonic())
+                    break
                 if claimed is None:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
                 elif claimed.task["state"] == TaskState.RUNNING:

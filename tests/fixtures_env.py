@@ -8,6 +8,7 @@ real server errors instead of being skipped quietly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,18 +32,22 @@ def kube_cluster() -> Iterator[TestCluster]:
         yield cluster
 
 
+@contextlib.contextmanager
+def running_kubelet(cluster: TestCluster, log_dir: Path) -> Iterator[FakeKubelet]:
+    """The test kubelet on ``cluster``: it runs every unscheduled Pod as a local process."""
+    # Pods see the repository the way a job image built from it would: examples/ and the
+    # test jobs importable as modules (examples.wordcount, tests.jobs.attempts).
+    with FakeKubelet(cluster.kubeconfig_path, log_dir=log_dir,
+                     extra_env={"PYTHONPATH": str(ROOT)}) as kubelet:
+        yield kubelet
+
+
 @pytest.fixture(scope="session")
 def fake_kubelet(
     kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FakeKubelet]:
     """Runs every unscheduled Pod in the session's cluster as a local process."""
-    # Pods see the repository the way a job image built from it would: examples/ and the
-    # test jobs importable as modules (examples.wordcount, tests.jobs.attempts).
-    with FakeKubelet(
-        kube_cluster.kubeconfig_path,
-        log_dir=tmp_path_factory.mktemp("pod-logs"),
-        extra_env={"PYTHONPATH": str(ROOT)},
-    ) as kubelet:
+    with running_kubelet(kube_cluster, tmp_path_factory.mktemp("pod-logs")) as kubelet:
         yield kubelet
 
 
@@ -65,6 +70,11 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def crds(kube_cluster: TestCluster) -> None:
     """Install the chart's CRDs (the one source of truth) and wait until they are served."""
+    install_crds(kube_cluster)
+
+
+def install_crds(kube_cluster: TestCluster) -> None:
+    """Install the chart's CRDs on ``kube_cluster`` and wait until they are established."""
     path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     names = []
     for manifest in sorted(CRD_DIR.glob("*.yaml")):

@@ -90,6 +90,19 @@ def test_a_renewal_restarts_the_observation_and_a_redelivery_does_not() -> None:
     assert view.next_lease_expiry() is None
 
 
+def test_after_a_blind_spell_every_lease_is_judged_afresh() -> None:
+    """An observer that could not reach its store saw no renewal, but none could happen:
+    restarting the observation gives every holder a whole lease from then."""
+    records = started_job()
+    held_by(records, "holder", 0.0)
+    view = JobView(records, seen=0.0)
+    assert view.lease_lapsed("map-00000", 70.0)  # 60 s of "no change" seen from outside
+    view.restart_observation(70.0)
+    assert not view.lease_lapsed("map-00000", 79.0)
+    assert view.lease_lapsed("map-00000", 80.5)
+    assert view.next_lease_expiry() == 80.0
+
+
 def test_a_view_that_observed_nothing_trusts_the_holders_lease() -> None:
     """Tools and the progress follower build views with no clock; they never claim."""
     records = started_job()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kubemr_async.patch import PatchTestFailed, apply_patch
+from kubemr_async import protocol
+from kubemr_async.patch import PatchTestFailed, apply_patch, writes_hold
 
 
 def test_test_and_replace_applies_when_tests_hold() -> None:
@@ -49,3 +50,20 @@ def test_unknown_op_and_bad_path_are_errors() -> None:
         apply_patch({}, [{"op": "move", "path": "/a", "from": "/b"}])
     with pytest.raises(ValueError, match="must start with"):
         apply_patch({}, [{"op": "add", "path": "a", "value": 1}])
+
+
+def test_writes_hold_tells_a_landed_write_from_one_that_did_not_land() -> None:
+    """How a client whose answer was lost learns whether its guarded write was applied."""
+    body = protocol.new_task(protocol.TaskKind.MAP, 0, "in")
+    claim = protocol.claim(body, "w1", 0.0, 10.0, 3)
+    landed = apply_patch(body, claim.ops)
+    assert writes_hold(landed, claim.ops)
+    assert not writes_hold(body, claim.ops)  # not applied
+    rival = apply_patch(body, protocol.claim(body, "w2", 0.0, 10.0, 3).ops)
+    assert not writes_hold(rival, claim.ops)  # another claimant won the same seq
+    later = apply_patch(landed, protocol.renew(landed, "w1", 5.0, 10.0).ops)
+    assert not writes_hold(later, claim.ops)  # moved on since: cannot tell, so no
+    removal = [{"op": "remove", "path": "/error"}]
+    assert writes_hold(apply_patch(body, removal), removal)
+    assert not writes_hold(body, removal)
+    assert not writes_hold(body, [{"op": "replace", "path": "/no/such", "value": 1}])

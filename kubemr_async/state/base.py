@@ -12,12 +12,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
+from ..errors import KubemrError
 from ..protocol import JOB_KEY, Update
 from ..records import Body, JobRecord, TaskRecord
 
 
 class JobNotFound(LookupError):
     """The job (or one of its records) does not exist, e.g. it was deleted."""
+
+
+class StoreUnavailable(KubemrError):
+    """The store did not answer for longer than it waits (its outage tolerance), or a
+    write that may not be sent again met an outage; either way the write was not applied."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,16 @@ class StateStore(Protocol):
     def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
         """Changes to ``job``'s records after ``since``, in order, until the job is deleted."""
 
-    async def patch(self, job: str, update: Update) -> Record | None:
-        """Apply ``update`` atomically; ``None`` if a test failed (another writer won)."""
+    async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:
+        """Apply ``update`` atomically; ``None`` if a test failed (another writer won).
+
+        A store that can be out of reach (the API server restarting) sends the write again
+        until it lands or the outage outlasts the store's tolerance (StoreUnavailable), and
+        if an answer was lost it checks whether the write landed, so a lost answer is never
+        reported as a lost race. ``resend=False`` is for a decision that rests on how fresh
+        the caller's view is (taking over a lapsed lease): after an outage it is returned if
+        it landed, and otherwise not sent again but raised as StoreUnavailable, so the
+        caller looks again at what happened meanwhile."""
 
     async def delete(self, job: str) -> None:
         """Remove the job and all its records."""

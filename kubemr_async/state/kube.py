@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -50,21 +51,24 @@ from ..errors import UsageError, first_error
 from ..kube import (
     JSON_PATCH,
     NAMESPACES,
+    Backoff,
     Conflict,
     Kube,
     KubeApiError,
     KubeObject,
     Listed,
     NotFound,
+    Resource,
     Unprocessable,
     ensure_namespace,
     list_watch,
 )
+from ..patch import writes_hold
 from ..protocol import JOB_KEY, Update, new_status, task_name
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
 from ..streams import merge
-from .base import JobNotFound, Record, WatchEvent, decode_body
+from .base import JobNotFound, Record, StoreUnavailable, WatchEvent, decode_body
 
 log = logging.getLogger("kubemr.state.kube")
 
@@ -105,6 +109,12 @@ def task_object_name(job: str, key: str) -> str:
     return f"{job}-{key}"
 
 
+#: Seconds a write waits for an API server that does not answer: a control-plane upgrade
+#: restarts API servers one by one (a few seconds each, minutes in all on a managed
+#: cluster), and a worker that gave up sooner would fail its task for nothing.
+DEFAULT_OUTAGE_TOLERANCE = 300.0
+
+
 @dataclass
 class KubeStats:
     """What this store sent and followed: the coordination cost the benchmarks report."""
@@ -115,6 +125,20 @@ class KubeStats:
     lost_races: int = 0
     watch_connects: int = 0
     relists: int = 0
+    #: Writes sent again because the API server did not answer.
+    outage_retries: int = 0
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The object one record lives in, and how errors about it read."""
+
+    resource: Resource
+    namespace: str
+    name: str
+    subresource: str | None
+    key: str
+    context: str
 
 
 class KubeStateStore:
@@ -135,7 +159,8 @@ class KubeStateStore:
                  task_namespace: Callable[[str], str] | None = None, *,
                  image: str = DEFAULT_IMAGE, default_output: str | None = None,
                  create_concurrency: int = 32, watch_timeout: int = 300,
-                 inactivity_timeout: float | None = None, owns_kube: bool = False) -> None:
+                 inactivity_timeout: float | None = None, owns_kube: bool = False,
+                 outage_tolerance: float = DEFAULT_OUTAGE_TOLERANCE) -> None:
         self.kube = kube
         self.namespace = namespace
         self.image = image
@@ -147,6 +172,8 @@ class KubeStateStore:
         #: without a FIN. Must exceed the gap between events/bookmarks the server sends.
         self.inactivity_timeout = (inactivity_timeout if inactivity_timeout is not None
                                    else watch_timeout + 15.0)
+        #: How long a write waits out an API server that does not answer before it fails.
+        self.outage_tolerance = outage_tolerance
         self.stats = KubeStats()
         self._naming = task_namespace or (lambda job: task_namespace_for(namespace, job))
         self._owns_kube = owns_kube
@@ -331,7 +358,7 @@ class KubeStateStore:
 
     # --- writing --------------------------------------------------------------------
 
-    async def patch(self, job: str, update: Update) -> Record | None:
+    async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:
         """Send ``update`` as a JSON Patch under ``/status``; None if a ``test`` failed.
 
         The API server answers a patch it cannot apply (a failed ``test``, or a path
@@ -340,6 +367,11 @@ class KubeStateStore:
         operations locally first, so a bare 422 (:attr:`Unprocessable.lost_race`) can only
         mean the object no longer matches what the caller read: the lost race the protocol
         expects.
+
+        An API server that is restarting (no answer, 429, 5xx) is waited out, with backoff,
+        for up to ``outage_tolerance`` seconds (see :meth:`StateStore.patch` for
+        ``resend``). No answer, or a 5xx, may hide a patch the server applied: the next
+        refusal is then checked against the object itself (:func:`writes_hold`).
         """
         ops = [_status_op(op) for op in update.ops]
         if update.key == JOB_KEY:
@@ -349,21 +381,80 @@ class KubeStateStore:
             resource, subresource = MAPREDUCE_TASKS, None
             namespace = await self.task_namespace(job, f"patching record {update.key}")
             name = task_object_name(job, update.key)
+        context = f"job {job}: patching record {update.key} ({resource.kind} {namespace}/{name})"
+        target = _Target(resource, namespace, name, subresource, update.key, context)
         self.stats.patches += 1
         self.stats.patch_bytes += len(orjson.dumps(ops))
-        try:
-            obj = await self.kube.patch(
-                resource, name, ops, namespace, content_type=JSON_PATCH,
-                subresource=subresource, context=f"job {job}: patching record {update.key} "
-                f"({resource.kind} {namespace}/{name})")
-        except NotFound as exc:
-            raise JobNotFound(f"job {job}: record {update.key} not found") from exc
-        except Unprocessable as exc:
-            if not exc.lost_race:
-                raise
-            self.stats.lost_races += 1
+        backoff = Backoff()
+        deadline: float | None = None
+        maybe_applied = False
+        while True:
+            if maybe_applied and not resend:
+                return await self._landed_or_unavailable(target, ops, deadline)
+            await backoff.wait()
+            try:
+                obj = await self.kube.patch(resource, name, ops, namespace,
+                                            content_type=JSON_PATCH, subresource=subresource,
+                                            context=context)
+            except NotFound as exc:
+                raise JobNotFound(f"job {job}: record {update.key} not found") from exc
+            except Unprocessable as exc:
+                if not exc.lost_race:
+                    raise
+                if maybe_applied and (landed := await self._landed(target, ops)) is not None:
+                    return landed
+                self.stats.lost_races += 1
+                return None
+            except KubeApiError as exc:
+                if not exc.transient:
+                    raise
+                deadline = deadline or time.monotonic() + self.outage_tolerance
+                self._wait_out(exc, context, deadline)
+                maybe_applied = maybe_applied or exc.status != 429  # 429: never started
+                if not resend and not maybe_applied:
+                    raise StoreUnavailable(f"{context}: {exc.reason}; not sent again "
+                                           "after an outage") from None
+                continue
+            return self._record(update.key, obj)
+
+    def _wait_out(self, exc: KubeApiError, context: str, deadline: float) -> None:
+        """Log one transient failure, or raise StoreUnavailable once the tolerance is spent."""
+        if time.monotonic() > deadline:
+            raise StoreUnavailable(f"{context}: the API server has not answered for "
+                                   f"{self.outage_tolerance:.0f}s ({exc.reason})") from None
+        self.stats.outage_retries += 1
+        log.warning("API server unavailable; waiting it out",
+                    extra={"context": context, "error": exc.reason})
+
+    async def _landed(self, target: _Target, ops: list[PatchOp]) -> Record | None:
+        """The record, if it shows that ``ops`` landed (an answer we never got); else None."""
+        obj = await self.kube.find(target.resource, target.name, target.namespace,
+                                   context=f"{target.context}: checking whether it landed")
+        if obj is None or not writes_hold(obj, ops):
             return None
-        return _job_record(obj) if update.key == JOB_KEY else _task_record(obj)
+        return self._record(target.key, obj)
+
+    async def _landed_or_unavailable(self, target: _Target, ops: list[PatchOp],
+                                     deadline: float | None) -> Record:
+        """For a write that may not be sent again: wait until the server answers, then
+        return the record if the write landed, else raise StoreUnavailable."""
+        backoff = Backoff()
+        while True:
+            await backoff.wait()
+            try:
+                landed = await self._landed(target, ops)
+            except KubeApiError as exc:
+                if not exc.transient:
+                    raise
+                self._wait_out(exc, target.context, deadline or time.monotonic())
+                continue
+            if landed is not None:
+                return landed
+            raise StoreUnavailable(f"{target.context}: not applied during an outage of the "
+                                   "API server; not sent again")
+
+    def _record(self, key: str, obj: Mapping[str, Any]) -> Record:
+        return _job_record(obj) if key == JOB_KEY else _task_record(obj)
 
     async def delete(self, job: str) -> None:
         """Delete the MapReduceJob and its tasks (their namespace, if it is this job's)."""

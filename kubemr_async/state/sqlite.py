@@ -140,7 +140,8 @@ class SQLiteStateStore:
                 self._db.execute("ROLLBACK")
             raise
 
-    async def patch(self, job: str, update: Update) -> Record | None:
+    async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:
+        # A local file is never out of reach: nothing to send again.
         result: Record | None = await self._run(self._patch, job, update)
         return result
 

@@ -111,9 +111,11 @@ class ServerProcesses:
     def __init__(self, log_dir: Path) -> None:
         self._log_dir = log_dir
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._argv: dict[str, list[str]] = {}
 
-    def spawn(self, name: str, argv: list[str]) -> None:
-        with (self._log_dir / f"{name}.log").open("wb") as log:
+    def spawn(self, name: str, argv: list[str], *, append: bool = False) -> None:
+        self._argv[name] = argv
+        with (self._log_dir / f"{name}.log").open("ab" if append else "wb") as log:
             self._procs[name] = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -143,6 +145,20 @@ class ServerProcesses:
                     + log_tail(self._log_dir / f"{name}.log")
                 )
             time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one server (a crash, as a fault test wants it) and reap it."""
+        proc = self._procs[name]
+        proc.kill()
+        proc.wait()
+
+    def respawn(self, name: str) -> None:
+        """Start a killed server again with the same arguments, appending to its log; the
+        caller waits for it with :meth:`wait_ready`. Processes keep their start order, so
+        :meth:`stop` still stops dependants first."""
+        if self._procs[name].poll() is None:
+            raise TestEnvError(f"{name} is still running")
+        self.spawn(name, self._argv[name], append=True)
 
     def stop(self) -> None:
         """Stop each process in reverse start order, SIGKILL if it lingers for 15 s.

@@ -27,8 +27,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 
@@ -252,6 +253,24 @@ class TestCluster(ServerGroup):
                 self._request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
             ),
         )
+
+    @contextlib.contextmanager
+    def outage(self, server: Literal["kube-apiserver", "etcd"]) -> Iterator[None]:
+        """SIGKILL ``server`` for the body of the ``with``, then start it again with the same
+        arguments (port, data, certificates) and wait until the API server is ready: a
+        crash and restart, as a control-plane upgrade or a node failure brings them."""
+        procs = self._procs
+        if procs is None:
+            raise TestEnvError("TestCluster is not started")
+        procs.kill(server)
+        try:
+            yield
+        finally:
+            procs.respawn(server)
+            if server == "etcd":
+                procs.wait_ready("etcd", lambda: _http_ok(f"{self.etcd_url}/health"))
+            procs.wait_ready("kube-apiserver",
+                             lambda: self._request("GET", "/readyz")[0] == 200)
 
     # ---------------------------------------------------------------------- API access
 
