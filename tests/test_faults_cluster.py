@@ -2,8 +2,11 @@
 started again mid-job. The workers, the operator and the test kubelet must ride the
 outage out, and the job must finish exactly: every task run once, nothing lost.
 
+And S3 failing a tenth of its requests (errors, throttling, dropped connections, bodies
+cut off) through a whole job.
+
 This module runs a cluster of its own (it kills its servers), with the test kubelet and
-the operator on it; S3 is the session's.
+the operator on it; S3 is the session's, reached through a fault proxy.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Any
 import pytest
 
 from kubemr_async.testing.cluster import TestCluster
+from kubemr_async.testing.faultproxy import FAULTS, FaultProxy, RandomFaults, proxy_in_thread
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.s3server import S3Server
 
 from .fixtures_env import install_crds, running_kubelet
-from .operator_fixtures import kube_namespace, operator, s3
+from .operator_fixtures import BUCKET, DATA, kube_namespace, operator, s3
 from .test_operator_e2e import create_job, echo_job, wait_for_phase
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
@@ -44,6 +49,24 @@ def fake_kubelet(kube_cluster: TestCluster,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeKubelet]:
     with running_kubelet(kube_cluster, tmp_path_factory.mktemp("pod-logs")) as kubelet:
         yield kubelet
+
+
+@pytest.fixture(scope="module")
+def s3_faults() -> RandomFaults:
+    """Off (rate 0) until a test turns it on."""
+    return RandomFaults(seed=20261202)
+
+
+@pytest.fixture(scope="module")
+def s3_proxy(s3_server: S3Server, s3_faults: RandomFaults) -> Iterator[FaultProxy]:
+    with proxy_in_thread(s3_server.endpoint_url, s3_faults) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def operator_args(s3_proxy: FaultProxy) -> list[str]:
+    """The operator's workers reach S3 through the proxy."""
+    return ["--s3-endpoint", s3_proxy.endpoint_url]
 
 
 def _runs(log: Path) -> Counter[tuple[str, str]]:
@@ -82,3 +105,33 @@ def test_a_job_rides_out_a_control_plane_restart(
     print(f"\n{server} down {down:.0f}s after {done_before} attempts: job finished "
           f"{finished - back:.1f}s after the restart, {finished - started:.1f}s in all; "
           f"attempts {sum(runs.values())} for {len(runs)} tasks")
+
+
+def test_a_job_is_exact_while_s3_fails_a_tenth_of_its_requests(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        s3_faults: RandomFaults) -> None:
+    manifest = {"apiVersion": "kubemr.io/v1alpha1", "kind": "MapReduceJob",
+                "metadata": {"generateName": "s3faults-"},
+                "spec": {"image": "kubemr-tests:dev", "job": "examples.wordcount",
+                         "inputs": [f"s3://{BUCKET}/data/"], "chunkSize": 4096,
+                         "workers": 3, "reducers": 4, "maxAttempts": 5,
+                         "output": f"s3://{BUCKET}/s3faults"}}
+    started = time.monotonic()
+    with s3_faults.failing(0.10):
+        name = create_job(kube_cluster, kube_namespace, manifest)
+        job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=900)
+    wall = time.monotonic() - started
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    counts: Counter[bytes] = Counter()
+    for path in DATA.iterdir():
+        counts.update(path.read_bytes().split())
+    lines: list[bytes] = []
+    for url in job["status"]["results"]:
+        lines += s3.get_object(Bucket=BUCKET, Key=url[len(f"s3://{BUCKET}/"):])[
+            "Body"].read().splitlines()
+    assert sorted(lines) == sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
+    injected = {fault: s3_faults.counts[fault] for fault in FAULTS}
+    assert all(injected.values()), f"every kind of fault was injected: {injected}"
+    print(f"\nS3 at 10% faults: {s3_faults.counts['requests']} requests, injected "
+          f"{injected} ({sum(injected.values())} in all); job {wall:.1f}s; "
+          f"maps {job['status'].get('maps')}, reduces 4")

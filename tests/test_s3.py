@@ -9,19 +9,16 @@ says otherwise. The config tests at the top need no server and are not marked.
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from yarl import URL
 
 from kubemr_async.errors import PermanentTaskError, UsageError
 from kubemr_async.inputs import (
@@ -35,6 +32,7 @@ from kubemr_async.storage.base import BlobNotFound
 from kubemr_async.storage.s3 import MiB, S3BlobStore, S3Config, S3Error
 from kubemr_async.storage.urls import open_url
 from kubemr_async.testing import free_port
+from kubemr_async.testing.faultproxy import FaultProxy, Seen, s3_error
 from kubemr_async.testing.s3server import S3Server
 
 from .backends import s3_config
@@ -133,97 +131,6 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- a fault-injecting proxy in front of the real server --------------------------------
-
-
-@dataclass
-class Seen:
-    """One request as the proxy saw it; rules decide from these fields."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    n: int  # 1-based count of requests so far with the same (method, has-uploadId, part)
-    status: int = 0  # what the client was sent (0: nothing, e.g. the connection was cut)
-
-
-Rule = Callable[[Seen], Awaitable[web.StreamResponse | str | None]]
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-              "proxy-authorization", "proxy-authenticate", "content-length", "trailer"}
-
-
-def s3_error(status: int, code: str) -> web.Response:
-    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-            f"<Message>injected {code}</Message></Error>")
-    return web.Response(status=status, body=body.encode(), content_type="application/xml")
-
-
-class FaultProxy:
-    """Forwards to ``upstream`` byte for byte; ``rule`` may answer instead or cut a body.
-
-    A rule returns None (forward), a response (send it instead), or "truncate" (forward,
-    but drop the connection halfway through the response body).
-    """
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = URL(upstream)
-        self.rule: Rule | None = None
-        self.seen: list[Seen] = []
-        self._counts: dict[tuple[str, bool, str], int] = {}
-        self.endpoint_url = ""
-
-    async def __aenter__(self) -> FaultProxy:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.endpoint_url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
-        await self._session.close()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        query = dict(request.query)
-        op = (request.method, "uploadId" in query, query.get("partNumber", ""))
-        self._counts[op] = self._counts.get(op, 0) + 1
-        seen = Seen(request.method, request.path, query, self._counts[op])
-        self.seen.append(seen)
-        verdict = await self.rule(seen) if self.rule else None
-        if isinstance(verdict, web.StreamResponse):
-            await request.read()
-            seen.status = verdict.status
-            return verdict
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        async with self._session.request(
-                request.method, self.upstream.with_path(request.raw_path, encoded=True),
-                headers=headers, data=io.BytesIO(await request.read()),
-                allow_redirects=False) as up:
-            body = await up.read()
-            seen.status = up.status
-            out = {k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
-        if request.method == "HEAD":
-            out["Content-Length"] = up.headers.get("Content-Length", "0")
-            resp = web.StreamResponse(status=up.status, headers=out)
-            await resp.prepare(request)
-            return resp
-        resp = web.StreamResponse(status=up.status, headers=out)
-        resp.content_length = len(body)
-        await resp.prepare(request)
-        if verdict == "truncate" and len(body) > 1:
-            await resp.write(body[:len(body) // 2])
-            assert request.transport is not None
-            request.transport.abort()  # the client sees the body end early
-            return resp
-        await resp.write(body)
-        await resp.write_eof()
-        return resp
-
-    def count(self, method: str, *, upload: bool = False) -> int:
-        return sum(1 for s in self.seen if s.method == method and ("uploadId" in s.query) == upload)
 
 
 @pytest.fixture
