@@ -242,22 +242,26 @@ def test_skip_mode_stamps_the_skipped_sample_on_a_succeeded_job(
     assert written["skipped"] == status["skipped"]
 
 
-def test_twenty_workers_commit_five_hundred_tasks_exactly_once(
+def test_fifty_workers_commit_a_thousand_tasks_exactly_once(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path, tmp_path: Path) -> None:
     log = tmp_path / "attempts.log"
-    inputs = [f"item-{i:04d}" for i in range(500)]
+    inputs = [f"item-{i:04d}" for i in range(1000)]
+    started = time.monotonic()
     name = create_job(kube_cluster, kube_namespace, echo_job(
-        "race", inputs, workers=20, reducers=4, args={"log": str(log)}))
-    job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=600)
+        "race", inputs, workers=50, reducers=4, args={"log": str(log)}))
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=900)
+    wall = time.monotonic() - started
     assert job["status"]["phase"] == "Succeeded", job["status"]
     runs = Counter(tuple(line.split()[:2]) for line in log.read_text().splitlines())
     maps = [task for task, _ in runs if task.startswith("map-")]
-    assert len(maps) == 500 and len(set(maps)) == 500
+    assert len(maps) == 1000 and len(set(maps)) == 1000
     assert set(runs.values()) == {1}, "no task ran twice"
     merged = sorted(i for part in job["status"]["results"] for i in part.split(","))
     assert merged == inputs
     pids = {line.split()[2] for line in log.read_text().splitlines()}
-    assert len(pids) > 5, "the tasks were spread over many worker pods"
+    assert len(pids) > 25, "the tasks were spread over many worker pods"
+    print(f"\n50 worker pods, 1,000 maps + 4 reduces: {len(pids)} pods ran tasks; "
+          f"job {wall:.1f}s; every task run and committed once")
 
 
 def test_unloadable_job_module_fails_the_job_with_the_reason(
