@@ -155,6 +155,8 @@ class Worker:
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
+        # The store's last blind spell this worker has judged leases after (last_outage).
+        self._outage_seen: float | None = None
         # What this worker keeps of small shuffle objects for its next reduces (its share
         # of the budget is known in run(); each step starts with none kept).
         self._kept = KeptObjects(0)
@@ -241,6 +243,12 @@ class Worker:
                 continue
             self._changed.clear()
             now = self.monotonic()
+            outage = self.store.last_outage()
+            if outage != self._outage_seen:
+                # We could not see for a while, and nobody could renew: a record that did
+                # not change then proves nothing. Judge every lease afresh from now.
+                self._outage_seen = outage
+                view.restart_observation(now)
             # A random few: workers spread over different tasks, so most claims win at once.
             for body in view.candidates(now, 8, self._rng):
                 if self._stopping.is_set():
@@ -260,12 +268,11 @@ class Worker:
                     # an outage (see StateStore.patch).
                     claimed = await self._write(update, resend=not takeover)
                 except StoreUnavailable as exc:
-                    # Nobody could renew while the store was out of reach, and we could not
-                    # see: judge leases afresh from now on, as a new observer would.
-                    log.warning("store unavailable; leases are judged afresh",
+                    # Not applied, and not sent again: the next round judges leases afresh
+                    # (the store reports the outage through last_outage).
+                    log.warning("takeover not sent again after an outage",
                                 extra={"job": self.job_name, "error": str(exc),
                                        "worker": self.worker_id})
-                    view.restart_observation(self.monotonic())
                     break
                 if claimed is None:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()

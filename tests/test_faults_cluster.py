@@ -102,6 +102,12 @@ def test_a_job_rides_out_a_control_plane_restart(
     assert twice == {}, f"tasks that ran more than once: {twice}"
     merged = sorted(i for part in job["status"]["results"] for i in part.split(","))
     assert merged == inputs  # nothing lost, nothing duplicated
+    # The kubelet lived through it too: the workers the operator deletes once the job is
+    # done are finished off and removed by the kubelet, which a dead one would never do.
+    pods = f"/api/v1/namespaces/{kube_namespace}/pods?labelSelector=kubemr.io%2Fjob%3D{name}"
+    while kube_cluster.api("GET", pods)["items"]:
+        assert time.monotonic() - finished < 120, "worker pods were never cleaned up"
+        time.sleep(0.5)
     print(f"\n{server} down {down:.0f}s after {done_before} attempts: job finished "
           f"{finished - back:.1f}s after the restart, {finished - started:.1f}s in all; "
           f"attempts {sum(runs.values())} for {len(runs)} tasks")

@@ -25,6 +25,7 @@ from kubemr_async.kube import (
     kubeconfig_contexts,
 )
 from kubemr_async.kube.config import Kubeconfig, environment_proxy, in_cluster
+from kubemr_async.kube.errors import SETTLING_SECONDS, error_for, transient_after_outage
 from kubemr_async.testing.cluster import TestCluster
 
 pytestmark = [pytest.mark.anyio]
@@ -251,3 +252,14 @@ def test_a_plugin_kubeconfig_is_the_only_one_that_loads_the_generated_client(
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == "False"  # reading it is not minting: that comes later
+
+
+def test_refusals_right_after_an_outage_are_tried_again_for_a_while() -> None:
+    """A restarted API server answers 401/403 until its caches catch up (seen in the
+    control-plane restart tests): retried only within SETTLING_SECONDS of an outage."""
+    forbidden = error_for("patching", 403, b"{}")
+    assert transient_after_outage(forbidden, 1.0)
+    assert not transient_after_outage(forbidden, SETTLING_SECONDS + 1)
+    assert not transient_after_outage(forbidden, None)
+    assert transient_after_outage(error_for("patching", 503, b"{}"), None)
+    assert not transient_after_outage(error_for("patching", 404, b"{}"), 1.0)

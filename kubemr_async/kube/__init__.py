@@ -51,6 +51,7 @@ from .errors import (
     Unprocessable,
     error_for,
     status_message,
+    transient_after_outage,
 )
 from .namespaces import ensure_namespace
 from .watch import Changed, Listed, WatchCounters, list_watch
@@ -97,4 +98,5 @@ __all__ = [
     "kubeconfig_contexts",
     "list_watch",
     "status_message",
+    "transient_after_outage",
 ]

@@ -32,6 +32,22 @@ class KubeApiError(KubemrError):
         return self.status == 429 or self.status >= 500
 
 
+#: Seconds after an API server came back during which it may still refuse what it allowed
+#: before (401/403): a restarted server answers before its authentication and RBAC caches
+#: have caught up (seen here: workers' own patches refused with 403 right after a restart).
+SETTLING_SECONDS = 60.0
+
+
+def transient_after_outage(exc: KubeApiError, since_outage: float | None) -> bool:
+    """Whether ``exc`` may pass if the request is sent again: transient, or a 401/403
+    within :data:`SETTLING_SECONDS` of the server last failing to answer
+    (``since_outage`` seconds ago; None: it never did)."""
+    if exc.transient:
+        return True
+    return (exc.status in (401, 403) and since_outage is not None
+            and since_outage < SETTLING_SECONDS)
+
+
 class BadRequest(KubeApiError):
     """400: the request (often a patch or a field selector) is malformed."""
 

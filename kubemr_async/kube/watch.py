@@ -14,6 +14,7 @@ The rules every Kubernetes client learns the hard way live here once:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -23,7 +24,7 @@ import orjson
 
 from .backoff import Backoff
 from .client import Kube, KubeObject, Resource
-from .errors import Gone, KubeApiError, error_for
+from .errors import Gone, KubeApiError, error_for, transient_after_outage
 
 log = logging.getLogger("kubemr.kube.watch")
 
@@ -63,6 +64,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                      counters: WatchCounters | None = None,
                      backoff: Backoff | None = None,
                      on_progress: Callable[[], None] | None = None,
+                     on_trouble: Callable[[], None] | None = None,
                      ) -> AsyncGenerator[Listed | Changed, None]:
     """Follow a collection forever: a :class:`Listed` first (unless resuming ``since`` a
     version the caller listed itself), then :class:`Changed` events, and a fresh
@@ -74,9 +76,22 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
 
     ``on_progress`` is called whenever the server shows the watch is current: a list, an
     event, a bookmark (which a caller never sees otherwise), a watch it ended on time.
-    The operator's readiness is built on it.
+    The operator's readiness is built on it. ``on_trouble`` is called whenever the server
+    did not answer or the stream broke off: for a caller that must know it could not see
+    (a worker judging leases).
     """
     progressed = on_progress or _nothing
+    trouble_at: float | None = None
+
+    def troubled() -> None:
+        nonlocal trouble_at
+        trouble_at = time.monotonic()
+        (on_trouble or _nothing)()
+
+    def retryable(exc: KubeApiError) -> bool:
+        since = None if trouble_at is None else time.monotonic() - trouble_at
+        return transient_after_outage(exc, since)
+
     counters = counters or _Uncounted()
     backoff = backoff or Backoff()
     silence = inactivity_timeout if inactivity_timeout is not None else timeout_seconds + 15.0
@@ -90,8 +105,9 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                                                  label_selector=label_selector,
                                                  field_selector=field_selector)
             except KubeApiError as exc:
-                if not exc.transient:
+                if not retryable(exc):
                     raise
+                troubled()
                 log.warning("%s; retrying in %.1fs", exc, backoff.delay)
                 continue
             backoff.reset()
@@ -110,8 +126,9 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
             backoff.reset()
             continue
         except KubeApiError as exc:
-            if not exc.transient:
+            if not retryable(exc):
                 raise
+            troubled()
             log.warning("%s; reconnecting in %.1fs", exc, backoff.delay)
             continue
         error: KubeApiError | None = None
@@ -134,6 +151,7 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
                 if kind != "BOOKMARK":
                     yield Changed(kind, obj)
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            troubled()
             log.info("%s: stream interrupted (%s); resuming from %s", context,
                      type(exc).__name__, current)
         finally:
@@ -142,9 +160,10 @@ async def list_watch(kube: Kube, resource: Resource, namespace: str | None = Non
             counters.relists += 1
             current = None
             backoff.reset()
-        elif error is not None and not error.transient:
+        elif error is not None and not retryable(error):
             raise error
         elif error is not None:
+            troubled()
             log.warning("%s; retrying in %.1fs", error, backoff.delay)
 
 

@@ -76,6 +76,10 @@ class StateStore(Protocol):
         it landed, and otherwise not sent again but raised as StoreUnavailable, so the
         caller looks again at what happened meanwhile."""
 
+    def last_outage(self) -> float | None:
+        """When (``time.monotonic``) the store was last found out of reach, by a write or
+        by the watch; None if never. A worker judges no lease across such a blind spell."""
+
     async def delete(self, job: str) -> None:
         """Remove the job and all its records."""
 

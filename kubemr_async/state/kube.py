@@ -62,6 +62,7 @@ from ..kube import (
     Unprocessable,
     ensure_namespace,
     list_watch,
+    transient_after_outage,
 )
 from ..patch import writes_hold
 from ..protocol import JOB_KEY, Update, new_status, task_name
@@ -178,6 +179,7 @@ class KubeStateStore:
         self._naming = task_namespace or (lambda job: task_namespace_for(namespace, job))
         self._owns_kube = owns_kube
         self._task_ns: dict[str, str] = {}
+        self._last_outage: float | None = None
 
     @classmethod
     async def connect(cls, namespace: str, *, kubeconfig: str | None = None,
@@ -406,7 +408,7 @@ class KubeStateStore:
                 self.stats.lost_races += 1
                 return None
             except KubeApiError as exc:
-                if not exc.transient:
+                if not transient_after_outage(exc, self._since_outage()):
                     raise
                 deadline = deadline or time.monotonic() + self.outage_tolerance
                 self._wait_out(exc, context, deadline)
@@ -423,6 +425,7 @@ class KubeStateStore:
             raise StoreUnavailable(f"{context}: the API server has not answered for "
                                    f"{self.outage_tolerance:.0f}s ({exc.reason})") from None
         self.stats.outage_retries += 1
+        self._troubled()
         log.warning("API server unavailable; waiting it out",
                     extra={"context": context, "error": exc.reason})
 
@@ -444,7 +447,7 @@ class KubeStateStore:
             try:
                 landed = await self._landed(target, ops)
             except KubeApiError as exc:
-                if not exc.transient:
+                if not transient_after_outage(exc, self._since_outage()):
                     raise
                 self._wait_out(exc, target.context, deadline or time.monotonic())
                 continue
@@ -545,7 +548,19 @@ class KubeStateStore:
 
     def _watch_options(self) -> dict[str, Any]:
         return {"timeout_seconds": self.watch_timeout,
-                "inactivity_timeout": self.inactivity_timeout, "counters": self.stats}
+                "inactivity_timeout": self.inactivity_timeout, "counters": self.stats,
+                "on_trouble": self._troubled}
+
+    def _troubled(self) -> None:
+        self._last_outage = time.monotonic()
+
+    def _since_outage(self) -> float | None:
+        return None if self._last_outage is None else time.monotonic() - self._last_outage
+
+    def last_outage(self) -> float | None:
+        """When (``time.monotonic``) the API server last failed to answer a write or a
+        watch of this store; None if it never has."""
+        return self._last_outage
 
     async def aclose(self) -> None:
         """Close the connection if this store opened it; a shared one belongs to its owner."""

@@ -145,6 +145,9 @@ class SQLiteStateStore:
         result: Record | None = await self._run(self._patch, job, update)
         return result
 
+    def last_outage(self) -> float | None:
+        return None  # a local file is never out of reach
+
     async def delete(self, job: str) -> None:
         await self._run(self._db.execute, "DELETE FROM records WHERE job=?", (job,))
 

@@ -63,7 +63,7 @@ from kubemr_async.kube import (
 from kubemr_async.testing import TestEnvError
 from kubemr_async.testing.logserver import LogServer, cluster_ca
 from kubemr_async.testing.node import CLAIM_ANNOTATION, Node
-from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, kill
+from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, kill, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +312,13 @@ class FakeKubelet:
             },
             "target": {"apiVersion": "v1", "kind": "Node", "name": self._node_name},
         }
-        assert self._kube is not None
+        kube = self._kube
+        assert kube is not None
+        context = f"binding Pod {meta['namespace']}/{meta['name']} to Node {self._node_name}"
         try:
-            await self._kube.request(
+            await until_answered(lambda: kube.request(
                 "POST", PODS.path(meta["namespace"], meta["name"], "binding"), body=body,
-                context=f"binding Pod {meta['namespace']}/{meta['name']} to Node "
-                        f"{self._node_name}")
+                context=context), context)
         except (NotFound, Conflict):  # gone, bound elsewhere or being deleted
             return False
         pod["spec"]["nodeName"] = self._node_name

@@ -22,9 +22,10 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -34,6 +35,7 @@ from kubemr_async.kube import (
     SECRETS,
     SERVICE_ACCOUNTS,
     STRATEGIC_MERGE_PATCH,
+    Backoff,
     Kube,
     KubeApiError,
     KubeObject,
@@ -43,6 +45,21 @@ from kubemr_async.kube import (
 from kubemr_async.testing import utc_now
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def until_answered(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``call()``, sent again while the API server does not answer (it is restarting), as
+    a kubelet keeps trying to report a Pod's status: what the Pod did must not be lost."""
+    backoff = Backoff()
+    while True:
+        await backoff.wait()
+        try:
+            return await call()
+        except KubeApiError as exc:
+            if not exc.transient:
+                raise
+            log.warning("%s: %s; trying again in %.1fs", what, exc, backoff.delay)
 
 _TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
 #: Cap on terminationGracePeriodSeconds; tests should not wait 30 s.
@@ -202,9 +219,10 @@ class PodRunner:
             },
         }
         account = pod["spec"].get("serviceAccountName") or "default"
-        minted = await self._kube.request(
+        context = f"requesting a token for ServiceAccount {meta['namespace']}/{account}"
+        minted = await until_answered(lambda: self._kube.request(
             "POST", SERVICE_ACCOUNTS.path(meta["namespace"], account, "token"), body=body,
-            context=f"requesting a token for ServiceAccount {meta['namespace']}/{account}")
+            context=context), context)
         kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
         current = next(
             c["context"]
@@ -320,5 +338,6 @@ class PodRunner:
         meta = pod["metadata"]
         # Strategic merge, as a kubelet patches: conditions merge by type (PodScheduled stays).
         with contextlib.suppress(NotFound):  # the Pod was deleted meanwhile: nothing to report
-            await self._kube.patch(PODS, meta["name"], body, meta["namespace"],
-                                   subresource="status", content_type=STRATEGIC_MERGE_PATCH)
+            await until_answered(lambda: self._kube.patch(
+                PODS, meta["name"], body, meta["namespace"], subresource="status",
+                content_type=STRATEGIC_MERGE_PATCH), f"reporting the status of Pod {meta['name']}")
