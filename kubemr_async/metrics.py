@@ -130,8 +130,8 @@ class Health:
 
     Liveness starts with ``loop``: :meth:`heartbeat` marks it from the event loop every
     ``interval`` seconds, so a loop stuck for ``stall_seconds`` fails ``/healthz``. Whoever
-    owns a readiness condition adds it with :meth:`add_readiness` (the operator's watch
-    now; its leadership once it elects a leader).
+    owns a readiness condition adds it with :meth:`add_readiness` (the operator's watch,
+    and its leadership when it elects a leader).
     """
 
     def __init__(self, stall_seconds: float = 10.0, interval: float = 1.0) -> None:

@@ -16,6 +16,7 @@ from kubemr_async.operator import LeaderElection, LeadershipLost
 from kubemr_async.operator.election import Election, LeaseRecord, micro_time
 from kubemr_async.operator.leader import LeaderElector, LeaseNotOurs
 
+from .test_cli import run_kubemr
 from .test_kube_client import kube, namespace
 
 __all__ = ["kube", "namespace"]  # fixtures, used by name
@@ -76,6 +77,19 @@ def test_times_that_cannot_work_are_refused_in_one_line(
     assert message in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="identity"):
         LeaderElection("")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--leader-elect-lease-duration", "10"], "the lease duration (10s) must be greater than "
+                                              "the renew deadline (10.0s)"),
+    (["--leader-elect-retry-period", "9"], "the renew deadline (10.0s) must be greater than "
+                                           "1.2 x the retry period (9.0s)"),
+])
+def test_kubemr_operator_refuses_leader_election_that_cannot_work_in_one_line(
+        args: list[str], message: str) -> None:
+    result = run_kubemr("operator", "--leader-elect", *args)
+    assert result.returncode == 2
+    assert result.stderr == f"kubemr: error: leader election: {message}\n"
 
 
 # --- on the real API server ---------------------------------------------------------------
