@@ -2,17 +2,19 @@
 elector against the real API server's Lease, each candidate with a clock the test moves,
 so a takeover is decided by the rule and not by how long the test waited.
 
-Two operator processes, one killed or stopped mid-job, are in tests/test_operator_ha.py.
+Two operator processes, one killed or stopped mid-job, are in tests/test_operator_ha.py;
+here, an Operator that loses its lease stops with LeadershipLost, in process.
 """
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from prometheus_client import REGISTRY
 
 from kubemr_async.errors import UsageError
 from kubemr_async.kube import LEASES, Conflict, Kube
-from kubemr_async.operator import LeaderElection, LeadershipLost
+from kubemr_async.operator import LeaderElection, LeadershipLost, Operator, OperatorConfig
 from kubemr_async.operator.election import Election, LeaseRecord, micro_time
 from kubemr_async.operator.leader import LeaderElector, LeaseNotOurs
 
@@ -189,3 +191,63 @@ async def test_a_lease_kubemr_did_not_create_is_never_taken(kube: Kube, namespac
     with pytest.raises(LeaseNotOurs, match=f"Lease {namespace}/op exists and was not created"):
         await candidate(kube, namespace, "a", Clock()).acquire()
     assert (await spec(kube, namespace)).holder == "someone-else"
+
+
+@pytest.mark.anyio
+@pytest.mark.kube
+@pytest.mark.slow
+async def test_a_leader_whose_renewal_is_overdue_stops_at_once(kube: Kube, namespace: str) -> None:
+    """A loop held up past the renew deadline (a clock that jumped) must not go on leading
+    on a lease others may already count as expired: the next round stops it, unwritten."""
+    clock = Clock()
+    a = candidate(kube, namespace, "a", clock)
+    await a.acquire()
+    written = await spec(kube, namespace)
+    clock.now += 1.0  # the renew deadline
+    with pytest.raises(LeadershipLost, match=r"not renewed for 1\.0s \(the renew deadline"):
+        await a.hold()
+    assert not a.leading()
+    assert await spec(kube, namespace) == written, "nothing written after the deadline"
+
+
+@pytest.mark.anyio
+@pytest.mark.kube
+@pytest.mark.slow
+async def test_an_operator_that_loses_the_lease_stops_reconciling_with_the_error(
+        kube: Kube, namespace: str, crds: None) -> None:
+    """Operator.run with leader election: ready once it leads; another holder written
+    into the Lease (as if this operator's renewals had stalled) ends every loop of it, and
+    run() raises LeadershipLost (the CLI exits with it, one line, non-zero)."""
+    election = LeaderElection("a", namespace=namespace, lease_name="op", lease_duration=15,
+                              renew_deadline=1.0, retry_period=0.05)
+    operator = Operator(kube, OperatorConfig(namespace=namespace, operator_namespace=namespace,
+                                             leader_election=election))
+    assert operator.elector is not None
+    ended: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await operator.run()
+        except LeadershipLost as exc:
+            ended.append(exc)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            while True:  # leading, and its watch has listed
+                if operator.elector.leading() and operator.watch_current():
+                    break
+                await anyio.sleep(0.05)
+            assert all(check() for check in operator.health.readiness.values())
+            while True:  # another holder, written over whichever renewal is current
+                lease = await kube.get(LEASES, "op", namespace)
+                taken = LeaseRecord("b", 15, micro_time(), micro_time(), 1)
+                try:
+                    await kube.replace(LEASES, "op", {**lease, "spec": taken.spec()}, namespace)
+                    break
+                except Conflict:
+                    continue
+    assert len(ended) == 1 and "was taken by b: stopped leading" in str(ended[0])
+    assert not operator.health.readiness["leader"]()
+    assert REGISTRY.get_sample_value("kubemr_operator_leader") == 0
+    assert (await spec(kube, namespace)).holder == "b", "a loser releases nothing"
