@@ -290,28 +290,75 @@ def operator(
         help="Worker pods keep /metrics up this long after their job is decided (a last "
              "scrape sees the final counts); cut short when the workers are deleted.")]
     = 30.0,
+    leader_elect: Annotated[bool, typer.Option(
+        envvar="KUBEMR_LEADER_ELECT",
+        help="Reconcile only while holding a Lease (run several replicas, one leads).")]
+    = False,
+    leader_elect_lease_name: Annotated[str, typer.Option(
+        help="The Lease's name (in --operator-namespace, or --leader-elect-namespace).")]
+    = "kubemr-operator",
+    leader_elect_namespace: Annotated[str | None, typer.Option(
+        help="The Lease's namespace (default: --operator-namespace).")] = None,
+    leader_elect_identity: Annotated[str | None, typer.Option(
+        envvar="POD_NAME", help="Who holds the Lease (default: hostname_random).")] = None,
+    leader_elect_lease_duration: Annotated[int, typer.Option(
+        metavar="SECONDS", help="A standby takes the Lease once it has seen no renewal "
+                                "for this long.")] = 15,
+    leader_elect_renew_deadline: Annotated[float, typer.Option(
+        metavar="SECONDS", help="The leader stops (exits) when it could not renew the "
+                                "Lease for this long.")] = 10.0,
+    leader_elect_retry_period: Annotated[float, typer.Option(
+        metavar="SECONDS", help="How often the Lease is renewed, or tried.")] = 2.0,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
-    """Run the operator: reconcile MapReduceJobs into task records, RBAC and worker Jobs."""
+    """Run the operator: reconcile MapReduceJobs into task records, RBAC and worker Jobs.
+
+    SIGTERM stops it cleanly (exit 0): reconciling stops, and a leader releases its Lease.
+    """
     import os
 
     from . import logs
     from .kube import Kube
-    from .operator import Operator, OperatorConfig
+    from .operator import LeaderElection, Operator, OperatorConfig
+    from .signals import until_signalled
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
-    config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
-                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
-                            worker_backoff_limit=worker_backoff_limit,
-                            metrics_port=metrics_port, worker_metrics_port=worker_metrics_port,
-                            worker_metrics_linger=worker_metrics_linger)
+
+    def configure() -> OperatorConfig:
+        election = None
+        if leader_elect:
+            election = LeaderElection(
+                identity=leader_elect_identity or _default_identity(),
+                namespace=leader_elect_namespace or operator_namespace,
+                lease_name=leader_elect_lease_name,
+                lease_duration=leader_elect_lease_duration,
+                renew_deadline=leader_elect_renew_deadline,
+                retry_period=leader_elect_retry_period)
+        return OperatorConfig(
+            namespace=namespace, operator_namespace=operator_namespace, s3_secret=s3_secret,
+            s3_endpoint=s3_endpoint, s3_region=s3_region,
+            worker_backoff_limit=worker_backoff_limit, metrics_port=metrics_port,
+            worker_metrics_port=worker_metrics_port,
+            worker_metrics_linger=worker_metrics_linger, leader_election=election)
+
+    config = _guard(configure)
 
     async def main() -> None:
         async with await Kube.connect(kubeconfig, context) as kube:
-            await Operator(kube, config).run()
+            with contextlib.suppress(Interrupted):  # a clean stop, not an error
+                await until_signalled(Operator(kube, config).run())
 
     _guard(lambda: _run(main()))
+
+
+def _default_identity() -> str:
+    """client-go's usual identity outside a pod: the host and a random part, so two
+    operators on one machine never share one."""
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}_{uuid.uuid4()}"
 
 
 # --- the cluster commands ------------------------------------------------------------

@@ -33,7 +33,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -43,7 +43,7 @@ import orjson
 
 from . import counters, formats, logs, metrics, protocol
 from .api import AnyJob, Commands, Job, load_spec_job, load_steps, step_reducer_count
-from .errors import Interrupted, JobFailed, OutputBusy, PermanentTaskError, UsageError
+from .errors import JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
 from .outdir import (
@@ -61,6 +61,7 @@ from .progress import ProgressBar
 from .protocol import JobPhase, JobView
 from .records import Counters, Skipped, TaskOutputs
 from .sampling import prepare_partitioner
+from .signals import until_signalled
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
@@ -117,38 +118,12 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
     SIGTERM. ``workers=0`` means ``inline``.
     """
-    return await _until_signalled(_run(
+    return await until_signalled(_run(
         job_ref, inputs, output, workers=workers, reducers=reducers, chunk_size=chunk_size,
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
         max_skipped_records=max_skipped_records, metrics_port=metrics_port))
-
-
-async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; SIGINT/SIGTERM cancel it (so every finally cleans up), then Interrupted."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if not received:  # a second Ctrl-C must not interrupt the cleanup
-            task.cancel()
-        received.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        return await coro
-    except asyncio.CancelledError:
-        if not received:
-            raise
-        task.uncancel()
-        raise Interrupted(received[0]) from None
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,

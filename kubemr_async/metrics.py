@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
@@ -63,6 +64,9 @@ RECONCILE_SECONDS = Histogram("kubemr_operator_reconcile_duration_seconds",
                                        10, 30, 60))
 QUEUE_DEPTH = Gauge("kubemr_operator_workqueue_depth",
                     "Job keys ready to reconcile, not yet taken by a reconcile worker.")
+LEADER = Gauge("kubemr_operator_leader",
+               "1 while this operator leads (holds the leader Lease, or runs without leader "
+               "election) and reconciles; 0 on a standby.")
 API_RETRIES = Counter("kubemr_api_retries",
                       "Waits before retrying the API server after transient trouble (a "
                       "watch or read loop backing off).")
@@ -126,8 +130,8 @@ class Health:
 
     Liveness starts with ``loop``: :meth:`heartbeat` marks it from the event loop every
     ``interval`` seconds, so a loop stuck for ``stall_seconds`` fails ``/healthz``. Whoever
-    owns a readiness condition adds it with :meth:`add_readiness` (the operator's watch
-    now; its leadership once it elects a leader).
+    owns a readiness condition adds it with :meth:`add_readiness` (the operator's watch,
+    and its leadership when it elects a leader).
     """
 
     def __init__(self, stall_seconds: float = 10.0, interval: float = 1.0) -> None:
@@ -154,6 +158,15 @@ def _report(checks: dict[str, Check]) -> tuple[bool, bytes]:
     lines = [f"[{'+' if passed else '-'}]{name} {'ok' if passed else 'failed'}"
              for name, passed in results]
     return ok, ("\n".join([*lines, "ok" if ok else "failed"]) + "\n").encode()
+
+
+def _without(checks: dict[str, Check], query: str) -> dict[str, Check]:
+    """The checks less those named by ``?exclude=`` (Kubernetes' own /readyz parameter,
+    repeatable): the chart's readiness probe excludes ``leader``, so a standby is a ready
+    pod (rollouts and the PodDisruptionBudget count it) while /readyz itself says who
+    leads. A name that is no check is ignored."""
+    excluded = set(parse_qs(query).get("exclude", ()))
+    return {name: check for name, check in checks.items() if name not in excluded}
 
 
 # --- the endpoint ------------------------------------------------------------------------
@@ -202,7 +215,8 @@ def wsgi_app(registry: CollectorRegistry, health: Health | None) -> WsgiApp:
         if path == "/metrics":
             return metrics(environ, start_response)  # type: ignore[no-any-return]
         if health is not None and path in ("/healthz", "/readyz"):
-            ok, body = _report(health.liveness if path == "/healthz" else health.readiness)
+            checks = health.liveness if path == "/healthz" else health.readiness
+            ok, body = _report(_without(checks, environ.get("QUERY_STRING", "")))
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain; charset=utf-8")])
             return [body]

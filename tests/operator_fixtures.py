@@ -61,15 +61,33 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`kubemr operator` as a separate process, configured as the Helm chart configures it
     (plus ``operator_args``, a fixture a module may override); yields the path of its log."""
-    _create_ignoring_conflict(kube_cluster, "/api/v1/namespaces",
+    prepare_operator_namespace(kube_cluster, s3_server)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = start_operator(kube_cluster, s3_server, kube_namespace, operator_args, log)
+    PROCESSES[log] = proc
+    try:
+        yield log
+    finally:
+        del PROCESSES[log]
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def prepare_operator_namespace(cluster: TestCluster, s3_server: S3Server) -> None:
+    """The operator's namespace and its S3 Secret, and the custom resources served."""
+    _create_ignoring_conflict(cluster, "/api/v1/namespaces",
                               {"metadata": {"name": OPERATOR_NS}})
     _create_ignoring_conflict(
-        kube_cluster, f"/api/v1/namespaces/{OPERATOR_NS}/secrets",
+        cluster, f"/api/v1/namespaces/{OPERATOR_NS}/secrets",
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemr-s3"},
          "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
                         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
-    _wait_until_served(kube_cluster)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    _wait_until_served(cluster)
+
+
+def start_operator(cluster: TestCluster, s3_server: S3Server, namespace: str,
+                   args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `kubemr operator` watching ``namespace``, its output going to ``log``."""
     # PYTHONPATH: the operator runs this checkout's code (as the pods do), not whatever the
     # venv's editable install points at (another worktree's).
     env = {"PATH": str(Path(KUBEMR).parent), "PYTHONPATH": str(ROOT),
@@ -78,19 +96,12 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": s3_server.region,
            "KUBEMR_LOG_LEVEL": "DEBUG"}
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
+        return subprocess.Popen(
+            [KUBEMR, "operator", "--kubeconfig", str(cluster.kubeconfig_path),
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
-             "--namespace", kube_namespace, *operator_args],
+             "--namespace", namespace, *args],
             stdout=out, stderr=subprocess.STDOUT, env=env)
-    PROCESSES[log] = proc
-    try:
-        yield log
-    finally:
-        del PROCESSES[log]
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _create_ignoring_conflict(cluster: TestCluster, path: str, body: dict[str, Any]) -> None:

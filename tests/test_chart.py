@@ -65,6 +65,9 @@ VALUE_SETS: dict[str, Obj] = {
         "watchNamespace": "<watch>", "s3": {"existingSecret": "s3-credentials"},
     },
     "metrics-off": {"metrics": {"enabled": False}},
+    "ha": {"replicaCount": 2, "leaderElection": {"leaseDuration": 20, "renewDeadline": 12,
+                                                 "retryPeriod": 3}},
+    "leader-election-off": {"leaderElection": {"enabled": False}},
     "external-service-account-no-rbac": {
         "serviceAccount": {"create": False, "name": "operator"},
         "rbac": {"create": False}, "admissionPolicy": {"enabled": False},
@@ -99,6 +102,9 @@ VALUE_SETS: dict[str, Obj] = {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
         "tmpSizeLimit": "128Mi",
+        "leaderElection": {"enabled": True, "leaseDuration": 30, "renewDeadline": 20,
+                           "retryPeriod": 4},
+        "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
     },
 }
 
@@ -237,7 +243,10 @@ def test_helm_lint_strict_is_clean(tools: Tools, name: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("values", "complaint"), [
-    ({"replicaCount": 2}, "/replicaCount"),
+    ({"replicaCount": -1}, "/replicaCount"),
+    ({"leaderElection": {"leaseDuration": 1.5}}, "/leaderElection/leaseDuration"),
+    ({"leaderElection": {"retryPeriod": 0}}, "/leaderElection/retryPeriod"),
+    ({"podDisruptionBudget": {"minAvailable": 0}}, "/podDisruptionBudget/minAvailable"),
     ({"operator": {"logLevel": "TRACE"}}, "/operator/logLevel"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"watchNamespace": "Not_A_Namespace"}, "/watchNamespace"),
@@ -297,7 +306,8 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     deployment = one(objects, "Deployment")
     assert deployment["metadata"]["name"] == "kubemr-async"  # not kubemr-async-kubemr-async
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Leader election is on by default: a new pod waits for the old one's Lease.
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -308,7 +318,11 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert main["imagePullPolicy"] == "IfNotPresent"
     assert main["command"] == ["kubemr", "operator"]
     assert main["args"] == ["--worker-backoff-limit=4", "--metrics-port=8080",
-                            "--worker-metrics-port=9090", "--worker-metrics-linger=30"]
+                            "--worker-metrics-port=9090", "--worker-metrics-linger=30",
+                            "--leader-elect", "--leader-elect-lease-name=kubemr-async-leader",
+                            "--leader-elect-lease-duration=15",
+                            "--leader-elect-renew-deadline=10",
+                            "--leader-elect-retry-period=2"]
     # (no --namespace: every namespace)
     security = main["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
@@ -320,7 +334,9 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert {"cpu", "memory"} <= main["resources"]["limits"].keys()
     assert main["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # A standby (whose /readyz fails its leader check) is a ready pod: see test_ha_...
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz?exclude=leader",
+                                                 "port": "http"}
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -328,7 +344,48 @@ def test_operator_deployment_defaults(tools: Tools, tmp_path: Path) -> None:
     assert env["KUBEMR_OPERATOR_NAMESPACE"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["AWS_REGION"]["value"] == "us-east-1"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert not by_kind(objects, "PodDisruptionBudget"), "one replica: nothing to keep"
     assert not {"KUBEMR_S3_SECRET", "KUBEMR_S3_ENDPOINT", "AWS_ACCESS_KEY_ID"} & env.keys()
+
+
+def test_ha_replicas_a_disruption_budget_and_a_rolling_update(tools: Tools,
+                                                              tmp_path: Path) -> None:
+    """Two replicas elect a leader; drains take them one at a time; an upgrade rolls."""
+    objects = render(tools, values_for("ha"), tmp_path, release="rel", namespace="ops")
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["spec"] == {"minAvailable": 1, "selector": {
+        "matchLabels": deployment["spec"]["selector"]["matchLabels"]}}
+    args = container(objects)["args"]
+    assert args[-5:] == ["--leader-elect", "--leader-elect-lease-name=rel-kubemr-async-leader",
+                         "--leader-elect-lease-duration=20",
+                         "--leader-elect-renew-deadline=12", "--leader-elect-retry-period=3"]
+    off = render(tools, values_for("leader-election-off"), tmp_path, release="rel")
+    assert one(off, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any("--leader-elect" in arg for arg in container(off)["args"])
+    assert "POD_NAME" not in {e["name"] for e in container(off)["env"]}
+    assert not [r for r in by_kind(off, "Role") if "leader" in r["metadata"]["name"]]
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"replicaCount": 2, "leaderElection": {"enabled": False}},
+     "replicaCount > 1 needs leaderElection.enabled"),
+    ({"leaderElection": {"leaseDuration": 10}},
+     "leaderElection.leaseDuration must be greater than leaderElection.renewDeadline"),
+    ({"leaderElection": {"retryPeriod": 9}},
+     "leaderElection.renewDeadline must be greater than 1.2 x leaderElection.retryPeriod"),
+    ({"replicaCount": 2, "podDisruptionBudget": {"minAvailable": 2}},
+     "podDisruptionBudget.minAvailable must be less than replicaCount"),
+])
+def test_ha_settings_that_cannot_work_fail_the_render(tools: Tools, values: Obj, complaint: str,
+                                                      tmp_path: Path) -> None:
+    proc = tools.helm("template", "x", str(CHART), "--values", str(values_file(values, tmp_path)),
+                      check=False)
+    assert proc.returncode != 0
+    assert complaint in proc.stderr, proc.stderr
 
 
 def test_metrics_service_and_service_monitor(tools: Tools, tmp_path: Path) -> None:
@@ -359,7 +416,8 @@ def test_metrics_service_and_service_monitor(tools: Tools, tmp_path: Path) -> No
     off = render(tools, values_for("metrics-off"), tmp_path)
     assert not by_kind(off, "Service") and not by_kind(off, "ServiceMonitor")
     main = container(off)
-    assert main["args"] == ["--worker-backoff-limit=4", "--metrics-port=8080"]
+    assert main["args"][:2] == ["--worker-backoff-limit=4", "--metrics-port=8080"]
+    assert not any(arg.startswith("--worker-metrics") for arg in main["args"])
     assert main["readinessProbe"]["httpGet"]["port"] == "http"
 
 
@@ -384,7 +442,11 @@ def test_everything_set_reaches_the_objects(tools: Tools, tmp_path: Path) -> Non
     assert main["imagePullPolicy"] == "Always"
     assert main["args"] == ["--namespace=jobs", "--worker-backoff-limit=1",
                             "--metrics-port=9000", "--worker-metrics-port=9191",
-                            "--worker-metrics-linger=5", "--context=in-cluster"]
+                            "--worker-metrics-linger=5", "--leader-elect",
+                            "--leader-elect-lease-name=mr-leader",
+                            "--leader-elect-lease-duration=30",
+                            "--leader-elect-renew-deadline=20",
+                            "--leader-elect-retry-period=4", "--context=in-cluster"]
     assert main["ports"][0]["containerPort"] == 9000
     service = one(objects, "Service")
     assert service["spec"]["ports"][0]["port"] == 9000
@@ -415,20 +477,28 @@ def test_rbac_is_exactly_what_the_operator_needs(tools: Tools, name: str,
                 assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
             assert "nonResourceURLs" not in rule
     scopes = rules_by_scope(objects)
+    electing = values.get("leaderElection", {}).get("enabled", True)
+    # Leader election: create the Lease in the release namespace (create cannot be limited
+    # by name), then get and update that one Lease by name (below).
+    lease_side = {"ops": {("coordination.k8s.io", "leases"): {"create"}}} if electing else {}
     if values.get("watchNamespace"):
-        assert scopes == {"cluster": TASK_SIDE_RULES, "jobs": JOB_SIDE_RULES}
+        assert scopes == {"cluster": TASK_SIDE_RULES, "jobs": JOB_SIDE_RULES, **lease_side}
     else:
-        assert scopes == {"cluster": merged(JOB_SIDE_RULES, TASK_SIDE_RULES)}
+        assert scopes == {"cluster": merged(JOB_SIDE_RULES, TASK_SIDE_RULES), **lease_side}
     # Secrets: create (the per-job copy) as above, plus get on the one S3 Secret by name.
     named = [(role["metadata"].get("namespace"), rule) for role in roles
              for rule in role["rules"] if rule.get("resourceNames")]
     env = {e["name"]: e.get("value") for e in container(objects)["env"]}
     secret = env.get("KUBEMR_S3_SECRET")
+    expected = []
+    if electing:
+        lease = f"{values.get('fullnameOverride') or 'rel-kubemr-async'}-leader"
+        expected.append(("ops", {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                 "resourceNames": [lease], "verbs": ["get", "update"]}))
     if secret:
-        assert named == [("ops", {"apiGroups": [""], "resources": ["secrets"],
-                                  "resourceNames": [secret], "verbs": ["get"]})]
-    else:
-        assert named == []
+        expected.append(("ops", {"apiGroups": [""], "resources": ["secrets"],
+                                 "resourceNames": [secret], "verbs": ["get"]}))
+    assert named == expected
     # Every (Cluster)Role is bound to the operator's ServiceAccount and nothing else.
     account = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
     assert account == (values.get("fullnameOverride") or "rel-kubemr-async")
@@ -859,6 +929,8 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
     token = cluster.token_for(release.namespace, release.account())
     s3_secret = one(release.manifest, "Secret")["metadata"]["name"]
     task_ns = "kubemr-made-up-task-namespace-0a1b2c3d"  # names are made up per job
+    lease = next(arg for arg in container(release.manifest)["args"]
+                 if arg.startswith("--leader-elect-lease-name=")).partition("=")[2]
     job_namespaces = [watch] if mode == "namespaced" else [watch, other]
 
     allowed: list[tuple[str, str, str, str]] = [  # verb, [group:]resource, namespace, name
@@ -870,6 +942,9 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
           for verb in ("get", "list", "watch", "create", "patch")],
         ("create", "rbac.authorization.k8s.io:roles", task_ns, ""),
         ("create", "rbac.authorization.k8s.io:rolebindings", task_ns, ""),
+        ("create", "coordination.k8s.io:leases", release.namespace, ""),
+        ("get", "coordination.k8s.io:leases", release.namespace, lease),
+        ("update", "coordination.k8s.io:leases", release.namespace, lease),
     ]
     for ns in job_namespaces:
         allowed += [(verb, "kubemr.io:mapreducejobs", ns, "")
@@ -913,6 +988,14 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
         ("create", "apps:deployments", watch, ""), ("list", "batch:jobs", watch, ""),
         ("update", "batch:jobs", watch, ""),
         ("create", "apiextensions.k8s.io:customresourcedefinitions", "", ""),
+        # Leases: only its own, and neither listed nor deleted.
+        ("get", "coordination.k8s.io:leases", release.namespace, "some-other-lease"),
+        ("update", "coordination.k8s.io:leases", release.namespace, "some-other-lease"),
+        ("list", "coordination.k8s.io:leases", release.namespace, ""),
+        ("watch", "coordination.k8s.io:leases", release.namespace, ""),
+        ("delete", "coordination.k8s.io:leases", release.namespace, lease),
+        ("patch", "coordination.k8s.io:leases", release.namespace, lease),
+        ("create", "coordination.k8s.io:leases", other, ""),
     ]
     if mode == "namespaced":
         denied += [("list", "kubemr.io:mapreducejobs", "", ""),
@@ -1014,6 +1097,8 @@ def operator_command(cluster: TestCluster, release: Release) -> tuple[list[str],
             env[var["name"]] = var["value"]
         elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
             env[var["name"]] = release.namespace
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[var["name"]] = f"{release.name}-operator-0"  # the pod this test plays
         else:
             ref = source["secretKeyRef"]
             data = cluster.api("GET", f"/api/v1/namespaces/{release.namespace}/secrets/"

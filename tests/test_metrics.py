@@ -145,6 +145,15 @@ def test_readyz_follows_its_checks_and_metrics_pass_the_linter(promlint: str) ->
         assert get(f"{base}/readyz") == (503, "[-]watch failed\nfailed\n")
         watch.mark()
         assert get(f"{base}/readyz") == (200, "[+]watch ok\nok\n")
+        leading = [False]
+        health.add_readiness("leader", lambda: leading[0])  # a standby
+        assert get(f"{base}/readyz") == (503, "[+]watch ok\n[-]leader failed\nfailed\n")
+        # Kubernetes' ?exclude= (the chart's readiness probe): a standby is a ready pod.
+        assert get(f"{base}/readyz?exclude=leader") == (200, "[+]watch ok\nok\n")
+        assert get(f"{base}/readyz?exclude=leader&exclude=watch") == (200, "ok\n")
+        assert get(f"{base}/readyz?exclude=nothing")[0] == 503, "an unknown name is ignored"
+        leading[0] = True
+        assert get(f"{base}/readyz") == (200, "[+]watch ok\n[+]leader ok\nok\n")
         assert get(f"{base}/nothing")[0] == 404
         code, exposition = get(f"{base}/metrics")
         assert code == 200

@@ -92,6 +92,23 @@ def events_for(cluster: TestCluster, namespace: str, name: str) -> list[dict[str
     return list(listing["items"])
 
 
+def word_counts() -> list[bytes]:
+    """The word count of examples/data as sorted ``word\tcount`` lines."""
+    counts: Counter[bytes] = Counter()
+    for path in DATA.iterdir():
+        counts.update(path.read_bytes().split())
+    return sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
+
+
+def result_lines(s3: Any, results: list[str]) -> list[bytes]:
+    """Every line of the result objects ``results`` (in the examples bucket), sorted."""
+    lines: list[bytes] = []
+    for url in results:
+        key = url[len(f"s3://{BUCKET}/"):]
+        lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
+    return sorted(lines)
+
+
 def echo_job(prefix: str, inputs: list[str], **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "kubemr.io/v1alpha1", "kind": "MapReduceJob",
             "metadata": {"generateName": f"{prefix}-"},
@@ -120,15 +137,7 @@ def test_wordcount_yaml_runs_end_to_end(kube_cluster: TestCluster, kube_namespac
     prefix = f"s3://{BUCKET}/results/{kube_namespace}/{name}/output/"
     for partition, url in enumerate(results):  # ordered by partition
         assert url.startswith(f"{prefix}part-{partition:05d}."), url
-    counts: Counter[bytes] = Counter()
-    for path in DATA.iterdir():
-        counts.update(path.read_bytes().split())
-    expected = sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
-    lines: list[bytes] = []
-    for url in results:
-        key = url[len(f"s3://{BUCKET}/"):]
-        lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
-    assert sorted(lines) == expected, "result objects equal the reference byte for byte"
+    assert result_lines(s3, results) == word_counts(), "results equal the reference byte for byte"
     leftover = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"results/{kube_namespace}/{name}/map/")
     assert leftover.get("KeyCount", 0) == 0, "intermediate runs are cleaned up"
     assert (status["mapsDone"], status["maps"]) == (3, 3)

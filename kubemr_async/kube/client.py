@@ -267,6 +267,16 @@ class Kube:
             content_type=content_type, query=query,
             context=context or f"patching {resource.describe(namespace, name)}")
 
+    async def replace(self, resource: Resource, name: str, body: Mapping[str, Any],
+                      namespace: str | None = None, *,
+                      context: str | None = None) -> KubeObject:
+        """PUT the whole object (an update). Its ``metadata.resourceVersion`` makes the write
+        conditional: Conflict if the object changed since it was read, which is what a
+        Lease election needs (two candidates cannot both win the same version)."""
+        return await self.request(
+            "PUT", resource.path(namespace, name), body=dict(body),
+            context=context or f"updating {resource.describe(namespace, name)}")
+
     async def delete(self, resource: Resource, name: str, namespace: str | None = None, *,
                      context: str | None = None, propagation: str = "Background",
                      missing_ok: bool = True) -> None:

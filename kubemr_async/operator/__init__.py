@@ -12,14 +12,18 @@ The rooms, each usable without the ones above it:
 * :mod:`.queue` -- the coalescing work queue of job keys and its reconcile workers;
 * :mod:`.reconcile` -- one job's reconcile, from plan to finalizer;
 * :mod:`.followers` -- progress followers, one per running job;
+* :mod:`.election` -- leader election's rules (client-go's), pure; :mod:`.leader` -- the
+  Lease read and written on its schedule;
 * :mod:`.controller` -- :class:`Operator`: the watch, the resync, the workers and the
   followers in one task group.
 
 All API calls go through :mod:`kubemr_async.kube`; nothing here imports a Kubernetes client.
 """
 
-from .config import OperatorConfig
+from .config import LeaderElection, OperatorConfig
 from .controller import Operator
+from .leader import LeadershipLost
 from .resources import FINALIZER, worker_names
 
-__all__ = ["FINALIZER", "Operator", "OperatorConfig", "worker_names"]
+__all__ = ["FINALIZER", "LeaderElection", "LeadershipLost", "Operator", "OperatorConfig",
+           "worker_names"]

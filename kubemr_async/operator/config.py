@@ -4,6 +4,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
+
+#: client-go's JitterFactor: a candidate waits ``retry_period * (1 + up to 1.2)`` between
+#: tries, so the renew deadline must leave room for at least one whole jittered wait.
+JITTER = 1.2
+
+
+@dataclass(frozen=True)
+class LeaderElection:
+    """Leader election on a ``coordination.k8s.io/v1`` Lease, with client-go's three times.
+
+    A standby takes the lease once it has seen no change to it for ``lease_duration``
+    seconds (on its own monotonic clock); the leader renews it every ``retry_period`` and
+    stops leading (the operator exits) when a renewal has not succeeded within
+    ``renew_deadline``, which is shorter than the lease so it stops before anyone may take
+    over. ``identity`` is who holds it: the pod's name in a cluster.
+    """
+
+    identity: str
+    namespace: str = "kubemr-system"
+    lease_name: str = "kubemr-operator"
+    lease_duration: int = 15  # whole seconds: the Lease stores leaseDurationSeconds
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+    def __post_init__(self) -> None:
+        """client-go's checks (NewLeaderElector), as one-line usage errors."""
+        if not self.identity:
+            raise UsageError("leader election: the identity (POD_NAME) is empty")
+        if min(self.lease_duration, self.renew_deadline, self.retry_period) <= 0:
+            raise UsageError("leader election: lease duration, renew deadline and retry "
+                             "period must be greater than zero")
+        if self.lease_duration <= self.renew_deadline:
+            raise UsageError(f"leader election: the lease duration ({self.lease_duration}s) "
+                             f"must be greater than the renew deadline "
+                             f"({self.renew_deadline}s)")
+        if self.renew_deadline <= JITTER * self.retry_period:
+            raise UsageError(f"leader election: the renew deadline ({self.renew_deadline}s) "
+                             f"must be greater than {JITTER} x the retry period "
+                             f"({self.retry_period}s)")
+
 
 @dataclass
 class OperatorConfig:
@@ -34,3 +75,5 @@ class OperatorConfig:
     #: /readyz fails once the jobs' watch has delivered nothing (no list, event or
     #: bookmark) for this long; the API server sends a bookmark about every minute.
     watch_ready_seconds: float = 180.0
+    #: Leader election (None: this operator reconciles at once, alone).
+    leader_election: LeaderElection | None = None

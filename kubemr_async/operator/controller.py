@@ -2,9 +2,10 @@
 
 Five loops run in one anyio task group: the jobs' list-watch (feeding the queue), a
 periodic resync (every job, whatever the watch said), the reconcile workers (draining the
-queue), the progress followers and the health heartbeat. If one fails, the task group
-cancels the others and :meth:`Operator.run` raises that one error: nothing is left running
-behind it. With ``config.metrics_port`` set, /metrics, /healthz and /readyz are served
+queue), the progress followers and the health heartbeat; with leader election, a sixth
+renews the Lease, and the others start only once this operator holds it. If one fails, the
+task group cancels the others and :meth:`Operator.run` raises that one error: nothing is
+left running behind it. With ``config.metrics_port`` set, /metrics, /healthz and /readyz are served
 (:class:`~kubemr_async.metrics.Endpoint`) for as long as :meth:`Operator.run` runs.
 """
 
@@ -24,6 +25,7 @@ from ..kube import Kube, KubeApiError, KubeObject, Listed, list_watch
 from ..protocol import JobPhase
 from .config import OperatorConfig
 from .followers import Followers, Key
+from .leader import LeaderElector
 from .queue import WorkQueue, run_workers
 from .reconcile import Reconciler
 from .resources import job_key
@@ -47,8 +49,13 @@ class Operator:
         self.reconciler = Reconciler(kube, config, self.followers, self.queue.add_after)
         self.changes = ChangeFilter()
         self.health = metrics.Health()
-        #: Readiness: the jobs' watch is current. Leader election (issue 15) will add its
-        #: own check here, ``health.add_readiness("leader", ...)``, so a standby is not ready.
+        #: With leader election, only the holder of the Lease reconciles; a standby waits
+        #: (its /readyz says ``[-]leader``) and takes over when the lease runs out.
+        self.elector = (LeaderElector(kube, config.leader_election)
+                        if config.leader_election else None)
+        if self.elector is not None:
+            self.health.add_readiness("leader", self.elector.leading)
+        #: Readiness: the jobs' watch is current.
         self.watch_current = metrics.Recent(config.watch_ready_seconds)
         self.health.add_readiness("watch", self.watch_current)
 
@@ -56,13 +63,21 @@ class Operator:
         """Watch MapReduceJobs and reconcile each change; resync everything periodically.
 
         Runs until cancelled, or until a loop fails with what retrying cannot fix (say, a
-        403 on the watch): then every loop is stopped and that error is raised.
+        403 on the watch): then every loop is stopped and that error is raised. With leader
+        election it first waits to hold the lease, and losing it is such an error
+        (:class:`~.leader.LeadershipLost`: reconciling stops at once, and the process exits
+        as controller-runtime's does); a clean stop (cancellation) releases the lease.
         """
         metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
         endpoint = self._serve() if self.config.metrics_port else None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.health.heartbeat, name="kubemr-operator-heartbeat")
+                if self.elector is not None:
+                    await self.elector.acquire()
+                    group.start_soon(self.elector.hold, name="kubemr-operator-lease")
+                else:
+                    metrics.LEADER.set(1)
                 group.start_soon(self._watch_jobs, name="kubemr-operator-watch")
                 group.start_soon(self._resync, name="kubemr-operator-resync")
                 group.start_soon(self.followers.run, name="kubemr-operator-followers")
@@ -71,6 +86,11 @@ class Operator:
         except BaseExceptionGroup as failed:
             raise _sole(failed) from None
         finally:
+            metrics.LEADER.set(0)
+            if self.elector is not None:  # every loop has stopped: hand the lease on
+                with anyio.CancelScope(shield=True), anyio.move_on_after(
+                        self.elector.config.renew_deadline):
+                    await self.elector.release()
             if endpoint is not None:
                 endpoint.close()
 

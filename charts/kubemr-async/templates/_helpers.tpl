@@ -139,3 +139,8 @@ cluster-wide in both modes.
   resources: ["roles", "rolebindings"]
   verbs: ["create"]
 {{- end }}
+
+{{/* The leader election Lease's name (in the release namespace). */}}
+{{- define "kubemr-async.leaseName" -}}
+{{- printf "%s-leader" (include "kubemr-async.fullname" .) }}
+{{- end }}
