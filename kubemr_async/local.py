@@ -501,7 +501,7 @@ class _Crew:
         for task in held:
             message = f"worker {worker_id} died during attempt {task['attempt']}: {cause}"
             await self.store.patch(self.name, protocol.fail(task, worker_id, message,
-                                                            max_attempts))
+                                                            max_attempts, now=time.time()))
 
     async def _crash_loop(self, worker_id: str, cause: str) -> bool:
         """Count a death; at the limit fail the job naming the cause. True if it ended."""

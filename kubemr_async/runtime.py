@@ -362,7 +362,8 @@ class Worker:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id))
+                    await self._write(protocol.release(holder.body, self.worker_id,
+                                                       now=self.clock()))
                 log.info("released on shutdown", extra=context)
                 return "released"
             except _CorruptRun as exc:
@@ -375,7 +376,8 @@ class Worker:
                 await self._write(protocol.reopen(exc.writer, exc.message,
                                                   self.spec.max_attempts))
                 async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id))
+                    await self._write(protocol.release(holder.body, self.worker_id,
+                                                       now=self.clock()))
                 return "released"
             except Exception as exc:
                 message = _describe(exc)
@@ -384,14 +386,15 @@ class Worker:
                                                      "permanent": permanent})
                 async with holder.lock:
                     await self._write(protocol.fail(holder.body, self.worker_id, message,
-                                                    self.spec.max_attempts, permanent))
+                                                    self.spec.max_attempts, permanent,
+                                                    now=self.clock()))
                 return "failed"
             _count_records(body["kind"], kept)
             async with holder.lock:
                 # The attempt's counters (and skipped records) go with its commit:
                 # counted only if it wins.
-                committed = await self._write(protocol.commit(holder.body, self.worker_id,
-                                                              outputs, kept, skipped))
+                committed = await self._write(protocol.commit(
+                    holder.body, self.worker_id, outputs, kept, skipped, now=self.clock()))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
                 return "lost"
