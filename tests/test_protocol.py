@@ -570,3 +570,72 @@ def test_a_record_set_of_one_step_is_decided_by_that_step() -> None:
     assert verdict is not None
     job = write(records, verdict)
     assert job is not None and job["phase"] == "Succeeded"
+
+
+# --- attempt history -----------------------------------------------------------------
+
+
+def test_history_records_each_attempt_with_its_worker_times_and_outcome() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 100.0, 10.0, 5))
+    assert held is not None
+    assert held["history"] == [{"attempt": 1, "worker": "w1", "start": 100_000}]
+    held = write(records, protocol.fail(held, "w1", "boom", 5, now=101.5))
+    assert held is not None
+    held = write(records, protocol.claim(held, "w2", 102.0, 10.0, 5))
+    assert held is not None
+    held = write(records, protocol.release(held, "w2", now=103.0))
+    assert held is not None
+    held = write(records, protocol.claim(held, "w3", 104.0, 10.0, 5))
+    assert held is not None
+    # w3 stops renewing: w4 takes over; the lost attempt ends on w4's clock.
+    held = write(records, protocol.claim(held, "w4", 120.0, 10.0, 5, lapsed=True))
+    assert held is not None
+    held = write(records, protocol.commit(held, "w4", {}, {"g": {"n": 1}}, now=125.25))
+    assert held is not None
+    assert held["history"] == [
+        {"attempt": 1, "worker": "w1", "start": 100_000, "end": 101_500, "outcome": "failed"},
+        {"attempt": 2, "worker": "w2", "start": 102_000, "end": 103_000,
+         "outcome": "released"},
+        {"attempt": 3, "worker": "w3", "start": 104_000, "end": 120_000,
+         "outcome": "leaseLost"},
+        {"attempt": 4, "worker": "w4", "start": 120_000, "end": 125_250,
+         "outcome": "committed"},
+    ]
+
+
+def test_a_zombie_cannot_rewrite_the_history_and_renewals_leave_it_alone() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
+    assert held is not None
+    renewed = write(records, protocol.renew(held, "w1", 3.0, 10.0))
+    assert renewed is not None and renewed["history"] == held["history"]
+    assert not any(op["path"] == "/history"
+                   for op in protocol.renew(held, "w1", 3.0, 10.0).ops)
+    taken = write(records, protocol.claim(renewed, "w2", 30.0, 10.0, 3, lapsed=True))
+    assert taken is not None
+    assert write(records, protocol.commit(renewed, "w1", {}, now=31.0)) is None
+    assert [a.get("outcome") for a in records["map-00000"]["history"]] == ["leaseLost", None]
+
+
+def test_history_is_bounded_by_count_and_by_what_counters_and_skips_leave() -> None:
+    records = new_records()
+    body: dict[str, Any] | None = records["map-00000"]
+    for i in range(3 * protocol.MAX_HISTORY):  # shutdowns release without failing
+        assert body is not None
+        body = write(records, protocol.claim(body, f"worker-{i}", float(i), 10.0, 3))
+        assert body is not None
+        body = write(records, protocol.release(body, f"worker-{i}", now=i + 0.5))
+    assert body is not None
+    history = body["history"]
+    assert len(history) == protocol.MAX_HISTORY
+    assert history[-1]["attempt"] == 3 * protocol.MAX_HISTORY, "the latest are kept"
+    body = write(records, protocol.claim(body, "w", 99.0, 10.0, 3))
+    assert body is not None
+    wide = {"g": {f"counter-{i:02d}": 2**62 for i in range(8)}}
+    sample = [{"error": "E" * 120, "offset": 2**40} for _ in range(2)]
+    body = write(records, protocol.commit(body, "w", {}, wide, sample, now=100.0))
+    assert body is not None
+    used = sum(len(orjson.dumps(body[f])) for f in ("counters", "skipped", "history"))
+    assert used <= protocol.EXTRA_BYTES
+    assert 0 < len(body["history"]) < protocol.MAX_HISTORY
