@@ -192,6 +192,10 @@ def run(
         metavar="PORT", show_default=False,
         help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
     = None,
+    timeline: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default=False,
+        help="Write the job's timeline (one HTML page: every attempt per worker over time, "
+             "by outcome) to FILE when it ends, succeeded or not.")] = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -223,7 +227,7 @@ def run(
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
-                metrics_port=metrics_port)
+                metrics_port=metrics_port, timeline_page=timeline)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
