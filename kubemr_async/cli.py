@@ -502,6 +502,36 @@ def status(
     _on_cluster(kubeconfig, context, namespace, action)
 
 
+@app.command("timeline")
+def timeline_page(
+    name: JobName,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Where to write the page (a new file, or a timeline kubemr wrote before).")],
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Write the job's timeline to FILE: one self-contained HTML page, a Gantt chart of
+    every attempt per worker over time, coloured by outcome, with the stages and the
+    slowest tasks called out."""
+    import time
+
+    from . import protocol, timeline
+    from .outdir import check_page, write_page
+
+    _guard(lambda: check_page(output, timeline.MARKER))
+
+    async def action(client: JobClient) -> None:
+        obj, tasks = await client.timeline(name)
+        phase = str((obj.get("status") or {}).get("phase") or protocol.JobPhase.PENDING.value)
+        page = timeline.render(name, tasks, protocol.millis(time.time()), phase)
+        write_page(output, page, timeline.MARKER)
+        typer.echo(str(output))
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
 @app.command("list")
 def list_jobs(
     all_namespaces: Annotated[bool, typer.Option(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 
 from . import (
     counters,
@@ -40,6 +41,7 @@ from . import (
     shuffle,
     skips,
     spill,
+    timeline,
 )
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
@@ -311,6 +313,10 @@ class Worker:
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
             await self._write_manifest([str(result) for result in results], view.counters(),
                                        view.skipped())
+            # The operator deletes a Succeeded job's task records: their attempts stay
+            # here for `kubemr timeline`.
+            await self.blobs.put(f"{self.base_prefix}/{timeline.FILE}",
+                                 orjson.dumps(timeline.kept(view.every_task())))
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],

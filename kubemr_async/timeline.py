@@ -22,9 +22,41 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
+from typing import NotRequired, TypedDict
 
-from .protocol import AttemptOutcome, TaskKind, task_name, task_step
-from .records import TaskRecord
+from .protocol import AttemptOutcome, TaskKind, map_key, reduce_key
+from .records import Attempt, TaskRecord
+
+#: What the worker that stamps a cluster job Succeeded leaves beside its ``_SUCCESS``
+#: manifest: every task's attempts (:func:`kept`), since the operator then deletes the
+#: task records and `kubemr timeline` still wants to draw the job.
+FILE = "_timeline.json"
+
+
+class TaskAttempts(TypedDict):
+    """The fields of a task record that a timeline draws (a TaskRecord is one)."""
+
+    kind: str
+    index: int
+    step: NotRequired[int]
+    history: NotRequired[list[Attempt]]
+
+
+def kept(tasks: Iterable[TaskRecord]) -> list[TaskAttempts]:
+    """Only what a timeline needs of each task record: what :data:`FILE` holds."""
+    result = []
+    for body in tasks:
+        entry = TaskAttempts(kind=body["kind"], index=body["index"],
+                             history=body.get("history") or [])
+        if body.get("step"):
+            entry["step"] = body["step"]
+        result.append(entry)
+    return result
+
+
+def _name(body: TaskAttempts) -> str:
+    key = map_key if body["kind"] == TaskKind.MAP else reduce_key
+    return key(body["index"], body.get("step", 0))
 
 #: The page's second line: what `kubemr` recognises as a page it wrote (and so may replace).
 MARKER = "<!-- kubemr timeline -->"
@@ -77,7 +109,7 @@ class Bar:
         return self.end - self.start
 
 
-def bars(tasks: Iterable[TaskRecord], now_ms: int) -> list[Bar]:
+def bars(tasks: Iterable[TaskAttempts], now_ms: int) -> list[Bar]:
     """Every attempt the records keep, as bars; a running one ends at ``now_ms`` (Unix
     ms, when the page is made), and none ends before it starts."""
     raw = [(body, entry) for body in tasks for entry in body.get("history") or []]
@@ -87,7 +119,7 @@ def bars(tasks: Iterable[TaskRecord], now_ms: int) -> list[Bar]:
     drawn = []
     for body, entry in raw:
         end = entry.get("end", now_ms)
-        drawn.append(Bar(task_name(body), body["kind"], task_step(body), entry["attempt"],
+        drawn.append(Bar(_name(body), body["kind"], body.get("step", 0), entry["attempt"],
                          entry["worker"], (entry["start"] - origin) / 1000,
                          (max(end, entry["start"]) - origin) / 1000,
                          entry.get("outcome", RUNNING)))
@@ -141,7 +173,7 @@ def _stage_label(x: Callable[[float], float], label: str, start: float, end: flo
     return f'<text x="{x(start) + 4}" y="{y + STAGE_ROW - 5}">{text}</text>'
 
 
-def render(job: str, tasks: Iterable[TaskRecord], now_ms: int, subtitle: str = "") -> str:
+def render(job: str, tasks: Iterable[TaskAttempts], now_ms: int, subtitle: str = "") -> str:
     """The whole page for job ``job``: its title, the chart and the slowest tasks.
 
     ``now_ms``: when the page is made (Unix ms), where running attempts end. ``subtitle``:
