@@ -485,7 +485,8 @@ def status(
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
-    """Show a job's phase, progress, error and results."""
+    """Show a job's phase, progress (rates, ETA), running tasks, failures, error, results
+    and counters."""
     from .cli_render import describe
 
     async def action(client: JobClient) -> None:
@@ -495,7 +496,9 @@ def status(
                 await _wait(client, name)
             except JobFailed as exc:
                 failure = exc
-        _print(await client.get(name), output, describe)
+        obj = await client.get(name)
+        tasks = await client.tasks(name) if output is OutputFormat.TABLE else ()
+        _print(obj, output, lambda job: describe(job, tasks))
         if failure is not None:
             raise failure
 

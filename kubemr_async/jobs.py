@@ -53,7 +53,7 @@ from .kube import (
 )
 from .manifests import job_label
 from .protocol import JOB_KEY, JobPhase, JobView, Progress, TaskState
-from .records import JobRecord
+from .records import JobRecord, TaskRecord
 from .spec import OutputFormat
 from .state.base import JobNotFound, Record
 from .state.kube import KubeStateStore
@@ -214,6 +214,12 @@ class JobClient:
                     return
         raise NoSuchJob(f"job {name} was deleted from namespace {self.namespace}")
 
+    async def tasks(self, name: str) -> Sequence[TaskRecord]:
+        """The job's task records as they are now (none once the job has Succeeded: the
+        operator deletes them)."""
+        records, _ = await self._records(name)
+        return [record.task for key, record in records.items() if key != JOB_KEY]
+
     async def timeline(self, name: str) -> tuple[KubeObject, Sequence[TaskAttempts]]:
         """The job and every task's attempts, for its timeline page.
 
@@ -223,8 +229,7 @@ class JobClient:
         read with the standard ``AWS_*`` variables and ``KUBEMR_S3_ENDPOINT``).
         """
         obj = await self.get(name)
-        records, _ = await self._records(name)
-        tasks = [record.task for key, record in records.items() if key != JOB_KEY]
+        tasks = await self.tasks(name)
         phase = JobPhase((obj.get("status") or {}).get("phase") or JobPhase.PENDING)
         if tasks or phase != JobPhase.SUCCEEDED:
             return obj, timeline.kept(tasks)
