@@ -360,7 +360,10 @@ def locked(output: Path) -> Iterator[OutputLock]:
 
 def check_page(path: Path, marker: str) -> None:
     """Refuse to write a page (`--timeline`, `kubemr timeline -o`) over anything but a
-    page kubemr wrote: one whose first lines hold ``marker``. A missing file is fine."""
+    page kubemr wrote: one whose first lines hold ``marker``. A missing file is fine, in
+    a directory that exists (checked before a run, not found missing after it)."""
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: directory {path.parent} does not exist")
     try:
         with path.open("rb") as existing:
             head = existing.read(256)

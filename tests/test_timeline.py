@@ -103,6 +103,29 @@ def test_a_job_with_no_attempts_yet_is_an_empty_chart() -> None:
     assert "no attempts recorded yet" in page and 'class="bar"' not in page
 
 
+@pytest.mark.parametrize(("existing", "message"), [
+    ("my notes", "{page} exists and was not written by kubemr; not overwriting it"),
+    (None, "{page}: directory {parent} does not exist"),
+])
+def test_run_refuses_a_timeline_file_it_did_not_write_before_running(
+        tmp_path: Path, existing: str | None, message: str) -> None:
+    page = tmp_path / "notes.html"
+    if existing is None:
+        page = tmp_path / "missing" / "timeline.html"
+    else:
+        page.write_text(existing)
+    done = subprocess.run(
+        [KUBEMR, "run", str(ROOT / "tests" / "jobs" / "straggler.py"), "--input",
+         str(tmp_path), "--output", str(tmp_path / "out"), "--timeline", str(page)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "kubemr: error: " + message.format(page=page,
+                                                                     parent=page.parent)
+    assert not (tmp_path / "out").exists(), "refused before running"
+    if existing is not None:
+        assert page.read_text() == existing
+
+
 # --- a real job, in a real browser ------------------------------------------------------
 
 
