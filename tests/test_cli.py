@@ -463,16 +463,17 @@ def test_status_and_timeline_of_a_straggler_job(cli: Cli, kube_cluster: TestClus
     it from the task records; once Succeeded (records deleted) it draws every attempt
     from what the stamping worker left beside the results."""
     inputs = [arg for i in range(8) for arg in ("--input", f"f{i}.txt")]
+    release = tmp_path / "release"  # the straggler runs until this exists
     name = submit(cli, "--generate-name", "straggler-", "--job", "tests.jobs.straggler",
                   *inputs, "--no-split-inputs", "--output", f"s3://{BUCKET}/echo",
-                  "--workers", "3", "--reducers", "2", "--arg", "straggle=15")
+                  "--workers", "3", "--reducers", "2", "--arg", f"hold={release}")
 
     def straggling() -> str | None:
         text = ok(cli("status", name))
         alone = re.search(r"^Maps: +7/8   1 running   [0-9.]+/s   ETA \S+$", text, re.M)
         return text if alone else None
 
-    described = wait_for("the straggler to run alone", straggling, timeout=180)
+    described = wait_for("the straggler to run alone", straggling, timeout=300)
     assert re.search(r"^  map-00003 +1 +straggler-\S+ +\d+[sm]\S*$", described, re.M), described
     assert re.search(r"^  map-00005 +committed +1 +RuntimeError: the first attempt of f5's map "
                      r"fails \(at \S+straggler\.py:\d+\)$", described, re.M), described
@@ -483,6 +484,7 @@ def test_status_and_timeline_of_a_straggler_job(cli: Cli, kube_cluster: TestClus
     assert running.count('data-outcome="failed"') == 1
     assert running.count('data-outcome="committed"') == 7
 
+    release.touch()
     assert completed(kube_cluster, cli.namespace, name)["phase"] == "Succeeded"
     wait_for("the task records to go", lambda: not ok(cli("status", name)).count("map-0"))
     assert s3.get_object(Bucket=BUCKET, Key=f"echo/{cli.namespace}/{name}/_timeline.json")

@@ -10,6 +10,7 @@ colour per attempt.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,10 +204,21 @@ def test_a_straggler_jobs_timeline_in_headless_chromium(tmp_path: Path,
     for outcome in ("leaseLost", "released", "running"):  # only their legend swatches
         assert shapes(png, timeline.COLOURS[outcome], timeline.BAR_HEIGHT - 2) == []
         assert len(shapes(png, timeline.COLOURS[outcome], timeline.SWATCH - 2)) == 1
-    # The straggler's bar is the widest by far, and the page calls it out first.
-    widths = sorted((box[2] - box[0] for box in committed), reverse=True)
-    assert widths[0] > 3 * widths[1], widths
-    assert "<li>map-00003 attempt 1 on " in html.split("<ol>")[1].split("</li>")[0] + "</li>"
+    # The straggler slept 2.5 s, so its attempt took at least that; the widest bar drawn
+    # is the longest committed attempt at the page's scale, and the one called out first.
+    committed_titles = re.findall(r"<title>(\S+) attempt \d+ on [^:<]+: \S+ to \S+ "
+                                  r"\(([0-9.]+)s\), committed", html)
+    assert len(committed_titles) == 10
+    seconds = dict(committed_titles)
+    assert float(seconds["map-00003"]) >= 2.5
+    longest = max(float(s) for s in seconds.values())
+    span = re.search(r"over ([0-9.]+)s</p>", html)
+    assert span is not None
+    scale = (timeline.WIDTH - timeline.LEFT - timeline.RIGHT) / float(span.group(1))
+    widest = max(box[2] - box[0] + 1 for box in committed)
+    assert abs(widest - longest * scale) <= 3, (widest, longest * scale)
+    first = html.split("<ol><li>")[1].split("</li>")[0]
+    assert first.endswith(f": {longest:.3f}s") or first.endswith(f": {longest:.1f}s"), first
     keep = os.environ.get("KUBEMR_TIMELINE_SCREENSHOT")  # docs/images/timeline.png
     if keep:
         shutil.copyfile(png, keep)
