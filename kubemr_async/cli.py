@@ -192,6 +192,10 @@ def run(
         metavar="PORT", show_default=False,
         help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
     = None,
+    timeline: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default=False,
+        help="Write the job's timeline (one HTML page: every attempt per worker over time, "
+             "by outcome) to FILE when it ends, succeeded or not.")] = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -223,7 +227,7 @@ def run(
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
-                metrics_port=metrics_port)
+                metrics_port=metrics_port, timeline_page=timeline)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -528,7 +532,8 @@ def status(
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
-    """Show a job's phase, progress, error and results."""
+    """Show a job's phase, progress (rates, ETA), running tasks, failures, error, results
+    and counters."""
     from .cli_render import describe
 
     async def action(client: JobClient) -> None:
@@ -538,9 +543,41 @@ def status(
                 await _wait(client, name)
             except JobFailed as exc:
                 failure = exc
-        _print(await client.get(name), output, describe)
+        obj = await client.get(name)
+        tasks = await client.tasks(name) if output is OutputFormat.TABLE else ()
+        _print(obj, output, lambda job: describe(job, tasks))
         if failure is not None:
             raise failure
+
+    _on_cluster(kubeconfig, context, namespace, action)
+
+
+@app.command("timeline")
+def timeline_page(
+    name: JobName,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Where to write the page (a new file, or a timeline kubemr wrote before).")],
+    namespace: Namespace = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """Write the job's timeline to FILE: one self-contained HTML page, a Gantt chart of
+    every attempt per worker over time, coloured by outcome, with the stages and the
+    slowest tasks called out."""
+    import time
+
+    from . import protocol, timeline
+    from .outdir import check_page, write_page
+
+    _guard(lambda: check_page(output, timeline.MARKER))
+
+    async def action(client: JobClient) -> None:
+        obj, tasks = await client.timeline(name)
+        phase = str((obj.get("status") or {}).get("phase") or protocol.JobPhase.PENDING.value)
+        page = timeline.render(name, tasks, protocol.millis(time.time()), phase)
+        write_page(output, page, timeline.MARKER)
+        typer.echo(str(output))
 
     _on_cluster(kubeconfig, context, namespace, action)
 

@@ -11,7 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import counters, protocol, skips
-from .protocol import JobPhase, Progress
+from .protocol import JobPhase, Progress, TaskKind, TaskState
+from .records import TaskRecord
+
+#: Rows of running tasks and of failures `kubemr status` prints at most (then "... N more").
+STATUS_ROWS = 10
 
 
 def human_duration(seconds: float) -> str:
@@ -77,17 +81,31 @@ def list_table(items: Sequence[Mapping[str, Any]], all_namespaces: bool,
     return render_table(["NAMESPACE", *header] if all_namespaces else header, rows)
 
 
-def describe(obj: Mapping[str, Any]) -> str:
-    """``kubemr status`` as text: phase, progress, error and results, one field a line."""
+def describe(obj: Mapping[str, Any], tasks: Sequence[TaskRecord] = (),
+             now: float | None = None) -> str:
+    """``kubemr status`` as text: phase, progress, error and results, one field a line.
+
+    With the job's task ``tasks`` (while its records exist: not once it has Succeeded),
+    also each stage's rate and ETA, the running tasks with their age and worker, the
+    tasks that failed attempts with their last error, and the counters of the tasks
+    committed so far. Ages and rates compare ``now`` (this machine's clock, Unix seconds)
+    with the times workers wrote on theirs (``records.Attempt``).
+    """
     meta, status = obj["metadata"], obj.get("status") or {}
     progress = status_progress(obj)
     phase = status.get("phase") or JobPhase.PENDING.value
     fields = [("Name", meta["name"]), ("Namespace", meta["namespace"]), ("Phase", phase)]
     steps = int((obj.get("spec") or {}).get("steps") or 1)
+    step = int(status.get("step") or 0)
     if steps > 1:  # the maps and reduces below are the current step's
-        fields.append(("Step", f"{int(status.get('step') or 0) + 1}/{steps}"))
-    fields += [("Maps", f"{progress.maps_done}/{progress.maps_total}"),
-              ("Reduces", f"{progress.reduces_done}/{progress.reduces_total}")]
+        fields.append(("Step", f"{step + 1}/{steps}"))
+    now_ms = protocol.millis(datetime.now(UTC).timestamp() if now is None else now)
+    current = [t for t in tasks if protocol.task_step(t) == step]
+    fields += [("Maps", _stage(progress.maps_done, progress.maps_total,
+                               [t for t in current if t["kind"] == TaskKind.MAP], now_ms)),
+               ("Reduces", _stage(progress.reduces_done, progress.reduces_total,
+                                  [t for t in current if t["kind"] == TaskKind.REDUCE],
+                                  now_ms))]
     if status.get("completionTime"):
         fields.append(("Completed", str(status["completionTime"])))
     if status.get("error"):
@@ -98,13 +116,67 @@ def describe(obj: Mapping[str, Any]) -> str:
     width = max(len(label) for label, _ in fields) + 3  # "Label:" and two spaces
     lines = [f"{label + ':':<{width}}{value}".rstrip() for label, value in fields]
     lines += [f"  {result}" for result in results]
-    totals = counters.read(status.get("counters"))
+    lines += _running(tasks, now_ms) + _failures(tasks)
+    totals = counters.read(status.get("counters")) or counters.total(
+        t.get("counters") for t in tasks if t["state"] == TaskState.COMMITTED)
     if totals:
         lines.append(counters_table(totals))
     sample = skips.read(status.get("skipped"))
     if sample:
         lines.append(skipped_table(sample))
     return "\n".join(lines)
+
+
+def _stage(done: int, total: int, tasks: Sequence[TaskRecord], now_ms: int) -> str:
+    """``5/8   3 running   1.2/s   ETA 3s`` (``8/8   took 7s`` once done): the rate is
+    tasks committed per second since the stage's first attempt started."""
+    text = f"{done}/{total}"
+    starts = [a["start"] for t in tasks for a in t.get("history") or []]
+    if not starts:
+        return text
+    elapsed = max(now_ms - min(starts), 1) / 1000
+    if done >= total:
+        ends = [a.get("end", now_ms) for t in tasks for a in t.get("history") or []]
+        return f"{text}   took {human_duration((max(ends) - min(starts)) / 1000)}"
+    running = sum(t["state"] == TaskState.RUNNING for t in tasks)
+    text += f"   {running} running"
+    if not done:
+        return text
+    rate = done / elapsed
+    return f"{text}   {rate:.2f}/s   ETA {human_duration((total - done) / rate)}"
+
+
+def _rows(title: str, header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    """A titled, indented table of at most STATUS_ROWS rows ("" if there are none)."""
+    if not rows:
+        return []
+    more = len(rows) - STATUS_ROWS
+    table = render_table(header, rows[:STATUS_ROWS]).splitlines()
+    return [f"{title}:", *(f"  {line}" for line in table),
+            *([f"  ... and {more} more"] if more > 0 else [])]
+
+
+def _running(tasks: Sequence[TaskRecord], now_ms: int) -> list[str]:
+    """The running tasks, oldest attempt first, with attempt, worker and age."""
+    def started(task: TaskRecord) -> int | None:
+        history = task.get("history") or []
+        return history[-1]["start"] if history else None
+
+    running = sorted((t for t in tasks if t["state"] == TaskState.RUNNING),
+                     key=lambda t: (started(t) or now_ms, protocol.task_name(t)))
+    rows = [[protocol.task_name(t), str(t["attempt"]), t["worker"],
+             "-" if (start := started(t)) is None
+             else human_duration((now_ms - start) / 1000)] for t in running]
+    return _rows("Running tasks", ["TASK", "ATTEMPT", "WORKER", "AGE"], rows)
+
+
+def _failures(tasks: Sequence[TaskRecord]) -> list[str]:
+    """Tasks that failed attempts: state, failed attempts and the last error (one line)."""
+    failing = sorted((t for t in tasks if t["failures"] and t["error"]),
+                     key=lambda t: (t["state"] != TaskState.FAILED, protocol.task_name(t)))
+    rows = [[protocol.task_name(t), t["state"], str(t["failures"]), skips.one_line(t["error"])]
+            for t in failing]  # the failed tasks first
+    return _rows("Failures", ["TASK", "STATE", "FAILED", "LAST ERROR"], rows)
 
 
 def counters_table(totals: Mapping[str, Mapping[str, int]]) -> str:

@@ -26,7 +26,7 @@ from .conditions import CONDITION_TYPES
 from .counters import MAX_COUNTERS
 from .errors import KubemrError
 from .kube import APPLY_PATCH, CRDS, Kube, KubeObject, Resource
-from .protocol import JobPhase, TaskKind, TaskState
+from .protocol import MAX_HISTORY, AttemptOutcome, JobPhase, TaskKind, TaskState
 from .skips import MAX_ERROR_CHARS, MAX_JOB_SAMPLE, MAX_KEY_CHARS, MAX_TASK_SAMPLE
 from .spec import (
     COMMAND_FIELDS,
@@ -456,7 +456,26 @@ def _task_status_schema() -> dict[str, Any]:
             "skipped": _skipped_schema(
                 "Skip mode: a sample of the records the committed attempt skipped.",
                 per_task=True),
+            "history": _history_schema(),
         },
+    }
+
+
+def _history_schema() -> dict[str, Any]:
+    """The task's latest attempts (``records.Attempt``), bounded as protocol bounds them."""
+    return {
+        "type": "array",
+        "description": "The latest attempts, oldest first: worker, start and end (Unix ms, "
+                       "the writer's clock) and outcome.",
+        "maxItems": MAX_HISTORY,
+        "items": {"type": "object", "required": ["attempt", "worker", "start"], "properties": {
+            "attempt": _int(1),
+            "worker": {"type": "string"},
+            "start": _int(0, fmt="int64"),
+            "end": _int(0, fmt="int64"),
+            "outcome": {"type": "string", "enum": [o.value for o in AttemptOutcome]},
+        }},
+        "x-kubernetes-list-type": "atomic",
     }
 
 

@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 import yaml
 from anyio.abc import ObjectSendStream
 
-from . import protocol
+from . import protocol, timeline
 from .crd import LABEL_JOB, MAPREDUCE_JOBS
 from .errors import JobFailed, KubemrError, UsageError
 from .kube import (
@@ -45,13 +53,14 @@ from .kube import (
 )
 from .manifests import job_label
 from .protocol import JOB_KEY, JobPhase, JobView, Progress, TaskState
-from .records import JobRecord
+from .records import JobRecord, TaskRecord
 from .spec import OutputFormat
 from .state.base import JobNotFound, Record
 from .state.kube import KubeStateStore
 from .storage.base import BlobNotFound
-from .storage.urls import StoreCache, is_s3
+from .storage.urls import StoreCache, is_s3, job_data_prefix, split_s3
 from .streams import Producer, merge
+from .timeline import TaskAttempts
 
 T = TypeVar("T")
 
@@ -204,6 +213,38 @@ class JobClient:
                 if view.phase.finished:
                     return
         raise NoSuchJob(f"job {name} was deleted from namespace {self.namespace}")
+
+    async def tasks(self, name: str) -> Sequence[TaskRecord]:
+        """The job's task records as they are now (none once the job has Succeeded: the
+        operator deletes them)."""
+        records, _ = await self._records(name)
+        return [record.task for key, record in records.items() if key != JOB_KEY]
+
+    async def timeline(self, name: str) -> tuple[KubeObject, Sequence[TaskAttempts]]:
+        """The job and every task's attempts, for its timeline page.
+
+        From the task records while they exist (a running, failed or cancelled job); a
+        Succeeded job's records are gone (the operator deletes them), so then from the
+        attempts the worker that stamped it left beside its results (``timeline.FILE``,
+        read with the standard ``AWS_*`` variables and ``KUBEMR_S3_ENDPOINT``).
+        """
+        obj = await self.get(name)
+        tasks = await self.tasks(name)
+        phase = JobPhase((obj.get("status") or {}).get("phase") or JobPhase.PENDING)
+        if tasks or phase != JobPhase.SUCCEEDED:
+            return obj, timeline.kept(tasks)
+        output = str((obj.get("spec") or {}).get("output") or "")
+        url = f"s3://{split_s3(output)[0]}/" + job_data_prefix(output, self.namespace, name)
+        stores = StoreCache()
+        try:
+            store, key = stores.open(f"{url}/{timeline.FILE}")
+            data = await store.get(key)
+        except BlobNotFound:
+            raise KubemrError(f"job {name} succeeded but its attempts are gone: neither "
+                              f"task records nor {url}/{timeline.FILE}") from None
+        finally:
+            await stores.aclose()
+        return obj, orjson.loads(data)
 
     async def cancel(self, name: str) -> str:
         """Stamp the job Cancelled (``protocol.abort``); the operator then stops its workers.

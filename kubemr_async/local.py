@@ -41,7 +41,7 @@ from typing import IO, Any, TypeVar
 import anyio
 import orjson
 
-from . import counters, formats, logs, metrics, protocol
+from . import counters, formats, logs, metrics, protocol, timeline
 from .api import AnyJob, Commands, Job, load_spec_job, load_steps, step_reducer_count
 from .errors import JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
@@ -52,14 +52,16 @@ from .outdir import (
     OutputLock,
     OutputState,
     check_output,
+    check_page,
     hidden_path,
     locked,
     remove_stale,
     replace_output,
+    write_page,
 )
 from .progress import ProgressBar
 from .protocol import JobPhase, JobView
-from .records import Counters, Skipped, TaskOutputs
+from .records import Counters, Skipped, TaskOutputs, TaskRecord
 from .sampling import prepare_partitioner
 from .signals import until_signalled
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
@@ -108,12 +110,14 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     memory: int | None = None,
                     commands: Commands | None = None,
                     max_skipped_records: int = 0,
-                    metrics_port: int | None = None) -> LocalRunResult:
+                    metrics_port: int | None = None,
+                    timeline_page: Path | None = None) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
     whole job with ``job_ref`` empty. ``metrics_port``: serve /metrics on localhost there
-    while the job runs.
+    while the job runs. ``timeline_page``: where to write the job's timeline (an HTML page
+    of its attempts, :mod:`kubemr_async.timeline`) once it ends, whichever way.
 
     JobFailed on failure; Interrupted (after stopping workers and cleaning up) on SIGINT or
     SIGTERM. ``workers=0`` means ``inline``.
@@ -123,7 +127,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
-        max_skipped_records=max_skipped_records, metrics_port=metrics_port))
+        max_skipped_records=max_skipped_records, metrics_port=metrics_port,
+        timeline_page=timeline_page))
 
 
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
@@ -131,11 +136,14 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
                memory: int | None = None, commands: Commands | None = None,
-               max_skipped_records: int = 0, metrics_port: int | None = None) -> LocalRunResult:
+               max_skipped_records: int = 0, metrics_port: int | None = None,
+               timeline_page: Path | None = None) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
     started = time.monotonic()
+    if timeline_page is not None:  # refuse a file kubemr did not write before running
+        check_page(timeline_page, timeline.MARKER)
     commands = commands or Commands()
     output, (title, steps), job_ref = await asyncio.to_thread(_prepare, output, job_ref,
                                                               reducers, commands)
@@ -161,6 +169,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
         work = hidden_path(output, "work")
         work.mkdir()
         endpoint: metrics.Endpoint | None = None
+        run: _Run | None = None
         try:
             endpoint, metrics_dir = _serve_metrics(metrics_port, work, inline)
             run = _Run(work, output, (lock, expected), workers, progress, verbose, inline,
@@ -170,6 +179,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
             if endpoint is not None:
                 endpoint.close()
             shutil.rmtree(work, ignore_errors=True)
+            if timeline_page is not None and run is not None:
+                run.write_timeline(timeline_page)
 
 
 def _serve_metrics(port: int | None, work: Path,
@@ -240,9 +251,19 @@ class _Run:
     #: Where worker processes count their metrics (None: no metrics served).
     metrics_dir: Path | None
     router: _LogRouter = field(init=False)
+    #: Every task record of the steps run so far, as they ended (for the timeline).
+    tasks: list[TaskRecord] = field(default_factory=list)
+    #: How the run ended, for the timeline's subtitle.
+    outcome: str = "Interrupted"
 
     def __post_init__(self) -> None:
         self.router = _LogRouter(self.verbose)
+
+    def write_timeline(self, page: Path) -> None:
+        """The run's timeline page: every attempt of every step that ran."""
+        text = timeline.render(self.name, self.tasks, protocol.millis(time.time()),
+                               self.outcome)
+        write_page(page, text, timeline.MARKER)
 
     def label(self, index: int) -> str:
         """``step 2/3 (top)``: how progress and errors name a step ("" for one step)."""
@@ -310,6 +331,8 @@ class _Run:
         except BaseException:
             _keep_failed_logs(work, self.name)
             raise
+        self.tasks += view.every_task()
+        self.outcome = view.phase.value
         if view.phase != JobPhase.SUCCEEDED:
             kept = _keep_failed_logs(work, self.name)
             raise JobFailed(_failure(self.name, view, self.workers, self.router, kept, label))
@@ -476,7 +499,7 @@ class _Crew:
         for task in held:
             message = f"worker {worker_id} died during attempt {task['attempt']}: {cause}"
             await self.store.patch(self.name, protocol.fail(task, worker_id, message,
-                                                            max_attempts))
+                                                            max_attempts, now=time.time()))
 
     async def _crash_loop(self, worker_id: str, cause: str) -> bool:
         """Count a death; at the limit fail the job naming the cause. True if it ended."""

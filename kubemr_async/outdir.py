@@ -356,3 +356,35 @@ def locked(output: Path) -> Iterator[OutputLock]:
         yield lock
     finally:
         lock.release()
+
+
+def check_page(path: Path, marker: str) -> None:
+    """Refuse to write a page (`--timeline`, `kubemr timeline -o`) over anything but a
+    page kubemr wrote: one whose first lines hold ``marker``. A missing file is fine, in
+    a directory that exists (checked before a run, not found missing after it)."""
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: directory {path.parent} does not exist")
+    try:
+        with path.open("rb") as existing:
+            head = existing.read(256)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a file to write the page to") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    if marker.encode() not in head:
+        raise UsageError(f"{path} exists and was not written by kubemr; not overwriting it")
+
+
+def write_page(path: Path, text: str, marker: str) -> None:
+    """Write ``text`` to ``path`` whole (a temporary file renamed into place), after
+    :func:`check_page`."""
+    check_page(path, marker)
+    staged = path.with_name(f".{path.name}.kubemr-{secrets.token_hex(6)}")
+    try:
+        staged.write_text(text, encoding="utf-8")
+        staged.replace(path)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None

@@ -6,14 +6,22 @@ from . import protocol
 
 
 class ProgressBar:
-    """Maps and reduces done/total on stderr (rich draws only when stderr is a terminal)."""
+    """Maps and reduces done/total, time elapsed and the ETA at the rate so far, on stderr
+    (rich draws only when stderr is a terminal)."""
 
     def __init__(self, label: str = "") -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=Console(stderr=True),
+                                  TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=Console(stderr=True),
                                   transient=False)
         prefix = f"{label} " if label else ""  # a multi-step job's step: "step 2/3 (top) "
         self._maps = self._progress.add_task(f"{prefix}maps", total=None)

@@ -21,6 +21,11 @@ Task lifecycle::
        \\----reopen----- committed map -----reopen (failures == maxAttempts)
             (a reduce found the run it wrote corrupt; counted as a failure)
 
+Every transition that starts or ends an attempt also rewrites the task's ``history``
+(:func:`_history`): the latest attempts with their worker, start and end times and
+outcome, bounded in bytes beside the counters and skip sample, so the record stays small
+and a write's cost flat. Renewals, the most frequent write, leave it alone.
+
 ``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
 lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
 leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
@@ -33,6 +38,7 @@ machine's wall clock is compared with another's.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,6 +48,7 @@ from typing import cast
 
 from .counters import total
 from .records import (
+    Attempt,
     Body,
     Counters,
     JobError,
@@ -90,6 +97,29 @@ class JobPhase(StrEnum):
     @property
     def finished(self) -> bool:
         return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
+
+
+class AttemptOutcome(StrEnum):
+    """How an attempt ended, as its history entry says. Speculative execution will add
+    ``backup`` (a copy that lost to the first of a task's attempts to commit) here, with
+    the transition that ends it."""
+
+    COMMITTED = "committed"
+    FAILED = "failed"
+    #: Taken over by another worker once its lease lapsed (ended on the claimant's clock).
+    LEASE_LOST = "leaseLost"
+    #: Given back without counting a failure (shutdown; a reduce that found a corrupt run).
+    RELEASED = "released"
+
+
+#: JSON bytes a task record may spend on its counters, its skip sample and its history
+#: together: the history gets what the other two leave (oldest attempts dropped first), so
+#: a task with the most counters and skips there can be still stays under 2 KB on the
+#: cluster (tests/test_kube_store.py), while a usual task keeps every attempt.
+EXTRA_BYTES = 800
+#: Attempts a history keeps at most, whatever room is left (a task released over and over
+#: by shutdowns, or retried by `kubemr retry`, has more attempts than ``maxAttempts``).
+MAX_HISTORY = 8
 
 
 @dataclass(frozen=True)
@@ -234,6 +264,36 @@ def _write(body: JobRecord | TaskRecord, **fields: object) -> list[PatchOp]:
     return ops
 
 
+def millis(now: float) -> int:
+    """A history time: Unix milliseconds, an integer (its JSON size is the same for
+    centuries)."""
+    return round(now * 1000)
+
+
+def _json_bytes(value: object) -> int:
+    return len(json.dumps(value, separators=(",", ":"))) if value else 0
+
+
+def _ended(body: TaskRecord, outcome: AttemptOutcome, now: float) -> list[Attempt]:
+    """The history with the current attempt's entry closed at ``now`` (the writer's
+    clock). A record written before histories existed has no entry to close."""
+    history = list(body.get("history") or [])
+    if history and history[-1]["attempt"] == body["attempt"] and "outcome" not in history[-1]:
+        history[-1] = Attempt(**history[-1], end=millis(now), outcome=outcome.value)
+    return history
+
+
+def _history(history: list[Attempt], counters: Counters | None,
+             skipped: list[Skipped] | None) -> PatchOp:
+    """``add /history`` (added or replaced) with the latest entries that fit in what
+    ``counters`` and ``skipped`` (the record's, after this write) leave of EXTRA_BYTES."""
+    room = EXTRA_BYTES - _json_bytes(counters) - _json_bytes(skipped)
+    kept = history[-MAX_HISTORY:]
+    while kept and _json_bytes(kept) > room:
+        kept = kept[1:]
+    return {"op": "add", "path": "/history", "value": kept}
+
+
 def _held_by(body: TaskRecord, worker: str) -> list[PatchOp]:
     """Tests that the caller still holds the attempt it thinks it holds (the seed's lock)."""
     return [_test("worker", worker), _test("attempt", body["attempt"])]
@@ -259,28 +319,34 @@ def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
     ``leaseExpires`` against ``now``. Either way the write is guarded by the ``seq`` that
     was read, so a renewal that lands first makes the takeover lose.
 
-    Taking over counts the lost attempt as a failure; if that was the last allowed one
-    the update fails the task instead of claiming it.
+    Taking over counts the lost attempt as a failure (its history entry ends at ``now``
+    as ``leaseLost``); if that was the last allowed one the update fails the task instead
+    of claiming it.
     """
     key = task_name(body)
+    history = list(body.get("history") or [])
+    kept = body.get("counters"), body.get("skipped")
     if body["state"] == TaskState.RUNNING:
         if not (lease_expired(body, now) if lapsed is None else lapsed):
             raise ValueError(f"task {key} is held by {body['worker']} until its lease expires")
         reason = (f"lease expired: worker {body['worker']} stopped renewing "
                   f"during attempt {body['attempt']}")
         failures = body["failures"] + 1
+        history = _ended(body, AttemptOutcome.LEASE_LOST, now)
         if failures >= max_attempts:
-            return Update(key, tuple(_write(body, state=TaskState.FAILED.value, failures=failures,
-                                            worker="", error=reason)))
+            return Update(key, (*_write(body, state=TaskState.FAILED.value, failures=failures,
+                                        worker="", error=reason), _history(history, *kept)))
         extra: dict[str, object] = {"failures": failures, "error": reason}
     elif body["state"] == TaskState.PENDING:
         extra = {}
     else:
         raise ValueError(f"task {key} is {body['state']}, not claimable")
-    return Update(key, tuple(_write(
-        body, state=TaskState.RUNNING.value, worker=worker, attempt=body["attempt"] + 1,
+    attempt = body["attempt"] + 1
+    history.append(Attempt(attempt=attempt, worker=worker, start=millis(now)))
+    return Update(key, (*_write(
+        body, state=TaskState.RUNNING.value, worker=worker, attempt=attempt,
         leaseExpires=now + lease_seconds, **extra,
-    )))
+    ), _history(history, *kept)))
 
 
 def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
@@ -290,34 +356,44 @@ def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Up
 
 
 def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
-           counters: Counters | None = None, skipped: list[Skipped] | None = None) -> Update:
+           counters: Counters | None = None, skipped: list[Skipped] | None = None, *,
+           now: float) -> Update:
     """Publish the attempt's outputs and counters; only the current holder's commit can
     succeed, so only the attempt that wins it counts (a zombie's or a failed attempt's
     increments are never written). ``add`` sets ``/counters`` whether or not the record has
     them yet (a map that re-runs after a re-open replaces its earlier attempt's).
     ``skipped`` (skip mode only; None leaves the record without it): the sample of the
-    records the attempt skipped, counted only with its commit, too."""
+    records the attempt skipped, counted only with its commit, too. ``now``: the holder's
+    clock, when its history entry ends."""
     ops: list[PatchOp] = [{"op": "add", "path": "/counters", "value": counters or {}}]
     if skipped is not None:
         ops.append({"op": "add", "path": "/skipped", "value": skipped})
+    ops.append(_history(_ended(body, AttemptOutcome.COMMITTED, now), counters,
+                        body.get("skipped") if skipped is None else skipped))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
         body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0), *ops))
 
 
 def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
-         permanent: bool = False) -> Update:
-    """Record a failed attempt: back to pending for a retry, or failed for good."""
+         permanent: bool = False, *, now: float) -> Update:
+    """Record a failed attempt: back to pending for a retry, or failed for good. ``now``:
+    the writer's clock, when the attempt's history entry ends."""
     failures = body["failures"] + 1
     final = permanent or failures >= max_attempts
     state = TaskState.FAILED if final else TaskState.PENDING
+    history = _ended(body, AttemptOutcome.FAILED, now)
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error)))
+        body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error),
+        _history(history, body.get("counters"), body.get("skipped"))))
 
 
-def release(body: TaskRecord, worker: str) -> Update:
-    """Give a claim back without counting a failure (graceful shutdown, SIGTERM)."""
+def release(body: TaskRecord, worker: str, *, now: float) -> Update:
+    """Give a claim back without counting a failure (graceful shutdown, SIGTERM). ``now``:
+    the holder's clock, when the attempt's history entry ends."""
+    history = _ended(body, AttemptOutcome.RELEASED, now)
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0)))
+        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0),
+        _history(history, body.get("counters"), body.get("skipped"))))
 
 
 def reopen(body: TaskRecord, error: str, max_attempts: int) -> Update:

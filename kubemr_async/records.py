@@ -41,6 +41,24 @@ class Skipped(TypedDict):
     input: NotRequired[str]
 
 
+class Attempt(TypedDict):
+    """One attempt of a task, as its history keeps it (``protocol.AttemptOutcome``).
+
+    Times are Unix milliseconds on the clock of the worker that wrote them (the claimant
+    for ``start``; for ``end`` the holder that committed, failed or released, or the
+    claimant that took over a lapsed lease): machines' clocks may disagree a little, so a
+    timeline drawn from several workers is as true as their clocks are. Integers, so an
+    entry's size does not depend on the time. A running attempt has no ``end`` or
+    ``outcome`` yet.
+    """
+
+    attempt: int
+    worker: str
+    start: int
+    end: NotRequired[int]
+    outcome: NotRequired[str]  # an AttemptOutcome value
+
+
 class JobError(TypedDict):
     """Why a job failed: the task and attempt that decided it ("" and 0 for none)."""
 
@@ -96,6 +114,9 @@ class TaskRecord(TypedDict):
     #: The step (0-based) of a multi-step job this task belongs to; absent for step 0, so
     #: a single-step job's records are unchanged.
     step: NotRequired[int]
+    #: The latest attempts, oldest first, as many as fit beside the counters and the skip
+    #: sample (``protocol.HISTORY_BYTES``): what ``kubemr timeline`` draws.
+    history: NotRequired[list[Attempt]]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).

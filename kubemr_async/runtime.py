@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 
 from . import (
     counters,
@@ -40,6 +41,7 @@ from . import (
     shuffle,
     skips,
     spill,
+    timeline,
 )
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
@@ -318,6 +320,10 @@ class Worker:
             log.info("removed intermediate runs", extra={"job": self.job_name, "count": removed})
             await self._write_manifest([str(result) for result in results], view.counters(),
                                        view.skipped())
+            # The operator deletes a Succeeded job's task records: their attempts stay
+            # here for `kubemr timeline`.
+            await self.blobs.put(f"{self.base_prefix}/{timeline.FILE}",
+                                 orjson.dumps(timeline.kept(view.every_task())))
         job = await self._write(verdict)
         if job is not None:
             log.info("job decided", extra={"job": self.job_name, "phase": job.job["phase"],
@@ -369,7 +375,8 @@ class Worker:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
                 async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id))
+                    await self._write(protocol.release(holder.body, self.worker_id,
+                                                       now=self.clock()))
                 log.info("released on shutdown", extra=context)
                 return "released"
             except _CorruptRun as exc:
@@ -382,7 +389,8 @@ class Worker:
                 await self._write(protocol.reopen(exc.writer, exc.message,
                                                   self.spec.max_attempts))
                 async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id))
+                    await self._write(protocol.release(holder.body, self.worker_id,
+                                                       now=self.clock()))
                 return "released"
             except Exception as exc:
                 message = _describe(exc)
@@ -391,14 +399,15 @@ class Worker:
                                                      "permanent": permanent})
                 async with holder.lock:
                     await self._write(protocol.fail(holder.body, self.worker_id, message,
-                                                    self.spec.max_attempts, permanent))
+                                                    self.spec.max_attempts, permanent,
+                                                    now=self.clock()))
                 return "failed"
             _count_records(body["kind"], kept)
             async with holder.lock:
                 # The attempt's counters (and skipped records) go with its commit:
                 # counted only if it wins.
-                committed = await self._write(protocol.commit(holder.body, self.worker_id,
-                                                              outputs, kept, skipped))
+                committed = await self._write(protocol.commit(
+                    holder.body, self.worker_id, outputs, kept, skipped, now=self.clock()))
             if committed is None:
                 log.warning("commit lost: the task was taken over", extra=context)
                 return "lost"

@@ -455,6 +455,51 @@ def test_delete_wait_and_commands_on_a_missing_job(cli: Cli, kube_cluster: TestC
             f"job {name} not found in namespace {cli.namespace}"), command
 
 
+@e2e
+def test_status_and_timeline_of_a_straggler_job(cli: Cli, kube_cluster: TestCluster, s3: Any,
+                                                tmp_path: Path) -> None:
+    """While the straggler runs, `kubemr status` shows it running (age, worker), the
+    map stage's rate and ETA and the failed attempt's reason, and `kubemr timeline` draws
+    it from the task records; once Succeeded (records deleted) it draws every attempt
+    from what the stamping worker left beside the results."""
+    inputs = [arg for i in range(8) for arg in ("--input", f"f{i}.txt")]
+    release = tmp_path / "release"  # the straggler runs until this exists
+    name = submit(cli, "--generate-name", "straggler-", "--job", "tests.jobs.straggler",
+                  *inputs, "--no-split-inputs", "--output", f"s3://{BUCKET}/echo",
+                  "--workers", "3", "--reducers", "2", "--arg", f"hold={release}")
+
+    def straggling() -> str | None:
+        text = ok(cli("status", name))
+        alone = re.search(r"^Maps: +7/8   1 running   [0-9.]+/s   ETA \S+$", text, re.M)
+        return text if alone else None
+
+    described = wait_for("the straggler to run alone", straggling, timeout=300)
+    assert re.search(r"^  map-00003 +1 +straggler-\S+ +\d+[sm]\S*$", described, re.M), described
+    assert re.search(r"^  map-00005 +committed +1 +RuntimeError: the first attempt of f5's map "
+                     r"fails \(at \S+straggler\.py:\d+\)$", described, re.M), described
+    page = tmp_path / "timeline.html"
+    assert ok(cli("timeline", name, "-o", str(page))).strip() == str(page)
+    running = page.read_text()
+    assert running.count('data-outcome="running"') == 1
+    assert running.count('data-outcome="failed"') == 1
+    assert running.count('data-outcome="committed"') == 7
+
+    release.touch()
+    assert completed(kube_cluster, cli.namespace, name)["phase"] == "Succeeded"
+    wait_for("the task records to go", lambda: not ok(cli("status", name)).count("map-0"))
+    assert s3.get_object(Bucket=BUCKET, Key=f"echo/{cli.namespace}/{name}/_timeline.json")
+    ok(cli("timeline", name, "-o", str(page)))  # replaces the page it wrote before
+    done = page.read_text()
+    assert done.count('class="bar"') == 8 + 1 + 2, "8 maps, f5's failed attempt, 2 reduces"
+    assert done.count('data-outcome="committed"') == 10
+    assert "<li>map-00003 attempt 1 on straggler-" in done, "the straggler is called out"
+    mine = tmp_path / "notes.html"
+    mine.write_text("my notes")
+    assert one_line_error(cli("timeline", name, "-o", str(mine)), 2) == (
+        f"{mine} exists and was not written by kubemr; not overwriting it")
+    assert mine.read_text() == "my notes"
+
+
 # --- bad input, no cluster needed -------------------------------------------------------
 
 

@@ -120,10 +120,10 @@ def test_commit_carries_counters_and_totals_sum_only_committed_attempts() -> Non
     # map-00000: attempt 1 fails (its increments are never written), attempt 2 commits.
     held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
     assert held is not None
-    assert write(records, protocol.fail(held, "w1", "boom", 3)) is not None
+    assert write(records, protocol.fail(held, "w1", "boom", 3, now=0.0)) is not None
     held = write(records, protocol.claim(records["map-00000"], "w2", 1.0, 10.0, 3))
     assert held is not None and held["attempt"] == 2
-    committed = write(records, protocol.commit(held, "w2", {}, {"g": {"x": 5}}))
+    committed = write(records, protocol.commit(held, "w2", {}, {"g": {"x": 5}}, now=0.0))
     assert committed is not None and committed["counters"] == {"g": {"x": 5}}
 
     # map-00001: w1's lease runs out, w2 takes over; the zombie's commit loses the race.
@@ -131,8 +131,8 @@ def test_commit_carries_counters_and_totals_sum_only_committed_attempts() -> Non
     assert zombie is not None
     winner = write(records, protocol.claim(records["map-00001"], "w2", 20.0, 10.0, 3))
     assert winner is not None
-    assert write(records, protocol.commit(zombie, "w1", {}, {"g": {"x": 1000}})) is None
-    assert write(records, protocol.commit(winner, "w2", {}, {"g": {"x": 7}})) is not None
+    assert write(records, protocol.commit(zombie, "w1", {}, {"g": {"x": 1000}}, now=0.0)) is None
+    assert write(records, protocol.commit(winner, "w2", {}, {"g": {"x": 7}}, now=0.0)) is not None
 
     # map-00002 still runs with counters nobody committed: they do not count yet.
     running = write(records, protocol.claim(records["map-00002"], "w3", 30.0, 10.0, 3))
@@ -147,7 +147,7 @@ def test_commit_carries_counters_and_totals_sum_only_committed_attempts() -> Non
     assert JobView(records).counters() == {"g": {"x": 7}}
     held = write(records, protocol.claim(records["map-00000"], "w1", 40.0, 10.0, 3))
     assert held is not None
-    assert write(records, protocol.commit(held, "w1", {}, {"g": {"y": 1}})) is not None
+    assert write(records, protocol.commit(held, "w1", {}, {"g": {"y": 1}}, now=0.0)) is not None
     assert JobView(records).counters() == {"g": {"x": 7, "y": 1}}
 
 
@@ -162,7 +162,7 @@ def test_the_succeeded_verdict_stamps_the_totals() -> None:
         kind = "map" if key.startswith("map") else "reduce"
         assert write(records, protocol.commit(
             held, "w", {} if kind == "map" else f"s3://r/{key}",
-            {"g": {kind: amount}, FRAMEWORK_GROUP: {"n": 1}})) is not None
+            {"g": {kind: amount}, FRAMEWORK_GROUP: {"n": 1}}, now=0.0)) is not None
     verdict = JobView(records).verdict()
     assert verdict is not None
     job = write(records, verdict)

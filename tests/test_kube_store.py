@@ -369,7 +369,7 @@ async def test_task_object_size_does_not_grow_with_the_job(
             assert held is not None
             outputs = {str(p): f"s3://results/{job}/map/00003/attempt-1/part-{p:05d}"
                        for p in range(4)}
-            assert await store.patch(job, protocol.commit(held.body, "worker-1", outputs))
+            assert await store.patch(job, protocol.commit(held.body, "worker-1", outputs, now=0.0))
             written[job] = store.stats.patch_bytes - before
             task_ns = await store.task_namespace(job)
             sizes[job] = _object_bytes(kube_cluster, task_ns, f"{job}-map-00003")
@@ -431,7 +431,7 @@ async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
             outputs = protocol.shuffle_outputs(
                 f"results/{job}/map/00000/attempt-1.shuffle", 1 << 30, "bytes")
             committed = await store.patch(job, protocol.commit(held.body, "worker-1", outputs,
-                                                               counted, sample))
+                                                               counted, sample, now=0.0))
             assert committed is not None
             assert committed.task.get("counters") == (counted or {})
             assert committed.task.get("skipped") == sample

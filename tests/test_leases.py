@@ -84,7 +84,7 @@ def test_a_renewal_restarts_the_observation_and_a_redelivery_does_not() -> None:
     assert not view.lease_lapsed("map-00000", 10.5)
     assert not view.lease_lapsed("map-00000", 19.0)
     assert view.lease_lapsed("map-00000", 19.5)
-    committed = apply_patch(renewed, protocol.commit(renewed, "holder", {}).ops)
+    committed = apply_patch(renewed, protocol.commit(renewed, "holder", {}, now=0.0).ops)
     view.update("map-00000", committed, seen=30.0)
     assert not view.lease_lapsed("map-00000", 100.0), "only running tasks lapse"
     assert view.next_lease_expiry() is None

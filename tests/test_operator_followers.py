@@ -51,7 +51,8 @@ async def decided_job(store: SQLiteStateStore) -> None:
     records, _ = await store.snapshot("wc")
     claimed = await store.patch("wc", protocol.claim(records["map-00000"].body, "w", 0.0, 60, 3))
     assert claimed is not None
-    assert await store.patch("wc", protocol.fail(claimed.body, "w", "boom", 3, permanent=True))
+    assert await store.patch("wc", protocol.fail(claimed.body, "w", "boom", 3, permanent=True,
+            now=0.0))
 
 
 async def phase(store: SQLiteStateStore) -> str:

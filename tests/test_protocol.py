@@ -64,7 +64,7 @@ def test_reduces_become_claimable_only_after_every_map_commits() -> None:
         assert all(t["kind"] == TaskKind.MAP for t in view.claimable(0.0))
         body = write(records, protocol.claim(records[protocol.map_key(i)], "w", 0.0, 10, 3))
         assert body is not None
-        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}"})) is not None
+        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}"}, now=0.0)) is not None
     view = JobView(records)
     assert [t["kind"] for t in view.claimable(0.0)] == ["reduce", "reduce"]
     assert view.map_outputs(0) == [(records["map-00000"], "run-0"),
@@ -87,7 +87,7 @@ def test_maps_record_their_key_type_and_clashes_name_both_maps() -> None:
             assert view.key_type_clash("map-00002", "str") is None
         outputs = {"0": f"run-{i}"} | ({protocol.KEY_TYPE: key_type} if key_type else {})
         # Two maps committing at one instant both pass that check; the reduce sees it.
-        assert write(records, protocol.commit(body, "w", outputs)) is not None
+        assert write(records, protocol.commit(body, "w", outputs, now=0.0)) is not None
     view = JobView(records)
     assert [run for _, run in view.map_outputs(0)] == ["run-0", "run-1", "run-2"], \
         "the key type is no partition"
@@ -108,7 +108,7 @@ def test_expired_lease_is_taken_over_as_a_counted_failure() -> None:
     assert "w1 stopped renewing" in taken["error"]
     # The zombie can neither renew nor commit any more.
     assert write(records, protocol.renew(held, "w1", 11.0, 10.0)) is None
-    assert write(records, protocol.commit(held, "w1", {"0": "zombie"})) is None
+    assert write(records, protocol.commit(held, "w1", {"0": "zombie"}, now=0.0)) is None
     assert records["map-00000"]["outputs"] is None
 
 
@@ -126,7 +126,7 @@ def test_failures_retry_until_max_attempts_then_fail_the_job() -> None:
     for attempt in range(1, 4):
         body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
         assert body is not None and body["attempt"] == attempt
-        failed = write(records, protocol.fail(body, "w", f"boom {attempt}", 3))
+        failed = write(records, protocol.fail(body, "w", f"boom {attempt}", 3, now=0.0))
         assert failed is not None
         expected = TaskState.FAILED if attempt == 3 else TaskState.PENDING
         assert failed["state"] == expected
@@ -142,7 +142,7 @@ def test_permanent_failure_skips_remaining_attempts() -> None:
     records = new_records()
     body = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10.0, 3))
     assert body is not None
-    failed = write(records, protocol.fail(body, "w", "bad key", 3, permanent=True))
+    failed = write(records, protocol.fail(body, "w", "bad key", 3, permanent=True, now=0.0))
     assert failed is not None and failed["state"] == TaskState.FAILED
 
 
@@ -159,7 +159,7 @@ def test_release_returns_the_task_without_counting_a_failure() -> None:
     records = new_records()
     held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
     assert held is not None
-    released = write(records, protocol.release(held, "w1"))
+    released = write(records, protocol.release(held, "w1", now=0.0))
     assert released is not None
     assert (released["state"], released["failures"], released["attempt"]) == ("pending", 0, 1)
     again = write(records, protocol.claim(released, "w2", 1.0, 10.0, 3))
@@ -170,7 +170,8 @@ def commit_maps(records: dict[str, dict[str, Any]], maps: int) -> None:
     for i in range(maps):
         body = write(records, protocol.claim(records[protocol.map_key(i)], "w", 0.0, 10, 3))
         assert body is not None
-        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}-{body['attempt']}"}))
+        assert write(records, protocol.commit(body, "w", {"0": f"run-{i}-{body['attempt']}"},
+                now=0.0))
 
 
 def test_a_corrupt_run_reopens_its_map_and_the_reduce_waits_for_the_new_run() -> None:
@@ -186,14 +187,14 @@ def test_a_corrupt_run_reopens_its_map_and_the_reduce_waits_for_the_new_run() ->
     assert write(records, reopen) is None
     assert reopened is not None
     assert (reopened["state"], reopened["outputs"], reopened["failures"]) == ("pending", None, 1)
-    assert write(records, protocol.release(reduce, "r")) is not None
+    assert write(records, protocol.release(reduce, "r", now=0.0)) is not None
     assert records["reduce-00000"]["failures"] == 0, "the reduce did nothing wrong"
     view = JobView(records)
     assert [protocol.task_name(t) for t in view.claimable(1.0)] == ["map-00001"], \
         "no reduce may start before the map has written a new run"
     rerun = write(records, protocol.claim(records["map-00001"], "w", 1.0, 10, 3))
     assert rerun is not None and rerun["attempt"] == 2, "a new attempt: new keys"
-    assert write(records, protocol.commit(rerun, "w", {"0": "run-1-2"})) is not None
+    assert write(records, protocol.commit(rerun, "w", {"0": "run-1-2"}, now=0.0)) is not None
     view = JobView(records)
     assert [run for _, run in view.map_outputs(0)] == ["run-0-1", "run-1-2"]
     assert {t["kind"] for t in view.claimable(2.0)} == {"reduce"}
@@ -220,7 +221,7 @@ def test_success_verdict_orders_results_by_partition_and_is_idempotent() -> None
     for key in ["map-00000", "reduce-00001", "reduce-00000"]:
         body = write(records, protocol.claim(records[key], "w", 0.0, 10.0, 3))
         assert body is not None
-        assert write(records, protocol.commit(body, "w", f"out-{key}")) is not None
+        assert write(records, protocol.commit(body, "w", f"out-{key}", now=0.0)) is not None
     view = JobView(records)
     verdict = view.verdict()
     assert verdict is not None
@@ -239,7 +240,8 @@ def test_write_size_does_not_grow_with_the_number_of_tasks() -> None:
         claim = protocol.claim(body, "worker-abc", 0.0, 10.0, 3)
         held = write(records, claim)
         assert held is not None
-        commit = protocol.commit(held, "worker-abc", {"0": "x/map/00009/attempt-1/part-00000"})
+        commit = protocol.commit(held, "worker-abc", {"0": "x/map/00009/attempt-1/part-00000"},
+                now=0.0)
         sizes.append((len(orjson.dumps(claim.ops)), len(orjson.dumps(commit.ops)),
                       len(orjson.dumps(records[commit.key]))))
     assert sizes[0] == sizes[1]
@@ -284,15 +286,15 @@ def test_any_schedule_commits_each_task_at_most_once_with_the_winners_output(
                 held[worker_no] = renewed
         elif action == "commit":
             output = f"{key}@attempt-{body['attempt']}"
-            if write(records, protocol.commit(body, worker, output)) is not None:
+            if write(records, protocol.commit(body, worker, output, now=0.0)) is not None:
                 assert key not in commits, f"{key} committed twice"
                 commits[key] = output
             del held[worker_no]
         elif action == "fail":
-            write(records, protocol.fail(body, worker, "boom", 3))
+            write(records, protocol.fail(body, worker, "boom", 3, now=0.0))
             del held[worker_no]
         elif action == "release":
-            write(records, protocol.release(body, worker))
+            write(records, protocol.release(body, worker, now=0.0))
             del held[worker_no]
     for key, output in commits.items():
         final = records[key]
@@ -318,12 +320,12 @@ def test_retry_reruns_failed_and_unfinished_tasks_and_keeps_committed_ones() -> 
     records = new_records(maps=3)
     done = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10.0, 3))
     assert done is not None
-    assert write(records, protocol.commit(done, "w", {"0": "kept"})) is not None
+    assert write(records, protocol.commit(done, "w", {"0": "kept"}, now=0.0)) is not None
     write(records, protocol.claim(records["map-00002"], "w2", 0.0, 10.0, 3))  # left running
     for _ in range(3):
         body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
         assert body is not None
-        write(records, protocol.fail(body, "w", "bad input", 3))
+        write(records, protocol.fail(body, "w", "bad input", 3, now=0.0))
     verdict = JobView(records).verdict()
     assert verdict is not None and write(records, verdict) is not None
     with pytest.raises(ValueError, match="Running"):
@@ -377,11 +379,12 @@ def test_map_only_job_succeeds_with_map_outputs_in_map_order() -> None:
     records[protocol.JOB_KEY] = apply_patch(records[protocol.JOB_KEY], started.ops)
     for key in ["map-00002", "map-00000"]:
         body = write(records, protocol.claim(records[key], "w", 0.0, 10.0, 3))
-        assert body is not None and write(records, protocol.commit(body, "w", f"out-{key}"))
+        assert body is not None and write(records, protocol.commit(body, "w", f"out-{key}",
+                now=0.0))
     assert JobView(records).verdict() is None, "one map is still pending"
     assert JobView(records).results() is None, "no results (and no manifest) before then"
     body = write(records, protocol.claim(records["map-00001"], "w", 0.0, 10.0, 3))
-    assert body is not None and write(records, protocol.commit(body, "w", "out-map-00001"))
+    assert body is not None and write(records, protocol.commit(body, "w", "out-map-00001", now=0.0))
     view = JobView(records)
     assert view.claimable(0.0) == []
     verdict = view.verdict()
@@ -408,7 +411,7 @@ def test_a_map_writes_the_same_bytes_at_one_reducer_and_at_a_thousand(
         for update in (lambda b: protocol.claim(b, "w1", 0.0, 10.0, 3),
                        lambda b: protocol.renew(b, "w1", 3.0, 10.0),
                        lambda b: protocol.commit(b, "w1", protocol.shuffle_outputs(
-                           "wc/map/00000/attempt-1.shuffle", 123_456, key_type))):
+                           "wc/map/00000/attempt-1.shuffle", 123_456, key_type), now=0.0)):
             step = update(body)
             body = write(records, step)
             assert body is not None
@@ -426,7 +429,8 @@ def test_a_map_that_emitted_nothing_has_no_shuffle_object() -> None:
     records = new_records(maps=1)
     body = write(records, protocol.claim(records["map-00000"], "w", 0.0, 10, 3))
     assert body is not None
-    assert write(records, protocol.commit(body, "w", protocol.shuffle_outputs(None, 0, None)))
+    assert write(records, protocol.commit(body, "w", protocol.shuffle_outputs(None, 0, None),
+            now=0.0))
     assert JobView(records).shuffle_objects() == []
 
 
@@ -447,7 +451,7 @@ def commit_all(records: dict[str, dict[str, Any]], step: int) -> None:
             assert claimed is not None
             outputs = (protocol.shuffle_outputs(None, 0, None) if kind == TaskKind.MAP
                        else f"s3://b/three/s{step + 1}/output/part-{body['index']:05d}.parquet")
-            assert write(records, protocol.commit(claimed, "w", outputs)) is not None
+            assert write(records, protocol.commit(claimed, "w", outputs, now=0.0)) is not None
 
 
 def three_step_records() -> dict[str, dict[str, Any]]:
@@ -530,7 +534,8 @@ def test_retry_of_a_failed_later_step_keeps_every_earlier_step() -> None:
     body = JobView(records).claimable(0.0)[0]
     claimed = write(records, protocol.claim(body, "w", 0.0, 10.0, 3))
     assert claimed is not None
-    write(records, protocol.fail(claimed, "w", "PermanentTaskError: no", 3, permanent=True))
+    write(records, protocol.fail(claimed, "w", "PermanentTaskError: no", 3, permanent=True,
+            now=0.0))
     view = JobView(records)
     verdict = view.verdict()
     assert verdict is not None
@@ -565,3 +570,72 @@ def test_a_record_set_of_one_step_is_decided_by_that_step() -> None:
     assert verdict is not None
     job = write(records, verdict)
     assert job is not None and job["phase"] == "Succeeded"
+
+
+# --- attempt history -----------------------------------------------------------------
+
+
+def test_history_records_each_attempt_with_its_worker_times_and_outcome() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 100.0, 10.0, 5))
+    assert held is not None
+    assert held["history"] == [{"attempt": 1, "worker": "w1", "start": 100_000}]
+    held = write(records, protocol.fail(held, "w1", "boom", 5, now=101.5))
+    assert held is not None
+    held = write(records, protocol.claim(held, "w2", 102.0, 10.0, 5))
+    assert held is not None
+    held = write(records, protocol.release(held, "w2", now=103.0))
+    assert held is not None
+    held = write(records, protocol.claim(held, "w3", 104.0, 10.0, 5))
+    assert held is not None
+    # w3 stops renewing: w4 takes over; the lost attempt ends on w4's clock.
+    held = write(records, protocol.claim(held, "w4", 120.0, 10.0, 5, lapsed=True))
+    assert held is not None
+    held = write(records, protocol.commit(held, "w4", {}, {"g": {"n": 1}}, now=125.25))
+    assert held is not None
+    assert held["history"] == [
+        {"attempt": 1, "worker": "w1", "start": 100_000, "end": 101_500, "outcome": "failed"},
+        {"attempt": 2, "worker": "w2", "start": 102_000, "end": 103_000,
+         "outcome": "released"},
+        {"attempt": 3, "worker": "w3", "start": 104_000, "end": 120_000,
+         "outcome": "leaseLost"},
+        {"attempt": 4, "worker": "w4", "start": 120_000, "end": 125_250,
+         "outcome": "committed"},
+    ]
+
+
+def test_a_zombie_cannot_rewrite_the_history_and_renewals_leave_it_alone() -> None:
+    records = new_records()
+    held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
+    assert held is not None
+    renewed = write(records, protocol.renew(held, "w1", 3.0, 10.0))
+    assert renewed is not None and renewed["history"] == held["history"]
+    assert not any(op["path"] == "/history"
+                   for op in protocol.renew(held, "w1", 3.0, 10.0).ops)
+    taken = write(records, protocol.claim(renewed, "w2", 30.0, 10.0, 3, lapsed=True))
+    assert taken is not None
+    assert write(records, protocol.commit(renewed, "w1", {}, now=31.0)) is None
+    assert [a.get("outcome") for a in records["map-00000"]["history"]] == ["leaseLost", None]
+
+
+def test_history_is_bounded_by_count_and_by_what_counters_and_skips_leave() -> None:
+    records = new_records()
+    body: dict[str, Any] | None = records["map-00000"]
+    for i in range(3 * protocol.MAX_HISTORY):  # shutdowns release without failing
+        assert body is not None
+        body = write(records, protocol.claim(body, f"worker-{i}", float(i), 10.0, 3))
+        assert body is not None
+        body = write(records, protocol.release(body, f"worker-{i}", now=i + 0.5))
+    assert body is not None
+    history = body["history"]
+    assert len(history) == protocol.MAX_HISTORY
+    assert history[-1]["attempt"] == 3 * protocol.MAX_HISTORY, "the latest are kept"
+    body = write(records, protocol.claim(body, "w", 99.0, 10.0, 3))
+    assert body is not None
+    wide = {"g": {f"counter-{i:02d}": 2**62 for i in range(8)}}
+    sample = [{"error": "E" * 120, "offset": 2**40} for _ in range(2)]
+    body = write(records, protocol.commit(body, "w", {}, wide, sample, now=100.0))
+    assert body is not None
+    used = sum(len(orjson.dumps(body[f])) for f in ("counters", "skipped", "history"))
+    assert used <= protocol.EXTRA_BYTES
+    assert 0 < len(body["history"]) < protocol.MAX_HISTORY

@@ -169,7 +169,7 @@ def test_only_the_committed_attempt_skips_count_and_records_stay_small() -> None
     held = write(records, protocol.claim(records["map-00000"], "w1", 0.0, 10.0, 3))
     assert held is not None
     # Attempt 1 skips a record and fails: its sample is never written.
-    failed = write(records, protocol.fail(held, "w1", "boom", 3))
+    failed = write(records, protocol.fail(held, "w1", "boom", 3, now=0.0))
     assert failed is not None and "skipped" not in failed
     held = write(records, protocol.claim(records["map-00000"], "w2", 0.0, 10.0, 3))
     assert held is not None
@@ -177,12 +177,12 @@ def test_only_the_committed_attempt_skips_count_and_records_stay_small() -> None
             "kubemr": {name: 2**63 - 1 for name in ("mapInputBytes", "mapOutputRecords",
                                                      counters.SKIPPED_RECORDS)}}
     committed = write(records, protocol.commit(held, "w2", {"0": "s3://b/" + "x" * 100},
-                                               full, widest))
+                                               full, widest, now=0.0))
     assert committed is not None
     size = len(json.dumps(committed, ensure_ascii=False).encode())
     assert size < 2048, size
     # A zombie (the lease lost to w2) cannot commit its own sample.
-    assert write(records, protocol.commit(held, "w1", {"0": "x"}, {}, widest[:1])) is None
+    assert write(records, protocol.commit(held, "w1", {"0": "x"}, {}, widest[:1], now=0.0)) is None
     view = JobView(records)  # type: ignore[arg-type]
     assert [e["task"] for e in view.skipped()] == ["map-00000"] * len(widest)
     assert all(e["input"] == "in-0" for e in view.skipped())

@@ -153,7 +153,7 @@ async def test_protocol_records_round_trip(state_backend: StoreFactory) -> None:
     held = protocol.claim(snap["map-00000"].body, "w", 1.5, 30.0, 3)
     after = await store.patch("job-f", held)
     assert after is not None and after.body["leaseExpires"] == 31.5
-    done = await store.patch("job-f", protocol.commit(after.body, "w", {"1": "k"}))
+    done = await store.patch("job-f", protocol.commit(after.body, "w", {"1": "k"}, now=0.0))
     assert done is not None and done.body["outputs"] == {"1": "k"}
     started = await store.patch("job-f", protocol.start_job(snap[protocol.JOB_KEY].body, 1))
     assert started is not None and started.body["phase"] == "Running"
