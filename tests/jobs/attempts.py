@@ -32,6 +32,8 @@ class Echo(JobWorker):
         record(ctx)
         if ctx.args.get("sleep"):
             await asyncio.sleep(float(ctx.args["sleep"]))
+        if (ctx.task, ctx.attempt) == (ctx.args.get("slow"), 1):  # one slow first attempt
+            await asyncio.sleep(float(ctx.args["slow_seconds"]))
         return {task_id % ctx.partitions: input}
 
     async def reduce(self, partition: int, inputs: list[str], ctx: TaskContext) -> str:
