@@ -28,7 +28,15 @@ from kubemr_async.testing.kubelet import FakeKubelet
 from kubemr_async.testing.s3server import S3Server
 
 from .fixtures_env import install_crds, running_kubelet
-from .operator_fixtures import BUCKET, DATA, kube_namespace, operator, s3
+from .operator_fixtures import (
+    BUCKET,
+    DATA,
+    PROCESSES,
+    kube_namespace,
+    operator,
+    s3,
+    start_operator,
+)
 from .test_operator_e2e import create_job, echo_job, wait_for_phase
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
@@ -185,3 +193,39 @@ def test_a_paused_worker_pod_is_taken_over_and_its_late_writes_are_refused(
     assert all(count == 1 for count in runs.values())
     print(f"\nzombie pod: holder of map-00005 paused, taken over {taken_over_after:.1f}s "
           f"later (lease 3s); results exact")
+
+
+# Last in the module: it replaces the module's operator with a new process.
+def test_an_operator_killed_mid_job_and_started_again_finishes_it_exactly(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3_server: S3Server,
+        operator_args: list[str], tmp_path: Path) -> None:
+    log = tmp_path / "attempts.log"
+    inputs = [f"item-{i:04d}" for i in range(200)]
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "oprestart", inputs, workers=4, reducers=4, args={"log": str(log), "sleep": "0.05"}))
+    started = time.monotonic()
+    while sum(1 for task, _ in _runs(log) if task.startswith("map-")) < 50:
+        assert time.monotonic() - started < 300, "the job never got going"
+        time.sleep(0.1)
+    PROCESSES[operator].kill()
+    PROCESSES[operator].wait()
+    time.sleep(5.0)
+    replacement_log = tmp_path / "operator-2.log"
+    replacement = start_operator(kube_cluster, s3_server, kube_namespace, operator_args,
+                                 replacement_log)
+    try:
+        job = wait_for_phase(kube_cluster, kube_namespace, name, replacement_log, timeout=600)
+    finally:
+        replacement.terminate()
+        replacement.wait(timeout=30)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    runs = _runs(log)
+    assert all(count == 1 for count in runs.values()), "no task ran twice"
+    merged = sorted(i for part in job["status"]["results"] for i in part.split(","))
+    assert merged == inputs
+    # One set of workers: a second worker Job would have brought pods of its own.
+    pids = {line.split()[2] for line in log.read_text().splitlines()}
+    assert len(pids) <= 4, f"{len(pids)} worker processes for 4 workers"
+    print(f"\noperator SIGKILLed after ~50 attempts, restarted 5 s later: job finished "
+          f"{time.monotonic() - started:.1f}s after the first attempts; {len(pids)} worker "
+          f"processes; every task run once")
