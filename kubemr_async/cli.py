@@ -287,6 +287,18 @@ def operator(
         help="Worker pods keep /metrics up this long after their job is decided (a last "
              "scrape sees the final counts); cut short when the workers are deleted.")]
     = 30.0,
+    platform_credentials_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces (a label selector) whose jobs may use the platform's S3 "
+             "credentials when they name none of their own (default: none).")] = "",
+    baseline_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces whose worker pods may be Pod Security 'baseline' (default: none; "
+             "every other namespace is 'restricted').")] = "",
+    privileged_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces whose worker pods may be Pod Security 'privileged' (default: "
+             "none).")] = "",
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -296,15 +308,20 @@ def operator(
     from . import logs
     from .kube import Kube
     from .operator import Operator, OperatorConfig
+    from .operator.tenancy import Tenancy
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
     config = OperatorConfig(namespace=namespace, operator_namespace=operator_namespace,
                             s3_secret=s3_secret, s3_endpoint=s3_endpoint, s3_region=s3_region,
                             worker_backoff_limit=worker_backoff_limit,
                             metrics_port=metrics_port, worker_metrics_port=worker_metrics_port,
-                            worker_metrics_linger=worker_metrics_linger)
+                            worker_metrics_linger=worker_metrics_linger,
+                            platform_credentials_namespaces=platform_credentials_namespaces,
+                            baseline_namespaces=baseline_namespaces,
+                            privileged_namespaces=privileged_namespaces)
 
     async def main() -> None:
+        Tenancy.of(config)  # a bad selector stops the operator before it connects
         async with await Kube.connect(kubeconfig, context) as kube:
             await Operator(kube, config).run()
 

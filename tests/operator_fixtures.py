@@ -82,7 +82,11 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
             [KUBEMR, "operator", "--kubeconfig", str(kube_cluster.kubeconfig_path),
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
-             "--namespace", kube_namespace, *operator_args],
+             "--namespace", kube_namespace,
+             # The platform's credentials for the module's own jobs, which name none (the
+             # tenant's path is tests/test_tenant_security.py's).
+             "--platform-credentials-namespaces",
+             f"kubernetes.io/metadata.name={kube_namespace}", *operator_args],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     PROCESSES[log] = proc
     try:

@@ -392,8 +392,9 @@ async def test_concurrent_reconciles_are_idempotent(kube_cluster: TestCluster,
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "again", [f"i{n}" for n in range(6)], workers=3, args={"log": str(log)}))
     async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
-        second = Operator(kube, OperatorConfig(namespace=kube_namespace,
-                                               operator_namespace=OPERATOR_NS))
+        second = Operator(kube, OperatorConfig(
+            namespace=kube_namespace, operator_namespace=OPERATOR_NS,
+            platform_credentials_namespaces=f"kubernetes.io/metadata.name={kube_namespace}"))
         await asyncio.gather(*(second.reconcile(kube_namespace, name) for _ in range(5)))
         job = await asyncio.to_thread(wait_for_phase, kube_cluster, kube_namespace, name,
                                       operator)
