@@ -91,13 +91,13 @@ def _version() -> str:
     return version("kubemr-async")
 
 
-def _args(values: list[str]) -> dict[str, str]:
-    """Parse --arg KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
+def _args(values: list[str], flag: str = "--arg") -> dict[str, str]:
+    """Parse KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
     parsed = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--arg: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag}: expected KEY=VALUE, got {item!r}")
         parsed[key] = value
     return parsed
 
@@ -394,7 +394,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
               "split_inputs", "output_format", "mapper", "combiner", "reducer",
-              "max_skipped_records")
+              "max_skipped_records", "credentials_secret", "identity")
 
 
 @app.command()
@@ -436,6 +436,14 @@ def submit(
                                                help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
+    credentials_secret: Annotated[str | None, typer.Option(
+        help="The job's S3 credentials: a Secret in its namespace with AWS_ACCESS_KEY_ID "
+             "and AWS_SECRET_ACCESS_KEY (spec.storage.credentialsSecret).")] = None,
+    identity: Annotated[list[str] | None, typer.Option(
+        "--identity", metavar="ANNOTATION=VALUE",
+        help="Or workload identity: an annotation for the job's ServiceAccount, e.g. "
+             "eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/team-a "
+             "(repeatable; spec.storage.serviceAccountAnnotations).")] = None,
     mapper: Mapper = None,
     combiner: Combiner = None,
     reducer: Reducer = None,
@@ -469,7 +477,8 @@ def submit(
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
             output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
-            max_skipped_records=max_skipped_records))
+            max_skipped_records=max_skipped_records, credentials_secret=credentials_secret,
+            identity=_args(identity, "--identity") if identity else None))
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

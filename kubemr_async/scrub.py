@@ -25,8 +25,12 @@ MIN_SECRET_CHARS = 6
 _SHAPES = (
     # Pre-signed URLs and SigV4 query strings.
     re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+"),
-    # Authorization headers (SigV4's carries the access key id and the signature).
-    re.compile(r"(?i)(Authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\n]+"),
+    # Authorization headers (SigV4's carries the access key id and the signature), also
+    # as a repr of bytes (b'...'), and SigV4's Credential= wherever it appears.
+    re.compile(r"(?i)(Authorization[\"']?\s*[:=]\s*b?[\"']?)[^\"'\n]+"),
+    re.compile(r"(\bCredential=)[^,\s&\"']+"),
+    # S3 error bodies name the access key id and echo the signature.
+    re.compile(r"(?i)(<(?:AWSAccessKeyId|SignatureProvided|StringToSign)>)[^<]+"),
     re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9._~+/=-]+"),
     # key=value, key: value and "key": "value" where the key names a secret.
     re.compile(r"(?i)((?:aws_)?(?:secret_access_key|secretaccesskey|session_?token|"

@@ -57,10 +57,11 @@ def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
-             kube_namespace: str, operator_args: list[str],
+             kube_namespace: str, operator_args: list[str], platform_namespaces: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`kubemr operator` as a separate process, configured as the Helm chart configures it
-    (plus ``operator_args``, a fixture a module may override); yields the path of its log."""
+    (plus ``operator_args``, a fixture a module may override; ``platform_namespaces``
+    selects where jobs may use the platform's credentials); yields the path of its log."""
     _create_ignoring_conflict(kube_cluster, "/api/v1/namespaces",
                               {"metadata": {"name": OPERATOR_NS}})
     _create_ignoring_conflict(
@@ -83,10 +84,7 @@ def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_ku
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
              "--namespace", kube_namespace,
-             # The platform's credentials for the module's own jobs, which name none (the
-             # tenant's path is tests/test_tenant_security.py's).
-             "--platform-credentials-namespaces",
-             f"kubernetes.io/metadata.name={kube_namespace}", *operator_args],
+             "--platform-credentials-namespaces", platform_namespaces, *operator_args],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     PROCESSES[log] = proc
     try:
