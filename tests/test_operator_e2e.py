@@ -287,8 +287,10 @@ def test_missing_input_bucket_fails_the_job_at_planning(
 
 def test_crashing_worker_pods_fail_the_job_instead_of_hanging(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    # An overlay's env replaces the worker's (lists replace), so the worker starts without
+    # its job and exits at once. (The command itself cannot be overlaid: issue 13.)
     manifest = echo_job("crash", ["x"], workers=2, template={"spec": {"containers": [{
-        "name": "worker", "command": ["python", "-c", "import sys; sys.exit(3)"]}]}})
+        "name": "worker", "env": [{"name": "KUBEMR_CRASH", "value": "1"}]}]}})
     name = create_job(kube_cluster, kube_namespace, manifest)
     status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
     assert status["phase"] == "Failed"
