@@ -94,13 +94,13 @@ def _version() -> str:
     return version("kubemr-async")
 
 
-def _args(values: list[str]) -> dict[str, str]:
-    """Parse --arg KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
+def _args(values: list[str], flag: str = "--arg") -> dict[str, str]:
+    """Parse KEY=VALUE flags; UsageError (a one-line usage error) otherwise."""
     parsed = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--arg: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag}: expected KEY=VALUE, got {item!r}")
         parsed[key] = value
     return parsed
 
@@ -313,6 +313,18 @@ def operator(
                                 "Lease for this long.")] = 10.0,
     leader_elect_retry_period: Annotated[float, typer.Option(
         metavar="SECONDS", help="How often the Lease is renewed, or tried.")] = 2.0,
+    platform_credentials_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces (a label selector) whose jobs may use the platform's S3 "
+             "credentials when they name none of their own (default: none).")] = "",
+    baseline_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces whose worker pods may be Pod Security 'baseline' (default: none; "
+             "every other namespace is 'restricted').")] = "",
+    privileged_namespaces: Annotated[str, typer.Option(
+        metavar="SELECTOR",
+        help="Namespaces whose worker pods may be Pod Security 'privileged' (default: "
+             "none).")] = "",
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -325,6 +337,7 @@ def operator(
     from . import logs
     from .kube import Kube
     from .operator import LeaderElection, Operator, OperatorConfig
+    from .operator.tenancy import Tenancy
     from .signals import until_signalled
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
@@ -344,11 +357,14 @@ def operator(
             s3_endpoint=s3_endpoint, s3_region=s3_region,
             worker_backoff_limit=worker_backoff_limit, metrics_port=metrics_port,
             worker_metrics_port=worker_metrics_port,
-            worker_metrics_linger=worker_metrics_linger, leader_election=election)
+            worker_metrics_linger=worker_metrics_linger, leader_election=election,
+            platform_credentials_namespaces=platform_credentials_namespaces,
+            baseline_namespaces=baseline_namespaces, privileged_namespaces=privileged_namespaces)
 
     config = _guard(configure)
 
     async def main() -> None:
+        Tenancy.of(config)  # a bad selector stops the operator before it connects
         async with await Kube.connect(kubeconfig, context) as kube:
             with contextlib.suppress(Interrupted):  # a clean stop, not an error
                 await until_signalled(Operator(kube, config).run())
@@ -431,7 +447,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
               "split_inputs", "output_format", "mapper", "combiner", "reducer",
-              "max_skipped_records")
+              "max_skipped_records", "credentials_secret", "identity")
 
 
 @app.command()
@@ -473,6 +489,14 @@ def submit(
                                                help=_FORMAT_HELP)] = "text",
     wait: Annotated[bool, typer.Option(
         help="Follow progress until the job ends; exit 1 unless it succeeded.")] = False,
+    credentials_secret: Annotated[str | None, typer.Option(
+        help="The job's S3 credentials: a Secret in its namespace with AWS_ACCESS_KEY_ID "
+             "and AWS_SECRET_ACCESS_KEY (spec.storage.credentialsSecret).")] = None,
+    identity: Annotated[list[str] | None, typer.Option(
+        "--identity", metavar="ANNOTATION=VALUE",
+        help="Or workload identity: an annotation for the job's ServiceAccount, e.g. "
+             "eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/team-a "
+             "(repeatable; spec.storage.serviceAccountAnnotations).")] = None,
     mapper: Mapper = None,
     combiner: Combiner = None,
     reducer: Reducer = None,
@@ -506,7 +530,8 @@ def submit(
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
             output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
-            max_skipped_records=max_skipped_records))
+            max_skipped_records=max_skipped_records, credentials_secret=credentials_secret,
+            identity=_args(identity, "--identity") if identity else None))
 
     body = _guard(manifest)
     target = _guard(lambda: manifest_namespace(body, namespace))

@@ -36,6 +36,7 @@ from .spec import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_REDUCERS,
     DEFAULT_WORKERS,
+    IDENTITY_ANNOTATIONS,
     MAX_ATTEMPTS_LIMIT,
     MAX_JOB_NAME,
     MAX_REDUCERS,
@@ -49,6 +50,9 @@ from .spec import (
     OUTPUT_FORMATS,
     OUTPUT_PATTERN,
     RESOURCE_REQUIRED,
+    SECRET_NAME_PATTERN,
+    TEMPLATE_IDENTITY_FIELDS,
+    TEMPLATE_WORKER_FIELDS,
 )
 
 GROUP = "kubemr.io"
@@ -186,12 +190,8 @@ def _job_spec_schema() -> dict[str, Any]:
             },
             "ttlSecondsAfterFinished": _int(
                 0, doc="Delete the job this many seconds after it finished; unset keeps it."),
-            "template": {
-                "type": "object",
-                "description": "Pod template overrides for the worker pods (merged by the "
-                               "operator).",
-                "x-kubernetes-preserve-unknown-fields": True,
-            },
+            "template": _template_schema(),
+            "storage": _storage_schema(),
         },
         # Changing what a running job computes would mix two jobs' tasks and outputs.
         "x-kubernetes-validations": [
@@ -215,6 +215,88 @@ def _job_spec_schema() -> dict[str, Any]:
                "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
               for field in ("job", *COMMAND_FIELDS, "steps", "stepReducers")),
         ],
+    }
+
+
+#: Containers (and init containers) a template may list: bounds the CEL rules' cost.
+MAX_TEMPLATE_CONTAINERS = 16
+
+
+def _template_schema() -> dict[str, Any]:
+    """``spec.template``: free-form pod overrides, except what admission can refuse for
+    every namespace (the identity and the worker container's image and command); the
+    Pod Security check of the merged pod is the operator's (it depends on the namespace)."""
+    container = {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {"name": {"type": "string"}, "image": {"type": "string"},
+                       "command": {"type": "array", "items": {"type": "string"}},
+                       "args": {"type": "array", "items": {"type": "string"}}},
+    }
+    worker_rule = " && ".join(f"!has(c.{f})" for f in TEMPLATE_WORKER_FIELDS)
+    pod_spec = {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "serviceAccountName": {"type": "string"},
+            "serviceAccount": {"type": "string"},
+            "automountServiceAccountToken": {"type": "boolean"},
+            "containers": {"type": "array", "maxItems": MAX_TEMPLATE_CONTAINERS,
+                           "items": container},
+        },
+        "x-kubernetes-validations": [
+            *({"rule": f"!has(self.{field})",
+               "message": f"spec.template.spec.{field} cannot be set: workers run as the "
+                          "job's own ServiceAccount, made by the operator",
+               "fieldPath": f".{field}"} for field in TEMPLATE_IDENTITY_FIELDS),
+            {"rule": "!has(self.containers) || self.containers.all(c, "
+                     f"(has(c.name) && c.name != 'worker') || ({worker_rule}))",
+             "message": "spec.template.spec.containers[worker]: image, command and args "
+                        "cannot be set (the image is spec.image; the command is kubemr's)",
+             "fieldPath": ".containers"},
+        ],
+    }
+    return {
+        "type": "object",
+        "description": "Pod template overrides for the worker pods, merged by the operator "
+                       "and checked against the namespace's Pod Security level (restricted "
+                       "unless the platform allows more).",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {"spec": pod_spec},
+    }
+
+
+def _storage_schema() -> dict[str, Any]:
+    """``spec.storage``: the tenant's own credentials for the workers."""
+    allowed = ", ".join(f"'{a}'" for a in IDENTITY_ANNOTATIONS)
+    return {
+        "type": "object",
+        "description": "The workers' storage credentials, the job's own: a Secret in the "
+                       "job's namespace (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                       "optional AWS_SESSION_TOKEN), or workload identity through "
+                       "annotations on the job's ServiceAccount. Unset: the platform's "
+                       "credentials, where the platform allows the namespace.",
+        "properties": {
+            "credentialsSecret": _string("A Secret in the job's namespace.",
+                                         maxLength=253, pattern=SECRET_NAME_PATTERN),
+            "serviceAccountAnnotations": {
+                "type": "object",
+                "description": f"Workload identity: any of {', '.join(IDENTITY_ANNOTATIONS)}.",
+                "minProperties": 1,
+                "maxProperties": len(IDENTITY_ANNOTATIONS),
+                "additionalProperties": {"type": "string", "maxLength": 1024},
+                "x-kubernetes-validations": [{
+                    "rule": f"self.all(k, k in [{allowed}])",
+                    "message": "spec.storage.serviceAccountAnnotations: only "
+                               f"{', '.join(IDENTITY_ANNOTATIONS)} are allowed",
+                }],
+            },
+        },
+        "x-kubernetes-validations": [{
+            "rule": "!(has(self.credentialsSecret) && has(self.serviceAccountAnnotations))",
+            "message": "spec.storage: give credentialsSecret or serviceAccountAnnotations, "
+                       "not both",
+        }],
     }
 
 

@@ -24,7 +24,7 @@ import fnmatch
 import glob
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,12 +94,16 @@ def expand_local(pattern: str) -> list[tuple[str, int]]:
     return result
 
 
-async def expand_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
-    """Every input object with its size, in a stable order; UsageError if any names nothing."""
+async def expand_inputs(patterns: Sequence[str],
+                        environ: Mapping[str, str] | None = None) -> list[tuple[str, int]]:
+    """Every input object with its size, in a stable order; UsageError if any names nothing.
+
+    ``environ``: where S3 credentials come from (default: this process's environment).
+    """
     found: list[tuple[str, int]] = []
     for pattern in patterns:
         if is_s3(pattern):
-            found += await expand_s3(pattern)
+            found += await expand_s3(pattern, _config(environ))
         else:
             found += expand_local(pattern)
     return found
@@ -138,6 +142,15 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
         raise
     finally:
         await store.aclose()
+
+
+def _config(environ: Mapping[str, str] | None) -> S3Config | None:
+    """The S3 settings of ``environ``, or None for this process's own (read lazily)."""
+    if environ is None:
+        return None
+    from .storage.s3 import S3Config
+
+    return S3Config.from_env(environ)
 
 
 class _EmptyPrefix(UsageError):
@@ -257,23 +270,30 @@ def check_local_compressed(objects: Sequence[tuple[str, int]]) -> None:
             raise UsageError(str(exc)) from None
 
 
-async def plan_inputs(spec: JobSpec, map_input: str | None = None) -> list[Split]:
+async def plan_inputs(spec: JobSpec, map_input: str | None = None,
+                      environ: Mapping[str, str] | None = None) -> list[Split]:
     """The map tasks' inputs: data splits, or (unsplit jobs) one input string per map.
 
     ``map_input`` is the job's map input when the planner knows it (``kubemr run``):
     ``"parquet"`` plans Parquet files by row group (:func:`plan_parquet_splits`). A
     planner that does not know it (the operator imports no job module) cuts every file
     into byte ranges, which a Parquet map reads by row-group midpoints just as well.
+    ``environ`` holds the S3 credentials to plan with (the operator: the job's own).
     """
     if not spec.split_inputs:
-        return [(text, None) for pattern in spec.inputs for text in await _unsplit(pattern)]
-    objects = await expand_inputs(spec.inputs)
+        return [(text, None) for pattern in spec.inputs
+                for text in await _unsplit(pattern, environ)]
+    objects = await expand_inputs(spec.inputs, environ)
     check_local_compressed(objects)
     chunk = spec.chunk_size
     if spec.memory is not None:
         chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
     if map_input in recordio.PARQUET_INPUTS:
-        return await plan_parquet_splits(objects, chunk)
+        stores = StoreCache(environ)
+        try:
+            return await plan_parquet_splits(objects, chunk, stores)
+        finally:
+            await stores.aclose()
     return plan_splits(objects, chunk)
 
 
@@ -403,7 +423,7 @@ async def read_map_input(store: BlobStore, key: str, byte_range: tuple[int, int]
     return await read_task_input(store, key, byte_range)
 
 
-async def _unsplit(text: str) -> list[str]:
+async def _unsplit(text: str, environ: Mapping[str, str] | None = None) -> list[str]:
     """What one input of an unsplit (low-level) job stands for, as map input strings.
 
     Files are expanded so ``--input dir`` or a glob gives one map per data file (absolute
@@ -415,7 +435,7 @@ async def _unsplit(text: str) -> list[str]:
     if is_s3(text):
         key = text[len("s3://"):].partition("/")[2]
         if text.endswith("/") or _GLOB_CHARS & set(key):
-            return [url for url, _ in await expand_s3(text)]
+            return [url for url, _ in await expand_s3(text, _config(environ))]
         return [text]
     return _unsplit_local(text)
 

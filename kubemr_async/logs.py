@@ -1,19 +1,29 @@
 """Structured logs: one JSON object per line on stderr, with the record's context fields.
 
 Context (job, task, attempt, worker, error) travels in ``extra=``; only those known keys
-are emitted, so nothing else a caller attaches (credentials included) leaks into logs.
+are emitted, so nothing else a caller attaches (credentials included) leaks into logs. The
+text that is emitted (messages, errors, tracebacks: a library's debug lines print request
+headers and error bodies) is scrubbed of this process's own keys and of anything shaped
+like a credential (:mod:`kubemr_async.scrub`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 import orjson
 
+from .scrub import CREDENTIAL_KEYS, scrub
+
 CONTEXT_FIELDS = ("job", "task", "attempt", "worker", "phase", "error", "permanent", "count",
                   "pid", "exit_code", "port")
+
+
+def _clean(text: str) -> str:
+    return scrub(text, [os.environ.get(key, "") for key in CREDENTIAL_KEYS])
 
 
 class JSONFormatter(logging.Formatter):
@@ -23,13 +33,14 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _clean(record.getMessage()),
         }
         for name in CONTEXT_FIELDS:
             if name in record.__dict__:
-                entry[name] = record.__dict__[name]
+                value = record.__dict__[name]
+                entry[name] = _clean(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = _clean(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 

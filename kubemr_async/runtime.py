@@ -50,6 +50,7 @@ from .inputs import Split, read_map_input
 from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
+from .scrub import CREDENTIAL_KEYS, scrub
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore, StoreUnavailable
 from .storage.base import BlobStore
@@ -732,4 +733,7 @@ def _describe(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith(_PACKAGE_DIR)]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    # The error goes into the task record, the job's status and its Events: never the
+    # worker's own keys, even if user code put its environment into a message.
+    own = [os.environ.get(key, "") for key in CREDENTIAL_KEYS]
+    return scrub(f"{type(exc).__name__}: {exc}{where}", own)

@@ -60,6 +60,22 @@ OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 #: What a MapReduceJob must give (the CRD's ``required``), besides a job module or a mapper
 #: command (``job`` or ``mapper``: the CRD says so in a rule); `kubemr run` needs inputs.
 RESOURCE_REQUIRED = ("image", "inputs", "output")
+#: Workload identity: the ServiceAccount annotations a job may put on its workers' account
+#: (``spec.storage.serviceAccountAnnotations``), and nothing else. Each only tells the
+#: cloud's identity webhook which role the pods assume; a tenant's IAM trust policy decides
+#: whether that role trusts this namespace's account.
+EKS_ROLE_ARN = "eks.amazonaws.com/role-arn"
+AZURE_CLIENT_ID = "azure.workload.identity/client-id"
+IDENTITY_ANNOTATIONS = (EKS_ROLE_ARN, "iam.gke.io/gcp-service-account", AZURE_CLIENT_ID)
+#: What a job's ``template`` may never set, in any namespace: the workers' identity (the
+#: operator's per-job account, whose Role reaches only this job) and the worker
+#: container's image (that is ``image``) and command (kubemr's). The CRD refuses them at
+#: admission and the operator again before it creates anything.
+TEMPLATE_IDENTITY_FIELDS = ("serviceAccountName", "serviceAccount",
+                            "automountServiceAccountToken")
+TEMPLATE_WORKER_FIELDS = ("image", "command", "args")
+#: A Secret's name (RFC 1123 subdomain), for ``spec.storage.credentialsSecret``.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 #: The shell-command steps (Hadoop Streaming), in the resource's spelling.
 COMMAND_FIELDS = ("mapper", "combiner", "reducer")
 
@@ -97,6 +113,7 @@ class JobSpecDict(TypedDict):
     image: NotRequired[str]
     workers: NotRequired[int]
     template: NotRequired[dict[str, Any]]
+    storage: NotRequired[dict[str, Any]]
     ttlSecondsAfterFinished: NotRequired[int]
     steps: NotRequired[int]
     stepReducers: NotRequired[list[int]]
@@ -144,6 +161,10 @@ class JobSpec:
     workers: int | None = None
     template: Mapping[str, Any] | None = None
     ttl_seconds_after_finished: int | None = None
+    # Cluster-only: the workers' storage credentials, the tenant's own (spec.storage): a
+    # Secret in the job's namespace, or workload-identity annotations on its account.
+    credentials_secret: str | None = None
+    identity_annotations: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -200,6 +221,13 @@ class JobSpec:
                 spec["template"] = dict(self.template)
             if self.ttl_seconds_after_finished is not None:
                 spec["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
+            storage: dict[str, Any] = {}
+            if self.credentials_secret is not None:
+                storage["credentialsSecret"] = self.credentials_secret
+            if self.identity_annotations is not None:
+                storage["serviceAccountAnnotations"] = dict(self.identity_annotations)
+            if storage:
+                spec["storage"] = storage
         return spec
 
     @classmethod
@@ -223,6 +251,9 @@ class JobSpec:
         read as true, ``inputs: "s3://b/x"`` as one input per character).
         """
         ttl = _optional(data, "ttlSecondsAfterFinished", _int)
+        # Keyed by their paths below spec, so a wrong type's message names the field.
+        storage = {f"storage.{k}": v for k, v in
+                   (_optional(data, "storage", _object) or {}).items()}
         return cls(
             name=name,
             job=_str(data, "job", ""),
@@ -247,6 +278,9 @@ class JobSpec:
             workers=_optional(data, "workers", _int),
             template=_optional(data, "template", _object),
             ttl_seconds_after_finished=ttl,
+            credentials_secret=_optional(storage, "storage.credentialsSecret", _str),
+            identity_annotations=_optional(storage, "storage.serviceAccountAnnotations",
+                                           lambda d, f, _: _str_map(d, f)),
         )
 
 
@@ -383,6 +417,26 @@ def validate(spec: JobSpec) -> None:
         _between("workers", spec.workers, 1, MAX_WORKERS)
     if spec.ttl_seconds_after_finished is not None:
         _between("ttlSecondsAfterFinished", spec.ttl_seconds_after_finished, 0)
+    _check_storage(spec)
+
+
+def _check_storage(spec: JobSpec) -> None:
+    """``storage``: a Secret's name, or allow-listed identity annotations, not both."""
+    if spec.credentials_secret is not None and spec.identity_annotations is not None:
+        raise InvalidSpec("spec.storage", "give credentialsSecret or "
+                          "serviceAccountAnnotations, not both")
+    if spec.credentials_secret is not None and not re.match(SECRET_NAME_PATTERN,
+                                                            spec.credentials_secret):
+        raise InvalidSpec("spec.storage.credentialsSecret",
+                          f"{spec.credentials_secret!r:.80} is not a Secret name")
+    if spec.identity_annotations is not None:
+        if not spec.identity_annotations:
+            raise InvalidSpec("spec.storage.serviceAccountAnnotations", "must not be empty")
+        for key in spec.identity_annotations:
+            if key not in IDENTITY_ANNOTATIONS:
+                raise InvalidSpec("spec.storage.serviceAccountAnnotations",
+                                  f"{key!r:.80} is not allowed: use one of "
+                                  f"{', '.join(IDENTITY_ANNOTATIONS)}")
 
 
 def _check_step_reducers(spec: JobSpec) -> None:

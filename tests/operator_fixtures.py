@@ -57,13 +57,15 @@ def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: TestCluster, crds: None, s3_server: S3Server, fake_kubelet: Any,
-             kube_namespace: str, operator_args: list[str],
+             kube_namespace: str, operator_args: list[str], platform_namespaces: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`kubemr operator` as a separate process, configured as the Helm chart configures it
-    (plus ``operator_args``, a fixture a module may override); yields the path of its log."""
+    (plus ``operator_args``, a fixture a module may override; ``platform_namespaces``
+    selects where jobs may use the platform's credentials); yields the path of its log."""
     prepare_operator_namespace(kube_cluster, s3_server)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = start_operator(kube_cluster, s3_server, kube_namespace, operator_args, log)
+    proc = start_operator(kube_cluster, s3_server, kube_namespace, operator_args, log,
+                          platform_namespaces)
     PROCESSES[log] = proc
     try:
         yield log
@@ -86,8 +88,11 @@ def prepare_operator_namespace(cluster: TestCluster, s3_server: S3Server) -> Non
 
 
 def start_operator(cluster: TestCluster, s3_server: S3Server, namespace: str,
-                   args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start `kubemr operator` watching ``namespace``, its output going to ``log``."""
+                   args: list[str], log: Path,
+                   platform_namespaces: str | None = None) -> subprocess.Popen[bytes]:
+    """Start `kubemr operator` watching ``namespace``, its output going to ``log``; jobs
+    may use the platform's credentials in ``platform_namespaces`` (a label selector;
+    default: ``namespace`` itself)."""
     # PYTHONPATH: the operator runs this checkout's code (as the pods do), not whatever the
     # venv's editable install points at (another worktree's).
     env = {"PATH": str(Path(KUBEMR).parent), "PYTHONPATH": str(ROOT),
@@ -100,7 +105,9 @@ def start_operator(cluster: TestCluster, s3_server: S3Server, namespace: str,
             [KUBEMR, "operator", "--kubeconfig", str(cluster.kubeconfig_path),
              "--operator-namespace", OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--worker-backoff-limit", "1",
-             "--namespace", namespace, *args],
+             "--namespace", namespace,
+             "--platform-credentials-namespaces",
+             platform_namespaces or f"kubernetes.io/metadata.name={namespace}", *args],
             stdout=out, stderr=subprocess.STDOUT, env=env)
 
 

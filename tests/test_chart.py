@@ -105,6 +105,9 @@ VALUE_SETS: dict[str, Obj] = {
         "leaderElection": {"enabled": True, "leaseDuration": 30, "renewDeadline": 20,
                            "retryPeriod": 4},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
+        "tenancy": {"platformCredentialsNamespaces": "kubemr.io/platform-storage=allowed",
+                    "podSecurity": {"baselineNamespaces": "kubemr.io/pod-security in (baseline)",
+                                    "privilegedNamespaces": "kubemr.io/pod-security=privileged"}},
     },
 }
 
@@ -119,7 +122,9 @@ JOB_SIDE_RULES: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
     ("batch", "jobs"): {"get", "create", "delete"},
     ("", "pods"): {"list"},
-    ("", "secrets"): {"create"},
+    # get: a job's own credentials Secret, named in spec.storage (issue 13); create: the
+    # copy of the platform's, where the admin allowed it.
+    ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
 }
 # Task side: the per-job task namespaces (cluster-wide in both modes).
@@ -259,6 +264,11 @@ def test_helm_lint_strict_is_clean(tools: Tools, name: str, tmp_path: Path) -> N
     ({"metrics": {"workerPort": 70000}}, "/metrics/workerPort"),
     ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
     ({"replicas": 1}, "replicas"),  # a typo of replicaCount: unknown keys are refused
+    ({"tenancy": {"platformCredentialsNamespaces": "a=b; rm -rf"}},
+     "/tenancy/platformCredentialsNamespaces"),
+    ({"tenancy": {"podSecurity": {"baselineNamespaces": "=b"}}},
+     "/tenancy/podSecurity/baselineNamespaces"),
+    ({"tenancy": {"podSecurity": {"privileged": "x"}}}, "privileged"),
 ])
 def test_values_schema_rejects_bad_values(tools: Tools, values: Obj, complaint: str,
                                           tmp_path: Path) -> None:
@@ -446,7 +456,11 @@ def test_everything_set_reaches_the_objects(tools: Tools, tmp_path: Path) -> Non
                             "--leader-elect-lease-name=mr-leader",
                             "--leader-elect-lease-duration=30",
                             "--leader-elect-renew-deadline=20",
-                            "--leader-elect-retry-period=4", "--context=in-cluster"]
+                            "--leader-elect-retry-period=4",
+                            "--platform-credentials-namespaces=kubemr.io/platform-storage=allowed",
+                            "--baseline-namespaces=kubemr.io/pod-security in (baseline)",
+                            "--privileged-namespaces=kubemr.io/pod-security=privileged",
+                            "--context=in-cluster"]
     assert main["ports"][0]["containerPort"] == 9000
     service = one(objects, "Service")
     assert service["spec"]["ports"][0]["port"] == 9000
@@ -956,13 +970,16 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
                     ("create", "rbac.authorization.k8s.io:rolebindings", ns, ""),
                     ("get", "batch:jobs", ns, ""), ("create", "batch:jobs", ns, ""),
                     ("delete", "batch:jobs", ns, ""), ("list", ":pods", ns, ""),
-                    ("create", ":secrets", ns, ""), ("create", ":events", ns, "")]
+                    ("create", ":secrets", ns, ""), ("create", ":events", ns, ""),
+                    # A job's own credentials Secret, by name (spec.storage).
+                    ("get", ":secrets", ns, "team-s3")]
     denied: list[tuple[str, str, str, str]] = [
-        # Secrets: never read or listed, except the one S3 Secret by name.
-        ("get", ":secrets", other, s3_secret), ("list", ":secrets", other, ""),
+        # Secrets: never listed or watched; read by name only the S3 Secret and, in job
+        # namespaces, a job's credentials Secret.
+        ("list", ":secrets", other, ""), ("list", ":secrets", watch, ""),
+        ("watch", ":secrets", watch, ""),
         ("list", ":secrets", release.namespace, ""), ("watch", ":secrets", release.namespace, ""),
-        ("get", ":secrets", release.namespace, "some-other-secret"),
-        ("get", ":secrets", watch, ""), ("list", ":secrets", "", ""),
+        ("list", ":secrets", "", ""),
         ("update", ":secrets", release.namespace, s3_secret),
         ("delete", ":secrets", release.namespace, s3_secret),
         # Nothing it does not use.
@@ -1003,6 +1020,10 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
                    ("get", "kubemr.io:mapreducejobs", other, ""),
                    ("patch", "kubemr.io:mapreducejobs/status", other, ""),
                    ("create", ":secrets", other, ""), ("create", "batch:jobs", other, ""),
+                   ("get", ":secrets", other, s3_secret),
+                   # Cluster-wide, the release namespace may hold jobs too (and their
+                   # credentials Secrets); namespaced, only the S3 Secret is readable there.
+                   ("get", ":secrets", release.namespace, "some-other-secret"),
                    ("create", ":serviceaccounts", other, ""),
                    ("create", ":events", other, "")]
     else:
@@ -1017,7 +1038,8 @@ def check_operator_access(cluster: TestCluster, release: Release, mode: str, wat
     assert status_of(cluster, token, "GET", f"{api}/secrets/{s3_secret}") == 200
     assert status_of(cluster, token, "GET", f"{api}/secrets") == 403
     assert status_of(cluster, token, "GET", f"/api/v1/namespaces/{other}/secrets") == 403
-    assert status_of(cluster, token, "GET", f"/api/v1/namespaces/{other}/secrets/x") == 403
+    if mode == "namespaced":
+        assert status_of(cluster, token, "GET", f"/api/v1/namespaces/{other}/secrets/x") == 403
     assert status_of(cluster, token, "GET",
                      f"/api/v1/namespaces/{other}/configmaps/kube-root-ca.crt") == 403
     assert status_of(cluster, token, "DELETE", "/api/v1/nodes/node-1") == 403
@@ -1131,12 +1153,18 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
                           "workerLingerSeconds": 30, "serviceMonitor": {"enabled": False}},
               "s3": {"endpoint": s3_server.endpoint_url, "region": s3_server.region,
                      "accessKeyId": s3_server.access_key,
-                     "secretAccessKey": s3_server.secret_key}}
+                     "secretAccessKey": s3_server.secret_key},
+              # The example names no credentials of its own: the admin allows the
+              # platform's in its namespace.
+              "tenancy": {"platformCredentialsNamespaces":
+                          f"kubernetes.io/metadata.name={jobs_ns}"}}
     log = tmp_path / "operator.log"
     try:
         with installed(tools, kube_cluster, values, operator_ns, tmp_path) as release:
             argv, env = operator_command(kube_cluster, release)
             assert f"--namespace={jobs_ns}" in argv
+            assert ("--platform-credentials-namespaces=kubernetes.io/metadata.name="
+                    f"{jobs_ns}") in argv
             token = kube_cluster.token_for(operator_ns, release.account())
             kubeconfig = kube_cluster.kubeconfig_for_token(token, tmp_path / "op.kubeconfig")
             with log.open("wb") as out:

@@ -300,8 +300,10 @@ def test_missing_input_bucket_fails_the_job_at_planning(
 
 def test_crashing_worker_pods_fail_the_job_instead_of_hanging(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    # An overlay's env replaces the worker's (lists replace), so the worker starts without
+    # its job and exits at once. (The command itself cannot be overlaid: issue 13.)
     manifest = echo_job("crash", ["x"], workers=2, template={"spec": {"containers": [{
-        "name": "worker", "command": ["python", "-c", "import sys; sys.exit(3)"]}]}})
+        "name": "worker", "env": [{"name": "KUBEMR_CRASH", "value": "1"}]}]}})
     name = create_job(kube_cluster, kube_namespace, manifest)
     status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
     assert status["phase"] == "Failed"
@@ -405,8 +407,9 @@ async def test_concurrent_reconciles_are_idempotent(kube_cluster: TestCluster,
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "again", [f"i{n}" for n in range(6)], workers=3, args={"log": str(log)}))
     async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
-        second = Operator(kube, OperatorConfig(namespace=kube_namespace,
-                                               operator_namespace=OPERATOR_NS))
+        second = Operator(kube, OperatorConfig(
+            namespace=kube_namespace, operator_namespace=OPERATOR_NS,
+            platform_credentials_namespaces=f"kubernetes.io/metadata.name={kube_namespace}"))
         await asyncio.gather(*(second.reconcile(kube_namespace, name) for _ in range(5)))
         job = await asyncio.to_thread(wait_for_phase, kube_cluster, kube_namespace, name,
                                       operator)

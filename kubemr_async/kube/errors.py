@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from ..errors import KubemrError
+from ..scrub import scrub
 
 
 class KubeApiError(KubemrError):
@@ -19,6 +20,8 @@ class KubeApiError(KubemrError):
 
     def __init__(self, context: str, status: int, reason: str,
                  body: dict[str, Any] | None = None) -> None:
+        # The server's message may echo what was sent (a Secret's data in a refused write).
+        reason = scrub(reason)
         super().__init__(f"{context}: HTTP {status}: {reason}")
         self.context = context
         self.status = status

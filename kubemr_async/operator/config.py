@@ -48,11 +48,18 @@ class LeaderElection:
 
 @dataclass
 class OperatorConfig:
-    """How workers reach storage; credentials come from a Secret, never from a job spec."""
+    """How workers reach storage and what the platform allows tenants; credentials come
+    from a Secret (the tenant's or, where allowed, the platform's), never from a job spec."""
 
     namespace: str | None = None  # None: every namespace
     operator_namespace: str = "kubemr-system"
     s3_secret: str | None = None  # Secret (in operator_namespace) with AWS_* keys
+    #: Label selectors on namespaces (see .tenancy; empty: none): where a job without
+    #: spec.storage may use the platform's credentials (s3_secret and the operator's own),
+    #: and where worker pods may be baseline or privileged instead of restricted.
+    platform_credentials_namespaces: str = ""
+    baseline_namespaces: str = ""
+    privileged_namespaces: str = ""
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     worker_command: list[str] = field(default_factory=lambda: ["kubemr", "worker"])

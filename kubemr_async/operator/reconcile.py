@@ -42,9 +42,11 @@ from ..kube import (
     ensure_namespace,
 )
 from ..protocol import JobPhase, JobView
+from ..scrub import scrub
 from ..spec import JobSpec
 from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
 from ..storage.urls import StoreCache, job_data_prefix
+from .admission import Admission, Refused, StorageAccess, admit
 from .config import OperatorConfig
 from .followers import Followers, Key
 from .resources import (
@@ -59,7 +61,6 @@ from .resources import (
     progress_fields,
     remove_finalizer,
     role_binding,
-    secret_copy,
     service_account,
     status_patch,
     task_role,
@@ -69,6 +70,7 @@ from .resources import (
     worker_names,
     workers_failed,
 )
+from .tenancy import Tenancy
 
 log = logging.getLogger("kubemr.operator")
 
@@ -90,6 +92,7 @@ class Reconciler:
                  requeue_after: Callable[[Key, float], None]) -> None:
         self.kube = kube
         self.config = config
+        self.tenancy = Tenancy.of(config)
         self.followers = followers
         self.requeue_after = requeue_after
 
@@ -108,43 +111,73 @@ class Reconciler:
             await self.kube.patch(MAPREDUCE_JOBS, name, ops, namespace, content_type=JSON_PATCH)
         phase = JobPhase((mrj.get("status") or {}).get("phase") or JobPhase.PENDING)
         store = state_store(self.kube, namespace)
+        if phase.finished:
+            await self._finish(mrj)
+            return
+        admission = await self._admit(mrj, store, phase)
+        if admission is None:
+            return
         if phase == JobPhase.PENDING:
-            if not await self._plan(mrj, store):
+            if not await self._plan(mrj, store, admission.storage):
                 return
             phase = JobPhase.RUNNING
-        if phase == JobPhase.RUNNING:
-            await self._write_status(mrj, phase)
-            await self._ensure_workers(mrj)
-            self.followers.follow((namespace, name), store)
-            await self._advance(mrj, store)
-            await self._check_workers(mrj, store)
-        else:
-            await self._finish(mrj)
+        await self._write_status(mrj, phase)
+        await self._ensure_workers(mrj, admission.storage)
+        self.followers.follow((namespace, name), store)
+        await self._advance(mrj, store, admission.storage)
+        await self._check_workers(mrj, store)
 
     async def event(self, meta: KubeObject, reason: str, message: str,
                     warning: bool = False) -> None:
         """Record an Event about the job with metadata ``meta`` (best effort: an Event that
-        cannot be written must not stop a reconcile)."""
+        cannot be written must not stop a reconcile), scrubbed of anything credential-like."""
         try:
-            await self.kube.create(EVENTS, event(meta, reason, message, warning, now()),
+            await self.kube.create(EVENTS, event(meta, reason, scrub(message), warning, now()),
                                    meta["namespace"])
         except KubeApiError as exc:
             log.debug("writing an event failed: %s", exc)
 
     # --- a new job --------------------------------------------------------------------
 
-    async def _plan(self, mrj: KubeObject, store: KubeStateStore) -> bool:
-        """Write every task record and start the job; False if planning failed the job."""
+    async def _admit(self, mrj: KubeObject, store: KubeStateStore,
+                     phase: JobPhase) -> Admission | None:
+        """Judge the job before anything is made for it (and again while it runs: the
+        namespace's labels or the tenant's Secret may change); None if it was refused,
+        which fails it at once with the reason and a Warning Event."""
+        try:
+            return await admit(self.kube, self.config, self.tenancy, mrj)
+        except KubemrError as exc:
+            if isinstance(exc, KubeApiError) and exc.transient:
+                raise
+            reason = f"refused: {exc}" if isinstance(exc, Refused) else f"invalid job: {exc}"
+        if phase == JobPhase.PENDING:
+            await self._refuse(mrj, reason)
+        else:
+            await self._fail(mrj, store, reason)
+        return None
+
+    async def _refuse(self, mrj: KubeObject, reason: str,
+                      secrets: tuple[str, ...] = ()) -> None:
+        """Fail a job nothing was planned for: no worker can hold a claim, so a plain
+        status write is safe."""
         namespace, name = job_key(mrj)
+        reason = scrub(reason, secrets)
+        await self.kube.patch(MAPREDUCE_JOBS, name, invalid_job_status(mrj, reason),
+                              namespace, content_type=MERGE_PATCH, subresource="status")
+        await self.event(mrj["metadata"], "Failed", reason, warning=True)
+        log.warning("job refused", extra={"job": name, "namespace": namespace,
+                                          "error": reason})
+
+    async def _plan(self, mrj: KubeObject, store: KubeStateStore,
+                    storage: StorageAccess) -> bool:
+        """Write every task record and start the job, listing its inputs with its own
+        credentials; False if planning failed the job."""
+        name = mrj["metadata"]["name"]
         try:
             spec = JobSpec.from_dict(name, mrj["spec"])
-            splits = await plan_inputs(spec)
+            splits = await plan_inputs(spec, environ=storage.environ)
         except KubemrError as exc:
-            # Nothing was planned, so no worker can hold a claim: a plain status write is safe.
-            reason = f"invalid job: {exc}"
-            await self.kube.patch(MAPREDUCE_JOBS, name, invalid_job_status(mrj, reason),
-                                  namespace, content_type=MERGE_PATCH, subresource="status")
-            await self.event(mrj["metadata"], "Failed", reason, warning=True)
+            await self._refuse(mrj, f"invalid job: {exc}", storage.secrets)
             return False
         await self._ensure_task_namespace(mrj)
         await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, every_step=True)),
@@ -166,7 +199,8 @@ class Reconciler:
 
     # --- a running job ----------------------------------------------------------------
 
-    async def _advance(self, mrj: KubeObject, store: KubeStateStore) -> None:
+    async def _advance(self, mrj: KubeObject, store: KubeStateStore,
+                       storage: StorageAccess) -> None:
         """A multi-step job whose current step has committed: plan the next step over the
         step's parts (``pairs`` Parquet, split by row group: no job module needed), create
         its tasks, then move ``status.step`` with :func:`protocol.advance`, whose guard lets
@@ -184,22 +218,24 @@ class Reconciler:
         done, label = view.step, f"step {view.step + 2}/{spec.steps}"
         try:
             step_spec = replace(spec.at_step(done + 1), inputs=tuple(parts))
-            splits = await plan_inputs(step_spec, "pairs")  # the map input of later steps
+            # "pairs": the map input of later steps.
+            splits = await plan_inputs(step_spec, "pairs", storage.environ)
         except KubemrError as exc:
-            await self._fail(mrj, store, f"planning {label}: {exc}")
+            await self._fail(mrj, store, f"planning {label}: {exc}", storage.secrets)
             return
         await store.create(name, protocol.plan(step_spec, splits))
         if await store.patch(name, protocol.advance(view.job, len(splits))) is not None:
             await self.event(mrj["metadata"], "Advanced",
                              f"{label}: {len(splits)} map and {step_spec.reducers} reduce "
                              "tasks created")
-        await self._drop_step_data(spec, namespace, name, done)
+        await self._drop_step_data(spec, namespace, name, done, storage)
 
     async def _drop_step_data(self, spec: JobSpec, namespace: str, name: str,
-                              done: int) -> None:
+                              done: int, storage: StorageAccess) -> None:
         """Step ``done`` has committed: its shuffle objects, and the whole previous step
-        (the parts it read), will never be read again (a retry keeps committed tasks)."""
-        stores = StoreCache()
+        (the parts it read), will never be read again (a retry keeps committed tasks).
+        Deleted with the job's own credentials: never more than the job could delete."""
+        stores = StoreCache(storage.environ)
         try:
             blobs, _ = stores.open(spec.output)
             prefix = job_data_prefix(spec.output, namespace, name)
@@ -212,27 +248,22 @@ class Reconciler:
             await stores.aclose()
         log.info("removed data of finished steps", extra={"job": name, "count": removed})
 
-    async def _ensure_workers(self, mrj: KubeObject) -> None:
+    async def _ensure_workers(self, mrj: KubeObject, storage: StorageAccess) -> None:
         """The workers' identity (a ServiceAccount whose Roles reach only this job's
-        objects), their S3 credentials, and the batch Job that runs them."""
+        objects, with the job's workload identity), their S3 credentials (a reference to
+        the tenant's Secret; a copy of the platform's only where the admin allowed it),
+        and the batch Job that runs them."""
         namespace = mrj["metadata"]["namespace"]
         task_ns = await self._ensure_task_namespace(mrj)
-        await self.kube.ensure(SERVICE_ACCOUNTS, service_account(mrj), namespace)
+        await self.kube.ensure(SERVICE_ACCOUNTS, service_account(mrj, storage.annotations),
+                               namespace)
         for role, where in ((job_role(mrj), namespace), (task_role(mrj, task_ns), task_ns)):
             await self.kube.ensure(ROLES, role, where)
             await self.kube.ensure(ROLE_BINDINGS, role_binding(mrj, role), where)
-        env = worker_env(mrj, self.config, await self._copy_secret(mrj))
+        if storage.platform_copy is not None:
+            await self.kube.ensure(SECRETS, storage.platform_copy, namespace)
+        env = worker_env(mrj, self.config, storage.secret)
         await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env), namespace)
-
-    async def _copy_secret(self, mrj: KubeObject) -> str | None:
-        """Copy the S3 Secret beside the job (pods reach only their namespace's); its name."""
-        if not self.config.s3_secret:
-            return None
-        source = await self.kube.get(SECRETS, self.config.s3_secret,
-                                     self.config.operator_namespace)
-        body = secret_copy(mrj, source.get("data") or {})
-        await self.kube.ensure(SECRETS, body, mrj["metadata"]["namespace"])
-        return str(body["metadata"]["name"])
 
     async def _check_workers(self, mrj: KubeObject, store: KubeStateStore) -> None:
         """Fail a Running job whose workers cannot run, instead of letting it hang."""
@@ -248,8 +279,10 @@ class Reconciler:
         if reason is not None:
             await self._fail(mrj, store, reason)
 
-    async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str) -> None:
+    async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str,
+                    secrets: tuple[str, ...] = ()) -> None:
         name = mrj["metadata"]["name"]
+        reason = scrub(reason, secrets)
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job
         if not JobPhase(job["phase"]).finished:

@@ -9,6 +9,7 @@ and :mod:`.reconcile` is left with the order of the calls and what their answers
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from .. import metrics, protocol
@@ -17,7 +18,8 @@ from ..crd import API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, TASK_PLURAL
 from ..kube import KubeObject
 from ..protocol import JobPhase
 from ..records import JobError
-from ..spec import DEFAULT_WORKERS, WORKER_PROCESS_ENV, JobSpec
+from ..scrub import CREDENTIAL_KEYS
+from ..spec import AZURE_CLIENT_ID, DEFAULT_WORKERS, WORKER_PROCESS_ENV, JobSpec
 from .config import OperatorConfig
 
 FINALIZER = "kubemr.io/cleanup"
@@ -25,8 +27,11 @@ RBAC_API = "rbac.authorization.k8s.io"
 # Reasons a pod can sit in Waiting forever; the Job controller never fails such pods.
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError"}
-#: The keys workers read from the S3 Secret.
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+#: The keys a credentials Secret must hold (AWS_SESSION_TOKEN is optional).
+REQUIRED_KEYS = CREDENTIAL_KEYS[:2]
+#: Azure's webhook acts only on pods labelled so; its annotation on the account is not
+#: enough.
+AZURE_USE_LABEL = "azure.workload.identity/use"
 
 
 def now() -> str:
@@ -75,10 +80,15 @@ def _worker_meta(mrj: KubeObject, namespace: str, owned: bool = True) -> KubeObj
     return meta
 
 
-def service_account(mrj: KubeObject) -> KubeObject:
-    """The workers' ServiceAccount, beside the job and owned by it."""
-    return {"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": _worker_meta(mrj, mrj["metadata"]["namespace"])}
+def service_account(mrj: KubeObject, annotations: Mapping[str, str] | None = None
+                    ) -> KubeObject:
+    """The workers' ServiceAccount, beside the job and owned by it; ``annotations``: the
+    job's workload identity (allow-listed by spec.IDENTITY_ANNOTATIONS), which a cloud's
+    webhook turns into the pods' ambient credentials."""
+    meta = _worker_meta(mrj, mrj["metadata"]["namespace"])
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
 
 
 def job_role(mrj: KubeObject) -> KubeObject:
@@ -115,8 +125,9 @@ def role_binding(mrj: KubeObject, role: KubeObject) -> KubeObject:
 
 
 def secret_copy(mrj: KubeObject, data: dict[str, str]) -> KubeObject:
-    """The job's copy of the S3 Secret: pods can only reference Secrets in their own
-    namespace, so the operator's is copied beside the job, owned by it."""
+    """The job's copy of the platform's S3 Secret, made only in a namespace the admin
+    allowed the platform's credentials (.tenancy): pods can only reference Secrets in
+    their own namespace, so it is copied beside the job, owned by it."""
     name = mrj["metadata"]["name"]
     meta = _worker_meta(mrj, mrj["metadata"]["namespace"])
     meta["name"] = secret_copy_name(name)
@@ -126,7 +137,9 @@ def secret_copy(mrj: KubeObject, data: dict[str, str]) -> KubeObject:
 
 def worker_env(mrj: KubeObject, config: OperatorConfig,
                secret: str | None = None) -> list[KubeObject]:
-    """The workers' environment; ``secret`` names the job's copy of the S3 Secret."""
+    """The workers' environment; ``secret`` names the Secret, beside the job, holding
+    their S3 keys (the tenant's own, or the copy of the platform's); none: workload
+    identity, the pods' ambient credentials."""
     meta = mrj["metadata"]
     env: list[KubeObject] = [
         {"name": "KUBEMR_JOB", "value": meta["name"]},
@@ -141,8 +154,10 @@ def worker_env(mrj: KubeObject, config: OperatorConfig,
         env += [{"name": metrics.PORT_ENV, "value": str(config.worker_metrics_port)},
                 {"name": metrics.LINGER_ENV, "value": str(config.worker_metrics_linger)}]
     if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-                for key in S3_SECRET_KEYS]
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+                    "name": secret, "key": key, **({} if key in REQUIRED_KEYS else
+                                                   {"optional": True})}}}
+                for key in CREDENTIAL_KEYS]
     return env
 
 
@@ -177,7 +192,11 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
                 "name": "worker", "image": spec.image,
                 "imagePullPolicy": config.image_pull_policy,
                 "command": list(config.worker_command), "env": env,
-                "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+                # Pod Security "restricted" as it stands; an overlay is checked against
+                # the namespace's level before anything is created (.podsecurity).
+                "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                    "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
             }],
             # Workers hand their claims back on SIGTERM; give them time to do it.
             "terminationGracePeriodSeconds": 30,
@@ -191,6 +210,9 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
         # one whose Role reaches only this job's objects.
         pod["spec"]["serviceAccountName"] = account
         pod["spec"].pop("serviceAccount", None)
+        pod["spec"].pop("automountServiceAccountToken", None)
+    if AZURE_CLIENT_ID in (spec.identity_annotations or {}):
+        pod["metadata"].setdefault("labels", {})[AZURE_USE_LABEL] = "true"
     _add_scratch(pod["spec"])
     return {
         "apiVersion": "batch/v1", "kind": "Job",

@@ -51,6 +51,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.loaders import create_loader
 
 from ..errors import KubemrError, UsageError
+from ..scrub import scrub
 from .base import BlobNotFound
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class S3Error(KubemrError):
     """
 
     def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
+        # botocore's messages can carry a request's signature or a pre-signed URL.
+        super().__init__(scrub(message))
         self.code = code
 
     @property

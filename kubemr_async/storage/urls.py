@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import UsageError
@@ -39,11 +40,11 @@ def _locate(url: str) -> tuple[str, str]:
     return path.anchor, path.relative_to(path.anchor).as_posix()
 
 
-def _new_store(identity: str) -> BlobStore:
+def _new_store(identity: str, environ: Mapping[str, str] | None = None) -> BlobStore:
     if is_s3(identity):
-        from .s3 import S3BlobStore
+        from .s3 import S3BlobStore, S3Config
 
-        return S3BlobStore.from_env(split_s3(identity)[0])
+        return S3BlobStore(split_s3(identity)[0], S3Config.from_env(environ))
     return FileBlobStore(identity)
 
 
@@ -60,14 +61,17 @@ class StoreCache:
     would throw both away each time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        """``environ``: where S3 settings and credentials come from (default: this
+        process's environment; the operator passes a job's own credentials)."""
         self._stores: dict[str, BlobStore] = {}
+        self._environ = environ
 
     def open(self, url: str) -> tuple[BlobStore, str]:
         """The shared store for ``url`` and the key inside it (do not close the store)."""
         identity, key = _locate(url)
         if identity not in self._stores:
-            self._stores[identity] = _new_store(identity)
+            self._stores[identity] = _new_store(identity, self._environ)
         return self._stores[identity], key
 
     async def aclose(self) -> None:

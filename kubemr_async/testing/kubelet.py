@@ -116,6 +116,9 @@ class FakeKubelet:
             Path(tempfile.mkdtemp(prefix="kubemr-kubelet-")) if log_dir is None else log_dir
         )
         self._extra_env = dict(extra_env or {})
+        #: Role ARN -> that role's credentials, given as ambient environment to Pods whose
+        #: ServiceAccount names the role (a stand-in for EKS's workload-identity webhook).
+        self.identities: dict[str, dict[str, str]] = {}
         self._runs: dict[str, PodRun] = {}
         self._by_name: dict[tuple[str, str], PodRun] = {}
         self._finalizing: set[str] = set()
@@ -189,7 +192,8 @@ class FakeKubelet:
         remaining processes and delete the Node."""
         async with await Kube.connect(kubeconfig=str(self._kubeconfig)) as kube:
             self._kube = kube
-            self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env)
+            self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env,
+                                   self.identities)
             ca = cluster_ca(self._kubeconfig) if self._verify_clients else None
             logs = LogServer(self._by_name, self._root / ".kubelet-pki", self._node_name, ca)
             self._port = await logs.start()

@@ -42,6 +42,7 @@ from kubemr_async.kube import (
     NotFound,
     Resource,
 )
+from kubemr_async.spec import EKS_ROLE_ARN
 from kubemr_async.testing import utc_now
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,17 @@ class PodRunner:
     """
 
     def __init__(self, kube: Kube, kubeconfig: Path, root: Path,
-                 extra_env: Mapping[str, str]) -> None:
+                 extra_env: Mapping[str, str],
+                 identities: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """``identities`` (held, not copied: a test may add to it) stands in for a cloud's
+        workload-identity webhook: a Pod whose ServiceAccount is annotated
+        ``eks.amazonaws.com/role-arn: <arn>`` gets ``identities[arn]`` (that role's
+        credentials) as its ambient environment."""
         self._kube = kube
         self._kubeconfig = kubeconfig
         self._root = root
         self._extra_env = dict(extra_env)
+        self._identities = identities if identities is not None else {}
 
     async def run(self, pod: KubeObject, run: PodRun) -> None:
         """Start the Pod's process, report Running, wait for it, report how it ended."""
@@ -241,6 +248,7 @@ class PodRunner:
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         env["HOSTNAME"] = pod["metadata"]["name"]  # as in a container; often a worker id
         env.update(self._extra_env)
+        env.update(await self._identity_env(pod))
         for source in container.get("envFrom", []):
             optional = (source.get("secretRef") or source.get("configMapRef") or {}).get(
                 "optional", False
@@ -272,6 +280,15 @@ class PodRunner:
             elif not optional:
                 raise PodConfigError(f"key {ref['key']!r} not in {ref['name']} (env {name})")
         return env
+
+    async def _identity_env(self, pod: KubeObject) -> Mapping[str, str]:
+        """The ambient credentials of the role the Pod's ServiceAccount names, if any."""
+        if not self._identities:
+            return {}
+        account = pod["spec"].get("serviceAccountName") or "default"
+        found = await self._kube.find(SERVICE_ACCOUNTS, account, pod["metadata"]["namespace"])
+        annotations = ((found or {}).get("metadata") or {}).get("annotations") or {}
+        return self._identities.get(annotations.get(EKS_ROLE_ARN, ""), {})
 
     async def _secret_data(self, ns: str, name: str, optional: bool) -> dict[str, str]:
         data = await self._data(SECRETS, ns, name, optional)

@@ -11,6 +11,7 @@ Run ``python -m kubemr_async.testing.s3server`` to get one to poke at by hand.
 from __future__ import annotations
 
 import atexit
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -49,6 +50,7 @@ class S3Server(ServerGroup):
         self.region = region
         self.endpoint_url = ""
         self.kind = ""
+        self._exe: Path | None = None
         super().__init__()
 
     @property
@@ -73,7 +75,7 @@ class S3Server(ServerGroup):
 
     def start(self) -> Self:
         """Start the server and wait until it answers HTTP; raise TestEnvError if not."""
-        exe = self._executable or Path(run_ensure_script("ensure-s3-server.sh"))
+        exe = self._exe = self._executable or Path(run_ensure_script("ensure-s3-server.sh"))
         self._tmp = Path(tempfile.mkdtemp(prefix="kubemr-s3-"))
         self._procs = ServerProcesses(self._tmp)
         atexit.register(self.stop)  # no orphaned server if the test process dies early
@@ -81,14 +83,17 @@ class S3Server(ServerGroup):
         self.endpoint_url = f"http://127.0.0.1:{port}"
         if exe.name == "versitygw":
             self.kind = "versitygw"
-            data = self._tmp / "data"
+            data, iam = self._tmp / "data", self._tmp / "iam"
             data.mkdir()
+            iam.mkdir()
             argv = [
                 str(exe),
                 f"--access={self.access_key}",
                 f"--secret={self.secret_key}",
                 f"--region={self.region}",
                 f"--port=127.0.0.1:{port}",
+                # Internal IAM: more accounts than the root one (add_tenant), each checked.
+                f"--iam-dir={iam}",
                 "--quiet",  # no per-request line on stdout; it would skew throughput runs
                 "posix",
                 str(data),
@@ -103,6 +108,22 @@ class S3Server(ServerGroup):
             self.stop()
             raise
         return self
+
+    def add_tenant(self, access_key: str, secret_key: str, bucket: str) -> None:
+        """A second account (versitygw's role ``user``) owning a new ``bucket``: it can
+        reach only its own buckets, and its signatures are checked like the root's."""
+        if self.kind != "versitygw":
+            raise TestEnvError(f"tenant accounts need versitygw, not {self.kind}")
+        admin = [str(self._exe), "admin", f"--access={self.access_key}",
+                 f"--secret={self.secret_key}", f"--endpoint-url={self.endpoint_url}"]
+        for command in (["create-user", f"--access={access_key}", f"--secret={secret_key}",
+                         "--role=user"],
+                        ["create-bucket", f"--bucket={bucket}", f"--owner={access_key}"]):
+            done = subprocess.run([*admin, *command], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            if done.returncode:
+                raise TestEnvError(f"versitygw admin {command[0]} failed: "
+                                   f"{done.stderr.strip() or done.stdout.strip()}")
 
     def _answers_http(self) -> bool:
         try:

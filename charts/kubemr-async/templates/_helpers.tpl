@@ -112,10 +112,13 @@ workers a Role on their MapReduceJob (get/list/watch/patch on it and its status)
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-# The copy of the S3 Secret for the job's workers (create only: never read or listed).
+# get: a job's own credentials Secret, by the name in its spec.storage, to plan (list its
+# inputs) with the tenant's keys rather than the platform's; never listed or watched.
+# create: the copy of the platform's S3 Secret, only in namespaces matching
+# tenancy.platformCredentialsNamespaces.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
