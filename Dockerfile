@@ -32,11 +32,12 @@ WORKDIR /src
 # reuses it instead of downloading and building them all again.
 COPY pyproject.toml ./
 RUN python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' >requirements.txt \
-    && /opt/venv/bin/pip wheel --wheel-dir /wheels -r requirements.txt
+    && /opt/venv/bin/pip wheel --wheel-dir /wheels -r requirements.txt \
+    && /opt/venv/bin/pip install --no-index --find-links /wheels -r requirements.txt
 COPY README.md ./
 COPY kubemr_async ./kubemr_async
-# The project's wheel, then an install from the wheels only: what is installed is exactly
-# what was built here.
+# The project's wheel, then an install from the wheels only (the dependencies are there
+# already): what is installed is exactly what was built here.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-index --find-links /wheels kubemr-async \
     && /opt/venv/bin/kubemr version
