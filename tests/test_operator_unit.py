@@ -126,6 +126,20 @@ def test_failed_or_stuck_workers_say_why() -> None:
         "worker pods cannot start: ErrImagePull: m"
 
 
+def test_workers_killed_for_memory_say_so() -> None:
+    def pod(reason: str) -> dict[str, Any]:
+        return {"spec": {"containers": [{"name": "worker",
+                                         "resources": {"limits": {"memory": "64Mi"}}}]},
+                "status": {"containerStatuses": [
+                    {"state": {"terminated": {"reason": reason, "exitCode": 137}}}]}}
+
+    assert build.pods_out_of_memory([]) is None
+    assert build.pods_out_of_memory([pod("Error")]) is None, "a crash is not out of memory"
+    assert build.pods_out_of_memory([pod("OOMKilled"), pod("Error"), pod("OOMKilled")]) == (
+        "2 of 3 worker pods ran out of memory (OOMKilled; memory limit 64Mi): "
+        "raise the workers' memory limit")
+
+
 def test_finalizer_patches() -> None:
     assert build.add_finalizer(mrj_with(metadata={**MRJ["metadata"],
                                             "finalizers": [FINALIZER]})) is None

@@ -57,6 +57,7 @@ from .resources import (
     job_key,
     job_role,
     now,
+    pods_out_of_memory,
     pods_stuck,
     progress_fields,
     remove_finalizer,
@@ -272,10 +273,13 @@ class Reconciler:
         workers = await self.kube.find(BATCH_JOBS, job_name, namespace)
         if workers is None:
             return
-        reason = workers_failed(workers)
-        if reason is None:
-            pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
+        failed = workers_failed(workers)
+        pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
+        if failed is None:
             reason = pods_stuck(pods)
+        else:  # the Job controller's reason does not say why the pods died; OOM is common
+            oom = pods_out_of_memory(pods)
+            reason = failed if oom is None else f"{failed}; {oom}"
         if reason is not None:
             await self._fail(mrj, store, reason)
 

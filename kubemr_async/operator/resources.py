@@ -268,6 +268,22 @@ def workers_failed(workers: KubeObject) -> str | None:
     return None
 
 
+def pods_out_of_memory(pods: list[KubeObject]) -> str | None:
+    """Why the worker pods died, when the memory cgroup killed them: the Job controller's
+    own reason (BackoffLimitExceeded) does not say, and a job that needs more memory than
+    its pods' limit should say so. None if no worker container was ``OOMKilled``."""
+    killed = [pod for pod in pods
+              for status in (pod.get("status") or {}).get("containerStatuses") or []
+              if ((status.get("state") or {}).get("terminated") or {}).get("reason")
+              == "OOMKilled"]
+    if not killed:
+        return None
+    limits = {str(((c.get("resources") or {}).get("limits") or {}).get("memory", "none"))
+              for pod in killed for c in pod["spec"]["containers"]}
+    return (f"{len(killed)} of {len(pods)} worker pods ran out of memory (OOMKilled; memory "
+            f"limit {', '.join(sorted(limits))}): raise the workers' memory limit")
+
+
 def pods_stuck(pods: list[KubeObject]) -> str | None:
     """Why no worker pod can ever start (every one waits for a reason that does not pass,
     and the Job controller never fails such pods), or None."""

@@ -23,13 +23,14 @@ import collections
 import contextlib
 import datetime
 import http.client
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Self
@@ -68,8 +69,8 @@ def free_port() -> int:
         return port
 
 
-def run_ensure_script(name: str, *args: str) -> str:
-    """Run ``hack/<name>`` and return the last line of its stdout.
+def run_ensure_script(name: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run ``hack/<name>`` (with ``env`` added to ours) and return the last line of its stdout.
 
     The scripts may build binaries for many minutes on first use; their progress is
     echoed to our stderr so a person (or ``pytest -s``) sees what is happening, and the
@@ -79,7 +80,8 @@ def run_ensure_script(name: str, *args: str) -> str:
     if not script.is_file():
         raise TestEnvError(f"{script} not found: kubemr_async.testing needs a source checkout")
     with subprocess.Popen(
-        ["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
     ) as proc:
         assert proc.stderr is not None and proc.stdout is not None
         tail: collections.deque[str] = collections.deque(maxlen=20)

@@ -29,8 +29,12 @@ matter here:
 The parts live in their own modules: :mod:`.node` (the Node and its Lease),
 :mod:`.podrunner` (one Pod as a local process) and :mod:`.logserver` (``pods/log``). This
 module watches Pods, binds the ones it takes, and kills and finalizes them on deletion.
-``restartPolicy`` is treated as ``Never``; only the first container runs; volumes, probes,
-resources and node selectors are ignored.
+``restartPolicy`` is treated as ``Never``; only the first container runs; probes are
+ignored. In process mode (the default) so are images, volumes and resources; in container
+mode (``podman=``) the image runs with its securityContext, limits and emptyDir volumes (see
+:mod:`.podman`). A Pod whose ``nodeSelector`` the Node's labels do not match is left to
+another kubelet: that is how a test sends Pods to a container-mode kubelet (with
+``node_labels``) while a process-mode one shares the cluster.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from kubemr_async.kube import (
 from kubemr_async.testing import TestEnvError
 from kubemr_async.testing.logserver import LogServer, cluster_ca
 from kubemr_async.testing.node import CLAIM_ANNOTATION, Node
+from kubemr_async.testing.podman import Podman
 from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, kill, until_answered
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,8 @@ class FakeKubelet:
         node_name: str | None = None,
         heartbeat_seconds: float = 10.0,
         verify_clients: bool = True,
+        podman: Podman | None = None,
+        node_labels: Mapping[str, str] | None = None,
     ) -> None:
         """``extra_env`` is added to every Pod's environment (before the Pod's own env).
 
@@ -108,6 +115,8 @@ class FakeKubelet:
         often the Node's Lease is renewed and its Ready condition posted. With
         ``verify_clients`` the log server demands a client cert signed by the kubeconfig's
         CA (the apiserver's ``--kubelet-client-certificate``), if the kubeconfig has a CA.
+        With ``podman`` Pods run as containers; ``node_labels`` label the Node, and only
+        Pods whose ``nodeSelector`` they match are taken.
         """
         self._kubeconfig = Path(kubeconfig)
         self._namespace = namespace
@@ -139,6 +148,8 @@ class FakeKubelet:
         self._heartbeat_seconds = heartbeat_seconds
         self._verify_clients = verify_clients
         self._port = 0
+        self._podman = podman
+        self._node_labels = dict(node_labels or {})
 
     # ---------------------------------------------------------------------- public API
 
@@ -193,11 +204,11 @@ class FakeKubelet:
         async with await Kube.connect(kubeconfig=str(self._kubeconfig)) as kube:
             self._kube = kube
             self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env,
-                                   self.identities)
+                                   self.identities, self._podman)
             ca = cluster_ca(self._kubeconfig) if self._verify_clients else None
             logs = LogServer(self._by_name, self._root / ".kubelet-pki", self._node_name, ca)
             self._port = await logs.start()
-            node = Node(kube, self._node_name, self._id, self._port)
+            node = Node(kube, self._node_name, self._id, self._port, self._node_labels)
             try:
                 # Failing to register or to list (bad kubeconfig, no server) is fatal, and
                 # start() reports it; after that list_watch rides out apiserver hiccups.
@@ -287,10 +298,13 @@ class FakeKubelet:
                                        self._run_pod, pod, run)
 
     def _wants(self, pod: KubeObject) -> bool:
-        """A Pending Pod that is unscheduled (or bound to our Node) and runnable."""
+        """A Pending Pod that is unscheduled (or bound to our Node), selects our Node's
+        labels and is runnable."""
         spec = pod["spec"]
+        selector = spec.get("nodeSelector") or {}
         return (
             spec.get("nodeName") in (None, "", self._node_name)
+            and all(self._node_labels.get(k) == v for k, v in selector.items())
             and not pod["metadata"].get("deletionTimestamp")
             and not spec.get("schedulingGates")
             and (pod.get("status") or {}).get("phase", "Pending") == "Pending"

@@ -13,6 +13,7 @@ import logging
 import platform
 import socket
 import uuid
+from collections.abc import Mapping
 
 import anyio
 
@@ -51,9 +52,12 @@ def _go_arch() -> str:
 class Node:
     """One Node named ``name``, owned by the kubelet ``owner_id``, serving logs on ``log_port``."""
 
-    def __init__(self, kube: Kube, name: str, owner_id: str, log_port: int) -> None:
+    def __init__(self, kube: Kube, name: str, owner_id: str, log_port: int,
+                 labels: Mapping[str, str] | None = None) -> None:
+        """``labels`` are added to the Node's (Pods select it by them)."""
         self._kube = kube
         self.name = name
+        self._labels = dict(labels or {})
         self._id = owner_id
         self._log_port = log_port
         self._uid = ""
@@ -115,6 +119,7 @@ class Node:
                     "kubernetes.io/hostname": self.name,
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": _go_arch(),
+                    **self._labels,
                 },
                 "annotations": {CLAIM_ANNOTATION: self._id},
             },

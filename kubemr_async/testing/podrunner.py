@@ -7,9 +7,12 @@ fresh per-Pod working directory with ``env``/``envFrom`` resolved (values, field
 and ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
 phase Running, then Succeeded/Failed with the exit code, is reported through pods/status.
 
-Images cannot be run, so the command's first word is mapped onto this machine: ``kubemr``
-becomes the console script of the current venv and ``python``/``python3`` the current
-interpreter; anything else is looked up on ``PATH``.
+In process mode (the default) images are not run, so the command's first word is mapped
+onto this machine: ``kubemr`` becomes the console script of the current venv and
+``python``/``python3`` the current interpreter; anything else is looked up on ``PATH``.
+In container mode (a :class:`~.podman.Podman` given) the image runs with podman, the token
+is mounted where in-cluster clients read it, and the limits and security settings hold
+(see :mod:`.podman`); a kill by the memory cgroup is reported as ``OOMKilled``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+import anyio
 import yaml
 
 from kubemr_async.kube import (
@@ -43,7 +48,14 @@ from kubemr_async.kube import (
     Resource,
 )
 from kubemr_async.spec import EKS_ROLE_ARN
-from kubemr_async.testing import utc_now
+from kubemr_async.testing import TestEnvError, utc_now
+from kubemr_async.testing.podman import (
+    OOM_KILLED,
+    ContainerConfigError,
+    OomWatch,
+    Podman,
+    run_argv,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,16 +166,19 @@ class PodRunner:
 
     def __init__(self, kube: Kube, kubeconfig: Path, root: Path,
                  extra_env: Mapping[str, str],
-                 identities: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 identities: Mapping[str, Mapping[str, str]] | None = None,
+                 podman: Podman | None = None) -> None:
         """``identities`` (held, not copied: a test may add to it) stands in for a cloud's
         workload-identity webhook: a Pod whose ServiceAccount is annotated
         ``eks.amazonaws.com/role-arn: <arn>`` gets ``identities[arn]`` (that role's
-        credentials) as its ambient environment."""
+        credentials) as its ambient environment. With ``podman``, Pods run as containers
+        from their images (container mode)."""
         self._kube = kube
         self._kubeconfig = kubeconfig
         self._root = root
         self._extra_env = dict(extra_env)
         self._identities = identities if identities is not None else {}
+        self._podman = podman
 
     async def run(self, pod: KubeObject, run: PodRun) -> None:
         """Start the Pod's process, report Running, wait for it, report how it ended."""
@@ -175,17 +190,20 @@ class PodRunner:
         workdir = self._root / ".work" / ns / name  # "." keeps it apart from namespaces
         workdir.mkdir(parents=True, exist_ok=True)
         started = utc_now()
+        cname = f"kubemr-pod-{meta['uid']}"  # the container's, in container mode
+        watch: OomWatch | None = None
         try:
-            kubeconfig = await self._pod_kubeconfig(pod, workdir)
-            env = await self._env(pod, container)
-            env["KUBECONFIG"] = str(kubeconfig)
-            argv = [expand_refs(a, env) for a in container.get("command", [])]
-            argv += [expand_refs(a, env) for a in container.get("args", [])]
-            if not argv:
-                raise PodConfigError("container has no command; FakeKubelet cannot use images")
+            if self._podman is None:
+                argv, env = await self._process(pod, container, workdir)
+            else:  # created first, so its memory cgroup can be watched from the start
+                create, env = await self._container(pod, container, workdir, cname,
+                                                   self._podman)
+                cid = (await self._podman.output(*create, env=env)).strip()
+                watch = OomWatch(cid) if OomWatch.supported() else None
+                argv, env = ["podman", "start", "--attach", cid], self._podman.env()
             with log_path.open("wb") as out:
                 run.proc = await asyncio.create_subprocess_exec(
-                    *local_argv(argv),
+                    *argv,
                     env=env,
                     cwd=workdir,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -194,23 +212,108 @@ class PodRunner:
                     start_new_session=True,  # own process group, so kill reaches children
                 )
             run.log_ready = True
-        except (PodConfigError, KubeApiError, OSError) as exc:
+        except (PodConfigError, ContainerConfigError, TestEnvError, KubeApiError,
+                OSError) as exc:
             message = f"FakeKubelet could not start {ns}/{name}: {exc}"
             log.warning("%s", message)
             log_path.write_text(message + "\n")
             run.log_ready = True
+            if self._podman is not None:
+                await self._podman.remove(cname)
+                if watch is not None:
+                    await watch.close()
             await self._set_status(pod, container, started, exit_code=128, message=message)
             return
-        if run.killed:  # deleted while we were setting up
-            await kill(run)
-        await self._set_status(pod, container, started)
-        code = await run.proc.wait()
-        run.done.set()  # before the status call: log streams need not wait for it
-        # A signal death is reported the way container runtimes do: 128 + signal number.
-        await self._set_status(pod, container, started, exit_code=code if code >= 0 else 128 - code)
+        oom = False
+        try:
+            if run.killed:  # deleted while we were setting up
+                await kill(run)
+            await self._set_status(pod, container, started)
+            code = await run.proc.wait()
+            run.done.set()  # before the status call: log streams need not wait for it
+            # A signal death is reported the way container runtimes do: 128 + signal number.
+            code = code if code >= 0 else 128 - code
+            if self._podman is not None:
+                state = await self._podman.state(cname)
+                if state is not None:  # else podman failed before starting it: its code
+                    code, oom = state
+        finally:
+            if self._podman is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._podman.remove(cname)
+                    if watch is not None:
+                        oom = await watch.close() or oom
+        await self._set_status(pod, container, started, exit_code=code,
+                               reason=OOM_KILLED if oom else None)
+
+    async def _process(self, pod: KubeObject, container: KubeObject,
+                       workdir: Path) -> tuple[list[str], dict[str, str]]:
+        """Process mode: the argv on this machine and its environment (token as KUBECONFIG)."""
+        kubeconfig = await self._pod_kubeconfig(pod, workdir)
+        env = await self._env(pod, container, self._host_env())
+        env["KUBECONFIG"] = str(kubeconfig)
+        argv = [expand_refs(a, env) for a in container.get("command", [])]
+        argv += [expand_refs(a, env) for a in container.get("args", [])]
+        if not argv:
+            raise PodConfigError("container has no command; process mode cannot use images")
+        return local_argv(argv), env
+
+    async def _container(self, pod: KubeObject, container: KubeObject, workdir: Path,
+                         name: str, podman: Podman) -> tuple[list[str], dict[str, str]]:
+        """Container mode: the ``podman create`` arguments and the container's environment,
+        which podman takes from its own (see :func:`.podman.run_argv`)."""
+        meta = pod["metadata"]
+        ctx = {**(pod["spec"].get("securityContext") or {}),
+               **(container.get("securityContext") or {})}
+        if ctx.get("runAsNonRoot") and "runAsUser" not in ctx:
+            user = (await podman.image_user(container["image"])).partition(":")[0]
+            if not user.isdigit() or user == "0":  # as the kubelet: it must be verifiable
+                raise PodConfigError(f"container has runAsNonRoot and image "
+                                     f"{container['image']} has user {user or 'root'!r}")
+        accounts = workdir / "serviceaccount"
+        accounts.mkdir(exist_ok=True)
+        kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
+        context = next(c["context"] for c in kubeconfig["contexts"]
+                       if c["name"] == kubeconfig["current-context"])
+        cluster = next(c["cluster"] for c in kubeconfig["clusters"]
+                       if c["name"] == context["cluster"])
+        files = {"token": (await self._token(pod)).encode(),
+                 "namespace": meta["namespace"].encode(),
+                 "ca.crt": base64.b64decode(cluster["certificate-authority-data"])}
+        for file, data in files.items():  # readable by any uid, as the kubelet's default mode
+            (accounts / file).write_bytes(data)
+            (accounts / file).chmod(0o644)
+        env = await self._env(pod, container, {})
+        server = urlsplit(cluster["server"])
+        env["KUBERNETES_SERVICE_HOST"] = server.hostname or "127.0.0.1"
+        env["KUBERNETES_SERVICE_PORT"] = str(server.port or 443)
+        command = [expand_refs(a, env) for a in container.get("command", [])]
+        args = [expand_refs(a, env) for a in container.get("args", [])]
+        argv = run_argv(pod, container, env, name=name, command=command, args=args,
+                        volumes_dir=workdir / "volumes", service_account_dir=accounts)
+        return argv, env
+
+    @staticmethod
+    def _host_env() -> dict[str, str]:
+        """What a process-mode Pod inherits from us: enough to find programs and a home."""
+        return {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
 
     async def _pod_kubeconfig(self, pod: KubeObject, workdir: Path) -> Path:
         """Admin kubeconfig with the user swapped for a token bound to this Pod."""
+        kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
+        current = next(
+            c["context"]
+            for c in kubeconfig["contexts"]
+            if c["name"] == kubeconfig["current-context"]
+        )
+        kubeconfig["users"] = [{"name": current["user"], "user": {"token": await self._token(pod)}}]
+        path = workdir / "kubeconfig"
+        path.write_text(yaml.safe_dump(kubeconfig))
+        path.chmod(0o600)
+        return path
+
+    async def _token(self, pod: KubeObject) -> str:
+        """A token for the Pod's ServiceAccount from the TokenRequest API, bound to the Pod."""
         meta = pod["metadata"]
         body = {
             "apiVersion": "authentication.k8s.io/v1",
@@ -230,22 +333,13 @@ class PodRunner:
         minted = await until_answered(lambda: self._kube.request(
             "POST", SERVICE_ACCOUNTS.path(meta["namespace"], account, "token"), body=body,
             context=context), context)
-        kubeconfig = yaml.safe_load(self._kubeconfig.read_text())
-        current = next(
-            c["context"]
-            for c in kubeconfig["contexts"]
-            if c["name"] == kubeconfig["current-context"]
-        )
-        token = minted["status"]["token"]
-        kubeconfig["users"] = [{"name": current["user"], "user": {"token": token}}]
-        path = workdir / "kubeconfig"
-        path.write_text(yaml.safe_dump(kubeconfig))
-        path.chmod(0o600)
-        return path
+        return str(minted["status"]["token"])
 
-    async def _env(self, pod: KubeObject, container: KubeObject) -> dict[str, str]:
+    async def _env(self, pod: KubeObject, container: KubeObject,
+                   base: Mapping[str, str]) -> dict[str, str]:
+        """The container's environment over ``base``: ``extra_env``, then its own."""
         ns = pod["metadata"]["namespace"]
-        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        env = dict(base)
         env["HOSTNAME"] = pod["metadata"]["name"]  # as in a container; often a worker id
         env.update(self._extra_env)
         env.update(await self._identity_env(pod))
@@ -312,8 +406,10 @@ class PodRunner:
         started: str,
         exit_code: int | None = None,
         message: str = "",
+        reason: str | None = None,
     ) -> None:
-        """Patch pods/status to Running (``exit_code`` None) or to a terminal phase."""
+        """Patch pods/status to Running (``exit_code`` None) or to a terminal phase;
+        ``reason`` overrides the terminated state's Completed/Error (``OOMKilled``)."""
         running = exit_code is None
         ready = "True" if running else "False"
         if running:
@@ -324,7 +420,7 @@ class PodRunner:
                 "running": None,
                 "terminated": {
                     "exitCode": exit_code,
-                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                     "message": message or None,
                     "startedAt": started,
                     "finishedAt": utc_now(),
