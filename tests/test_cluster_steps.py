@@ -64,9 +64,10 @@ def test_a_three_step_job_runs_as_one_mapreducejob(
     advanced = sorted(e["message"] for e in events_for(kube_cluster, cli.namespace, name)
                       if e["reason"] == "Advanced")
     assert [m.split(":")[0] for m in advanced] == ["step 2/3", "step 3/3"], advanced
-    # Every earlier step's data went; the last step's parts and the manifest stay.
+    # Every earlier step's data went; the last step's parts, the manifest and the
+    # timeline's attempts (for `kubemr timeline` once the task records are gone) stay.
     left = left_in_bucket(s3, cli.namespace, name)
-    assert left == sorted(["_SUCCESS", *(url.rsplit(f"{name}/", 1)[1]
+    assert left == sorted(["_SUCCESS", "_timeline.json", *(url.rsplit(f"{name}/", 1)[1]
                                          for url in status["results"])]), left
 
 

@@ -279,6 +279,9 @@ def test_helm_installed_operator_runs_jobs_with_containers(
         project, replicaCount=1, watchNamespace=jobs_ns,
         operator={"logLevel": "DEBUG", "workerBackoffLimit": 1, "httpPort": http_port},
         metrics={"enabled": False},
+        # The jobs name no storage of their own: the admin lets this namespace's use the
+        # platform's (docs/security.md).
+        tenancy={"platformCredentialsNamespaces": f"kubernetes.io/metadata.name={jobs_ns}"},
         s3={"endpoint": s3_server.endpoint_url, "region": s3_server.region,
             "accessKeyId": s3_server.access_key, "secretAccessKey": s3_server.secret_key})
     try:
