@@ -26,13 +26,14 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 from kubemr_async.kube import KubeObject
-from kubemr_async.testing import TestEnvError, run_ensure_script
+from kubemr_async.testing import TestEnvError, log_tail, run_ensure_script
 
 #: Where in-cluster clients read the ServiceAccount's token, CA and namespace.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -182,6 +183,8 @@ class Podman:
         if built := os.environ.get("KUBEMR_IMAGES"):
             project, examples = built.split()
             return project, examples
+        if pending := os.environ.get("KUBEMR_IMAGES_BUILD"):
+            return _built_in_background(Path(pending))
         conf = {k: v for k, v in self.env().items() if k != "PATH"}
         project, examples = run_ensure_script("build-images.sh", env=conf).split()
         return project, examples
@@ -267,3 +270,24 @@ class OomWatch:
     def supported() -> bool:
         """A cgroup v1 memory hierarchy to watch (on v2 podman's own OOMKilled holds)."""
         return (_MEMORY_CGROUPS / "cgroup.event_control").exists()
+
+
+#: The longest the container tests wait for scripts/test's background image build.
+_BUILD_WAIT = 45 * 60.0
+
+
+def _built_in_background(report: Path) -> tuple[str, str]:
+    """The images scripts/test is building in the background (``KUBEMR_IMAGES_BUILD``):
+    wait until ``build-images.sh`` has written its exit code beside its output."""
+    deadline = time.monotonic() + _BUILD_WAIT
+    while not (report / "rc").exists():
+        if time.monotonic() > deadline:
+            raise TestEnvError(f"the image build in {report} did not finish in "
+                               f"{_BUILD_WAIT / 60:.0f} minutes")
+        time.sleep(1.0)
+    code = (report / "rc").read_text().strip()
+    if code != "0":
+        raise TestEnvError(f"hack/build-images.sh exited with {code}; log tail:\n"
+                           + log_tail(report / "log"))
+    project, examples = (report / "out").read_text().split()[-2:]
+    return project, examples
