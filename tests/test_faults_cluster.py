@@ -30,14 +30,19 @@ from kubemr_async.testing.s3server import S3Server
 from .fixtures_env import install_crds, running_kubelet
 from .operator_fixtures import (
     BUCKET,
-    DATA,
     PROCESSES,
     kube_namespace,
     operator,
     s3,
     start_operator,
 )
-from .test_operator_e2e import create_job, echo_job, wait_for_phase
+from .test_operator_e2e import (
+    create_job,
+    echo_job,
+    result_lines,
+    wait_for_phase,
+    word_counts,
+)
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
 
@@ -80,6 +85,13 @@ def operator_args(s3_proxy: FaultProxy) -> list[str]:
     return ["--s3-endpoint", s3_proxy.endpoint_url]
 
 
+def _wait_for_map_attempts(log: Path, count: int, started: float) -> None:
+    """Wait until the attempt log shows ``count`` map attempts: the job is well under way."""
+    while sum(1 for task, _ in _runs(log) if task.startswith("map-")) < count:
+        assert time.monotonic() - started < 300, "the job never got going"
+        time.sleep(0.1)
+
+
 def _runs(log: Path) -> Counter[tuple[str, str]]:
     lines = log.read_text().splitlines() if log.exists() else []
     return Counter((line.split()[0], line.split()[1]) for line in lines)
@@ -95,9 +107,7 @@ def test_a_job_rides_out_a_control_plane_restart(
     started = time.monotonic()
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "outage", inputs, workers=4, reducers=4, args={"log": str(log), "sleep": "0.05"}))
-    while sum(1 for task, _ in _runs(log) if task.startswith("map-")) < 50:
-        assert time.monotonic() - started < 300, "the job never got going"
-        time.sleep(0.1)
+    _wait_for_map_attempts(log, 50, started)
     done_before = len(_runs(log))
     with kube_cluster.outage(server):  # type: ignore[arg-type]
         time.sleep(down)
@@ -139,14 +149,7 @@ def test_a_job_is_exact_while_s3_fails_a_tenth_of_its_requests(
         job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=900)
     wall = time.monotonic() - started
     assert job["status"]["phase"] == "Succeeded", job["status"]
-    counts: Counter[bytes] = Counter()
-    for path in DATA.iterdir():
-        counts.update(path.read_bytes().split())
-    lines: list[bytes] = []
-    for url in job["status"]["results"]:
-        lines += s3.get_object(Bucket=BUCKET, Key=url[len(f"s3://{BUCKET}/"):])[
-            "Body"].read().splitlines()
-    assert sorted(lines) == sorted(w + b"\t" + str(n).encode() for w, n in counts.items())
+    assert result_lines(s3, job["status"]["results"]) == word_counts()
     injected = {fault: s3_faults.counts[fault] for fault in FAULTS}
     assert all(injected.values()), f"every kind of fault was injected: {injected}"
     print(f"\nS3 at 10% faults: {s3_faults.counts['requests']} requests, injected "
@@ -204,9 +207,7 @@ def test_an_operator_killed_mid_job_and_started_again_finishes_it_exactly(
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "oprestart", inputs, workers=4, reducers=4, args={"log": str(log), "sleep": "0.05"}))
     started = time.monotonic()
-    while sum(1 for task, _ in _runs(log) if task.startswith("map-")) < 50:
-        assert time.monotonic() - started < 300, "the job never got going"
-        time.sleep(0.1)
+    _wait_for_map_attempts(log, 50, started)
     PROCESSES[operator].kill()
     PROCESSES[operator].wait()
     time.sleep(5.0)
