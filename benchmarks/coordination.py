@@ -41,15 +41,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
 import re
 import resource
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -650,6 +653,254 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+# --- a tiny job's latency: `kubemr submit --wait`, from start to exit ---------------------
+
+#: One small input (a few hundred bytes): one map, one reduce, one worker.
+TINY_TEXT = b"the quick brown fox jumps over the lazy dog\n" * 8
+TINY_BUCKET = "kubemr-tiny"
+TINY_NAMESPACE = "tiny"
+#: The operator's namespace and its S3 Secret, as the Helm chart names them.
+TINY_OPERATOR_NS = "kubemr-system"
+#: Each stage of a tiny job, in order, as seconds since `kubemr submit` was started.
+TINY_STAGES = (
+    ("created", "the CLI printed the job's name (its start-up, connect, POST)"),
+    ("planned", "the job is Running (the operator planned it: tasks, RBAC, worker Job)"),
+    ("pod_created", "the worker Pod exists (the Job controller made it)"),
+    ("pod_started", "the Pod is Running (the kubelet stand-in started its process)"),
+    ("map_claimed", "the map is claimed (the worker imported, connected, took a snapshot)"),
+    ("map_committed", "the map is committed"),
+    ("reduce_claimed", "the reduce is claimed"),
+    ("reduce_committed", "the reduce is committed"),
+    ("decided", "the job is Succeeded (manifest, timeline, verdict written)"),
+    ("seen", "the CLI printed 'succeeded'"),
+    ("exited", "the CLI's process ended"),
+)
+
+
+@dataclass
+class TinyRun:
+    """One tiny job: each of TINY_STAGES' moments, in seconds since the submit started."""
+
+    name: str = ""
+    at: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds (user + system) of the `kubemr submit` process and of the worker Pod's
+    #: process: steadier than wall times on a busy machine.
+    cli_cpu: float = 0.0
+    worker_cpu: float = 0.0
+
+
+class _TinyWatcher:
+    """Follows the namespace's jobs and Pods from a thread of its own and notes when each
+    job (by name) first reached each stage; times are this machine's wall clock, like the
+    workers' attempt times."""
+
+    def __init__(self, kubeconfig: Path, namespace: str) -> None:
+        self.seen: dict[str, dict[str, float]] = {}
+        self._kubeconfig = kubeconfig
+        self._namespace = namespace
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._follows: concurrent.futures.Future[Any] | None = None
+
+    def _note(self, job: str, stage: str) -> None:
+        self.seen.setdefault(job, {}).setdefault(stage, time.time())
+
+    async def _follow(self, resource: Any, on: Callable[[dict[str, Any]], None]) -> None:
+        from kubemr_async.kube import Changed, list_watch
+
+        async with await Kube.connect(str(self._kubeconfig)) as kube:
+            async for event in list_watch(kube, resource, self._namespace,
+                                          context=f"tiny-job watch of {resource.plural}"):
+                if isinstance(event, Changed) and event.type != "DELETED":
+                    on(event.object)
+
+    def _on_job(self, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        phase = (obj.get("status") or {}).get("phase")
+        if phase in ("Running", "Succeeded"):
+            self._note(name, "planned")
+        if phase == "Succeeded":
+            self._note(name, "decided")
+
+    def _on_pod(self, obj: dict[str, Any]) -> None:
+        job = (obj["metadata"].get("labels") or {}).get("kubemr.io/job")
+        if job:
+            self._note(job, "pod_created")
+            phase = (obj.get("status") or {}).get("phase")
+            if phase in ("Running", "Succeeded", "Failed"):
+                self._note(job, "pod_started")
+            if phase in ("Succeeded", "Failed"):
+                self._note(job, "pod_ended")  # reported once the process was reaped
+
+    def __enter__(self) -> _TinyWatcher:
+        from kubemr_async.crd import MAPREDUCE_JOBS
+        from kubemr_async.kube import PODS
+
+        async def follow_both() -> None:
+            await asyncio.gather(self._follow(MAPREDUCE_JOBS, self._on_job),
+                                 self._follow(PODS, self._on_pod))
+
+        self._thread.start()
+        self._follows = asyncio.run_coroutine_threadsafe(follow_both(), self._loop)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._follows is not None
+        self._follows.cancel()
+        concurrent.futures.wait([self._follows], timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def _tiny_cluster_setup(cluster: Any, s3_server: Any, scratch: Path) -> subprocess.Popen[bytes]:
+    """The namespaces, the operator's S3 Secret, the input, and `kubemr operator` (as the
+    Helm chart runs it, at INFO) watching the tiny jobs' namespace."""
+    import boto3
+
+    cluster.create_namespace(TINY_NAMESPACE)
+    cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": TINY_OPERATOR_NS}})
+    cluster.api("POST", f"/api/v1/namespaces/{TINY_OPERATOR_NS}/secrets",
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemr-s3"},
+                 "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
+                                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url,
+                      aws_access_key_id=s3_server.access_key,
+                      aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    s3.create_bucket(Bucket=TINY_BUCKET)
+    s3.put_object(Bucket=TINY_BUCKET, Key="in/tiny.txt", Body=TINY_TEXT)
+    kubemr = Path(sys.executable).parent / "kubemr"
+    with (scratch / "tiny-operator.log").open("wb") as out:
+        return subprocess.Popen(
+            [str(kubemr), "operator", "--kubeconfig", str(cluster.kubeconfig_path),
+             "--operator-namespace", TINY_OPERATOR_NS, "--s3-secret", "kubemr-s3",
+             "--s3-endpoint", s3_server.endpoint_url, "--namespace", TINY_NAMESPACE,
+             "--platform-credentials-namespaces",
+             f"kubernetes.io/metadata.name={TINY_NAMESPACE}"],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={"PATH": str(kubemr.parent), "PYTHONPATH": _pythonpath(),
+                 "HOME": os.environ.get("HOME", "/"), "KUBEMR_LOG_LEVEL": "INFO",
+                 "KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
+                 "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                 "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                 "AWS_REGION": s3_server.region})
+
+
+def _tiny_submit(cluster: Any, s3_server: Any, watcher: _TinyWatcher,
+                 timeout: float) -> TinyRun:
+    """One `kubemr submit --wait` of the wordcount example on the tiny input, timed from
+    the moment its process is started; the attempts' times come from the _timeline.json
+    the deciding worker leaves beside the results."""
+    import boto3
+
+    kubemr = Path(sys.executable).parent / "kubemr"
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), **s3_server.client_env()}
+    env.pop("KUBECONFIG", None)
+    argv = [str(kubemr), "submit", "--image", "kubemr-bench:dev", "--job",
+            "examples.wordcount", "--input", f"s3://{TINY_BUCKET}/in/tiny.txt",
+            "--output", f"s3://{TINY_BUCKET}/out", "--generate-name", "tiny-",
+            "--workers", "1", "--reducers", "1", "--wait", "-n", TINY_NAMESPACE,
+            "--kubeconfig", str(cluster.kubeconfig_path)]
+    run = TinyRun()
+    children_before = _children_cpu()
+    started = time.time()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    run.name = proc.stdout.readline().decode().strip()
+    run.at["created"] = time.time() - started
+    errors = []
+    for line in proc.stderr:  # until it exits
+        errors.append(line.decode(errors="replace"))
+        if b"succeeded" in line:
+            run.at["seen"] = time.time() - started
+    _, status, usage = os.wait4(proc.pid, 0)
+    run.at["exited"] = time.time() - started
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
+    run.cli_cpu = usage.ru_utime + usage.ru_stime
+    if code != 0 or not run.name:
+        raise RuntimeError(f"kubemr submit exited {code}: {''.join(errors)[-2000:]}")
+    deadline = time.monotonic() + timeout
+    while "pod_ended" not in watcher.seen.get(run.name, {}) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker leaves once it sees the verdict
+    run.worker_cpu = _children_cpu() - children_before - run.cli_cpu
+    for stage, when in watcher.seen.get(run.name, {}).items():
+        run.at[stage] = when - started
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url,
+                      aws_access_key_id=s3_server.access_key,
+                      aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    key = f"out/{TINY_NAMESPACE}/{run.name}/_timeline.json"
+    kept = json.loads(s3.get_object(Bucket=TINY_BUCKET, Key=key)["Body"].read())
+    for task in kept:
+        first, last = task["history"][0], task["history"][-1]
+        kind = "map" if task["kind"] == "map" else "reduce"
+        run.at[f"{kind}_claimed"] = first["start"] / 1000 - started
+        run.at[f"{kind}_committed"] = last["end"] / 1000 - started
+    return run
+
+
+def tiny_job_latency(repeats: int = 5, timeout: float = 120.0,
+                     say: Callable[[str], None] = print) -> list[TinyRun]:
+    """The tiny job (one small input, 1 reducer, 1 worker) submitted `repeats` times with
+    `kubemr submit --wait` on the test cluster, the whole product path: the CLI, `kubemr
+    operator`, the controller-manager's Job controller, the kubelet stand-in's Pod process
+    (`kubemr worker`), the S3 server. One job first warms the caches and is not counted."""
+    from kubemr_async.testing.cluster import TestCluster
+    from kubemr_async.testing.kubelet import FakeKubelet
+    from kubemr_async.testing.s3server import S3Server
+
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(TestCluster())
+        s3_server = stack.enter_context(S3Server())
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubemr-tiny-")))
+
+        async def install() -> None:
+            async with await Kube.connect(str(cluster.kubeconfig_path)) as kube:
+                await ensure_crds(kube)
+
+        asyncio.run(install())
+        cluster.wait_until_listed([f"{GROUP_PATH}/{plural}"
+                                   for plural in ("mapreducejobs", "mapreducetasks")])
+        operator = _tiny_cluster_setup(cluster, s3_server, scratch)
+        stack.callback(operator.wait, 30)
+        stack.callback(operator.terminate)
+        stack.enter_context(FakeKubelet(cluster.kubeconfig_path, log_dir=scratch / "pods",
+                                        extra_env={"PYTHONPATH": _pythonpath()}))
+        watcher = stack.enter_context(_TinyWatcher(cluster.kubeconfig_path, TINY_NAMESPACE))
+        runs = []
+        for i in range(repeats + 1):
+            run = _tiny_submit(cluster, s3_server, watcher, timeout)
+            say(f"  {'warm-up' if i == 0 else f'run {i}'}: {run.name} "
+                f"{run.at['exited']:.2f}s, load average {os.getloadavg()[0]:.1f}")
+            if i:
+                runs.append(run)
+        return runs
+
+
+def _pythonpath() -> str:
+    """This checkout first (the CLI, the operator and the Pods run its code, not whatever
+    the venv's editable install points at), then the caller's own PYTHONPATH."""
+    return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def tiny_table(runs: list[TinyRun]) -> str:
+    """Each stage's median moment and the median step from the stage before it."""
+    lines = [f"tiny job, median of {len(runs)} (seconds since `kubemr submit --wait` started)",
+             f"{'stage':<18}{'at':>7}{'step':>7}  what"]
+    previous = 0.0
+    for stage, what in TINY_STAGES:
+        moments = [r.at[stage] for r in runs if stage in r.at]
+        if not moments:
+            continue
+        at = statistics.median(moments)
+        lines.append(f"{stage:<18}{at:7.3f}{at - previous:7.3f}  {what}")
+        previous = at
+    totals = ", ".join(f"{r.at['exited']:.2f}" for r in runs)
+    lines.append(f"submit to exit, each run: {totals}")
+    lines.append(f"CPU seconds, median: the CLI {statistics.median(r.cli_cpu for r in runs):.3f}"
+                 f", the worker {statistics.median(r.worker_cpu for r in runs):.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:  # one worker process (internal; see worker_main)
@@ -672,7 +923,14 @@ def main(argv: list[str] | None = None) -> int:
              "deleted on success, so no per-task checks or sizes)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of each worker here")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--tiny-job", type=int, metavar="N", default=0,
+                        help="instead: a tiny job's `kubemr submit --wait`, N times (median, "
+                             "with each stage's moment)")
     args = parser.parse_args(argv)
+    if args.tiny_job:
+        print(tiny_table(tiny_job_latency(args.tiny_job, say=lambda text: print(
+            text, file=sys.stderr, flush=True))))
+        return 0
 
     from kubemr_async.testing.cluster import TestCluster
 

@@ -693,18 +693,6 @@ def step_reducer_count(job: AnyJob, reducers: int) -> int:
     return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
 
 
-def module_found(ref: str) -> bool:
-    """Whether job module ``ref`` exists here (a file, or an importable module), without
-    importing it: `kubemr submit` names modules that may exist only in the worker image."""
-    target = ref if ref.endswith(".py") else ref.partition(":")[0]
-    if target.endswith(".py") or "/" in target:
-        return Path(target).is_file()
-    try:
-        return importlib.util.find_spec(target) is not None
-    except (ImportError, ValueError):  # a parent package missing, or an invalid name
-        return False
-
-
 def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None
                       ) -> tuple[int, ...]:
     """Each step's reducer count of a multi-step job module (``spec.stepReducers``; their

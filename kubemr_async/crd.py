@@ -14,7 +14,6 @@ drift. :func:`ensure_crds` installs them into a cluster (operator start-up, test
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -634,6 +633,8 @@ async def _wait_established(kube: Kube, name: str, wait_seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # here: every CLI command imports this module, and none needs it
+
     parser = argparse.ArgumentParser(description="Print or write the kubemr-async CRDs.")
     parser.add_argument("--write", action="store_true",
                         help=f"write the manifests into {CRD_DIR}")

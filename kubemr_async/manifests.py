@@ -7,15 +7,16 @@ one line naming it, in the words the API server would use, before anything is se
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import spec as defaults
-from .api import Commands, module_found, pipeline_reducers
 from .crd import API_VERSION, JOB_KIND
 from .errors import JobDefinitionError, UsageError
 from .kube import KubeObject
@@ -140,11 +141,27 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
     """
     if not options.job or not module_found(options.job):
         return ()
+    # Imported only now: it brings pyarrow and numpy (~0.3 s), which a submit of a module
+    # that lives only in the image never needs.
+    from .api import Commands, pipeline_reducers
+
     commands = Commands(options.mapper, options.combiner, options.reducer)
     try:
         return pipeline_reducers(options.job, options.reducers, commands)
     except JobDefinitionError:
         return ()
+
+
+def module_found(ref: str) -> bool:
+    """Whether job module ``ref`` exists here (a file, or an importable module), without
+    importing it: `kubemr submit` names modules that may exist only in the worker image."""
+    target = ref if ref.endswith(".py") else ref.partition(":")[0]
+    if target.endswith(".py") or "/" in target:
+        return Path(target).is_file()
+    try:
+        return importlib.util.find_spec(target) is not None
+    except (ImportError, ValueError):  # a parent package missing, or an invalid name
+        return False
 
 
 def _name_prefix(job: str) -> str:

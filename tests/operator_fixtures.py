@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +83,9 @@ def prepare_operator_namespace(cluster: TestCluster, s3_server: S3Server) -> Non
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemr-s3"},
          "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
                         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
-    _wait_until_served(cluster)
+    # The operator does not survive a 429 "storage is (re)initializing" to its first list.
+    cluster.wait_until_listed([f"/apis/kubemr.io/v1alpha1/{plural}"
+                               for plural in ("mapreducejobs", "mapreducetasks")])
 
 
 def start_operator(cluster: TestCluster, s3_server: S3Server, namespace: str,
@@ -117,19 +118,3 @@ def _create_ignoring_conflict(cluster: TestCluster, path: str, body: dict[str, A
     except ApiError as exc:
         if exc.status != 409:
             raise
-
-
-def _wait_until_served(cluster: TestCluster, timeout: float = 60.0) -> None:
-    """Wait until both custom resources can be listed: right after their CRDs are
-    established the API server answers 429 "storage is (re)initializing" for a while,
-    and the operator does not survive that answer to its first list."""
-    deadline = time.monotonic() + timeout
-    for plural in ("mapreducejobs", "mapreducetasks"):
-        while True:
-            try:
-                cluster.api("GET", f"/apis/kubemr.io/v1alpha1/{plural}?limit=1")
-                break
-            except ApiError as exc:
-                if exc.status != 429 or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)

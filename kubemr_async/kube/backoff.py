@@ -6,8 +6,6 @@ import random
 
 import anyio
 
-from .. import metrics
-
 
 class Backoff:
     """Exponential delays with jitter: ``initial``, doubling, capped at ``maximum``.
@@ -35,5 +33,9 @@ class Backoff:
         delay = self._next
         self._next = min(self.maximum, max(self.initial, self._next * self.factor))
         if delay:
+            # Imported here, on the first retry: prometheus_client and the endpoint's HTTP
+            # server cost every CLI command ~0.1 s of start-up, and only a retry counts.
+            from .. import metrics
+
             metrics.API_RETRIES.inc()
             await anyio.sleep(delay * (1 + self.jitter * random.random()))

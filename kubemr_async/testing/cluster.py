@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -320,15 +320,29 @@ class TestCluster(ServerGroup):
     def create_namespace(self, name: str) -> None:
         """Create a namespace and wait for its default ServiceAccount, so Pods are admitted."""
         self.api("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
-        deadline = time.monotonic() + 60
+        self._get_once_answered(f"/api/v1/namespaces/{name}/serviceaccounts/default", 404,
+                                time.monotonic() + 60, pause=0.1)
+
+    def wait_until_listed(self, paths: Sequence[str], timeout: float = 60.0) -> None:
+        """Wait until each collection can be listed: right after a CRD is established the
+        API server answers 429 "storage is (re)initializing" for a while, and a client's
+        first list (the operator's) does not survive that answer."""
+        deadline = time.monotonic() + timeout
+        for path in paths:
+            self._get_once_answered(f"{path}?limit=1", 429, deadline, pause=0.2)
+
+    def _get_once_answered(self, path: str, status: int, deadline: float,
+                           pause: float) -> None:
+        """GET ``path`` until it answers other than ``status`` (a state that passes), which
+        is raised once ``deadline`` (monotonic) is past."""
         while True:
             try:
-                self.api("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default")
+                self.api("GET", path)
                 return
             except ApiError as exc:
-                if exc.status != 404 or time.monotonic() > deadline:
+                if exc.status != status or time.monotonic() > deadline:
                     raise
-            time.sleep(0.1)
+            time.sleep(pause)
 
     def token_for(
         self,
