@@ -32,9 +32,13 @@ What it reports, per N:
 * wall time of planning and of the job, per task and marginal; CPU per task of the
   workers, the API server, etcd, the controller-manager (and the operator).
 
+``--tiny-job N`` instead times a tiny job's ``kubemr submit --wait`` N times (median, each
+stage's moment, the CLI's and the worker's CPU): see ``tiny_job_latency``.
+
     .venv/bin/python benchmarks/coordination.py                   # N = 10, 1000, 10000
     .venv/bin/python benchmarks/coordination.py --mode operator   # the whole product path
     .venv/bin/python benchmarks/coordination.py --tasks 10,1000 --workers 8 --json out.json
+    .venv/bin/python benchmarks/coordination.py --tiny-job 5      # submit --wait, to exit
 """
 
 from __future__ import annotations
