@@ -17,7 +17,9 @@ matter here:
 * runs the first container's ``command`` + ``args`` in a fresh per-Pod working directory,
   with the container's ``env``/``envFrom`` resolved (values, fieldRefs, Secret and
   ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
-* reports phase Running, then Succeeded/Failed with the exit code, through pods/status;
+* reports phase Running, then Succeeded/Failed with the exit code (128 + N for a death by
+  signal N; the log's tail as the message under ``FallbackToLogsOnError``), through
+  pods/status;
 * keeps the output (``logs()``) and serves it over HTTPS at the kubelet's
   ``/containerLogs/{namespace}/{pod}/{container}``, so the real ``pods/log`` API (which
   the apiserver proxies to the Node's kubelet) works, ``follow`` and ``tailLines`` included;

@@ -5,7 +5,10 @@ the process as ``KUBECONFIG`` (the stand-in for the projected token), so RBAC ap
 workload exactly as in a cluster. The first container's ``command`` + ``args`` run in a
 fresh per-Pod working directory with ``env``/``envFrom`` resolved (values, fieldRefs, Secret
 and ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
-phase Running, then Succeeded/Failed with the exit code, is reported through pods/status.
+phase Running, then Succeeded/Failed with the exit code (a death by signal N as 128 + N,
+as container runtimes report it; 137 for SIGKILL), is reported through pods/status, with
+the log's tail as the termination message of a failed container whose
+``terminationMessagePolicy`` is ``FallbackToLogsOnError``, as a kubelet does.
 
 In process mode (the default) images are not run, so the command's first word is mapped
 onto this machine: ``kubemr`` becomes the console script of the current venv and
@@ -142,6 +145,23 @@ def _field_value(pod: KubeObject, path: str) -> str:
     raise PodConfigError(f"unsupported fieldRef {path!r}")
 
 
+#: What a kubelet keeps of a failed container's log as its termination message under
+#: ``terminationMessagePolicy: FallbackToLogsOnError``: the tail, at most this much.
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+
+
+def log_tail(path: Path) -> str:
+    """The termination message a kubelet makes of a failed container's log: its last
+    ``FALLBACK_LOG_LINES`` lines, within ``FALLBACK_LOG_BYTES``."""
+    with path.open("rb") as log_file:
+        log_file.seek(0, os.SEEK_END)
+        log_file.seek(max(0, log_file.tell() - FALLBACK_LOG_BYTES))
+        tail = log_file.read()
+    lines = tail.decode(errors="replace").splitlines()[-FALLBACK_LOG_LINES:]
+    return "\n".join(lines)
+
+
 async def kill(run: PodRun) -> None:
     """SIGTERM the process group, SIGKILL it after the (capped) grace period."""
     proc = run.proc
@@ -243,7 +263,10 @@ class PodRunner:
                     await self._podman.remove(cname)
                     if watch is not None:
                         oom = await watch.close() or oom
-        await self._set_status(pod, container, started, exit_code=code,
+        message = ""
+        if code and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = log_tail(log_path)
+        await self._set_status(pod, container, started, exit_code=code, message=message,
                                reason=OOM_KILLED if oom else None)
 
     async def _process(self, pod: KubeObject, container: KubeObject,
