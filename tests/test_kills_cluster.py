@@ -7,6 +7,10 @@
   ``--worker-backoff-limit 1``: the Job controller would fail the workers' Job at a
   worker's second death if it counted kills, and the job must still finish exactly (every
   task committed once; tasks run again only where a killed worker held them).
+* A zombie cut off from the API server: the worker pod holding a map (a slow first
+  attempt) has its connections to the API server reset (a TCP proxy between that pod
+  and the server, ``testing.tcpproxy``) until another worker has taken the map over, then
+  restored; its late writes (renewal, commit) are refused and its output never read.
 * Workers that always die before committing (every map attempt SIGKILLs its process):
   ignoring kills must not mean looping forever; the operator fails the job, naming the
   cause, once the workers have died 3 times per worker in a row with no task committing
@@ -31,6 +35,8 @@ from typing import Any
 import pytest
 
 from kubemr_async.testing.cluster import ApiError, TestCluster
+from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.tcpproxy import TcpProxies
 
 from .operator_fixtures import kube_namespace, operator, s3
 from .test_operator_e2e import create_job, echo_job, wait_for_phase
@@ -40,6 +46,8 @@ __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
 KILLS = 10
+#: What a worker logs when its lease, its commit or (stopped) its attempt is given up.
+LEASE_LOST, COMMIT_LOST, RELEASED = "lease lost", "commit lost", "released on shutdown"
 
 
 def _attempts(log: Path) -> list[tuple[str, int, int]]:
@@ -161,3 +169,71 @@ def test_worker_pods_that_always_die_fail_the_job_naming_the_cause(
     assert len({pid for _, _, pid in attempts}) >= 3, "every death was a worker of its own"
     print(f"\ncrash loop: workers SIGKILLed on every attempt; job failed {wall:.1f}s after "
           f"creation, after {len(attempts)} attempts: {message}")
+
+
+def test_a_worker_cut_off_from_the_api_server_is_taken_over_and_its_late_writes_refused(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    log = tmp_path / "attempts.log"
+    inputs = [f"item-{i:04d}" for i in range(100)]  # the job outlasts the zombie's attempt
+    with TcpProxies(kube_cluster.server) as proxies:
+        def route(pod: dict[str, Any]) -> str | None:  # this test's worker pods only
+            job = (pod["metadata"].get("labels") or {}).get("kubemr.io/job", "")
+            return proxies.url_for(pod["metadata"]["name"]) if job.startswith("netcut-") \
+                else None
+
+        fake_kubelet.api_routes.append(route)
+        try:
+            name = create_job(kube_cluster, kube_namespace, echo_job(
+                "netcut", inputs, workers=3, reducers=2, leaseSeconds=3,
+                args={"log": str(log), "sleep": "0.3", "slow": "map-00005",
+                      "slow_seconds": "8"}))
+            started = time.monotonic()
+            zombie, cut_at, taken_over_after = "", 0.0, 0.0
+            try:
+                while not taken_over_after:
+                    assert time.monotonic() - started < 300, f"no cut and takeover: {log}"
+                    attempts = _attempts(log)
+                    holders = [pid for task, attempt, pid in attempts
+                               if (task, attempt) == ("map-00005", 1)]
+                    if holders and not zombie:
+                        zombie = _pod_of(holders[0]) or ""
+                        assert zombie, "the holder is gone already"
+                        proxies.sever(zombie)
+                        cut_at = time.monotonic()
+                    elif zombie and ("map-00005", 2) in {(t, a) for t, a, _ in attempts}:
+                        taken_over_after = time.monotonic() - cut_at
+                        time.sleep(1.0)  # the takeover's quick attempt commits meanwhile
+                    time.sleep(0.05)
+            finally:
+                if zombie:
+                    proxies.restore(zombie)
+            # Back in touch, the zombie writes for its attempt (a renewal, or its commit)
+            # and is refused; or, if the job ended first, it is stopped and its release
+            # (refused too) is its last word on the attempt.
+            refused: list[str] = []
+            while not refused:
+                assert time.monotonic() - started < 300, \
+                    fake_kubelet.logs(kube_namespace, zombie)[-3000:]
+                refused = [line for line in
+                           fake_kubelet.logs(kube_namespace, zombie).splitlines()
+                           if '"map-00005"' in line and any(
+                               word in line for word in (LEASE_LOST, COMMIT_LOST, RELEASED))]
+                time.sleep(0.1)
+            job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=600)
+            cut = proxies.cut(zombie)
+        finally:
+            fake_kubelet.api_routes.remove(route)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    merged = sorted(i for part in job["status"]["results"] for i in part.split(","))
+    assert merged == inputs  # the zombie's late output is never read
+    runs = Counter((task, attempt) for task, attempt, _ in _attempts(log))
+    assert sorted(a for t, a in runs if t == "map-00005") == [1, 2]
+    assert all(count == 1 for count in runs.values())
+    assert cut >= 1, "the zombie's connections were cut"
+    how = {LEASE_LOST: "renewal refused", COMMIT_LOST: "commit refused",
+           RELEASED: "job ended first; stopped"}[
+        next(word for word in (LEASE_LOST, COMMIT_LOST, RELEASED) if word in refused[0])]
+    print(f"\nworker cut off from the API server: holder of map-00005 cut, taken over "
+          f"{taken_over_after:.1f}s later (lease 3s); {cut} of its connections reset while "
+          f"cut; once restored: {how}; results exact")

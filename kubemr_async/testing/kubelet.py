@@ -70,7 +70,14 @@ from kubemr_async.testing import TestEnvError
 from kubemr_async.testing.logserver import LogServer, cluster_ca
 from kubemr_async.testing.node import CLAIM_ANNOTATION, Node
 from kubemr_async.testing.podman import Podman
-from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, kill, until_answered
+from kubemr_async.testing.podrunner import (
+    KILL_GRACE_MAX,
+    ApiRoute,
+    PodRun,
+    PodRunner,
+    kill,
+    until_answered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,9 @@ class FakeKubelet:
         #: Role ARN -> that role's credentials, given as ambient environment to Pods whose
         #: ServiceAccount names the role (a stand-in for EKS's workload-identity webhook).
         self.identities: dict[str, dict[str, str]] = {}
+        #: Routes for Pods' API traffic (see PodRunner): a test appends one to send some
+        #: Pods through a proxy it can cut (testing.tcpproxy), and removes it after.
+        self.api_routes: list[ApiRoute] = []
         self._runs: dict[str, PodRun] = {}
         self._by_name: dict[tuple[str, str], PodRun] = {}
         self._finalizing: set[str] = set()
@@ -206,7 +216,7 @@ class FakeKubelet:
         async with await Kube.connect(kubeconfig=str(self._kubeconfig)) as kube:
             self._kube = kube
             self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env,
-                                   self.identities, self._podman)
+                                   self.identities, self._podman, self.api_routes)
             ca = cluster_ca(self._kubeconfig) if self._verify_clients else None
             logs = LogServer(self._by_name, self._root / ".kubelet-pki", self._node_name, ca)
             self._port = await logs.start()

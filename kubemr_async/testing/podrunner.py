@@ -28,7 +28,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -80,6 +80,8 @@ async def until_answered(call: Callable[[], Awaitable[T]], what: str) -> T:
 _TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
 #: Cap on terminationGracePeriodSeconds; tests should not wait 30 s.
 KILL_GRACE_MAX = 10.0
+#: Where a Pod's API traffic goes: a server URL for this Pod, or None (the cluster's own).
+ApiRoute = Callable[[KubeObject], str | None]
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -187,12 +189,17 @@ class PodRunner:
     def __init__(self, kube: Kube, kubeconfig: Path, root: Path,
                  extra_env: Mapping[str, str],
                  identities: Mapping[str, Mapping[str, str]] | None = None,
-                 podman: Podman | None = None) -> None:
+                 podman: Podman | None = None,
+                 api_routes: Sequence[ApiRoute] = ()) -> None:
         """``identities`` (held, not copied: a test may add to it) stands in for a cloud's
         workload-identity webhook: a Pod whose ServiceAccount is annotated
         ``eks.amazonaws.com/role-arn: <arn>`` gets ``identities[arn]`` (that role's
         credentials) as its ambient environment. With ``podman``, Pods run as containers
-        from their images (container mode)."""
+        from their images (container mode). ``api_routes`` (held, not copied: a test may
+        add to it) may send a process-mode Pod's API traffic elsewhere: the first route
+        that returns a URL for the Pod is its kubeconfig's server (a proxy a test can
+        cut, say)."""
+        self._api_routes = api_routes
         self._kube = kube
         self._kubeconfig = kubeconfig
         self._root = root
@@ -330,6 +337,10 @@ class PodRunner:
             if c["name"] == kubeconfig["current-context"]
         )
         kubeconfig["users"] = [{"name": current["user"], "user": {"token": await self._token(pod)}}]
+        server = next((url for route in self._api_routes if (url := route(pod))), None)
+        if server is not None:
+            kubeconfig["clusters"] = [{**c, "cluster": {**c["cluster"], "server": server}}
+                                      for c in kubeconfig["clusters"]]
         path = workdir / "kubeconfig"
         path.write_text(yaml.safe_dump(kubeconfig))
         path.chmod(0o600)
