@@ -82,7 +82,7 @@ def test_ten_random_worker_kills_cost_the_job_nothing_but_reruns(
     started = time.monotonic()
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "kills", inputs, workers=4, reducers=4, leaseSeconds=5, maxAttempts=5,
-        args={"log": str(log), "sleep": "0.3"}))
+        args={"log": str(log), "sleep": "0.2"}))
     chooser = random.Random(20261202)
     kills: list[tuple[str, int, str, str | None]] = []  # (how, pid, pod, task it held)
     while len(kills) < KILLS:

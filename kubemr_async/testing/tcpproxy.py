@@ -111,6 +111,11 @@ class TcpProxies:
         async def close_all() -> None:
             for proxy in self._proxies.values():
                 await proxy.close()
+            # The connections' tasks end on their reset; let them, so none is left pending.
+            pending = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
