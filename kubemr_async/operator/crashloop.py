@@ -4,7 +4,7 @@ from the job's progress rather than from a count of deaths.
 The workers' batch Job does not count kills (:data:`.resources.POD_FAILURE_POLICY`): a pod
 whose worker was SIGKILLed or stopped (exit code 137 or 143) or that was disrupted
 (evicted, preempted, its node drained) is replaced without counting toward the Job's
-``backoffLimit``, because its tasks are taken over and the job loses a lease at most. The
+backoff limit, because its tasks are taken over and the job loses a lease at most. The
 Job controller counts deaths, not progress, so it would fail a big job killed a dozen
 times while its tasks commit fine. Ignored, though, a pod that always dies (killed by its
 memory cgroup before any commit, say) would be replaced forever. So the operator counts
