@@ -283,7 +283,8 @@ def operator(
                                              help="S3 endpoint URL for workers.")] = "",
     s3_region: Annotated[str, typer.Option(envvar="AWS_REGION")] = "us-east-1",
     worker_backoff_limit: Annotated[int, typer.Option(
-        help="Failed worker pods tolerated before a job fails.")] = 4,
+        help="Failed worker pods tolerated per worker before a job fails (kills and "
+             "disruptions are not counted).")] = 4,
     metrics_port: Annotated[int, typer.Option(
         envvar="KUBEMR_OPERATOR_METRICS_PORT", metavar="PORT",
         help="Serve /metrics, /healthz and /readyz on this port (0: off).")] = 0,

@@ -43,6 +43,7 @@ import orjson
 
 from . import counters, formats, logs, metrics, protocol, timeline
 from .api import AnyJob, Commands, Job, load_spec_job, load_steps, step_reducer_count
+from .deaths import CRASH_LOOP_DEATHS, death_cause
 from .errors import JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
@@ -399,12 +400,6 @@ async def _supervise(store: SQLiteStateStore, name: str, work: Path, blobs: Path
     return view
 
 
-#: Worker deaths in a row with no task committing in between, per worker (counted over
-#: all the slots together), after which `kubemr run` fails the job instead of starting
-#: another (a crash loop).
-CRASH_LOOP_DEATHS = 3
-
-
 @dataclass
 class _Crew:
     """One step's worker processes, each slot restarted when its process dies, as
@@ -516,27 +511,6 @@ class _Crew:
                       f"the last, {worker_id}, {cause}")
             await self.store.patch(self.name, protocol.abort(job, JobPhase.FAILED, reason))
         return True
-
-
-def death_cause(returncode: int, last_line: str, oom_killed: bool) -> str:
-    """One line: how a worker process ended (signal name or exit code), "out of memory"
-    when that is known, and its last log line.
-
-    `kubemr run` sets its workers no memory limit of its own, so out of memory is known
-    two ways only: a MemoryError that escaped the worker (its last line), or SIGKILL while
-    the kernel's OOM-kill count of our cgroup went up (``oom_killed``).
-    """
-    if returncode < 0:
-        try:
-            how = f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"was killed by signal {-returncode}"
-    else:
-        how = f"exited with code {returncode}"
-    if (oom_killed and returncode == -signal.SIGKILL) or last_line.startswith("MemoryError"):
-        how += " (out of memory)"
-    line = " ".join(last_line.split())[:200]
-    return f"{how}; its last log line: {line}" if line else how
 
 
 def _oom_kills() -> int | None:

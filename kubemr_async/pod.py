@@ -28,6 +28,9 @@ from .storage.urls import job_data_prefix, split_s3
 
 log = logging.getLogger("kubemr.worker")
 
+#: A worker's exit code when SIGTERM stopped it mid-job: 128 + SIGTERM, as a shell reports.
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM
+
 
 def _require(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "")
@@ -111,5 +114,8 @@ async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.
                                            "count": worker.tasks_done})
         finally:
             await blobs.aclose()
-        return 0
+        # Stopped (the pod deleted, its node drained) before the job was decided: exit as
+        # a SIGTERMed process does, so the pod is Failed and replaced. A pod that Succeeded
+        # would tell the work-queue Job that the work is done: it makes no new pods then.
+        return STOPPED_EXIT_CODE if stopped.is_set() and not phase.finished else 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kubemr_async.local import death_cause
+from kubemr_async.deaths import death_cause
 
 from .test_local_run import (
     KUBEMR,

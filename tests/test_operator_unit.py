@@ -34,8 +34,23 @@ def job_for(template: dict[str, Any] | None = None) -> dict[str, Any]:
 def test_worker_job_is_owned_and_parallel() -> None:
     job = job_for()
     assert job["metadata"]["name"] == "wc-1-workers" == worker_names("wc-1")[1]
-    assert job["spec"]["parallelism"] == 3 and "completions" not in job["spec"]
-    assert job["spec"]["backoffLimit"] == OperatorConfig().worker_backoff_limit
+    spec = job["spec"]
+    # One index per worker, each with its own failure count (and backoff before a new pod).
+    assert (spec["parallelism"], spec["completions"], spec["completionMode"]) == (
+        3, 3, "Indexed")
+    assert spec["backoffLimitPerIndex"] == OperatorConfig().worker_backoff_limit
+    assert spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+    # Kills and disruptions are not counted: the operator judges crash loops (crashloop).
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                             "values": [137, 143]}}]
+    assert spec["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == \
+        "FallbackToLogsOnError"
+    # A template that restarts in place cannot have either (the API refuses them).
+    restarting = job_for({"spec": {"restartPolicy": "OnFailure"}})["spec"]
+    assert restarting["backoffLimit"] == OperatorConfig().worker_backoff_limit
+    assert not {"podFailurePolicy", "completionMode", "backoffLimitPerIndex"} & set(restarting)
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("MapReduceJob", "u-1", True)
     pod = job["spec"]["template"]["spec"]

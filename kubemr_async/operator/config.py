@@ -63,7 +63,8 @@ class OperatorConfig:
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     worker_command: list[str] = field(default_factory=lambda: ["kubemr", "worker"])
-    # Failed worker pods tolerated before the job fails (workers crash, they do not err).
+    # Failed worker pods tolerated per worker before the job fails (workers crash, they do
+    # not err); kills and disruptions are not counted (resources.POD_FAILURE_POLICY).
     worker_backoff_limit: int = 4
     image_pull_policy: str = "IfNotPresent"
     #: Reconciles that run at once (each on a different job): planning a big job takes a

@@ -48,6 +48,7 @@ from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labe
 from ..storage.urls import StoreCache, job_data_prefix
 from .admission import Admission, Refused, StorageAccess, admit
 from .config import OperatorConfig
+from .crashloop import DeathWatch, progress_of
 from .followers import Followers, Key
 from .resources import (
     add_finalizer,
@@ -75,6 +76,10 @@ from .tenancy import Tenancy
 
 log = logging.getLogger("kubemr.operator")
 
+#: While a job's workers have died since its last commit, it is reconciled again this
+#: often (seconds), so a crash loop is judged soon, not at the next resync.
+DEATHS_RECHECK_SECONDS = 5.0
+
 
 def state_store(kube: Kube, namespace: str) -> KubeStateStore:
     """The job records of ``namespace``: the operator's one construction of a state store.
@@ -96,6 +101,8 @@ class Reconciler:
         self.tenancy = Tenancy.of(config)
         self.followers = followers
         self.requeue_after = requeue_after
+        #: Running jobs' worker pod deaths since their last commit (.crashloop).
+        self.deaths: dict[Key, DeathWatch] = {}
 
     async def reconcile(self, namespace: str, name: str) -> None:
         """Reconcile job ``name`` in ``namespace`` once (one that is gone is forgotten)."""
@@ -103,6 +110,7 @@ class Reconciler:
             mrj = await self.kube.get(MAPREDUCE_JOBS, name, namespace)
         except NotFound:
             self.followers.stop((namespace, name))
+            self.deaths.pop((namespace, name), None)
             return
         if mrj["metadata"].get("deletionTimestamp"):
             await self._finalize(mrj)
@@ -267,21 +275,27 @@ class Reconciler:
         await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env), namespace)
 
     async def _check_workers(self, mrj: KubeObject, store: KubeStateStore) -> None:
-        """Fail a Running job whose workers cannot run, instead of letting it hang."""
-        namespace, name = job_key(mrj)
+        """Fail a Running job whose workers cannot run, or keep dying with no task
+        committing (a crash loop, .crashloop), instead of letting it hang."""
+        key = job_key(mrj)
+        namespace, name = key
         _, job_name = worker_names(name)
         workers = await self.kube.find(BATCH_JOBS, job_name, namespace)
         if workers is None:
             return
         failed = workers_failed(workers)
         pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
+        deaths = self.deaths.setdefault(key, DeathWatch())
+        deaths.observe(progress_of(mrj), pods)
         if failed is None:
-            reason = pods_stuck(pods)
+            reason = pods_stuck(pods) or deaths.verdict(int(workers["spec"]["parallelism"]))
         else:  # the Job controller's reason does not say why the pods died; OOM is common
             oom = pods_out_of_memory(pods)
             reason = failed if oom is None else f"{failed}; {oom}"
         if reason is not None:
             await self._fail(mrj, store, reason)
+        elif deaths.since:
+            self.requeue_after(key, DEATHS_RECHECK_SECONDS)
 
     async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str,
                     secrets: tuple[str, ...] = ()) -> None:
@@ -317,6 +331,7 @@ class Reconciler:
         else:
             await self._write_status(mrj, phase)
         self.followers.stop(key)
+        self.deaths.pop(key, None)
         await self._delete_workers(namespace, name, keep_tasks=phase != JobPhase.SUCCEEDED)
         remaining = ttl_remaining(mrj, datetime.now(UTC))
         if remaining is not None and remaining <= 0:
@@ -337,6 +352,7 @@ class Reconciler:
         key = job_key(mrj)
         namespace, name = key
         self.followers.stop(key)
+        self.deaths.pop(key, None)
         await self.kube.delete(NAMESPACES, task_namespace_for(namespace, name))
         ops = remove_finalizer(mrj)
         if ops is None:

@@ -27,6 +27,17 @@ RBAC_API = "rbac.authorization.k8s.io"
 # Reasons a pod can sit in Waiting forever; the Job controller never fails such pods.
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError"}
+#: Worker pods whose deaths the Job controller does not count toward ``backoffLimit`` (it
+#: replaces them): killed (SIGKILL, 137: a node's OOM killer or an operator's ``kill``;
+#: SIGTERM, 143: the pod deleted, its node drained) or disrupted (DisruptionTarget:
+#: evicted, preempted, its node gone). A killed worker's tasks are taken over after a
+#: lease and the job carries on, so such deaths must not fail it; the operator fails a job
+#: whose workers keep dying with no task committing instead (:mod:`.crashloop`).
+POD_FAILURE_POLICY: KubeObject = {"rules": [
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+    {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                         "values": [137, 143]}},
+]}
 #: The keys a credentials Secret must hold (AWS_SESSION_TOKEN is optional).
 REQUIRED_KEYS = CREDENTIAL_KEYS[:2]
 #: Azure's webhook acts only on pods labelled so; its annotation on the account is not
@@ -179,7 +190,9 @@ def deep_merge(base: KubeObject, override: KubeObject) -> KubeObject:
 
 
 def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -> KubeObject:
-    """The batch/v1 Job whose pods are the workers (a work-queue Job: no completions)."""
+    """The batch/v1 Job whose pods are the workers: an Indexed Job, one index per worker,
+    each done when its worker exits 0 (the job decided); kills are not counted as failures
+    (:data:`POD_FAILURE_POLICY`), other deaths ``worker_backoff_limit`` times per worker."""
     name = mrj["metadata"]["name"]
     account, job_name = worker_names(name)
     spec = JobSpec.from_dict(name, mrj["spec"])
@@ -192,6 +205,9 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
                 "name": "worker", "image": spec.image,
                 "imagePullPolicy": config.image_pull_policy,
                 "command": list(config.worker_command), "env": env,
+                # A worker that fails reports its log's tail as its termination message,
+                # which names the cause when the job fails (.crashloop).
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 # Pod Security "restricted" as it stands; an overlay is checked against
                 # the namespace's level before anything is created (.podsecurity).
                 "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
@@ -214,12 +230,23 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
     if AZURE_CLIENT_ID in (spec.identity_annotations or {}):
         pod["metadata"].setdefault("labels", {})[AZURE_USE_LABEL] = "true"
     _add_scratch(pod["spec"])
+    workers = spec.workers or DEFAULT_WORKERS
+    job_spec: KubeObject = {"parallelism": workers, "template": pod}
+    if pod["spec"].get("restartPolicy") == "Never":  # the API refuses the policies otherwise
+        # One index per worker, each with its own failure count and its own backoff
+        # before a replacement: a work-queue Job's one backoff grows with every death
+        # (10 s, 20 s, ... 6 min) until a pod succeeds, which a worker only does once the
+        # job is decided, so a dozen kills would leave the job without workers for minutes.
+        job_spec.update(completionMode="Indexed", completions=workers,
+                        backoffLimitPerIndex=config.worker_backoff_limit, maxFailedIndexes=0,
+                        podFailurePolicy=copy.deepcopy(POD_FAILURE_POLICY))
+    else:
+        job_spec["backoffLimit"] = config.worker_backoff_limit
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
                      "labels": worker_labels(name), "ownerReferences": [owner_reference(mrj)]},
-        "spec": {"parallelism": spec.workers or DEFAULT_WORKERS,
-                 "backoffLimit": config.worker_backoff_limit, "template": pod},
+        "spec": job_spec,
     }
 
 

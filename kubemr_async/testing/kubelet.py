@@ -17,7 +17,9 @@ matter here:
 * runs the first container's ``command`` + ``args`` in a fresh per-Pod working directory,
   with the container's ``env``/``envFrom`` resolved (values, fieldRefs, Secret and
   ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
-* reports phase Running, then Succeeded/Failed with the exit code, through pods/status;
+* reports phase Running, then Succeeded/Failed with the exit code (128 + N for a death by
+  signal N; the log's tail as the message under ``FallbackToLogsOnError``), through
+  pods/status;
 * keeps the output (``logs()``) and serves it over HTTPS at the kubelet's
   ``/containerLogs/{namespace}/{pod}/{container}``, so the real ``pods/log`` API (which
   the apiserver proxies to the Node's kubelet) works, ``follow`` and ``tailLines`` included;
@@ -68,7 +70,14 @@ from kubemr_async.testing import TestEnvError
 from kubemr_async.testing.logserver import LogServer, cluster_ca
 from kubemr_async.testing.node import CLAIM_ANNOTATION, Node
 from kubemr_async.testing.podman import Podman
-from kubemr_async.testing.podrunner import KILL_GRACE_MAX, PodRun, PodRunner, kill, until_answered
+from kubemr_async.testing.podrunner import (
+    KILL_GRACE_MAX,
+    ApiRoute,
+    PodRun,
+    PodRunner,
+    kill,
+    until_answered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +137,9 @@ class FakeKubelet:
         #: Role ARN -> that role's credentials, given as ambient environment to Pods whose
         #: ServiceAccount names the role (a stand-in for EKS's workload-identity webhook).
         self.identities: dict[str, dict[str, str]] = {}
+        #: Routes for Pods' API traffic (see PodRunner): a test appends one to send some
+        #: Pods through a proxy it can cut (testing.tcpproxy), and removes it after.
+        self.api_routes: list[ApiRoute] = []
         self._runs: dict[str, PodRun] = {}
         self._by_name: dict[tuple[str, str], PodRun] = {}
         self._finalizing: set[str] = set()
@@ -204,7 +216,7 @@ class FakeKubelet:
         async with await Kube.connect(kubeconfig=str(self._kubeconfig)) as kube:
             self._kube = kube
             self._pods = PodRunner(kube, self._kubeconfig, self._root, self._extra_env,
-                                   self.identities, self._podman)
+                                   self.identities, self._podman, self.api_routes)
             ca = cluster_ca(self._kubeconfig) if self._verify_clients else None
             logs = LogServer(self._by_name, self._root / ".kubelet-pki", self._node_name, ca)
             self._port = await logs.start()

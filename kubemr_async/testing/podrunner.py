@@ -5,7 +5,10 @@ the process as ``KUBECONFIG`` (the stand-in for the projected token), so RBAC ap
 workload exactly as in a cluster. The first container's ``command`` + ``args`` run in a
 fresh per-Pod working directory with ``env``/``envFrom`` resolved (values, fieldRefs, Secret
 and ConfigMap keys), ``$(VAR)`` references expanded and ``HOSTNAME`` set to the Pod name;
-phase Running, then Succeeded/Failed with the exit code, is reported through pods/status.
+phase Running, then Succeeded/Failed with the exit code (a death by signal N as 128 + N,
+as container runtimes report it; 137 for SIGKILL), is reported through pods/status, with
+the log's tail as the termination message of a failed container whose
+``terminationMessagePolicy`` is ``FallbackToLogsOnError``, as a kubelet does.
 
 In process mode (the default) images are not run, so the command's first word is mapped
 onto this machine: ``kubemr`` becomes the console script of the current venv and
@@ -25,7 +28,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -77,6 +80,8 @@ async def until_answered(call: Callable[[], Awaitable[T]], what: str) -> T:
 _TOKEN_SECONDS = 24 * 3600  # outlives any test or benchmark run; nothing rotates it
 #: Cap on terminationGracePeriodSeconds; tests should not wait 30 s.
 KILL_GRACE_MAX = 10.0
+#: Where a Pod's API traffic goes: a server URL for this Pod, or None (the cluster's own).
+ApiRoute = Callable[[KubeObject], str | None]
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -142,6 +147,23 @@ def _field_value(pod: KubeObject, path: str) -> str:
     raise PodConfigError(f"unsupported fieldRef {path!r}")
 
 
+#: What a kubelet keeps of a failed container's log as its termination message under
+#: ``terminationMessagePolicy: FallbackToLogsOnError``: the tail, at most this much.
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+
+
+def log_tail(path: Path) -> str:
+    """The termination message a kubelet makes of a failed container's log: its last
+    ``FALLBACK_LOG_LINES`` lines, within ``FALLBACK_LOG_BYTES``."""
+    with path.open("rb") as log_file:
+        log_file.seek(0, os.SEEK_END)
+        log_file.seek(max(0, log_file.tell() - FALLBACK_LOG_BYTES))
+        tail = log_file.read()
+    lines = tail.decode(errors="replace").splitlines()[-FALLBACK_LOG_LINES:]
+    return "\n".join(lines)
+
+
 async def kill(run: PodRun) -> None:
     """SIGTERM the process group, SIGKILL it after the (capped) grace period."""
     proc = run.proc
@@ -167,12 +189,17 @@ class PodRunner:
     def __init__(self, kube: Kube, kubeconfig: Path, root: Path,
                  extra_env: Mapping[str, str],
                  identities: Mapping[str, Mapping[str, str]] | None = None,
-                 podman: Podman | None = None) -> None:
+                 podman: Podman | None = None,
+                 api_routes: Sequence[ApiRoute] = ()) -> None:
         """``identities`` (held, not copied: a test may add to it) stands in for a cloud's
         workload-identity webhook: a Pod whose ServiceAccount is annotated
         ``eks.amazonaws.com/role-arn: <arn>`` gets ``identities[arn]`` (that role's
         credentials) as its ambient environment. With ``podman``, Pods run as containers
-        from their images (container mode)."""
+        from their images (container mode). ``api_routes`` (held, not copied: a test may
+        add to it) may send a process-mode Pod's API traffic elsewhere: the first route
+        that returns a URL for the Pod is its kubeconfig's server (a proxy a test can
+        cut, say)."""
+        self._api_routes = api_routes
         self._kube = kube
         self._kubeconfig = kubeconfig
         self._root = root
@@ -243,7 +270,10 @@ class PodRunner:
                     await self._podman.remove(cname)
                     if watch is not None:
                         oom = await watch.close() or oom
-        await self._set_status(pod, container, started, exit_code=code,
+        message = ""
+        if code and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = log_tail(log_path)
+        await self._set_status(pod, container, started, exit_code=code, message=message,
                                reason=OOM_KILLED if oom else None)
 
     async def _process(self, pod: KubeObject, container: KubeObject,
@@ -307,6 +337,10 @@ class PodRunner:
             if c["name"] == kubeconfig["current-context"]
         )
         kubeconfig["users"] = [{"name": current["user"], "user": {"token": await self._token(pod)}}]
+        server = next((url for route in self._api_routes if (url := route(pod))), None)
+        if server is not None:
+            kubeconfig["clusters"] = [{**c, "cluster": {**c["cluster"], "server": server}}
+                                      for c in kubeconfig["clusters"]]
         path = workdir / "kubeconfig"
         path.write_text(yaml.safe_dump(kubeconfig))
         path.chmod(0o600)

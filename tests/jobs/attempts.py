@@ -2,12 +2,16 @@
 
 The log (one line per attempt, appended with O_APPEND so concurrent processes never
 interleave) lets a test count real executions independently of what the store says.
+``--arg die=always`` makes every map attempt SIGKILL its own worker process (after a last
+line on stderr), as a worker that always crashes before committing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from collections.abc import Mapping
 
 from kubemr_async import JobWorker, TaskContext
@@ -30,6 +34,10 @@ class Echo(JobWorker):
 
     async def map(self, task_id: int, input: str, ctx: TaskContext) -> Mapping[int, str]:
         record(ctx)
+        if ctx.args.get("die") == "always":
+            print(f"{ctx.task} attempt {ctx.attempt} kills its worker", file=sys.stderr,
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if ctx.args.get("sleep"):
             await asyncio.sleep(float(ctx.args["sleep"]))
         if (ctx.task, ctx.attempt) == (ctx.args.get("slow"), 1):  # one slow first attempt
