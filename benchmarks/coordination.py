@@ -300,14 +300,16 @@ def task_inputs(count: int) -> list[str]:
 
 
 async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str],
-                   reducers: int) -> None:
-    """What the operator's planning does: create job and task records, then start the job."""
+                   reducers: int, workers: int = 1) -> None:
+    """What the operator's planning does: create job and task records (dealt into the
+    shards the operator would choose for ``workers``), then start the job."""
     spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
                    output=OUTPUT, split_inputs=False)
+    shards = protocol.shard_count(workers)
     async with await Kube.connect(str(kubeconfig)) as kube:
         store = KubeStateStore(kube, namespace)
         splits = await plan_inputs(spec)
-        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, shards=shards)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job, len(splits)))
@@ -351,7 +353,7 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
 
     before = server.metrics()
     started = time.monotonic()
-    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers))
+    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers, workers))
     run.plan_seconds = time.monotonic() - started
     planned = server.metrics()
     _record_planning(run, planned - before)

@@ -2,8 +2,10 @@
 
 Four verbs are enough for masterless coordination: read everything once (``snapshot``),
 follow changes (``watch``), create records, and apply a guarded JSON Patch (``patch``) where
-a failed ``test`` is a normal lost race reported as ``None``, not an exception. Every
-backend passes the same contract suite (tests/test_state_contract.py).
+a failed ``test`` is a normal lost race reported as ``None``, not an exception. A fifth,
+``unfinished``, lets a worker that follows only its shard (``watch(..., shard=)``, see
+:mod:`kubemr_async.protocol`) poll the rest cheaply. Every backend passes the same
+contract suite (tests/test_state_contract.py).
 """
 
 from __future__ import annotations
@@ -62,8 +64,19 @@ class StateStore(Protocol):
     async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
         """All records of ``job`` and the revision to watch from; JobNotFound if none."""
 
-    def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
-        """Changes to ``job``'s records after ``since``, in order, until the job is deleted."""
+    def watch(self, job: str, since: str, *,
+              shard: int | None = None) -> AsyncIterator[WatchEvent]:
+        """Changes to ``job``'s records after ``since``, in order, until the job is deleted.
+
+        ``shard``: the caller follows only the tasks of that shard (``protocol.shard_of``
+        with the job record's ``shards``) and the job record; a store may deliver more
+        (one that costs nothing per watcher delivers everything)."""
+
+    async def unfinished(self, job: str) -> list[Record]:
+        """``job``'s task records that have not committed, read now: what a worker that
+        follows one shard polls to find work elsewhere and to learn that the rest has
+        committed (JobView.settle). JobNotFound if there is no job."""
+
 
     async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:
         """Apply ``update`` atomically; ``None`` if a test failed (another writer won).

@@ -41,6 +41,8 @@ from ..crd import (
     LABEL_JOB,
     LABEL_JOB_NAMESPACE,
     LABEL_KIND,
+    LABEL_SHARD,
+    LABEL_STATE,
     LABEL_TASK,
     MAPREDUCE_JOBS,
     MAPREDUCE_TASKS,
@@ -65,7 +67,15 @@ from ..kube import (
     transient_after_outage,
 )
 from ..patch import writes_hold
-from ..protocol import JOB_KEY, Update, new_status, task_name
+from ..protocol import (
+    JOB_KEY,
+    TaskState,
+    Update,
+    job_shards,
+    new_status,
+    shard_of,
+    task_name,
+)
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
 from ..streams import merge
@@ -126,6 +136,10 @@ class KubeStats:
     lost_races: int = 0
     watch_connects: int = 0
     relists: int = 0
+    #: Reads of every record of a job (a worker's start, and what a poll left unread).
+    snapshots: int = 0
+    #: Polls of the unfinished tasks (a worker that follows one shard looks at the rest).
+    polls: int = 0
     #: Writes sent again because the API server did not answer.
     outage_retries: int = 0
 
@@ -179,6 +193,7 @@ class KubeStateStore:
         self._naming = task_namespace or (lambda job: task_namespace_for(namespace, job))
         self._owns_kube = owns_kube
         self._task_ns: dict[str, str] = {}
+        self._shards: dict[str, int] = {}
         self._last_outage: float | None = None
 
     @classmethod
@@ -202,8 +217,10 @@ class KubeStateStore:
                         None)
         if job_body is not None:
             task_ns = await self._create_job(job, job_body)
+            shards = job_shards(job_body)
         else:
             task_ns = await self.task_namespace(job, "creating task records")
+            shards = await self._job_shards(job)
         pending = iter([(key, Record(key, body, "").task)
                         for key, body in records if key != JOB_KEY])
 
@@ -213,7 +230,9 @@ class KubeStateStore:
                 "kind": TASK_KIND,
                 "metadata": {
                     "name": task_object_name(job, key),
-                    "labels": {LABEL_JOB: job, LABEL_KIND: str(body["kind"]), LABEL_TASK: key},
+                    "labels": {LABEL_JOB: job, LABEL_KIND: str(body["kind"]), LABEL_TASK: key,
+                               LABEL_SHARD: str(shard_of(key, shards)),
+                               LABEL_STATE: str(body["state"])},
                 },
                 "status": body,
             }
@@ -317,6 +336,7 @@ class KubeStateStore:
             context=f"job {job}: {doing}: reading MapReduceJob {self.namespace}/{job}")
 
     def _task_namespace_of(self, job: str, obj: Mapping[str, Any]) -> str:
+        self._shards[job] = int((obj.get("status") or {}).get("shards", 1))
         recorded = (obj.get("status") or {}).get("taskNamespace")
         if recorded:
             self._task_ns[job] = recorded
@@ -334,6 +354,28 @@ class KubeStateStore:
                               f"{self.namespace}")
         return self._task_namespace_of(job, obj)
 
+    async def _job_shards(self, job: str) -> int:
+        """How many shards the job's tasks are dealt into (read from the job once)."""
+        if job not in self._shards:
+            obj = await self._read_job(job, "reading its shards")
+            if obj is None:
+                raise JobNotFound(f"job {job}: reading its shards: job not found in "
+                                  f"namespace {self.namespace}")
+            self._task_namespace_of(job, obj)
+        return self._shards[job]
+
+    async def unfinished(self, job: str) -> list[Record]:
+        """The job's tasks not committed, by label (``state!=committed`` also matches a
+        task written before the label existed; its body decides)."""
+        task_ns = await self.task_namespace(job, "polling its unfinished tasks")
+        tasks, _ = await self.kube.list(
+            MAPREDUCE_TASKS, task_ns,
+            label_selector=f"{LABEL_JOB}={job},{LABEL_STATE}!={TaskState.COMMITTED.value}",
+            context=f"job {job}: listing its unfinished tasks in namespace {task_ns}")
+        self.stats.polls += 1
+        records = [_task_record(task) for task in tasks]
+        return [r for r in records if r.task["state"] != TaskState.COMMITTED]
+
     async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
         # A list, not a get: a get returns the object's own (possibly ancient) version, and
         # a watch from a compacted version is answered with 410 Gone.
@@ -346,6 +388,7 @@ class KubeStateStore:
         tasks, tasks_rv = await self.kube.list(
             MAPREDUCE_TASKS, task_ns, label_selector=f"{LABEL_JOB}={job}",
             context=f"job {job}: listing its tasks in namespace {task_ns}")
+        self.stats.snapshots += 1
         records = {JOB_KEY: _job_record(jobs[0])}
         for task in tasks:
             record = _task_record(task)
@@ -376,6 +419,8 @@ class KubeStateStore:
         refusal is then checked against the object itself (:func:`writes_hold`).
         """
         ops = [_status_op(op) for op in update.ops]
+        if update.key != JOB_KEY:
+            ops += _state_label_ops(update.ops)
         if update.key == JOB_KEY:
             resource, namespace, name, subresource = (
                 MAPREDUCE_JOBS, self.namespace, job, "status")
@@ -486,8 +531,12 @@ class KubeStateStore:
 
     # --- watching -------------------------------------------------------------------
 
-    async def watch(self, job: str, since: str) -> AsyncGenerator[WatchEvent, None]:
+    async def watch(self, job: str, since: str, *,
+                    shard: int | None = None) -> AsyncGenerator[WatchEvent, None]:
         """Merge the job's and its tasks' watch streams; return when the job is deleted.
+
+        With ``shard``, the task stream selects that shard's label: the API server then
+        sends each task write only to the watchers of its shard.
 
         Each stream is in order; between the two, events interleave as they arrive (the
         runtime compares ``seq`` per record, so that is all it needs). After a 410 Gone a
@@ -524,10 +573,13 @@ class KubeStateStore:
                     else:
                         await send.send(WatchEvent("PUT", _job_record(event.object)))
 
+        selector = f"{LABEL_JOB}={job}" + (f",{LABEL_SHARD}={shard}" if shard is not None
+                                            else "")
+
         async def task_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_TASKS, task_ns, since=tasks_rv,
-                label_selector=f"{LABEL_JOB}={job}",
+                label_selector=selector,
                 context=f"job {job}: watching {TASK_PLURAL} in namespace {task_ns}",
                 **self._watch_options())
             async with contextlib.aclosing(events):
@@ -589,6 +641,8 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
         body["skipped"] = status["skipped"]
     if "step" in status:
         body["step"] = status["step"]
+    if "shards" in status:
+        body["shards"] = status["shards"]
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 
@@ -599,7 +653,16 @@ def _task_record(obj: Mapping[str, Any]) -> Record:
     return Record(key, body, metadata["resourceVersion"])
 
 
+def _state_label_ops(ops: Sequence[PatchOp]) -> list[PatchOp]:
+    """The write of the state label that goes with a protocol write of ``/state``, in the
+    same patch, so the label can never disagree with the record."""
+    return [{"op": "add", "path": "/metadata/labels/" + LABEL_STATE.replace("/", "~1"),
+             "value": op["value"]}
+            for op in ops if op["path"] == "/state" and op["op"] in ("add", "replace")]
+
+
 def _status_op(op: PatchOp) -> PatchOp:
+
     """Move a protocol operation under ``/status``; refuse ones the server would 422 on.
 
     Checking here is what lets :meth:`KubeStateStore.patch` read a bare 422 as a lost race.

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..patch import PatchTestFailed, apply_patch
-from ..protocol import Update
+from ..protocol import JOB_KEY, TaskState, Update
 from ..records import Body
 from .base import JobNotFound, Record, WatchEvent, decode_body
 
@@ -106,8 +106,17 @@ class SQLiteStateStore:
                                  (job,)).fetchone() is not None
         return rows, alive
 
-    async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+    async def unfinished(self, job: str) -> list[Record]:
+        records, _ = await self.snapshot(job)
+        return [record for key, record in records.items()
+                if key != JOB_KEY and record.task["state"] != TaskState.COMMITTED]
+
+    async def watch(self, job: str, since: str, *,
+                    shard: int | None = None) -> AsyncIterator[WatchEvent]:
+        # One process's file: a watcher costs no writer anything, so every change is
+        # delivered whatever the shard.
         last = int(since)
+
         while True:
             rows, alive = await self._run(self._changes, job, last)
             for key, body, rev in rows:
