@@ -35,6 +35,13 @@ What it reports, per N:
     .venv/bin/python benchmarks/coordination.py                   # N = 10, 1000, 10000
     .venv/bin/python benchmarks/coordination.py --mode operator   # the whole product path
     .venv/bin/python benchmarks/coordination.py --tasks 10,1000 --workers 8 --json out.json
+
+The worker sweep (issue: per-task API server CPU must stay flat as workers grow): one N,
+several worker counts, and the bare-PATCH baseline measured first on the same server (4
+clients, one guarded PATCH in flight each, on MapReduceTask objects nobody else watches
+but the controller-manager): tasks/s of each job is reported against that rate.
+
+    .venv/bin/python benchmarks/coordination.py --tasks 2000 --workers 4,16,64 --bare
 """
 
 from __future__ import annotations
@@ -64,9 +71,9 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 
 # Imported up front so that no import lands inside a timed region.
 from kubemr_async import protocol  # noqa: E402
-from kubemr_async.crd import ensure_crds  # noqa: E402
+from kubemr_async.crd import MAPREDUCE_TASKS, ensure_crds  # noqa: E402
 from kubemr_async.inputs import plan_inputs  # noqa: E402
-from kubemr_async.kube import Kube  # noqa: E402
+from kubemr_async.kube import JSON_PATCH, Kube  # noqa: E402
 from kubemr_async.spec import JobSpec  # noqa: E402
 from kubemr_async.state.kube import KubeStateStore  # noqa: E402
 
@@ -207,8 +214,9 @@ def worker_main(out: Path, profile: Path | None) -> int:
             self.watch_events = 0
             stores.append(self)
 
-        async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
-            async for event in super().watch(job, since):
+        async def watch(self, job: str, since: str, *,
+                        shard: int | None = None) -> AsyncIterator[WatchEvent]:
+            async for event in super().watch(job, since, shard=shard):
                 self.watch_events += 1
                 yield event
 
@@ -242,7 +250,64 @@ def worker_main(out: Path, profile: Path | None) -> int:
     return code
 
 
+# --- the bare-PATCH baseline -----------------------------------------------------------
+
+
+@dataclass
+class Bare:
+    """What the API server sustains for guarded JSON Patch writes alone."""
+
+    clients: int
+    patches: int = 0
+    seconds: float = 0.0
+    server_cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.patches / self.seconds if self.seconds else 0.0
+
+
+def bare_patches(cluster: Any, clients: int, seconds: float) -> Bare:
+    """``clients`` connections, each with one guarded PATCH (test + replace of the record's
+    ``seq``, a renewal's shape) in flight at a time on its own MapReduceTask, for
+    ``seconds``: the rate and the servers' CPU per PATCH."""
+    namespace = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    names = [f"bare-{i}" for i in range(clients)]
+    for i, name in enumerate(names):
+        cluster.api("POST", f"{GROUP_PATH}/namespaces/{namespace}/mapreducetasks", {
+            "apiVersion": f"{GROUP}/v1alpha1", "kind": "MapReduceTask",
+            "metadata": {"name": name},
+            "status": protocol.new_task(protocol.TaskKind.MAP, i, f"in-{i}")})
+    bare = Bare(clients)
+
+    async def client(name: str, stop: float) -> int:
+        done = 0
+        async with await Kube.connect(str(cluster.kubeconfig_path)) as kube:
+            while time.monotonic() < stop:
+                await kube.patch(MAPREDUCE_TASKS, name, [
+                    {"op": "test", "path": "/status/seq", "value": done},
+                    {"op": "replace", "path": "/status/seq", "value": done + 1}],
+                    namespace, content_type=JSON_PATCH)
+                done += 1
+        return done
+
+    async def run() -> None:
+        before = server_cpu(cluster.root)
+        started = time.monotonic()
+        counts = await asyncio.gather(*(client(n, started + seconds) for n in names))
+        bare.seconds = time.monotonic() - started
+        after = server_cpu(cluster.root)
+        bare.server_cpu = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        bare.patches = sum(counts)
+
+    asyncio.run(run())
+    cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
+    return bare
+
+
 # --- one job ---------------------------------------------------------------------------
+
 
 
 @dataclass
@@ -591,10 +656,24 @@ def job_phase(cluster: Any, job_path: str) -> str:
 # --- report ----------------------------------------------------------------------------
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[Run], bare: Bare | None = None) -> str:
     """The figures as a Markdown table (the same one goes into benchmarks/README.md)."""
     base = runs[0]
+
+    def apiserver_ms(r: Run) -> float:
+        return 1000 * r.server_cpu.get("apiserver", 0.0) / r.tasks
+
     rows: list[tuple[str, Callable[[Run], str]]] = [
+        ("workers", lambda r: f"{r.workers}"),
+        ("job: tasks per second", lambda r: f"{r.tasks / r.job_seconds:.1f}"),
+        *((("job: tasks/s as % of the bare PATCH/s "
+            f"({bare.rate:.0f}/s, {bare.clients} clients)",
+            lambda r: f"{100 * r.tasks / r.job_seconds / bare.rate:.0f}%"),) if bare else ()),
+        ("API server CPU ms per task / the first column's",
+         lambda r: f"{apiserver_ms(r) / max(apiserver_ms(base), 1e-9):.2f}x"),
+        ("workers: polls / full reads per worker (sharded)",
+         lambda r: f"{r.client('polls') / r.workers:.1f} / {r.client('snapshots') / r.workers:.1f}"
+         if r.per_worker else "n/a"),
         ("planning: seconds", lambda r: f"{r.plan_seconds:.2f}"),
         ("planning: ms per task", lambda r: f"{1000 * r.plan_seconds / r.tasks:.2f}"),
         ("planning: API writes per task",
@@ -663,7 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tasks", default="10,1000,10000",
                         help="comma-separated map task counts (default 10,1000,10000)")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", default="4",
+                        help="comma-separated worker counts: each N runs with each (a sweep)")
+    parser.add_argument("--bare", action="store_true",
+                        help="first measure the bare guarded-PATCH rate (4 clients, 20 s)")
     parser.add_argument("--reducers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
     parser.add_argument(
@@ -713,18 +795,30 @@ def main(argv: list[str] | None = None) -> int:
                 say("warning: the controller-manager never watched MapReduceTasks")
                 break
             time.sleep(1.0)
+        bare = None
+        if args.bare:
+            bare = bare_patches(cluster, clients=4, seconds=20.0)
+            cpu = 1000 * bare.server_cpu.get("apiserver", 0.0) / max(bare.patches, 1)
+            say(f"bare PATCH: {bare.rate:.0f}/s with {bare.clients} clients; API server "
+                f"{cpu:.2f} ms CPU per PATCH")
         for count in counts:
-            say(f"N={count}: {args.workers} workers, {args.reducers} reducer(s); load average "
-                f"{os.getloadavg()[0]:.1f}")
-            runs.append(run_job(cluster, server, count, args.workers, args.reducers, Path(tmp),
-                                mode=args.mode, profile=args.profile,
-                                timeout=args.timeout, say=say))
-    print(table(runs))
+            for workers in (int(w) for w in args.workers.split(",")):
+                say(f"N={count}: {workers} workers, {args.reducers} reducer(s); load average "
+                    f"{os.getloadavg()[0]:.1f}")
+                runs.append(run_job(cluster, server, count, workers, args.reducers, Path(tmp),
+                                    mode=args.mode, profile=args.profile,
+                                    timeout=args.timeout, say=say))
+    print(table(runs, bare))
+    if bare is not None:
+        print(f"\nbare PATCH: {bare.patches} in {bare.seconds:.1f}s = {bare.rate:.0f}/s; "
+              f"API server {1000 * bare.server_cpu.get('apiserver', 0.0) / bare.patches:.2f} "
+              "ms CPU per PATCH")
     # Other processes' load skews absolute times on a small shared machine: say how busy.
     print(f"\nload average at the end (1/5/15 min): "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
+        args.json.write_text(json.dumps({"bare": asdict(bare) if bare else None,
+                                         "runs": [asdict(r) for r in runs]}, indent=2))
     limit_ok = all(max(r.max_map_bytes, r.max_reduce_bytes, r.job_bytes) < ETCD_LIMIT / 4
                    for r in runs)
     flat = args.mode == "operator" or len({r.probe_map_status_bytes for r in runs}) == 1
