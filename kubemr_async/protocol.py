@@ -588,8 +588,23 @@ class JobView:
         for key, body in list(self.tasks.items()):
             if (body["state"] != TaskState.COMMITTED and key not in listed
                     and not self._follows(key)):
-                self.update(key, cast(TaskRecord, {**body, "state": TaskState.COMMITTED.value}))
-                self.unread.add(key)
+                self._settled(key, body)
+        if self.job is not None and not self.complete:
+            # A view that read only its shard: the current step's other tasks, which the
+            # job record names, were not listed as unfinished, so they have committed.
+            step = self.step
+            for kind, total, key_of in ((TaskKind.MAP, self.map_total, map_key),
+                                        (TaskKind.REDUCE, self.reduce_total, reduce_key)):
+                for index in range(total):
+                    key = key_of(index, step)
+                    if key not in self.tasks and key not in listed and not self._follows(key):
+                        self._settled(key, new_task(kind, index, step=step))
+
+    def _settled(self, key: str, body: TaskRecord) -> None:
+        """Count ``key`` as committed, its outputs unread (``body``: what is known of it)."""
+        self.update(key, cast(TaskRecord, {**body, "state": TaskState.COMMITTED.value}))
+        self.unread.add(key)
+
 
     def needs_reading(self) -> bool:
         """Whether the current step's tasks have all finished but some are known only from
@@ -690,7 +705,15 @@ class JobView:
         )
 
     def _stage(self) -> TaskKind | None:
-        if self.phase != JobPhase.RUNNING or not self.complete:
+        """The kind of task claimable now. A map known unfinished means the maps' stage
+        even in a view that has not seen every task (a worker that read only its shard);
+        the reduces' stage needs every map seen committed."""
+        if self.phase != JobPhase.RUNNING:
+            return None
+        if any(self._counts[(self.step, TaskKind.MAP.value, state.value)]
+               for state in (TaskState.PENDING, TaskState.RUNNING)):
+            return TaskKind.MAP
+        if not self.complete:
             return None
         return TaskKind.REDUCE if self.maps_committed else TaskKind.MAP
 

@@ -49,7 +49,7 @@ from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
 from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
-from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
+from .records import Body, Counters, JobRecord, Skipped, TaskOutputs, TaskRecord
 from .scrub import CREDENTIAL_KEYS, scrub
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore, StoreUnavailable
@@ -164,7 +164,9 @@ class Worker:
         # The shard this worker follows live when the job's tasks are dealt into several
         # (None: one shard, it follows every task); the rest it polls (_poll).
         self._shard: int | None = None
-        self._next_poll = self._next_read = 0.0
+        self._next_poll = 0.0
+        self._read_at: float | None = None
+
 
         self._poll_gap = _POLL_GAPS[0]
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
@@ -192,8 +194,14 @@ class Worker:
 
     async def run(self) -> JobPhase:
         """Work until the job finishes; returns the phase the job was in when we left."""
-        records, revision = await self.store.snapshot(self.job_name)
+        def follow(job: JobRecord) -> int | None:
+            shards = protocol.job_shards(job)
+            return protocol.shard_of(self.worker_id, shards) if shards > 1 else None
+
+        # A worker of a sharded job reads only its shard: the rest it learns by polling.
+        records, revision = await self.store.snapshot(self.job_name, shard=follow)
         shards = protocol.job_shards(records[protocol.JOB_KEY].job)
+
         followed = None
         if shards > 1:
             shard = self._shard = protocol.shard_of(self.worker_id, shards)
@@ -316,10 +324,20 @@ class Worker:
         idle workers cost the API server a small list every few seconds, not a watch
         event per write."""
         now = self.monotonic()
-        if view.needs_reading() and now >= self._next_read:
-            self._next_read = now + _POLL_GAPS[1]  # a task deleted meanwhile stays unread
-            await self._read_all()
-        elif self._shard is None:
+        if view.needs_reading():
+            if self._read_at is None:
+                # Idle workers' polls find the end at about the same time, and one read
+                # (one verdict) is enough: spread them, so most see the verdict arrive
+                # through the job's watch instead.
+                self._read_at = now + self._rng.uniform(0.0, _POLL_GAPS[1])
+            if now >= self._read_at:
+                self._read_at = now + _POLL_GAPS[1]  # a task deleted meanwhile stays unread
+                await self._read_all()
+            else:
+                await self._wait_for_change(view, self._read_at)
+            return
+        self._read_at = None
+        if self._shard is None:
             await self._wait_for_change(view, now + 2.0)
         elif now < self._next_poll:
             await self._wait_for_change(view, self._next_poll)

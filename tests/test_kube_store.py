@@ -478,6 +478,15 @@ async def test_a_shard_watch_is_sent_only_its_shard_and_labels_follow_the_state(
         assert shards == {k: str(protocol.shard_of(k, 3)) for k, _ in tasks}
         events = store.watch("shd", revision, shard=1)
         mine = sorted(k for k, _ in tasks if protocol.shard_of(k, 3) == 1)
+        chosen: list[int] = []
+
+        def one(job: Any) -> int:
+            chosen.append(protocol.job_shards(job))
+            return 1
+
+        records, _ = await store.snapshot("shd", shard=one)
+        assert chosen == [3], "the shard is chosen from the job record, read first"
+        assert sorted(k for k in records if k != protocol.JOB_KEY) == mine
         pending = asyncio.ensure_future(collect(events, len(mine)))
         await asyncio.sleep(0.2)
         other = next(k for k, _ in tasks if protocol.shard_of(k, 3) != 1)

@@ -752,3 +752,24 @@ def test_a_worker_offers_its_own_shard_first() -> None:
     for seed in range(20):
         picked = {protocol.task_name(t) for t in view.candidates(0.0, 8, random.Random(seed))}
         assert picked == mine
+
+
+def test_a_view_of_one_shard_claims_its_maps_and_a_poll_accounts_for_the_rest() -> None:
+    records = new_records(maps=4)
+    mine = {"map-00001", "reduce-00000"}
+    view = _followed_view({k: b for k, b in records.items()
+                           if k == protocol.JOB_KEY or k in mine}, mine)
+    assert not view.complete
+    assert [protocol.task_name(t) for t in view.claimable(0.0)] == ["map-00001"], \
+        "a pending map of its own shard is claimable before the rest is known"
+    _commit(records, "map-00001", {"0": "run-1"})
+    view.update("map-00001", records["map-00001"], seen=1.0)
+    assert view.claimable(1.0) == [], "no reduce before every map is known committed"
+    for key in ("map-00000", "map-00002", "map-00003"):
+        _commit(records, key, {"0": f"run-{key[-1]}"})
+    view.settle(["reduce-00001"])  # the poll: only the other reduce is unfinished
+    view.update("reduce-00001", records["reduce-00001"], seen=2.0)
+    assert view.complete and view.unread == {"map-00000", "map-00002", "map-00003"}
+    assert [t["kind"] for t in view.claimable(2.0)] == ["reduce", "reduce"]
+    with pytest.raises(RuntimeError, match="not read yet"):
+        view.shuffle_objects()

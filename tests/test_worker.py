@@ -22,7 +22,7 @@ from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
 from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
-from kubemr_async.state.base import Record, StateStore, WatchEvent
+from kubemr_async.state.base import Record, ShardChoice, StateStore, WatchEvent
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
 
@@ -259,9 +259,9 @@ async def test_a_map_only_job_lists_its_maps_parts_in_the_manifest(
 
 
 class ShardWatchStore(SQLiteStateStore):
-    """SQLite, but a shard's watch is sent only that shard's tasks, as the API server's
-    label selector does (the real one: tests/test_kube_store.py), so the workers below must
-    find everything else by polling."""
+    """SQLite, but a shard's snapshot and watch hold only that shard's tasks, as the API
+    server's label selectors make them (the real ones: tests/test_kube_store.py), so the
+    workers below must find everything else by polling."""
 
     def __init__(self, path: Path, shards: int) -> None:
         super().__init__(path, poll_interval=0.01)
@@ -275,6 +275,15 @@ class ShardWatchStore(SQLiteStateStore):
             if (shard is None or key == protocol.JOB_KEY
                     or protocol.shard_of(key, self.shards) == shard):
                 yield event
+
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
+        records, revision = await super().snapshot(job)
+        chosen = shard(records[protocol.JOB_KEY].job) if shard is not None else None
+        if chosen is not None:
+            records = {key: record for key, record in records.items()
+                       if key == protocol.JOB_KEY or protocol.shard_of(key, self.shards) == chosen}
+        return records, revision
 
     async def unfinished(self, job: str) -> list[Record]:
         self.polled += 1

@@ -10,7 +10,7 @@ contract suite (tests/test_state_contract.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
@@ -51,6 +51,10 @@ class Record:
         return cast(TaskRecord, self.body)
 
 
+#: Which shard a reader wants, given the job record (None: all of them).
+ShardChoice = Callable[[JobRecord], int | None]
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     type: Literal["PUT", "DELETE"]
@@ -61,8 +65,13 @@ class StateStore(Protocol):
     async def create(self, job: str, records: Sequence[tuple[str, Body]]) -> None:
         """Create records that do not exist yet; existing ones are left alone (idempotent)."""
 
-    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
-        """All records of ``job`` and the revision to watch from; JobNotFound if none."""
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
+        """All records of ``job`` and the revision to watch from; JobNotFound if none.
+
+        ``shard``: read only the tasks of one shard (and the job record), the shard
+        chosen from the job record, which is read first (None: every task); a store may
+        return more. What a worker that follows one shard starts from."""
 
     def watch(self, job: str, since: str, *,
               shard: int | None = None) -> AsyncIterator[WatchEvent]:

@@ -79,7 +79,14 @@ from ..protocol import (
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
 from ..streams import merge
-from .base import JobNotFound, Record, StoreUnavailable, WatchEvent, decode_body
+from .base import (
+    JobNotFound,
+    Record,
+    ShardChoice,
+    StoreUnavailable,
+    WatchEvent,
+    decode_body,
+)
 
 log = logging.getLogger("kubemr.state.kube")
 
@@ -376,7 +383,8 @@ class KubeStateStore:
         records = [_task_record(task) for task in tasks]
         return [r for r in records if r.task["state"] != TaskState.COMMITTED]
 
-    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
         # A list, not a get: a get returns the object's own (possibly ancient) version, and
         # a watch from a compacted version is answered with 410 Gone.
         jobs, job_rv = await self.kube.list(
@@ -385,11 +393,14 @@ class KubeStateStore:
         if not jobs:
             raise JobNotFound(f"job {job} not found in namespace {self.namespace}")
         task_ns = self._task_namespace_of(job, jobs[0])
+        job_record = _job_record(jobs[0])
+        chosen = shard(job_record.job) if shard is not None else None
         tasks, tasks_rv = await self.kube.list(
-            MAPREDUCE_TASKS, task_ns, label_selector=f"{LABEL_JOB}={job}",
+            MAPREDUCE_TASKS, task_ns, label_selector=_task_selector(job, chosen),
             context=f"job {job}: listing its tasks in namespace {task_ns}")
-        self.stats.snapshots += 1
-        records = {JOB_KEY: _job_record(jobs[0])}
+        if chosen is None:
+            self.stats.snapshots += 1
+        records = {JOB_KEY: job_record}
         for task in tasks:
             record = _task_record(task)
             records[record.key] = record
@@ -573,13 +584,10 @@ class KubeStateStore:
                     else:
                         await send.send(WatchEvent("PUT", _job_record(event.object)))
 
-        selector = f"{LABEL_JOB}={job}" + (f",{LABEL_SHARD}={shard}" if shard is not None
-                                            else "")
-
         async def task_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_TASKS, task_ns, since=tasks_rv,
-                label_selector=selector,
+                label_selector=_task_selector(job, shard),
                 context=f"job {job}: watching {TASK_PLURAL} in namespace {task_ns}",
                 **self._watch_options())
             async with contextlib.aclosing(events):
@@ -651,6 +659,11 @@ def _task_record(obj: Mapping[str, Any]) -> Record:
     # Objects made by hand may lack the key label; protocol keys follow from the body.
     key = (metadata.get("labels") or {}).get(LABEL_TASK) or task_name(body)
     return Record(key, body, metadata["resourceVersion"])
+
+
+def _task_selector(job: str, shard: int | None) -> str:
+    """The label selector of ``job``'s tasks, or of one shard of them."""
+    return f"{LABEL_JOB}={job}" + (f",{LABEL_SHARD}={shard}" if shard is not None else "")
 
 
 def _state_label_ops(ops: Sequence[PatchOp]) -> list[PatchOp]:
