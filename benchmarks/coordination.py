@@ -464,7 +464,12 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
         raise RuntimeError(f"job {name} ended {status.get('phase')}: {status}\n{tail}")
     say(f"  job Succeeded in {run.job_seconds:.1f}s")
     if not plain:
-        run.per_worker = [json.loads(stats.read_text()) for _, stats, _ in procs]
+        for proc, stats, log in procs:
+            if not stats.exists():  # the worker failed after the verdict: say why, go on
+                say(f"  worker exited {proc.returncode} without its figures:\n"
+                    f"{log.read_text(errors='replace')[-2000:]}")
+        run.per_worker = [json.loads(stats.read_text()) if stats.exists() else {}
+                          for _, stats, _ in procs]
     return planned, status
 
 

@@ -74,6 +74,8 @@ _WHOLE_OBJECT = 64 * 1024
 #: The first is short so a stage's end is seen at once; the last bounds both how late an
 #: idle worker notices work elsewhere and what idle workers cost (one small list each).
 _POLL_GAPS = (0.25, 2.0)
+#: Unfinished tasks a steal asks another shard for: a few claims' worth of candidates.
+_STEAL = 16
 
 
 
@@ -164,6 +166,8 @@ class Worker:
         # The shard this worker follows live when the job's tasks are dealt into several
         # (None: one shard, it follows every task); the rest it polls (_poll).
         self._shard: int | None = None
+        self._shards = 1
+
         self._next_poll = 0.0
         self._read_at: float | None = None
 
@@ -203,6 +207,7 @@ class Worker:
         shards = protocol.job_shards(records[protocol.JOB_KEY].job)
 
         followed = None
+        self._shards = shards
         if shards > 1:
             shard = self._shard = protocol.shard_of(self.worker_id, shards)
             followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
@@ -347,10 +352,21 @@ class Worker:
             await self._poll()
 
     async def _poll(self) -> None:
-        records = await self.store.unfinished(self.job_name)
-        for record in records:
+        """Steal first: a few unfinished tasks of another shard picked at random (a small
+        list, and stealers spread over the shards). Only when it has nothing pending, the
+        unfinished tasks of every shard, which also settles what committed meanwhile."""
+        others = [s for s in range(self._shards) if s != self._shard]
+        if others:
+            found = await self.store.unfinished(self.job_name, shard=self._rng.choice(others),
+                                                most=_STEAL)
+            for record in found:
+                self._remember(record.key, record.body)
+            if any(record.task["state"] == TaskState.PENDING for record in found):
+                return
+        found = await self.store.unfinished(self.job_name)
+        for record in found:
             self._remember(record.key, record.body)
-        self._view.settle(record.key for record in records)
+        self._view.settle(record.key for record in found)
 
     async def _read_all(self) -> None:
         """Read every record of the job: what a stage's outputs and the verdict need when

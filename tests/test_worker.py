@@ -285,9 +285,10 @@ class ShardWatchStore(SQLiteStateStore):
                        if key == protocol.JOB_KEY or protocol.shard_of(key, self.shards) == chosen}
         return records, revision
 
-    async def unfinished(self, job: str) -> list[Record]:
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
         self.polled += 1
-        return await super().unfinished(job)
+        return await super().unfinished(job, shard=shard, most=most)
 
 
 async def test_workers_that_each_follow_one_shard_finish_the_job_exactly(

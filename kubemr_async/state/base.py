@@ -81,10 +81,16 @@ class StateStore(Protocol):
         with the job record's ``shards``) and the job record; a store may deliver more
         (one that costs nothing per watcher delivers everything)."""
 
-    async def unfinished(self, job: str) -> list[Record]:
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
         """``job``'s task records that have not committed, read now: what a worker that
         follows one shard polls to find work elsewhere and to learn that the rest has
-        committed (JobView.settle). JobNotFound if there is no job."""
+        committed (JobView.settle). JobNotFound if there is no job.
+
+        ``shard``: only that shard's; ``most``: at most that many (which ones is the
+        store's choice). Either makes the answer partial: good for stealing a few tasks,
+        not for settling."""
+
 
 
     async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:

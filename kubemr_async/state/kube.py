@@ -371,14 +371,18 @@ class KubeStateStore:
             self._task_namespace_of(job, obj)
         return self._shards[job]
 
-    async def unfinished(self, job: str) -> list[Record]:
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
         """The job's tasks not committed, by label (``state!=committed`` also matches a
-        task written before the label existed; its body decides)."""
+        task written before the label existed; its body decides). The API server filters
+        them, so a poll at a stage's tail, when few are left, costs little."""
         task_ns = await self.task_namespace(job, "polling its unfinished tasks")
         tasks, _ = await self.kube.list(
-            MAPREDUCE_TASKS, task_ns,
-            label_selector=f"{LABEL_JOB}={job},{LABEL_STATE}!={TaskState.COMMITTED.value}",
+            MAPREDUCE_TASKS, task_ns, most=most,
+            label_selector=f"{_task_selector(job, shard)},"
+                           f"{LABEL_STATE}!={TaskState.COMMITTED.value}",
             context=f"job {job}: listing its unfinished tasks in namespace {task_ns}")
+
         self.stats.polls += 1
         records = [_task_record(task) for task in tasks]
         return [r for r in records if r.task["state"] != TaskState.COMMITTED]

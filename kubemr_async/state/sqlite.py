@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..patch import PatchTestFailed, apply_patch
-from ..protocol import JOB_KEY, TaskState, Update
+from ..protocol import JOB_KEY, TaskState, Update, job_shards, shard_of
 from ..records import Body
 from .base import JobNotFound, Record, ShardChoice, WatchEvent, decode_body
 
@@ -108,10 +108,15 @@ class SQLiteStateStore:
                                  (job,)).fetchone() is not None
         return rows, alive
 
-    async def unfinished(self, job: str) -> list[Record]:
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
         records, _ = await self.snapshot(job)
-        return [record for key, record in records.items()
-                if key != JOB_KEY and record.task["state"] != TaskState.COMMITTED]
+        shards = job_shards(records[JOB_KEY].job)
+        found = [record for key, record in sorted(records.items())
+                 if key != JOB_KEY and record.task["state"] != TaskState.COMMITTED
+                 and (shard is None or shard_of(key, shards) == shard)]
+        return found[:most]
+
 
     async def watch(self, job: str, since: str, *,
                     shard: int | None = None) -> AsyncIterator[WatchEvent]:
