@@ -652,8 +652,15 @@ def _wait_decided(cluster: Any, job_path: str,
 def job_phase(cluster: Any, job_path: str) -> str:
     """The job's phase, as its printer column: polling the whole object ten times a second
     would cost the API server more than some of what we measure (it holds N inputs)."""
-    table = cluster.api("GET", f"{job_path}?includeObject=None",
-                        accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    for _ in range(5):  # a server busy with many workers starting may not answer at once
+        try:
+            table = cluster.api("GET", f"{job_path}?includeObject=None",
+                                accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise TimeoutError(f"{job_path}: the API server did not answer 5 times")
     names = [c["name"] for c in table["columnDefinitions"]]
     return str(table["rows"][0]["cells"][names.index("Phase")] or "Pending")
 
@@ -813,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_job(cluster, server, count, workers, args.reducers, Path(tmp),
                                     mode=args.mode, profile=args.profile,
                                     timeout=args.timeout, say=say))
+                say(table([runs[-1]], bare))  # each point as it comes: a long sweep may die
     print(table(runs, bare))
     if bare is not None:
         print(f"\nbare PATCH: {bare.patches} in {bare.seconds:.1f}s = {bare.rate:.0f}/s; "
