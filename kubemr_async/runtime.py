@@ -78,7 +78,6 @@ _POLL_GAPS = (0.25, 2.0)
 _STEAL = 16
 
 
-
 def container_memory_limit() -> int | None:
     """This container's memory limit from its cgroup (v2, else v1), or None if unlimited.
 
@@ -167,12 +166,11 @@ class Worker:
         # (None: one shard, it follows every task); the rest it polls (_poll).
         self._shard: int | None = None
         self._shards = 1
-
+        # When it polls next, and how long it waits after that (see _look_further); when
+        # it reads the job whole once everything finished (a spread, see there).
         self._next_poll = 0.0
-        self._read_at: float | None = None
-
-
         self._poll_gap = _POLL_GAPS[0]
+        self._read_at: float | None = None
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
@@ -204,10 +202,8 @@ class Worker:
 
         # A worker of a sharded job reads only its shard: the rest it learns by polling.
         records, revision = await self.store.snapshot(self.job_name, shard=follow)
-        shards = protocol.job_shards(records[protocol.JOB_KEY].job)
-
+        shards = self._shards = protocol.job_shards(records[protocol.JOB_KEY].job)
         followed = None
-        self._shards = shards
         if shards > 1:
             shard = self._shard = protocol.shard_of(self.worker_id, shards)
             followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
