@@ -694,7 +694,7 @@ def table(runs: list[Run], bare: Bare | None = None) -> str:
         ("job: seconds, planned to Succeeded", lambda r: f"{r.job_seconds:.1f}"),
         ("job: ms per task", lambda r: f"{1000 * r.job_seconds / r.tasks:.2f}"),
         ("job: marginal ms per task (vs smallest N)",
-         lambda r: "-" if r is base else
+         lambda r: "-" if r.tasks == base.tasks else
          f"{1000 * (r.job_seconds - base.job_seconds) / (r.tasks - base.tasks):.2f}"),
         ("workers: task PATCHes per task", lambda r: f"{r.task_patches / r.tasks:.3f}"),
         ("job PATCHes during the job (workers, operator)", lambda r: f"{r.job_patches:.0f}"),
