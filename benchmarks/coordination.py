@@ -39,6 +39,13 @@ stage's moment, the CLI's and the worker's CPU): see ``tiny_job_latency``.
     .venv/bin/python benchmarks/coordination.py --mode operator   # the whole product path
     .venv/bin/python benchmarks/coordination.py --tasks 10,1000 --workers 8 --json out.json
     .venv/bin/python benchmarks/coordination.py --tiny-job 5      # submit --wait, to exit
+
+The worker sweep (issue: per-task API server CPU must stay flat as workers grow): one N,
+several worker counts, and the bare-PATCH baseline measured first on the same server (4
+clients, one guarded PATCH in flight each, on MapReduceTask objects nobody else watches
+but the controller-manager): tasks/s of each job is reported against that rate.
+
+    .venv/bin/python benchmarks/coordination.py --tasks 2000 --workers 4,16,64 --bare
 """
 
 from __future__ import annotations
@@ -71,9 +78,9 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 
 # Imported up front so that no import lands inside a timed region.
 from kubemr_async import protocol  # noqa: E402
-from kubemr_async.crd import ensure_crds  # noqa: E402
+from kubemr_async.crd import MAPREDUCE_TASKS, ensure_crds  # noqa: E402
 from kubemr_async.inputs import plan_inputs  # noqa: E402
-from kubemr_async.kube import Kube  # noqa: E402
+from kubemr_async.kube import JSON_PATCH, Kube  # noqa: E402
 from kubemr_async.spec import JobSpec  # noqa: E402
 from kubemr_async.state.kube import KubeStateStore  # noqa: E402
 
@@ -214,8 +221,9 @@ def worker_main(out: Path, profile: Path | None) -> int:
             self.watch_events = 0
             stores.append(self)
 
-        async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
-            async for event in super().watch(job, since):
+        async def watch(self, job: str, since: str, *,
+                        shard: int | None = None) -> AsyncIterator[WatchEvent]:
+            async for event in super().watch(job, since, shard=shard):
                 self.watch_events += 1
                 yield event
 
@@ -249,7 +257,64 @@ def worker_main(out: Path, profile: Path | None) -> int:
     return code
 
 
+# --- the bare-PATCH baseline -----------------------------------------------------------
+
+
+@dataclass
+class Bare:
+    """What the API server sustains for guarded JSON Patch writes alone."""
+
+    clients: int
+    patches: int = 0
+    seconds: float = 0.0
+    server_cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.patches / self.seconds if self.seconds else 0.0
+
+
+def bare_patches(cluster: Any, clients: int, seconds: float) -> Bare:
+    """``clients`` connections, each with one guarded PATCH (test + replace of the record's
+    ``seq``, a renewal's shape) in flight at a time on its own MapReduceTask, for
+    ``seconds``: the rate and the servers' CPU per PATCH."""
+    namespace = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    names = [f"bare-{i}" for i in range(clients)]
+    for i, name in enumerate(names):
+        cluster.api("POST", f"{GROUP_PATH}/namespaces/{namespace}/mapreducetasks", {
+            "apiVersion": f"{GROUP}/v1alpha1", "kind": "MapReduceTask",
+            "metadata": {"name": name},
+            "status": protocol.new_task(protocol.TaskKind.MAP, i, f"in-{i}")})
+    bare = Bare(clients)
+
+    async def client(name: str, stop: float) -> int:
+        done = 0
+        async with await Kube.connect(str(cluster.kubeconfig_path)) as kube:
+            while time.monotonic() < stop:
+                await kube.patch(MAPREDUCE_TASKS, name, [
+                    {"op": "test", "path": "/status/seq", "value": done},
+                    {"op": "replace", "path": "/status/seq", "value": done + 1}],
+                    namespace, content_type=JSON_PATCH)
+                done += 1
+        return done
+
+    async def run() -> None:
+        before = server_cpu(cluster.root)
+        started = time.monotonic()
+        counts = await asyncio.gather(*(client(n, started + seconds) for n in names))
+        bare.seconds = time.monotonic() - started
+        after = server_cpu(cluster.root)
+        bare.server_cpu = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        bare.patches = sum(counts)
+
+    asyncio.run(run())
+    cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
+    return bare
+
+
 # --- one job ---------------------------------------------------------------------------
+
 
 
 @dataclass
@@ -307,14 +372,16 @@ def task_inputs(count: int) -> list[str]:
 
 
 async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str],
-                   reducers: int) -> None:
-    """What the operator's planning does: create job and task records, then start the job."""
+                   reducers: int, workers: int = 1) -> None:
+    """What the operator's planning does: create job and task records (dealt into the
+    shards the operator would choose for ``workers``), then start the job."""
     spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
                    output=OUTPUT, split_inputs=False)
+    shards = protocol.shard_count(workers)
     async with await Kube.connect(str(kubeconfig)) as kube:
         store = KubeStateStore(kube, namespace)
         splits = await plan_inputs(spec)
-        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec)),
+        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, shards=shards)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job, len(splits)))
@@ -358,7 +425,7 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
 
     before = server.metrics()
     started = time.monotonic()
-    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers))
+    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers, workers))
     run.plan_seconds = time.monotonic() - started
     planned = server.metrics()
     _record_planning(run, planned - before)
@@ -404,7 +471,12 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
         raise RuntimeError(f"job {name} ended {status.get('phase')}: {status}\n{tail}")
     say(f"  job Succeeded in {run.job_seconds:.1f}s")
     if not plain:
-        run.per_worker = [json.loads(stats.read_text()) for _, stats, _ in procs]
+        for proc, stats, log in procs:
+            if not stats.exists():  # the worker failed after the verdict: say why, go on
+                say(f"  worker exited {proc.returncode} without its figures:\n"
+                    f"{log.read_text(errors='replace')[-2000:]}")
+        run.per_worker = [json.loads(stats.read_text()) if stats.exists() else {}
+                          for _, stats, _ in procs]
     return planned, status
 
 
@@ -587,8 +659,15 @@ def _wait_decided(cluster: Any, job_path: str,
 def job_phase(cluster: Any, job_path: str) -> str:
     """The job's phase, as its printer column: polling the whole object ten times a second
     would cost the API server more than some of what we measure (it holds N inputs)."""
-    table = cluster.api("GET", f"{job_path}?includeObject=None",
-                        accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    for _ in range(5):  # a server busy with many workers starting may not answer at once
+        try:
+            table = cluster.api("GET", f"{job_path}?includeObject=None",
+                                accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise TimeoutError(f"{job_path}: the API server did not answer 5 times")
     names = [c["name"] for c in table["columnDefinitions"]]
     return str(table["rows"][0]["cells"][names.index("Phase")] or "Pending")
 
@@ -596,10 +675,24 @@ def job_phase(cluster: Any, job_path: str) -> str:
 # --- report ----------------------------------------------------------------------------
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[Run], bare: Bare | None = None) -> str:
     """The figures as a Markdown table (the same one goes into benchmarks/README.md)."""
     base = runs[0]
+
+    def apiserver_ms(r: Run) -> float:
+        return 1000 * r.server_cpu.get("apiserver", 0.0) / r.tasks
+
     rows: list[tuple[str, Callable[[Run], str]]] = [
+        ("workers", lambda r: f"{r.workers}"),
+        ("job: tasks per second", lambda r: f"{r.tasks / r.job_seconds:.1f}"),
+        *((("job: tasks/s as % of the bare PATCH/s "
+            f"({bare.rate:.0f}/s, {bare.clients} clients)",
+            lambda r: f"{100 * r.tasks / r.job_seconds / bare.rate:.0f}%"),) if bare else ()),
+        ("API server CPU ms per task / the first column's",
+         lambda r: f"{apiserver_ms(r) / max(apiserver_ms(base), 1e-9):.2f}x"),
+        ("workers: polls / full reads per worker (sharded)",
+         lambda r: f"{r.client('polls') / r.workers:.1f} / {r.client('snapshots') / r.workers:.1f}"
+         if r.per_worker else "n/a"),
         ("planning: seconds", lambda r: f"{r.plan_seconds:.2f}"),
         ("planning: ms per task", lambda r: f"{1000 * r.plan_seconds / r.tasks:.2f}"),
         ("planning: API writes per task",
@@ -608,7 +701,7 @@ def table(runs: list[Run]) -> str:
         ("job: seconds, planned to Succeeded", lambda r: f"{r.job_seconds:.1f}"),
         ("job: ms per task", lambda r: f"{1000 * r.job_seconds / r.tasks:.2f}"),
         ("job: marginal ms per task (vs smallest N)",
-         lambda r: "-" if r is base else
+         lambda r: "-" if r.tasks == base.tasks else
          f"{1000 * (r.job_seconds - base.job_seconds) / (r.tasks - base.tasks):.2f}"),
         ("workers: task PATCHes per task", lambda r: f"{r.task_patches / r.tasks:.3f}"),
         ("job PATCHes during the job (workers, operator)", lambda r: f"{r.job_patches:.0f}"),
@@ -916,7 +1009,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tasks", default="10,1000,10000",
                         help="comma-separated map task counts (default 10,1000,10000)")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", default="4",
+                        help="comma-separated worker counts: each N runs with each (a sweep)")
+    parser.add_argument("--bare", action="store_true",
+                        help="first measure the bare guarded-PATCH rate (4 clients, 20 s)")
     parser.add_argument("--reducers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
     parser.add_argument(
@@ -973,18 +1069,31 @@ def main(argv: list[str] | None = None) -> int:
                 say("warning: the controller-manager never watched MapReduceTasks")
                 break
             time.sleep(1.0)
+        bare = None
+        if args.bare:
+            bare = bare_patches(cluster, clients=4, seconds=20.0)
+            cpu = 1000 * bare.server_cpu.get("apiserver", 0.0) / max(bare.patches, 1)
+            say(f"bare PATCH: {bare.rate:.0f}/s with {bare.clients} clients; API server "
+                f"{cpu:.2f} ms CPU per PATCH")
         for count in counts:
-            say(f"N={count}: {args.workers} workers, {args.reducers} reducer(s); load average "
-                f"{os.getloadavg()[0]:.1f}")
-            runs.append(run_job(cluster, server, count, args.workers, args.reducers, Path(tmp),
-                                mode=args.mode, profile=args.profile,
-                                timeout=args.timeout, say=say))
-    print(table(runs))
+            for workers in (int(w) for w in args.workers.split(",")):
+                say(f"N={count}: {workers} workers, {args.reducers} reducer(s); load average "
+                    f"{os.getloadavg()[0]:.1f}")
+                runs.append(run_job(cluster, server, count, workers, args.reducers, Path(tmp),
+                                    mode=args.mode, profile=args.profile,
+                                    timeout=args.timeout, say=say))
+                say(table([runs[-1]], bare))  # each point as it comes: a long sweep may die
+    print(table(runs, bare))
+    if bare is not None:
+        print(f"\nbare PATCH: {bare.patches} in {bare.seconds:.1f}s = {bare.rate:.0f}/s; "
+              f"API server {1000 * bare.server_cpu.get('apiserver', 0.0) / bare.patches:.2f} "
+              "ms CPU per PATCH")
     # Other processes' load skews absolute times on a small shared machine: say how busy.
     print(f"\nload average at the end (1/5/15 min): "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
+        args.json.write_text(json.dumps({"bare": asdict(bare) if bare else None,
+                                         "runs": [asdict(r) for r in runs]}, indent=2))
     limit_ok = all(max(r.max_map_bytes, r.max_reduce_bytes, r.job_bytes) < ETCD_LIMIT / 4
                    for r in runs)
     flat = args.mode == "operator" or len({r.probe_map_status_bytes for r in runs}) == 1

@@ -73,6 +73,11 @@ LABEL_JOB = f"{GROUP}/job"
 LABEL_KIND = f"{GROUP}/kind"
 #: The protocol's record key of a task object (``map-00042``), so names stay free-form.
 LABEL_TASK = f"{GROUP}/task"
+#: A task's shard (``protocol.shard_of``): a worker watches only its own shard's tasks.
+LABEL_SHARD = f"{GROUP}/shard"
+#: A task's state, kept equal to ``.status.state`` by every write that changes it, so a
+#: worker can list just the unfinished tasks (``state!=committed``).
+LABEL_STATE = f"{GROUP}/state"
 #: On a task namespace: the namespace of the MapReduceJob that owns it.
 LABEL_JOB_NAMESPACE = f"{GROUP}/job-namespace"
 
@@ -382,6 +387,9 @@ def _job_status_schema() -> dict[str, Any]:
                 },
             },
             "seq": _int(0, doc="Bumped by every write; guarded writes test it (CAS)."),
+            "shards": _int(1, doc="How many shards the tasks are dealt into (label "
+                                  f"{GROUP}/shard); each worker watches one."),
+
             "counters": _counters_schema(
                 "The job's counters, {group: {name: amount}}: the sum over its committed "
                 "tasks, each counted once (group kubemr: the framework's).", per_task=False),

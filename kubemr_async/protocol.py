@@ -34,16 +34,27 @@ compare-and-swap on the whole record. That bump is also what a lease is judged b
 running task may be taken over once an observer has seen its ``seq`` stay the same for
 ``leaseSeconds`` on its own monotonic clock (:meth:`JobView.lease_lapsed`), so no
 machine's wall clock is compared with another's.
+
+Shards (why a worker need not follow every task): each write of a task record is sent by
+the API server to every watcher of that record, so if every worker watched every task, the
+cost of one task would grow with the number of workers. A job's tasks are therefore dealt
+into ``shards`` (:func:`shard_of`, a hash of the key; the job record says how many,
+:func:`shard_count`), and a worker follows one shard live and learns about the others by
+asking for the unfinished tasks now and then (:meth:`JobView.settle`). Nothing here depends
+on who watches what for safety: every write is guarded by the record's ``seq``, so a claim
+or takeover decided on a stale view of another shard loses its race and changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from math import inf
 from typing import cast
 
 from .counters import total
@@ -189,19 +200,44 @@ def new_status() -> JobStatus:
     return {"phase": JobPhase.PENDING.value, "maps": 0, "results": [], "error": None, "seq": 0}
 
 
-def new_job(spec: JobSpec, *, every_step: bool = False) -> JobRecord:
+def new_job(spec: JobSpec, *, every_step: bool = False, shards: int = 1) -> JobRecord:
     """The job record; it stays Pending until every task record exists.
 
     ``every_step``: the record set will hold every step of a multi-step job (a
     MapReduceJob), so the record gets ``step`` (the spec's, where it starts) for
     :func:`advance` to test and move. Without it a multi-step spec's record set is the one
     step its spec names (`kubemr run` runs each step as a record set of its own), whose
-    verdict is its own.
+    verdict is its own. ``shards``: how many shards its tasks are dealt into (see the
+    module's docstring; absent means one).
     """
     record = JobRecord(spec=spec.to_dict(cluster=False), **new_status())
     if every_step and spec.steps > 1:
         record["step"] = spec.step
+    if shards > 1:
+        record["shards"] = shards
     return record
+
+
+#: Workers that follow each shard live. Each write of a task is delivered to the watchers
+#: of its shard, so this bounds what one write costs the API server whatever the number of
+#: workers; four is where a job ran before shards existed (4 workers, one shard), and
+#: enough that a shard's pending tasks are seen at once by some worker that is free.
+WATCHERS_PER_SHARD = 4
+
+
+def shard_count(workers: int) -> int:
+    """How many shards a job run by ``workers`` workers deals its tasks into."""
+    return max(1, workers // WATCHERS_PER_SHARD)
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of the record ``key``: a stable hash, so every process agrees."""
+    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
+
+
+def job_shards(job: JobRecord) -> int:
+    """How many shards the job's tasks are dealt into (1: one, every worker sees all)."""
+    return int(job.get("shards", 1))
 
 
 def new_task(kind: TaskKind, index: int, task_input: str | None = None,
@@ -463,17 +499,31 @@ class JobView:
     A worker's watch cache, the operator's progress follower and `kubemr run`'s progress bar
     all feed every change through :meth:`update`; counts, claim candidates and the verdict
     are then read without scanning all tasks (a 10,000-task job sees ~20,000 changes).
+
+    ``followed``: which records the observer follows live (a watch that delivers every
+    change), when it does not follow them all: a worker follows its shard and polls the
+    rest (see the module's docstring). A record it only polls is offered for claiming after
+    the ones it follows, its lease is judged only up to the last poll that showed it, and a
+    poll that no longer lists it as unfinished settles it (:meth:`settle`).
     """
 
     def __init__(self, records: Mapping[str, Body] | None = None,
-                 seen: float | None = None) -> None:
+                 seen: float | None = None, *,
+                 followed: Callable[[str], bool] | None = None) -> None:
         self.records: dict[str, Body] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.job: JobRecord | None = None
+        self._followed = followed
+        # For each record polled, not followed: when a poll last showed it.
+        self._polled: dict[str, float] = {}
+        #: Tasks a poll showed committed that this observer has not read since: counted as
+        #: committed, but their outputs are unknown until it reads them (:meth:`settle`).
+        self.unread: set[str] = set()
         # Every index is per step (a multi-step job's records of all its steps share one
-        # view); the questions below are about the current step only.
+        # view); the questions below are about the current step only. Pending tasks are
+        # kept apart by whether this observer follows them (it offers those first).
         self._counts: Counter[tuple[int, str, str]] = Counter()
-        self._pending: dict[tuple[int, str], _Sample] = {}
+        self._pending: dict[tuple[int, str, bool], _Sample] = {}
         self._running: dict[str, TaskRecord] = {}
         # When this observer saw each running task's record change (see lease_lapsed).
         self._seen: dict[str, float | None] = {}
@@ -494,11 +544,15 @@ class JobView:
         if key == JOB_KEY:
             self.job = self.records[key] = cast(JobRecord, body)
             return
+        followed = self._follows(key)
+        if not followed and seen is not None:
+            self._polled[key] = seen
+        self.unread.discard(key)
         old = self.tasks.get(key)
         if old is not None:
             old_step = task_step(old)
             self._counts[(old_step, old["kind"], old["state"])] -= 1
-            self._pending_of(old_step, old["kind"]).discard(key)
+            self._pending_of(old_step, old["kind"], followed).discard(key)
             self._running.pop(key, None)
             if old["seq"] == body["seq"] and key in self._seen:
                 seen = self._seen[key]
@@ -514,13 +568,66 @@ class JobView:
             self._key_types.setdefault((step, new_type), set()).add(key)
         self._counts[(step, body["kind"], body["state"])] += 1
         if body["state"] == TaskState.PENDING:
-            self._pending_of(step, body["kind"]).add(key)
+            self._pending_of(step, body["kind"], followed).add(key)
         elif body["state"] == TaskState.RUNNING:
             self._running[key] = body
             self._seen[key] = seen
 
-    def _pending_of(self, step: int, kind: str) -> _Sample:
-        return self._pending.setdefault((step, kind), _Sample())
+    def settle(self, unfinished: Iterable[str]) -> None:
+        """Take in a poll of the job's unfinished tasks (their bodies already fed to
+        :meth:`update`): every task this view holds as unfinished that the poll did not
+        list, and that the observer does not follow, has committed since it was read.
+
+        Such a task is counted as committed, so it is no longer offered and the stage can
+        end, but its outputs are unknown: it stays in :attr:`unread` until its record is
+        read, and nothing that needs outputs (results, shuffle objects, the verdict) is
+        answered meanwhile. A task re-opened after the poll reads as committed here until
+        the next poll; a write decided on that loses its race on ``seq``.
+        """
+        listed = set(unfinished)
+        for key, body in list(self.tasks.items()):
+            if (body["state"] != TaskState.COMMITTED and key not in listed
+                    and not self._follows(key)):
+                self._settled(key, body)
+        if self.job is not None and not self.complete:
+            # A view that read only its shard: the current step's other tasks, which the
+            # job record names, were not listed as unfinished, so they have committed.
+            step = self.step
+            for kind, total, key_of in ((TaskKind.MAP, self.map_total, map_key),
+                                        (TaskKind.REDUCE, self.reduce_total, reduce_key)):
+                for index in range(total):
+                    key = key_of(index, step)
+                    if key not in self.tasks and key not in listed and not self._follows(key):
+                        self._settled(key, new_task(kind, index, step=step))
+
+    def _settled(self, key: str, body: TaskRecord) -> None:
+        """Count ``key`` as committed, its outputs unread (``body``: what is known of it)."""
+        self.update(key, cast(TaskRecord, {**body, "state": TaskState.COMMITTED.value}))
+        self.unread.add(key)
+
+
+    def needs_reading(self) -> bool:
+        """Whether the current step's tasks have all finished but some are known only from
+        a poll (:attr:`unread`): the verdict, or the step's results, waits for reading
+        them."""
+        if not self.unread or self.phase != JobPhase.RUNNING or not self.complete:
+            return False
+        return not any(self._counts[(self.step, kind.value, state.value)]
+                       for kind in TaskKind for state in (TaskState.PENDING, TaskState.RUNNING))
+
+    def stale(self, key: str) -> None:
+        """A guarded write to ``key`` lost its race, so this copy is out of date: a record
+        the observer does not follow is no longer offered until a poll shows it again."""
+        body = self.tasks.get(key)
+        if body is not None and not self._follows(key):
+            self._pending_of(task_step(body), body["kind"], False).discard(key)
+            self._polled.pop(key, None)
+
+    def _follows(self, key: str) -> bool:
+        return self._followed is None or self._followed(key)
+
+    def _pending_of(self, step: int, kind: str, followed: bool = True) -> _Sample:
+        return self._pending.setdefault((step, kind, followed), _Sample())
 
     def _count(self, kind: TaskKind, state: TaskState | None = None) -> int:
         if state is not None:
@@ -598,7 +705,15 @@ class JobView:
         )
 
     def _stage(self) -> TaskKind | None:
-        if self.phase != JobPhase.RUNNING or not self.complete:
+        """The kind of task claimable now. A map known unfinished means the maps' stage
+        even in a view that has not seen every task (a worker that read only its shard);
+        the reduces' stage needs every map seen committed."""
+        if self.phase != JobPhase.RUNNING:
+            return None
+        if any(self._counts[(self.step, TaskKind.MAP.value, state.value)]
+               for state in (TaskState.PENDING, TaskState.RUNNING)):
+            return TaskKind.MAP
+        if not self.complete:
             return None
         return TaskKind.REDUCE if self.maps_committed else TaskKind.MAP
 
@@ -608,21 +723,26 @@ class JobView:
         if stage is None:
             return []
         expired = self._expired(stage, now)
-        pending = [self.tasks[k] for k in self._pending_of(self.step, stage.value)]
+        pending = [self.tasks[k] for followed in (True, False)
+                   for k in self._pending_of(self.step, stage.value, followed)]
         return sorted([*pending, *expired], key=lambda t: t["index"])
 
     def candidates(self, now: float, count: int, rng: random.Random) -> list[TaskRecord]:
         """Up to ``count`` claimable tasks picked at random, so racing workers spread out.
 
-        Taking over expired leases comes first: those tasks have waited longest.
+        Taking over expired leases comes first: those tasks have waited longest. Then the
+        pending tasks the observer follows, and only when there are none, polled ones
+        (others' shards: their own workers are likelier to win them).
         """
         stage = self._stage()
         if stage is None:
             return []
         expired = self._expired(stage, now)
         rng.shuffle(expired)
-        pending = self._pending_of(self.step, stage.value)
-        picked = [self.tasks[k] for k in pending.sample(count, rng)]
+        keys = self._pending_of(self.step, stage.value).sample(count, rng)
+        if not keys:
+            keys = self._pending_of(self.step, stage.value, False).sample(count, rng)
+        picked = [self.tasks[k] for k in keys]
         return [*expired, *picked][:max(count, len(expired))]
 
     def _expired(self, stage: TaskKind, now: float) -> list[TaskRecord]:
@@ -644,9 +764,13 @@ class JobView:
         ``leaseSeconds`` as this observer measured it, so no other machine's clock is read
         and a skewed one can never make a live lease look expired. A holder that renews
         changes the record every ``leaseSeconds / 3``; a fresh observer waits one whole
-        lease from when it first saw the record.
+        lease from when it first saw the record. A record it only polls is known silent
+        only up to the last poll that showed it, so that is the time judged.
         """
-        return key in self._running and self._lease_end(key) < now
+        if key not in self._running:
+            return False
+        judged = now if self._follows(key) else self._polled.get(key, -inf)
+        return self._lease_end(key) < judged
 
     def restart_observation(self, now: float) -> None:
         """Judge every running task's lease from ``now``, as an observer that has just
@@ -656,8 +780,9 @@ class JobView:
             self._seen[key] = now
 
     def next_lease_expiry(self) -> float | None:
-        """When the earliest running lease runs out: the latest a waiting worker should look."""
-        leases = [self._lease_end(key) for key in self._running]
+        """When the earliest running lease it follows runs out: the latest a waiting worker
+        should look (a polled lease can only be found lapsed by a poll)."""
+        leases = [self._lease_end(key) for key in self._running if self._follows(key)]
         return min(leases) if leases else None
 
     def map_outputs(self, partition: int) -> list[tuple[TaskRecord, str]]:
@@ -665,6 +790,7 @@ class JobView:
 
         (Key/value maps write one shuffle object each: :meth:`shuffle_objects`.)
         """
+        self._require_read(TaskKind.MAP)
         return [(m, outputs[str(partition)]) for m in self.maps
                 if isinstance(outputs := m["outputs"], dict) and str(partition) in outputs]
 
@@ -675,8 +801,17 @@ class JobView:
         reduce that finds its slice corrupt can re-open exactly the map (and the attempt)
         that wrote it. Maps that emitted nothing have no object.
         """
+        self._require_read(TaskKind.MAP)
         return [(m, outputs[SHUFFLE], int(outputs[SHUFFLE_SIZE])) for m in self.maps
                 if isinstance(outputs := m["outputs"], dict) and SHUFFLE in outputs]
+
+    def _require_read(self, kind: TaskKind) -> None:
+        """Refuse to answer from tasks whose outputs this observer has not read."""
+        missing = sorted(k for k in self.unread if self.tasks[k]["kind"] == kind
+                         and task_step(self.tasks[k]) == self.step)
+        if missing:
+            raise RuntimeError(f"outputs of {len(missing)} committed {kind.value} task(s) "
+                               f"not read yet (first: {missing[0]}): read the job first")
 
     def key_type_clash(self, task: str | None = None, key_type: str | None = None) -> str | None:
         """Why the job's keys do not share one type, or None if they do.
@@ -699,9 +834,11 @@ class JobView:
 
         Any worker (or the operator) may send it; the test on ``seq`` makes it idempotent.
         A failed task of the current step fails the job; success waits for the last step
-        (an earlier step's end is :meth:`step_results`, for the operator to advance).
+        (an earlier step's end is :meth:`step_results`, for the operator to advance). Not
+        while any task's outputs are :attr:`unread`: the verdict carries them.
         """
-        if self.job is None or self.phase != JobPhase.RUNNING or not self.complete:
+        if (self.job is None or self.phase != JobPhase.RUNNING or not self.complete
+                or self.unread):
             return None
         if self.progress().failed:
             failed = next(t for t in (*self.maps, *self.reduces)
@@ -740,9 +877,13 @@ class JobView:
 
         The reduces' outputs in partition order, or for a map-only job (no reducers) the
         maps' outputs in map order: what the Succeeded verdict stamps, and what the worker
-        that stamps it lists in the result location's manifest first.
+        that stamps it lists in the result location's manifest first. None too while any
+        of them is :attr:`unread`.
         """
+        if self.unread:
+            return None
         if self.reduce_total == 0:
+
             return [t["outputs"] for t in self.maps] if self.maps_committed else None
         if self._count(TaskKind.REDUCE, TaskState.COMMITTED) == self.reduce_total:
             return [t["outputs"] for t in self.reduces]

@@ -84,6 +84,8 @@ class JobStatus(TypedDict):
     #: A multi-step job's current step (0-based): only its tasks are claimable, and
     #: ``maps`` counts its maps. Moved on by ``protocol.advance`` (absent: one step).
     step: NotRequired[int]
+    #: How many shards the tasks are dealt into (``protocol.shard_of``); absent: one.
+    shards: NotRequired[int]
 
 
 class JobRecord(JobStatus):

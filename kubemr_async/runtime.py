@@ -49,7 +49,7 @@ from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input
 from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
-from .records import Body, Counters, Skipped, TaskOutputs, TaskRecord
+from .records import Body, Counters, JobRecord, Skipped, TaskOutputs, TaskRecord
 from .scrub import CREDENTIAL_KEYS, scrub
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore, StoreUnavailable
@@ -69,6 +69,13 @@ _WHOLE_INDEX = 64 * 1024
 #: Shuffle objects up to this size are read whole (and kept, while there is room): every
 #: reduce's slice of a small map output then costs at most one request.
 _WHOLE_OBJECT = 64 * 1024
+#: Seconds between a sharded worker's polls of the tasks it does not follow, when it has
+#: nothing to claim: the first gap, and the most it doubles to while polls find nothing.
+#: The first is short so a stage's end is seen at once; the last bounds both how late an
+#: idle worker notices work elsewhere and what idle workers cost (one small list each).
+_POLL_GAPS = (0.25, 2.0)
+#: Unfinished tasks a steal asks another shard for: a few claims' worth of candidates.
+_STEAL = 16
 
 
 def container_memory_limit() -> int | None:
@@ -155,6 +162,15 @@ class Worker:
         self._step = -1
         self._io = asyncio.Semaphore(io_concurrency)
         self._view = JobView()
+        # The shard this worker follows live when the job's tasks are dealt into several
+        # (None: one shard, it follows every task); the rest it polls (_poll).
+        self._shard: int | None = None
+        self._shards = 1
+        # When it polls next, and how long it waits after that (see _look_further); when
+        # it reads the job whole once everything finished (a spread, see there).
+        self._next_poll = 0.0
+        self._poll_gap = _POLL_GAPS[0]
+        self._read_at: float | None = None
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
@@ -180,9 +196,19 @@ class Worker:
 
     async def run(self) -> JobPhase:
         """Work until the job finishes; returns the phase the job was in when we left."""
-        records, revision = await self.store.snapshot(self.job_name)
+        def follow(job: JobRecord) -> int | None:
+            shards = protocol.job_shards(job)
+            return protocol.shard_of(self.worker_id, shards) if shards > 1 else None
+
+        # A worker of a sharded job reads only its shard: the rest it learns by polling.
+        records, revision = await self.store.snapshot(self.job_name, shard=follow)
+        shards = self._shards = protocol.job_shards(records[protocol.JOB_KEY].job)
+        followed = None
+        if shards > 1:
+            shard = self._shard = protocol.shard_of(self.worker_id, shards)
+            followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
         self._view = JobView({key: rec.body for key, rec in records.items()},
-                             seen=self.monotonic())
+                             seen=self.monotonic(), followed=followed)
         assert self._view.job is not None
         self.job_spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.budget = shuffle.ShuffleBudget(memory_budget(self.job_spec.memory,
@@ -212,7 +238,7 @@ class Worker:
         self._kept = KeptObjects(self.budget.kept_bytes)
 
     async def _watch(self, since: str) -> None:
-        async for event in self.store.watch(self.job_name, since):
+        async for event in self.store.watch(self.job_name, since, shard=self._shard):
             self._remember(event.record.key, event.record.body)
         self._job_deleted = True
         self._changed.set()
@@ -227,6 +253,7 @@ class Worker:
     async def _write(self, update: protocol.Update, *, resend: bool = True) -> Record | None:
         record = await self.store.patch(self.job_name, update, resend=resend)
         if record is None:
+            self._view.stale(update.key)
             return None
         self._remember(record.key, record.body)
         return record
@@ -281,15 +308,74 @@ class Worker:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
                 elif claimed.task["state"] == TaskState.RUNNING:
                     metrics.TASKS_CLAIMED.labels(body["kind"]).inc()
+                    self._poll_gap = _POLL_GAPS[0]
                     await self._execute(claimed.task)
                     break
             else:
-                await self._wait_for_change(view)
+                await self._look_further(view)
 
-    async def _wait_for_change(self, view: JobView) -> None:
+    async def _look_further(self, view: JobView) -> None:
+        """Nothing to claim in this worker's view: read what it has not, poll the shards it
+        does not follow, or wait for a change.
+
+        The step's tasks all finished, some only known from a poll (JobView.settle): read
+        them all, which the verdict needs. Otherwise a worker following one shard polls
+        the unfinished tasks of all, at most every ``_poll_gap`` seconds: the gap doubles
+        while polls find nothing and starts small again once the worker has claimed, so
+        idle workers cost the API server a small list every few seconds, not a watch
+        event per write."""
+        now = self.monotonic()
+        if view.needs_reading():
+            if self._read_at is None:
+                # Idle workers' polls find the end at about the same time, and one read
+                # (one verdict) is enough: spread them, so most see the verdict arrive
+                # through the job's watch instead.
+                self._read_at = now + self._rng.uniform(0.0, _POLL_GAPS[1])
+            if now >= self._read_at:
+                self._read_at = now + _POLL_GAPS[1]  # a task deleted meanwhile stays unread
+                await self._read_all()
+            else:
+                await self._wait_for_change(view, self._read_at)
+            return
+        self._read_at = None
+        if self._shard is None:
+            await self._wait_for_change(view, now + 2.0)
+        elif now < self._next_poll:
+            await self._wait_for_change(view, self._next_poll)
+        else:
+            self._next_poll = now + self._poll_gap
+            self._poll_gap = min(self._poll_gap * 2, _POLL_GAPS[1])
+            await self._poll()
+
+    async def _poll(self) -> None:
+        """Steal first: a few unfinished tasks of another shard picked at random (a small
+        list, and stealers spread over the shards). Only when it has nothing pending, the
+        unfinished tasks of every shard, which also settles what committed meanwhile."""
+        others = [s for s in range(self._shards) if s != self._shard]
+        if others:
+            found = await self.store.unfinished(self.job_name, shard=self._rng.choice(others),
+                                                most=_STEAL)
+            for record in found:
+                self._remember(record.key, record.body)
+            if any(record.task["state"] == TaskState.PENDING for record in found):
+                return
+        found = await self.store.unfinished(self.job_name)
+        for record in found:
+            self._remember(record.key, record.body)
+        self._view.settle(record.key for record in found)
+
+    async def _read_all(self) -> None:
+        """Read every record of the job: what a stage's outputs and the verdict need when
+        this worker knows some tasks only from polls (JobView.unread)."""
+        records, _ = await self.store.snapshot(self.job_name)
+        for key, record in records.items():
+            self._remember(key, record.body)
+
+    async def _wait_for_change(self, view: JobView, until: float) -> None:
         expiry = view.next_lease_expiry()
-        timeout = (2.0 if expiry is None
-                   else min(2.0, max(0.05, expiry - self.monotonic() + 0.01)))
+        if expiry is not None:
+            until = min(until, expiry + 0.01)
+        timeout = max(0.05, until - self.monotonic())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
@@ -299,10 +385,9 @@ class Worker:
             # two streams, so a retry's job write (sent after its task resets) can arrive
             # first, and this view would fail the re-opened job again over a task that the
             # retry has reset. A snapshot reads the job, then the tasks: consistent.
-            records, _ = await self.store.snapshot(self.job_name)
-            for key, record in records.items():
-                self._remember(key, record.body)
+            await self._read_all()
             fresh = view.verdict()
+
             if fresh is None:
                 return
             verdict = fresh
@@ -464,6 +549,8 @@ class Worker:
 
     async def _outputs(self, body: TaskRecord, ctx: TaskContext) -> TaskOutputs:
         index = int(body["index"])
+        if body["kind"] == TaskKind.REDUCE and self._view.unread:
+            await self._read_all()  # a reduce reads every map's outputs
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
                 return await self._map(self.job, body, ctx)

@@ -454,3 +454,56 @@ def _worst_skipped_sample(counter_bytes: int) -> list[Skipped]:
     sample = kept.fit(counter_bytes)
     assert sample, "room for one entry at least"
     return sample
+
+
+# --- shards: what a worker following one shard is sent ------------------------------
+
+
+@kube
+async def test_a_shard_watch_is_sent_only_its_shard_and_labels_follow_the_state(
+        kube_cluster: TestCluster) -> None:
+    spec = JobSpec(name="shd", job="job.py", inputs=("s3://data/in",), reducers=1,
+                   output="s3://results/out")
+    tasks = protocol.plan(spec, [(f"s3://data/in-{i}", (0, 100)) for i in range(12)])
+    async with kube_backend(kube_cluster) as factory:
+        store = await open_store(factory)
+        await store.create("shd", [(protocol.JOB_KEY, protocol.new_job(spec, shards=3)),
+                                   *tasks])
+        _, revision = await store.snapshot("shd")
+        namespace = await store.task_namespace("shd")
+        objects = kube_cluster.api(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{TASK_PLURAL}")["items"]
+        labels = [o["metadata"]["labels"] for o in objects]
+        shards = {label[f"{GROUP}/task"]: label[f"{GROUP}/shard"] for label in labels}
+        assert shards == {k: str(protocol.shard_of(k, 3)) for k, _ in tasks}
+        events = store.watch("shd", revision, shard=1)
+        mine = sorted(k for k, _ in tasks if protocol.shard_of(k, 3) == 1)
+        chosen: list[int] = []
+
+        def one(job: Any) -> int:
+            chosen.append(protocol.job_shards(job))
+            return 1
+
+        records, _ = await store.snapshot("shd", shard=one)
+        assert chosen == [3], "the shard is chosen from the job record, read first"
+        assert sorted(k for k in records if k != protocol.JOB_KEY) == mine
+        pending = asyncio.ensure_future(collect(events, len(mine)))
+        await asyncio.sleep(0.2)
+        other = next(k for k, _ in tasks if protocol.shard_of(k, 3) != 1)
+        for key, body in tasks:  # each task is claimed once; one of another shard commits
+            claimed = await store.patch("shd", protocol.claim(body, "w", 1.0, 30.0, 3))
+            assert claimed is not None
+            if key == other:
+                done = await store.patch("shd", protocol.commit(claimed.task, "w", {}, now=2.0))
+                assert done is not None
+        got = await pending
+        await events.aclose()
+        assert sorted(e.record.key for e in got) == mine, "only shard 1's tasks are sent"
+        objects = kube_cluster.api(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{TASK_PLURAL}")["items"]
+        states = {o["metadata"]["labels"][f"{GROUP}/state"] == o["status"]["state"]
+                  for o in objects}
+        assert states == {True}, "the state label is written with every state change"
+        assert {o["status"]["state"] for o in objects} == {"running", "committed"}
+        unfinished = {r.key for r in await store.unfinished("shd")}
+        assert unfinished == {k for k, _ in tasks} - {other}

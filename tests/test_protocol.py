@@ -6,6 +6,7 @@ protocol is pure; the real stores are covered by the contract suite and the race
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -639,3 +640,136 @@ def test_history_is_bounded_by_count_and_by_what_counters_and_skips_leave() -> N
     used = sum(len(orjson.dumps(body[f])) for f in ("counters", "skipped", "history"))
     assert used <= protocol.EXTRA_BYTES
     assert 0 < len(body["history"]) < protocol.MAX_HISTORY
+
+
+# --- a worker that follows one shard -------------------------------------------------
+
+
+def test_shards_grow_with_workers_and_every_process_deals_keys_alike() -> None:
+    assert [protocol.shard_count(w) for w in (1, 4, 7, 8, 64, 1000)] == [1, 1, 1, 2, 16, 250]
+    keys = [protocol.map_key(i) for i in range(2000)]
+    dealt = [protocol.shard_of(k, 16) for k in keys]
+    assert dealt == [protocol.shard_of(k, 16) for k in keys]
+    counts = [dealt.count(s) for s in range(16)]
+    assert min(counts) > 2000 / 16 / 2, f"shards far from even: {counts}"
+    assert {protocol.shard_of(k, 1) for k in keys} == {0}
+    assert protocol.job_shards(protocol.new_job(SPEC)) == 1
+    assert protocol.job_shards(protocol.new_job(SPEC, shards=5)) == 5
+
+
+def _followed_view(records: dict[str, dict[str, Any]], mine: set[str],
+                   seen: float = 0.0) -> JobView:
+    return JobView(records, seen, followed=lambda key: key in mine)
+
+
+def _commit(records: dict[str, dict[str, Any]], key: str, output: object) -> None:
+    body = write(records, protocol.claim(records[key], "other", 0.0, 10.0, 3))
+    assert body is not None
+    assert write(records, protocol.commit(body, "other", output, now=0.0)) is not None
+
+
+def test_a_poll_settles_what_committed_elsewhere_but_nothing_is_read_from_it() -> None:
+    records = new_records(maps=3)
+    mine = {"map-00000"}
+    view = _followed_view(records, mine)
+    _commit(records, "map-00001", {"0": "run-1"})  # another shard's workers
+    _commit(records, "map-00002", {"0": "run-2"})
+    unfinished = {k: b for k, b in records.items()
+                  if k != protocol.JOB_KEY and b["state"] != TaskState.COMMITTED}
+    for key, body in unfinished.items():
+        view.update(key, body, seen=1.0)
+    view.settle(unfinished)
+    assert view.unread == {"map-00001", "map-00002"}
+    assert [protocol.task_name(t) for t in view.claimable(1.0)] == ["map-00000"]
+    assert not view.needs_reading(), "a map of the step is still pending"
+    _commit(records, "map-00000", {"0": "run-0"})
+    view.update("map-00000", records["map-00000"], seen=2.0)  # the watch brings its own
+    assert [t["kind"] for t in view.claimable(2.0)] == ["reduce", "reduce"]
+    with pytest.raises(RuntimeError, match="not read yet"):
+        view.map_outputs(0)  # a reduce must never run on outputs it has not read
+    for key in ("map-00001", "map-00002"):
+        view.update(key, records[key], seen=3.0)
+    assert not view.unread
+    assert [out for _, out in view.map_outputs(0)] == ["run-0", "run-1", "run-2"]
+
+
+def test_the_verdict_waits_for_reading_the_settled_tasks() -> None:
+    records = new_records(maps=1)
+    view = _followed_view(records, {"map-00000", "reduce-00000"})
+    for key in ("map-00000", "reduce-00000", "reduce-00001"):
+        _commit(records, key, f"out-{key}")
+    view.update("map-00000", records["map-00000"], seen=1.0)
+    view.update("reduce-00000", records["reduce-00000"], seen=1.0)
+    view.settle([])  # a poll found nothing unfinished: reduce-00001 committed elsewhere
+    assert view.unread == {"reduce-00001"} and view.needs_reading()
+    assert view.verdict() is None and view.results() is None
+    view.update("reduce-00001", records["reduce-00001"], seen=2.0)
+    assert not view.needs_reading()
+    verdict = view.verdict()
+    assert verdict is not None
+    job = write(records, verdict)
+    assert job is not None and job["results"] == ["out-reduce-00000", "out-reduce-00001"]
+
+
+def test_a_polled_lease_lapses_only_when_two_polls_a_lease_apart_show_it_unchanged() -> None:
+    records = new_records(maps=2)
+    held = write(records, protocol.claim(records["map-00001"], "holder", 0.0, 10.0, 3))
+    assert held is not None
+    view = _followed_view(records, {"map-00000"}, seen=0.0)
+    assert not view.lease_lapsed("map-00001", 100.0), \
+        "no poll has shown it since: silence is not known"
+    assert view.next_lease_expiry() is None, "nobody waits on a lease it cannot see"
+    view.update("map-00001", held, seen=5.0)  # a poll 5 s later: same seq
+    assert not view.lease_lapsed("map-00001", 100.0)
+    view.update("map-00001", held, seen=10.5)  # a lease (10 s) after the first sighting
+    assert view.lease_lapsed("map-00001", 10.5)
+    renewed = write(records, protocol.renew(held, "holder", 11.0, 10.0))
+    assert renewed is not None
+    view.update("map-00001", renewed, seen=30.0)
+    assert not view.lease_lapsed("map-00001", 30.0), "a renewal seen restarts the lease"
+
+
+def test_a_lost_race_on_a_polled_task_stops_offering_it_until_the_next_poll() -> None:
+    records = new_records(maps=2)
+    view = _followed_view(records, {"map-00000"})
+    claimed = write(records, protocol.claim(records["map-00000"], "me", 0.0, 10.0, 3))
+    assert claimed is not None
+    view.update("map-00000", claimed, seen=1.0)
+    offered = view.candidates(1.0, 8, random.Random(0))
+    assert [protocol.task_name(t) for t in offered] == ["map-00001"], \
+        "another shard's task is offered once this worker's shard has none"
+    view.stale("map-00001")  # its claim lost: somebody took it
+    assert view.candidates(1.0, 8, random.Random(0)) == []
+    view.update("map-00001", records["map-00001"], seen=2.0)  # the next poll
+    assert [protocol.task_name(t) for t in view.candidates(2.0, 8, random.Random(0))] == \
+        ["map-00001"]
+
+
+def test_a_worker_offers_its_own_shard_first() -> None:
+    records = new_records(maps=6)
+    mine = {"map-00002", "map-00004"}
+    view = _followed_view(records, mine)
+    for seed in range(20):
+        picked = {protocol.task_name(t) for t in view.candidates(0.0, 8, random.Random(seed))}
+        assert picked == mine
+
+
+def test_a_view_of_one_shard_claims_its_maps_and_a_poll_accounts_for_the_rest() -> None:
+    records = new_records(maps=4)
+    mine = {"map-00001", "reduce-00000"}
+    view = _followed_view({k: b for k, b in records.items()
+                           if k == protocol.JOB_KEY or k in mine}, mine)
+    assert not view.complete
+    assert [protocol.task_name(t) for t in view.claimable(0.0)] == ["map-00001"], \
+        "a pending map of its own shard is claimable before the rest is known"
+    _commit(records, "map-00001", {"0": "run-1"})
+    view.update("map-00001", records["map-00001"], seen=1.0)
+    assert view.claimable(1.0) == [], "no reduce before every map is known committed"
+    for key in ("map-00000", "map-00002", "map-00003"):
+        _commit(records, key, {"0": f"run-{key[-1]}"})
+    view.settle(["reduce-00001"])  # the poll: only the other reduce is unfinished
+    view.update("reduce-00001", records["reduce-00001"], seen=2.0)
+    assert view.complete and view.unread == {"map-00000", "map-00002", "map-00003"}
+    assert [t["kind"] for t in view.claimable(2.0)] == ["reduce", "reduce"]
+    with pytest.raises(RuntimeError, match="not read yet"):
+        view.shuffle_objects()

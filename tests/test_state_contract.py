@@ -185,3 +185,50 @@ async def test_a_multi_step_job_advances_once_from_a_step(state_backend: StoreFa
     assert sorted(records) == ["job", "map-00000", "s2-map-00000", "s2-reduce-00000",
                                "s2-reduce-00001"]
     assert records["s2-map-00000"].task["step"] == 1
+
+
+async def test_unfinished_lists_exactly_the_tasks_that_have_not_committed(
+        state_backend: StoreFactory) -> None:
+    store = await state_backend()
+    await store.create("job-u", [job_record("job-u"), task(0), task(1), task(2)])
+    running = await store.patch("job-u", claim(task(0)[1], "wa"))
+    assert running is not None
+    done = await store.patch("job-u", protocol.commit(running.task, "wa", {}, now=2.0))
+    assert done is not None and done.task["state"] == "committed"
+    assert await store.patch("job-u", claim(task(1)[1], "wb")) is not None
+    unfinished = {r.key: r.task["state"] for r in await store.unfinished("job-u")}
+    assert unfinished == {"map-00001": "running", "map-00002": "pending"}
+    [some] = await store.unfinished("job-u", most=1)
+    assert some.key in unfinished
+    assert {r.key for r in await store.unfinished("job-u", shard=0)} == set(unfinished), \
+        "a job of one shard has every task in shard 0"
+    with pytest.raises(JobNotFound):
+        await store.unfinished("no-such-job")
+
+
+async def test_a_shard_watch_delivers_the_changes_of_its_shard(
+        state_backend: StoreFactory) -> None:
+    spec = JobSpec(name="job-s", job="job.py", inputs=("in",), reducers=1)
+    tasks = [task(n) for n in range(8)]
+    shard = protocol.shard_of(tasks[0][0], 2)
+    mine = [(k, b) for k, b in tasks if protocol.shard_of(k, 2) == shard]
+    reader, writer = await state_backend(), await state_backend()
+    await writer.create("job-s", [(protocol.JOB_KEY, protocol.new_job(spec, shards=2)),
+                                  *tasks])
+    records, revision = await reader.snapshot("job-s")
+    assert protocol.job_shards(records[protocol.JOB_KEY].job) == 2
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in reader.watch("job-s", revision, shard=shard):
+            if event.record.key in dict(mine):
+                seen.append(event.record.key)
+            if len(seen) == len(mine):
+                return
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.1)
+    for _key, body in tasks:  # every task changes; the shard's changes must all arrive
+        assert await writer.patch("job-s", claim(body, "w")) is not None
+    await asyncio.wait_for(watcher, 20)
+    assert sorted(seen) == sorted(k for k, _ in mine)

@@ -22,7 +22,7 @@ from kubemr_async.protocol import Body, JobPhase
 from kubemr_async.runtime import Worker
 from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
-from kubemr_async.state.base import StateStore
+from kubemr_async.state.base import Record, ShardChoice, StateStore, WatchEvent
 from kubemr_async.state.sqlite import SQLiteStateStore
 from kubemr_async.storage.fs import FileBlobStore
 
@@ -49,7 +49,8 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStateStore]:
     await state.aclose()
 
 
-async def submit(store: StateStore, tmp_path: Path, **spec_fields: object) -> JobSpec:
+async def submit(store: StateStore, tmp_path: Path, shards: int = 1,
+                 **spec_fields: object) -> JobSpec:
     """Write a new word-count job's records (one map per input file) and start it."""
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -59,7 +60,7 @@ async def submit(store: StateStore, tmp_path: Path, **spec_fields: object) -> Jo
                    **{"reducers": 1, **spec_fields})  # type: ignore[arg-type]
     splits = await plan_inputs(spec)
     assert len(splits) == len(TEXT)
-    await store.create(spec.name, [(protocol.JOB_KEY, protocol.new_job(spec))])
+    await store.create(spec.name, [(protocol.JOB_KEY, protocol.new_job(spec, shards=shards))])
     await store.create(spec.name, protocol.plan(spec, splits))
     records, _ = await store.snapshot(spec.name)
     await store.patch(spec.name, protocol.start_job(records[protocol.JOB_KEY].body, len(splits)))
@@ -255,3 +256,56 @@ async def test_a_map_only_job_lists_its_maps_parts_in_the_manifest(
     assert manifest["parts"] == [f"output/part-{i:05d}.attempt-1" for i in range(len(TEXT))]
     words = Counter(key for key, _ in read_results(tmp_path / "blobs" / spec.name))
     assert words == Counter(w.decode() for text in TEXT for w in text.split())
+
+
+class ShardWatchStore(SQLiteStateStore):
+    """SQLite, but a shard's snapshot and watch hold only that shard's tasks, as the API
+    server's label selectors make them (the real ones: tests/test_kube_store.py), so the
+    workers below must find everything else by polling."""
+
+    def __init__(self, path: Path, shards: int) -> None:
+        super().__init__(path, poll_interval=0.01)
+        self.shards = shards
+        self.polled = 0
+
+    async def watch(self, job: str, since: str, *,
+                    shard: int | None = None) -> AsyncIterator[WatchEvent]:
+        async for event in super().watch(job, since):
+            key = event.record.key
+            if (shard is None or key == protocol.JOB_KEY
+                    or protocol.shard_of(key, self.shards) == shard):
+                yield event
+
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
+        records, revision = await super().snapshot(job)
+        chosen = shard(records[protocol.JOB_KEY].job) if shard is not None else None
+        if chosen is not None:
+            records = {key: record for key, record in records.items()
+                       if key == protocol.JOB_KEY or protocol.shard_of(key, self.shards) == chosen}
+        return records, revision
+
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
+        self.polled += 1
+        return await super().unfinished(job, shard=shard, most=most)
+
+
+async def test_workers_that_each_follow_one_shard_finish_the_job_exactly(
+        tmp_path: Path) -> None:
+    store = ShardWatchStore(tmp_path / "state.db", shards=3)
+    try:
+        spec = await submit(store, tmp_path, shards=3, reducers=4)
+        blobs = FileBlobStore(tmp_path / "blobs")
+        workers = [Worker(spec.name, word_count(), store, blobs, f"w-{i}") for i in range(4)]
+        phases = await asyncio.gather(*(w.run() for w in workers))
+        assert phases == [JobPhase.SUCCEEDED] * 4
+        bodies = await records(store, spec.name)
+        tasks = {k: b for k, b in bodies.items() if k != protocol.JOB_KEY}
+        assert {(b["state"], b["attempt"]) for b in tasks.values()} == {("committed", 1)}
+        assert sum(w.tasks_done for w in workers) == len(TEXT) + 4
+        assert store.polled > 0, "the workers polled the shards they do not follow"
+        counts = {k: int(v) for k, v in read_results(tmp_path / "blobs" / spec.name)}
+        assert counts == Counter(w.decode() for text in TEXT for w in text.split())
+    finally:
+        await store.aclose()

@@ -301,20 +301,21 @@ class Kube:
     async def list(self, resource: Resource, namespace: str | None = None, *,
                    context: str | None = None, label_selector: str | None = None,
                    field_selector: str | None = None, page: int = 500,
-                   ) -> tuple[list[KubeObject], str]:
+                   most: int | None = None) -> tuple[list[KubeObject], str]:
         """Every matching object (paged) and the list's resourceVersion: a consistent cut
-        a watch can start from."""
+        a watch can start from. ``most``: only the first that many (one page)."""
         items: list[KubeObject] = []
         revision = ""
         token: str | None = None
         while True:
             listing = await self.request(
                 "GET", resource.path(namespace),
-                query={"limit": page, "continue": token, "labelSelector": label_selector,
-                       "fieldSelector": field_selector},
+                query={"limit": most or page, "continue": token,
+                       "labelSelector": label_selector, "fieldSelector": field_selector},
                 context=context or f"listing {resource.describe(namespace)}")
             items += listing.get("items") or []
             revision = revision or listing["metadata"]["resourceVersion"]
             token = listing["metadata"].get("continue")
-            if not token:
+            if not token or most is not None:
                 return items, revision
+

@@ -43,7 +43,7 @@ from ..kube import (
 )
 from ..protocol import JobPhase, JobView
 from ..scrub import scrub
-from ..spec import JobSpec
+from ..spec import DEFAULT_WORKERS, JobSpec
 from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
 from ..storage.urls import StoreCache, job_data_prefix
 from .admission import Admission, Refused, StorageAccess, admit
@@ -189,7 +189,10 @@ class Reconciler:
             await self._refuse(mrj, f"invalid job: {exc}", storage.secrets)
             return False
         await self._ensure_task_namespace(mrj)
-        await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, every_step=True)),
+        # Shards follow the workers the Job starts: each watches one shard (protocol).
+        shards = protocol.shard_count(spec.workers or DEFAULT_WORKERS)
+        await store.create(name, [(protocol.JOB_KEY,
+                                   protocol.new_job(spec, every_step=True, shards=shards)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job

@@ -2,13 +2,15 @@
 
 Four verbs are enough for masterless coordination: read everything once (``snapshot``),
 follow changes (``watch``), create records, and apply a guarded JSON Patch (``patch``) where
-a failed ``test`` is a normal lost race reported as ``None``, not an exception. Every
-backend passes the same contract suite (tests/test_state_contract.py).
+a failed ``test`` is a normal lost race reported as ``None``, not an exception. A fifth,
+``unfinished``, lets a worker that follows only its shard (``watch(..., shard=)``, see
+:mod:`kubemr_async.protocol`) poll the rest cheaply. Every backend passes the same
+contract suite (tests/test_state_contract.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
@@ -49,6 +51,10 @@ class Record:
         return cast(TaskRecord, self.body)
 
 
+#: Which shard a reader wants, given the job record (None: all of them).
+ShardChoice = Callable[[JobRecord], int | None]
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     type: Literal["PUT", "DELETE"]
@@ -59,11 +65,33 @@ class StateStore(Protocol):
     async def create(self, job: str, records: Sequence[tuple[str, Body]]) -> None:
         """Create records that do not exist yet; existing ones are left alone (idempotent)."""
 
-    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
-        """All records of ``job`` and the revision to watch from; JobNotFound if none."""
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
+        """All records of ``job`` and the revision to watch from; JobNotFound if none.
 
-    def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
-        """Changes to ``job``'s records after ``since``, in order, until the job is deleted."""
+        ``shard``: read only the tasks of one shard (and the job record), the shard
+        chosen from the job record, which is read first (None: every task); a store may
+        return more. What a worker that follows one shard starts from."""
+
+    def watch(self, job: str, since: str, *,
+              shard: int | None = None) -> AsyncIterator[WatchEvent]:
+        """Changes to ``job``'s records after ``since``, in order, until the job is deleted.
+
+        ``shard``: the caller follows only the tasks of that shard (``protocol.shard_of``
+        with the job record's ``shards``) and the job record; a store may deliver more
+        (one that costs nothing per watcher delivers everything)."""
+
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
+        """``job``'s task records that have not committed, read now: what a worker that
+        follows one shard polls to find work elsewhere and to learn that the rest has
+        committed (JobView.settle). JobNotFound if there is no job.
+
+        ``shard``: only that shard's; ``most``: at most that many (which ones is the
+        store's choice). Either makes the answer partial: good for stealing a few tasks,
+        not for settling."""
+
+
 
     async def patch(self, job: str, update: Update, *, resend: bool = True) -> Record | None:
         """Apply ``update`` atomically; ``None`` if a test failed (another writer won).

@@ -41,6 +41,8 @@ from ..crd import (
     LABEL_JOB,
     LABEL_JOB_NAMESPACE,
     LABEL_KIND,
+    LABEL_SHARD,
+    LABEL_STATE,
     LABEL_TASK,
     MAPREDUCE_JOBS,
     MAPREDUCE_TASKS,
@@ -65,11 +67,26 @@ from ..kube import (
     transient_after_outage,
 )
 from ..patch import writes_hold
-from ..protocol import JOB_KEY, Update, new_status, task_name
+from ..protocol import (
+    JOB_KEY,
+    TaskState,
+    Update,
+    job_shards,
+    new_status,
+    shard_of,
+    task_name,
+)
 from ..records import Body, JobRecord, PatchOp, TaskRecord
 from ..spec import JobSpec
 from ..streams import merge
-from .base import JobNotFound, Record, StoreUnavailable, WatchEvent, decode_body
+from .base import (
+    JobNotFound,
+    Record,
+    ShardChoice,
+    StoreUnavailable,
+    WatchEvent,
+    decode_body,
+)
 
 log = logging.getLogger("kubemr.state.kube")
 
@@ -126,6 +143,10 @@ class KubeStats:
     lost_races: int = 0
     watch_connects: int = 0
     relists: int = 0
+    #: Reads of every record of a job (a worker's start, and what a poll left unread).
+    snapshots: int = 0
+    #: Polls of the unfinished tasks (a worker that follows one shard looks at the rest).
+    polls: int = 0
     #: Writes sent again because the API server did not answer.
     outage_retries: int = 0
 
@@ -179,6 +200,7 @@ class KubeStateStore:
         self._naming = task_namespace or (lambda job: task_namespace_for(namespace, job))
         self._owns_kube = owns_kube
         self._task_ns: dict[str, str] = {}
+        self._shards: dict[str, int] = {}
         self._last_outage: float | None = None
 
     @classmethod
@@ -202,8 +224,10 @@ class KubeStateStore:
                         None)
         if job_body is not None:
             task_ns = await self._create_job(job, job_body)
+            shards = job_shards(job_body)
         else:
             task_ns = await self.task_namespace(job, "creating task records")
+            shards = await self._job_shards(job)
         pending = iter([(key, Record(key, body, "").task)
                         for key, body in records if key != JOB_KEY])
 
@@ -213,7 +237,9 @@ class KubeStateStore:
                 "kind": TASK_KIND,
                 "metadata": {
                     "name": task_object_name(job, key),
-                    "labels": {LABEL_JOB: job, LABEL_KIND: str(body["kind"]), LABEL_TASK: key},
+                    "labels": {LABEL_JOB: job, LABEL_KIND: str(body["kind"]), LABEL_TASK: key,
+                               LABEL_SHARD: str(shard_of(key, shards)),
+                               LABEL_STATE: str(body["state"])},
                 },
                 "status": body,
             }
@@ -317,6 +343,7 @@ class KubeStateStore:
             context=f"job {job}: {doing}: reading MapReduceJob {self.namespace}/{job}")
 
     def _task_namespace_of(self, job: str, obj: Mapping[str, Any]) -> str:
+        self._shards[job] = int((obj.get("status") or {}).get("shards", 1))
         recorded = (obj.get("status") or {}).get("taskNamespace")
         if recorded:
             self._task_ns[job] = recorded
@@ -334,7 +361,34 @@ class KubeStateStore:
                               f"{self.namespace}")
         return self._task_namespace_of(job, obj)
 
-    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
+    async def _job_shards(self, job: str) -> int:
+        """How many shards the job's tasks are dealt into (read from the job once)."""
+        if job not in self._shards:
+            obj = await self._read_job(job, "reading its shards")
+            if obj is None:
+                raise JobNotFound(f"job {job}: reading its shards: job not found in "
+                                  f"namespace {self.namespace}")
+            self._task_namespace_of(job, obj)
+        return self._shards[job]
+
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
+        """The job's tasks not committed, by label (``state!=committed`` also matches a
+        task written before the label existed; its body decides). The API server filters
+        them, so a poll at a stage's tail, when few are left, costs little."""
+        task_ns = await self.task_namespace(job, "polling its unfinished tasks")
+        tasks, _ = await self.kube.list(
+            MAPREDUCE_TASKS, task_ns, most=most,
+            label_selector=f"{_task_selector(job, shard)},"
+                           f"{LABEL_STATE}!={TaskState.COMMITTED.value}",
+            context=f"job {job}: listing its unfinished tasks in namespace {task_ns}")
+
+        self.stats.polls += 1
+        records = [_task_record(task) for task in tasks]
+        return [r for r in records if r.task["state"] != TaskState.COMMITTED]
+
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
         # A list, not a get: a get returns the object's own (possibly ancient) version, and
         # a watch from a compacted version is answered with 410 Gone.
         jobs, job_rv = await self.kube.list(
@@ -343,10 +397,14 @@ class KubeStateStore:
         if not jobs:
             raise JobNotFound(f"job {job} not found in namespace {self.namespace}")
         task_ns = self._task_namespace_of(job, jobs[0])
+        job_record = _job_record(jobs[0])
+        chosen = shard(job_record.job) if shard is not None else None
         tasks, tasks_rv = await self.kube.list(
-            MAPREDUCE_TASKS, task_ns, label_selector=f"{LABEL_JOB}={job}",
+            MAPREDUCE_TASKS, task_ns, label_selector=_task_selector(job, chosen),
             context=f"job {job}: listing its tasks in namespace {task_ns}")
-        records = {JOB_KEY: _job_record(jobs[0])}
+        if chosen is None:
+            self.stats.snapshots += 1
+        records = {JOB_KEY: job_record}
         for task in tasks:
             record = _task_record(task)
             records[record.key] = record
@@ -376,6 +434,8 @@ class KubeStateStore:
         refusal is then checked against the object itself (:func:`writes_hold`).
         """
         ops = [_status_op(op) for op in update.ops]
+        if update.key != JOB_KEY:
+            ops += _state_label_ops(update.ops)
         if update.key == JOB_KEY:
             resource, namespace, name, subresource = (
                 MAPREDUCE_JOBS, self.namespace, job, "status")
@@ -486,8 +546,12 @@ class KubeStateStore:
 
     # --- watching -------------------------------------------------------------------
 
-    async def watch(self, job: str, since: str) -> AsyncGenerator[WatchEvent, None]:
+    async def watch(self, job: str, since: str, *,
+                    shard: int | None = None) -> AsyncGenerator[WatchEvent, None]:
         """Merge the job's and its tasks' watch streams; return when the job is deleted.
+
+        With ``shard``, the task stream selects that shard's label: the API server then
+        sends each task write only to the watchers of its shard.
 
         Each stream is in order; between the two, events interleave as they arrive (the
         runtime compares ``seq`` per record, so that is all it needs). After a 410 Gone a
@@ -527,7 +591,7 @@ class KubeStateStore:
         async def task_stream(send: ObjectSendStream[WatchEvent]) -> None:
             events = list_watch(
                 self.kube, MAPREDUCE_TASKS, task_ns, since=tasks_rv,
-                label_selector=f"{LABEL_JOB}={job}",
+                label_selector=_task_selector(job, shard),
                 context=f"job {job}: watching {TASK_PLURAL} in namespace {task_ns}",
                 **self._watch_options())
             async with contextlib.aclosing(events):
@@ -589,6 +653,8 @@ def _job_record(obj: Mapping[str, Any]) -> Record:
         body["skipped"] = status["skipped"]
     if "step" in status:
         body["step"] = status["step"]
+    if "shards" in status:
+        body["shards"] = status["shards"]
     return Record(JOB_KEY, body, obj["metadata"]["resourceVersion"])
 
 
@@ -599,7 +665,21 @@ def _task_record(obj: Mapping[str, Any]) -> Record:
     return Record(key, body, metadata["resourceVersion"])
 
 
+def _task_selector(job: str, shard: int | None) -> str:
+    """The label selector of ``job``'s tasks, or of one shard of them."""
+    return f"{LABEL_JOB}={job}" + (f",{LABEL_SHARD}={shard}" if shard is not None else "")
+
+
+def _state_label_ops(ops: Sequence[PatchOp]) -> list[PatchOp]:
+    """The write of the state label that goes with a protocol write of ``/state``, in the
+    same patch, so the label can never disagree with the record."""
+    return [{"op": "add", "path": "/metadata/labels/" + LABEL_STATE.replace("/", "~1"),
+             "value": op["value"]}
+            for op in ops if op["path"] == "/state" and op["op"] in ("add", "replace")]
+
+
 def _status_op(op: PatchOp) -> PatchOp:
+
     """Move a protocol operation under ``/status``; refuse ones the server would 422 on.
 
     Checking here is what lets :meth:`KubeStateStore.patch` read a bare 422 as a lost race.

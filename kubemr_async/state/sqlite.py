@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 
 from ..patch import PatchTestFailed, apply_patch
-from ..protocol import Update
+from ..protocol import JOB_KEY, TaskState, Update, job_shards, shard_of
 from ..records import Body
-from .base import JobNotFound, Record, WatchEvent, decode_body
+from .base import JobNotFound, Record, ShardChoice, WatchEvent, decode_body
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -94,7 +94,9 @@ class SQLiteStateStore:
         records = {k: Record(k, decode_body(orjson.loads(b)), str(r)) for k, b, r in rows}
         return records, str(rev)
 
-    async def snapshot(self, job: str) -> tuple[dict[str, Record], str]:
+    async def snapshot(self, job: str, *, shard: ShardChoice | None = None
+                       ) -> tuple[dict[str, Record], str]:
+        # Reading everything costs a local file little: every shard is returned.
         result: tuple[dict[str, Record], str] = await self._run(self._snapshot, job)
         return result
 
@@ -106,8 +108,22 @@ class SQLiteStateStore:
                                  (job,)).fetchone() is not None
         return rows, alive
 
-    async def watch(self, job: str, since: str) -> AsyncIterator[WatchEvent]:
+    async def unfinished(self, job: str, *, shard: int | None = None,
+                         most: int | None = None) -> list[Record]:
+        records, _ = await self.snapshot(job)
+        shards = job_shards(records[JOB_KEY].job)
+        found = [record for key, record in sorted(records.items())
+                 if key != JOB_KEY and record.task["state"] != TaskState.COMMITTED
+                 and (shard is None or shard_of(key, shards) == shard)]
+        return found[:most]
+
+
+    async def watch(self, job: str, since: str, *,
+                    shard: int | None = None) -> AsyncIterator[WatchEvent]:
+        # One process's file: a watcher costs no writer anything, so every change is
+        # delivered whatever the shard.
         last = int(since)
+
         while True:
             rows, alive = await self._run(self._changes, job, last)
             for key, body, rev in rows:
