@@ -192,6 +192,9 @@ def run(
         metavar="PORT", show_default=False,
         help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
     = None,
+    speculative: Annotated[bool, typer.Option(
+        help="Backup tasks: an idle worker re-runs a straggling task; the first attempt "
+             "to commit wins.")] = True,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -223,7 +226,7 @@ def run(
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
-                metrics_port=metrics_port)
+                metrics_port=metrics_port, speculative=speculative)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -233,6 +236,9 @@ def run(
     result = _guard(lambda: _run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
+    if result.backups:
+        typer.echo(f"backup tasks: {result.backups} launched, {result.backups_won} won",
+                   err=True)
     if result.counters:
         from .cli_render import counters_table
 

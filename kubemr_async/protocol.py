@@ -21,6 +21,19 @@ Task lifecycle::
        \\----reopen----- committed map -----reopen (failures == maxAttempts)
             (a reduce found the run it wrote corrupt; counted as a failure)
 
+    running --backup--> running with a twin --commit by either--> committed (twin cleared)
+       ^                   |  |--fail/release by one: drops only that one (holder slot
+       |                   |  |  emptied, or twin cleared); fail at maxAttempts fails the task
+       |                   |  \\--lease expired (neither renewed): a takeover clears the twin
+       \\-----------------/
+
+A backup (speculative) attempt of a straggling task (:func:`backup`, chosen by
+:meth:`JobView.backup_candidate`) takes the holder slot (``worker``/``attempt``, with a
+fresh attempt number) and moves the original into ``twin``. Both run and renew; the first
+commit wins and clears the twin, so the other attempt's writes fail its guards and its
+output keys (attempt-unique) are never read. ``backups`` counts the launches and
+``backupWon`` says, on a committed task, whether the backup's commit was the one.
+
 ``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
 lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
 leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
@@ -33,6 +46,7 @@ machine's wall clock is compared with another's.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -235,8 +249,73 @@ def _write(body: JobRecord | TaskRecord, **fields: object) -> list[PatchOp]:
 
 
 def _held_by(body: TaskRecord, worker: str) -> list[PatchOp]:
-    """Tests that the caller still holds the attempt it thinks it holds (the seed's lock)."""
+    """Tests that the caller still holds the attempt it thinks it holds (the seed's lock):
+    the holder slot's, or the twin's when ``body`` names ``worker`` there (a running
+    original whose task got a backup)."""
+    twin = body.get("twin")
+    if body["worker"] != worker and twin and twin["worker"] == worker:
+        return [_test("twin/worker", worker), _test("twin/attempt", twin["attempt"])]
     return [_test("worker", worker), _test("attempt", body["attempt"])]
+
+
+class Slot(StrEnum):
+    """Which of a running task's two attempts a worker's is (see :func:`backup`)."""
+
+    HOLDER = "holder"
+    TWIN = "twin"
+
+
+def slot(body: TaskRecord, worker: str, attempt: int) -> Slot | None:
+    """Where attempt ``attempt`` of ``worker`` stands in ``body``: the holder slot, the
+    twin, or None once it holds neither (taken over, or the other attempt committed)."""
+    if body["state"] != TaskState.RUNNING:
+        return None
+    if body["worker"] == worker and body["attempt"] == attempt:
+        return Slot.HOLDER
+    twin = body.get("twin")
+    if twin and twin["worker"] == worker and twin["attempt"] == attempt:
+        return Slot.TWIN
+    return None
+
+
+def _no_twin(body: TaskRecord) -> list[PatchOp]:
+    """Clear the twin, on a record that has the field (``add`` replaces it whether or not
+    it is null); a record that never had a backup is left without it."""
+    return [{"op": "add", "path": "/twin", "value": None}] if "twin" in body else []
+
+
+def _drop_self(body: TaskRecord, worker: str) -> dict[str, object] | None:
+    """The fields that end only the caller's attempt while the other one runs on (None
+    when there is no other): the holder slot emptied (``worker`` ""), or the twin."""
+    twin = body.get("twin")
+    if not twin:
+        return None
+    if body["worker"] == worker:
+        return {"worker": ""}
+    return {"twin": None} if body["worker"] else None
+
+
+def backup(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
+    """Start a backup attempt of a running task (speculative execution, MapReduce §3.6).
+
+    The backup takes the holder slot with a fresh attempt number (so its output keys,
+    and every later takeover's, are unique) and the original moves to ``twin``; the
+    original learns it when its next guarded write fails, and carries on from the twin
+    slot. Guarded by ``seq``: a renewal or commit that lands first makes it lose.
+    """
+    key = task_name(body)
+    if body["state"] != TaskState.RUNNING or body.get("twin") or not body["worker"]:
+        raise ValueError(f"task {key} is not a running task without a backup")
+    if body["worker"] == worker:
+        raise ValueError(f"task {key} is {worker}'s own: a backup runs elsewhere")
+    attempt = body["attempt"] + 1
+    return Update(key, (
+        *_write(body, worker=worker, attempt=attempt, leaseExpires=now + lease_seconds),
+        {"op": "add", "path": "/twin",
+         "value": {"worker": body["worker"], "attempt": body["attempt"]}},
+        {"op": "add", "path": "/backups", "value": body.get("backups", 0) + 1},
+        {"op": "add", "path": "/backupAttempt", "value": attempt},
+    ))
 
 
 def lease_expired(body: TaskRecord, now: float) -> bool:
@@ -270,17 +349,17 @@ def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
                   f"during attempt {body['attempt']}")
         failures = body["failures"] + 1
         if failures >= max_attempts:
-            return Update(key, tuple(_write(body, state=TaskState.FAILED.value, failures=failures,
-                                            worker="", error=reason)))
+            return Update(key, (*_write(body, state=TaskState.FAILED.value, failures=failures,
+                                        worker="", error=reason), *_no_twin(body)))
         extra: dict[str, object] = {"failures": failures, "error": reason}
     elif body["state"] == TaskState.PENDING:
         extra = {}
     else:
         raise ValueError(f"task {key} is {body['state']}, not claimable")
-    return Update(key, tuple(_write(
+    return Update(key, (*_write(
         body, state=TaskState.RUNNING.value, worker=worker, attempt=body["attempt"] + 1,
         leaseExpires=now + lease_seconds, **extra,
-    )))
+    ), *_no_twin(body)))
 
 
 def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
@@ -301,23 +380,49 @@ def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
     if skipped is not None:
         ops.append({"op": "add", "path": "/skipped", "value": skipped})
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0), *ops))
+        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0),
+        *ops, *_winner(body, worker), *_no_twin(body)))
+
+
+def _winner(body: TaskRecord, worker: str) -> list[PatchOp]:
+    """A commit's ops for a task that had a backup: ``backupWon`` (the backup's commit is
+    the one), and ``worker`` naming the committer when that is the twin (``attempt``
+    stays the highest, so attempt numbers never repeat)."""
+    if "backups" not in body:
+        return []
+    twin = body.get("twin")
+    if body["worker"] != worker and twin and twin["worker"] == worker:
+        return [{"op": "replace", "path": "/worker", "value": worker},
+                {"op": "add", "path": "/backupWon", "value": False}]
+    won = body.get("backupAttempt") == body["attempt"]
+    return [{"op": "add", "path": "/backupWon", "value": won}]
 
 
 def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
          permanent: bool = False) -> Update:
-    """Record a failed attempt: back to pending for a retry, or failed for good."""
+    """Record a failed attempt: back to pending for a retry, or failed for good. While
+    the task's other attempt (a backup, or the original it backs up) runs on, a failure
+    below ``maxAttempts`` drops only the caller's attempt."""
     failures = body["failures"] + 1
     final = permanent or failures >= max_attempts
     state = TaskState.FAILED if final else TaskState.PENDING
+    alone = None if final else _drop_self(body, worker)
+    if alone is not None:  # the task's other attempt runs on
+        return Update(task_name(body), (*_held_by(body, worker), *_write(
+            body, failures=failures, error=error, **alone)))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error)))
+        body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error),
+        *_no_twin(body)))
 
 
 def release(body: TaskRecord, worker: str) -> Update:
-    """Give a claim back without counting a failure (graceful shutdown, SIGTERM)."""
+    """Give a claim back without counting a failure (graceful shutdown, SIGTERM); while
+    the task's other attempt runs on, only the caller's attempt is dropped."""
+    alone = _drop_self(body, worker)
+    if alone is not None:  # the task's other attempt runs on
+        return Update(task_name(body), (*_held_by(body, worker), *_write(body, **alone)))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0)))
+        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0), *_no_twin(body)))
 
 
 def reopen(body: TaskRecord, error: str, max_attempts: int) -> Update:
@@ -349,6 +454,9 @@ class Progress:
     reduces_total: int
     running: int
     failed: int
+    #: Backup attempts launched, and how many of them committed first (the whole job's).
+    backups: int = 0
+    backups_won: int = 0
 
 
 class _Sample:
@@ -381,6 +489,38 @@ class _Sample:
         return rng.sample(self._keys, min(count, len(self._keys)))
 
 
+#: The backup rule (:meth:`JobView.backup_candidate`): a running task is a straggler once
+#: it has run BACKUP_FACTOR times the median of its stage's committed tasks (Spark's
+#: ``spark.speculation.multiplier``; a task twice as slow as usual is what one slow node
+#: makes), and never before BACKUP_FLOOR seconds, because a backup of a short task costs
+#: a claim, a start and a second read of its input for little gain. Judged only once
+#: BACKUP_MIN_COMMITTED tasks of the stage committed: a median of fewer says little.
+BACKUP_FACTOR = 1.5
+BACKUP_FLOOR = 1.0
+BACKUP_MIN_COMMITTED = 3
+
+
+class _Median:
+    """The running median of durations: two heaps, O(log n) per add, O(1) per read."""
+
+    def __init__(self) -> None:
+        self._low: list[float] = []  # the smaller half, negated (a max-heap)
+        self._high: list[float] = []
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        heapq.heappush(self._low, -value)
+        heapq.heappush(self._high, -heapq.heappop(self._low))
+        if len(self._high) > len(self._low):
+            heapq.heappush(self._low, -heapq.heappop(self._high))
+        self.count += 1
+
+    def value(self) -> float:
+        if len(self._low) > len(self._high):
+            return -self._low[0]
+        return (-self._low[0] + self._high[0]) / 2
+
+
 class JobView:
     """A job's records, indexed so that each change costs O(1), whatever the job's size.
 
@@ -404,6 +544,12 @@ class JobView:
         # Committed maps by step and the type of their keys (a clash is two non-empty
         # entries of one step).
         self._key_types: dict[tuple[int, str], set[str]] = {}
+        # The backup rule's inputs: when this observer first saw each running task run
+        # (kept across a backup or a takeover: it is the task that is slow), and the
+        # durations of the committed tasks it saw run, by step and kind.
+        self._started: dict[str, float] = {}
+        self._durations: dict[tuple[int, str], _Median] = {}
+        self._backups = self._backups_won = 0
         for key, body in (records or {}).items():
             self.update(key, body, seen)
 
@@ -431,6 +577,7 @@ class JobView:
             if old_type is not None:
                 self._key_types[(old_step, old_type)].discard(key)
         body = cast(TaskRecord, body)
+        self._time(key, old, body, seen)
         step = task_step(body)
         self.records[key] = self.tasks[key] = body
         new_type = _key_type(body)
@@ -442,6 +589,25 @@ class JobView:
         elif body["state"] == TaskState.RUNNING:
             self._running[key] = body
             self._seen[key] = seen
+
+    def _time(self, key: str, old: TaskRecord | None, body: TaskRecord,
+              seen: float | None) -> None:
+        """Keep the backup rule's start times, durations and the backup counts: O(log n)."""
+        if old is not None:
+            self._backups -= old.get("backups", 0)
+            self._backups_won -= bool(old.get("backupWon"))
+        self._backups += body.get("backups", 0)
+        self._backups_won += bool(body.get("backupWon"))
+        started = self._started.pop(key, None)
+        if body["state"] == TaskState.RUNNING:
+            ran = old is not None and old["state"] == TaskState.RUNNING
+            start = started if ran and started is not None else seen
+            if start is not None:
+                self._started[key] = start
+        elif (body["state"] == TaskState.COMMITTED and started is not None
+              and seen is not None):
+            median = self._durations.setdefault((task_step(body), body["kind"]), _Median())
+            median.add(seen - started)
 
     def _pending_of(self, step: int, kind: str) -> _Sample:
         return self._pending.setdefault((step, kind), _Sample())
@@ -519,6 +685,8 @@ class JobView:
             running=len(self._running),
             failed=self._count(TaskKind.MAP, TaskState.FAILED)
             + self._count(TaskKind.REDUCE, TaskState.FAILED),
+            backups=self._backups,
+            backups_won=self._backups_won,
         )
 
     def _stage(self) -> TaskKind | None:
@@ -571,6 +739,60 @@ class JobView:
         lease from when it first saw the record.
         """
         return key in self._running and self._lease_end(key) < now
+
+    def _straggler_after(self, stage: TaskKind) -> float | None:
+        """How long a task of ``stage`` (current step) may run before it is a straggler,
+        or None while too few of the stage's tasks committed to judge (see BACKUP_FACTOR)."""
+        median = self._durations.get((self.step, stage.value))
+        if median is None or median.count < BACKUP_MIN_COMMITTED:
+            return None
+        return max(BACKUP_FACTOR * median.value(), BACKUP_FLOOR)
+
+    def _backup_targets(self, worker: str) -> tuple[float, list[tuple[float, str]]] | None:
+        """The backup rule's precondition and candidates: None unless the job allows
+        backups, the stage has nothing pending and the threshold is known; else the
+        threshold and (start, key) of the stage's running tasks that ``worker`` may back
+        up (not its own, not one with a twin). O(running tasks), asked only by an idle
+        worker."""
+        stage = self._stage()
+        if (stage is None or self.job is None
+                or not self.job["spec"].get("speculative", True)
+                or len(self._pending_of(self.step, stage.value))):
+            return None
+        after = self._straggler_after(stage)
+        if after is None:
+            return None
+        return after, [(self._started[k], k) for k, b in self._running.items()
+                       if b["kind"] == stage and task_step(b) == self.step
+                       and k in self._started and not b.get("twin")
+                       and b["worker"] not in ("", worker)]
+
+    def backup_candidate(self, worker: str, now: float) -> TaskRecord | None:
+        """The running task idle ``worker`` should start a backup attempt of at ``now``
+        (the clock of ``seen``), or None: the documented rule of speculative execution.
+
+        Only when the current stage has nothing left to claim (no pending task, no lapsed
+        lease: those come first), the job's ``speculative`` is on, and at least
+        BACKUP_MIN_COMMITTED of the stage's tasks committed while this observer watched:
+        a task of that stage that has run longer than max(BACKUP_FACTOR x their median
+        duration, BACKUP_FLOOR) on this observer's clock, not held by ``worker`` and
+        without a backup yet. The longest-running one first.
+        """
+        targets = self._backup_targets(worker)
+        if targets is None or self._expired(cast(TaskKind, self._stage()), now):
+            return None
+        after, running = targets
+        late = [(start, key) for start, key in running if now - start > after]
+        return self.tasks[min(late)[1]] if late else None
+
+    def next_backup_at(self, worker: str) -> float | None:
+        """When the next running task becomes a straggler ``worker`` may back up: the
+        latest an idle worker should look again."""
+        targets = self._backup_targets(worker)
+        if targets is None or not targets[1]:
+            return None
+        after, running = targets
+        return min(running)[0] + after
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease runs out: the latest a waiting worker should look."""

@@ -41,6 +41,13 @@ class Skipped(TypedDict):
     input: NotRequired[str]
 
 
+class Twin(TypedDict):
+    """The other running attempt of a task that has a backup (``protocol.backup``)."""
+
+    worker: str
+    attempt: int
+
+
 class JobError(TypedDict):
     """Why a job failed: the task and attempt that decided it ("" and 0 for none)."""
 
@@ -96,6 +103,13 @@ class TaskRecord(TypedDict):
     #: The step (0-based) of a multi-step job this task belongs to; absent for step 0, so
     #: a single-step job's records are unchanged.
     step: NotRequired[int]
+    #: Speculative execution (``protocol.backup``): the original attempt while a backup
+    #: holds ``worker``/``attempt`` (null once one of them ends), the backups launched,
+    #: the latest backup's attempt, and on commit whether that backup's commit won.
+    twin: NotRequired[Twin | None]
+    backups: NotRequired[int]
+    backupAttempt: NotRequired[int]
+    backupWon: NotRequired[bool]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).
