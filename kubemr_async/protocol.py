@@ -21,11 +21,13 @@ Task lifecycle::
        \\----reopen----- committed map -----reopen (failures == maxAttempts)
             (a reduce found the run it wrote corrupt; counted as a failure)
 
-    running --backup--> running with a twin --commit by either--> committed (twin cleared)
-       ^                   |  |--fail/release by one: drops only that one (holder slot
-       |                   |  |  emptied, or twin cleared); fail at maxAttempts fails the task
-       |                   |  \\--lease expired (neither renewed): a takeover clears the twin
-       \\-----------------/
+    running --backup--> running + twin --commit (either attempt)--> committed (twin cleared)
+       ^                   |  |
+       |                   |  \\--lease expired (neither attempt renewed): a takeover, as
+       |                   |      above, clears the twin
+       \\---- one left -----/--fail/release by one attempt: only that one stops (holder
+                                slot emptied, or twin cleared); a fail at maxAttempts, or a
+                                permanent one, fails the task
 
 A backup (speculative) attempt of a straggling task (:func:`backup`, chosen by
 :meth:`JobView.backup_candidate`) takes the holder slot (``worker``/``attempt``, with a
@@ -34,9 +36,10 @@ commit wins and clears the twin, so the other attempt's writes fail its guards a
 output keys (attempt-unique) are never read. ``backups`` counts the launches and
 ``backupWon`` says, on a committed task, whether the backup's commit was the one.
 
-``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
-lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
-leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
+``attempt`` counts claims and backups and names attempt-unique output keys, so a zombie
+that lost its lease writes to keys nobody will read; ``failures`` counts failed attempts
+(including lost leases and committed map attempts whose run turned out corrupt) against
+``maxAttempts``.
 Every write bumps ``seq``, and every guarded write tests it, which makes each update a
 compare-and-swap on the whole record. That bump is also what a lease is judged by: a
 running task may be taken over once an observer has seen its ``seq`` stay the same for
@@ -930,8 +933,8 @@ def retry(view: JobView) -> list[Update]:
     if job is None or view.phase not in (JobPhase.FAILED, JobPhase.CANCELLED):
         raise ValueError(f"only a Failed or Cancelled job can be retried, not {view.phase.value}")
     updates = [
-        Update(task_name(t), tuple(_write(t, state=TaskState.PENDING.value, worker="",
-                                          leaseExpires=0.0, failures=0)))
+        Update(task_name(t), (*_write(t, state=TaskState.PENDING.value, worker="",
+                                      leaseExpires=0.0, failures=0), *_no_twin(t)))
         for t in view.every_task()
         if t["state"] != TaskState.COMMITTED and (t["state"] != TaskState.PENDING
                                                   or t["failures"])

@@ -402,7 +402,8 @@ class Worker:
             committed = await self._settle(holder, lambda b: protocol.commit(
                 b, self.worker_id, outputs, kept, skipped))
             if committed is None:
-                log.warning("commit lost: the task was taken over", extra=context)
+                log.warning("commit lost: the task was taken over, or its other attempt "
+                            "committed", extra=context)
                 return "lost"
             self.tasks_done += 1
             log.info("committed", extra=context)

@@ -349,3 +349,17 @@ def build(action: str, body: dict[str, Any], worker: str, now: float,
     if action == "fail":
         return protocol.fail(body, worker, "boom", 3)
     return protocol.release(body, worker)
+
+
+def test_a_retry_clears_the_twin_of_a_task_left_running() -> None:
+    records = new_records()
+    backed_up(records)
+    job = records[protocol.JOB_KEY]
+    aborted = write(records, protocol.abort(job, protocol.JobPhase.CANCELLED, "stop"))
+    assert aborted is not None
+    for update in protocol.retry(JobView(records)):
+        assert write(records, update) is not None
+    body = records["map-00000"]
+    assert (body["state"], body["worker"], body["twin"]) == (TaskState.PENDING, "", None)
+    again = write(records, protocol.claim(body, "w3", 0.0, LEASE, 3))
+    assert again is not None and again["attempt"] == 3

@@ -1,0 +1,98 @@
+"""Backup tasks end to end: `kubemr run` with a straggler, real worker processes.
+
+One map's first attempt stalls (the job's callback sleeps only on attempt 1 of one
+input, as a slow node would); every attempt appends a line to a log kept outside the
+store (O_APPEND), so the test sees what really ran independently of the records.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from .test_local_run import (  # noqa: F401 - the fixture keeps failed runs' logs in tmp
+    _failed_run_logs,
+    kubemr,
+    output_lines,
+    reference_lines,
+    write_job,
+)
+
+pytestmark = pytest.mark.slow
+
+JOB_STRAGGLER = """
+import asyncio, os
+from kubemr_async import Job
+
+job = Job("straggler")
+
+def record(ctx, what):
+    fd = os.open(ctx.args["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    name = os.path.basename(ctx.input)
+    os.write(fd, f"{name} {ctx.attempt} {what}\\n".encode())
+    os.close(fd)
+
+@job.map
+async def words(text, ctx):
+    record(ctx, "start")
+    if ctx.input.endswith("in-5.txt") and ctx.attempt == 1:
+        await asyncio.sleep(float(ctx.args["stall"]))  # the straggler
+    ctx.counter("test", "maps")
+    for word in text.split():
+        yield word, 1
+    record(ctx, "done")
+
+job.reduce("sum")
+"""
+
+
+def straggler_run(tmp_path: Path, stall: float, *flags: str
+                  ) -> tuple[str, Counter[tuple[str, int, str]], Path, list[Path]]:
+    """Run the straggler job on 8 inputs with 3 workers: its stderr, the attempt log
+    (input file, attempt, start/done) as counts, the output directory and the inputs."""
+    log = tmp_path / "attempts.log"
+    inputs = []
+    for i in range(8):
+        path = tmp_path / f"in-{i}.txt"
+        path.write_text(" ".join(f"w{(i * 7 + j) % 13}" for j in range(50 + i)) + "\n")
+        inputs.append(path)
+    out = tmp_path / "out"
+    argv = ["run", str(write_job(tmp_path, JOB_STRAGGLER)), "--output", str(out),
+            "--workers", "3", "--reducers", "2", "--lease-seconds", "3",
+            "--arg", f"log={log}", "--arg", f"stall={stall}", *flags]
+    for path in inputs:
+        argv += ["-i", str(path)]
+    result = kubemr(*argv)
+    assert result.returncode == 0, result.stderr
+    seen: Counter[tuple[str, int, str]] = Counter()
+    for line in log.read_text().splitlines():
+        task, attempt, what = line.split()
+        seen[(task, int(attempt), what)] += 1
+    return result.stderr, seen, out, inputs
+
+
+def test_a_backup_of_the_straggler_wins_and_the_output_is_exact(tmp_path: Path) -> None:
+    # The stall is far longer than the whole job takes otherwise: the job can only have
+    # finished because the backup committed.
+    stderr, seen, out, inputs = straggler_run(tmp_path, 240.0)
+    summary = re.search(r"backup tasks: (\d+) launched, (\d+) won", stderr)
+    assert summary is not None, stderr
+    assert int(summary[1]) >= int(summary[2]) >= 1
+    straggler = {key[1:]: n for key, n in seen.items() if key[0] == "in-5.txt"}
+    assert straggler == {(1, "start"): 1, (2, "start"): 1, (2, "done"): 1}, straggler
+    print(f"straggler run: {summary[0]}; attempts of the straggler {straggler}")
+    assert output_lines(out) == reference_lines(inputs)
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["counters"]["test"]["maps"] == 8, "the loser's counters never count"
+
+
+def test_without_speculation_the_straggler_runs_alone(tmp_path: Path) -> None:
+    stderr, seen, out, inputs = straggler_run(tmp_path, 3.0, "--no-speculative")
+    assert "backup tasks" not in stderr
+    assert not [key for key in seen if key[1] > 1], f"no second attempt: {seen}"
+    assert sum(n for (_, _, what), n in seen.items() if what == "done") == 8
+    assert output_lines(out) == reference_lines(inputs)
