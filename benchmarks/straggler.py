@@ -36,14 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:  # imported as part of the repo (tests, `python -m benchmarks.straggler`)
-    from benchmarks.wordcount import PeakRSS, default_kubemr, machine_info
+    from benchmarks import wordcount
 except ModuleNotFoundError:  # run as a script: make the sibling module importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from wordcount import (  # type: ignore[import-not-found,no-redef]
-        PeakRSS,
-        default_kubemr,
-        machine_info,
-    )
+    import wordcount  # type: ignore[import-not-found,no-redef]
 
 #: The job: each input file holds a seed and a number of rounds; the map hashes that many
 #: rounds (CPU the duty cycle can slow) and emits (seed mod 8, the first digest byte). A
@@ -139,7 +135,7 @@ def run_job(cmd: list[str], out: Path, pids: Path, expected: dict[int, int], dut
     """One `kubemr run`: its wall time, the backups it reported, its tree's peak RSS."""
     for mark in pids.iterdir():
         mark.unlink()
-    with PeakRSS() as memory:
+    with wordcount.PeakRSS() as memory:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         with DutyCycle(pids, duty, period) as slowed:
@@ -199,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_no in range(args.repeat):
             for row in rows.values():
                 out = root / "out"
-                cmd = [args.kubemr or default_kubemr(), "run", str(root / "job.py"), *inputs,
+                kubemr = args.kubemr or wordcount.default_kubemr()
+                cmd = [kubemr, "run", str(root / "job.py"), *inputs,
                        "--output", str(out), "--overwrite", "--workers", str(args.workers),
                        "--reducers", "1", "--no-progress", "--arg", f"pids={pids}",
                        "--lease-seconds", str(args.lease_seconds)]
@@ -212,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row.runs.append(seconds)
                 row.backups = backups if seconds == row.best else row.backups
                 row.peak_rss = max(row.peak_rss, peak)
-    for line in machine_info():
+    for line in wordcount.machine_info():
         print(line)
     print(f"job: {args.tasks} maps of ~{args.work_ms:.0f} ms CPU ({rounds} hash rounds), "
           f"{args.workers} workers, the first to run a map at {args.duty:.0%} speed "

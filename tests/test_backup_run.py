@@ -14,13 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .test_local_run import (  # noqa: F401 - the fixture keeps failed runs' logs in tmp
-    _failed_run_logs,
-    kubemr,
-    output_lines,
-    reference_lines,
-    write_job,
-)
+from . import test_local_run as local
+from .test_local_run import _failed_run_logs  # noqa: F401 - keeps failed runs' logs in tmp
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +56,12 @@ def straggler_run(tmp_path: Path, stall: float, *flags: str
         path.write_text(" ".join(f"w{(i * 7 + j) % 13}" for j in range(50 + i)) + "\n")
         inputs.append(path)
     out = tmp_path / "out"
-    argv = ["run", str(write_job(tmp_path, JOB_STRAGGLER)), "--output", str(out),
+    argv = ["run", str(local.write_job(tmp_path, JOB_STRAGGLER)), "--output", str(out),
             "--workers", "3", "--reducers", "2", "--lease-seconds", "3",
             "--arg", f"log={log}", "--arg", f"stall={stall}", *flags]
     for path in inputs:
         argv += ["-i", str(path)]
-    result = kubemr(*argv)
+    result = local.kubemr(*argv)
     assert result.returncode == 0, result.stderr
     seen: Counter[tuple[str, int, str]] = Counter()
     for line in log.read_text().splitlines():
@@ -85,7 +80,7 @@ def test_a_backup_of_the_straggler_wins_and_the_output_is_exact(tmp_path: Path) 
     straggler = {key[1:]: n for key, n in seen.items() if key[0] == "in-5.txt"}
     assert straggler == {(1, "start"): 1, (2, "start"): 1, (2, "done"): 1}, straggler
     print(f"straggler run: {summary[0]}; attempts of the straggler {straggler}")
-    assert output_lines(out) == reference_lines(inputs)
+    assert local.output_lines(out) == local.reference_lines(inputs)
     manifest = json.loads((out / "_SUCCESS").read_text())
     assert manifest["counters"]["test"]["maps"] == 8, "the loser's counters never count"
 
@@ -95,4 +90,4 @@ def test_without_speculation_the_straggler_runs_alone(tmp_path: Path) -> None:
     assert "backup tasks" not in stderr
     assert not [key for key in seen if key[1] > 1], f"no second attempt: {seen}"
     assert sum(n for (_, _, what), n in seen.items() if what == "done") == 8
-    assert output_lines(out) == reference_lines(inputs)
+    assert local.output_lines(out) == local.reference_lines(inputs)
