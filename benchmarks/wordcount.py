@@ -27,6 +27,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,9 @@ def run_kubemr(opts: KubemrOptions, input_dir: Path) -> tuple[float, WordCounts]
                 f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
                 f"--- stdout (tail) ---\n{_tail(proc.stdout)}"
             )
+        backups = re.search(rb"backup tasks: \d+ launched, \d+ won", proc.stderr)
+        if backups is not None:  # a fault-free run should launch none, or few
+            print(f" ({backups[0].decode()})", end="", file=sys.stderr)
         if opts.output_format == "text":
             counts = parse_kubemr_output(output_dir)
         else:
