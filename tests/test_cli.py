@@ -370,7 +370,9 @@ def test_retry_reruns_only_the_tasks_that_had_not_committed(
 
     runs = Counter(line.split()[0] for line in log.read_text().splitlines())
     assert all(runs[key] == 1 for key in committed), f"committed maps re-ran: {runs}"
-    assert runs[poisoned] == 2, runs
+    # The first run's attempt, maybe its backup (it waits while the other maps commit,
+    # so an idle worker may back it up: backup tasks are on), and the retry's one run.
+    assert runs[poisoned] in (2, 3), runs
     cat = cli.raw("results", name, "--cat")
     assert sorted(cat.stdout.splitlines()) == wordcount_reference(
         [text.encode() for text in texts.values()])
