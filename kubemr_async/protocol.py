@@ -21,13 +21,15 @@ Task lifecycle::
        \\----reopen----- committed map -----reopen (failures == maxAttempts)
             (a reduce found the run it wrote corrupt; counted as a failure)
 
-    running --backup--> running + twin --commit (either attempt)--> committed (twin cleared)
-       ^                   |  |
+    running --backup--> running + twin --commit (either attempt)--> committed (twin cleared;
+       ^                   |  |                                   the other attempt's history
+       |                   |  |                                   entry ends as ``backup``)
        |                   |  \\--lease expired (neither attempt renewed): a takeover, as
-       |                   |      above, clears the twin
+       |                   |      above, clears the twin (both entries end as ``leaseLost``)
        \\---- one left -----/--fail/release by one attempt: only that one stops (holder
-                                slot emptied, or twin cleared); a fail at maxAttempts, or a
-                                permanent one, fails the task
+                                slot emptied, or twin cleared; only its entry ends); a fail
+                                at maxAttempts, or a permanent one, fails the task (and
+                                ends the other attempt's entry as ``backup``)
 
 A backup (speculative) attempt of a straggling task (:func:`backup`, chosen by
 :meth:`JobView.backup_candidate`) takes the holder slot (``worker``/``attempt``, with a
@@ -41,9 +43,9 @@ Every transition that starts or ends an attempt also rewrites the task's ``histo
 outcome, bounded in bytes beside the counters and skip sample, so the record stays small
 and a write's cost flat. Renewals, the most frequent write, leave it alone. A claim and a
 backup each open their attempt's entry; an end closes the entry of the attempt that ended,
-found by its number (of a backup pair, the one that wrote, holder or twin); a commit also
-closes the other attempt of the pair as ``backup`` (lost to its twin), and a takeover
-closes both as ``leaseLost``.
+found by its number (of a backup pair, the one that wrote, holder or twin); a commit, or a
+failure that fails the task, also closes the other attempt of the pair as ``backup``
+(ended by its twin), and a takeover closes both as ``leaseLost``.
 
 ``attempt`` counts claims and backups and names attempt-unique output keys, so a zombie
 that lost its lease writes to keys nobody will read; ``failures`` counts failed attempts
@@ -351,11 +353,30 @@ def _ends(body: TaskRecord, worker: str, outcome: AttemptOutcome, *,
     return ends
 
 
+#: A backed-up task's own fields (:func:`backup`).
+_BACKUP_FIELDS = ("twin", "backups", "backupAttempt", "backupWon")
+
+
+def _speculation(body: TaskRecord, **after: object) -> dict[str, object]:
+    """A backed-up task's fields (``_BACKUP_FIELDS``) as they stand after a write that
+    sets ``after`` (other names ignored); empty for a task never backed up. They take
+    their bytes from the history's room, so a record with a backup pair stays as small
+    as one without."""
+    record = cast(Mapping[str, object], body)
+    fields = {name: record[name] for name in _BACKUP_FIELDS if name in record}
+    if "backups" not in fields and "backups" not in after:
+        return {}
+    return {**fields, **{name: value for name, value in after.items()
+                         if name in _BACKUP_FIELDS}}
+
+
 def _history(history: list[Attempt], counters: Counters | None,
-             skipped: list[Skipped] | None) -> PatchOp:
+             skipped: list[Skipped] | None, speculation: dict[str, object]) -> PatchOp:
     """``add /history`` (added or replaced) with the latest entries that fit in what
-    ``counters`` and ``skipped`` (the record's, after this write) leave of EXTRA_BYTES."""
-    room = EXTRA_BYTES - _json_bytes(counters) - _json_bytes(skipped)
+    ``counters``, ``skipped`` and the backup fields (``speculation``; all the record's,
+    after this write) leave of EXTRA_BYTES."""
+    room = (EXTRA_BYTES - _json_bytes(counters) - _json_bytes(skipped)
+            - _json_bytes(speculation))
     kept = history[-MAX_HISTORY:]
     while kept and _json_bytes(kept) > room:
         kept = kept[1:]
@@ -427,13 +448,14 @@ def backup(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> U
     attempt = body["attempt"] + 1
     history = [*(body.get("history") or []),
                Attempt(attempt=attempt, worker=worker, start=millis(now))]
+    fields: dict[str, object] = {
+        "twin": {"worker": body["worker"], "attempt": body["attempt"]},
+        "backups": body.get("backups", 0) + 1, "backupAttempt": attempt}
     return Update(key, (
         *_write(body, worker=worker, attempt=attempt, leaseExpires=now + lease_seconds),
-        {"op": "add", "path": "/twin",
-         "value": {"worker": body["worker"], "attempt": body["attempt"]}},
-        {"op": "add", "path": "/backups", "value": body.get("backups", 0) + 1},
-        {"op": "add", "path": "/backupAttempt", "value": attempt},
-        _history(history, body.get("counters"), body.get("skipped")),
+        *(PatchOp(op="add", path=f"/{name}", value=value) for name, value in fields.items()),
+        _history(history, body.get("counters"), body.get("skipped"),
+                 _speculation(body, **fields)),
     ))
 
 
@@ -464,7 +486,7 @@ def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
     """
     key = task_name(body)
     history = list(body.get("history") or [])
-    kept = body.get("counters"), body.get("skipped")
+    kept = body.get("counters"), body.get("skipped"), _speculation(body, twin=None)
     if body["state"] == TaskState.RUNNING:
         if not (lease_expired(body, now) if lapsed is None else lapsed):
             raise ValueError(f"task {key} is held by {body['worker']} until its lease expires")
@@ -513,7 +535,8 @@ def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
         ops.append({"op": "add", "path": "/skipped", "value": skipped})
     ends = _ends(body, worker, AttemptOutcome.COMMITTED, others=True)
     ops.append(_history(_ended(body, now, ends), counters,
-                        body.get("skipped") if skipped is None else skipped))
+                        body.get("skipped") if skipped is None else skipped,
+                        _speculation(body, twin=None, backupWon=False)))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
         body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0),
         *ops, *_winner(body, worker), *_no_twin(body)))
@@ -545,7 +568,8 @@ def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
     alone = None if final else _drop_self(body, worker)
     history = _history(_ended(body, now, _ends(body, worker, AttemptOutcome.FAILED,
                                                others=alone is None)),
-                       body.get("counters"), body.get("skipped"))
+                       body.get("counters"), body.get("skipped"),
+                       _speculation(body, **(alone or {"twin": None})))
     if alone is not None:  # the task's other attempt runs on
         return Update(task_name(body), (*_held_by(body, worker), *_write(
             body, failures=failures, error=error, **alone), history))
@@ -561,7 +585,8 @@ def release(body: TaskRecord, worker: str, *, now: float) -> Update:
     alone = _drop_self(body, worker)
     history = _history(_ended(body, now, _ends(body, worker, AttemptOutcome.RELEASED,
                                                others=False)),
-                       body.get("counters"), body.get("skipped"))
+                       body.get("counters"), body.get("skipped"),
+                       _speculation(body, **(alone or {"twin": None})))
     if alone is not None:  # the task's other attempt runs on
         return Update(task_name(body), (*_held_by(body, worker), *_write(body, **alone),
                                         history))

@@ -191,7 +191,9 @@ async def test_a_backed_up_task_commits_once_whichever_attempt_races(
         state_backend: StoreFactory) -> None:
     """Speculative execution on the real store: the original and its backup, on separate
     clients, renew and commit at once; each loser re-reads and retries like the runtime
-    (protocol.slot), and exactly one commit lands, with its attempt's counters."""
+    (protocol.slot), and exactly one commit lands, with its attempt's counters; the
+    history keeps both attempts, the winner's committed and the other lost to its twin
+    (the CRD's schema admits the ``backup`` outcome)."""
     clients = [await state_backend() for _ in range(2)]
     await clients[0].create("job-b", [job_record("job-b"), task(0)])
     original = await clients[0].patch("job-b", claim(task(0)[1], "w1"))
@@ -213,7 +215,7 @@ async def test_a_backed_up_task_commits_once_whichever_attempt_races(
                 body = fresh
                 continue
             done = await store.patch("job-b", protocol.commit(
-                renewed.task, worker, f"out@{attempt}", {"g": {"n": attempt}}))
+                renewed.task, worker, f"out@{attempt}", {"g": {"n": attempt}}, now=4.0))
             if done is not None:
                 return True
             body = (await store.snapshot("job-b"))[0]["map-00000"].task
@@ -230,3 +232,7 @@ async def test_a_backed_up_task_commits_once_whichever_attempt_races(
     assert final["state"] == "committed" and final["twin"] is None
     assert final["outputs"] == f"out@{winner}" and final["counters"] == {"g": {"n": winner}}
     assert final["backupWon"] is (winner == 2) and final["attempt"] == 2
+    assert [(a["attempt"], a["worker"], a.get("outcome"), a.get("end"))
+            for a in final["history"]] == [
+        (1, "w1", "committed" if winner == 1 else "backup", 4000),
+        (2, "w2", "committed" if winner == 2 else "backup", 4000)]
