@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/wordcount.py [--size-mib 256] [--files 16] [--workers 2]
                                    [--repeat 1] [--only kubemr,counter,mp-pool,dask-bag]
-                                   [--formats text,jsonl,parquet]
+                                   [--formats text,jsonl,parquet] [--no-speculative-row]
 
 Every peer counts the same cached corpus (see ``corpus.py``) and must produce exactly the
 ``collections.Counter`` reference: a word is a maximal run of non-whitespace bytes, i.e.
@@ -14,6 +14,9 @@ shared machines better than absolute times.
 ``--formats`` also runs kubemr with ``--format jsonl``/``parquet`` (rows ``kubemr-jsonl``,
 ``kubemr-parquet``); their results are read back with ``kubemr_async.read_results`` and
 checked against the same reference, so the table shows what each format costs.
+``--no-speculative-row`` also runs kubemr with ``--no-speculative`` (row
+``kubemr-nospec``), round-robin with the others, and prints both kubemr rows' ratio
+against the ``multiprocessing.Pool`` peer: what backup tasks cost a fault-free job.
 Exit status is non-zero if any peer failed or disagreed with the reference.
 """
 
@@ -24,6 +27,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +54,8 @@ except ModuleNotFoundError:  # run as a script: make the sibling module importab
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("counter", "mp-pool", "dask-bag", "kubemr")
 FORMATS = ("text", "jsonl", "parquet")
+#: The row of kubemr with backup tasks off (--no-speculative-row).
+NO_SPEC = "kubemr-nospec"
 
 WordCounts = dict[bytes, int]
 
@@ -270,6 +276,9 @@ def run_kubemr(opts: KubemrOptions, input_dir: Path) -> tuple[float, WordCounts]
                 f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
                 f"--- stdout (tail) ---\n{_tail(proc.stdout)}"
             )
+        backups = re.search(rb"backup tasks: \d+ launched, \d+ won", proc.stderr)
+        if backups is not None:  # a fault-free run should launch none, or few
+            print(f" ({backups[0].decode()})", end="", file=sys.stderr)
         if opts.output_format == "text":
             counts = parse_kubemr_output(output_dir)
         else:
@@ -337,6 +346,9 @@ def run_once(
     paths = [str(p) for p in corpus.paths]
     if name == "kubemr":
         return run_kubemr(kubemr, corpus.directory)
+    if name == NO_SPEC:
+        return run_kubemr(replace(kubemr, extra_args=[*kubemr.extra_args, "--no-speculative"]),
+                          corpus.directory)
     if name.startswith("kubemr-"):
         return run_kubemr(replace(kubemr, output_format=name.removeprefix("kubemr-")),
                           corpus.directory)
@@ -476,6 +488,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated kubemr output formats to run, of {','.join(FORMATS)}; formats "
         "other than text add rows kubemr-FORMAT (default text)",
     )
+    p.add_argument("--no-speculative-row", action="store_true",
+                   help=f"also run kubemr with backup tasks off (row {NO_SPEC})")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(PEERS))
@@ -535,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             del results["kubemr"]
         results.update({f"kubemr-{f}": Result(f"kubemr-{f}") for f in args.formats
                         if f != "text"})
+        if args.no_speculative_row:
+            results[NO_SPEC] = Result(NO_SPEC)
     ref_result = results.get("counter", Result("counter"))
     reference = record_run(
         ref_result,
@@ -574,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "/ kubemr seconds (>1: kubemr is faster); peak RSS = the peer's whole process tree, "
         "sampled every 20 ms, above the benchmark's own."
     )
+    pool = results.get("mp-pool")
+    if pool is not None and pool.seconds:
+        ratios = [f"{name} {pool.seconds / r.seconds:.2f}x" for name in ("kubemr", NO_SPEC)
+                  if (r := results.get(name)) is not None and r.seconds]
+        print("against mp-pool (mp-pool seconds / kubemr seconds): " + ", ".join(ratios))
     failed = [r for r in results.values() if not r.correct]
     for r in failed:
         print(f"\n{r.peer}: {'ERROR' if r.seconds is None else 'FAIL'}\n{r.error}")

@@ -200,6 +200,9 @@ def run(
         metavar="FILE", show_default=False,
         help="Write the job's timeline (one HTML page: every attempt per worker over time, "
              "by outcome) to FILE when it ends, succeeded or not.")] = None,
+    speculative: Annotated[bool, typer.Option(
+        help="Backup tasks: an idle worker re-runs a straggling task; the first attempt "
+             "to commit wins.")] = True,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -231,7 +234,7 @@ def run(
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
-                metrics_port=metrics_port, timeline_page=timeline)
+                metrics_port=metrics_port, timeline_page=timeline, speculative=speculative)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -241,6 +244,9 @@ def run(
     result = _guard(lambda: _run(start()))
     typer.echo(f"job {result.job} succeeded in {result.seconds:.2f}s: "
                f"{len(result.parts)} result files", err=True)
+    if result.backups:
+        typer.echo(f"backup tasks: {result.backups} launched, {result.backups_won} won",
+                   err=True)
     if result.counters:
         from .cli_render import counters_table
 

@@ -86,8 +86,9 @@ def describe(obj: Mapping[str, Any], tasks: Sequence[TaskRecord] = (),
     """``kubemr status`` as text: phase, progress, error and results, one field a line.
 
     With the job's task ``tasks`` (while its records exist: not once it has Succeeded),
-    also each stage's rate and ETA, the running tasks with their age and worker, the
-    tasks that failed attempts with their last error, and the counters of the tasks
+    also each stage's rate and ETA, the backup tasks launched and won, the running
+    attempts with their age and worker, the tasks that failed attempts with their last
+    error, and the counters of the tasks
     committed so far. Ages and rates compare ``now`` (this machine's clock, Unix seconds)
     with the times workers wrote on theirs (``records.Attempt``).
     """
@@ -106,6 +107,7 @@ def describe(obj: Mapping[str, Any], tasks: Sequence[TaskRecord] = (),
                ("Reduces", _stage(progress.reduces_done, progress.reduces_total,
                                   [t for t in current if t["kind"] == TaskKind.REDUCE],
                                   now_ms))]
+    fields += _backups(tasks)
     if status.get("completionTime"):
         fields.append(("Completed", str(status["completionTime"])))
     if status.get("error"):
@@ -157,17 +159,30 @@ def _rows(title: str, header: Sequence[str], rows: list[list[str]]) -> list[str]
 
 
 def _running(tasks: Sequence[TaskRecord], now_ms: int) -> list[str]:
-    """The running tasks, oldest attempt first, with attempt, worker and age."""
-    def started(task: TaskRecord) -> int | None:
-        history = task.get("history") or []
-        return history[-1]["start"] if history else None
-
-    running = sorted((t for t in tasks if t["state"] == TaskState.RUNNING),
-                     key=lambda t: (started(t) or now_ms, protocol.task_name(t)))
-    rows = [[protocol.task_name(t), str(t["attempt"]), t["worker"],
-             "-" if (start := started(t)) is None
-             else human_duration((now_ms - start) / 1000)] for t in running]
+    """The running attempts, oldest first, with attempt, worker and age: the open entries
+    of the running tasks' histories, so a task with a backup shows both of its attempts
+    (a record written before histories shows its holder, age unknown)."""
+    attempts: list[tuple[int | None, str, int, str]] = []
+    for task in tasks:
+        if task["state"] != TaskState.RUNNING:
+            continue
+        name = protocol.task_name(task)
+        running = [a for a in task.get("history") or [] if "outcome" not in a]
+        attempts += ([(a["start"], name, a["attempt"], a["worker"]) for a in running]
+                     or [(None, name, task["attempt"], task["worker"])])
+    attempts.sort(key=lambda a: (now_ms if a[0] is None else a[0], a[1], a[2]))
+    rows = [[name, str(attempt), worker,
+             "-" if start is None else human_duration((now_ms - start) / 1000)]
+            for start, name, attempt, worker in attempts]
     return _rows("Running tasks", ["TASK", "ATTEMPT", "WORKER", "AGE"], rows)
+
+
+def _backups(tasks: Sequence[TaskRecord]) -> list[tuple[str, str]]:
+    """``Backups: 2 launched, 1 won`` once any backup task was launched (the job's tasks'
+    ``backups`` and ``backupWon``)."""
+    launched = sum(t.get("backups", 0) for t in tasks)
+    won = sum(bool(t.get("backupWon")) for t in tasks)
+    return [("Backups", f"{launched} launched, {won} won")] if launched else []
 
 
 def _failures(tasks: Sequence[TaskRecord]) -> list[str]:

@@ -172,6 +172,13 @@ def _job_spec_schema() -> dict[str, Any]:
                 doc="Skip mode: each task skips up to this many records (per-record map "
                     "inputs) or reduce keys whose call raises or that do not parse, instead "
                     "of failing; counted as kubemr/skippedRecords. Unset or 0: off."),
+            "speculative": {
+                "type": "boolean",
+                "description": "Backup tasks: an idle worker may run a second attempt of a "
+                               "task far slower than its stage's committed ones; the first "
+                               "to commit wins. false: off.",
+                "default": True,
+            },
             "memory": _int(MIN_MEMORY, fmt="int64",
                            doc="Bytes of memory each worker's shuffle stays within (buffers, "
                                "merges, fetches); beyond it data spills to local scratch. "
@@ -546,6 +553,7 @@ def _task_status_schema() -> dict[str, Any]:
                 "Skip mode: a sample of the records the committed attempt skipped.",
                 per_task=True),
             "history": _history_schema(),
+            **_backup_schema(),
         },
     }
 
@@ -565,6 +573,19 @@ def _history_schema() -> dict[str, Any]:
             "outcome": {"type": "string", "enum": [o.value for o in AttemptOutcome]},
         }},
         "x-kubernetes-list-type": "atomic",
+    }
+
+
+def _backup_schema() -> dict[str, Any]:
+    """A task's speculative-execution fields (``protocol.backup``)."""
+    return {
+        "twin": {"type": "object", "nullable": True, "required": ["worker", "attempt"],
+                 "description": "The original attempt, running beside a backup.",
+                 "properties": {"worker": {"type": "string"}, "attempt": _int(1)}},
+        "backups": _int(0, doc="Backup attempts launched for this task."),
+        "backupAttempt": _int(1, doc="The latest backup's attempt number."),
+        "backupWon": {"type": "boolean",
+                      "description": "Committed: whether the backup's commit won."},
     }
 
 

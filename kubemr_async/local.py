@@ -93,6 +93,9 @@ class LocalRunResult:
     counters: Counters = field(default_factory=dict)
     #: Skip mode: a sample of the records the job skipped (also in the manifest).
     skipped: list[Skipped] = field(default_factory=list)
+    #: Backup attempts of stragglers launched, and those whose commit won (every step's).
+    backups: int = 0
+    backups_won: int = 0
 
 
 def job_name_for(job_ref: str, name: str) -> str:
@@ -112,7 +115,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     commands: Commands | None = None,
                     max_skipped_records: int = 0,
                     metrics_port: int | None = None,
-                    timeline_page: Path | None = None) -> LocalRunResult:
+                    timeline_page: Path | None = None,
+                    speculative: bool = True) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
@@ -129,7 +133,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
         max_skipped_records=max_skipped_records, metrics_port=metrics_port,
-        timeline_page=timeline_page))
+        timeline_page=timeline_page, speculative=speculative))
 
 
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
@@ -138,7 +142,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                inline: bool, output_format: OutputFormat,
                memory: int | None = None, commands: Commands | None = None,
                max_skipped_records: int = 0, metrics_port: int | None = None,
-               timeline_page: Path | None = None) -> LocalRunResult:
+               timeline_page: Path | None = None,
+               speculative: bool = True) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -159,7 +164,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
                    output_format=output_format, memory=memory, steps=len(steps),
-                   max_skipped_records=max_skipped_records)
+                   max_skipped_records=max_skipped_records, speculative=speculative)
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -278,6 +283,7 @@ class _Run:
         skipped: list[Skipped] = []
         previous: Path | None = None
         view: JobView | None = None
+        backups = [0, 0]
         for index, job in enumerate(self.steps):
             if view is not None:
                 spec = dataclasses.replace(
@@ -292,6 +298,8 @@ class _Run:
             previous = blobs
             assert view.job is not None
             step_counters.append(view.job.get("counters") or {})
+            progress = view.progress()
+            backups = [backups[0] + progress.backups, backups[1] + progress.backups_won]
             skipped += view.job.get("skipped") or []
         assert view is not None and view.job is not None and previous is not None
         totals = counters.total(step_counters)
@@ -304,7 +312,7 @@ class _Run:
                          spec.job, time.monotonic() - self.started, self.held,
                          spec.output_format, totals, extra)
         return LocalRunResult(self.output, self.name, parts, time.monotonic() - self.started,
-                              totals, skipped)
+                              totals, skipped, *backups)
 
     async def _step(self, index: int, spec: JobSpec, splits: list[Split], job: AnyJob,
                     blobs: Path) -> JobView:
@@ -488,11 +496,11 @@ class _Crew:
         """Fail the attempts the dead worker held: it can never renew or commit them."""
         records, _ = await self.store.snapshot(self.name)
         max_attempts = int(records[protocol.JOB_KEY].job["spec"]["maxAttempts"])
-        held = [record.task for key, record in records.items() if key != protocol.JOB_KEY
-                and record.task["state"] == protocol.TaskState.RUNNING
-                and record.task["worker"] == worker_id]
-        for task in held:
-            message = f"worker {worker_id} died during attempt {task['attempt']}: {cause}"
+        held = [(record.task, attempt) for key, record in records.items()
+                if key != protocol.JOB_KEY
+                and (attempt := protocol.running_attempt(record.task, worker_id)) is not None]
+        for task, attempt in held:
+            message = f"worker {worker_id} died during attempt {attempt}: {cause}"
             await self.store.patch(self.name, protocol.fail(task, worker_id, message,
                                                             max_attempts, now=time.time()))
 

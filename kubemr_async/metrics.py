@@ -82,6 +82,9 @@ TASKS_RELEASED = Counter("kubemr_tasks_released", "Task attempts handed back unf
                          "(shutdown, or a reduce input to re-create).", ["kind"])
 CLAIM_RACES_LOST = Counter("kubemr_claim_races_lost", "Claims another worker won first.",
                            ["kind"])
+BACKUP_ATTEMPTS = Counter("kubemr_backup_attempts", "Backup attempts of straggling tasks "
+                          "this worker ran, by outcome (launched; won: its commit was the "
+                          "task's; lost: the original's was).", ["outcome"])
 LEASE_RENEWALS = Counter("kubemr_lease_renewals", "Lease renewals of held tasks, by result "
                          "(renewed, lost: taken over, error: the store failed).", ["result"])
 TASK_SECONDS = Histogram("kubemr_task_duration_seconds", "One task attempt, claim to outcome "

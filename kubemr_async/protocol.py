@@ -21,14 +21,36 @@ Task lifecycle::
        \\----reopen----- committed map -----reopen (failures == maxAttempts)
             (a reduce found the run it wrote corrupt; counted as a failure)
 
+    running --backup--> running + twin --commit (either attempt)--> committed (twin cleared;
+       ^                   |  |                                   the other attempt's history
+       |                   |  |                                   entry ends as ``backup``)
+       |                   |  \\--lease expired (neither attempt renewed): a takeover, as
+       |                   |      above, clears the twin (both entries end as ``leaseLost``)
+       \\---- one left -----/--fail/release by one attempt: only that one stops (holder
+                                slot emptied, or twin cleared; only its entry ends); a fail
+                                at maxAttempts, or a permanent one, fails the task (and
+                                ends the other attempt's entry as ``backup``)
+
+A backup (speculative) attempt of a straggling task (:func:`backup`, chosen by
+:meth:`JobView.backup_candidate`) takes the holder slot (``worker``/``attempt``, with a
+fresh attempt number) and moves the original into ``twin``. Both run and renew; the first
+commit wins and clears the twin, so the other attempt's writes fail its guards and its
+output keys (attempt-unique) are never read. ``backups`` counts the launches and
+``backupWon`` says, on a committed task, whether the backup's commit was the one.
+
 Every transition that starts or ends an attempt also rewrites the task's ``history``
 (:func:`_history`): the latest attempts with their worker, start and end times and
 outcome, bounded in bytes beside the counters and skip sample, so the record stays small
-and a write's cost flat. Renewals, the most frequent write, leave it alone.
+and a write's cost flat. Renewals, the most frequent write, leave it alone. A claim and a
+backup each open their attempt's entry; an end closes the entry of the attempt that ended,
+found by its number (of a backup pair, the one that wrote, holder or twin); a commit, or a
+failure that fails the task, also closes the other attempt of the pair as ``backup``
+(ended by its twin), and a takeover closes both as ``leaseLost``.
 
-``attempt`` counts claims and names attempt-unique output keys, so a zombie that lost its
-lease writes to keys nobody will read; ``failures`` counts failed attempts (including lost
-leases and committed map attempts whose run turned out corrupt) against ``maxAttempts``.
+``attempt`` counts claims and backups and names attempt-unique output keys, so a zombie
+that lost its lease writes to keys nobody will read; ``failures`` counts failed attempts
+(including lost leases and committed map attempts whose run turned out corrupt) against
+``maxAttempts``.
 Every write bumps ``seq``, and every guarded write tests it, which makes each update a
 compare-and-swap on the whole record. That bump is also what a lease is judged by: a
 running task may be taken over once an observer has seen its ``seq`` stay the same for
@@ -47,6 +69,7 @@ or takeover decided on a stale view of another shard loses its race and changes 
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import zlib
@@ -111,9 +134,7 @@ class JobPhase(StrEnum):
 
 
 class AttemptOutcome(StrEnum):
-    """How an attempt ended, as its history entry says. Speculative execution will add
-    ``backup`` (a copy that lost to the first of a task's attempts to commit) here, with
-    the transition that ends it."""
+    """How an attempt ended, as its history entry says."""
 
     COMMITTED = "committed"
     FAILED = "failed"
@@ -121,6 +142,10 @@ class AttemptOutcome(StrEnum):
     LEASE_LOST = "leaseLost"
     #: Given back without counting a failure (shutdown; a reduce that found a corrupt run).
     RELEASED = "released"
+    #: One attempt of a backup pair (:func:`backup`: the original or its backup) stopped
+    #: by the other: its twin committed first (ended on the committer's clock), or, rarely,
+    #: failed the task (a permanent error, or the last allowed failure). Not a failure.
+    BACKUP = "backup"
 
 
 #: JSON bytes a task record may spend on its counters, its skip sample and its history
@@ -310,20 +335,84 @@ def _json_bytes(value: object) -> int:
     return len(json.dumps(value, separators=(",", ":"))) if value else 0
 
 
-def _ended(body: TaskRecord, outcome: AttemptOutcome, now: float) -> list[Attempt]:
-    """The history with the current attempt's entry closed at ``now`` (the writer's
-    clock). A record written before histories existed has no entry to close."""
+def _ended(body: TaskRecord, now: float, outcomes: Mapping[int, AttemptOutcome]
+           ) -> list[Attempt]:
+    """The history with the open entry of each attempt in ``outcomes`` (by number) closed
+    at ``now`` (the writer's clock) with its outcome. By number, not "the last entry": of
+    a backup pair the original's entry comes before the backup's, and either may end
+    first. A record written before histories existed has no entry to close."""
     history = list(body.get("history") or [])
-    if history and history[-1]["attempt"] == body["attempt"] and "outcome" not in history[-1]:
-        history[-1] = Attempt(**history[-1], end=millis(now), outcome=outcome.value)
+    for i, entry in enumerate(history):
+        outcome = outcomes.get(entry["attempt"])
+        if outcome is not None and "outcome" not in entry:
+            history[i] = Attempt(**entry, end=millis(now), outcome=outcome.value)
     return history
 
 
+def _running_attempts(body: TaskRecord) -> dict[int, str]:
+    """A running task's attempts that still run, number to worker: the holder slot's
+    (unless emptied, ``worker`` "") and the twin's."""
+    running = {body["attempt"]: body["worker"]} if body["worker"] else {}
+    twin = body.get("twin")
+    if twin:
+        running[twin["attempt"]] = twin["worker"]
+    return running
+
+
+def running_attempt(body: TaskRecord, worker: str) -> int | None:
+    """The number of ``worker``'s attempt that still runs in ``body`` (in the holder slot
+    or as the twin), or None: which attempt a dead worker's failure ends."""
+    if body["state"] != TaskState.RUNNING:
+        return None
+    return next((number for number, holder in _running_attempts(body).items()
+                 if holder == worker), None)
+
+
+def _own_attempt(body: TaskRecord, worker: str) -> int:
+    """The number of ``worker``'s attempt in ``body``: the twin's when ``worker`` is the
+    twin of a backed-up task (a backup never runs where its original does), else the
+    holder slot's."""
+    twin = body.get("twin")
+    if body["worker"] != worker and twin and twin["worker"] == worker:
+        return int(twin["attempt"])
+    return int(body["attempt"])
+
+
+def _ends(body: TaskRecord, worker: str, outcome: AttemptOutcome, *,
+          others: bool) -> dict[int, AttemptOutcome]:
+    """The history entries a write by ``worker``'s attempt closes: its own with
+    ``outcome`` and, when ``others`` (the write ends the task: a commit, or a failure
+    that fails it), the other attempt of a backup pair as ``backup``."""
+    own = _own_attempt(body, worker)
+    ends = {number: AttemptOutcome.BACKUP for number in _running_attempts(body)} if others else {}
+    ends[own] = outcome
+    return ends
+
+
+#: A backed-up task's own fields (:func:`backup`).
+_BACKUP_FIELDS = ("twin", "backups", "backupAttempt", "backupWon")
+
+
+def _speculation(body: TaskRecord, **after: object) -> dict[str, object]:
+    """A backed-up task's fields (``_BACKUP_FIELDS``) as they stand after a write that
+    sets ``after`` (other names ignored); empty for a task never backed up. They take
+    their bytes from the history's room, so a record with a backup pair stays as small
+    as one without."""
+    record = cast(Mapping[str, object], body)
+    fields = {name: record[name] for name in _BACKUP_FIELDS if name in record}
+    if "backups" not in fields and "backups" not in after:
+        return {}
+    return {**fields, **{name: value for name, value in after.items()
+                         if name in _BACKUP_FIELDS}}
+
+
 def _history(history: list[Attempt], counters: Counters | None,
-             skipped: list[Skipped] | None) -> PatchOp:
+             skipped: list[Skipped] | None, speculation: dict[str, object]) -> PatchOp:
     """``add /history`` (added or replaced) with the latest entries that fit in what
-    ``counters`` and ``skipped`` (the record's, after this write) leave of EXTRA_BYTES."""
-    room = EXTRA_BYTES - _json_bytes(counters) - _json_bytes(skipped)
+    ``counters``, ``skipped`` and the backup fields (``speculation``; all the record's,
+    after this write) leave of EXTRA_BYTES."""
+    room = (EXTRA_BYTES - _json_bytes(counters) - _json_bytes(skipped)
+            - _json_bytes(speculation))
     kept = history[-MAX_HISTORY:]
     while kept and _json_bytes(kept) > room:
         kept = kept[1:]
@@ -331,8 +420,79 @@ def _history(history: list[Attempt], counters: Counters | None,
 
 
 def _held_by(body: TaskRecord, worker: str) -> list[PatchOp]:
-    """Tests that the caller still holds the attempt it thinks it holds (the seed's lock)."""
-    return [_test("worker", worker), _test("attempt", body["attempt"])]
+    """Tests that the caller still holds the attempt it thinks it holds (the seed's lock):
+    the holder slot's, or the twin's when ``body`` names ``worker`` there (a running
+    original whose task got a backup)."""
+    attempt = _own_attempt(body, worker)
+    if attempt != body["attempt"]:
+        return [_test("twin/worker", worker), _test("twin/attempt", attempt)]
+    return [_test("worker", worker), _test("attempt", attempt)]
+
+
+class Slot(StrEnum):
+    """Which of a running task's two attempts a worker's is (see :func:`backup`)."""
+
+    HOLDER = "holder"
+    TWIN = "twin"
+
+
+def slot(body: TaskRecord, worker: str, attempt: int) -> Slot | None:
+    """Where attempt ``attempt`` of ``worker`` stands in ``body``: the holder slot, the
+    twin, or None once it holds neither (taken over, or the other attempt committed)."""
+    if body["state"] != TaskState.RUNNING:
+        return None
+    if body["worker"] == worker and body["attempt"] == attempt:
+        return Slot.HOLDER
+    twin = body.get("twin")
+    if twin and twin["worker"] == worker and twin["attempt"] == attempt:
+        return Slot.TWIN
+    return None
+
+
+def _no_twin(body: TaskRecord) -> list[PatchOp]:
+    """Clear the twin, on a record that has the field (``add`` replaces it whether or not
+    it is null); a record that never had a backup is left without it."""
+    return [{"op": "add", "path": "/twin", "value": None}] if "twin" in body else []
+
+
+def _drop_self(body: TaskRecord, worker: str) -> dict[str, object] | None:
+    """The fields that end only the caller's attempt while the other one runs on (None
+    when there is no other): the holder slot emptied (``worker`` ""), or the twin."""
+    twin = body.get("twin")
+    if not twin:
+        return None
+    if body["worker"] == worker:
+        return {"worker": ""}
+    return {"twin": None} if body["worker"] else None
+
+
+def backup(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
+    """Start a backup attempt of a running task (speculative execution, MapReduce §3.6).
+
+    The backup takes the holder slot with a fresh attempt number (so its output keys,
+    and every later takeover's, are unique) and the original moves to ``twin``; the
+    original learns it when its next guarded write fails, and carries on from the twin
+    slot. Guarded by ``seq``: a renewal or commit that lands first makes it lose.
+    ``now`` (the backup's wall clock) dates its lease and starts its own history entry,
+    beside the original's, which stays open.
+    """
+    key = task_name(body)
+    if body["state"] != TaskState.RUNNING or body.get("twin") or not body["worker"]:
+        raise ValueError(f"task {key} is not a running task without a backup")
+    if body["worker"] == worker:
+        raise ValueError(f"task {key} is {worker}'s own: a backup runs elsewhere")
+    attempt = body["attempt"] + 1
+    history = [*(body.get("history") or []),
+               Attempt(attempt=attempt, worker=worker, start=millis(now))]
+    fields: dict[str, object] = {
+        "twin": {"worker": body["worker"], "attempt": body["attempt"]},
+        "backups": body.get("backups", 0) + 1, "backupAttempt": attempt}
+    return Update(key, (
+        *_write(body, worker=worker, attempt=attempt, leaseExpires=now + lease_seconds),
+        *(PatchOp(op="add", path=f"/{name}", value=value) for name, value in fields.items()),
+        _history(history, body.get("counters"), body.get("skipped"),
+                 _speculation(body, **fields)),
+    ))
 
 
 def lease_expired(body: TaskRecord, now: float) -> bool:
@@ -356,22 +516,26 @@ def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
     was read, so a renewal that lands first makes the takeover lose.
 
     Taking over counts the lost attempt as a failure (its history entry ends at ``now``
-    as ``leaseLost``); if that was the last allowed one the update fails the task instead
-    of claiming it.
+    as ``leaseLost``; of a backup pair, whose lease lapses only when neither renews, both
+    entries end so and one failure is counted); if that was the last allowed one the
+    update fails the task instead of claiming it.
     """
     key = task_name(body)
     history = list(body.get("history") or [])
-    kept = body.get("counters"), body.get("skipped")
+    kept = body.get("counters"), body.get("skipped"), _speculation(body, twin=None)
     if body["state"] == TaskState.RUNNING:
         if not (lease_expired(body, now) if lapsed is None else lapsed):
             raise ValueError(f"task {key} is held by {body['worker']} until its lease expires")
-        reason = (f"lease expired: worker {body['worker']} stopped renewing "
-                  f"during attempt {body['attempt']}")
+        running = _running_attempts(body)
+        reason = "lease expired: " + " and ".join(
+            f"worker {holder} stopped renewing during attempt {number}"
+            for number, holder in sorted(running.items()))
         failures = body["failures"] + 1
-        history = _ended(body, AttemptOutcome.LEASE_LOST, now)
+        history = _ended(body, now, dict.fromkeys(running, AttemptOutcome.LEASE_LOST))
         if failures >= max_attempts:
             return Update(key, (*_write(body, state=TaskState.FAILED.value, failures=failures,
-                                        worker="", error=reason), _history(history, *kept)))
+                                        worker="", error=reason),
+                              _history(history, *kept), *_no_twin(body)))
         extra: dict[str, object] = {"failures": failures, "error": reason}
     elif body["state"] == TaskState.PENDING:
         extra = {}
@@ -382,7 +546,7 @@ def claim(body: TaskRecord, worker: str, now: float, lease_seconds: float,
     return Update(key, (*_write(
         body, state=TaskState.RUNNING.value, worker=worker, attempt=attempt,
         leaseExpires=now + lease_seconds, **extra,
-    ), _history(history, *kept)))
+    ), _history(history, *kept), *_no_twin(body)))
 
 
 def renew(body: TaskRecord, worker: str, now: float, lease_seconds: float) -> Update:
@@ -400,36 +564,71 @@ def commit(body: TaskRecord, worker: str, outputs: TaskOutputs,
     them yet (a map that re-runs after a re-open replaces its earlier attempt's).
     ``skipped`` (skip mode only; None leaves the record without it): the sample of the
     records the attempt skipped, counted only with its commit, too. ``now``: the holder's
-    clock, when its history entry ends."""
+    clock, when its history entry ends (and the other attempt's of a backup pair, as
+    ``backup``: it lost to this one). Either attempt of a pair may commit: the first wins."""
     ops: list[PatchOp] = [{"op": "add", "path": "/counters", "value": counters or {}}]
     if skipped is not None:
         ops.append({"op": "add", "path": "/skipped", "value": skipped})
-    ops.append(_history(_ended(body, AttemptOutcome.COMMITTED, now), counters,
-                        body.get("skipped") if skipped is None else skipped))
+    ends = _ends(body, worker, AttemptOutcome.COMMITTED, others=True)
+    ops.append(_history(_ended(body, now, ends), counters,
+                        body.get("skipped") if skipped is None else skipped,
+                        _speculation(body, twin=None, backupWon=False)))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0), *ops))
+        body, state=TaskState.COMMITTED.value, outputs=outputs, leaseExpires=0.0),
+        *ops, *_winner(body, worker), *_no_twin(body)))
+
+
+def _winner(body: TaskRecord, worker: str) -> list[PatchOp]:
+    """A commit's ops for a task that had a backup: ``backupWon`` (the backup's commit is
+    the one), and ``worker`` naming the committer when that is the twin (``attempt``
+    stays the highest, so attempt numbers never repeat)."""
+    if "backups" not in body:
+        return []
+    if _own_attempt(body, worker) != body["attempt"]:
+        return [{"op": "replace", "path": "/worker", "value": worker},
+                {"op": "add", "path": "/backupWon", "value": False}]
+    won = body.get("backupAttempt") == body["attempt"]
+    return [{"op": "add", "path": "/backupWon", "value": won}]
 
 
 def fail(body: TaskRecord, worker: str, error: str, max_attempts: int,
          permanent: bool = False, *, now: float) -> Update:
-    """Record a failed attempt: back to pending for a retry, or failed for good. ``now``:
-    the writer's clock, when the attempt's history entry ends."""
+    """Record a failed attempt: back to pending for a retry, or failed for good. While
+    the task's other attempt (a backup, or the original it backs up) runs on, a failure
+    below ``maxAttempts`` drops only the caller's attempt. ``now``: the writer's clock,
+    when the attempt's history entry ends (and, when this failure fails the task, the
+    other attempt's, as ``backup``: it is stopped by its twin)."""
     failures = body["failures"] + 1
     final = permanent or failures >= max_attempts
     state = TaskState.FAILED if final else TaskState.PENDING
-    history = _ended(body, AttemptOutcome.FAILED, now)
+    alone = None if final else _drop_self(body, worker)
+    history = _history(_ended(body, now, _ends(body, worker, AttemptOutcome.FAILED,
+                                               others=alone is None)),
+                       body.get("counters"), body.get("skipped"),
+                       _speculation(body, **(alone or {"twin": None})))
+    if alone is not None:  # the task's other attempt runs on
+        return Update(task_name(body), (*_held_by(body, worker), *_write(
+            body, failures=failures, error=error, **alone), history))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
         body, state=state.value, failures=failures, worker="", leaseExpires=0.0, error=error),
-        _history(history, body.get("counters"), body.get("skipped"))))
+        history, *_no_twin(body)))
 
 
 def release(body: TaskRecord, worker: str, *, now: float) -> Update:
-    """Give a claim back without counting a failure (graceful shutdown, SIGTERM). ``now``:
-    the holder's clock, when the attempt's history entry ends."""
-    history = _ended(body, AttemptOutcome.RELEASED, now)
+    """Give a claim back without counting a failure (graceful shutdown, SIGTERM); while
+    the task's other attempt runs on, only the caller's attempt is dropped. ``now``: the
+    holder's clock, when the attempt's history entry ends."""
+    alone = _drop_self(body, worker)
+    history = _history(_ended(body, now, _ends(body, worker, AttemptOutcome.RELEASED,
+                                               others=False)),
+                       body.get("counters"), body.get("skipped"),
+                       _speculation(body, **(alone or {"twin": None})))
+    if alone is not None:  # the task's other attempt runs on
+        return Update(task_name(body), (*_held_by(body, worker), *_write(body, **alone),
+                                        history))
     return Update(task_name(body), (*_held_by(body, worker), *_write(
-        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0),
-        _history(history, body.get("counters"), body.get("skipped"))))
+        body, state=TaskState.PENDING.value, worker="", leaseExpires=0.0), history,
+        *_no_twin(body)))
 
 
 def reopen(body: TaskRecord, error: str, max_attempts: int) -> Update:
@@ -461,6 +660,9 @@ class Progress:
     reduces_total: int
     running: int
     failed: int
+    #: Backup attempts launched, and how many of them committed first (the whole job's).
+    backups: int = 0
+    backups_won: int = 0
 
 
 class _Sample:
@@ -491,6 +693,38 @@ class _Sample:
 
     def sample(self, count: int, rng: random.Random) -> list[str]:
         return rng.sample(self._keys, min(count, len(self._keys)))
+
+
+#: The backup rule (:meth:`JobView.backup_candidate`): a running task is a straggler once
+#: it has run BACKUP_FACTOR times the median of its stage's committed tasks (Spark's
+#: ``spark.speculation.multiplier``; a task twice as slow as usual is what one slow node
+#: makes), and never before BACKUP_FLOOR seconds, because a backup of a short task costs
+#: a claim, a start and a second read of its input for little gain. Judged only once
+#: BACKUP_MIN_COMMITTED tasks of the stage committed: a median of fewer says little.
+BACKUP_FACTOR = 1.5
+BACKUP_FLOOR = 1.0
+BACKUP_MIN_COMMITTED = 3
+
+
+class _Median:
+    """The running median of durations: two heaps, O(log n) per add, O(1) per read."""
+
+    def __init__(self) -> None:
+        self._low: list[float] = []  # the smaller half, negated (a max-heap)
+        self._high: list[float] = []
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        heapq.heappush(self._low, -value)
+        heapq.heappush(self._high, -heapq.heappop(self._low))
+        if len(self._high) > len(self._low):
+            heapq.heappush(self._low, -heapq.heappop(self._high))
+        self.count += 1
+
+    def value(self) -> float:
+        if len(self._low) > len(self._high):
+            return -self._low[0]
+        return (-self._low[0] + self._high[0]) / 2
 
 
 class JobView:
@@ -530,6 +764,12 @@ class JobView:
         # Committed maps by step and the type of their keys (a clash is two non-empty
         # entries of one step).
         self._key_types: dict[tuple[int, str], set[str]] = {}
+        # The backup rule's inputs: when this observer first saw each running task run
+        # (kept across a backup or a takeover: it is the task that is slow), and the
+        # durations of the committed tasks it saw run, by step and kind.
+        self._started: dict[str, float] = {}
+        self._durations: dict[tuple[int, str], _Median] = {}
+        self._backups = self._backups_won = 0
         for key, body in (records or {}).items():
             self.update(key, body, seen)
 
@@ -561,6 +801,7 @@ class JobView:
             if old_type is not None:
                 self._key_types[(old_step, old_type)].discard(key)
         body = cast(TaskRecord, body)
+        self._time(key, old, body, seen)
         step = task_step(body)
         self.records[key] = self.tasks[key] = body
         new_type = _key_type(body)
@@ -605,7 +846,6 @@ class JobView:
         self.update(key, cast(TaskRecord, {**body, "state": TaskState.COMMITTED.value}))
         self.unread.add(key)
 
-
     def needs_reading(self) -> bool:
         """Whether the current step's tasks have all finished but some are known only from
         a poll (:attr:`unread`): the verdict, or the step's results, waits for reading
@@ -622,6 +862,25 @@ class JobView:
         if body is not None and not self._follows(key):
             self._pending_of(task_step(body), body["kind"], False).discard(key)
             self._polled.pop(key, None)
+
+    def _time(self, key: str, old: TaskRecord | None, body: TaskRecord,
+              seen: float | None) -> None:
+        """Keep the backup rule's start times, durations and the backup counts: O(log n)."""
+        if old is not None:
+            self._backups -= old.get("backups", 0)
+            self._backups_won -= bool(old.get("backupWon"))
+        self._backups += body.get("backups", 0)
+        self._backups_won += bool(body.get("backupWon"))
+        started = self._started.pop(key, None)
+        if body["state"] == TaskState.RUNNING:
+            ran = old is not None and old["state"] == TaskState.RUNNING
+            start = started if ran and started is not None else seen
+            if start is not None:
+                self._started[key] = start
+        elif (body["state"] == TaskState.COMMITTED and started is not None
+              and seen is not None):
+            median = self._durations.setdefault((task_step(body), body["kind"]), _Median())
+            median.add(seen - started)
 
     def _follows(self, key: str) -> bool:
         return self._followed is None or self._followed(key)
@@ -702,6 +961,8 @@ class JobView:
             running=len(self._running),
             failed=self._count(TaskKind.MAP, TaskState.FAILED)
             + self._count(TaskKind.REDUCE, TaskState.FAILED),
+            backups=self._backups,
+            backups_won=self._backups_won,
         )
 
     def _stage(self) -> TaskKind | None:
@@ -778,6 +1039,60 @@ class JobView:
         store was out of reach), so a record that did not change then proves nothing."""
         for key in self._running:
             self._seen[key] = now
+
+    def _straggler_after(self, stage: TaskKind) -> float | None:
+        """How long a task of ``stage`` (current step) may run before it is a straggler,
+        or None while too few of the stage's tasks committed to judge (see BACKUP_FACTOR)."""
+        median = self._durations.get((self.step, stage.value))
+        if median is None or median.count < BACKUP_MIN_COMMITTED:
+            return None
+        return max(BACKUP_FACTOR * median.value(), BACKUP_FLOOR)
+
+    def _backup_targets(self, worker: str) -> tuple[float, list[tuple[float, str]]] | None:
+        """The backup rule's precondition and candidates: None unless the job allows
+        backups, the stage has nothing pending and the threshold is known; else the
+        threshold and (start, key) of the stage's running tasks that ``worker`` may back
+        up (not its own, not one with a twin). O(running tasks), asked only by an idle
+        worker."""
+        stage = self._stage()
+        if (stage is None or self.job is None
+                or not self.job["spec"].get("speculative", True)
+                or len(self._pending_of(self.step, stage.value))):
+            return None
+        after = self._straggler_after(stage)
+        if after is None:
+            return None
+        return after, [(self._started[k], k) for k, b in self._running.items()
+                       if b["kind"] == stage and task_step(b) == self.step
+                       and k in self._started and not b.get("twin")
+                       and b["worker"] not in ("", worker)]
+
+    def backup_candidate(self, worker: str, now: float) -> TaskRecord | None:
+        """The running task idle ``worker`` should start a backup attempt of at ``now``
+        (the clock of ``seen``), or None: the documented rule of speculative execution.
+
+        Only when the current stage has nothing left to claim (no pending task, no lapsed
+        lease: those come first), the job's ``speculative`` is on, and at least
+        BACKUP_MIN_COMMITTED of the stage's tasks committed while this observer watched:
+        a task of that stage that has run longer than max(BACKUP_FACTOR x their median
+        duration, BACKUP_FLOOR) on this observer's clock, not held by ``worker`` and
+        without a backup yet. The longest-running one first.
+        """
+        targets = self._backup_targets(worker)
+        if targets is None or self._expired(cast(TaskKind, self._stage()), now):
+            return None
+        after, running = targets
+        late = [(start, key) for start, key in running if now - start > after]
+        return self.tasks[min(late)[1]] if late else None
+
+    def next_backup_at(self, worker: str) -> float | None:
+        """When the next running task becomes a straggler ``worker`` may back up: the
+        latest an idle worker should look again."""
+        targets = self._backup_targets(worker)
+        if targets is None or not targets[1]:
+            return None
+        after, running = targets
+        return min(running)[0] + after
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease it follows runs out: the latest a waiting worker
@@ -932,8 +1247,8 @@ def retry(view: JobView) -> list[Update]:
     if job is None or view.phase not in (JobPhase.FAILED, JobPhase.CANCELLED):
         raise ValueError(f"only a Failed or Cancelled job can be retried, not {view.phase.value}")
     updates = [
-        Update(task_name(t), tuple(_write(t, state=TaskState.PENDING.value, worker="",
-                                          leaseExpires=0.0, failures=0)))
+        Update(task_name(t), (*_write(t, state=TaskState.PENDING.value, worker="",
+                                      leaseExpires=0.0, failures=0), *_no_twin(t)))
         for t in view.every_task()
         if t["state"] != TaskState.COMMITTED and (t["state"] != TaskState.PENDING
                                                   or t["failures"])

@@ -57,6 +57,11 @@ class Attempt(TypedDict):
     start: int
     end: NotRequired[int]
     outcome: NotRequired[str]  # an AttemptOutcome value
+class Twin(TypedDict):
+    """The other running attempt of a task that has a backup (``protocol.backup``)."""
+
+    worker: str
+    attempt: int
 
 
 class JobError(TypedDict):
@@ -119,6 +124,13 @@ class TaskRecord(TypedDict):
     #: The latest attempts, oldest first, as many as fit beside the counters and the skip
     #: sample (``protocol.HISTORY_BYTES``): what ``kubemr timeline`` draws.
     history: NotRequired[list[Attempt]]
+    #: Speculative execution (``protocol.backup``): the original attempt while a backup
+    #: holds ``worker``/``attempt`` (null once one of them ends), the backups launched,
+    #: the latest backup's attempt, and on commit whether that backup's commit won.
+    twin: NotRequired[Twin | None]
+    backups: NotRequired[int]
+    backupAttempt: NotRequired[int]
+    backupWon: NotRequired[bool]
 
 
 #: Any record's body; a key tells which (``job`` is the job record, every other key a task).

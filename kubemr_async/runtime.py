@@ -312,7 +312,29 @@ class Worker:
                     await self._execute(claimed.task)
                     break
             else:
-                await self._look_further(view)
+                if not await self._back_up(view, now):
+                    await self._look_further(view)
+
+    async def _back_up(self, view: JobView, now: float) -> bool:
+        """Idle with nothing to claim: start a backup attempt of a straggler, if the rule
+        (JobView.backup_candidate) names one; whether one ran."""
+        body = view.backup_candidate(self.worker_id, now)
+        if body is None or self._stopping.is_set():
+            return False
+        task = protocol.task_name(body)
+        claimed = await self._write(protocol.backup(body, self.worker_id, self.clock(),
+                                                    self.spec.lease_seconds))
+        if claimed is None:  # it renewed, committed, or another worker backed it up first
+            metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
+            return False
+        log.info("backing up a straggler", extra={
+            "job": self.job_name, "task": task, "attempt": claimed.task["attempt"],
+            "original": body["worker"], "worker": self.worker_id})
+        metrics.BACKUP_ATTEMPTS.labels("launched").inc()
+        outcome = await self._execute(claimed.task)
+        if outcome in ("committed", "lost"):
+            metrics.BACKUP_ATTEMPTS.labels("won" if outcome == "committed" else "lost").inc()
+        return True
 
     async def _look_further(self, view: JobView) -> None:
         """Nothing to claim in this worker's view: read what it has not, poll the shards it
@@ -372,7 +394,9 @@ class Worker:
             self._remember(key, record.body)
 
     async def _wait_for_change(self, view: JobView, until: float) -> None:
-        expiry = view.next_lease_expiry()
+        expiry = min((t for t in (view.next_lease_expiry(),
+                                  view.next_backup_at(self.worker_id)) if t is not None),
+                     default=None)
         if expiry is not None:
             until = min(until, expiry + 0.01)
         timeout = max(0.05, until - self.monotonic())
@@ -430,13 +454,14 @@ class Worker:
 
     # --- one attempt ------------------------------------------------------------------
 
-    async def _execute(self, body: TaskRecord) -> None:
+    async def _execute(self, body: TaskRecord) -> str:
         started = time.monotonic()
         outcome = await self._attempt(body)
         metrics.TASK_SECONDS.labels(body["kind"], outcome).observe(time.monotonic() - started)
         outcome_counter = _OUTCOME_COUNTERS.get(outcome)
         if outcome_counter is not None:
             outcome_counter.labels(body["kind"]).inc()
+        return outcome
 
     async def _attempt(self, body: TaskRecord) -> str:
         """Run one claimed attempt to its end; its outcome (committed, failed, released,
@@ -460,9 +485,8 @@ class Worker:
             try:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
-                async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id,
-                                                       now=self.clock()))
+                await self._settle(holder, lambda b: protocol.release(
+                    b, self.worker_id, now=self.clock()))
                 log.info("released on shutdown", extra=context)
                 return "released"
             except _CorruptRun as exc:
@@ -474,28 +498,26 @@ class Worker:
                                    "error": exc.message})
                 await self._write(protocol.reopen(exc.writer, exc.message,
                                                   self.spec.max_attempts))
-                async with holder.lock:
-                    await self._write(protocol.release(holder.body, self.worker_id,
-                                                       now=self.clock()))
+                await self._settle(holder, lambda b: protocol.release(
+                    b, self.worker_id, now=self.clock()))
                 return "released"
             except Exception as exc:
                 message = _describe(exc)
                 permanent = isinstance(exc, _PERMANENT)
                 log.warning("attempt failed", extra={**context, "error": message,
                                                      "permanent": permanent})
-                async with holder.lock:
-                    await self._write(protocol.fail(holder.body, self.worker_id, message,
-                                                    self.spec.max_attempts, permanent,
-                                                    now=self.clock()))
+                await self._settle(holder, lambda b: protocol.fail(
+                    b, self.worker_id, message, self.spec.max_attempts, permanent,
+                    now=self.clock()))
                 return "failed"
             _count_records(body["kind"], kept)
-            async with holder.lock:
-                # The attempt's counters (and skipped records) go with its commit:
-                # counted only if it wins.
-                committed = await self._write(protocol.commit(
-                    holder.body, self.worker_id, outputs, kept, skipped, now=self.clock()))
+            # The attempt's counters (and skipped records) go with its commit: counted
+            # only if it wins.
+            committed = await self._settle(holder, lambda b: protocol.commit(
+                b, self.worker_id, outputs, kept, skipped, now=self.clock()))
             if committed is None:
-                log.warning("commit lost: the task was taken over", extra=context)
+                log.warning("commit lost: the task was taken over, or its other attempt "
+                            "committed", extra=context)
                 return "lost"
             self.tasks_done += 1
             log.info("committed", extra=context)
@@ -506,25 +528,59 @@ class Worker:
                 helper.cancel()
             await asyncio.gather(heartbeat, lost_waiter, return_exceptions=True)
 
+    async def _settle(self, holder: _Holder, write: Callable[[TaskRecord], protocol.Update]
+                      ) -> Record | None:
+        """Send the attempt's final write (commit, fail, release) built from the freshest
+        body we hold; None once the attempt holds no slot any more (taken over, or the
+        task's other attempt committed)."""
+        async with holder.lock:
+            while True:
+                record = await self._write(write(holder.body))
+                if record is not None or not await self._still_held(holder):
+                    return record
+
+    async def _still_held(self, holder: _Holder) -> bool:
+        """After a guarded write of ours failed: whether our attempt still holds a slot of
+        the task (the other attempt of a backed-up task wrote first, or a backup moved us
+        to the twin slot), judged on the freshest record the watch brings, waited for at
+        most a third of a lease; holder.body is then that record."""
+        key = protocol.task_name(holder.body)
+        deadline = self.monotonic() + self.spec.lease_seconds / 3
+        while (fresh := self._view.tasks.get(key)) is None or fresh["seq"] <= holder.body["seq"]:
+            remaining = deadline - self.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()  # the claim loop looks afresh after this attempt anyway
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        if protocol.slot(fresh, self.worker_id, holder.attempt) is None:
+            return False
+        holder.body = fresh
+        return True
+
     async def _heartbeat(self, holder: _Holder, lost: asyncio.Event) -> None:
         interval = self.spec.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             async with holder.lock:
-                try:
-                    renewed = await self._write(protocol.renew(
-                        holder.body, self.worker_id, self.clock(), self.spec.lease_seconds))
-                except Exception as exc:  # a flaky store: try again before the lease runs out
-                    metrics.LEASE_RENEWALS.labels("error").inc()
-                    log.warning("lease renewal failed; retrying",
-                                extra={"job": self.job_name, "error": _describe(exc)})
-                    continue
-                if renewed is None:
-                    metrics.LEASE_RENEWALS.labels("lost").inc()
-                    lost.set()
-                    return
-                metrics.LEASE_RENEWALS.labels("renewed").inc()
-                holder.body = renewed.task
+                while True:
+                    try:
+                        renewed = await self._write(protocol.renew(
+                            holder.body, self.worker_id, self.clock(), self.spec.lease_seconds))
+                    except Exception as exc:  # a flaky store: retry before the lease runs out
+                        metrics.LEASE_RENEWALS.labels("error").inc()
+                        log.warning("lease renewal failed; retrying",
+                                    extra={"job": self.job_name, "error": _describe(exc)})
+                        break
+                    if renewed is not None:
+                        metrics.LEASE_RENEWALS.labels("renewed").inc()
+                        holder.body = renewed.task
+                        break
+                    if not await self._still_held(holder):
+                        metrics.LEASE_RENEWALS.labels("lost").inc()
+                        lost.set()
+                        return
+                    # The other attempt of a backed-up task wrote first: renew again.
 
     async def _perform(self, body: TaskRecord
                        ) -> tuple[TaskOutputs, Counters, list[Skipped] | None]:
@@ -801,10 +857,13 @@ class _CorruptRun(Exception):
 
 
 class _Holder:
-    """The latest body of the task we hold; heartbeats and the final write take turns."""
+    """The latest body of the task we hold an attempt of (``attempt``: its number, in the
+    holder slot or, once a backup moved it there, the twin); heartbeats and the final
+    write take turns."""
 
     def __init__(self, body: TaskRecord) -> None:
         self.body = body
+        self.attempt = int(body["attempt"])
         self.lock = asyncio.Lock()
 
 

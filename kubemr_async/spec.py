@@ -118,6 +118,7 @@ class JobSpecDict(TypedDict):
     steps: NotRequired[int]
     stepReducers: NotRequired[list[int]]
     step: NotRequired[int]
+    speculative: NotRequired[bool]
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class JobSpec:
     # Skip mode: a task skips up to this many records (or reduce keys) whose call raises
     # or that do not parse, instead of failing (kubemr_async.skips); 0 is off.
     max_skipped_records: int = 0
+    # Backup tasks (speculative execution): an idle worker may start a second attempt of a
+    # straggling task, the first to commit wins (protocol.JobView.backup_candidate).
+    speculative: bool = True
     # Shell commands for the steps (Hadoop Streaming; kubemr_async.streaming): they replace
     # the job module's steps, or are the whole job when ``job`` is empty.
     mapper: str | None = None
@@ -200,6 +204,8 @@ class JobSpec:
             spec["memory"] = self.memory
         if self.max_skipped_records:
             spec["maxSkippedRecords"] = self.max_skipped_records
+        if not self.speculative:  # absent: the default, on
+            spec["speculative"] = False
         if self.mapper is not None:
             spec["mapper"] = self.mapper
         if self.combiner is not None:
@@ -268,6 +274,7 @@ class JobSpec:
             output_format=cast(OutputFormat, _str(data, "outputFormat", DEFAULT_OUTPUT_FORMAT)),
             memory=_optional(data, "memory", _int),
             max_skipped_records=_int(data, "maxSkippedRecords", 0),
+            speculative=_bool(data, "speculative", True),
             mapper=_optional(data, "mapper", _str),
             combiner=_optional(data, "combiner", _str),
             reducer=_optional(data, "reducer", _str),

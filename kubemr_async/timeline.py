@@ -68,11 +68,13 @@ COLOURS = {
     AttemptOutcome.FAILED.value: "#d32f2f",
     AttemptOutcome.LEASE_LOST.value: "#ef6c00",
     AttemptOutcome.RELEASED.value: "#1565c0",
+    AttemptOutcome.BACKUP.value: "#6d4c41",
     RUNNING: "#8e24aa",
 }
 LABELS = {AttemptOutcome.COMMITTED.value: "committed", AttemptOutcome.FAILED.value: "failed",
           AttemptOutcome.LEASE_LOST.value: "lease lost",
-          AttemptOutcome.RELEASED.value: "released", RUNNING: "running"}
+          AttemptOutcome.RELEASED.value: "released",
+          AttemptOutcome.BACKUP.value: "lost to twin", RUNNING: "running"}
 #: How many of the longest committed attempts are called out.
 SLOWEST = 5
 
@@ -132,6 +134,17 @@ def slowest(drawn: Sequence[Bar], count: int = SLOWEST) -> list[Bar]:
     return sorted(done, key=lambda b: (-b.seconds, b.task))[:count]
 
 
+def _lost_to(bar: Bar, winners: dict[tuple[str, int, float], int]) -> str:
+    """A ``backup`` bar's label, naming the twin that beat it: the backup (a higher
+    attempt number) or the original it backed up (a lower one). The winner's commit
+    closed both entries in one write, at one time, so it is the task's committed bar that
+    ends when this one does."""
+    winner = winners.get((bar.task, bar.step, bar.end))
+    if winner is None:  # the twin failed the task (or the clocks disagree)
+        return "ended by its twin"
+    return f"lost to {'backup' if winner > bar.attempt else 'original'} attempt {winner}"
+
+
 def _natural(text: str) -> list[object]:
     """``local-2`` before ``local-10``: numbers in worker names compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
@@ -189,6 +202,8 @@ def render(job: str, tasks: Iterable[TaskAttempts], now_ms: int, subtitle: str =
     rows = {worker: chart_top + ROW * i for i, worker in enumerate(workers)}
     top = slowest(drawn)
     ranks = {(b.task, b.step, b.attempt): i for i, b in enumerate(top, 1)}
+    winners = {(b.task, b.step, b.end): b.attempt for b in drawn
+               if b.outcome == AttemptOutcome.COMMITTED}
 
     def x(seconds: float) -> float:
         return round(LEFT + seconds * scale, 1)
@@ -230,8 +245,10 @@ def render(job: str, tasks: Iterable[TaskAttempts], now_ms: int, subtitle: str =
     for b in drawn:
         rank = ranks.get((b.task, b.step, b.attempt))
         step = f"step {b.step + 1} " if len({d.step for d in drawn}) > 1 else ""
+        label = (_lost_to(b, winners) if b.outcome == AttemptOutcome.BACKUP
+                 else LABELS[b.outcome])
         title = (f"{step}{b.task} attempt {b.attempt} on {b.worker}: {_seconds(b.start)} to "
-                 f"{_seconds(b.end)} ({_seconds(b.seconds)}), {LABELS[b.outcome]}"
+                 f"{_seconds(b.end)} ({_seconds(b.seconds)}), {label}"
                  + (f"; slowest #{rank}" if rank else ""))
         left = x(b.start)
         width = max(x(b.end) - left, MIN_BAR)

@@ -6,6 +6,7 @@ corpus really exercises raw bytes and all whitespace kinds; peers agree).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import corpus, streaming, wordcount  # noqa: E402
+from benchmarks import corpus, straggler, streaming, wordcount  # noqa: E402
 
 SIZE = 1 << 20
 FILES = 4
@@ -139,10 +140,11 @@ def test_kubemr_in_every_format_matches_the_reference(
 ) -> None:
     # The real CLI on a small corpus: text, jsonl and parquet results all equal Counter's.
     status = wordcount.main(["--size-mib", "0.25", "--files", "2", "--only", "kubemr",
-                             "--formats", "text,jsonl,parquet", "--data-dir", str(tmp_path)])
+                             "--formats", "text,jsonl,parquet", "--data-dir", str(tmp_path),
+                             "--no-speculative-row"])
     out = capsys.readouterr().out
     assert status == 0, out
-    for row in ("kubemr ", "kubemr-jsonl", "kubemr-parquet"):
+    for row in ("kubemr ", "kubemr-jsonl", "kubemr-parquet", "kubemr-nospec"):
         assert row in out
     assert "FAIL" not in out and "ERROR" not in out
 
@@ -169,3 +171,43 @@ def test_results_reader_rejects_a_directory_without_manifest(tmp_path: Path) -> 
     (tmp_path / "part-00000.jsonl").write_bytes(b'["a", 1]\n')
     with pytest.raises(wordcount.PeerError, match="no _SUCCESS manifest"):
         wordcount.read_kubemr_results(tmp_path)
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def test_the_straggler_duty_cycle_stops_the_first_marked_worker_and_resumes_it(
+        tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        (tmp_path / str(proc.pid)).touch()
+        with straggler.DutyCycle(tmp_path, duty=0.2, period=0.5) as slowed:
+            states = set()
+            deadline = time.monotonic() + 30
+            while "T" not in states and time.monotonic() < deadline:
+                states.add(_state(proc.pid))
+                time.sleep(0.01)
+        assert slowed.pid == proc.pid
+        assert "T" in states, f"never seen stopped: {states}"
+        assert _state(proc.pid) != "T", "left stopped"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_straggler_reference_is_what_the_jobs_map_emits(tmp_path: Path) -> None:
+    # The benchmark checks every run's result against burn(): the job's map must agree.
+    from types import SimpleNamespace
+
+    namespace: dict[str, object] = {}
+    exec(straggler.JOB, namespace)
+    emit = namespace["burn"]
+    assert callable(emit)
+    ctx = SimpleNamespace(args={"pids": str(tmp_path)})
+    assert list(emit("11 50", ctx)) == [(11 % 8, straggler.burn(11, 50))]
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]

@@ -218,6 +218,7 @@ def test_valid_job_is_accepted_with_defaults_filled(
         "job": "/app/wordcount.py", "output": "s3://results/wordcount",
         "workers": 2, "reducers": 1, "maxAttempts": 3, "leaseSeconds": 30,
         "chunkSize": DEFAULT_CHUNK_SIZE, "splitInputs": True, "outputFormat": "text",
+        "speculative": True,
     }
     assert "status" not in created, "status is a subresource: create ignores it"
     # Shell commands instead of a job module (Hadoop Streaming).

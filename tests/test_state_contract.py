@@ -232,3 +232,54 @@ async def test_a_shard_watch_delivers_the_changes_of_its_shard(
         assert await writer.patch("job-s", claim(body, "w")) is not None
     await asyncio.wait_for(watcher, 20)
     assert sorted(seen) == sorted(k for k, _ in mine)
+
+
+async def test_a_backed_up_task_commits_once_whichever_attempt_races(
+        state_backend: StoreFactory) -> None:
+    """Speculative execution on the real store: the original and its backup, on separate
+    clients, renew and commit at once; each loser re-reads and retries like the runtime
+    (protocol.slot), and exactly one commit lands, with its attempt's counters; the
+    history keeps both attempts, the winner's committed and the other lost to its twin
+    (the CRD's schema admits the ``backup`` outcome)."""
+    clients = [await state_backend() for _ in range(2)]
+    await clients[0].create("job-b", [job_record("job-b"), task(0)])
+    original = await clients[0].patch("job-b", claim(task(0)[1], "w1"))
+    assert original is not None
+    backup = await clients[1].patch("job-b", protocol.backup(original.task, "w2", 2.0, 30.0))
+    assert backup is not None
+    assert backup.task["twin"] == {"worker": "w1", "attempt": 1}
+    assert backup.task["attempt"] == 2 and backup.task["backups"] == 1
+
+    async def commit(store: StateStore, worker: str, attempt: int,
+                     body: dict[str, Any]) -> bool:
+        for _ in range(4):  # renew, then commit, re-reading after each lost race
+            update = protocol.renew(body, worker, 3.0, 30.0)
+            renewed = await store.patch("job-b", update)
+            if renewed is None:
+                fresh = (await store.snapshot("job-b"))[0]["map-00000"].task
+                if protocol.slot(fresh, worker, attempt) is None:
+                    return False
+                body = fresh
+                continue
+            done = await store.patch("job-b", protocol.commit(
+                renewed.task, worker, f"out@{attempt}", {"g": {"n": attempt}}, now=4.0))
+            if done is not None:
+                return True
+            body = (await store.snapshot("job-b"))[0]["map-00000"].task
+            if protocol.slot(body, worker, attempt) is None:
+                return False
+        raise AssertionError(f"{worker} neither committed nor lost its slot")
+
+    # The original starts from what it read before the backup: its first write fails.
+    won = await asyncio.gather(commit(clients[0], "w1", 1, original.task),
+                               commit(clients[1], "w2", 2, backup.task))
+    assert sorted(won) == [False, True]
+    final = (await clients[0].snapshot("job-b"))[0]["map-00000"].task
+    winner = 1 if won[0] else 2
+    assert final["state"] == "committed" and final["twin"] is None
+    assert final["outputs"] == f"out@{winner}" and final["counters"] == {"g": {"n": winner}}
+    assert final["backupWon"] is (winner == 2) and final["attempt"] == 2
+    assert [(a["attempt"], a["worker"], a.get("outcome"), a.get("end"))
+            for a in final["history"]] == [
+        (1, "w1", "committed" if winner == 1 else "backup", 4000),
+        (2, "w2", "committed" if winner == 2 else "backup", 4000)]

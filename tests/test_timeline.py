@@ -80,6 +80,36 @@ def test_the_page_draws_each_bar_in_its_outcome_colour_rows_by_worker() -> None:
     assert "<li>map-00001 attempt 1 on w-10: 9.000s</li>" in page
 
 
+def test_a_backup_pair_is_two_bars_and_the_loser_names_the_twin_that_won() -> None:
+    """Both attempts of each pair, as the protocol's writes leave them: map-00000's backup
+    wins, map-00001's original does."""
+    from .test_protocol import new_records, write
+
+    records = new_records(maps=2)
+    start = NOW / 1000
+    for key, winner in (("map-00000", "w-2"), ("map-00001", "w-1")):
+        original = write(records, protocol.claim(records[key], "w-1", start, 30.0, 3))
+        assert original is not None
+        pair = write(records, protocol.backup(original, "w-2", start + 2, 30.0))
+        assert pair is not None
+        won = write(records, protocol.commit(pair, winner, "out", now=start + 5))
+        assert won is not None
+    tasks = [records["map-00000"], records["map-00001"]]
+    drawn = timeline.bars(tasks, NOW + 9000)
+    assert sorted((b.task, b.attempt, b.worker, b.outcome) for b in drawn) == [
+        ("map-00000", 1, "w-1", "backup"), ("map-00000", 2, "w-2", "committed"),
+        ("map-00001", 1, "w-1", "committed"), ("map-00001", 2, "w-2", "backup")]
+    page = timeline.render("pairs", tasks, NOW + 9000)
+    assert page.count('data-outcome="backup"') == 2
+    assert page.count(f'fill="{timeline.COLOURS["backup"]}"') == 3, "two bars, one swatch"
+    assert ">lost to twin</text>" in page
+    assert ("map-00000 attempt 1 on w-1: 0.000s to 5.000s (5.000s), lost to backup attempt 2"
+            in page)
+    assert ("map-00001 attempt 2 on w-2: 2.000s to 5.000s (3.000s), lost to original attempt 1"
+            in page)
+    assert "map-00000 attempt 2 on w-2: 2.000s to 5.000s (3.000s), committed" in page
+
+
 def test_names_are_escaped_everywhere() -> None:
     evil = '<img src=x onerror="alert(1)">&'
     body = task("map", 0, attempt(1, evil, 0, 1, "committed"))
@@ -192,7 +222,13 @@ def test_a_straggler_jobs_timeline_in_headless_chromium(tmp_path: Path,
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     html = page.read_text()
-    assert html.count('class="bar"') == 8 + 1 + 2, "8 maps, f5's failed attempt, 2 reduces"
+    # Backup tasks are on: an idle worker may back up the straggler once it has run 1 s
+    # (the floor; the other maps take 0.4 s), and the original, ahead, wins. Its bar is
+    # then the backup's, lost to its twin. No other task runs long enough for a backup.
+    backups = re.findall(r'data-outcome="backup"><title>(\S+) attempt', html)
+    assert backups in ([], ["map-00003"]), backups
+    assert html.count('class="bar"') == 8 + 1 + 2 + len(backups), (
+        "8 maps, f5's failed attempt, 2 reduces, the straggler's backup if it had one")
 
     png = tmp_path / "timeline.png"
     svg_height = int(html.split('height="', 2)[1].split('"')[0])  # the svg's (after <rect>)
@@ -201,6 +237,7 @@ def test_a_straggler_jobs_timeline_in_headless_chromium(tmp_path: Path,
     failed = shapes(png, timeline.COLOURS["failed"], timeline.BAR_HEIGHT - 2)
     assert len(committed) == 10, committed
     assert len(failed) == 1, failed
+    assert len(shapes(png, timeline.COLOURS["backup"], timeline.BAR_HEIGHT - 2)) == len(backups)
     for outcome in ("leaseLost", "released", "running"):  # only their legend swatches
         assert shapes(png, timeline.COLOURS[outcome], timeline.BAR_HEIGHT - 2) == []
         assert len(shapes(png, timeline.COLOURS[outcome], timeline.SWATCH - 2)) == 1
