@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_env"]
+pytest_plugins = ["tests.leaks", "tests.fixtures_env"]
 
 
 @pytest.fixture

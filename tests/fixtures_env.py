@@ -19,7 +19,10 @@ import yaml
 
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.planted import Planted
 from kubemr_async.testing.s3server import S3Server
+
+from .leaks import audited_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "charts" / "kubemr-async" / "crds"
@@ -27,8 +30,9 @@ CRD_DIR = ROOT / "charts" / "kubemr-async" / "crds"
 
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[TestCluster]:
-    """etcd + kube-apiserver + kube-controller-manager, shared by the whole session."""
-    with TestCluster() as cluster:
+    """etcd + kube-apiserver + kube-controller-manager, shared by the whole session; what
+    is written to it is searched for planted credentials (tests/leaks.py)."""
+    with audited_cluster() as cluster:
         yield cluster
 
 
@@ -61,9 +65,11 @@ def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """An S3-compatible server on loopback, shared by the whole session."""
-    with S3Server() as server:
+def s3_server(planted: Planted) -> Iterator[S3Server]:
+    """An S3-compatible server on loopback, shared by the whole session. Its keys are
+    planted: no output of the suite may hold them (tests/leaks.py)."""
+    with S3Server(access_key=planted.plant("the S3 server's access key id", "access"),
+                  secret_key=planted.plant("the S3 server's secret key", "secret")) as server:
         yield server
 
 

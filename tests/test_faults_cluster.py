@@ -28,6 +28,7 @@ from kubemr_async.testing.kubelet import FakeKubelet
 from kubemr_async.testing.s3server import S3Server
 
 from .fixtures_env import install_crds, running_kubelet
+from .leaks import audited_cluster
 from .operator_fixtures import (
     BUCKET,
     PROCESSES,
@@ -51,7 +52,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def kube_cluster() -> Iterator[TestCluster]:
-    with TestCluster() as cluster:
+    with audited_cluster() as cluster:
         yield cluster
 
 

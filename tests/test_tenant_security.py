@@ -10,13 +10,13 @@ The operator runs as tests/operator_fixtures.py starts it, watching ``team-a``, 
 admin's settings of the chart: the platform's credentials only in namespaces labelled
 ``kubemr.io/platform-storage=allowed``, Pod Security ``baseline`` only where labelled
 ``kubemr.io/pod-security=baseline``. Known key values are planted (the team's, a wrong
-one, the platform's) and the last test greps every log, Event, status and CLI output the
-module produced for them.
+one, the platform's: tests/leaks.py searches the whole suite's output for them too) and the
+last test makes every kind of CLI output of every job and searches all that the module
+produced for them.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -35,6 +35,7 @@ import yaml
 
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.planted import Planted
 from kubemr_async.testing.s3server import S3Server
 
 from .operator_fixtures import BUCKET, DATA, operator, s3
@@ -52,8 +53,6 @@ ROLE_ARN = "arn:aws:iam::111122223333:role/team-a-jobs"
 TEAM_SECRET = "team-a-s3"
 #: Every CLI output of the module, for the last test's search.
 OUTPUTS: list[str] = []
-#: Key values planted by the module, for the same search.
-PLANTED: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,13 @@ def operator_args() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tenant(kube_cluster: TestCluster, crds: None, kube_namespace: str, s3_server: S3Server,
-           s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Tenant:
+           s3: Any, planted: Planted, tmp_path_factory: pytest.TempPathFactory) -> Tenant:
     """The team's S3 account and bucket (with the example data), its Secret in team-a,
     and its identity on the API server: a Role on MapReduceJobs and nothing else."""
     tag = uuid.uuid4().hex[:8]
-    access, secret = f"team-a-{tag}", f"PLANTED-team-a-secret-{tag}"
+    access = planted.plant("team-a's access key id", "access")
+    secret = planted.plant("team-a's secret key", "secret")
     bucket = f"team-a-data-{tag}"
-    PLANTED.extend([access, secret, s3_server.access_key, s3_server.secret_key])
     s3_server.add_tenant(access, secret, bucket)
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id=access,
                           aws_secret_access_key=secret, region_name=s3_server.region)
@@ -186,8 +185,8 @@ def label_team(cluster: TestCluster, key: str, value: str | None) -> None:
 def platform_key_holders(cluster: TestCluster, s3_server: S3Server) -> list[str]:
     """Every object in team-a whose content holds the platform's secret key (plain or
     base64, as a Secret's data has it)."""
-    key = s3_server.secret_key
-    needles = (key, base64.b64encode(key.encode()).decode())
+    search = Planted()
+    search.add("the platform's secret key", s3_server.secret_key)
     found = []
     core = f"/api/v1/namespaces/{TEAM}"
     for kind, path in (("Secret", f"{core}/secrets"), ("ConfigMap", f"{core}/configmaps"),
@@ -195,8 +194,7 @@ def platform_key_holders(cluster: TestCluster, s3_server: S3Server) -> list[str]
                        ("Job", f"/apis/batch/v1/namespaces/{TEAM}/jobs"),
                        ("MapReduceJob", jobs_path(TEAM)), ("Event", f"{core}/events")):
         for obj in cluster.api("GET", path)["items"]:
-            text = json.dumps(obj)
-            if any(n in text for n in needles):
+            if search.find(json.dumps(obj)) is not None:
                 found.append(f"{kind}/{obj['metadata']['name']}")
     return found
 
@@ -264,11 +262,10 @@ def test_a_job_with_the_teams_own_secret_runs_end_to_end(
 
 def test_wrong_keys_fail_the_job_naming_the_input(
         kube_cluster: TestCluster, tenant: Tenant, operator: Path,
-        s3_server: S3Server) -> None:
+        s3_server: S3Server, planted: Planted) -> None:
     """The S3 server checks signatures: a Secret with a wrong key cannot plan the job, and
     the team's right keys cannot read the platform's bucket either."""
-    wrong = f"PLANTED-wrong-secret-{uuid.uuid4().hex[:8]}"
-    PLANTED.append(wrong)
+    wrong = planted.plant("a wrong secret key of team-a's", "wrong")
     create_secret(kube_cluster, "team-a-wrong", tenant.access_key, wrong)
     name = created_name(submit(tenant, s3_server, team_job(
         tenant, storage={"credentialsSecret": "team-a-wrong"})))
@@ -452,7 +449,7 @@ def test_a_baseline_namespace_accepts_what_baseline_allows(
 
 def test_no_planted_key_in_any_log_event_status_or_cli_output(
         kube_cluster: TestCluster, tenant: Tenant, operator: Path, s3_server: S3Server,
-        fake_kubelet: FakeKubelet) -> None:
+        fake_kubelet: FakeKubelet, planted: Planted) -> None:
     jobs = kube_cluster.api("GET", jobs_path(TEAM))["items"]
     assert len(jobs) >= 10, "the tests above ran first"
     # json and yaml print the raw objects (a list holds every job's; status -o the same
@@ -483,7 +480,8 @@ def test_no_planted_key_in_any_log_event_status_or_cli_output(
     for path in sorted((fake_kubelet.log_dir / TEAM).glob("*.log")):
         texts[f"pod log {path.name}"] = path.read_text(errors="replace")
     assert len(texts) > 4 and "kubemr submit" in texts["cli output"]
-    assert len(PLANTED) >= 5
-    leaks = [(where, value) for where, text in texts.items() for value in PLANTED
-             if value in text]
+    assert {"team-a's secret key", "a wrong secret key of team-a's",
+            "the S3 server's secret key"} <= set(planted.labels)
+    leaks = [(where, label) for where, text in texts.items()
+             if (label := planted.find(text)) is not None]
     assert leaks == [], leaks

@@ -43,6 +43,7 @@ from kubemr_async.testing import (
     wait_for_interrupt,
 )
 from kubemr_async.testing.pki import make_pki
+from kubemr_async.testing.planted import audit_policy
 
 #: Where the in-cluster "kubernetes" Service would live; part of the serving cert's SANs.
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -111,9 +112,13 @@ class TestCluster(ServerGroup):
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
-        """``bin_dir`` defaults to what ``hack/ensure-k8s-binaries.sh`` provides."""
+    def __init__(self, bin_dir: Path | None = None, *, audit: bool = False) -> None:
+        """``bin_dir`` defaults to what ``hack/ensure-k8s-binaries.sh`` provides. With
+        ``audit`` the API server logs the body of every write of the objects a job is made
+        of to :attr:`audit_log` (kubemr_async.testing.planted: what the leak search
+        reads, since it sees objects that were deleted before anyone could list them)."""
         self._bin_dir = bin_dir
+        self._audit = audit
         super().__init__()
         self.admin_token = ""
         self.etcd_url = ""
@@ -136,6 +141,11 @@ class TestCluster(ServerGroup):
     @property
     def kubeconfig_path(self) -> Path:
         return self.root / "admin.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one audit event per write (only when made with ``audit=True``)."""
+        return self.root / "audit.log"
 
     def kubectl(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """Run the kubectl built beside the servers, as the admin; raises on a non-zero exit
@@ -194,6 +204,13 @@ class TestCluster(ServerGroup):
         )
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
+        audit = []
+        if self._audit:
+            (self.root / "audit-policy.json").write_text(audit_policy())
+            # One file, never rotated (a rotation would move lines from under the search).
+            audit = [f"--audit-policy-file={self.root / 'audit-policy.json'}",
+                     f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+                     "--audit-log-maxsize=100000"]
         procs.spawn(
             "kube-apiserver",
             [
@@ -223,6 +240,7 @@ class TestCluster(ServerGroup):
                 "--kubelet-preferred-address-types=InternalIP",
                 f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                *audit,
             ],
         )
         procs.wait_ready("kube-apiserver", lambda: self._request("GET", "/readyz")[0] == 200)
