@@ -4,10 +4,14 @@
 * the rules that matter here are also checked directly: pinned base tags, a numeric
   non-root USER in the final stage, exec-form ENTRYPOINT/CMD, no ADD, no secrets, OCI
   labels, and COPY sources that exist and that .dockerignore lets into the context;
-* the builder stage's commands run for real (slow): its COPY set is assembled, the wheels
-  are built and installed into a fresh virtualenv exactly as the RUN line does, and the
-  installed `kubemr` runs the word count (also the way the example image runs it: the job
-  as module `examples.wordcount` on PYTHONPATH=/app).
+* the layers: the dependencies' virtualenv is built from the dependency list alone (no
+  code reaches its stage), so a code change rebuilds only the project's wheel and its
+  thin install layer on top (tests/test_containers.py rebuilds for real);
+* the stages' commands run for real (slow): the project stage's COPY set is assembled,
+  the dependencies' wheels and the project's (``--no-deps``) are built and installed into a
+  fresh virtualenv as the RUN lines do, and the installed `kubemr` runs the word count
+  (also the way the example image runs it: the job as module `examples.wordcount` on
+  PYTHONPATH=/app).
 """
 
 from __future__ import annotations
@@ -105,6 +109,18 @@ def final_stage(path: Path) -> list[Instruction]:
     instructions = parse(path)
     last = max(i.stage for i in instructions)
     return [i for i in instructions if i.stage == last]
+
+
+def named_stage(path: Path, name: str) -> int:
+    """The index of the stage ``FROM ... AS name``."""
+    names = [stage_name for _, stage_name in base_images(path)]
+    assert name in names, f"{path.name}: no stage {name!r} (stages: {names})"
+    return names.index(name)
+
+
+def stage(path: Path, name: str) -> list[Instruction]:
+    index = named_stage(path, name)
+    return [i for i in parse(path) if i.stage == index]
 
 
 def env_of(instructions: list[Instruction]) -> dict[str, str]:
@@ -208,20 +224,43 @@ def test_hadolint_is_clean(path: Path) -> None:
     assert "Haskell Dockerfile Linter" in proc.stderr  # it really ran
 
 
+def runs(instructions: list[Instruction]) -> str:
+    return " ".join(i.args for i in instructions if i.keyword == "RUN")
+
+
 def test_base_image_is_multi_stage_on_pinned_python_slim() -> None:
     images = base_images(DOCKERFILE)
-    assert len(images) == 2
-    (builder, builder_name), (final, final_name) = images
-    assert builder_name == "builder" and final_name is None
-    for image in (builder, final):
+    assert [name for _, name in images] == ["requirements", "dependencies", "project", None]
+    for image, _ in images:
         name, _, tag = image.partition(":")
         assert name == "python" and re.fullmatch(r"3\.11-slim(-\w+)?", tag), image
-    instructions = parse(DOCKERFILE)
-    copied_from = [c for c in copies(final_stage(DOCKERFILE)) if "--from=builder" in c[2]]
-    assert copied_from == [(["/opt/venv"], "/opt/venv", ["--from=builder"])]
-    run = " ".join(i.args for i in instructions if i.keyword == "RUN" and i.stage == 0)
-    assert "pip wheel" in run and "--no-index" in run, "installs exactly the wheels it built"
-    assert "rm -rf /var/lib/apt/lists/*" in run
+    dependencies = runs(stage(DOCKERFILE, "dependencies"))
+    assert "pip wheel" in dependencies and "--no-index" in dependencies, \
+        "installs exactly the wheels it built"
+    assert "rm -rf /var/lib/apt/lists/*" in dependencies
+    project = runs(stage(DOCKERFILE, "project"))
+    assert "pip wheel --no-deps" in project, "the project's wheel alone"
+
+
+def test_the_dependency_layer_depends_on_the_dependency_list_alone() -> None:
+    """A code change must not rebuild the ~400 MB virtualenv: no file of the checkout
+    reaches the dependencies stage but the lists the requirements stage extracts from
+    pyproject.toml (COPY --from is cached by content, so an unchanged list is a hit)."""
+    assert copies(stage(DOCKERFILE, "requirements")) == [(["pyproject.toml"], "./", [])]
+    assert copies(stage(DOCKERFILE, "dependencies")) == [
+        (["/requirements.txt"], "/tmp/", ["--from=requirements"])]
+    # The final image: the dependencies' virtualenv first, then the project's wheel, which
+    # one RUN installs beside them without dependencies, from that wheel only.
+    final = final_stage(DOCKERFILE)
+    assert copies(final) == [(["/opt/venv"], "/opt/venv", ["--from=dependencies"]),
+                             (["/wheels/"], "/tmp/wheels/", ["--from=project"])]
+    install = runs(final)
+    for flag in ("pip install --no-deps", "--no-index", "/tmp/wheels/kubemr_async-",
+                 "rm -rf /tmp/wheels"):
+        assert flag in install, flag
+    last_copy = max(i.line for i in final if i.keyword == "COPY")
+    assert [i for i in final if i.keyword == "RUN" and i.line > last_copy], \
+        "the wheel is installed after it is copied"
 
 
 def test_final_stage_runs_as_a_numeric_non_root_user() -> None:
@@ -374,21 +413,29 @@ def stage_context(dockerfile: Path, stage: int, destination: Path) -> None:
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """/opt/venv as the builder stage makes it: a fresh venv, the wheels built from exactly
-    the COPY'd files, installed with --no-index from those wheels only."""
+    """/opt/venv as the stages make it: a fresh venv with the dependencies' wheels (built
+    from pyproject.toml's list) installed with --no-index, then the project's wheel, built
+    from exactly the project stage's COPY'd files, installed with --no-deps."""
     root = tmp_path_factory.mktemp("image")
-    stage_context(DOCKERFILE, 0, root)
+    stage_context(DOCKERFILE, named_stage(DOCKERFILE, "project"), root)
     src = root / "src"
     assert sorted(p.name for p in src.iterdir()) == ["README.md", "kubemr_async",
                                                       "pyproject.toml"]
+    pyproject = tomllib.loads((src / "pyproject.toml").read_text())
     venv = root / "opt" / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
-    wheels = root / "wheels"
-    subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(wheels), str(src)],
-                   check=True, timeout=1200)
-    subprocess.run([*pip, "install", "--quiet", "--no-index", "--find-links", str(wheels),
-                    "kubemr-async"], check=True, timeout=600)
+    dependencies, wheels = root / "dependencies", root / "wheels"
+    subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(dependencies),
+                    *pyproject["project"]["dependencies"]], check=True, timeout=1200)
+    subprocess.run([*pip, "install", "--quiet", "--no-index", "--find-links",
+                    str(dependencies), *pyproject["project"]["dependencies"]],
+                   check=True, timeout=600)
+    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels),
+                    str(src)], check=True, timeout=600)
+    (wheel,) = wheels.glob("kubemr_async-*.whl")
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   check=True, timeout=600)
     return venv
 
 
