@@ -367,7 +367,13 @@ class Worker:
         else:
             self._next_poll = now + self._poll_gap
             self._poll_gap = min(self._poll_gap * 2, _POLL_GAPS[1])
-            await self._poll()
+            try:
+                await self._poll()
+            except StoreUnavailable as exc:  # a busy server: the next poll will do
+                log.warning("poll not answered; polling again later",
+                            extra={"job": self.job_name, "worker": self.worker_id,
+                                   "error": str(exc)})
+
 
     async def _poll(self) -> None:
         """Steal first: a few unfinished tasks of another shard picked at random (a small
@@ -489,6 +495,14 @@ class Worker:
                     b, self.worker_id, now=self.clock()))
                 log.info("released on shutdown", extra=context)
                 return "released"
+            except _MapsNotCommitted as exc:
+                # Claimed on a view that was behind (a poll's, or a map re-opened since):
+                # running now would read only some maps. Handed back, not a failure.
+                log.warning("not every map has committed: reduce handed back",
+                            extra={**context, "error": str(exc)})
+                await self._settle(holder, lambda b: protocol.release(
+                    b, self.worker_id, now=self.clock()))
+                return "released"
             except _CorruptRun as exc:
                 # The map goes back first, so the released reduce is not claimable again
                 # until a new run exists. Losing the re-open race is fine: another reduce
@@ -605,8 +619,13 @@ class Worker:
 
     async def _outputs(self, body: TaskRecord, ctx: TaskContext) -> TaskOutputs:
         index = int(body["index"])
-        if body["kind"] == TaskKind.REDUCE and self._view.unread:
-            await self._read_all()  # a reduce reads every map's outputs
+        if body["kind"] == TaskKind.REDUCE:
+            if self._view.unread:
+                await self._read_all()  # a reduce reads every map's outputs
+            if not self._view.maps_committed:
+                done, total = self._view.progress().maps_done, self._view.map_total
+                raise _MapsNotCommitted(f"{done} of {total} maps committed")
+
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
                 return await self._map(self.job, body, ctx)
@@ -845,6 +864,10 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception a task group's failure stands for: the first that is not a group."""
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+class _MapsNotCommitted(Exception):
+    """A reduce's view, read whole, shows maps of its step not committed."""
 
 
 class _CorruptRun(Exception):

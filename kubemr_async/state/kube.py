@@ -377,15 +377,29 @@ class KubeStateStore:
         task written before the label existed; its body decides). The API server filters
         them, so a poll at a stage's tail, when few are left, costs little."""
         task_ns = await self.task_namespace(job, "polling its unfinished tasks")
-        tasks, _ = await self.kube.list(
-            MAPREDUCE_TASKS, task_ns, most=most,
-            label_selector=f"{_task_selector(job, shard)},"
-                           f"{LABEL_STATE}!={TaskState.COMMITTED.value}",
-            context=f"job {job}: listing its unfinished tasks in namespace {task_ns}")
+        context = f"job {job}: listing its unfinished tasks in namespace {task_ns}"
+        try:
+            # A partial answer (a steal) comes from the watch cache: it may be a little
+            # behind (every write it leads to is guarded), and a busy server must not read
+            # etcd page by page to fill it. A whole one settles tasks as committed, which
+            # only a consistent read may do (a cache behind a new step's creation would
+            # miss its tasks).
+            partial = shard is not None or most is not None
+            tasks, _ = await self.kube.list(
+                MAPREDUCE_TASKS, task_ns, most=most, cached=partial, context=context,
+                label_selector=f"{_task_selector(job, shard)},"
+                               f"{LABEL_STATE}!={TaskState.COMMITTED.value}")
+        except KubeApiError as exc:
+            if not transient_after_outage(exc, self._since_outage()):
+                raise
+            self._troubled()  # the caller's view may be behind: leases judged afresh
+            raise StoreUnavailable(f"{context}: {exc.reason}") from None
+
 
         self.stats.polls += 1
         records = [_task_record(task) for task in tasks]
-        return [r for r in records if r.task["state"] != TaskState.COMMITTED]
+        # The watch cache may answer a limited list whole.
+        return [r for r in records if r.task["state"] != TaskState.COMMITTED][:most]
 
     async def snapshot(self, job: str, *, shard: ShardChoice | None = None
                        ) -> tuple[dict[str, Record], str]:
