@@ -855,13 +855,21 @@ class JobView:
         return not any(self._counts[(self.step, kind.value, state.value)]
                        for kind in TaskKind for state in (TaskState.PENDING, TaskState.RUNNING))
 
-    def stale(self, key: str) -> None:
-        """A guarded write to ``key`` lost its race, so this copy is out of date: a record
-        the observer does not follow is no longer offered until a poll shows it again."""
+    def stale(self, key: str) -> bool:
+        """A guarded write to ``key`` lost its race, so this copy is out of date. If the
+        observer only polls ``key``, every pending task it knows from polls came from
+        answers as old: none is offered until a poll shows it again (True: so a claimer
+        stops trying the rest of what it was offered)."""
         body = self.tasks.get(key)
-        if body is not None and not self._follows(key):
-            self._pending_of(task_step(body), body["kind"], False).discard(key)
-            self._polled.pop(key, None)
+        if body is None or self._follows(key):
+            return False
+        self._polled.pop(key, None)
+        for (_, _, followed), sample in self._pending.items():
+            if not followed:
+                for other in list(sample):
+                    sample.discard(other)
+        return True
+
 
     def _time(self, key: str, old: TaskRecord | None, body: TaskRecord,
               seen: float | None) -> None:

@@ -171,6 +171,9 @@ class Worker:
         self._next_poll = 0.0
         self._poll_gap = _POLL_GAPS[0]
         self._read_at: float | None = None
+        # Whether the last write lost its race on a task known only from a poll.
+        self._polled_stale = False
+
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
         self._rng = random.Random()
@@ -253,7 +256,7 @@ class Worker:
     async def _write(self, update: protocol.Update, *, resend: bool = True) -> Record | None:
         record = await self.store.patch(self.job_name, update, resend=resend)
         if record is None:
-            self._view.stale(update.key)
+            self._polled_stale = self._view.stale(update.key)
             return None
         self._remember(record.key, record.body)
         return record
@@ -306,6 +309,8 @@ class Worker:
                     break
                 if claimed is None:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
+                    if self._polled_stale:  # the rest came from the same (stale) poll
+                        break
                 elif claimed.task["state"] == TaskState.RUNNING:
                     metrics.TASKS_CLAIMED.labels(body["kind"]).inc()
                     self._poll_gap = _POLL_GAPS[0]
