@@ -89,9 +89,9 @@ class StateStore(Protocol):
 
         ``shard``: only that shard's; ``most``: at most that many (which ones is the
         store's choice). Either makes the answer partial: good for stealing a few tasks,
-        not for settling, and it may be a little behind the latest writes. A whole answer
-        is current. A store that cannot answer now raises StoreUnavailable (a poll can
-        wait for the next)."""
+        not for settling. Any answer may be a little behind the latest writes (what it
+        settles is read whole before it is used). A store that cannot answer now raises
+        StoreUnavailable (a poll can wait for the next)."""
 
 
 
