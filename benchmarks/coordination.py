@@ -449,7 +449,9 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
             sys.executable, str(Path(__file__).resolve()), "_worker", "--out", str(stats),
             *(["--profile", str(profile / f"{name}-n{count}-w{i}.prof")] if profile else [])]
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv, env={**env, "KUBEMR_WORKER_ID": f"bench-w{i}"},
+            # JOB_COMPLETION_INDEX: as the operator's Indexed Job gives each worker pod.
+            proc = subprocess.Popen(argv, env={**env, "KUBEMR_WORKER_ID": f"bench-w{i}",
+                                               "JOB_COMPLETION_INDEX": str(i)},
                                     stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         procs.append((proc, stats, log))
     try:

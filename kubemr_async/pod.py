@@ -47,7 +47,7 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
     endpoint = _serve_metrics(env, {"job": job_name, "worker": worker_id})
     stopped = asyncio.Event()  # SIGTERM: the pod is being stopped
     try:
-        code = await _work(job_name, namespace, worker_id, stopped)
+        code = await _work(job_name, namespace, worker_id, stopped, _ordinal(env))
         if endpoint is not None:
             await _linger(float(env.get(metrics.LINGER_ENV) or 0), stopped)
         return code
@@ -80,11 +80,17 @@ def _serve_metrics(env: Mapping[str, str], context: dict[str, str]) -> metrics.E
         return None
 
 
-async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.Event) -> int:
+def _ordinal(env: Mapping[str, str]) -> int | None:
+    """The pod's index in its Indexed Job (Kubernetes sets it), if it has one."""
+    index = env.get("JOB_COMPLETION_INDEX", "")
+    return int(index) if index.isdigit() else None
+
+
+async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.Event,
+                ordinal: int | None) -> int:
     async with await Kube.connect() as kube:
         store = KubeStateStore(kube, namespace)
-        records, _ = await store.snapshot(job_name)
-        job_record = records[protocol.JOB_KEY].job
+        job_record = (await store.job_record(job_name)).job  # not the tasks: the worker's
         if JobPhase(job_record["phase"]).finished:
             return 0
         spec = JobSpec.from_dict(job_name, job_record["spec"])
@@ -102,7 +108,9 @@ async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.
         try:
             prefix = job_data_prefix(spec.output, namespace, job_name)
             worker = Worker(job_name, steps, store, blobs, worker_id, data_prefix=prefix,
-                            memory_limit=container_memory_limit())
+                            memory_limit=container_memory_limit(),
+                            ordinal=ordinal)
+
 
             def on_sigterm() -> None:
                 stopped.set()

@@ -260,7 +260,16 @@ def shard_of(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards if shards > 1 else 0
 
 
+def worker_shard(worker: str, ordinal: int | None, shards: int) -> int:
+    """The shard a worker follows: its ordinal's (a pod's index in its Indexed Job, so
+    every shard gets the same number of workers), or else a hash of its id."""
+    if shards <= 1:
+        return 0
+    return ordinal % shards if ordinal is not None else shard_of(worker, shards)
+
+
 def job_shards(job: JobRecord) -> int:
+
     """How many shards the job's tasks are dealt into (1: one, every worker sees all)."""
     return int(job.get("shards", 1))
 

@@ -139,8 +139,13 @@ class Worker:
                  io_concurrency: int = 16,
                  clock: Callable[[], float] = time.time, inline: bool = False,
                  memory_limit: int | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 ordinal: int | None = None) -> None:
         self.job_name = job_name
+        # This worker's index among the job's workers, if it has one (a pod of an Indexed
+        # Job): shards are then dealt to workers evenly (protocol.worker_shard).
+        self.ordinal = ordinal
+
         # inline: callbacks run on this loop (SameLoop) instead of a UserLoop thread.
         self.inline = inline
         self.steps: list[AnyJob] = list(job) if isinstance(job, Sequence) else [job]
@@ -201,14 +206,15 @@ class Worker:
         """Work until the job finishes; returns the phase the job was in when we left."""
         def follow(job: JobRecord) -> int | None:
             shards = protocol.job_shards(job)
-            return protocol.shard_of(self.worker_id, shards) if shards > 1 else None
+            return (protocol.worker_shard(self.worker_id, self.ordinal, shards)
+                    if shards > 1 else None)
 
         # A worker of a sharded job reads only its shard: the rest it learns by polling.
         records, revision = await self.store.snapshot(self.job_name, shard=follow)
         shards = self._shards = protocol.job_shards(records[protocol.JOB_KEY].job)
         followed = None
         if shards > 1:
-            shard = self._shard = protocol.shard_of(self.worker_id, shards)
+            shard = self._shard = protocol.worker_shard(self.worker_id, self.ordinal, shards)
             followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
         self._view = JobView({key: rec.body for key, rec in records.items()},
                              seen=self.monotonic(), followed=followed)
@@ -355,9 +361,11 @@ class Worker:
         if view.needs_reading():
             if self._read_at is None:
                 # Idle workers' polls find the end at about the same time, and one read
-                # (one verdict) is enough: spread them, so most see the verdict arrive
-                # through the job's watch instead.
-                self._read_at = now + self._rng.uniform(0.0, _POLL_GAPS[1])
+                # (one verdict) is enough: the workers of shard 0 read at once (spread a
+                # little), the others only if no verdict came through the job's watch
+                # within a lease (shard 0's workers may all be gone).
+                wait = 0.0 if self._shard in (None, 0) else self.spec.lease_seconds
+                self._read_at = now + wait + self._rng.uniform(0.0, _POLL_GAPS[1])
             if now >= self._read_at:
                 self._read_at = now + _POLL_GAPS[1]  # a task deleted meanwhile stays unread
                 await self._read_all()

@@ -773,3 +773,11 @@ def test_a_view_of_one_shard_claims_its_maps_and_a_poll_accounts_for_the_rest() 
     assert [t["kind"] for t in view.claimable(2.0)] == ["reduce", "reduce"]
     with pytest.raises(RuntimeError, match="not read yet"):
         view.shuffle_objects()
+
+
+def test_workers_with_an_index_are_dealt_evenly_over_the_shards() -> None:
+    shards = protocol.shard_count(64)
+    dealt = [protocol.worker_shard(f"pod-{i}", i, shards) for i in range(64)]
+    assert [dealt.count(s) for s in range(shards)] == [4] * shards
+    assert protocol.worker_shard("pod-x", None, shards) == protocol.shard_of("pod-x", shards)
+    assert protocol.worker_shard("pod-x", 5, 1) == 0

@@ -336,7 +336,17 @@ class KubeStateStore:
 
     # --- reading --------------------------------------------------------------------
 
+    async def job_record(self, job: str) -> Record:
+        """The job record alone (one GET): what a pod reads before it works, without the
+        tasks; JobNotFound if there is none."""
+        obj = await self._read_job(job, "reading the job")
+        if obj is None:
+            raise JobNotFound(f"job {job} not found in namespace {self.namespace}")
+        self._task_namespace_of(job, obj)
+        return _job_record(obj)
+
     async def _read_job(self, job: str, doing: str) -> KubeObject | None:
+
         """The MapReduceJob, or None; ``doing`` says why, for the error message."""
         return await self.kube.find(
             MAPREDUCE_JOBS, job, self.namespace,
