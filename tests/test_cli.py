@@ -415,7 +415,7 @@ def test_cancel_makes_a_running_job_cancelled_and_stops_its_workers(
 def test_logs_prefix_lines_with_their_pod_and_follow_until_the_pods_end(
         cli: Cli, kube_cluster: TestCluster) -> None:
     name = sleeper(cli, "logged")
-    prefix = re.compile(rf"^\[pod/({re.escape(name)}-workers-[a-z0-9]+)/worker\] ")
+    prefix = re.compile(rf"^\[pod/({re.escape(name)}-workers-[a-z0-9-]+)/worker\] ")
 
     def every_pod_claimed() -> list[str] | None:
         """The log lines once each worker pod has claimed its map (two maps, two pods)."""

@@ -404,7 +404,7 @@ async def test_claim_latency(kube_cluster: TestCluster) -> None:
 
 
 @kube
-async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
+async def test_a_task_object_with_the_most_counters_stays_under_2200_bytes(
         kube_cluster: TestCluster) -> None:
     """The worst a task's counters can do to its record: as many, as long and as large as
     ctx.counter admits, plus every framework counter at 64 bits, on a key/value map; and
@@ -445,13 +445,15 @@ async def test_a_task_object_with_the_most_counters_stays_under_2_kib(
             sizes[job] = _object_bytes(kube_cluster, await store.task_namespace(job),
                                        f"{job}-map-00000")
         print(f"\ncommitted map task object bytes: {sizes}")
-        assert sizes["cnt-worst"] < 2048, sizes
-        assert sizes["skip-worst"] < 2048, sizes
-        assert sizes["skip-only"] < 2048, sizes
+        # 2 KiB, plus the shard and state labels (~70 bytes) by which a worker watches
+        # one shard and polls the unfinished tasks.
+        assert sizes["cnt-worst"] < 2200, sizes
+        assert sizes["skip-worst"] < 2200, sizes
+        assert sizes["skip-only"] < 2200, sizes
         # A backup pair's fields (twin, backups, backupAttempt, backupWon) share the
         # history's room, but here the counters and the sample have left the history none:
         # what they add (and their managedFields entries) stays on top, about 130 bytes.
-        assert sizes["backup-worst"] < 2200, sizes
+        assert sizes["backup-worst"] < 2300, sizes
 
 
 def _worst_skipped_sample(counter_bytes: int) -> list[Skipped]:

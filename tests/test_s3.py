@@ -77,24 +77,6 @@ def test_secret_never_appears_in_repr_or_str() -> None:
         assert "AKIDEXAMPLE" in text or "S3BlobStore" in text
 
 
-def test_botocore_data_reads_the_same_through_the_faster_loader() -> None:
-    """The store's loader parses botocore's models with orjson (a worker's first S3
-    request waited ~0.2 s for the standard json): the same data, gzipped files too."""
-    from botocore.loaders import JSONFileLoader, create_loader
-
-    from kubemr_async.storage import s3
-
-    ours, stock = s3._LOADER, create_loader()
-    assert isinstance(ours.file_loader, s3._OrjsonFileLoader)
-    assert stock.file_loader.__class__ is JSONFileLoader
-    endpoints = ours.load_data("endpoints")
-    assert endpoints["partitions"] and endpoints == stock.load_data("endpoints")
-    model = ours.load_service_model("s3", "service-2")  # shipped as .json.gz
-    assert "GetObject" in model["operations"]
-    assert model == stock.load_service_model("s3", "service-2")
-    assert ours.file_loader.load_file("/nonexistent/endpoints") is None
-
-
 def test_config_rejects_parts_smaller_than_s3_allows() -> None:
     with pytest.raises(ValueError, match="at least"):
         S3Config(multipart_part_size=MiB)

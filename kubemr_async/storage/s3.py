@@ -44,12 +44,11 @@ from typing import Any, Literal, Self
 
 import aiohttp
 import anyio
-import orjson
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.loaders import JSONFileLoader, create_loader
+from botocore.loaders import create_loader
 
 from ..errors import KubemrError, UsageError
 from ..scrub import scrub
@@ -211,27 +210,9 @@ class S3Config:
         )
 
 
-class _OrjsonFileLoader(JSONFileLoader):  # type: ignore[misc]  # botocore is untyped
-    """botocore's data files parsed with orjson.
-
-    A process's first S3 client parses botocore's models: endpoints.json alone is 1.2 MB,
-    read by the standard library's json with an OrderedDict per object, ~0.2 s of a
-    worker's first task (more on a busy machine) before its first byte reaches S3.
-    orjson does it several times faster; plain dicts keep insertion order too, which is
-    all botocore relies on (tests/test_s3.py checks that both read the same data).
-    """
-
-    def _load_file(self, full_path: str, open_method: Callable[..., Any]) -> Any:
-        if not os.path.isfile(full_path):
-            return None
-        with open_method(full_path, "rb") as fp:
-            return orjson.loads(fp.read())
-
-
 # One parsed copy of botocore's JSON models for the whole process: loaders are plain
 # synchronous caches, safe to share across sessions and loops.
 _LOADER = create_loader()
-_LOADER.file_loader = _OrjsonFileLoader()
 # One session per loop: sessions cache credentials behind asyncio locks, which are bound
 # to the loop that first waits on them.
 _SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = (
