@@ -793,7 +793,7 @@ class JobView:
         if key == JOB_KEY:
             self.job = self.records[key] = cast(JobRecord, body)
             return
-        followed = self._follows(key)
+        followed = self.follows(key)
         if not followed and seen is not None:
             self._polled[key] = seen
         self.unread.discard(key)
@@ -837,7 +837,7 @@ class JobView:
         listed = set(unfinished)
         for key, body in list(self.tasks.items()):
             if (body["state"] != TaskState.COMMITTED and key not in listed
-                    and not self._follows(key)):
+                    and not self.follows(key)):
                 self._settled(key, body)
         if self.job is not None and not self.complete:
             # A view that read only its shard: the current step's other tasks, which the
@@ -847,7 +847,7 @@ class JobView:
                                         (TaskKind.REDUCE, self.reduce_total, reduce_key)):
                 for index in range(total):
                     key = key_of(index, step)
-                    if key not in self.tasks and key not in listed and not self._follows(key):
+                    if key not in self.tasks and key not in listed and not self.follows(key):
                         self._settled(key, new_task(kind, index, step=step))
 
     def _settled(self, key: str, body: TaskRecord) -> None:
@@ -864,21 +864,16 @@ class JobView:
         return not any(self._counts[(self.step, kind.value, state.value)]
                        for kind in TaskKind for state in (TaskState.PENDING, TaskState.RUNNING))
 
-    def stale(self, key: str) -> bool:
+    def stale(self, key: str) -> None:
         """A guarded write to ``key`` lost its race, so this copy is out of date. If the
         observer only polls ``key``, every pending task it knows from polls came from
-        answers as old: none is offered until a poll shows it again (True: so a claimer
-        stops trying the rest of what it was offered)."""
-        body = self.tasks.get(key)
-        if body is None or self._follows(key):
-            return False
+        answers as old: none is offered until a poll shows it again."""
+        if key not in self.tasks or self.follows(key):
+            return
         self._polled.pop(key, None)
-        for (_, _, followed), sample in self._pending.items():
-            if not followed:
-                for other in list(sample):
-                    sample.discard(other)
-        return True
-
+        for index in self._pending:
+            if not index[2]:  # (step, kind, followed)
+                self._pending[index] = _Sample()
 
     def _time(self, key: str, old: TaskRecord | None, body: TaskRecord,
               seen: float | None) -> None:
@@ -899,7 +894,8 @@ class JobView:
             median = self._durations.setdefault((task_step(body), body["kind"]), _Median())
             median.add(seen - started)
 
-    def _follows(self, key: str) -> bool:
+    def follows(self, key: str) -> bool:
+        """Whether the observer follows record ``key`` live (else it only polls it)."""
         return self._followed is None or self._followed(key)
 
     def _pending_of(self, step: int, kind: str, followed: bool = True) -> _Sample:
@@ -1047,7 +1043,7 @@ class JobView:
         """
         if key not in self._running:
             return False
-        judged = now if self._follows(key) else self._polled.get(key, -inf)
+        judged = now if self.follows(key) else self._polled.get(key, -inf)
         return self._lease_end(key) < judged
 
     def restart_observation(self, now: float) -> None:
@@ -1114,7 +1110,7 @@ class JobView:
     def next_lease_expiry(self) -> float | None:
         """When the earliest running lease it follows runs out: the latest a waiting worker
         should look (a polled lease can only be found lapsed by a poll)."""
-        leases = [self._lease_end(key) for key in self._running if self._follows(key)]
+        leases = [self._lease_end(key) for key in self._running if self.follows(key)]
         return min(leases) if leases else None
 
     def map_outputs(self, partition: int) -> list[tuple[TaskRecord, str]]:

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -176,8 +176,6 @@ class Worker:
         self._next_poll = 0.0
         self._poll_gap = _POLL_GAPS[0]
         self._read_at: float | None = None
-        # Whether the last write lost its race on a task known only from a poll.
-        self._polled_stale = False
 
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
         self._stores = StoreCache()
@@ -211,10 +209,11 @@ class Worker:
 
         # A worker of a sharded job reads only its shard: the rest it learns by polling.
         records, revision = await self.store.snapshot(self.job_name, shard=follow)
-        shards = self._shards = protocol.job_shards(records[protocol.JOB_KEY].job)
+        job = records[protocol.JOB_KEY].job
+        self._shards, self._shard = protocol.job_shards(job), follow(job)
+        shards, shard = self._shards, self._shard
         followed = None
-        if shards > 1:
-            shard = self._shard = protocol.worker_shard(self.worker_id, self.ordinal, shards)
+        if shard is not None:
             followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
         self._view = JobView({key: rec.body for key, rec in records.items()},
                              seen=self.monotonic(), followed=followed)
@@ -262,7 +261,7 @@ class Worker:
     async def _write(self, update: protocol.Update, *, resend: bool = True) -> Record | None:
         record = await self.store.patch(self.job_name, update, resend=resend)
         if record is None:
-            self._polled_stale = self._view.stale(update.key)
+            self._view.stale(update.key)
             return None
         self._remember(record.key, record.body)
         return record
@@ -315,8 +314,8 @@ class Worker:
                     break
                 if claimed is None:
                     metrics.CLAIM_RACES_LOST.labels(body["kind"]).inc()
-                    if self._polled_stale:  # the rest came from the same (stale) poll
-                        break
+                    if not view.follows(protocol.task_name(body)):
+                        break  # the rest came from the same (stale) poll
                 elif claimed.task["state"] == TaskState.RUNNING:
                     metrics.TASKS_CLAIMED.labels(body["kind"]).inc()
                     self._poll_gap = _POLL_GAPS[0]
@@ -387,7 +386,6 @@ class Worker:
                             extra={"job": self.job_name, "worker": self.worker_id,
                                    "error": str(exc)})
 
-
     async def _poll(self) -> None:
         """Steal first: a few unfinished tasks of another shard picked at random (a small
         list, and stealers spread over the shards). Only when it has nothing pending, the
@@ -396,21 +394,22 @@ class Worker:
         if others:
             found = await self.store.unfinished(self.job_name, shard=self._rng.choice(others),
                                                 most=_STEAL)
-            for record in found:
-                self._remember(record.key, record.body)
+            self._remember_all(found)
             if any(record.task["state"] == TaskState.PENDING for record in found):
                 return
         found = await self.store.unfinished(self.job_name)
-        for record in found:
-            self._remember(record.key, record.body)
+        self._remember_all(found)
         self._view.settle(record.key for record in found)
 
     async def _read_all(self) -> None:
         """Read every record of the job: what a stage's outputs and the verdict need when
         this worker knows some tasks only from polls (JobView.unread)."""
         records, _ = await self.store.snapshot(self.job_name)
-        for key, record in records.items():
-            self._remember(key, record.body)
+        self._remember_all(records.values())
+
+    def _remember_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self._remember(record.key, record.body)
 
     async def _wait_for_change(self, view: JobView, until: float) -> None:
         expiry = min((t for t in (view.next_lease_expiry(),

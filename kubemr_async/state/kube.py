@@ -374,11 +374,7 @@ class KubeStateStore:
     async def _job_shards(self, job: str) -> int:
         """How many shards the job's tasks are dealt into (read from the job once)."""
         if job not in self._shards:
-            obj = await self._read_job(job, "reading its shards")
-            if obj is None:
-                raise JobNotFound(f"job {job}: reading its shards: job not found in "
-                                  f"namespace {self.namespace}")
-            self._task_namespace_of(job, obj)
+            await self.job_record(job)  # reading the job notes its shards
         return self._shards[job]
 
     async def unfinished(self, job: str, *, shard: int | None = None,
