@@ -19,9 +19,10 @@ one line naming where and what (never the value):
   task namespace). It is read after each test, and once more before the cluster stops.
 
 The log files the fixtures and tests write (the operators' logs, the pods' output as the
-test kubelets keep it, the worker logs of local runs) are searched once, at the end of the
-session: every ``*.log`` under pytest's base temp dir. A hit there fails the run as an
-error at the last test's teardown, naming each file.
+test kubelets keep it, the worker logs of local runs: a run that succeeded keeps them in its
+output, one that failed in ``KUBEMR_LOG_DIR``, which the plugin points there) are searched
+once, at the end of the session: every ``*.log`` under pytest's base temp dir. A hit there
+fails the run as an error at the last test's teardown, naming each file.
 """
 
 from __future__ import annotations
@@ -129,9 +130,12 @@ def planted() -> Planted:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_planted_value_in_log_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Last of all, every ``*.log`` the session wrote under pytest's temp dir."""
-    yield
+    """Last of all, every ``*.log`` the session wrote under pytest's temp dir; the logs a
+    failed local run keeps (``KUBEMR_LOG_DIR``, else ~/.local/state) are kept there too."""
     base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KUBEMR_LOG_DIR", str(base / "kubemr-runs"))
+        yield
     found = [f"{label} in {path.relative_to(base)}"
              for path, label in PLANTED.find_in_files(sorted(base.rglob("*.log")))]
     if found:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,19 @@ def test_a_process_logs_it(tmp_path):
                        stdout=log, check=True)
 
 
+def test_a_failed_local_run_logs_it(tmp_path):
+    # Its output is discarded: only the worker log the failed run keeps holds the value.
+    (tmp_path / "in.txt").write_text("x\\n")
+    (tmp_path / "job.py").write_text(
+        "from kubemr_async import Job\\njob = Job('leaky')\\n@job.map\\n"
+        f"def m(text, ctx):\\n    print({{VALUE!r}})\\n    raise ValueError('no')\\n"
+        "job.reduce('sum')\\n")
+    assert subprocess.call([{kubemr!r}, "run", str(tmp_path / "job.py"), "--input",
+                            str(tmp_path / "in.txt"), "--output", str(tmp_path / "out"),
+                            "--max-attempts", "1"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120) == 1
+
+
 def test_clean():
     print("nothing secret")
 '''
@@ -130,9 +144,12 @@ def test_the_plugin_fails_a_run_that_leaks_in_one_line_naming_where(tmp_path: Pa
     label = "the inner session's secret key"
     assert any(f"{label} in captured stdout call" in line for line in found), out
     assert any(f"{label} in the stderr of `kubemr run`" in line for line in found), out
-    assert any(f"planted credential found in log files: {label} in test_a_process_logs_it0/"
-               "worker.log" in line for line in found), out
-    assert out.splitlines()[-1].startswith("2 failed, 2 passed, 1 error"), out
+    in_files = [line for line in found if "planted credential found in log files: " in line]
+    assert any(f"{label} in test_a_process_logs_it0/worker.log" in line
+               for line in in_files), out
+    assert any(re.search(rf"{label} in kubemr-runs/leaky-[0-9a-f]{{6}}/worker-\d\.log", line)
+               for line in in_files), out  # a failed local run's kept worker log
+    assert out.splitlines()[-1].startswith("2 failed, 3 passed, 1 error"), out
     assert "ERROR test_inner.py::test_clean" in out, out  # the last teardown: session end
     # The reports (terminal, junit) name what was found, never the value.
     xml = report.read_text()

@@ -379,7 +379,7 @@ def test_parallel_pods_run_exactly_once_with_two_kubelets(
     )
     job["spec"].update(completions=4, parallelism=4)
     # competes with the fixture
-    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns) as other:
+    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns, log_dir=tmp_path) as other:
         kube_cluster.api("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
         assert wait_for("Job to finish", lambda: job_condition(kube_cluster, ns, "fanout")) == (
             "Complete"
@@ -452,7 +452,7 @@ def test_deleting_a_namespace_with_a_running_pod_finishes(
 @pytest.mark.kube
 @pytest.mark.slow
 def test_stopping_a_kubelet_kills_its_processes_and_removes_its_node(
-    kube_cluster: TestCluster, kube_namespace: str
+    kube_cluster: TestCluster, kube_namespace: str, tmp_path: Path
 ) -> None:
     ns = kube_namespace
     pod = {
@@ -468,7 +468,7 @@ def test_stopping_a_kubelet_kills_its_processes_and_removes_its_node(
             ],
         },
     }
-    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns) as kubelet:
+    with FakeKubelet(kube_cluster.kubeconfig_path, namespace=ns, log_dir=tmp_path) as kubelet:
         # Created bound to this kubelet's Node, so no other kubelet takes it.
         pod["spec"]["nodeName"] = kubelet.node_name
         kube_cluster.api("POST", f"/api/v1/namespaces/{ns}/pods", pod)
@@ -644,8 +644,9 @@ def test_kubelet_log_server_wants_the_apiservers_client_cert(
 
 @pytest.mark.kube
 @pytest.mark.slow
-def test_node_is_registered_and_kept_alive(kube_cluster: TestCluster) -> None:
-    with FakeKubelet(kube_cluster.kubeconfig_path, heartbeat_seconds=0.5) as kubelet:
+def test_node_is_registered_and_kept_alive(kube_cluster: TestCluster, tmp_path: Path) -> None:
+    with FakeKubelet(kube_cluster.kubeconfig_path, heartbeat_seconds=0.5,
+                     log_dir=tmp_path) as kubelet:
         node_path = f"/api/v1/nodes/{kubelet.node_name}"
         lease_path = (
             f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}"
