@@ -1047,11 +1047,15 @@ class JobView:
         return self._lease_end(key) < judged
 
     def restart_observation(self, now: float) -> None:
-        """Judge every running task's lease from ``now``, as an observer that has just
-        started watching would: for when this observer could not see for a while (its
-        store was out of reach), so a record that did not change then proves nothing."""
+        """Judge every running task's lease, and how long it has run, from ``now``, as an
+        observer that has just started watching would: for when this observer could not
+        see for a while (its store was out of reach), so a record that did not change then
+        proves nothing, and a task whose writes the outage held up is no straggler (its
+        backup would be an attempt wasted on every task that was running then)."""
         for key in self._running:
             self._seen[key] = now
+            if key in self._started:
+                self._started[key] = now
 
     def _straggler_after(self, stage: TaskKind) -> float | None:
         """How long a task of ``stage`` (current step) may run before it is a straggler,

@@ -503,8 +503,11 @@ class Worker:
             try:
                 outputs, kept, skipped = work.result()
             except asyncio.CancelledError:
-                await self._settle(holder, lambda b: protocol.release(
-                    b, self.worker_id, now=self.clock()))
+                if await self._settle(holder, lambda b: protocol.release(
+                        b, self.worker_id, now=self.clock())) is None:
+                    log.info("shutting down: the attempt was no longer ours to release",
+                             extra=context)
+                    return "lost"
                 log.info("released on shutdown", extra=context)
                 return "released"
             except _MapsNotCommitted as exc:

@@ -238,6 +238,18 @@ def straggling(maps: int = 6, committed: int = BACKUP_MIN_COMMITTED,
     return records, view
 
 
+def test_a_task_running_across_an_outage_is_timed_from_its_end() -> None:
+    """The observer could not see (its store was out of reach): the running task's time
+    is counted afresh, so the outage alone makes no straggler of it."""
+    _, view = straggling(maps=4)  # three committed after 2 s; map-00003 runs on
+    threshold = max(protocol.BACKUP_FACTOR * 2.0, BACKUP_FLOOR)
+    view.restart_observation(60.0)  # back after a minute of outage
+    assert view.backup_candidate("idle", 60.0 + threshold - 0.1) is None
+    assert view.next_backup_at("idle") == pytest.approx(60.0 + threshold)
+    picked = view.backup_candidate("idle", 60.0 + threshold + 0.1)
+    assert picked is not None and protocol.task_name(picked) == "map-00003"
+
+
 def test_an_idle_worker_backs_up_only_a_task_slower_than_the_rule() -> None:
     records, view = straggling(maps=4)  # three committed after 2 s; map-00003 runs on
     threshold = max(protocol.BACKUP_FACTOR * 2.0, BACKUP_FLOOR)

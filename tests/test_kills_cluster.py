@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
 KILLS = 10
 #: What a worker logs when its lease, its commit or (stopped) its attempt is given up.
-LEASE_LOST, COMMIT_LOST, RELEASED = "lease lost", "commit lost", "released on shutdown"
+LEASE_LOST, COMMIT_LOST, RELEASED = "lease lost", "commit lost", "no longer ours to release"
 
 
 def _attempts(log: Path) -> list[tuple[str, int, int]]:
