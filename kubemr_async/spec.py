@@ -44,9 +44,9 @@ MAX_ATTEMPTS_LIMIT = 100
 #: Batching tiny tasks: consecutive input splits one map record holds (``splitsPerTask``).
 #: Each split past the first costs its record one ``{"input", "range"}`` entry: ~100 bytes
 #: with a typical 60-character URL, ~1.13 KB with S3's longest (a 63-character bucket and
-#: a 1,024-byte key), so at the cap a record stays under 580 KB (measured), well inside
-#: etcd's 1.5 MiB request limit and the API server's 3 MiB body limit, while the writes
-#: per split already fall 512-fold. The record travels in every watch event of its
+#: a 1,024-byte key), so at the cap a record is 581 KB (measured on the API server), well
+#: inside etcd's 1.5 MiB request limit and the API server's 3 MiB body limit, while the
+#: writes per split already fall 512-fold. The record travels in every watch event of its
 #: claim, renewals and commit, which is why the cap is not higher.
 MAX_SPLITS_PER_TASK = 512
 #: Skip mode (kubemr_async.skips): bad records skipped per task; 0, the default, is off.

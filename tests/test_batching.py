@@ -22,16 +22,13 @@ from kubemr_async.patch import apply_patch
 from kubemr_async.protocol import TaskKind
 from kubemr_async.spec import MAX_SPLITS_PER_TASK, InvalidSpec, JobSpec
 
-from .test_local_run import (
-    ROOT,
-    _failed_run_logs,
-    kubemr,
-    output_lines,
-    reference_lines,
-    write_job,
-)
+from . import test_local_run as local
+from .test_local_run import _failed_run_logs
 
 __all__ = ["_failed_run_logs"]  # an autouse fixture: failed runs' logs stay in tmp
+
+EXAMPLES = local.ROOT / "examples"
+JOBS = local.ROOT / "tests" / "jobs"
 
 
 def spec(k: int, reducers: int = 2) -> JobSpec:
@@ -159,10 +156,10 @@ def map_records(page: Path) -> set[str]:
 
 def run_batched(tmp_path: Path, name: str, data: Path, k: int, *extra: str) -> Path:
     out = tmp_path / name
-    result = kubemr("run", str(ROOT / "tests" / "jobs" / "batched.py"), "-i", str(data),
-                    "--output", str(out), "--workers", "2", "--reducers", "2",
-                    "--splits-per-task", str(k), "--timeline", str(tmp_path / f"{name}.html"),
-                    *extra)
+    result = local.kubemr("run", str(JOBS / "batched.py"), "-i", str(data),
+                          "--output", str(out), "--workers", "2", "--reducers", "2",
+                          "--splits-per-task", str(k), "--timeline", str(tmp_path / f"{name}.html"),
+                          *extra)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -172,7 +169,8 @@ def test_batched_wordcount_equals_one_split_per_task_and_counts_every_byte_once(
     files = small_files(tmp_path / "data", 37, gzipped=(5, 9, 33))
     single = run_batched(tmp_path, "k1", tmp_path / "data", 1)
     batched = run_batched(tmp_path, "k8", tmp_path / "data", 8)
-    assert output_lines(batched) == output_lines(single) == reference_lines(files)
+    assert (local.output_lines(batched) == local.output_lines(single)
+            == local.reference_lines(files))
     assert len(map_records(tmp_path / "k1.html")) == 37
     assert map_records(tmp_path / "k8.html") == {protocol.map_key(i) for i in range(5)}
     page = (tmp_path / "k8.html").read_text()
@@ -192,7 +190,7 @@ def test_a_batch_that_fails_half_way_is_re_mapped_whole(tmp_path: Path) -> None:
     log, seen = tmp_path / "failed.log", tmp_path / "splits.log"
     out = run_batched(tmp_path, "out", tmp_path / "data", 8, "--arg", "fail=f013.txt",
                       "--arg", f"log={log}", "--arg", f"splits={seen}")
-    assert output_lines(out) == reference_lines(files)
+    assert local.output_lines(out) == local.reference_lines(files)
     assert log.read_text().split()[:2] == ["map-00001", "1"], "the chosen attempt did fail"
     handed = [line.split() for line in seen.read_text().splitlines()]
     batch = [str(f) for f in files[8:16]]
@@ -218,9 +216,9 @@ def test_a_multi_step_job_batches_every_step_s_maps(tmp_path: Path) -> None:
     from .test_steps import THREE, three_steps_reference
 
     out = tmp_path / "out"
-    result = kubemr("run", str(THREE), "--input", str(ROOT / "examples" / "data"),
-                    "--output", str(out), "--reducers", "3", "--workers", "2",
-                    "--chunk-size", "20k", "--splits-per-task", "2")
+    result = local.kubemr("run", str(THREE), "--input", str(EXAMPLES / "data"),
+                          "--output", str(out), "--reducers", "3", "--workers", "2",
+                          "--chunk-size", "20k", "--splits-per-task", "2")
     assert result.returncode == 0, result.stderr
     got = sorted(line for p in out.glob("part-*") for line in p.read_bytes().splitlines())
     assert got == three_steps_reference()[2]
@@ -229,8 +227,9 @@ def test_a_multi_step_job_batches_every_step_s_maps(tmp_path: Path) -> None:
 def test_a_map_only_batch_writes_one_part_with_its_splits_in_order(tmp_path: Path) -> None:
     files = small_files(tmp_path / "data", 11)
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, MAP_ONLY_JOB)), "-i", str(tmp_path / "data"),
-                    "--output", str(out), "--reducers", "0", "--splits-per-task", "4")
+    job = local.write_job(tmp_path, MAP_ONLY_JOB)
+    result = local.kubemr("run", str(job), "-i", str(tmp_path / "data"),
+                          "--output", str(out), "--reducers", "0", "--splits-per-task", "4")
     assert result.returncode == 0, result.stderr
     parts = sorted(out.glob("part-*"))
     assert [p.name for p in parts] == ["part-00000", "part-00001", "part-00002"]
@@ -259,18 +258,18 @@ def test_skip_mode_in_a_batch_names_the_split_the_bad_record_was_in(tmp_path: Pa
         bad = "not json\n" if i == 4 else ""
         (data / f"e{i}.jsonl").write_text(f'{{"k": "a"}}\n{bad}{{"k": "b{i}"}}\n')
     out = tmp_path / "out"
-    result = kubemr("run", str(write_job(tmp_path, SKIPPING_JOB)), "-i", str(data),
-                    "--output", str(out), "--splits-per-task", "3",
-                    "--max-skipped-records", "1")
+    result = local.kubemr("run", str(local.write_job(tmp_path, SKIPPING_JOB)), "-i", str(data),
+                          "--output", str(out), "--splits-per-task", "3",
+                          "--max-skipped-records", "1")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "_SUCCESS").read_text())
     [skipped] = manifest["skipped"]
     assert (skipped["task"], skipped["input"], skipped["line"]) == (
         "map-00001", str(data / "e4.jsonl"), 2)
-    assert output_lines(out)[0] == b"a\t6"
+    assert local.output_lines(out)[0] == b"a\t6"
 
 
-LOW_LEVEL = str(ROOT / "examples" / "wordcount_lowlevel.py")
+LOW_LEVEL = str(EXAMPLES / "wordcount_lowlevel.py")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -281,16 +280,16 @@ LOW_LEVEL = str(ROOT / "examples" / "wordcount_lowlevel.py")
 ])
 def test_kubemr_run_refuses_out_of_range_batches_in_one_line(tmp_path: Path, args: list[str],
                                                              message: str) -> None:
-    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i",
-                    str(ROOT / "examples" / "data"), "--output", str(tmp_path / "out"), *args)
+    result = local.kubemr("run", str(EXAMPLES / "wordcount.py"), "-i", str(EXAMPLES / "data"),
+                          "--output", str(tmp_path / "out"), *args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"kubemr: error: {message}"]
     assert not (tmp_path / "out").exists()
 
 
 def test_a_low_level_job_refuses_batching_in_one_line(tmp_path: Path) -> None:
-    result = kubemr("run", LOW_LEVEL, "-i", str(ROOT / "examples" / "data" / "kubemr-story.txt"),
-                    "--output", str(tmp_path / "out"), "--splits-per-task", "4")
+    result = local.kubemr("run", LOW_LEVEL, "-i", str(EXAMPLES / "data" / "kubemr-story.txt"),
+                          "--output", str(tmp_path / "out"), "--splits-per-task", "4")
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("kubemr: error: spec.splitsPerTask: must be 1 when "
@@ -299,8 +298,8 @@ def test_a_low_level_job_refuses_batching_in_one_line(tmp_path: Path) -> None:
 
 
 def test_kubemr_submit_refuses_a_bad_batch_before_it_reaches_a_cluster() -> None:
-    result = kubemr("submit", "--image", "x:1", "--job", "examples.wordcount", "--input",
-                    "s3://b/in", "--output", "s3://bkt/out", "--splits-per-task", "600")
+    result = local.kubemr("submit", "--image", "x:1", "--job", "examples.wordcount", "--input",
+                          "s3://b/in", "--output", "s3://bkt/out", "--splits-per-task", "600")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "kubemr: error: spec.splitsPerTask: must be between 1 and 512, got 600"]
