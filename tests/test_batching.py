@@ -21,6 +21,7 @@ from kubemr_async import protocol, skips
 from kubemr_async.patch import apply_patch
 from kubemr_async.protocol import TaskKind
 from kubemr_async.spec import MAX_SPLITS_PER_TASK, InvalidSpec, JobSpec
+from kubemr_async.validate import check_sorted_copy
 
 from . import test_local_run as local
 from .test_local_run import _failed_run_logs
@@ -222,6 +223,23 @@ def test_a_multi_step_job_batches_every_step_s_maps(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     got = sorted(line for p in out.glob("part-*") for line in p.read_bytes().splitlines())
     assert got == three_steps_reference()[2]
+
+
+def test_a_total_order_sort_in_batches_is_globally_sorted(tmp_path: Path) -> None:
+    """The sample reads the planned splits, whatever records they are dealt into; each
+    batched map partitions every split of its batch by the same boundaries."""
+    from benchmarks.sort import ensure_sort_corpus
+
+    from .test_sort import SORT_JOB
+
+    corpus = ensure_sort_corpus(tmp_path / "data", 200_000, 3, seed=5, skew=0.0)
+    out = tmp_path / "out"
+    result = local.kubemr("run", SORT_JOB, "--input", str(corpus.directory), "--output",
+                          str(out), "--reducers", "3", "--chunk-size", "40k",
+                          "--splits-per-task", "3")
+    assert result.returncode == 0, result.stderr
+    check_sorted_copy(corpus.paths, [out / f"part-{i:05d}" for i in range(3)],
+                      layout="kubemr")
 
 
 def test_a_map_only_batch_writes_one_part_with_its_splits_in_order(tmp_path: Path) -> None:
