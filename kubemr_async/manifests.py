@@ -134,7 +134,8 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
 
 
 def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
-    """Each step's reducer count if the job module is a Pipeline found here, else ().
+    """Each step's reducer count if the job module is a Pipeline found here, else ();
+    InvalidSpec if it is a low-level job asked to batch its inputs (``splitsPerTask``).
 
     A Pipeline runs as one MapReduceJob whose operator plans each step, so the spec names
     the steps and their reducers. The image's copy of the module is the one that runs: one
@@ -149,7 +150,8 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
 
     commands = Commands(options.mapper, options.combiner, options.reducer)
     try:
-        return pipeline_reducers(options.job, options.reducers, commands)
+        return pipeline_reducers(options.job, options.reducers, commands,
+                                 options.splits_per_task)
     except JobDefinitionError:
         return ()
 

@@ -315,6 +315,15 @@ def test_a_low_level_job_refuses_batching_in_one_line(tmp_path: Path) -> None:
     assert "--splits-per-task" in line
 
 
+def test_kubemr_submit_refuses_to_batch_a_low_level_job_it_can_load() -> None:
+    result = local.kubemr("submit", "--image", "x:1", "--job", LOW_LEVEL, "--input",
+                          "s3://b/in", "--output", "s3://bkt/out", "--splits-per-task", "8")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "kubemr: error: spec.splitsPerTask: must be 1 for a low-level JobWorker job (it maps "
+        "one input per task), got 8"]
+
+
 def test_kubemr_submit_refuses_a_bad_batch_before_it_reaches_a_cluster() -> None:
     result = local.kubemr("submit", "--image", "x:1", "--job", "examples.wordcount", "--input",
                           "s3://b/in", "--output", "s3://bkt/out", "--splits-per-task", "600")
