@@ -13,12 +13,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from kubemr_async import protocol, skips
-from kubemr_async.patch import apply_patch
+from kubemr_async.patch import PatchTestFailed, apply_patch
 from kubemr_async.protocol import TaskKind
 from kubemr_async.spec import MAX_SPLITS_PER_TASK, InvalidSpec, JobSpec
 from kubemr_async.validate import check_sorted_copy
@@ -84,6 +85,18 @@ def test_a_batched_record_keeps_its_splits_through_claim_commit_and_retry() -> N
     done = apply_patch(again, protocol.commit(again, "v", {}, now=4.0).ops)
     assert protocol.task_splits(done) == splits == SPLITS[4:8]
     assert (done["state"], done["attempt"], done["failures"]) == ("committed", 2, 1)
+
+
+def test_a_backed_up_batch_commits_whole_whichever_attempt_wins() -> None:
+    body: dict = dict(maps_of(protocol.plan(spec(4), SPLITS))[0])
+    held = apply_patch(body, protocol.claim(body, "w", 1.0, 30.0, 3).ops)  # type: ignore[arg-type]
+    pair = apply_patch(held, protocol.backup(held, "b", 5.0, 30.0).ops)
+    for winner in ("w", "b"):
+        done = apply_patch(pair, protocol.commit(pair, winner, {}, now=6.0).ops)
+        assert protocol.task_splits(done) == SPLITS[:4]
+        loser = "b" if winner == "w" else "w"
+        with pytest.raises(PatchTestFailed):  # the other attempt's commit is refused
+            apply_patch(done, protocol.commit(done, loser, {}, now=7.0).ops)
 
 
 def test_the_inputs_label_names_the_first_input_and_how_many_more() -> None:
@@ -240,6 +253,36 @@ def test_a_total_order_sort_in_batches_is_globally_sorted(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     check_sorted_copy(corpus.paths, [out / f"part-{i:05d}" for i in range(3)],
                       layout="kubemr")
+
+
+PARQUET_JOB = """
+from kubemr_async import Job
+job = Job("keys")
+
+@job.map(input="parquet")
+def keys(batch, ctx):
+    ctx.emit_batch(batch.column("k"), 1)
+
+job.reduce("sum")
+"""
+
+
+def test_parquet_splits_in_batches_are_each_read_once(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    expected: Counter[str] = Counter()
+    for i in range(7):
+        keys = [f"k{(i * 3 + j) % 5}" for j in range(i + 4)]
+        expected.update(keys)
+        pq.write_table(pa.table({"k": keys}), data / f"p{i}.parquet", row_group_size=2)
+    out = tmp_path / "out"
+    result = local.kubemr("run", str(local.write_job(tmp_path, PARQUET_JOB)), "-i", str(data),
+                          "--output", str(out), "--splits-per-task", "3")
+    assert result.returncode == 0, result.stderr
+    assert local.output_lines(out) == sorted(f"{k}\t{n}".encode() for k, n in expected.items())
 
 
 def test_a_map_only_batch_writes_one_part_with_its_splits_in_order(tmp_path: Path) -> None:
