@@ -32,6 +32,15 @@ What it reports, per N:
 * wall time of planning and of the job, per task and marginal; CPU per task of the
   workers, the API server, etcd, the controller-manager (and the operator).
 
+``--splits-per-task K`` runs the same sweep on a key/value job whose inputs can be batched
+(``tests.jobs.names``: each split is a generated name the map never reads, and only
+counts), planned with ``splitsPerTask: K``: N splits in ceil(N / K) map records, so the
+coordination writes are paid per record. It needs blob storage (the reduce's part, the
+manifest), so an S3 server is started too. The report adds splits/s beside records/s,
+task writes per split and API-server CPU per split; every split must be counted exactly
+once (the stamped counter). K = 1 is the same job unbatched, the baseline to compare with.
+A 100,000-split job: ``--tasks 100000 --splits-per-task 64``.
+
 ``--tiny-job N`` instead times a tiny job's ``kubemr submit --wait`` N times (median, each
 stage's moment, the CLI's and the worker's CPU): see ``tiny_job_latency``.
 
@@ -46,6 +55,8 @@ clients, one guarded PATCH in flight each, on MapReduceTask objects nobody else 
 but the controller-manager): tasks/s of each job is reported against that rate.
 
     .venv/bin/python benchmarks/coordination.py --tasks 2000 --workers 4,16,64 --bare
+    .venv/bin/python benchmarks/coordination.py --tasks 2000 --workers 4,64 --bare \
+        --splits-per-task 16                                          # batched tiny tasks
 """
 
 from __future__ import annotations
@@ -81,12 +92,14 @@ from kubemr_async import protocol  # noqa: E402
 from kubemr_async.crd import MAPREDUCE_TASKS, ensure_crds  # noqa: E402
 from kubemr_async.inputs import plan_inputs  # noqa: E402
 from kubemr_async.kube import JSON_PATCH, Kube  # noqa: E402
-from kubemr_async.spec import JobSpec  # noqa: E402
+from kubemr_async.spec import MAX_SPLITS_PER_TASK, JobSpec  # noqa: E402
 from kubemr_async.state.kube import KubeStateStore  # noqa: E402
 
 GROUP = "kubemr.io"
 GROUP_PATH = f"/apis/{GROUP}/v1alpha1"
 JOB_MODULE = "tests.jobs.attempts"
+#: The key/value job of ``--splits-per-task`` (inputs that can be batched).
+BATCHED_MODULE = "tests.jobs.names"
 #: The output URL must pass the CRD's pattern; nothing is ever written there.
 OUTPUT = "s3://kubemr-bench/coordination"
 ETCD_LIMIT = 1536 * 1024  # etcd's default --max-request-bytes
@@ -326,6 +339,10 @@ class Run:
     reducers: int
     #: "direct" (our worker processes), "plain" (`kubemr worker`) or "operator".
     mode: str = "direct"
+    #: ``--splits-per-task``: splits per map record (``tasks`` counts records, ``splits``
+    #: the splits); 0 for the low-level job, one input per task.
+    splits_per_task: int = 0
+    splits: int = 0
     plan_seconds: float = 0.0
     plan_posts: float = 0.0
     plan_patches: float = 0.0
@@ -372,25 +389,37 @@ def task_inputs(count: int) -> list[str]:
 
 
 async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str],
-                   reducers: int, workers: int = 1) -> None:
+                   reducers: int, workers: int = 1, splits_per_task: int = 0) -> None:
     """What the operator's planning does: create job and task records (dealt into the
-    shards the operator would choose for ``workers``), then start the job."""
-    spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
-                   output=OUTPUT, split_inputs=False)
+    shards the operator would choose for ``workers``), then start the job.
+
+    ``splits_per_task``: the batched key/value job instead, its splits the generated
+    names (planned here: they name no object to list), ``splits_per_task`` per record.
+    """
+    if splits_per_task:
+        spec = JobSpec(name=name, job=BATCHED_MODULE, inputs=("generated-names",),
+                       reducers=reducers, output=OUTPUT, splits_per_task=splits_per_task)
+    else:
+        spec = JobSpec(name=name, job=JOB_MODULE, inputs=tuple(inputs), reducers=reducers,
+                       output=OUTPUT, split_inputs=False)
     shards = protocol.shard_count(workers)
     async with await Kube.connect(str(kubeconfig)) as kube:
         store = KubeStateStore(kube, namespace)
-        splits = await plan_inputs(spec)
+        splits = ([(text, None) for text in inputs] if splits_per_task
+                  else await plan_inputs(spec))
         await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec, shards=shards)),
                                   *protocol.plan(spec, splits)])
         records, _ = await store.snapshot(name)
-        await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job, len(splits)))
+        await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job,
+                                                   protocol.map_count(spec, len(splits))))
 
 
 def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: int,
             scratch: Path, *, mode: str, profile: Path | None, timeout: float,
-            say: Callable[[str], None]) -> Run:
-    run = Run(count, workers, reducers, mode)
+            say: Callable[[str], None], splits_per_task: int = 0,
+            s3_env: Mapping[str, str] | None = None) -> Run:
+    records = -(-count // splits_per_task) if splits_per_task else count
+    run = Run(records, workers, reducers, mode, splits_per_task, count)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     name = f"coord-{uuid.uuid4().hex[:6]}"  # fixed length: object sizes comparable across N
     inputs = task_inputs(count)
@@ -400,7 +429,7 @@ def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: in
     else:
         planned, status = run_with_workers(cluster, server, run, namespace, name, inputs,
                                            scratch, plain=mode == "plain", profile=profile,
-                                           timeout=timeout, say=say)
+                                           timeout=timeout, say=say, s3_env=s3_env)
     job_metrics(run, server.metrics() - planned)
     if mode == "operator":
         # The operator deletes a Succeeded job's tasks at once: only the job is left to read.
@@ -416,26 +445,30 @@ def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: in
 
 def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, name: str,
                      inputs: list[str], scratch: Path, *, plain: bool, profile: Path | None,
-                     timeout: float, say: Callable[[str], None]) -> tuple[Metrics,
-                                                                           dict[str, Any]]:
-    """Plan in this process, then run the workers as processes of our own."""
+                     timeout: float, say: Callable[[str], None],
+                     s3_env: Mapping[str, str] | None = None) -> tuple[Metrics,
+                                                                       dict[str, Any]]:
+    """Plan in this process, then run the workers as processes of our own (``s3_env``:
+    the S3 server the batched job's workers write to)."""
     count, workers, reducers = run.tasks, run.workers, run.reducers
     cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     job_path = f"{GROUP_PATH}/namespaces/{namespace}/mapreducejobs/{name}"
 
     before = server.metrics()
     started = time.monotonic()
-    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers, workers))
+    asyncio.run(plan_job(cluster.kubeconfig_path, namespace, name, inputs, reducers, workers,
+                         run.splits_per_task))
     run.plan_seconds = time.monotonic() - started
     planned = server.metrics()
     _record_planning(run, planned - before)
-    say(f"  planned {count} maps + {reducers} reduces in {run.plan_seconds:.1f}s")
+    batched = f" ({run.splits:,} splits)" if run.splits_per_task else ""
+    say(f"  planned {count} maps{batched} + {reducers} reduces in {run.plan_seconds:.1f}s")
 
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path), "KUBEMR_JOB": name,
            "KUBEMR_NAMESPACE": namespace, "PYTHONPATH": str(ROOT),
            # Never contacted (this job does no blob I/O); S3BlobStore connects lazily.
            "KUBEMR_S3_ENDPOINT": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "unused",
-           "AWS_SECRET_ACCESS_KEY": "unused", "AWS_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "unused", "AWS_REGION": "us-east-1", **(s3_env or {})}
     kubemr = Path(sys.executable).parent / "kubemr"
     procs: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
     run.other_watchers = int(planned.total("apiserver_longrunning_requests", verb="WATCH",
@@ -611,8 +644,17 @@ def check_and_measure(server: Server, run: Run, status: Mapping[str, Any], names
              if (t["status"]["state"], t["status"]["attempt"], t["status"]["failures"])
              != ("committed", 1, 0)]
     assert not wrong, f"tasks not committed on their first attempt: {wrong[:10]}"
-    merged = sorted(i for part in status["results"] for i in part.split(","))
-    assert merged == inputs, "the job's results hold every input exactly once"
+    if run.splits_per_task:
+        # The records' splits are the inputs in order, and the committed attempts counted
+        # each once (a split mapped twice, or by an attempt that did not commit, would not).
+        planned = [split for t in sorted(maps, key=lambda t: t["status"]["index"])
+                   for split, _ in protocol.task_splits(t["status"])]
+        assert planned == inputs, "the map records hold every split once, in order"
+        counted = (status.get("counters") or {}).get("bench", {}).get("splits")
+        assert counted == len(inputs), f"{counted} splits counted, not {len(inputs)}"
+    else:
+        merged = sorted(i for part in status["results"] for i in part.split(","))
+        assert merged == inputs, "the job's results hold every input exactly once"
     run.max_map_bytes = max(object_size(t) for t in maps)
     run.max_reduce_bytes = max(object_size(t) for t in reduces)
     run.map_status_bytes = max(object_size(t["status"]) for t in maps)
@@ -684,9 +726,22 @@ def table(runs: list[Run], bare: Bare | None = None) -> str:
     def apiserver_ms(r: Run) -> float:
         return 1000 * r.server_cpu.get("apiserver", 0.0) / r.tasks
 
+    batched = any(r.splits_per_task for r in runs)
     rows: list[tuple[str, Callable[[Run], str]]] = [
         ("workers", lambda r: f"{r.workers}"),
-        ("job: tasks per second", lambda r: f"{r.tasks / r.job_seconds:.1f}"),
+        *((("splits per map task (K) / splits",
+            lambda r: f"{r.splits_per_task} / {r.splits:,}" if r.splits_per_task else "-"),
+           ("job: splits per second",
+            lambda r: f"{r.splits / r.job_seconds:.1f}" if r.splits_per_task else "-"),
+           *((("job: splits/s as % of the bare PATCH/s",
+               lambda r: f"{100 * r.splits / r.job_seconds / bare.rate:.0f}%"
+               if r.splits_per_task else "-"),) if bare else ()),
+           ("workers: task PATCHes per split",
+            lambda r: f"{r.task_patches / r.splits:.4f}" if r.splits_per_task else "-"),
+           ("API server CPU ms per split",
+            lambda r: f"{1000 * r.server_cpu.get('apiserver', 0.0) / r.splits:.3f}"
+            if r.splits_per_task else "-")) if batched else ()),
+        ("job: tasks (records) per second", lambda r: f"{r.tasks / r.job_seconds:.1f}"),
         *((("job: tasks/s as % of the bare PATCH/s "
             f"({bare.rate:.0f}/s, {bare.clients} clients)",
             lambda r: f"{100 * r.tasks / r.job_seconds / bare.rate:.0f}%"),) if bare else ()),
@@ -1000,6 +1055,24 @@ def tiny_table(runs: list[TinyRun]) -> str:
     return "\n".join(lines)
 
 
+def _bench_bucket(stack: contextlib.ExitStack) -> dict[str, str]:
+    """An S3 server with OUTPUT's bucket, for the batched job's reduce part and manifest;
+    the workers' environment to reach it."""
+    import boto3
+
+    from kubemr_async.testing.s3server import S3Server
+
+    s3_server = stack.enter_context(S3Server())
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url,
+                 aws_access_key_id=s3_server.access_key,
+                 aws_secret_access_key=s3_server.secret_key,
+                 region_name=s3_server.region).create_bucket(
+        Bucket=OUTPUT.removeprefix("s3://").split("/", 1)[0])
+    return {"KUBEMR_S3_ENDPOINT": s3_server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": s3_server.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": s3_server.region}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:  # one worker process (internal; see worker_main)
@@ -1025,10 +1098,19 @@ def main(argv: list[str] | None = None) -> int:
              "deleted on success, so no per-task checks or sizes)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of each worker here")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--splits-per-task", type=int, metavar="K", default=0,
+                        help="the batched key/value job instead: each N is a number of "
+                             "splits, K per map record (1: the same job unbatched); starts "
+                             "an S3 server too (direct or plain mode)")
     parser.add_argument("--tiny-job", type=int, metavar="N", default=0,
                         help="instead: a tiny job's `kubemr submit --wait`, N times (median, "
                              "with each stage's moment)")
     args = parser.parse_args(argv)
+    if args.splits_per_task and args.mode == "operator":
+        parser.error("--splits-per-task runs in direct or plain mode (the operator would "
+                     "list the generated names as objects)")
+    if not 0 <= args.splits_per_task <= MAX_SPLITS_PER_TASK:
+        parser.error(f"--splits-per-task must be between 1 and {MAX_SPLITS_PER_TASK}")
     if args.tiny_job:
         print(tiny_table(tiny_job_latency(args.tiny_job, say=lambda text: print(
             text, file=sys.stderr, flush=True))))
@@ -1051,6 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
                 await ensure_crds(kube)
 
         asyncio.run(install())
+        s3_env = _bench_bucket(stack) if args.splits_per_task else None
         # The first custom resources after a CRD is installed cost the API server ~2 s of
         # one-time set-up; plan one throwaway job so that no figure includes it.
         cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": "bench-warmup"}})
@@ -1083,7 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{os.getloadavg()[0]:.1f}")
                 runs.append(run_job(cluster, server, count, workers, args.reducers, Path(tmp),
                                     mode=args.mode, profile=args.profile,
-                                    timeout=args.timeout, say=say))
+                                    timeout=args.timeout, say=say,
+                                    splits_per_task=args.splits_per_task, s3_env=s3_env))
                 say(table([runs[-1]], bare))  # each point as it comes: a long sweep may die
     print(table(runs, bare))
     if bare is not None:

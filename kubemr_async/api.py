@@ -39,7 +39,7 @@ import pyarrow as pa
 from . import counters, order, shuffle, skips
 from .errors import JobDefinitionError, PermanentTaskError
 from .recordio import RECORD_INPUTS
-from .spec import JobSpec
+from .spec import InvalidSpec, JobSpec
 from .storage.urls import StoreCache
 
 #: Pairs from ctx.emit collected in Python lists before they become a table the map's
@@ -693,12 +693,17 @@ def step_reducer_count(job: AnyJob, reducers: int) -> int:
     return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
 
 
-def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None
-                      ) -> tuple[int, ...]:
+def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None,
+                      splits_per_task: int = 1) -> tuple[int, ...]:
     """Each step's reducer count of a multi-step job module (``spec.stepReducers``; their
     number is ``spec.steps``), or () for a single job. Every step is checked, as by
-    `kubemr run`, so a broken pipeline fails before it is submitted."""
+    `kubemr run`, so a broken pipeline fails before it is submitted; with
+    ``splits_per_task`` above 1, also that no step is a low-level JobWorker (which gets
+    one input per map), a refusal the operator could not make without the module."""
     _, steps = load_steps(ref, reducers, commands)
+    if splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
+        raise InvalidSpec("spec.splitsPerTask", f"must be 1 for a low-level JobWorker job "
+                          f"(it maps one input per task), got {splits_per_task}")
     return tuple(step_reducer_count(step, reducers) for step in steps) if len(steps) > 1 else ()
 
 

@@ -132,6 +132,11 @@ MaxSkippedRecords = Annotated[int, typer.Option(
     help="Skip mode: each task skips up to N bad records (per-record map inputs: a call "
          "that raises, a JSONL/CSV record that does not parse) or reduce keys (a call that "
          "raises), reporting them, instead of failing. 0: off.")]
+SplitsPerTask = Annotated[int, typer.Option(
+    metavar="K",
+    help="Batch tiny tasks: each map task maps K consecutive input splits in one attempt, "
+         "so the coordination writes are paid once per K splits (many small inputs); a "
+         "retry re-maps the whole batch.")]
 
 
 #: The `kubemr run` flag behind each spec field, for errors the JobSpec raises.
@@ -140,7 +145,8 @@ _RUN_FLAGS = {"spec.mapper": "--mapper", "spec.combiner": "--combiner",
               "spec.maxAttempts": "--max-attempts",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
               "spec.outputFormat": "--format", "spec.inputs": "--input",
-              "spec.memory": "--memory", "spec.maxSkippedRecords": "--max-skipped-records"}
+              "spec.memory": "--memory", "spec.maxSkippedRecords": "--max-skipped-records",
+              "spec.splitsPerTask": "--splits-per-task"}
 
 
 @app.command()
@@ -192,6 +198,7 @@ def run(
     combiner: Combiner = None,
     reducer: Reducer = None,
     max_skipped_records: MaxSkippedRecords = 0,
+    splits_per_task: SplitsPerTask = 1,
     metrics_port: Annotated[int | None, typer.Option(
         metavar="PORT", show_default=False,
         help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
@@ -234,7 +241,8 @@ def run(
                 output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
-                metrics_port=metrics_port, timeline_page=timeline, speculative=speculative)
+                splits_per_task=splits_per_task, metrics_port=metrics_port,
+                timeline_page=timeline, speculative=speculative)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -454,7 +462,7 @@ def _read_manifest(file: str) -> dict[str, Any]:
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
               "split_inputs", "output_format", "mapper", "combiner", "reducer",
-              "max_skipped_records", "credentials_secret", "identity")
+              "max_skipped_records", "splits_per_task", "credentials_secret", "identity")
 
 
 @app.command()
@@ -508,6 +516,7 @@ def submit(
     combiner: Combiner = None,
     reducer: Reducer = None,
     max_skipped_records: MaxSkippedRecords = 0,
+    splits_per_task: SplitsPerTask = 1,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -537,7 +546,8 @@ def submit(
             max_attempts=max_attempts, args=_args(arg or []), split_inputs=split_inputs,
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
             output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
-            max_skipped_records=max_skipped_records, credentials_secret=credentials_secret,
+            max_skipped_records=max_skipped_records, splits_per_task=splits_per_task,
+            credentials_secret=credentials_secret,
             identity=_args(identity, "--identity") if identity else None))
 
     body = _guard(manifest)

@@ -159,22 +159,23 @@ def _rows(title: str, header: Sequence[str], rows: list[list[str]]) -> list[str]
 
 
 def _running(tasks: Sequence[TaskRecord], now_ms: int) -> list[str]:
-    """The running attempts, oldest first, with attempt, worker and age: the open entries
+    """The running attempts, oldest first, with attempt, worker, age and a map's input (a
+    batched map's first, and how many more splits it holds): the open entries
     of the running tasks' histories, so a task with a backup shows both of its attempts
     (a record written before histories shows its holder, age unknown)."""
-    attempts: list[tuple[int | None, str, int, str]] = []
+    attempts: list[tuple[int | None, str, int, str, str]] = []
     for task in tasks:
         if task["state"] != TaskState.RUNNING:
             continue
-        name = protocol.task_name(task)
+        name, inputs = protocol.task_name(task), protocol.inputs_label(task) or "-"
         running = [a for a in task.get("history") or [] if "outcome" not in a]
-        attempts += ([(a["start"], name, a["attempt"], a["worker"]) for a in running]
-                     or [(None, name, task["attempt"], task["worker"])])
+        attempts += ([(a["start"], name, a["attempt"], a["worker"], inputs) for a in running]
+                     or [(None, name, task["attempt"], task["worker"], inputs)])
     attempts.sort(key=lambda a: (now_ms if a[0] is None else a[0], a[1], a[2]))
     rows = [[name, str(attempt), worker,
-             "-" if start is None else human_duration((now_ms - start) / 1000)]
-            for start, name, attempt, worker in attempts]
-    return _rows("Running tasks", ["TASK", "ATTEMPT", "WORKER", "AGE"], rows)
+             "-" if start is None else human_duration((now_ms - start) / 1000), inputs]
+            for start, name, attempt, worker, inputs in attempts]
+    return _rows("Running tasks", ["TASK", "ATTEMPT", "WORKER", "AGE", "INPUT"], rows)
 
 
 def _backups(tasks: Sequence[TaskRecord]) -> list[tuple[str, str]]:

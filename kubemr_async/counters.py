@@ -128,6 +128,10 @@ class TaskCounters:
         """A framework counter of this attempt (counted by the framework, not user code)."""
         self.framework[name] = value
 
+    def add_framework(self, name: str, value: int) -> None:
+        """Add to a framework counter of this attempt (a batched map's splits, one by one)."""
+        self.framework[name] = self.framework.get(name, 0) + value
+
     def snapshot(self) -> Counters:
         """What the commit writes: the user's groups and the framework's (non-zero) ones."""
         out = {group: dict(names) for group, names in self._user.items()}

@@ -40,6 +40,7 @@ from .spec import (
     MAX_JOB_NAME,
     MAX_REDUCERS,
     MAX_SKIPPED_RECORDS_LIMIT,
+    MAX_SPLITS_PER_TASK,
     MAX_STEPS,
     MAX_WORKERS,
     MIN_CHUNK_SIZE,
@@ -172,6 +173,12 @@ def _job_spec_schema() -> dict[str, Any]:
                 doc="Skip mode: each task skips up to this many records (per-record map "
                     "inputs) or reduce keys whose call raises or that do not parse, instead "
                     "of failing; counted as kubemr/skippedRecords. Unset or 0: off."),
+            "splitsPerTask": _int(
+                1, MAX_SPLITS_PER_TASK,
+                doc="Batching tiny tasks: each map task holds up to this many consecutive "
+                    "input splits and maps them one after another in one attempt, so the "
+                    "coordination writes are paid once per batch. A retry re-maps the "
+                    "whole batch. Unset or 1: one split per map."),
             "speculative": {
                 "type": "boolean",
                 "description": "Backup tasks: an idle worker may run a second attempt of a "
@@ -216,6 +223,10 @@ def _job_spec_schema() -> dict[str, Any]:
             {"rule": "!has(self.stepReducers) || self.stepReducers[0] == self.reducers",
              "message": "spec.reducers: must equal spec.stepReducers[0]",
              "fieldPath": ".reducers"},
+            {"rule": "!has(self.splitsPerTask) || self.splitsPerTask == 1 || "
+                     "!has(self.splitInputs) || self.splitInputs",
+             "message": "spec.splitsPerTask: must be 1 when spec.splitInputs is false",
+             "fieldPath": ".splitsPerTask"},
             *({"rule": f"self.{field} == oldSelf.{field}",
                "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
               for field in ("inputs", "reducers", "output", "chunkSize", "splitInputs",
@@ -224,7 +235,8 @@ def _job_spec_schema() -> dict[str, Any]:
             *({"rule": f"has(self.{field}) == has(oldSelf.{field}) && "
                        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
                "message": f"spec.{field} is immutable", "fieldPath": f".{field}"}
-              for field in ("job", *COMMAND_FIELDS, "steps", "stepReducers")),
+              for field in ("job", *COMMAND_FIELDS, "steps", "stepReducers",
+                            "splitsPerTask")),
         ],
     }
 
@@ -531,6 +543,19 @@ def _task_status_schema() -> dict[str, Any]:
                 "items": {"type": "integer", "format": "int64"},
                 "minItems": 2,
                 "maxItems": 2,
+                "x-kubernetes-list-type": "atomic",
+            },
+            "moreSplits": {
+                "type": "array",
+                "description": "A batched map's splits after its first (input, range), in "
+                               "planning order (spec.splitsPerTask).",
+                "maxItems": MAX_SPLITS_PER_TASK - 1,
+                "items": {"type": "object", "required": ["input"], "properties": {
+                    "input": {"type": "string"},
+                    "range": {"type": "array", "items": {"type": "integer", "format": "int64"},
+                              "minItems": 2, "maxItems": 2,
+                              "x-kubernetes-list-type": "atomic"},
+                }},
                 "x-kubernetes-list-type": "atomic",
             },
             "state": {"type": "string", "enum": [s.value for s in TaskState]},

@@ -11,8 +11,9 @@ import asyncio
 import functools
 import inspect
 import types
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ParamSpec, TypeVar
 
@@ -43,6 +44,26 @@ P = ParamSpec("P")
 T = TypeVar("T")
 #: What a map task reads: a split's bytes, or (per-record inputs) a text or Parquet split.
 MapData = bytes | TextSplit | ParquetSplit
+
+
+@dataclass(frozen=True)
+class MapSplit:
+    """One split of a map attempt: its input (``ctx.input`` while it is mapped) and how
+    to fetch it. A batched map (``splitsPerTask``) has several, fetched one at a time as
+    the map reaches them, so only one split is ever held in memory."""
+
+    input: str
+    read: Callable[[], Awaitable[MapData]]
+
+    @classmethod
+    def held(cls, url: str, data: MapData) -> MapSplit:
+        """A split already in memory (a sample window, a test's bytes)."""
+        async def read() -> MapData:
+            return data
+
+        return cls(url, read)
+
+
 #: Output rows of a Python reduce collected before they are written to the part.
 _OUTPUT_ROWS = 65_536
 
@@ -86,38 +107,61 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def _run_user_map(job: Job, data: MapData, ctx: TaskContext) -> None:
-    """One map attempt's user code on one split: setup, the map (once per split, or once
-    per record), teardown; what they yield is emitted as it comes."""
+async def _read_split(job: Job, split: MapSplit, ctx: TaskContext) -> MapData:
+    """Fetch the next split of the attempt and make it ``ctx.input``; its bytes count
+    towards the attempt's map input (a ``name`` map reads nothing)."""
+    ctx.input = split.input
+    if job.map_input == "name":
+        return b""
+    data = await split.read()
+    ctx._counters.add_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
+    return data
+
+
+async def _run_user_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) -> None:
+    """One map attempt's user code on its splits: setup, the map (once per split, or once
+    per record) on each split in turn, teardown; what they yield is emitted as it comes."""
     assert job.map_fn is not None
     fn = job.map_fn
     if isinstance(fn, Shell):
-        if isinstance(data, ParquetSplit):
-            if job.map_input != "pairs":
-                raise PermanentTaskError("a shell mapper reads text lines, not a Parquet split")
-            tables = (pa.Table.from_batches([batch]) for batch in data.batches())
-            await streaming.run_mapper(fn, tables, ctx)
-            return
-        await streaming.run_mapper(fn, data.data if isinstance(data, TextSplit) else data, ctx)
+        for split in splits:
+            await _run_shell_map(job, fn, await _read_split(job, split, ctx), ctx)
         return
     await _setup(job.map_setup_fn, ctx)
     try:
-        if job.map_input not in recordio.RECORD_INPUTS:
-            await _emit_results("map", fn(_map_argument(job, data, ctx), ctx), ctx)
-        else:
-            if isinstance(data, bytes):  # a sample window, or an unsplit read
-                data = TextSplit(ctx.input, data)
-            if ctx._skips is not None and isinstance(data, TextSplit):
-                await _map_skipping(fn, job.map_input, data, ctx, ctx._skips)
-            else:
-                for record in recordio.records(job.map_input, data):
-                    result = fn(record, ctx)
-                    if result is not None:
-                        await _emit_results("map", result, ctx)
+        for split in splits:
+            await _map_split(job, fn, await _read_split(job, split, ctx), ctx)
     except Exception:
         await _teardown_after_failure(job.map_teardown_fn, ctx)
         raise
     await _teardown(job.map_teardown_fn, ctx)
+
+
+async def _run_shell_map(job: Job, fn: Shell, data: MapData, ctx: TaskContext) -> None:
+    """A shell mapper on one split: its lines, or a pairs split's batches, on stdin."""
+    if isinstance(data, ParquetSplit):
+        if job.map_input != "pairs":
+            raise PermanentTaskError("a shell mapper reads text lines, not a Parquet split")
+        tables = (pa.Table.from_batches([batch]) for batch in data.batches())
+        await streaming.run_mapper(fn, tables, ctx)
+        return
+    await streaming.run_mapper(fn, data.data if isinstance(data, TextSplit) else data, ctx)
+
+
+async def _map_split(job: Job, fn: Any, data: MapData, ctx: TaskContext) -> None:
+    """The user's map on one split: called once, or once per record."""
+    if job.map_input not in recordio.RECORD_INPUTS:
+        await _emit_results("map", fn(_map_argument(job, data, ctx), ctx), ctx)
+        return
+    if isinstance(data, bytes):  # a sample window, or an unsplit read
+        data = TextSplit(ctx.input, data)
+    if ctx._skips is not None and isinstance(data, TextSplit):
+        await _map_skipping(fn, job.map_input, data, ctx, ctx._skips)
+        return
+    for record in recordio.records(job.map_input, data):
+        result = fn(record, ctx)
+        if result is not None:
+            await _emit_results("map", result, ctx)
 
 
 async def _map_skipping(fn: Any, kind: recordio.RecordInput, data: TextSplit,
@@ -146,7 +190,9 @@ async def _map_skipping(fn: Any, kind: recordio.RecordInput, data: TextSplit,
 def _skip_map_record(data: TextSplit, number: int, pos: int, error: BaseException | str,
                      ctx: TaskContext, skipping: skips.TaskSkips) -> None:
     line = number if data.offset == 0 else None
-    skipping.skip(skips.map_place(data.offset + pos, line), error)
+    # A batched map's later splits name their own input (the record names its first).
+    other = ctx.input if ctx.input != skipping.where else None
+    skipping.skip(skips.map_place(data.offset + pos, line, other), error)
     ctx._counters.set_framework(counters.SKIPPED_RECORDS, skipping.count)
     ctx.log.warning("skipped a record at %s: %s", recordio.where(data, number, pos),
                     skips.one_line(error))
@@ -223,9 +269,9 @@ def _emit_pair(role: str, item: Any, ctx: TaskContext, *, returned: bool) -> Non
     ctx.emit(*item)
 
 
-async def _map_table(job: Job, data: MapData, ctx: TaskContext) -> shuffle.Table:
-    """Call the user's map on one split: everything it emitted, in emission order."""
-    await _run_user_map(job, data, ctx)
+async def _map_table(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) -> shuffle.Table:
+    """Call the user's map on its splits: everything it emitted, in emission order."""
+    await _run_user_map(job, splits, ctx)
     return ctx._emitted()
 
 
@@ -381,9 +427,10 @@ def _releasing_memory(
 
 
 @_releasing_memory
-async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
+async def run_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext, directory: Path,
                   budget: shuffle.ShuffleBudget) -> tuple[tuple[Path, int] | None, str | None]:
-    """Map one split into one shuffle object in ``directory``: sort and spill, then merge.
+    """Map the attempt's splits (one, or a batch's, in order) into one shuffle object in
+    ``directory``: sort and spill, then merge.
 
     Emitted pairs are buffered up to the budget's map share; a full buffer is combined,
     partitioned, sorted and spilled (``_MapSpills.spill``), and the spills merge into one
@@ -398,14 +445,20 @@ async def run_map(job: Job, data: MapData, ctx: TaskContext, directory: Path,
     if ctx._skips is not None:
         ctx._spill = _watched_spill(spills, ctx._skips)
     mapper, combiner = job.map_fn, job.map_side_combiner
-    lines = data.data if isinstance(data, TextSplit) else data
     try:
         if (isinstance(mapper, Shell) and isinstance(combiner, Shell)
-                and isinstance(lines, bytes) and ctx._skips is None):
-            await streaming.run_mapper_combined(mapper, combiner, lines, ctx,
-                                                budget.map_buffer, spills.combined)
+                and ctx._skips is None):
+            for split in splits:
+                data = await _read_split(job, split, ctx)
+                lines = data.data if isinstance(data, TextSplit) else data
+                if not isinstance(lines, bytes):
+                    await _run_shell_map(job, mapper, data, ctx)
+                    continue
+                await streaming.run_mapper_combined(mapper, combiner, lines, ctx,
+                                                    budget.map_buffer, spills.combined)
+                del data, lines
         else:
-            await _run_user_map(job, data, ctx)
+            await _run_user_map(job, splits, ctx)
     finally:
         ctx._spill = None
     spills.spill(ctx._emitted())
@@ -430,14 +483,15 @@ def _watched_spill(spills: _MapSpills,
 
 
 @_releasing_memory
-async def run_map_only(job: Job, data: MapData, ctx: TaskContext,
+async def run_map_only(job: Job, splits: Sequence[MapSplit], ctx: TaskContext,
                        output_format: PartFormat) -> bytes:
-    """Map one split of a map-only job (no reducers): its result part, in emission order.
+    """Map the attempt's splits of a map-only job (no reducers): its result part, in
+    emission order (a batch's splits in planning order).
 
     As in Hadoop, a map-only job has no shuffle, so no combiner runs and nothing is sorted;
     keys of different types in different maps are fine, as no reduce compares them.
     """
-    table = await _map_table(job, data, ctx)
+    table = await _map_table(job, splits, ctx)
     ctx._counters.set_framework(counters.MAP_OUTPUT_RECORDS, table.num_rows)
     return formats.encode(table, output_format)
 

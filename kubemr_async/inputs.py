@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import compression, recordio, shuffle
 from .errors import PermanentTaskError, UsageError
+from .protocol import Split as Split
 from .recordio import ParquetSplit, TextSplit
 from .spec import JobSpec
 from .storage.base import BlobNotFound, BlobStore
@@ -38,7 +39,6 @@ from .storage.urls import StoreCache, is_s3, split_s3
 if TYPE_CHECKING:
     from .storage.s3 import S3Config
 
-Split = tuple[str, tuple[int, int] | None]
 _WINDOW = 64 * 1024
 _GLOB_CHARS = set("*?[")
 HIDDEN_NOTE = "names starting with _ or . are skipped"

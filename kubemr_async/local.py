@@ -114,6 +114,7 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     memory: int | None = None,
                     commands: Commands | None = None,
                     max_skipped_records: int = 0,
+                    splits_per_task: int = 1,
                     metrics_port: int | None = None,
                     timeline_page: Path | None = None,
                     speculative: bool = True) -> LocalRunResult:
@@ -132,7 +133,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         max_attempts=max_attempts, lease_seconds=lease_seconds, overwrite=overwrite,
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
-        max_skipped_records=max_skipped_records, metrics_port=metrics_port,
+        max_skipped_records=max_skipped_records, splits_per_task=splits_per_task,
+        metrics_port=metrics_port,
         timeline_page=timeline_page, speculative=speculative))
 
 
@@ -141,7 +143,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                overwrite: bool, args: dict[str, str], progress: bool, verbose: bool,
                inline: bool, output_format: OutputFormat,
                memory: int | None = None, commands: Commands | None = None,
-               max_skipped_records: int = 0, metrics_port: int | None = None,
+               max_skipped_records: int = 0, splits_per_task: int = 1,
+               metrics_port: int | None = None,
                timeline_page: Path | None = None,
                speculative: bool = True) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
@@ -164,7 +167,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    else lease_seconds,
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
                    output_format=output_format, memory=memory, steps=len(steps),
-                   max_skipped_records=max_skipped_records, speculative=speculative)
+                   max_skipped_records=max_skipped_records, speculative=speculative,
+                   splits_per_task=splits_per_task)
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -267,7 +271,7 @@ class _Run:
 
     def write_timeline(self, page: Path) -> None:
         """The run's timeline page: every attempt of every step that ran."""
-        text = timeline.render(self.name, self.tasks, protocol.millis(time.time()),
+        text = timeline.render(self.name, timeline.kept(self.tasks), protocol.millis(time.time()),
                                self.outcome)
         write_page(page, text, timeline.MARKER)
 
@@ -327,8 +331,8 @@ class _Run:
                 await store.create(name, [(protocol.JOB_KEY, protocol.new_job(spec))])
                 await store.create(name, protocol.plan(spec, splits))
                 records, _ = await store.snapshot(name)
-                await store.patch(name, protocol.start_job(records[protocol.JOB_KEY].job,
-                                                           len(splits)))
+                await store.patch(name, protocol.start_job(
+                    records[protocol.JOB_KEY].job, protocol.map_count(spec, len(splits))))
                 if self.inline:
                     view = await _run_inline(store, name, job, blobs, self.verbose)
                 else:

@@ -91,6 +91,7 @@ class SubmitOptions:
     combiner: str | None = None
     reducer: str | None = None
     max_skipped_records: int = 0
+    splits_per_task: int = 1
     #: The job's own storage credentials (spec.storage): a Secret in its namespace, or
     #: workload-identity annotations for its ServiceAccount.
     credentials_secret: str | None = None
@@ -125,6 +126,7 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         output_format=options.output_format, image=options.image, workers=options.workers,
         mapper=options.mapper, combiner=options.combiner, reducer=options.reducer,
         max_skipped_records=options.max_skipped_records,
+        splits_per_task=options.splits_per_task,
         credentials_secret=options.credentials_secret, identity_annotations=options.identity,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}
@@ -132,7 +134,8 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
 
 
 def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
-    """Each step's reducer count if the job module is a Pipeline found here, else ().
+    """Each step's reducer count if the job module is a Pipeline found here, else ();
+    InvalidSpec if it is a low-level job asked to batch its inputs (``splitsPerTask``).
 
     A Pipeline runs as one MapReduceJob whose operator plans each step, so the spec names
     the steps and their reducers. The image's copy of the module is the one that runs: one
@@ -147,7 +150,8 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
 
     commands = Commands(options.mapper, options.combiner, options.reducer)
     try:
-        return pipeline_reducers(options.job, options.reducers, commands)
+        return pipeline_reducers(options.job, options.reducers, commands,
+                                 options.splits_per_task)
     except JobDefinitionError:
         return ()
 

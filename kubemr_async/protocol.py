@@ -88,6 +88,7 @@ from .records import (
     JobError,
     JobRecord,
     JobStatus,
+    MoreSplit,
     PatchOp,
     Skipped,
     TaskOutputs,
@@ -105,6 +106,9 @@ JOB_KEY = "job"
 #: committing, and a reduce checks all of them (two maps may commit at one instant).
 #: A low-level (JobWorker) map's outputs are its own ``{partition: string}``.
 SHUFFLE = "shuffle"
+#: One input split a map reads: its input (URL or string) and its byte range
+#: ``(start, end)``, or None for the whole input.
+Split = tuple[str, tuple[int, int] | None]
 SHUFFLE_SIZE = "size"
 KEY_TYPE = "keyType"
 
@@ -275,7 +279,9 @@ def job_shards(job: JobRecord) -> int:
 
 
 def new_task(kind: TaskKind, index: int, task_input: str | None = None,
-             byte_range: tuple[int, int] | None = None, step: int = 0) -> TaskRecord:
+             byte_range: tuple[int, int] | None = None, step: int = 0,
+             more: Iterable[Split] = ()) -> TaskRecord:
+    """A pending task's record; a batched map's splits after the first go in ``more``."""
     record: TaskRecord = {
         "kind": kind.value,
         "index": index,
@@ -292,7 +298,44 @@ def new_task(kind: TaskKind, index: int, task_input: str | None = None,
     }
     if step:
         record["step"] = step
+    rest = [_more_split(split) for split in more]
+    if rest:
+        record["moreSplits"] = rest
     return record
+
+
+def _more_split(split: Split) -> MoreSplit:
+    task_input, byte_range = split
+    entry = MoreSplit(input=task_input)
+    if byte_range is not None:
+        entry["range"] = list(byte_range)
+    return entry
+
+
+def _split(task_input: str | None, byte_range: list[int] | None) -> Split:
+    return task_input or "", None if byte_range is None else (int(byte_range[0]),
+                                                               int(byte_range[1]))
+
+
+def task_splits(body: TaskRecord) -> list[Split]:
+    """A map record's splits in planning order: its own ``input``/``range`` first, then
+    a batched map's ``moreSplits`` (the one place each split is written)."""
+    return [_split(body["input"], body["range"]),
+            *(_split(more["input"], more.get("range")) for more in body.get("moreSplits", ()))]
+
+
+def split_count(body: TaskRecord) -> int:
+    """How many splits a map record holds (1 unless batched)."""
+    return 1 + len(body.get("moreSplits", ()))
+
+
+def inputs_label(body: TaskRecord) -> str:
+    """A map's inputs for people: its first input, and how many more splits a batched
+    map holds (``in/f001.txt and 7 more``); "" for a reduce."""
+    if body["kind"] != TaskKind.MAP:
+        return ""
+    more = split_count(body) - 1
+    return (body["input"] or "") + (f" and {more} more" if more else "")
 
 
 def start_job(job: JobRecord, map_count: int) -> Update:
@@ -1275,17 +1318,31 @@ def retry(view: JobView) -> list[Update]:
     return updates
 
 
-def plan(spec: JobSpec,
-         map_inputs: Iterable[tuple[str, tuple[int, int] | None]]
-         ) -> list[tuple[str, TaskRecord]]:
+def plan(spec: JobSpec, map_inputs: Iterable[Split]) -> list[tuple[str, TaskRecord]]:
     """Every task record of a new job, or of step ``spec.step`` of a multi-step one: one
-    map per input split, one reduce per partition."""
+    map per ``spec.splits_per_task`` consecutive input splits (planning order; the last
+    map may hold fewer), one reduce per partition.
+
+    Why batch rather than spread records over more namespaces: a task's coordination cost
+    (claim, renewals, commit, each fanned out to the shard's watchers) is per record, so
+    a record of K splits pays it once for K splits; more namespaces would only bound the
+    objects per namespace, not the writes per split (docs/scaling.md).
+    """
     step = spec.step
-    records = [(map_key(i, step), new_task(TaskKind.MAP, i, task_input, byte_range, step))
-               for i, (task_input, byte_range) in enumerate(map_inputs)]
+    splits = list(map_inputs)
+    size = spec.splits_per_task
+    records = [(map_key(i, step), new_task(TaskKind.MAP, i, *batch[0], step=step,
+                                           more=batch[1:]))
+               for i, batch in enumerate(splits[at:at + size]
+                                         for at in range(0, len(splits), size))]
     records += [(reduce_key(r, step), new_task(TaskKind.REDUCE, r, step=step))
                 for r in range(spec.reducers)]
     return records
+
+
+def map_count(spec: JobSpec, splits: int) -> int:
+    """How many map records :func:`plan` makes of ``splits`` input splits."""
+    return -(-splits // spec.splits_per_task)
 
 
 def format_error(error: JobError | None) -> str:

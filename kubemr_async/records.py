@@ -99,6 +99,14 @@ class JobRecord(JobStatus):
     spec: JobSpecDict
 
 
+class MoreSplit(TypedDict):
+    """A batched map's split after its first (``protocol.task_splits``): its input and,
+    for a split of part of the input, the byte range ``[start, end)``."""
+
+    input: str
+    range: NotRequired[list[int]]
+
+
 class TaskRecord(TypedDict):
     """One task's record; every transition is a guarded JSON Patch of it."""
 
@@ -114,6 +122,10 @@ class TaskRecord(TypedDict):
     outputs: TaskOutputs | None
     error: str
     seq: int
+    #: A batched map (``splitsPerTask`` > 1): its splits after the first, which ``input``
+    #: and ``range`` hold (so every split is written once, and a reader of the first split
+    #: alone still names the record's start). Absent: one split.
+    moreSplits: NotRequired[list[MoreSplit]]
     #: The counters of the attempt that committed, written with the commit (only then).
     counters: NotRequired[Counters]
     #: Skip mode only: a sample of the records the committed attempt skipped.

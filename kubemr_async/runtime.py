@@ -644,9 +644,10 @@ class Worker:
         if body["kind"] == TaskKind.MAP:
             if isinstance(self.job, Job):
                 return await self._map(self.job, body, ctx)
-            if body["range"] is not None:
+            if body["range"] is not None or protocol.split_count(body) > 1:
                 raise PermanentTaskError(
-                    "a low-level JobWorker job gets its inputs verbatim: set splitInputs: false")
+                    "a low-level JobWorker job gets its inputs verbatim, one per task: set "
+                    "splitInputs: false (and splitsPerTask: 1)")
             outputs = await self.user.run(
                 execute.run_low_level_map(self.job, index, ctx.input, ctx))
             return {str(p): out for p, out in outputs.items()}
@@ -789,21 +790,19 @@ class Worker:
                 metrics.WRITTEN_BYTES.labels(sink).inc(len(data))
 
     async def _map(self, job: Job, body: TaskRecord, ctx: TaskContext) -> dict[str, str] | str:
-        data = b"" if job.map_input == "name" else await self._read_input(body, job.map_input)
-        read = recordio.split_bytes(data)
-        ctx._counters.set_framework(counters.MAP_INPUT_BYTES, read)
-        metrics.READ_BYTES.labels("input").inc(read)
+        """Map the record's splits (a batched record's one after another, each fetched
+        when the map reaches it) into this attempt's one shuffle object, or its part."""
+        splits = self._map_splits(body, job.map_input)
         if self.spec.reducers == 0:  # map-only: this map's output is result part `index`
             part = await self.user.run(
-                execute.run_map_only(job, data, ctx, self.spec.part_format))
+                execute.run_map_only(job, splits, ctx, self.spec.part_format))
             return await self._put_part(int(body["index"]), ctx.attempt, part)
         ctx.args = await self._partition_args(job)
         key: str | None = None
         size = 0
         with spill.scratch_dir(f"{ctx.task}-{ctx.attempt}") as directory:
             written, key_type = await self.user.run(
-                execute.run_map(job, data, ctx, directory, self.budget))
-            del data
+                execute.run_map(job, splits, ctx, directory, self.budget))
             if written is not None:
                 path, size = written
                 key = f"{self.prefix}/map/{body['index']:05d}/attempt-{ctx.attempt}.shuffle"
@@ -813,6 +812,21 @@ class Worker:
         if clash is not None:
             raise PermanentTaskError(clash)
         return protocol.shuffle_outputs(key, size, key_type)
+
+    def _map_splits(self, body: TaskRecord, kind: str) -> list[execute.MapSplit]:
+        """The record's splits, each read when the map (on the user loop) asks for it: the
+        read itself runs on this worker's loop, where the stores' connections live."""
+        loop = asyncio.get_running_loop()
+
+        def reader(split: Split) -> Callable[[], Awaitable[execute.MapData]]:
+            async def read() -> execute.MapData:
+                fetch = self._read_input(split, kind)
+                if asyncio.get_running_loop() is loop:  # inline: user code on this loop
+                    return await fetch
+                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fetch, loop))
+            return read
+
+        return [execute.MapSplit(split[0], reader(split)) for split in protocol.task_splits(body)]
 
     async def _partition_args(self, job: Job) -> Mapping[str, str]:
         """The maps' ctx.args, naming the partition file of a total-order job.
@@ -835,19 +849,18 @@ class Worker:
         return {**args, PARTITION_FILE_ARG: url}
 
     def _splits(self) -> list[Split]:
-        """Every map task's input and byte range, in task order: the splits it was planned on."""
-        return [(body["input"] or "", None if body["range"] is None
-                 else (int(body["range"][0]), int(body["range"][1])))
-                for body in self._view.maps]
+        """Every map task's splits, in task order: the splits it was planned on."""
+        return [split for body in self._view.maps for split in protocol.task_splits(body)]
 
-    async def _read_input(self, body: TaskRecord, kind: str) -> execute.MapData:
-        """The task's split (or, for unsplit inputs, the whole object), decompressed, as
-        a map of input ``kind`` reads it (see inputs.read_map_input)."""
-        source, key = self._stores.open(body["input"] or "")
-        byte_range = body["range"]
+    async def _read_input(self, split: Split, kind: str) -> execute.MapData:
+        """One split (or, for unsplit inputs, the whole object), decompressed, as a map of
+        input ``kind`` reads it (see inputs.read_map_input)."""
+        url, byte_range = split
+        source, key = self._stores.open(url)
         async with self._io:
-            return await read_map_input(source, key, None if byte_range is None
-                                        else (int(byte_range[0]), int(byte_range[1])), kind)
+            data = await read_map_input(source, key, byte_range, kind)
+        metrics.READ_BYTES.labels("input").inc(recordio.split_bytes(data))
+        return data
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:

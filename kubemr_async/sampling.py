@@ -46,7 +46,7 @@ import pyarrow as pa
 from . import compression, order, recordio, shuffle
 from .api import PARTITION_FILE_ARG, Job, TaskContext, TotalOrderSampling
 from .errors import JobFailed, PermanentTaskError
-from .execute import MapData
+from .execute import MapData, MapSplit
 from .execute import _map_table as map_table  # the map exactly as a map task runs it
 from .inputs import Split, read_map_input, read_split, read_split_at, text_split
 from .spec import JobSpec
@@ -105,7 +105,7 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
         ctx = TaskContext(job=job.name, task="sample", attempt=1, partitions=1, input=url,
                           stores=stores)
         try:
-            tables.append(await map_table(job, data, ctx))
+            tables.append(await map_table(job, [MapSplit.held(url, data)], ctx))
         except Exception as exc:  # the user's map: name the sampling in the job's failure
             raise SamplingFailed(_sampling_failure(exc)) from exc
     table = shuffle.concat_tables(tables)

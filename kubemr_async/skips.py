@@ -53,11 +53,14 @@ def one_line(error: BaseException | str) -> str:
     return _cut(" ".join(text.split()), MAX_ERROR_CHARS)
 
 
-def map_place(offset: int, line: int | None) -> Skipped:
-    """Where a map's record was: its byte offset in the input (and file line, if known)."""
+def map_place(offset: int, line: int | None, url: str | None = None) -> Skipped:
+    """Where a map's record was: its byte offset in the input (and file line, if known);
+    ``url`` names the input when it is not the task's first (a batched map's later split)."""
     place = Skipped(error="", offset=offset)
     if line is not None:
         place["line"] = line
+    if url is not None:
+        place["input"] = url
     return place
 
 
@@ -97,7 +100,8 @@ class TaskSkips:
         self.count += 1
         message = one_line(error)
         if self.count > self.limit:
-            at = f"{self.where} " if self.where else ""
+            where = place.get("input", self.where)
+            at = f"{where} " if where else ""
             kind = (PermanentSkipLimitExceeded
                     if isinstance(error, PermanentTaskError | str) else SkipLimitExceeded)
             raise kind(f"skip limit {self.limit} exceeded (maxSkippedRecords): record "
@@ -128,8 +132,8 @@ def job_sample(tasks: Iterable[tuple[str, str | None, list[Skipped] | None]]) ->
             if len(out) >= MAX_JOB_SAMPLE:
                 return out
             item = Skipped(**{**entry, "task": name})
-            if url and "key" not in entry:
-                item["input"] = url
+            if url and "key" not in entry and "input" not in entry:
+                item["input"] = url  # a batched map's later split names its own
             out.append(item)
     return out
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import NotRequired, TypedDict
 
-from .protocol import AttemptOutcome, TaskKind, map_key, reduce_key
+from .protocol import AttemptOutcome, TaskKind, inputs_label, map_key, reduce_key
 from .records import Attempt, TaskRecord
 
 #: What the worker that stamps a cluster job Succeeded leaves beside its ``_SUCCESS``
@@ -34,12 +34,14 @@ FILE = "_timeline.json"
 
 
 class TaskAttempts(TypedDict):
-    """The fields of a task record that a timeline draws (a TaskRecord is one)."""
+    """The fields of a task record that a timeline draws (:func:`kept` makes one)."""
 
     kind: str
     index: int
     step: NotRequired[int]
     history: NotRequired[list[Attempt]]
+    #: A map's input, and how many more splits a batched map holds (``inputs_label``).
+    inputs: NotRequired[str]
 
 
 def kept(tasks: Iterable[TaskRecord]) -> list[TaskAttempts]:
@@ -50,6 +52,8 @@ def kept(tasks: Iterable[TaskRecord]) -> list[TaskAttempts]:
                              history=body.get("history") or [])
         if body.get("step"):
             entry["step"] = body["step"]
+        if body["kind"] == TaskKind.MAP:
+            entry["inputs"] = inputs_label(body)
         result.append(entry)
     return result
 
@@ -105,6 +109,7 @@ class Bar:
     start: float
     end: float
     outcome: str  # an AttemptOutcome value, or RUNNING
+    inputs: str = ""  # a map's input, and how many more splits a batched map holds
 
     @property
     def seconds(self) -> float:
@@ -124,7 +129,7 @@ def bars(tasks: Iterable[TaskAttempts], now_ms: int) -> list[Bar]:
         drawn.append(Bar(_name(body), body["kind"], body.get("step", 0), entry["attempt"],
                          entry["worker"], (entry["start"] - origin) / 1000,
                          (max(end, entry["start"]) - origin) / 1000,
-                         entry.get("outcome", RUNNING)))
+                         entry.get("outcome", RUNNING), body.get("inputs", "")))
     return sorted(drawn, key=lambda b: (b.start, b.task, b.attempt))
 
 
@@ -249,7 +254,8 @@ def render(job: str, tasks: Iterable[TaskAttempts], now_ms: int, subtitle: str =
                  else LABELS[b.outcome])
         title = (f"{step}{b.task} attempt {b.attempt} on {b.worker}: {_seconds(b.start)} to "
                  f"{_seconds(b.end)} ({_seconds(b.seconds)}), {label}"
-                 + (f"; slowest #{rank}" if rank else ""))
+                 + (f"; slowest #{rank}" if rank else "")
+                 + (f"; input {b.inputs}" if b.inputs else ""))
         left = x(b.start)
         width = max(x(b.end) - left, MIN_BAR)
         y = rows[b.worker]

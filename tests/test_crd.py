@@ -22,7 +22,7 @@ from kubemr_async.counters import MAX_COUNTERS
 from kubemr_async.crd import GROUP, JOB_PLURAL, TASK_PLURAL, VERSION, ensure_crds, manifests
 from kubemr_async.kube import Kube
 from kubemr_async.protocol import JobPhase
-from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS
+from kubemr_async.spec import DEFAULT_CHUNK_SIZE, MAX_REDUCERS, MAX_SPLITS_PER_TASK
 from kubemr_async.testing.cluster import ApiError, TestCluster
 
 JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{JOB_PLURAL}"
@@ -59,6 +59,8 @@ def test_schema_uses_the_spec_limits() -> None:
     spec = crd.job_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
     props = spec["spec"]["properties"]
     assert props["reducers"]["maximum"] == MAX_REDUCERS
+    assert (props["splitsPerTask"]["minimum"], props["splitsPerTask"]["maximum"]) == (
+        1, MAX_SPLITS_PER_TASK)
     assert props["chunkSize"]["default"] == DEFAULT_CHUNK_SIZE
     assert set(spec["spec"]["required"]) == {"image", "inputs", "output"}
     rules = [rule["rule"] for rule in spec["spec"]["x-kubernetes-validations"]]
@@ -141,6 +143,12 @@ INVALID_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("non-string arg", _set("args", {"lang": 1}), "spec.args.lang"),
     ("negative ttl", _set("ttlSecondsAfterFinished", -1), "spec.ttlSecondsAfterFinished"),
     ("zero steps", _set("steps", 0), "spec.steps"),
+    ("zero splitsPerTask", _set("splitsPerTask", 0), "spec.splitsPerTask"),
+    ("too many splitsPerTask", _set("splitsPerTask", MAX_SPLITS_PER_TASK + 1),
+     "spec.splitsPerTask"),
+    ("splitsPerTask with unsplit inputs",
+     lambda spec: spec.update(splitsPerTask=8, splitInputs=False),
+     "spec.splitsPerTask: must be 1 when spec.splitInputs is false"),
     ("stepReducers not one per step", lambda spec: spec.update(steps=3, stepReducers=[1, 1]),
      "spec.stepReducers: must give one count per step"),
     ("stepReducers[0] is not reducers", lambda spec: spec.update(steps=2, stepReducers=[4, 1]),

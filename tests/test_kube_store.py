@@ -35,7 +35,7 @@ from kubemr_async.errors import CounterError, UsageError
 from kubemr_async.kube import KubeApiError
 from kubemr_async.protocol import Update
 from kubemr_async.records import Skipped
-from kubemr_async.spec import JobSpec
+from kubemr_async.spec import MAX_SPLITS_PER_TASK, JobSpec
 from kubemr_async.state.base import JobNotFound, WatchEvent
 from kubemr_async.state.kube import (
     ANNOTATION_OUTPUT_DEFAULTED,
@@ -378,6 +378,35 @@ async def test_task_object_size_does_not_grow_with_the_job(
         # Equal up to the digits of resourceVersion/timestamps, never ~100x like the
         # original's single object.
         assert abs(sizes["sz-small"] - sizes["sz-large"]) <= 16, sizes
+
+
+@kube
+async def test_a_batched_task_object_at_the_cap_stays_far_below_etcd_s_limit(
+        kube_cluster: TestCluster) -> None:
+    """splitsPerTask at its cap, every split's URL as long as S3 allows (a 63-character
+    bucket, a 1,024-byte key): the record is written, claimed and committed, and stays
+    under 600 KB (etcd refuses requests over 1.5 MiB)."""
+    bucket = "b" * 63
+    splits = [(f"s3://{bucket}/" + f"{i:04d}-".ljust(1024, "k"), (0, 1 << 40))
+              for i in range(MAX_SPLITS_PER_TASK)]
+    spec = JobSpec(name="sz-batch", job="job.py", inputs=("s3://data/in",),
+                   output="s3://results/out", splits_per_task=MAX_SPLITS_PER_TASK)
+    async with kube_backend(kube_cluster) as factory:
+        store = await open_store(factory)
+        await store.create("sz-batch", [(protocol.JOB_KEY, protocol.new_job(spec)),
+                                        *protocol.plan(spec, splits)])
+        body = (await store.snapshot("sz-batch"))[0]["map-00000"].body
+        assert protocol.task_splits(body) == splits
+        held = await store.patch("sz-batch", protocol.claim(body, "worker-1", 1.0, 30.0, 3))
+        assert held is not None
+        outputs = protocol.shuffle_outputs("results/sz-batch/map/00000/attempt-1.shuffle",
+                                           1 << 30, "bytes")
+        assert await store.patch("sz-batch", protocol.commit(held.body, "worker-1", outputs,
+                                                             now=2.0))
+        size = _object_bytes(kube_cluster, await store.task_namespace("sz-batch"),
+                             "sz-batch-map-00000")
+        print(f"\nbatched map task object at the cap: {size} bytes")
+        assert size < 600_000, size
 
 
 @kube

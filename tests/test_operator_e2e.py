@@ -421,3 +421,39 @@ async def test_concurrent_reconciles_are_idempotent(kube_cluster: TestCluster,
     workers = kube_cluster.api("GET", f"/apis/batch/v1/namespaces/{kube_namespace}/jobs"
                                f"?labelSelector=kubemr.io/job%3D{name}")["items"]
     assert len(workers) <= 1
+
+
+def test_batched_map_tasks_run_exactly_once_on_the_cluster(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        tmp_path: Path) -> None:
+    """splitsPerTask through the operator: 20 small files in ceil(20 / 8) = 3 map records;
+    the second record fails on its sixth split on attempt 1 and is re-mapped whole; the
+    result is a Counter's and every input byte is counted once."""
+    files = {f"batch/f{i:03d}.txt": (" ".join(f"w{(i * 5 + j) % 11}" for j in range(i % 4 + 2))
+                                     + f"\nonly{i}\n").encode() for i in range(20)}
+    for key, body in files.items():
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    log = tmp_path / "failed-attempts.log"
+    manifest = echo_job("batched", [f"s3://{BUCKET}/batch/"], splitInputs=True, workers=2,
+                        reducers=2, splitsPerTask=8, args={"fail": "f013.txt", "log": str(log)})
+    manifest["spec"]["job"] = "tests.jobs.batched"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["maps"] == 3
+    assert log.read_text().split()[:2] == ["map-00001", "1"], "the chosen attempt did fail"
+    counts: Counter[bytes] = Counter()
+    for body in files.values():
+        counts.update(body.split())
+    assert result_lines(s3, status["results"]) == sorted(
+        w + b"\t" + str(n).encode() for w, n in counts.items())
+    assert status["counters"]["kubemr"]["mapInputBytes"] == sum(map(len, files.values()))
+    assert status["counters"]["text"]["splits"] == 20
+    planned = [e["message"] for e in events_for(kube_cluster, kube_namespace, name)
+               if e["reason"] == "Planned"]
+    assert planned == ["3 map and 2 reduce tasks created"]
+    kept = json.loads(s3.get_object(Bucket=BUCKET, Key=f"echo/{kube_namespace}/{name}/"
+                                    "_timeline.json")["Body"].read())
+    assert [t["inputs"] for t in kept if t["kind"] == "map"] == [
+        f"s3://{BUCKET}/batch/f{first:03d}.txt and {more} more"
+        for first, more in ((0, 7), (8, 7), (16, 3))]

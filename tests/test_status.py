@@ -49,8 +49,8 @@ def test_status_shows_rates_eta_running_tasks_failures_and_counters_so_far() -> 
     assert "Reduces:    0/2" in lines
     start = lines.index("Running tasks:")
     assert [line.split() for line in lines[start + 1:start + 4]] == [
-        ["TASK", "ATTEMPT", "WORKER", "AGE"], ["map-00002", "2", "pod-abc", "7s"],
-        ["map-00003", "1", "w1", "1s"]]
+        ["TASK", "ATTEMPT", "WORKER", "AGE", "INPUT"],
+        ["map-00002", "2", "pod-abc", "7s", "in-2"], ["map-00003", "1", "w1", "1s", "in-3"]]
     start = lines.index("Failures:")
     assert lines[start + 1].split() == ["TASK", "STATE", "FAILED", "LAST", "ERROR"]
     assert lines[start + 2].split(None, 3) == ["map-00002", "running", "1",

@@ -176,7 +176,8 @@ def test_a_combiner_s_output_is_sorted_unless_it_is_in_key_order_already(
     job.reduce(Shell("cat"))
     ctx = TaskContext(job="combined", task="map-00000", attempt=1, partitions=2)
     data = b"".join(b"k%02d\t%d\n" % (i % 13, i) for i in range(100))
-    written, kind = asyncio.run(execute.run_map(job, data, ctx, tmp_path,
+    written, kind = asyncio.run(execute.run_map(job, [execute.MapSplit.held("", data)], ctx,
+                                                tmp_path,
                                                 shuffle.ShuffleBudget(64 << 20)))
     assert written is not None and kind == "str"
     parts = [[row for block in spill.read_blocks(piece)

@@ -197,9 +197,10 @@ class Reconciler:
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job
         if job["phase"] == JobPhase.PENDING:
-            await store.patch(name, protocol.start_job(job, len(splits)))
+            maps = protocol.map_count(spec, len(splits))
+            await store.patch(name, protocol.start_job(job, maps))
             await self.event(mrj["metadata"], "Planned",
-                             f"{len(splits)} map and {spec.reducers} reduce tasks created")
+                             f"{maps} map and {spec.reducers} reduce tasks created")
         return True
 
     async def _ensure_task_namespace(self, mrj: KubeObject) -> str:
@@ -236,9 +237,10 @@ class Reconciler:
             await self._fail(mrj, store, f"planning {label}: {exc}", storage.secrets)
             return
         await store.create(name, protocol.plan(step_spec, splits))
-        if await store.patch(name, protocol.advance(view.job, len(splits))) is not None:
+        maps = protocol.map_count(step_spec, len(splits))
+        if await store.patch(name, protocol.advance(view.job, maps)) is not None:
             await self.event(mrj["metadata"], "Advanced",
-                             f"{label}: {len(splits)} map and {step_spec.reducers} reduce "
+                             f"{label}: {maps} map and {step_spec.reducers} reduce "
                              "tasks created")
         await self._drop_step_data(spec, namespace, name, done, storage)
 
