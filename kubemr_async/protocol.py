@@ -932,10 +932,21 @@ class JobView:
             start = started if ran and started is not None else seen
             if start is not None:
                 self._started[key] = start
-        elif (body["state"] == TaskState.COMMITTED and started is not None
-              and seen is not None):
-            median = self._durations.setdefault((task_step(body), body["kind"]), _Median())
-            median.add(seen - started)
+        elif body["state"] == TaskState.COMMITTED:
+            if started is not None and seen is not None:
+                ran_for: float | None = seen - started
+            elif old is None or old["state"] != TaskState.COMMITTED:
+                # Committed before this observer watched it (a worker that started late
+                # reads the stage half done): the winning attempt's own duration, start
+                # and end both on its worker's clock, so clock skew cancels out. Without
+                # it a late starter never knows enough durations to back anything up.
+                ran_for = _committed_seconds(body)
+            else:
+                ran_for = None
+            if ran_for is not None:
+                median = self._durations.setdefault((task_step(body), body["kind"]),
+                                                    _Median())
+                median.add(ran_for)
 
     def follows(self, key: str) -> bool:
         """Whether the observer follows record ``key`` live (else it only polls it)."""
@@ -1133,7 +1144,8 @@ class JobView:
 
         Only when the current stage has nothing left to claim (no pending task, no lapsed
         lease: those come first), the job's ``speculative`` is on, and at least
-        BACKUP_MIN_COMMITTED of the stage's tasks committed while this observer watched:
+        BACKUP_MIN_COMMITTED of the stage's tasks committed with a known duration (watched
+        by this observer, or from the committed attempt's history):
         a task of that stage that has run longer than max(BACKUP_FACTOR x their median
         duration, BACKUP_FLOOR) on this observer's clock, not held by ``worker`` and
         without a backup yet. The longest-running one first.
@@ -1343,6 +1355,15 @@ def plan(spec: JobSpec, map_inputs: Iterable[Split]) -> list[tuple[str, TaskReco
 def map_count(spec: JobSpec, splits: int) -> int:
     """How many map records :func:`plan` makes of ``splits`` input splits."""
     return -(-splits // spec.splits_per_task)
+
+
+def _committed_seconds(body: TaskRecord) -> float | None:
+    """How long the committed attempt of ``body`` ran, from its history entry (start and
+    end written by the one worker that claimed and committed it), or None if unknown."""
+    for entry in body.get("history") or []:
+        if entry.get("outcome") == AttemptOutcome.COMMITTED and "end" in entry:
+            return max(entry["end"] - entry["start"], 0) / 1000
+    return None
 
 
 def format_error(error: JobError | None) -> str:

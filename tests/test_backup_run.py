@@ -109,7 +109,8 @@ def test_the_timeline_shows_both_attempts_of_the_backup_pair(won_by_backup: Run)
     _, seen, out, _ = won_by_backup
     html = (out.parent / "timeline.html").read_text()
     bars = re.findall(r'<g class="bar" data-outcome="([^"]+)"><title>(\S+) attempt (\d+) on '
-                      r'([^:<]+): [^<]*?, ([^<;]+?)(?:; slowest #\d)?</title>', html)
+                      r'([^:<]+): [^<]*?, ([^<;]+?)(?:; slowest #\d)?(?:; input [^<]+)?</title>',
+                      html)
     attempts: dict[str, dict[int, tuple[str, str, str]]] = {}
     for outcome, task, attempt, worker, label in bars:
         attempts.setdefault(task, {})[int(attempt)] = (outcome, worker, label)

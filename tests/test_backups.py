@@ -238,6 +238,24 @@ def straggling(maps: int = 6, committed: int = BACKUP_MIN_COMMITTED,
     return records, view
 
 
+def test_a_worker_that_starts_late_times_the_stage_from_the_attempts_histories() -> None:
+    """Three maps committed before this observer read the job (a worker that started
+    late): their durations come from their committed attempts' histories (NOW - 0 s on
+    each writer's clock), so the straggler still gets its backup."""
+    records = new_records(maps=4)
+    for i in range(4):
+        key = protocol.map_key(i)
+        body = write(records, protocol.claim(records[key], f"w{i}", 0.0, LEASE, 3))
+        assert body is not None
+        if i < BACKUP_MIN_COMMITTED:
+            assert write(records, protocol.commit(body, f"w{i}", f"out-{i}", now=NOW))
+    view = JobView(records, seen=100.0)  # everything first seen at 100 s, observer clock
+    threshold = max(protocol.BACKUP_FACTOR * NOW, BACKUP_FLOOR)
+    assert view.backup_candidate("late", 100.0 + threshold - 0.1) is None
+    picked = view.backup_candidate("late", 100.0 + threshold + 0.1)
+    assert picked is not None and protocol.task_name(picked) == "map-00003"
+
+
 def test_a_task_running_across_an_outage_is_timed_from_its_end() -> None:
     """The observer could not see (its store was out of reach): the running task's time
     is counted afresh, so the outage alone makes no straggler of it."""

@@ -476,11 +476,13 @@ def test_status_and_timeline_of_a_straggler_job(cli: Cli, kube_cluster: TestClus
     def straggling() -> str | None:
         text = ok(cli("status", name))
         alone = re.search(r"^Maps: +7/8   1 running   [0-9.]+/s   ETA \S+$", text, re.M)
-        backed_up = re.search(r"^  map-00003 +2 +straggler-\S+ +\d+[sm]\S*$", text, re.M)
+        backed_up = re.search(r"^  map-00003 +2 +straggler-\S+ +\d+[sm]\S* +f3\.txt$",
+                              text, re.M)
         return text if alone and backed_up else None
 
     described = wait_for("the straggler to run with its backup", straggling, timeout=300)
-    assert re.search(r"^  map-00003 +1 +straggler-\S+ +\d+[sm]\S*$", described, re.M), described
+    assert re.search(r"^  map-00003 +1 +straggler-\S+ +\d+[sm]\S* +f3\.txt$", described,
+                     re.M), described
     assert re.search(r"^Backups: +1 launched, 0 won$", described, re.M), described
     assert re.search(r"^  map-00005 +committed +1 +RuntimeError: the first attempt of f5's map "
                      r"fails \(at \S+straggler\.py:\d+\)$", described, re.M), described
