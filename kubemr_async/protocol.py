@@ -273,7 +273,6 @@ def worker_shard(worker: str, ordinal: int | None, shards: int) -> int:
 
 
 def job_shards(job: JobRecord) -> int:
-
     """How many shards the job's tasks are dealt into (1: one, every worker sees all)."""
     return int(job.get("shards", 1))
 
