@@ -820,6 +820,8 @@ class JobView:
         # durations of the committed tasks it saw run, by step and kind.
         self._started: dict[str, float] = {}
         self._durations: dict[tuple[int, str], _Median] = {}
+        # Running tasks not heard of since this observer's outage (restart_observation).
+        self._unheard: set[str] = set()
         self._backups = self._backups_won = 0
         for key, body in (records or {}).items():
             self.update(key, body, seen)
@@ -925,6 +927,8 @@ class JobView:
             self._backups_won -= bool(old.get("backupWon"))
         self._backups += body.get("backups", 0)
         self._backups_won += bool(body.get("backupWon"))
+        if old is None or old["seq"] != body["seq"]:  # news, not a re-listing
+            self._unheard.discard(key)
         started = self._started.pop(key, None)
         if body["state"] == TaskState.RUNNING:
             ran = old is not None and old["state"] == TaskState.RUNNING
@@ -1104,11 +1108,16 @@ class JobView:
         observer that has just started watching would: for when this observer could not
         see for a while (its store was out of reach), so a record that did not change then
         proves nothing, and a task whose writes the outage held up is no straggler (its
-        backup would be an attempt wasted on every task that was running then)."""
+        backup would be an attempt wasted on every task that was running then).
+
+        Nor is one backed up before its record changes again: its holder retries with a
+        backoff (up to seconds after the store is back), so until it is heard of, it may
+        be about to commit, or dead, which its lease decides (a takeover, not a backup)."""
         for key in self._running:
             self._seen[key] = now
             if key in self._started:
                 self._started[key] = now
+                self._unheard.add(key)
 
     def _straggler_after(self, stage: TaskKind) -> float | None:
         """How long a task of ``stage`` (current step) may run before it is a straggler,
@@ -1134,7 +1143,8 @@ class JobView:
             return None
         return after, [(self._started[k], k) for k, b in self._running.items()
                        if b["kind"] == stage and task_step(b) == self.step
-                       and k in self._started and not b.get("twin")
+                       and k in self._started and k not in self._unheard
+                       and not b.get("twin")
                        and b["worker"] not in ("", worker)]
 
     def backup_candidate(self, worker: str, now: float) -> TaskRecord | None:

@@ -258,10 +258,19 @@ def test_a_worker_that_starts_late_times_the_stage_from_the_attempts_histories()
 
 def test_a_task_running_across_an_outage_is_timed_from_its_end() -> None:
     """The observer could not see (its store was out of reach): the running task's time
-    is counted afresh, so the outage alone makes no straggler of it."""
-    _, view = straggling(maps=4)  # three committed after 2 s; map-00003 runs on
+    is counted afresh, so the outage alone makes no straggler of it; nor is it backed up
+    until its holder is heard of again (it may be waiting out a retry's backoff with its
+    commit in hand), however long that takes: its lease decides if it never is."""
+    records, view = straggling(maps=4)  # three committed after 2 s; map-00003 runs on
     threshold = max(protocol.BACKUP_FACTOR * 2.0, BACKUP_FLOOR)
     view.restart_observation(60.0)  # back after a minute of outage
+    assert view.backup_candidate("idle", 60.0 + threshold + 5.0) is None
+    assert view.next_backup_at("idle") is None
+    view.update("map-00003", records["map-00003"], seen=61.0)  # a re-listing: no news
+    assert view.backup_candidate("idle", 60.0 + threshold + 5.0) is None
+    renewed = write(records, protocol.renew(records["map-00003"], "w3", 61.0, LEASE))
+    assert renewed is not None
+    view.update("map-00003", renewed, seen=61.0)  # its holder renews: alive, and slow
     assert view.backup_candidate("idle", 60.0 + threshold - 0.1) is None
     assert view.next_backup_at("idle") == pytest.approx(60.0 + threshold)
     picked = view.backup_candidate("idle", 60.0 + threshold + 0.1)
