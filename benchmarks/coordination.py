@@ -217,8 +217,12 @@ def object_size(obj: Mapping[str, Any]) -> int:
 # --- one worker process ----------------------------------------------------------------
 
 
-def worker_main(out: Path, profile: Path | None) -> int:
-    """``run_pod_worker`` with counting: the entrypoint of each benchmark worker process."""
+def worker_main(out: Path, profile: Path | None, first: int = 0, count: int = 1) -> int:
+    """``run_pod_worker`` with counting: the entrypoint of each benchmark worker process.
+
+    ``count`` workers (ordinals ``first``...) share the process, each with its own store,
+    connection, watch and claim loop, as so many pods would (see --workers-per-process);
+    ``out`` gets one figures object per worker."""
     from kubemr_async import logs, pod
     from kubemr_async.runtime import Worker
     from kubemr_async.state.base import WatchEvent
@@ -250,23 +254,30 @@ def worker_main(out: Path, profile: Path | None) -> int:
     pod.KubeStateStore = CountingStore  # type: ignore[attr-defined]
     pod.Worker = CountingWorker  # type: ignore[attr-defined]
     started = time.monotonic()
+
+    async def hosted() -> int:
+        envs = [{**os.environ, "KUBEMR_WORKER_ID": f"bench-w{i}",
+                 "JOB_COMPLETION_INDEX": str(i)} for i in range(first, first + count)]
+        codes = await asyncio.gather(*(pod.run_pod_worker(env) for env in envs))
+        return max(codes)
+
     if profile is not None:
         import cProfile
 
         profiler = cProfile.Profile()
-        code = profiler.runcall(asyncio.run, pod.run_pod_worker())
+        code = profiler.runcall(asyncio.run, hosted())
         profiler.dump_stats(profile)
     else:
-        code = asyncio.run(pod.run_pod_worker())
+        code = asyncio.run(hosted())
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    store = stores[0]
-    out.write_text(json.dumps({
+    cpu = (usage.ru_utime + usage.ru_stime) / max(len(stores), 1)  # the process's, shared
+    out.write_text(json.dumps([{
         **asdict(store.stats),
         "watch_events": store.watch_events,
-        "tasks_done": workers[0].tasks_done if workers else 0,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "tasks_done": worker.tasks_done,
+        "cpu_seconds": cpu,
         "wall_seconds": time.monotonic() - started,
-    }))
+    } for store, worker in zip(stores, workers, strict=False)]))
     return code
 
 
@@ -343,6 +354,10 @@ class Run:
     #: the splits); 0 for the low-level job, one input per task.
     splits_per_task: int = 0
     splits: int = 0
+    #: Tasks whose committed attempt was not their first (backups, takeovers).
+    retried: int = 0
+    #: ``--workers-per-process``: workers hosted by each worker process (direct mode).
+    workers_per_process: int = 1
     plan_seconds: float = 0.0
     plan_posts: float = 0.0
     plan_patches: float = 0.0
@@ -417,9 +432,10 @@ async def plan_job(kubeconfig: Path, namespace: str, name: str, inputs: list[str
 def run_job(cluster: Any, server: Server, count: int, workers: int, reducers: int,
             scratch: Path, *, mode: str, profile: Path | None, timeout: float,
             say: Callable[[str], None], splits_per_task: int = 0,
-            s3_env: Mapping[str, str] | None = None) -> Run:
+            s3_env: Mapping[str, str] | None = None, workers_per_process: int = 1) -> Run:
     records = -(-count // splits_per_task) if splits_per_task else count
-    run = Run(records, workers, reducers, mode, splits_per_task, count)
+    run = Run(records, workers, reducers, mode, splits_per_task, count,
+              workers_per_process=min(workers_per_process, workers))
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     name = f"coord-{uuid.uuid4().hex[:6]}"  # fixed length: object sizes comparable across N
     inputs = task_inputs(count)
@@ -476,10 +492,12 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
     cpu_before = server_cpu(cluster.root)
     children_before = _children_cpu()
     started = time.monotonic()
-    for i in range(workers):
+    hosted = 1 if plain else run.workers_per_process
+    for i in range(0, workers, hosted):
         stats, log = scratch / f"{name}-w{i}.json", scratch / f"{name}-w{i}.log"
         argv = [str(kubemr), "worker"] if plain else [
             sys.executable, str(Path(__file__).resolve()), "_worker", "--out", str(stats),
+            "--first", str(i), "--count", str(min(hosted, workers - i)),
             *(["--profile", str(profile / f"{name}-n{count}-w{i}.prof")] if profile else [])]
         with log.open("wb") as out:
             # JOB_COMPLETION_INDEX: as the operator's Indexed Job gives each worker pod.
@@ -510,8 +528,9 @@ def run_with_workers(cluster: Any, server: Server, run: Run, namespace: str, nam
             if not stats.exists():  # the worker failed after the verdict: say why, go on
                 say(f"  worker exited {proc.returncode} without its figures:\n"
                     f"{log.read_text(errors='replace')[-2000:]}")
-        run.per_worker = [json.loads(stats.read_text()) if stats.exists() else {}
-                          for _, stats, _ in procs]
+        run.per_worker = [figures for _, stats, _ in procs
+                          for figures in (json.loads(stats.read_text()) if stats.exists()
+                                          else [{}])]
     return planned, status
 
 
@@ -641,9 +660,11 @@ def check_and_measure(server: Server, run: Run, status: Mapping[str, Any], names
     reduces = [t for t in items if t["status"]["kind"] == "reduce"]
     assert len(maps) == run.tasks and len(reduces) == run.reducers, (len(maps), len(reduces))
     wrong = [t["metadata"]["name"] for t in items
-             if (t["status"]["state"], t["status"]["attempt"], t["status"]["failures"])
-             != ("committed", 1, 0)]
-    assert not wrong, f"tasks not committed on their first attempt: {wrong[:10]}"
+             if (t["status"]["state"], t["status"]["failures"]) != ("committed", 0)]
+    assert not wrong, f"tasks not committed, or failed on the way: {wrong[:10]}"
+    # A second attempt is a backup of a straggler (or a takeover): the output is still
+    # one attempt's, which the results check below proves; say how many there were.
+    run.retried = sum(1 for t in items if t["status"]["attempt"] > 1)
     if run.splits_per_task:
         # The records' splits are the inputs in order, and the committed attempts counted
         # each once (a split mapped twice, or by an attempt that did not commit, would not).
@@ -728,7 +749,9 @@ def table(runs: list[Run], bare: Bare | None = None) -> str:
 
     batched = any(r.splits_per_task for r in runs)
     rows: list[tuple[str, Callable[[Run], str]]] = [
-        ("workers", lambda r: f"{r.workers}"),
+        ("workers", lambda r: f"{r.workers}" + (f" ({r.workers_per_process} per process)"
+                                                 if r.workers_per_process > 1 else "")),
+        ("tasks committed by a later attempt (backups, takeovers)", lambda r: f"{r.retried}"),
         *((("splits per map task (K) / splits",
             lambda r: f"{r.splits_per_task} / {r.splits:,}" if r.splits_per_task else "-"),
            ("job: splits per second",
@@ -1079,8 +1102,10 @@ def main(argv: list[str] | None = None) -> int:
         child = argparse.ArgumentParser(prog="coordination.py _worker")
         child.add_argument("--out", type=Path, required=True)
         child.add_argument("--profile", type=Path)
+        child.add_argument("--first", type=int, default=0)
+        child.add_argument("--count", type=int, default=1)
         options = child.parse_args(argv[1:])
-        return worker_main(options.out, options.profile)
+        return worker_main(options.out, options.profile, options.first, options.count)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tasks", default="10,1000,10000",
                         help="comma-separated map task counts (default 10,1000,10000)")
@@ -1088,6 +1113,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated worker counts: each N runs with each (a sweep)")
     parser.add_argument("--bare", action="store_true",
                         help="first measure the bare guarded-PATCH rate (4 clients, 20 s)")
+    parser.add_argument("--workers-per-process", type=int, metavar="P", default=1,
+                        help="direct mode: P workers share each process (each its own "
+                             "store, connection, watch and claims, as P pods would), so "
+                             "that 64 workers on a small machine do not pay 64 interpreters' "
+                             "start-up (~0.9 s of CPU each) inside the job's time")
     parser.add_argument("--reducers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
     parser.add_argument(
@@ -1167,7 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_job(cluster, server, count, workers, args.reducers, Path(tmp),
                                     mode=args.mode, profile=args.profile,
                                     timeout=args.timeout, say=say,
-                                    splits_per_task=args.splits_per_task, s3_env=s3_env))
+                                    splits_per_task=args.splits_per_task, s3_env=s3_env,
+                                    workers_per_process=args.workers_per_process))
                 say(table([runs[-1]], bare))  # each point as it comes: a long sweep may die
     print(table(runs, bare))
     if bare is not None:
@@ -1182,7 +1213,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "runs": [asdict(r) for r in runs]}, indent=2))
     limit_ok = all(max(r.max_map_bytes, r.max_reduce_bytes, r.job_bytes) < ETCD_LIMIT / 4
                    for r in runs)
-    flat = args.mode == "operator" or len({r.probe_map_status_bytes for r in runs}) == 1
+    # Per worker count: a longer worker id ("bench-w63") is a longer record, not growth.
+    flat = args.mode == "operator" or all(
+        len({r.probe_map_status_bytes for r in runs if r.workers == w}) == 1
+        for w in {r.workers for r in runs})
     print(f"\nobjects far below etcd's 1.5 MiB: {limit_ok}; map task record size flat in N: "
           f"{flat}")
     return 0 if limit_ok and flat else 1

@@ -144,8 +144,10 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
     """
     if not options.job or not module_found(options.job):
         return ()
+    if options.splits_per_task == 1 and not _may_be_pipeline(options.job):
+        return ()
     # Imported only now: it brings pyarrow and numpy (~0.3 s), which a submit of a module
-    # that lives only in the image never needs.
+    # that lives only in the image, or of a plain job, never needs.
     from .api import Commands, pipeline_reducers
 
     commands = Commands(options.mapper, options.combiner, options.reducer)
@@ -154,6 +156,29 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
                                  options.splits_per_task)
     except JobDefinitionError:
         return ()
+
+
+def _may_be_pipeline(ref: str) -> bool:
+    """Whether job module ``ref`` may define a Pipeline: its source mentions one (any
+    case: ``Pipeline(...)``, a ``make_pipeline()`` helper), or it has no source to read.
+
+    Importing a module costs ~0.2 s (the job API brings pyarrow and numpy), most of a
+    `kubemr submit` of a plain job, which has nothing for submit to fill in. A module that
+    gets its pipeline without naming one fails on the workers in one line saying to give
+    ``spec.steps``; naming it in a comment is enough to have submit fill it in."""
+    target = ref if ref.endswith(".py") else ref.partition(":")[0]
+    try:
+        if target.endswith(".py") or "/" in target:
+            source = Path(target).read_bytes()
+        else:
+            spec = importlib.util.find_spec(target)
+            origin = spec.origin if spec is not None else None
+            if origin is None or not origin.endswith(".py"):
+                return True
+            source = Path(origin).read_bytes()
+    except (ImportError, ValueError, OSError):
+        return True
+    return b"pipeline" in source.lower()
 
 
 def module_found(ref: str) -> bool:

@@ -647,6 +647,26 @@ def test_manifest_from_flags() -> None:
                                                output="s3://bkt/o", reducers=-1))
 
 
+def test_manifest_of_a_pipeline_found_here_names_its_steps(tmp_path: Path) -> None:
+    """submit fills in a pipeline's steps from the module when its source names one; a
+    plain job's source is only read, not imported (see manifests._may_be_pipeline)."""
+    def spec(job: str) -> dict[str, Any]:
+        return manifests.build_manifest(manifests.SubmitOptions(
+            image="i", job=job, inputs=["x"], output="s3://bkt/o", reducers=3))["spec"]
+
+    assert (spec("examples.topn_words")["steps"], spec("examples.topn_words")["stepReducers"]) \
+        == (2, [3, 1])
+    assert "steps" not in spec("examples.wordcount")
+    helper = tmp_path / "made.py"  # its pipeline comes from a helper named for it
+    helper.write_text("from examples.topn_words import count, top\n"
+                      "from kubemr_async import Pipeline as make\n"
+                      "job = make('made', [count, top])  # a pipeline\n")
+    assert spec(str(helper))["steps"] == 2
+    broken = tmp_path / "broken.py"  # names no pipeline: read, never run
+    broken.write_text("raise SystemExit('imported')\n")
+    assert "steps" not in spec(str(broken))
+
+
 def test_manifest_from_command_flags_needs_no_job_module() -> None:
     manifest = manifests.build_manifest(manifests.SubmitOptions(
         image="img:1", job="", inputs=["s3://b/data/"], output="s3://bkt/out",

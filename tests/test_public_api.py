@@ -73,13 +73,18 @@ def _loaded(code: str, *argv: str) -> set[str]:
 def test_submitting_a_job_that_lives_only_in_the_image_loads_only_the_transport() -> None:
     """What `kubemr submit` imports before it POSTs (the manifest, the cluster client):
     aiohttp for the API server, and not the generated client, S3, Prometheus, numpy or
-    pyarrow, which only a job module found here (checked for a pipeline) brings."""
+    pyarrow, which only a job module found here whose source names a pipeline (imported
+    to fill in its steps), or one asked to batch its inputs, brings."""
     code = ("from kubemr_async import cli, jobs, manifests\n"
             "manifests.build_manifest(manifests.SubmitOptions(image='i', "
             "job='only_in_the_image.job', inputs=['s3://b/in'], output='s3://b/out'))")
     assert _loaded(code) == {"aiohttp"}
-    found = code.replace("only_in_the_image.job", "examples.wordcount")
-    assert {"numpy", "pyarrow"} <= _loaded(found)  # the module itself needs them
+    plain = code.replace("only_in_the_image.job", "examples.wordcount")
+    assert _loaded(plain) == {"aiohttp"}  # found here, but names no pipeline
+    pipeline = code.replace("only_in_the_image.job", "examples.topn_words")
+    assert {"numpy", "pyarrow"} <= _loaded(pipeline)  # the module itself needs them
+    batched = plain.replace("output='s3://b/out'", "output='s3://b/out', splits_per_task=4")
+    assert {"numpy", "pyarrow"} <= _loaded(batched)  # checked for a JobWorker
 
 
 def test_running_a_command_loads_no_pydantic() -> None:
