@@ -693,6 +693,10 @@ def step_reducer_count(job: AnyJob, reducers: int) -> int:
     return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
 
 
+#: Why a low-level job cannot be batched (``spec.splitsPerTask`` above 1).
+_JOBWORKER_BATCH = "must be 1 for a low-level JobWorker job (it maps one input per task), got {}"
+
+
 def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None,
                       splits_per_task: int = 1) -> tuple[int, ...]:
     """Each step's reducer count of a multi-step job module (``spec.stepReducers``; their
@@ -702,8 +706,7 @@ def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None,
     one input per map), a refusal the operator could not make without the module."""
     _, steps = load_steps(ref, reducers, commands)
     if splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
-        raise InvalidSpec("spec.splitsPerTask", f"must be 1 for a low-level JobWorker job "
-                          f"(it maps one input per task), got {splits_per_task}")
+        raise InvalidSpec("spec.splitsPerTask", _JOBWORKER_BATCH.format(splits_per_task))
     return tuple(step_reducer_count(step, reducers) for step in steps) if len(steps) > 1 else ()
 
 
@@ -726,14 +729,24 @@ def load_spec_job(spec: JobSpec) -> AnyJob:
 def load_spec_steps(spec: JobSpec) -> list[AnyJob]:
     """Every step a spec describes, the module imported once and each step checked with
     its own reducer count: a MapReduceJob's workers run whichever step is current. A
-    single-step spec gives its one job (see load_spec_job)."""
+    single-step spec gives its one job (see load_spec_job).
+
+    Also refused here, before any task is claimed, what only the module can tell: a
+    low-level JobWorker step asked to batch its inputs (`kubemr submit` says so when it
+    can load the module; a manifest applied with kubectl is only checked here)."""
     if spec.steps == 1 or Commands(spec.mapper, spec.combiner, spec.reducer):
-        return [load_spec_job(spec)]  # commands cannot replace a pipeline's steps: it says so
-    found = _import_target(spec.job)
-    if not isinstance(found, Pipeline):
-        return [_single(found, spec.job, 0, spec.steps)]  # refuses: the counts differ
-    return [_pipeline_step(found, spec.job, step, spec.steps, spec.at_step(step).reducers)
-            for step in range(spec.steps)]
+        steps = [load_spec_job(spec)]  # commands cannot replace a pipeline's steps: it says so
+    else:
+        found = _import_target(spec.job)
+        if not isinstance(found, Pipeline):
+            steps = [_single(found, spec.job, 0, spec.steps)]  # refuses: the counts differ
+        else:
+            steps = [_pipeline_step(found, spec.job, step, spec.steps,
+                                    spec.at_step(step).reducers) for step in range(spec.steps)]
+    if spec.splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
+        raise JobDefinitionError("spec.splitsPerTask: "
+                                 + _JOBWORKER_BATCH.format(spec.splits_per_task))
+    return steps
 
 
 def _import_target(ref: str) -> AnyJob | Pipeline:

@@ -373,3 +373,21 @@ def test_kubemr_submit_refuses_a_bad_batch_before_it_reaches_a_cluster() -> None
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "kubemr: error: spec.splitsPerTask: must be between 1 and 512, got 600"]
+
+
+def test_a_worker_refuses_a_batched_low_level_job_before_it_claims_anything() -> None:
+    """A manifest applied with kubectl never met `kubemr submit`'s check: the worker's
+    load of the job module refuses it (the pod then fails the job in that line) instead of
+    the first map failing."""
+    from kubemr_async.api import load_spec_steps
+    from kubemr_async.errors import JobDefinitionError
+
+    spec = JobSpec(name="lowlevel", job=LOW_LEVEL, inputs=("s3://bkt/in/",), reducers=2,
+                   output="s3://bkt/out", splits_per_task=8)
+    with pytest.raises(JobDefinitionError) as refused:
+        load_spec_steps(spec)
+    assert str(refused.value) == ("spec.splitsPerTask: must be 1 for a low-level JobWorker "
+                                  "job (it maps one input per task), got 8")
+    one = JobSpec(name="lowlevel", job=LOW_LEVEL, inputs=("s3://bkt/in/",), reducers=2,
+                  output="s3://bkt/out")
+    assert len(load_spec_steps(one)) == 1
