@@ -74,8 +74,25 @@ _WHOLE_OBJECT = 64 * 1024
 #: The first is short so a stage's end is seen at once; the last bounds both how late an
 #: idle worker notices work elsewhere and what idle workers cost (one small list each).
 _POLL_GAPS = (0.25, 2.0)
+#: Idle polls per second the whole fleet makes at most, once its workers' gaps have grown:
+#: each poll is filtered over every task of the job's namespace in the API server's watch
+#: cache (~24 ms of its CPU at 20,000 tasks, measured), so a fixed gap made W idle workers
+#: cost W/2 such scans a second (63 workers polling through a long reduce were most of a
+#: 20,000-task job's API-server CPU). The last gap therefore grows with the fleet (its
+#: shards x WATCHERS_PER_SHARD workers), from _POLL_GAPS[1] up to a third of a lease; a
+#: stage's end, which idle workers of other shards learn by polls, is seen that much later
+#: (a shard's 4 followers poll at random phases: on average a fifth of the gap).
+_FLEET_IDLE_POLLS = 8.0
 #: Unfinished tasks a steal asks another shard for: a few claims' worth of candidates.
 _STEAL = 16
+
+
+def longest_poll_gap(shards: int, lease_seconds: float) -> float:
+    """How far apart an idle worker's polls may grow for a job dealt into ``shards``
+    (see _FLEET_IDLE_POLLS): the fleet's idle polls stay near that many a second."""
+    fleet = shards * protocol.WATCHERS_PER_SHARD
+    return min(max(_POLL_GAPS[1], fleet / _FLEET_IDLE_POLLS),
+               max(_POLL_GAPS[1], lease_seconds / 3))
 
 
 def container_memory_limit() -> int | None:
@@ -378,7 +395,8 @@ class Worker:
             await self._wait_for_change(view, self._next_poll)
         else:
             self._next_poll = now + self._poll_gap
-            self._poll_gap = min(self._poll_gap * 2, _POLL_GAPS[1])
+            self._poll_gap = min(self._poll_gap * 2, longest_poll_gap(
+                self._shards, self.spec.lease_seconds))
             try:
                 await self._poll()
             except StoreUnavailable as exc:  # a busy server: the next poll will do

@@ -19,7 +19,7 @@ import pytest
 from kubemr_async import Job, TaskContext, protocol, read_results
 from kubemr_async.inputs import plan_inputs
 from kubemr_async.protocol import Body, JobPhase
-from kubemr_async.runtime import Worker
+from kubemr_async.runtime import Worker, longest_poll_gap
 from kubemr_async.shuffle import ShuffleBudget, split_words
 from kubemr_async.spec import JobSpec
 from kubemr_async.state.base import Record, ShardChoice, StateStore, WatchEvent
@@ -309,3 +309,14 @@ async def test_workers_that_each_follow_one_shard_finish_the_job_exactly(
         assert counts == Counter(w.decode() for text in TEXT for w in text.split())
     finally:
         await store.aclose()
+
+
+def test_idle_polls_grow_apart_with_the_fleet_up_to_a_third_of_a_lease() -> None:
+    """Each idle poll scans the job's task namespace in the API server's watch cache, so a
+    bigger fleet polls less often each (about 8 polls a second in all), but never less
+    often than a third of a lease, and never more often than every 2 s once idle."""
+    assert longest_poll_gap(1, 30.0) == 2.0  # 4 workers: as before
+    assert longest_poll_gap(4, 30.0) == 2.0  # 16 workers
+    assert longest_poll_gap(16, 30.0) == 8.0  # 64 workers: 8 polls a second in all
+    assert longest_poll_gap(250, 30.0) == 10.0  # 1,000 workers: a third of the lease
+    assert longest_poll_gap(250, 3.0) == 2.0  # a short lease keeps the floor
