@@ -233,7 +233,8 @@ class Worker:
         if shard is not None:
             followed = lambda key: protocol.shard_of(key, shards) == shard  # noqa: E731
         self._view = JobView({key: rec.body for key, rec in records.items()},
-                             seen=self.monotonic(), followed=followed)
+                             seen=self.monotonic(), followed=followed,
+                             own=protocol.own_lane(self.ordinal, shards))
         assert self._view.job is not None
         self.job_spec = JobSpec.from_dict(self.job_name, self._view.job["spec"])
         self.budget = shuffle.ShuffleBudget(memory_budget(self.job_spec.memory,

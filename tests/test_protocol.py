@@ -781,3 +781,61 @@ def test_workers_with_an_index_are_dealt_evenly_over_the_shards() -> None:
     assert [dealt.count(s) for s in range(shards)] == [4] * shards
     assert protocol.worker_shard("pod-x", None, shards) == protocol.shard_of("pod-x", shards)
     assert protocol.worker_shard("pod-x", 5, 1) == 0
+
+
+@pytest.mark.parametrize(("workers", "shards"), [(64, 16), (10, 2), (8, 2), (1000, 250)])
+def test_each_task_of_a_shard_is_in_the_lane_of_one_of_its_workers(
+        workers: int, shards: int) -> None:
+    keys = [protocol.map_key(i) for i in range(2000)]
+    lanes = {i: protocol.own_lane(i, shards) for i in range(workers)}
+    for key in keys:
+        shard = protocol.shard_of(key, shards)
+        owners = [i for i, own in lanes.items()
+                  if protocol.worker_shard(f"w{i}", i, shards) == shard
+                  and own is not None and own(key)]
+        assert len(owners) == 1, (key, owners)
+    assert protocol.own_lane(None, shards) is None, "no ordinal, no preference"
+    assert protocol.own_lane(3, 1) is None, "an unsharded job: no lanes"
+    assert protocol.own_lane(4 * shards, shards) is None, "a fifth worker of a shard"
+
+
+def test_a_worker_offers_its_own_lane_and_the_others_once_its_own_is_taken() -> None:
+    records = new_records(maps=60)
+    own = protocol.own_lane(1, 2)  # shard 1's first worker of 4
+    assert own is not None
+    def mine_key(key: str) -> bool:
+        return protocol.shard_of(key, 2) == 1
+    view = JobView(records, 0.0, followed=mine_key, own=own)
+    lane = {k for k in records if k.startswith("map-") and mine_key(k) and own(k)}
+    shard = {k for k in records if k.startswith("map-") and mine_key(k)}
+    assert 0 < len(lane) < len(shard)
+    rng = random.Random(7)
+    for _ in range(20):
+        picked = {protocol.task_name(b) for b in view.candidates(0.0, 8, rng)}
+        assert picked and picked <= lane, "only its own lane while it has any"
+    for key in lane:  # its lane taken by the others
+        body = write(records, protocol.claim(records[key], "other", 0.0, 10.0, 3))
+        assert body is not None
+        view.update(key, body, seen=0.0)
+    rest = {protocol.task_name(b) for b in view.candidates(0.0, 8, rng)}
+    assert rest and rest <= shard - lane
+
+
+def test_a_lost_race_on_a_followed_task_is_not_offered_again_until_its_watch_catches_up(
+        ) -> None:
+    """Workers starting together read their shard at once; one that lost a claim must not
+    keep claiming from the copy its watch has not moved past yet."""
+    records = new_records(maps=2)
+    view = JobView(records, 0.0)
+    winner = write(records, protocol.claim(records["map-00000"], "other", 0.0, 10.0, 3))
+    assert winner is not None  # the view has not seen it yet
+    assert {protocol.task_name(b) for b in view.candidates(0.0, 8, random.Random(1))} == {
+        "map-00000", "map-00001"}
+    view.stale("map-00000")  # our claim of it lost its race
+    assert [protocol.task_name(b) for b in view.candidates(0.0, 8, random.Random(1))] == [
+        "map-00001"]
+    released = write(records, protocol.release(winner, "other", now=1.0))
+    assert released is not None
+    view.update("map-00000", released, seen=1.0)  # the watch brings a newer, pending copy
+    assert "map-00000" in {protocol.task_name(b)
+                           for b in view.candidates(0.0, 8, random.Random(1))}
