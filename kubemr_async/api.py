@@ -693,8 +693,13 @@ def step_reducer_count(job: AnyJob, reducers: int) -> int:
     return job.reducers if isinstance(job, Job) and job.reducers is not None else reducers
 
 
-#: Why a low-level job cannot be batched (``spec.splitsPerTask`` above 1).
-_JOBWORKER_BATCH = "must be 1 for a low-level JobWorker job (it maps one input per task), got {}"
+def _batch_refusal(steps: Sequence[AnyJob], splits_per_task: int) -> str | None:
+    """Why ``spec.splitsPerTask`` cannot batch these steps (a low-level JobWorker gets one
+    input per map), or None: what `kubemr submit` and the workers both check."""
+    if splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
+        return ("must be 1 for a low-level JobWorker job (it maps one input per task), "
+                f"got {splits_per_task}")
+    return None
 
 
 def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None,
@@ -705,8 +710,8 @@ def pipeline_reducers(ref: str, reducers: int, commands: Commands | None = None,
     ``splits_per_task`` above 1, also that no step is a low-level JobWorker (which gets
     one input per map), a refusal the operator could not make without the module."""
     _, steps = load_steps(ref, reducers, commands)
-    if splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
-        raise InvalidSpec("spec.splitsPerTask", _JOBWORKER_BATCH.format(splits_per_task))
+    if (refusal := _batch_refusal(steps, splits_per_task)) is not None:
+        raise InvalidSpec("spec.splitsPerTask", refusal)
     return tuple(step_reducer_count(step, reducers) for step in steps) if len(steps) > 1 else ()
 
 
@@ -743,9 +748,8 @@ def load_spec_steps(spec: JobSpec) -> list[AnyJob]:
         else:
             steps = [_pipeline_step(found, spec.job, step, spec.steps,
                                     spec.at_step(step).reducers) for step in range(spec.steps)]
-    if spec.splits_per_task > 1 and not all(isinstance(step, Job) for step in steps):
-        raise JobDefinitionError("spec.splitsPerTask: "
-                                 + _JOBWORKER_BATCH.format(spec.splits_per_task))
+    if (refusal := _batch_refusal(steps, spec.splits_per_task)) is not None:
+        raise JobDefinitionError(f"spec.splitsPerTask: {refusal}")
     return steps
 
 

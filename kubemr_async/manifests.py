@@ -142,9 +142,10 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
     that is not here, or does not load here, is left to the workers, which fail the job in
     one line (a broken module as always; a pipeline whose spec lacks ``steps`` saying so).
     """
-    if not options.job or not module_found(options.job):
+    origin = _module_origin(options.job) if options.job else None
+    if origin is None:
         return ()
-    if options.splits_per_task == 1 and not _may_be_pipeline(options.job):
+    if options.splits_per_task == 1 and not _may_be_pipeline(origin):
         return ()
     # Imported only now: it brings pyarrow and numpy (~0.3 s), which a submit of a module
     # that lives only in the image, or of a plain job, never needs.
@@ -158,39 +159,35 @@ def _step_reducers(options: SubmitOptions) -> tuple[int, ...]:
         return ()
 
 
-def _may_be_pipeline(ref: str) -> bool:
-    """Whether job module ``ref`` may define a Pipeline: its source mentions one (any
-    case: ``Pipeline(...)``, a ``make_pipeline()`` helper), or it has no source to read.
+def _may_be_pipeline(origin: str) -> bool:
+    """Whether the job module at ``origin`` (see _module_origin) may define a Pipeline:
+    its source mentions one (any case: ``Pipeline(...)``, a ``make_pipeline()`` helper),
+    or it has no source to read.
 
     Importing a module costs ~0.2 s (the job API brings pyarrow and numpy), most of a
     `kubemr submit` of a plain job, which has nothing for submit to fill in. A module that
     gets its pipeline without naming one fails on the workers in one line saying to give
     ``spec.steps``; naming it in a comment is enough to have submit fill it in."""
-    target = ref if ref.endswith(".py") else ref.partition(":")[0]
-    try:
-        if target.endswith(".py") or "/" in target:
-            source = Path(target).read_bytes()
-        else:
-            spec = importlib.util.find_spec(target)
-            origin = spec.origin if spec is not None else None
-            if origin is None or not origin.endswith(".py"):
-                return True
-            source = Path(origin).read_bytes()
-    except (ImportError, ValueError, OSError):
+    if not origin.endswith(".py"):
         return True
-    return b"pipeline" in source.lower()
+    try:
+        return b"pipeline" in Path(origin).read_bytes().lower()
+    except OSError:
+        return True
 
 
-def module_found(ref: str) -> bool:
-    """Whether job module ``ref`` exists here (a file, or an importable module), without
-    importing it: `kubemr submit` names modules that may exist only in the worker image."""
+def _module_origin(ref: str) -> str | None:
+    """Where job module ``ref`` is here, without importing it: its file (a path given, or
+    an importable module's origin; "" for a module without one), or None if it is not
+    here: `kubemr submit` names modules that may exist only in the worker image."""
     target = ref if ref.endswith(".py") else ref.partition(":")[0]
     if target.endswith(".py") or "/" in target:
-        return Path(target).is_file()
+        return target if Path(target).is_file() else None
     try:
-        return importlib.util.find_spec(target) is not None
+        spec = importlib.util.find_spec(target)
     except (ImportError, ValueError):  # a parent package missing, or an invalid name
-        return False
+        return None
+    return None if spec is None else spec.origin or ""
 
 
 def _name_prefix(job: str) -> str:
