@@ -867,7 +867,8 @@ class JobView:
             old_step = task_step(old)
             self._counts[(old_step, old["kind"], old["state"])] -= 1
             self._pending_of(old_step, old["kind"], followed).discard(key)
-            self._own_of(old_step, old["kind"]).discard(key)
+            if self._own is not None:
+                self._own_of(old_step, old["kind"]).discard(key)
             self._running.pop(key, None)
             if old["seq"] == body["seq"] and key in self._seen:
                 seen = self._seen[key]
@@ -947,7 +948,8 @@ class JobView:
             return
         if self.follows(key):
             self._pending_of(task_step(body), body["kind"]).discard(key)
-            self._own_of(task_step(body), body["kind"]).discard(key)
+            if self._own is not None:
+                self._own_of(task_step(body), body["kind"]).discard(key)
             return
         self._polled.pop(key, None)
         for index in self._pending:
@@ -1109,7 +1111,8 @@ class JobView:
             return []
         expired = self._expired(stage, now)
         rng.shuffle(expired)
-        keys = self._own_of(self.step, stage.value).sample(count, rng)
+        keys = (self._own_of(self.step, stage.value).sample(count, rng)
+                if self._own is not None else [])
         if not keys:
             keys = self._pending_of(self.step, stage.value).sample(count, rng)
         if not keys:
