@@ -296,6 +296,16 @@ def test_helm_installed_operator_runs_jobs_with_containers(
             operator_pod = (operator_ns, pod["metadata"]["name"])
 
             name = create_job(kube_cluster, jobs_ns, examples, "examples.wordcount")
+            # The worker pods' images, read while they exist: the operator deletes them as
+            # soon as the job is decided, so a list after the verdict may find none.
+            images_run: set[str] = set()
+
+            def worker_images() -> set[str]:
+                pods = kube_cluster.api("GET", f"/api/v1/namespaces/{jobs_ns}/pods")["items"]
+                images_run.update(p["spec"]["containers"][0]["image"] for p in pods)
+                return images_run
+
+            eventually(worker_images, f"job {name}'s worker pods")
             status = finished_job(kube_cluster, jobs_ns, name, container_kubelet,
                                   operator_pod)["status"]
             assert status["phase"] == "Succeeded", status
@@ -304,8 +314,7 @@ def test_helm_installed_operator_runs_jobs_with_containers(
                 key = url[len(f"s3://{BUCKET}/"):]
                 lines += s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()
             assert sorted(lines) == reference_lines()
-            workers = kube_cluster.api("GET", f"/api/v1/namespaces/{jobs_ns}/pods")["items"]
-            assert {p["spec"]["containers"][0]["image"] for p in workers} == {examples}
+            assert worker_images() == {examples}
 
             limit = "256Mi"
             name = create_job(kube_cluster, jobs_ns, hog_image, "hog", workers=1, template={
