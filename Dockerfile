@@ -43,9 +43,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 RUN python3 -m venv /opt/venv
 COPY --from=requirements /requirements.txt /tmp/
+# The exact versions every dependency is built at (scripts/lock writes them; CI tests them).
+COPY constraints.txt /tmp/
 # Wheels first, then an install from those wheels only: what is installed is exactly what
 # was built here.
 RUN /opt/venv/bin/pip wheel --wheel-dir /tmp/wheels -r /tmp/requirements.txt \
+        -c /tmp/constraints.txt \
     && /opt/venv/bin/pip install --no-index --find-links /tmp/wheels -r /tmp/requirements.txt \
     && rm -rf /tmp/wheels
 

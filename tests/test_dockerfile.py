@@ -248,7 +248,10 @@ def test_the_dependency_layer_depends_on_the_dependency_list_alone() -> None:
     pyproject.toml (COPY --from is cached by content, so an unchanged list is a hit)."""
     assert copies(stage(DOCKERFILE, "requirements")) == [(["pyproject.toml"], "./", [])]
     assert copies(stage(DOCKERFILE, "dependencies")) == [
-        (["/requirements.txt"], "/tmp/", ["--from=requirements"])]
+        (["/requirements.txt"], "/tmp/", ["--from=requirements"]),
+        (["constraints.txt"], "/tmp/", [])]
+    assert "-c /tmp/constraints.txt" in runs(stage(DOCKERFILE, "dependencies")), \
+        "the wheels are built at the locked versions"
     # The final image: the dependencies' virtualenv first, then the project's wheel, which
     # one RUN installs beside them without dependencies, from that wheel only.
     final = final_stage(DOCKERFILE)
@@ -414,8 +417,9 @@ def stage_context(dockerfile: Path, stage: int, destination: Path) -> None:
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """/opt/venv as the stages make it: a fresh venv with the dependencies' wheels (built
-    from pyproject.toml's list) installed with --no-index, then the project's wheel, built
-    from exactly the project stage's COPY'd files, installed with --no-deps."""
+    from pyproject.toml's list at constraints.txt's versions) installed with --no-index,
+    then the project's wheel, built from exactly the project stage's COPY'd files,
+    installed with --no-deps."""
     root = tmp_path_factory.mktemp("image")
     stage_context(DOCKERFILE, named_stage(DOCKERFILE, "project"), root)
     src = root / "src"
@@ -427,6 +431,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     dependencies, wheels = root / "dependencies", root / "wheels"
     subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(dependencies),
+                    "-c", str(ROOT / "constraints.txt"),
                     *pyproject["project"]["dependencies"]], check=True, timeout=1200)
     subprocess.run([*pip, "install", "--quiet", "--no-index", "--find-links",
                     str(dependencies), *pyproject["project"]["dependencies"]],
