@@ -124,8 +124,7 @@ async def _run_user_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) 
     assert job.map_fn is not None
     fn = job.map_fn
     if isinstance(fn, Shell):
-        for split in splits:
-            await _run_shell_map(job, fn, await _read_split(job, split, ctx), ctx)
+        await _run_shell_maps(job, fn, splits, ctx)
         return
     await _setup(job.map_setup_fn, ctx)
     try:
@@ -135,6 +134,31 @@ async def _run_user_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) 
         await _teardown_after_failure(job.map_teardown_fn, ctx)
         raise
     await _teardown(job.map_teardown_fn, ctx)
+
+
+@dataclass(frozen=True)
+class _ShellCombining:
+    """A shell combiner taking a shell mapper's stdout lines unparsed
+    (``streaming.run_mapper_combined``): the combiner, the buffer's size, its spill."""
+
+    combiner: Shell
+    buffer_bytes: int
+    spill: Callable[[shuffle.Table, int], None]
+
+
+async def _run_shell_maps(job: Job, mapper: Shell, splits: Sequence[MapSplit],
+                          ctx: TaskContext, combining: _ShellCombining | None = None) -> None:
+    """A shell mapper on each split in turn; with ``combining``, a text split's stdout goes
+    straight through the shell combiner (a pairs split's batches cannot: they are parsed)."""
+    for split in splits:
+        data = await _read_split(job, split, ctx)
+        lines = data.data if isinstance(data, TextSplit) else data
+        if combining is not None and isinstance(lines, bytes):
+            await streaming.run_mapper_combined(mapper, combining.combiner, lines, ctx,
+                                                combining.buffer_bytes, combining.spill)
+        else:
+            await _run_shell_map(job, mapper, data, ctx)
+        del data, lines  # the split's bytes go before the next one is read
 
 
 async def _run_shell_map(job: Job, fn: Shell, data: MapData, ctx: TaskContext) -> None:
@@ -448,15 +472,8 @@ async def run_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext, direct
     try:
         if (isinstance(mapper, Shell) and isinstance(combiner, Shell)
                 and ctx._skips is None):
-            for split in splits:
-                data = await _read_split(job, split, ctx)
-                lines = data.data if isinstance(data, TextSplit) else data
-                if not isinstance(lines, bytes):
-                    await _run_shell_map(job, mapper, data, ctx)
-                    continue
-                await streaming.run_mapper_combined(mapper, combiner, lines, ctx,
-                                                    budget.map_buffer, spills.combined)
-                del data, lines
+            await _run_shell_maps(job, mapper, splits, ctx, _ShellCombining(
+                combiner, budget.map_buffer, spills.combined))
         else:
             await _run_user_map(job, splits, ctx)
     finally:
