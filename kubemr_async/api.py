@@ -325,7 +325,7 @@ class Job:
             self.sort_values = sort_values
         return fn
 
-    def partition(self, fn: Literal["hash", "total-order"] | PartitionFn = "hash", *,
+    def partition(self, fn: Literal["hash", "total-order"] | PartitionFn | None = None, *,
                   vectorized: bool = False, sample: int = TotalOrderSampling.sample,
                   splits: int = TotalOrderSampling.splits) -> Any:
         """Choose how keys are assigned to reduce partitions.
@@ -340,8 +340,14 @@ class Job:
         * a callable ``fn(key, partitions) -> int`` (per key, Python), or with
           ``vectorized=True`` ``fn(keys, partitions)`` taking a pyarrow array and returning
           one int per key (numpy array or sequence). Must be deterministic: every map must
-          send a key to the same partition. Usable as a decorator.
+          send a key to the same partition. Usable as a decorator, bare (``@job.partition``)
+          or with options (``@job.partition(vectorized=True)``): without ``fn`` this
+          returns the decorator, as :meth:`map` does.
         """
+        if fn is None:
+            def register(func: PartitionFn) -> PartitionFn:
+                return self.partition(func, vectorized=vectorized)  # type: ignore[no-any-return]
+            return register
         if fn == "hash":
             self.partitioner = "hash"
         elif fn == "total-order":

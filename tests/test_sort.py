@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pytest
 
@@ -121,6 +122,20 @@ def test_per_key_and_vectorized_partitioners() -> None:
         job.partition_ids(pa.array(["x", "y"]), 3)
     with pytest.raises(JobDefinitionError, match="unknown partitioner"):
         job.partition("range")  # type: ignore[arg-type]
+
+
+def test_a_vectorized_partitioner_can_be_registered_with_the_decorator() -> None:
+    """``@job.partition(vectorized=True)``, as the README shows it: the call without a
+    function returns the decorator (it used to register "hash" and return that str, so
+    decorating failed the module's import with "'str' object is not callable")."""
+    job = Job("j")
+
+    @job.partition(vectorized=True)
+    def by_parity(keys: pa.Array, partitions: int) -> npt.NDArray[np.int64]:
+        return np.asarray(keys.to_numpy(zero_copy_only=False) % partitions, dtype=np.int64)
+
+    assert callable(by_parity) and job.partitioner is by_parity and job.partition_vectorized
+    assert job.partition_ids(pa.array([1, 2, 3]), 2).tolist() == [1, 0, 1]
 
 
 def test_total_order_needs_its_boundaries_but_not_for_one_reducer() -> None:
