@@ -687,7 +687,10 @@ def load_steps(ref: str, reducers: int, commands: Commands | None = None
     step's own ``Job(reducers=N)``, else ``reducers``): a single job is one step."""
     found = _import_target(ref) if ref and not commands else None
     if not isinstance(found, Pipeline):
-        job = load_job(ref, reducers, commands)
+        # Checked with the count it will run with (its own, as a pipeline's step is), not
+        # ``reducers``: a single job's ``Job(reducers=N)`` wins over --reducers too.
+        job = load_job(ref, None, commands)
+        _checked(job, ref or "the shell-command job", step_reducer_count(job, reducers))
         return job.name, [job]
     for index, step in enumerate(found.steps):
         _checked(step, f"{ref} {found.label(index)}", step_reducer_count(step, reducers))

@@ -183,6 +183,31 @@ def test_a_step_fixing_its_reducers_refuses_another_count(tmp_path: Path) -> Non
         Job("x", reducers=-1)
 
 
+def test_kubemr_run_gives_a_single_job_the_reducers_it_fixes(tmp_path: Path) -> None:
+    """``Job(reducers=N)`` wins over ``--reducers`` in `kubemr run` for a single job as for
+    a pipeline's step (README, "Reducers per step"); it used to be refused at load with
+    "the job fixes reducers=2 but the spec has reducers: 1" unless --reducers said 2."""
+    ref = _module(tmp_path, """
+        job = Job('fixed', reducers=2)
+
+        @job.map(input='lines')
+        def words(line, ctx):
+            for word in line.split():
+                yield word, 1
+
+        job.reduce('sum')
+    """)
+    data = tmp_path / "in.txt"
+    data.write_text("a b c d\ne f a b\n")
+    out = tmp_path / "out"
+    result = kubemr("run", ref, "--input", str(data), "--output", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000", "part-00001"]
+    got = sorted(line for p in out.glob("part-*") for line in p.read_text().splitlines())
+    counts = Counter(data.read_text().split())  # the reference, in plain Python
+    assert got == sorted(f"{w}\t{n}" for w, n in counts.items())
+
+
 def test_later_steps_read_pairs() -> None:
     first, second = Job("first"), Job("second")
     first.map(Shell("cat"))
