@@ -486,7 +486,7 @@ def _from_python(items: list[Any], role: _Role) -> tuple[pa.Array, _Kind]:
     elif role == "value" and "bytes" not in distinct:
         kind = "json"
     else:
-        first, second = _clashing_types(kinds)
+        first, second = _clashing_types(kinds, role)
         a = next(x for x in items if type(x) is first)
         b = next(x for x in items if type(x) is second)
         raise ShuffleError(
@@ -496,8 +496,11 @@ def _from_python(items: list[Any], role: _Role) -> tuple[pa.Array, _Kind]:
     return _encode_python(items, kind, role)
 
 
-def _clashing_types(kinds: dict[type, _Kind]) -> tuple[type, type]:
-    ordered = sorted(kinds, key=lambda cls: cls.__name__)
+def _clashing_types(kinds: dict[type, _Kind], role: _Role) -> tuple[type, type]:
+    """Two types of different kinds to name in the error: for values, bytes and another
+    (other value kinds mix, as JSON; only bytes, which JSON cannot hold, clashes)."""
+    ordered = sorted(kinds, key=lambda cls: (role == "value" and kinds[cls] != "bytes",
+                                             cls.__name__))
     first = ordered[0]
     second = next(cls for cls in ordered if kinds[cls] != kinds[first])
     return first, second
@@ -651,8 +654,11 @@ def _unify(kinds: list[_Kind], role: _Role) -> _Kind:
         return distinct.pop()
     if role == "value" and "bytes" not in distinct:
         return "json"
-    first, second = sorted(_KIND_NAMES[k] for k in distinct)[:2]
-    raise ShuffleError(f"cannot concatenate {role}s of type {first} and {second}")
+    # For values the clash is bytes with any other kind (the others mix, as JSON).
+    first, second = sorted(distinct, key=lambda k: (role == "value" and k != "bytes",
+                                                     _KIND_NAMES[k]))[:2]
+    raise ShuffleError(f"cannot concatenate {role}s of type {_KIND_NAMES[first]} and "
+                       f"{_KIND_NAMES[second]}")
 
 
 def _convert(column: pa.ChunkedArray, source: _Kind, target: _Kind) -> pa.ChunkedArray:

@@ -278,6 +278,9 @@ def test_float_keys_are_canonical() -> None:
         (["a"], [[b"raw"]], r"value of type list is not serialisable"),
         (["a"], [[1, b"raw"]], r"value of type list is not serialisable"),
         (["a", "b"], [b"x", 1], r"values mix types bytes and int"),
+        # None, True and 0.5 mix fine (as JSON): the clash named is the bytes one.
+        (["a", "b", "c", "d"], [None, True, 0.5, b"x"],
+         r"values mix types bytes and NoneType \(b'x' and None\)"),
         (["\ud800"], 1, r"key of type str is not serialisable: '\\ud800' \(surrogates"),
         (["a", "b"], [0.5, 2**64], r"value of type int is not serialisable: 1844"),
         (["\udcc3\udca9"], 1, r"key of type str is not serialisable: .*no bytes decode to it"),
@@ -307,6 +310,11 @@ def test_concat_tables_unifies_values_and_rejects_mixed_keys() -> None:
         shuffle.concat_tables([ints, shuffle.pairs_to_table([1], [1])])
     with pytest.raises(ShuffleError, match="bytes and int"):
         shuffle.concat_tables([ints, shuffle.pairs_to_table(["d"], [b"x"])])
+    # JSON values and bools mix; the clash named is the bytes one.
+    lists = shuffle.pairs_to_table(["e"], [[1]])
+    bools = shuffle.pairs_to_table(["f"], [True])
+    with pytest.raises(ShuffleError, match="values of type bytes and JSON value"):
+        shuffle.concat_tables([lists, bools, shuffle.pairs_to_table(["d"], [b"x"])])
 
 
 # --------------------------------------------------------------------------- hashing
