@@ -129,9 +129,9 @@ Reducer = Annotated[str | None, typer.Option(
          "stdout is the result part.", show_default=False)]
 MaxSkippedRecords = Annotated[int, typer.Option(
     metavar="N",
-    help="Skip mode: each task skips up to N bad records (per-record map inputs: a call "
-         "that raises, a JSONL/CSV record that does not parse) or reduce keys (a call that "
-         "raises), reporting them, instead of failing. 0: off.")]
+    help="Skip mode: each task skips up to N bad records (lines/jsonl/csv map inputs: a "
+         "call that raises, a JSONL/CSV record that does not parse) or reduce keys (a "
+         "Python call that raises), reporting them, instead of failing. 0: off.")]
 SplitsPerTask = Annotated[int, typer.Option(
     metavar="K",
     help="Batch tiny tasks: each map task maps K consecutive input splits in one attempt, "
