@@ -1,7 +1,7 @@
 """The Kubernetes client layer: the only package that talks to the API server.
 
 * :mod:`.config` -- where the API server is and our credentials (kubeconfig or in-cluster);
-* :mod:`.client` -- :class:`Kube` (one connection per process, ``async with``), resource
+* :mod:`.client` -- :class:`Kube` (one aiohttp session per process, ``async with``), resource
   types as :class:`Resource` paths, verbs returning plain dicts, patch content types;
 * :mod:`.errors` -- typed errors (NotFound, Conflict, Unprocessable...) raised in one place;
 * :mod:`.watch` -- the one list-watch loop (bookmarks, resume, 410 re-list, backoff);
