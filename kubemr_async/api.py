@@ -450,8 +450,9 @@ class Job:
                 f"reducers: {reducers}")
         if self.reducer is None and reducers:
             raise JobDefinitionError(
-                f"{where}: the job has no reducer; add job.reduce(...) or run it map-only "
-                "with --reducers 0 (reducers: 0 in the job spec)")
+                f"{where}: the job has no reducer; add one (job.reduce(...); --reducer CMD "
+                "for shell commands) or run it map-only with --reducers 0 (reducers: 0 in "
+                "the job spec)")
 
     @property
     def map_side_combiner(self) -> shuffle.Combiner | ReduceFn | Shell | None:
