@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
+from kubemr_async import formats
+from kubemr_async.errors import UsageError
+from kubemr_async.formats import SUCCESS_MARKER
+from kubemr_async.results import read_results
 from kubemr_async.testing.cluster import ApiError, TestCluster
+from kubemr_async.testing.s3server import S3Server
 
 from .operator_fixtures import BUCKET, DATA, OPERATOR_NS, kube_namespace, operator, s3
 from .test_counters import expected_totals
@@ -287,6 +292,31 @@ def test_unloadable_job_module_fails_the_job_with_the_reason(
     warnings = [e for e in events_for(kube_cluster, kube_namespace, name)
                 if e["type"] == "Warning"]
     assert any("broken job module" in e["message"] for e in warnings)
+
+
+def test_a_new_job_of_an_earlier_jobs_name_drops_its_stale_manifest(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubemr delete` keeps a job's results; a new job of the same name writes the same
+    attempt-unique keys. Its location must stop claiming the earlier job's verdict once it
+    is planned: read_results would otherwise present the old manifest (over parts the new
+    job may have overwritten, or a new job that failed) as a finished result."""
+    name = "rerun-broken"
+    prefix = f"echo/{kube_namespace}/{name}"
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/output/part-00000.attempt-1", Body=b"old\t1\n")
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{SUCCESS_MARKER}", Body=formats.manifest(
+        name, "text", [f"s3://{BUCKET}/{prefix}/output/part-00000.attempt-1"],
+        ["output/part-00000.attempt-1"]))
+    manifest = echo_job("unused", ["x"])
+    manifest["metadata"] = {"name": name}
+    manifest["spec"]["job"] = "tests.jobs.broken"
+    create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    for key, value in s3_server.client_env().items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UsageError, match="no _SUCCESS manifest"):
+        list(read_results(f"s3://{BUCKET}/{prefix}"))
 
 
 def test_missing_input_bucket_fails_the_job_at_planning(

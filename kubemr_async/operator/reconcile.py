@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from .. import protocol
 from ..crd import MAPREDUCE_JOBS
 from ..errors import KubemrError
+from ..formats import SUCCESS_MARKER
 from ..inputs import plan_inputs
 from ..kube import (
     BATCH_JOBS,
@@ -185,6 +186,7 @@ class Reconciler:
         try:
             spec = JobSpec.from_dict(name, mrj["spec"])
             splits = await plan_inputs(spec, environ=storage.environ)
+            await self._drop_earlier_manifest(spec, job_key(mrj)[0], name, storage)
         except KubemrError as exc:
             await self._refuse(mrj, f"invalid job: {exc}", storage.secrets)
             return False
@@ -202,6 +204,23 @@ class Reconciler:
             await self.event(mrj["metadata"], "Planned",
                              f"{maps} map and {spec.reducers} reduce tasks created")
         return True
+
+    async def _drop_earlier_manifest(self, spec: JobSpec, namespace: str, name: str,
+                                     storage: StorageAccess) -> None:
+        """Remove the ``_SUCCESS`` an earlier job of this name left (``kubemr delete`` keeps
+        results): this job writes the same attempt-unique keys under the same prefix, so
+        that manifest would present the parts this job overwrites, or this job's failure,
+        as a finished result to ``read_results``. Only the job's own data prefix is touched,
+        with the job's own credentials; no worker has written anything yet."""
+        stores = StoreCache(storage.environ)
+        try:
+            blobs, _ = stores.open(spec.output)
+            prefix = job_data_prefix(spec.output, namespace, name)
+            if await blobs.delete_prefix(f"{prefix}/{SUCCESS_MARKER}"):
+                log.info("removed an earlier job's manifest",
+                         extra={"job": name, "namespace": namespace})
+        finally:
+            await stores.aclose()
 
     async def _ensure_task_namespace(self, mrj: KubeObject) -> str:
         namespace, name = job_key(mrj)
