@@ -366,6 +366,7 @@ async def read_parquet_split(store: BlobStore, key: str,
         return ParquetSplit(url, size, ((size - len(footer), footer), (0, data)),
                             tuple(range(groups)))
     size = await store.size(key)
+    check_planned_size(store, key, byte_range, size)
     footer = await _parquet_footer(store, key, size)
     spans = recordio.row_group_spans(recordio.parquet_metadata(url, footer))
     start, end = byte_range if byte_range is not None else (0, size)
@@ -383,6 +384,7 @@ async def read_text_split(store: BlobStore, key: str, byte_range: tuple[int, int
     if byte_range is None or compression.codec_for(key) is not None:
         return TextSplit(store.url(key), await read_task_input(store, key, byte_range))
     size = await store.size(key)
+    check_planned_size(store, key, byte_range, size)
     begin, data = await read_split_at(store, key, byte_range[0], byte_range[1], size)
     return await text_split(store, key, begin, data, kind, size)
 
@@ -463,15 +465,38 @@ async def read_task_input(store: BlobStore, key: str,
         if byte_range is None:
             return await store.get(key)
         start, end = byte_range
-        return await read_split(store, key, start, end, await store.size(key))
+        size = await store.size(key)
+        check_planned_size(store, key, byte_range, size)
+        return await read_split(store, key, start, end, size)
     if byte_range is not None and byte_range[0] != 0:
         raise PermanentTaskError(f"input {store.url(key)} is {codec.name}-compressed and "
                                  f"cannot be read from offset {byte_range[0]}")
     data = await store.get(key)
+    # A compressed object is planned as one split (0, its size): any other size now means
+    # it was replaced, and it is decompressed whole, so growth shows here too.
+    if byte_range is not None and len(data) != byte_range[1]:
+        raise PermanentTaskError(_changed(store, key, byte_range[1], len(data)))
     try:
         return await asyncio.to_thread(compression.decompress, codec, data, store.url(key))
     except compression.InvalidCompressedData as exc:
         raise PermanentTaskError(str(exc)) from None
+
+
+def check_planned_size(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
+                       size: int) -> None:
+    """PermanentTaskError if the object is now shorter than the split planned on it.
+
+    Splits are cut from the sizes listed at planning; an object truncated or replaced by
+    a shorter one since would otherwise give its missing splits no lines at all, and the
+    job would succeed on part of its input.
+    """
+    if byte_range is not None and byte_range[1] > size:
+        raise PermanentTaskError(_changed(store, key, byte_range[1], size))
+
+
+def _changed(store: BlobStore, key: str, planned: int, size: int) -> str:
+    return (f"input {store.url(key)} changed after the job was planned: it is {size} bytes "
+            f"now, and a split planned on it ends at byte {planned}")
 
 
 async def _line_start(store: BlobStore, key: str, pos: int, size: int,

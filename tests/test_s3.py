@@ -25,6 +25,7 @@ from kubemr_async.inputs import (
     expand_inputs,
     expand_s3,
     plan_splits,
+    read_map_input,
     read_split,
     read_task_input,
 )
@@ -524,3 +525,32 @@ async def test_read_split_on_s3_matches_the_local_file(bucket: Bucket, s3_env: N
     assert b"".join(s3_splits) == text
     assert len(s3_splits) > 50
 
+
+
+@real_s3
+async def test_an_input_shortened_or_replaced_after_planning_is_an_error(
+        bucket: Bucket, s3_env: None) -> None:
+    """Splits are cut from the sizes listed at planning: an object that is shorter when a
+    task reads it (truncated, replaced) must fail that task naming it, not give its lost
+    splits no lines (a job succeeding on part of its input)."""
+    import gzip
+
+    store = bucket.store()
+    text = b"".join(b"line%05d\n" % i for i in range(3000))  # 30,000 bytes
+    await store.put("in/log.txt", text)
+    await store.put("in/log.gz", gzip.compress(text))
+    splits = plan_splits(await expand_s3(bucket.url("in/")), 10_000)
+    assert [rng for _, rng in splits][-1:] == [(20_000, 30_000)]
+    await store.put("in/log.txt", text[:15_000])
+    await store.put("in/log.gz", gzip.compress(text + text))
+    for url, rng in (splits[0], splits[-1]):
+        key = url[len(bucket.url()):]
+        with pytest.raises(PermanentTaskError, match=f"^input {url} changed after the job "
+                                                     "was planned: it is .* bytes now"):
+            await read_task_input(store, key, rng)
+        for kind in ("lines", "text"):
+            with pytest.raises(PermanentTaskError, match="changed after the job was planned"):
+                await read_map_input(store, key, rng, kind)
+    # A split the shorter object still covers reads as before.
+    assert splits[1][1] == (0, 10_000)
+    assert await read_task_input(store, "in/log.txt", splits[1][1]) == text[:10_000]
