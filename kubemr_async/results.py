@@ -41,8 +41,23 @@ def read_results(location: str | os.PathLike[str]) -> Iterator[tuple[Any, Any]]:
     except ValueError as exc:
         raise UsageError(f"{manifest_url}: not a kubemr manifest: {exc}") from None
     for part in manifest.parts:
-        url = part if is_s3(part) or Path(part).is_absolute() else f"{where}/{part}"
-        yield from formats.decode(_read(url), manifest.format)
+        yield from formats.decode(_read(_part_url(where, part, manifest_url)), manifest.format)
+
+
+def _part_url(where: str, part: str, manifest_url: str) -> str:
+    """Where a manifest's part is: relative to the manifest, or an absolute location.
+
+    An S3 manifest never names a local path (kubemr writes none), and following one
+    would read a file of whoever reads the results, with their rights, as results.
+    """
+    if is_s3(part):
+        return part
+    if Path(part).is_absolute():
+        if is_s3(where):
+            raise UsageError(f"{manifest_url}: not a kubemr manifest: it names the local "
+                             f"file {part!r} as a part")
+        return part
+    return f"{where}/{part}"
 
 
 def _read(url: str) -> bytes:

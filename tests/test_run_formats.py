@@ -3,6 +3,7 @@ and a worker against S3 whose result location `read_results` reads back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -16,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from kubemr_async import protocol, read_results
+from kubemr_async import formats, protocol, read_results
 from kubemr_async.api import load_job
 from kubemr_async.errors import UsageError
 from kubemr_async.inputs import plan_inputs
@@ -240,6 +241,29 @@ async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
             list(read_results(f"s3://{bucket}/results/elsewhere"))
     finally:
         await store.aclose()
+        await blobs.delete_prefix("")
+        await client.delete_bucket(Bucket=bucket)
+        await blobs.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_s3_manifest_naming_a_local_file_is_refused(
+        tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can write a job's result location must not make ``read_results`` read the
+    reader's own files: kubemr's S3 manifests name S3 parts only."""
+    for key, value in s3_server.client_env().items():
+        monkeypatch.setenv(key, value)
+    private = tmp_path / "private.tsv"
+    write(private, "secret\tvalue\n")
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    blobs = S3BlobStore(bucket, s3_config(s3_server))
+    client = await blobs._client()
+    await client.create_bucket(Bucket=bucket)
+    try:
+        await blobs.put("r/_SUCCESS", formats.manifest("j", "text", [], [str(private)]))
+        with pytest.raises(UsageError, match="names the local file"):
+            await asyncio.to_thread(lambda: list(read_results(f"s3://{bucket}/r")))
+    finally:
         await blobs.delete_prefix("")
         await client.delete_bucket(Bucket=bucket)
         await blobs.aclose()
