@@ -319,6 +319,24 @@ def test_a_new_job_of_an_earlier_jobs_name_drops_its_stale_manifest(
         list(read_results(f"s3://{BUCKET}/{prefix}"))
 
 
+def test_an_input_in_the_jobs_own_data_location_is_refused_at_planning(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any) -> None:
+    """An input prefix over the output picks up what an earlier job of this name left in
+    the job's own location; the job would read it as input, then overwrite or delete it."""
+    name = "reads-itself"
+    stale = f"echo/{kube_namespace}/{name}/output/part-00000.attempt-1"
+    s3.put_object(Bucket=BUCKET, Key=stale, Body=b"old\t1\n")
+    s3.put_object(Bucket=BUCKET, Key=f"echo/{kube_namespace}/in.txt", Body=b"new\n")
+    manifest = echo_job("unused", [f"s3://{BUCKET}/echo/{kube_namespace}/"])
+    manifest["metadata"] = {"name": name}
+    create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed"
+    assert (f"input s3://{BUCKET}/{stale} lies in this job's own data location"
+            in status["error"]["message"])
+    assert s3.get_object(Bucket=BUCKET, Key=stale)["Body"].read() == b"old\t1\n"
+
+
 def test_missing_input_bucket_fails_the_job_at_planning(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any) -> None:
     manifest = echo_job("nobucket", ["s3://no-such-bucket-kubemr/data/"], splitInputs=True)

@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 
 from .. import protocol
 from ..crd import MAPREDUCE_JOBS
-from ..errors import KubemrError
+from ..errors import KubemrError, UsageError
 from ..formats import SUCCESS_MARKER
-from ..inputs import plan_inputs
+from ..inputs import Split, plan_inputs
 from ..kube import (
     BATCH_JOBS,
     EVENTS,
@@ -46,7 +46,7 @@ from ..protocol import JobPhase, JobView
 from ..scrub import scrub
 from ..spec import DEFAULT_WORKERS, JobSpec
 from ..state.kube import KubeStateStore, task_namespace_for, task_namespace_labels
-from ..storage.urls import StoreCache, job_data_prefix
+from ..storage.urls import StoreCache, job_data_prefix, split_s3
 from .admission import Admission, Refused, StorageAccess, admit
 from .config import OperatorConfig
 from .crashloop import DeathWatch, progress_of
@@ -90,6 +90,22 @@ def state_store(kube: Kube, namespace: str) -> KubeStateStore:
     ``KubeStateStore(kube, namespace)``.
     """
     return KubeStateStore(kube, namespace)
+
+
+def check_inputs_outside(splits: list[Split], output: str, namespace: str, name: str) -> None:
+    """UsageError if an input lies in the job's own data location.
+
+    Only an earlier job of this name can have left objects there (its parts, a failed
+    job's shuffle objects), and an input prefix or glob over ``output`` picks them up.
+    This job writes the same keys and deletes its ``map/`` once it succeeds, so it would
+    count the earlier job's results as input, and overwrite or delete what it is reading.
+    """
+    location = f"s3://{split_s3(output)[0]}/{job_data_prefix(output, namespace, name)}/"
+    for url, _ in splits:
+        if url.startswith(location):
+            raise UsageError(f"input {url} lies in this job's own data location {location} "
+                             f"(left by an earlier job named {name!r}); delete it there, "
+                             f"or give the job another name or output")
 
 
 class Reconciler:
@@ -186,6 +202,7 @@ class Reconciler:
         try:
             spec = JobSpec.from_dict(name, mrj["spec"])
             splits = await plan_inputs(spec, environ=storage.environ)
+            check_inputs_outside(splits, spec.output, job_key(mrj)[0], name)
             await self._drop_earlier_manifest(spec, job_key(mrj)[0], name, storage)
         except KubemrError as exc:
             await self._refuse(mrj, f"invalid job: {exc}", storage.secrets)
