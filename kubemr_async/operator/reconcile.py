@@ -228,7 +228,11 @@ class Reconciler:
         results): this job writes the same attempt-unique keys under the same prefix, so
         that manifest would present the parts this job overwrites, or this job's failure,
         as a finished result to ``read_results``. Only the job's own data prefix is touched,
-        with the job's own credentials; no worker has written anything yet."""
+        with the job's own credentials; no worker has written anything yet.
+
+        Best effort: a job whose inputs need no S3 must not be refused over an S3 hiccup
+        here (a missing bucket, say, holds no manifest); the workers report S3 problems.
+        """
         stores = StoreCache(storage.environ)
         try:
             blobs, _ = stores.open(spec.output)
@@ -236,6 +240,10 @@ class Reconciler:
             if await blobs.delete_prefix(f"{prefix}/{SUCCESS_MARKER}"):
                 log.info("removed an earlier job's manifest",
                          extra={"job": name, "namespace": namespace})
+        except KubemrError as exc:
+            log.warning("could not remove an earlier job's manifest",
+                        extra={"job": name, "namespace": namespace,
+                               "error": scrub(str(exc), storage.secrets)})
         finally:
             await stores.aclose()
 
