@@ -24,6 +24,7 @@ import fnmatch
 import glob
 import itertools
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,8 +62,12 @@ def _hidden_match(pattern_parts: Sequence[str], match_parts: Sequence[str]) -> b
     return any(is_hidden(part) and part not in spelled for part in match_parts[first:])
 
 
-def expand_local(pattern: str) -> list[tuple[str, int]]:
-    """Files named by a path, a directory (recursively) or a glob; hidden files skipped."""
+def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
+    """Files named by a path, a directory (recursively) or a glob; hidden files skipped.
+
+    ``split``: the files are data kubemr reads by size (False: a low-level job's inputs,
+    which it opens itself).
+    """
     if _GLOB_CHARS & set(pattern):
         matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
@@ -86,12 +91,36 @@ def expand_local(pattern: str) -> list[tuple[str, int]]:
                                  f"({HIDDEN_NOTE})")
         else:
             paths = [path]
-    result = []
-    for p in paths:
-        if not os.access(p, os.R_OK):
-            raise UsageError(f"input {p} is not readable")
-        result.append((str(p.resolve()), p.stat().st_size))
-    return result
+    return [_local_file(p, split) for p in paths]
+
+
+def _local_file(path: Path, split: bool) -> tuple[str, int]:
+    """One local input as ``(resolved path, size)``; UsageError if it cannot be read as data.
+
+    Splits are planned from the size and read back by ranged reads, so only a regular file
+    whose size is its content will do: a pipe or device (``/dev/stdin``, a FIFO) has no
+    size to plan with, and a ``/proc`` or ``/sys`` file says 0 bytes whatever it holds, which
+    would be read as an empty input. Its name must be UTF-8 text, as every name in a task
+    record is.
+    """
+    resolved = str(path.resolve())
+    shown = os.fsencode(resolved).decode("utf-8", "backslashreplace")
+    if shown != resolved:
+        raise UsageError(f"input {shown} has a name that is not valid UTF-8; rename it")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"input {path} is not readable")
+    info = path.stat()
+    if not split:
+        return resolved, info.st_size
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"input {path} is not a regular file (a pipe or a device has no "
+                         "size to split by); copy it to a file first")
+    if info.st_size == 0:
+        with open(path, "rb") as f:
+            if f.read(1):
+                raise UsageError(f"input {path} reports a size of 0 bytes but holds data "
+                                 "(a /proc or /sys file?); copy it to a file first")
+    return resolved, info.st_size
 
 
 async def expand_inputs(patterns: Sequence[str],
@@ -448,7 +477,7 @@ def _unsplit_local(text: str) -> list[str]:
             return [text]
     elif not os.path.exists(text):
         return [text]
-    return [path for path, _ in expand_local(text)]
+    return [path for path, _ in expand_local(text, split=False)]
 
 
 async def read_task_input(store: BlobStore, key: str,

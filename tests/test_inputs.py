@@ -69,6 +69,34 @@ def test_unreadable_input_is_rejected(tmp_path: Path) -> None:
             expand_local(str(path))
 
 
+def test_an_input_name_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    """It used to reach the task record and fail `kubemr run` with orjson's traceback."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "ok.txt").write_bytes(b"a\n")
+    (d / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"b\n")
+    message = "input .*caf\\\\xe9.txt has a name that is not valid UTF-8; rename it"
+    for pattern in [str(d), str(d / "*.txt"), os.fsdecode(os.fsencode(d) + b"/caf\xe9.txt")]:
+        with pytest.raises(UsageError, match=message):
+            expand_local(pattern)
+
+
+def test_inputs_whose_size_is_not_their_content_are_refused(tmp_path: Path) -> None:
+    """A /proc file (size 0, yet it holds data) used to be read as an empty input, and a
+    pipe failed every attempt of its map with BlobNotFound."""
+    with pytest.raises(UsageError, match="input /proc/self/status reports a size of 0 bytes "
+                                         "but holds data"):
+        expand_local("/proc/self/status")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=f"input {fifo} is not a regular file"):
+        expand_local(str(fifo))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert expand_local(str(tmp_path / "empty.txt")) == [(str(tmp_path / "empty.txt"), 0)]
+    # A low-level job opens its inputs itself: a pipe is its business.
+    assert expand_local(str(fifo), split=False) == [(str(fifo), 0)]
+
+
 def test_plan_splits_cuts_by_chunk_size() -> None:
     splits = plan_splits([("a", 10), ("b", 0), ("c", 4)], 4)
     assert splits == [("a", (0, 4)), ("a", (4, 8)), ("a", (8, 10)), ("b", (0, 0)), ("c", (0, 4))]
