@@ -35,7 +35,7 @@ from .protocol import Split as Split
 from .recordio import ParquetSplit, TextSplit
 from .spec import JobSpec
 from .storage.base import BlobNotFound, BlobStore
-from .storage.urls import StoreCache, is_s3, split_s3
+from .storage.urls import StoreCache, check_utf8_path, is_s3, split_s3
 
 if TYPE_CHECKING:
     from .storage.s3 import S3Config
@@ -104,9 +104,7 @@ def _local_file(path: Path, split: bool) -> tuple[str, int]:
     record is.
     """
     resolved = str(path.resolve())
-    shown = os.fsencode(resolved).decode("utf-8", "backslashreplace")
-    if shown != resolved:
-        raise UsageError(f"input {shown} has a name that is not valid UTF-8; rename it")
+    check_utf8_path(resolved, "input")
     if not os.access(path, os.R_OK):
         raise UsageError(f"input {path} is not readable")
     info = path.stat()

@@ -68,7 +68,7 @@ from .signals import until_signalled
 from .spec import DEFAULT_REDUCERS, MAX_WORKERS, WORKER_PROCESS_ENV, JobSpec, OutputFormat
 from .state.sqlite import SQLiteStateStore
 from .storage.fs import FileBlobStore
-from .storage.urls import is_s3
+from .storage.urls import check_utf8_path, is_s3
 
 __all__ = ["SUCCESS_MARKER", "LocalRunResult", "run_local"]
 
@@ -214,10 +214,16 @@ def _prepare(output: Path, job_ref: str, reducers: int,
              commands: Commands) -> tuple[Path, tuple[str, list[AnyJob]], str]:
     """Checks that need no worker: the job module loads, every step of it (fail fast,
     before any process)."""
-    output = output.resolve()
+    try:
+        output = output.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop is a RuntimeError before 3.13
+        reason = exc.strerror if isinstance(exc, OSError) else "a symlink loop"
+        raise UsageError(f"output {output} cannot be resolved: {reason}") from None
+    check_utf8_path(str(output), "output")
     steps = load_steps(job_ref, reducers, commands)
     if job_ref.endswith(".py"):  # workers may run from another directory
         job_ref = str(Path(job_ref).resolve())
+        check_utf8_path(job_ref, "job module")
     return output, steps, job_ref
 
 

@@ -122,6 +122,8 @@ def inspect_output(output: Path, shown: Path | None = None) -> OutputState:
         mode = output.lstat().st_mode
     except FileNotFoundError:
         return OutputState(False)
+    except OSError as exc:  # a file on the way (ENOTDIR), a name too long, ...
+        raise UsageError(f"output {name} cannot be a directory: {exc.strerror}") from None
     if not stat.S_ISDIR(mode):
         raise UsageError(f"output {name} is a file, not a directory; refusing to replace it")
     entries = frozenset(os.listdir(output))

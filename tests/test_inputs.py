@@ -75,7 +75,7 @@ def test_an_input_name_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> 
     d.mkdir()
     (d / "ok.txt").write_bytes(b"a\n")
     (d / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"b\n")
-    message = "input .*caf\\\\xe9.txt has a name that is not valid UTF-8; rename it"
+    message = "input .*caf\\\\xe9.txt has a name that is not valid UTF-8; use a UTF-8 name"
     for pattern in [str(d), str(d / "*.txt"), os.fsdecode(os.fsencode(d) + b"/caf\xe9.txt")]:
         with pytest.raises(UsageError, match=message):
             expand_local(pattern)

@@ -159,6 +159,32 @@ def test_a_result_holding_a_user_file_is_refused_naming_it(tmp_path: Path, extra
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(("output", "message"), [
+    ("loop", "output {tmp}/loop cannot be resolved: "),
+    ("report.txt/out", "output {tmp}/report.txt/out cannot be a directory: Not a directory"),
+    (os.fsdecode(b"caf\xe9"), "output {tmp}/caf\\xe9 has a name that is not valid UTF-8"),
+    ("job", "job module {tmp}/caf\\xe9.py has a name that is not valid UTF-8"),
+])
+def test_an_output_or_job_path_that_cannot_be_used_is_one_line(tmp_path: Path, output: str,
+                                                                message: str) -> None:
+    """Each used to end `kubemr run` in a traceback (the last two after every map ran:
+    the workers could not write the name into their records)."""
+    docs = user_data(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "report.txt").write_bytes(b"precious\n")
+    job = Path(WORDCOUNT)
+    if output == "job":
+        job = tmp_path / os.fsdecode(b"caf\xe9.py")
+        job.write_bytes(Path(WORDCOUNT).read_bytes())
+        output = "out"
+    before = snapshot(tmp_path)
+    result = kubemr("run", str(job), "--input", str(docs), "--output", str(tmp_path / output))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"kubemr: error: {message.format(tmp=tmp_path)}")
+    assert snapshot(tmp_path) == before
+
+
 # --- one writer per output ---------------------------------------------------------------
 
 JOB_GATED = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +13,14 @@ from .fs import FileBlobStore
 
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
+
+
+def check_utf8_path(path: str, role: str) -> None:
+    """UsageError unless a local path's name is UTF-8 text: the names of inputs and outputs
+    travel in task records (JSON) and become store keys, which are text."""
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if shown != path:
+        raise UsageError(f"{role} {shown} has a name that is not valid UTF-8; use a UTF-8 name")
 
 
 def split_s3(url: str) -> tuple[str, str]:
