@@ -252,11 +252,17 @@ async def _write(proc: asyncio.subprocess.Process, feed: Iterable[bytes | memory
 
 async def _stderr(stream: asyncio.StreamReader, ctx: TaskContext, tail: deque[str],
                   where: str) -> None:
+    """The command's stderr, line by line; a line longer than ``_PIECE`` (a command writing
+    without newlines) is passed on a piece at a time, so it is never held whole nor copied
+    again with every read."""
     partial = b""
     while data := await stream.read(_PIECE):
         *lines, partial = (partial + data).split(b"\n")
         for line in lines:
             _stderr_line(line, ctx, tail, where)
+        if len(partial) >= _PIECE:
+            _stderr_line(partial, ctx, tail, where)
+            partial = b""
     if partial:
         _stderr_line(partial, ctx, tail, where)
 

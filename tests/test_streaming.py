@@ -256,6 +256,20 @@ def test_reporter_lines_reach_counters_and_status_and_other_stderr_is_passed_thr
     assert "a user message" in err and "reporter:counter" not in err
 
 
+def test_a_long_stderr_line_is_passed_on_in_pieces_not_held_whole(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A command writing stderr without newlines used to be held whole and copied on every
+    read: 100 MB took 95 s and 477 MB of RSS in the worker (16 s and 99 MB as lines)."""
+    size = 8 << 20
+    _, pairs = mapped(f"head -c {size} /dev/zero | tr '\\0' x >&2; printf '\\ndone\\n' >&2; cat",
+                      b"k\tv\n")
+    assert pairs == [("k", "v")]
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[-1] == "done"
+    assert "".join(lines[:-1]) == "x" * size
+    assert max(map(len, lines)) <= 2 << 20
+
+
 def test_cancelling_the_attempt_kills_the_command_process_group(tmp_path: Path) -> None:
     child = tmp_path / "child"
 
