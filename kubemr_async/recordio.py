@@ -222,15 +222,21 @@ def _placed_csv_rows(split: TextSplit) -> Iterator[Placed]:
         raise PermanentTaskError(f"{split.url} line 1: the CSV header is empty")
     header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 byte order mark
     position = [0, 0]  # line number and byte position of the line being parsed
+    began: list[int] = []  # those of the first line of the row being parsed
+    ended = False
 
     def text() -> Iterator[str]:
+        nonlocal ended
         for number, pos, line in lines:
             position[0], position[1] = number, pos
+            began[:] = began or position
             yield line.decode("utf-8", "surrogateescape") + "\n"
+        ended = True
 
     fields = len(header)
     rows = csv.reader(text())
     while True:
+        began.clear()
         try:
             row = next(rows)
         except StopIteration:
@@ -240,6 +246,14 @@ def _placed_csv_rows(split: TextSplit) -> Iterator[Placed]:
                    BadRecord(where(split, *position), f"malformed CSV: {_one_line(exc)}",
                              *position))
             continue
+        if ended:
+            # Every line ends in "\n", so the reader completes a row at the end of the data
+            # only inside a quoted field: one whose newline crosses into the next split
+            # (which would read the rest as rows of its own), or a truncated file.
+            raise PermanentTaskError(
+                f"{where(split, *began)}: a quoted CSV field opened in this row is not "
+                "closed before the split ends: a quoted field holding a newline must not "
+                "straddle a split (use a larger --chunk-size), or the file is truncated")
         if not row:
             continue
         if len(row) != fields:

@@ -191,6 +191,24 @@ def test_a_csv_row_with_the_wrong_field_count_fails_naming_where(tmp_path: Path)
     assert "CSV row has 2 fields, the header has 3" in result.stderr
 
 
+def test_a_quoted_newline_straddling_a_split_fails_instead_of_making_rows(
+        tmp_path: Path) -> None:
+    """The split before the boundary ended inside the quotes and the next read the rest of
+    the field as rows of its own: the job succeeded with rows no file holds."""
+    path = tmp_path / "notes.csv"
+    path.write_text("city,amount,note\n" + "".join(
+        f'city{i % 3},1,"first line\nfake,9,row"\n' for i in range(300)))
+    expected = Counter(row["city"] for row in csv.DictReader(path.open(newline="")))
+    assert sorted(expected) == ["city0", "city1", "city2"]
+    whole = recordio.TextSplit(str(path), path.read_bytes())
+    assert Counter(row["city"] for row in recordio.records("csv", whole)) == expected
+    result = run(tmp_path, CSV_JOB, path, extra=("--max-skipped-records", "5"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert (": a quoted CSV field opened in this row is not closed before the split ends: a "
+            "quoted field holding a newline must not straddle a split") in result.stderr
+
+
 PARQUET_JOB = """
 import pyarrow.compute as pc
 from kubemr_async import Job
