@@ -63,6 +63,8 @@ class TextSplit:
     data: bytes
     offset: int = 0  # the byte offset of data[0] in the (decompressed) file
     header: bytes | None = None  # csv: the file's first line, when the split is not at 0
+    #: A total-order sampling window, not a split: its end may cut a record, which is dropped.
+    window: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ def _placed_csv_rows(split: TextSplit) -> Iterator[Placed]:
             # Every line ends in "\n", so the reader completes a row at the end of the data
             # only inside a quoted field: one whose newline crosses into the next split
             # (which would read the rest as rows of its own), or a truncated file.
+            if split.window:
+                return
             raise PermanentTaskError(
                 f"{where(split, *began)}: a quoted CSV field opened in this row is not "
                 "closed before the split ends: a quoted field holding a newline must not "

@@ -97,7 +97,8 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
         elif job.map_input in recordio.RECORD_INPUTS:  # a window of records (CSV: + header)
             size = await store.size(key)
             start, window = await read_split_at(store, key, rng[0] + begin, rng[0] + end, size)
-            data = await text_split(store, key, start, window, job.map_input, size)
+            data = dataclasses.replace(
+                await text_split(store, key, start, window, job.map_input, size), window=True)
         else:
             offset = rng[0]
             data = await read_split(store, key, offset + begin, offset + end,

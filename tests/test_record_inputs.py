@@ -388,6 +388,23 @@ def test_total_order_samples_csv_windows_with_the_header(tmp_path: Path) -> None
     assert all(part.stat().st_size > 0 for part in parts), "the sample found boundaries"
 
 
+def test_total_order_sample_windows_may_end_inside_a_quoted_csv_field(tmp_path: Path) -> None:
+    """A sampling window is not a split: its cut row is dropped, not a failed job (a split
+    ending inside quotes fails its task)."""
+    window = recordio.TextSplit("w.csv", b'1,ok\n2,"open\n', header=b"id,name", window=True)
+    assert list(recordio.records("csv", window)) == [{"id": "1", "name": "ok"}]
+    path = tmp_path / "notes.csv"
+    ids = [f"{(i * 7919) % 50021:05}" for i in range(50000)]
+    # A window may also start inside the quotes: its first row is then "x" and the rest.
+    path.write_text("id,name\n" + "".join(f'{i},"one\nx,two {i}"\n' for i in ids))
+    assert path.stat().st_size > 8 * (128 << 10), "sampled in windows, not read whole"
+    source = SORT_CSV_JOB.replace('int(row["id"])', 'row["id"]')
+    result = run(tmp_path, source, path, extra=("--reducers", "3", "--chunk-size", "64m",
+                                                "--format", "jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert list(read_results(tmp_path / "out")) == sorted((i, f"one\nx,two {i}") for i in ids)
+
+
 def test_the_jsonl_grouping_example(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     events = root / "examples" / "events"
