@@ -94,6 +94,10 @@ def decompress(codec: Codec, data: bytes, where: str) -> bytes:
             raise _invalid(codec, where, "the file is truncated (it ends inside a "
                                          "compressed member)")
         rest = member.unused_data
+        if codec.pad_multiple > 1:  # xz: stream padding may also sit between two streams
+            body = rest.lstrip(b"\0")
+            if body and (len(rest) - len(body)) % codec.pad_multiple == 0:
+                rest = body
         if rest and not any(rest.startswith(m) for m in codec.magics) and (
                 not codec.pad_multiple or rest.strip(b"\0")):
             raise _invalid(codec, where, f"{len(rest)} bytes of trailing garbage after the "

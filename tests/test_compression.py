@@ -90,6 +90,13 @@ def test_nul_padding_is_accepted_only_where_the_format_allows_it() -> None:
         decompress(CODECS[".xz"], lzma.compress(DATA) + b"\0" * 3, "a.xz")
     with pytest.raises(InvalidCompressedData, match="trailing garbage"):
         decompress(CODECS[".bz2"], bz2.compress(DATA) + b"\0" * 4, "a.bz2")
+    # xz allows stream padding between streams too (xz -d reads both; it was refused).
+    padded = lzma.compress(DATA) + b"\0" * 8 + lzma.compress(b"second\n")
+    assert decompress(CODECS[".xz"], padded, "a.xz") == DATA + b"second\n"
+    with pytest.raises(InvalidCompressedData, match="trailing garbage"):
+        decompress(CODECS[".xz"], lzma.compress(DATA) + b"\0" * 3 + lzma.compress(b"x"), "a.xz")
+    with pytest.raises(InvalidCompressedData, match="trailing garbage"):
+        decompress(CODECS[".gz"], gzip.compress(DATA) + b"\0" + gzip.compress(b"x"), "a.gz")
 
 
 @pytest.mark.parametrize("ext", EXTENSIONS)
