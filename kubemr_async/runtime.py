@@ -123,8 +123,25 @@ class UserLoop:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    def close(self) -> None:
-        # A callback still hogging the thread is abandoned: the thread is a daemon.
+    async def aclose(self) -> None:
+        """Cancel what still runs on the loop and wait (up to a second) for it to finish,
+        then stop the loop.
+
+        An attempt cancelled as the worker stops is still unwinding there (a shell command
+        being killed and reaped): stopping the loop under it left it pending, and at exit
+        Python printed its "Task was destroyed but it is pending!" and "Event loop is
+        closed" tracebacks on the user's terminal. A callback still hogging the thread is
+        abandoned: the thread is a daemon.
+        """
+        async def cancel_all() -> None:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(cancel_all(), self.loop))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, 1.0)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=1.0)
 
@@ -140,7 +157,7 @@ class SameLoop:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return await coro
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         pass
 
 
@@ -247,7 +264,7 @@ class Worker:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-            self.user.close()
+            await self.user.aclose()
             await self._stores.aclose()
 
     def _enter_step(self, step: int) -> None:

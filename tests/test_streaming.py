@@ -270,6 +270,37 @@ def test_a_long_stderr_line_is_passed_on_in_pieces_not_held_whole(
     assert max(map(len, lines)) <= 2 << 20
 
 
+def test_a_worker_stopping_lets_a_cancelled_command_be_reaped_before_its_loop_stops(
+        tmp_path: Path) -> None:
+    """The user loop used to be stopped under the attempt it had just cancelled (its
+    command being killed and reaped): at exit Python printed "Task was destroyed but it is
+    pending!" and "Event loop is closed" tracebacks on the user's terminal."""
+    from kubemr_async.runtime import UserLoop
+
+    pid_file = tmp_path / "pid"
+
+    def started() -> None:
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            time.sleep(0.01)
+
+    async def stop_while_running() -> UserLoop:
+        user = UserLoop()
+        attempt = asyncio.ensure_future(user.run(run_mapper(
+            Shell(f"echo $$ > {pid_file}; exec sleep 30"), b"", context())))
+        await asyncio.to_thread(started)
+        attempt.cancel()  # what Worker.stop does to the current attempt
+        await user.aclose()
+        return user
+
+    user = asyncio.run(stop_while_running())
+    assert asyncio.all_tasks(user.loop) == set(), "nothing left pending on the user loop"
+    pid = int(pid_file.read_text())
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_cancelling_the_attempt_kills_the_command_process_group(tmp_path: Path) -> None:
     child = tmp_path / "child"
 
