@@ -66,6 +66,8 @@ def test_examples_match_an_independent_reference(tmp_path: Path, example: str,
     manifest = json.loads((out / "_SUCCESS").read_text())
     reducers = int(extra[extra.index("--reducers") + 1])
     assert manifest["parts"] == [f"part-{r:05d}" for r in range(reducers)]
+    # They were the workers' paths in the work directory, which is gone by now.
+    assert manifest["results"] == [str(out / part) for part in manifest["parts"]]
     assert not list(tmp_path.glob(".out.*")), "the work directory is cleaned up"
 
 
