@@ -14,7 +14,7 @@ cluster, so they may be unset (None) for `kubemr run`, but when set the limits a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 
@@ -446,6 +446,32 @@ def validate(spec: JobSpec) -> None:
     if spec.ttl_seconds_after_finished is not None:
         _between("ttlSecondsAfterFinished", spec.ttl_seconds_after_finished, 0)
     _check_storage(spec)
+    _check_text(spec.to_dict())
+
+
+def _check_text(spec: JobSpecDict) -> None:
+    """InvalidSpec naming the field of a string that is not UTF-8 text: a command line's
+    bytes that do not decode arrive as surrogates (an ``--arg``, a ``--mapper``), and the
+    spec travels as JSON, which holds only text."""
+    for name, value in spec.items():
+        for text in _texts(value):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise InvalidSpec(f"spec.{name}", f"{text!r} is not valid UTF-8 text") from None
+
+
+def _texts(value: object) -> Iterator[str]:
+    """Every str in a JSON-like value, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
 
 
 def _check_storage(spec: JobSpec) -> None:

@@ -97,6 +97,25 @@ def test_kubemr_run_refuses(case: Case, tmp_path: Path) -> None:
     assert not out.exists(), "refused before anything was created"
 
 
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--arg", "k=caf\udce9"], "spec.args"),
+    (["--input", "caf\udce9.txt"], "spec.inputs"),
+    (["--mapper", "grep caf\udce9", "--reducer", "cat"], "spec.mapper"),
+])
+def test_command_line_bytes_that_are_not_utf8_are_refused(flags: list[str], field: str,
+                                                          tmp_path: Path) -> None:
+    """They reached the job record and failed `kubemr run` with orjson's traceback."""
+    data = tmp_path / "in.txt"
+    data.write_text("a b a\n")
+    out = tmp_path / "out"
+    job = [] if "--mapper" in flags else [str(ROOT / "examples" / "wordcount.py")]
+    result = run_kubemr("run", *job, "-i", str(data), "--output", str(out), *flags)
+    assert "is not valid UTF-8 text" in refused(result, field)
+    assert not out.exists(), "refused before anything was created"
+    submit = run_kubemr(*SUBMIT, *flags)
+    assert "is not valid UTF-8 text" in refused(submit, field)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -> None:
     """No cluster is reachable here: the refusal must come before any API call."""
