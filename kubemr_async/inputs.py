@@ -91,7 +91,14 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
                                  f"({HIDDEN_NOTE})")
         else:
             paths = [path]
-    return [_local_file(p, split) for p in paths]
+    # One file reached by several names (a symlink to it, or to a directory above it) is
+    # read once: a glob's ** follows symlinked directories, so a link back up the tree
+    # named every file below it again at each of ~40 levels until the path was too long.
+    unique: dict[tuple[int, int], Path] = {}
+    for p in paths:
+        info = p.stat()
+        unique.setdefault((info.st_dev, info.st_ino), p)
+    return [_local_file(p, split) for p in unique.values()]
 
 
 def _local_file(path: Path, split: bool) -> tuple[str, int]:
