@@ -780,7 +780,7 @@ def _import_target(ref: str) -> AnyJob | Pipeline:
             spec.loader.exec_module(module)
         except JobDefinitionError as exc:  # a Pipeline or Job refused at import: say why
             raise JobDefinitionError(f"job module {target}: {exc}") from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() at import too: say so, not exit
             raise JobDefinitionError(
                 f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
     else:
@@ -788,7 +788,7 @@ def _import_target(ref: str) -> AnyJob | Pipeline:
             module = importlib.import_module(target)
         except JobDefinitionError as exc:
             raise JobDefinitionError(f"job module {target}: {exc}") from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() at import too: say so, not exit
             raise JobDefinitionError(
                 f"job module {target} failed to import: {type(exc).__name__}: {exc}") from exc
     if attr:

@@ -111,6 +111,28 @@ def container_memory_limit() -> int | None:
     return None
 
 
+class CallbackExit(Exception):
+    """A callback raised SystemExit (``sys.exit()``) or, on the user thread,
+    KeyboardInterrupt: the attempt fails, as for any exception a callback raises.
+
+    Left as they are, these end the event loop they run on, not the attempt: the user
+    thread's loop stopped with the attempt's future never resolved, and the worker went on
+    renewing the lease of an attempt that could never end, so the job never did either.
+    """
+
+
+async def _contained(coro: Coroutine[Any, Any, T],
+                     exits: tuple[type[BaseException], ...]) -> T:
+    """``coro``, with ``exits`` raised by user code turned into a CallbackExit that keeps
+    their traceback (so the error still points at the user's line)."""
+    try:
+        return await coro
+    except exits as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise CallbackExit(f"the callback raised {type(exc).__name__}{detail}"
+                           ).with_traceback(exc.__traceback__) from None
+
+
 class UserLoop:
     """A private event loop in a daemon thread where user callbacks run."""
 
@@ -121,7 +143,10 @@ class UserLoop:
         self._thread.start()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        # No signal reaches this thread: a KeyboardInterrupt here is the callback's own.
+        contained = _contained(coro, (SystemExit, KeyboardInterrupt))
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(contained,
+                                                                          self.loop))
 
     async def aclose(self) -> None:
         """Cancel what still runs on the loop and wait (up to a second) for it to finish,
@@ -155,7 +180,8 @@ class SameLoop:
     """
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await coro
+        # KeyboardInterrupt is left alone: on the main thread it is the user's Ctrl-C.
+        return await _contained(coro, (SystemExit,))
 
     async def aclose(self) -> None:
         pass

@@ -249,3 +249,45 @@ job = W()
 """, "--reducers", "0")
     assert result.returncode == 2
     assert "needs at least one reducer" in result.stderr
+
+
+@pytest.mark.parametrize(("call", "raised", "inline"), [
+    ("sys.exit(4)", "SystemExit: 4", False), ("sys.exit(0)", "SystemExit: 0", False),
+    ("raise KeyboardInterrupt", "KeyboardInterrupt", False),
+    # Inline only SystemExit: a KeyboardInterrupt on the main thread is the user's Ctrl-C.
+    ("sys.exit(4)", "SystemExit: 4", True)])
+def test_sys_exit_in_a_callback_fails_the_task_instead_of_hanging_the_job(
+        tmp_path: Path, call: str, raised: str, inline: bool) -> None:
+    """SystemExit (and KeyboardInterrupt, on the user thread) used to stop the user
+    thread's event loop with the attempt unresolved: the worker renewed its lease for
+    ever and `kubemr run` never ended (inline, SystemExit ended it with a traceback)."""
+    (tmp_path / "job.py").write_text(f"""
+import sys
+from kubemr_async import Job
+job = Job("exits")
+
+@job.map
+def words(text, ctx):
+    {call}
+
+job.reduce("sum")
+""")
+    (tmp_path / "in.txt").write_text(TEXT)
+    result = subprocess.run(
+        [KUBEMR, "run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
+         "--output", str(tmp_path / "out"), "--max-attempts", "2",
+         *(["--inline"] if inline else [])],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("kubemr: error: job exits-"), result.stderr
+    assert "task map-00000 attempt 2: " in last
+    assert f"the callback raised {raised} (at {tmp_path / 'job.py'}:8)" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_sys_exit_while_importing_the_job_module_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_job(tmp_path, "import sys\nsys.exit(3)\n")
+    assert result.returncode == 2
+    assert result.stderr == (f"kubemr: error: job module {tmp_path / 'job.py'} failed to "
+                             "import: SystemExit: 3\n")
