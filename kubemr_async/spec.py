@@ -13,6 +13,7 @@ cluster, so they may be unset (None) for `kubemr run`, but when set the limits a
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,9 @@ MAX_SPLITS_PER_TASK = 512
 MAX_SKIPPED_RECORDS_LIMIT = 2**31 - 1
 DEFAULT_LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 1
+#: The largest byte count (``chunkSize``, ``memory``): the CRD's ``int64`` format, and
+#: what the JSON of a job record can hold.
+MAX_BYTES = 2**63 - 1
 #: One default for `kubemr run`, `kubemr submit` and the CRD: one result file per job.
 DEFAULT_REDUCERS = 1
 MAX_REDUCERS = 10_000
@@ -423,6 +427,9 @@ def validate(spec: JobSpec) -> None:
                           f"{spec.steps} steps), got {spec.step}")
     _check_step_reducers(spec)
     _between("maxAttempts", spec.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
+    if not math.isfinite(spec.lease_seconds):  # NaN passes every comparison; JSON holds neither
+        raise InvalidSpec("spec.leaseSeconds", f"must be a finite number, got "
+                          f"{spec.lease_seconds}")
     _between("leaseSeconds", spec.lease_seconds, MIN_LEASE_SECONDS)
     _between("chunkSize", spec.chunk_size, MIN_CHUNK_SIZE)
     if spec.output and not re.match(OUTPUT_PATTERN, spec.output):
@@ -433,6 +440,9 @@ def validate(spec: JobSpec) -> None:
                           f"got {spec.output_format!r}")
     if spec.memory is not None:
         _between("memory", spec.memory, MIN_MEMORY)
+    for name, size in (("chunkSize", spec.chunk_size), ("memory", spec.memory or 0)):
+        if size > MAX_BYTES:
+            raise InvalidSpec(f"spec.{name}", f"must be at most {MAX_BYTES} (int64), got {size}")
     _between("maxSkippedRecords", spec.max_skipped_records, 0, MAX_SKIPPED_RECORDS_LIMIT)
     _between("splitsPerTask", spec.splits_per_task, 1, MAX_SPLITS_PER_TASK)
     if spec.splits_per_task > 1 and not spec.split_inputs:

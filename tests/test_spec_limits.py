@@ -132,6 +132,33 @@ def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -
     assert "invalid MapReduceJob" in from_file, "the words of the API server's refusal"
 
 
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--lease-seconds", "nan"], "spec.leaseSeconds"),
+    (["--lease-seconds", "inf"], "spec.leaseSeconds"),
+    (["--chunk-size", "99999999TiB"], "spec.chunkSize"),
+], ids=["lease NaN", "lease infinite", "chunk size beyond int64"])
+def test_values_no_manifest_can_hold_are_refused_by_run_and_submit(
+        flags: list[str], field: str, tmp_path: Path) -> None:
+    """A NaN or infinite lease passed every comparison: `kubemr run` started workers that
+    died reading it back from the job record (JSON has neither) until the crash loop
+    failed the job; a size beyond the CRD's int64 ended in a TypeError traceback."""
+    data = tmp_path / "in.txt"
+    data.write_text("a b a\n")
+    out = tmp_path / "out"
+    refused(run_kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(data),
+                       "--output", str(out), *flags), field)
+    assert not out.exists()
+    refused(run_kubemr(*SUBMIT, *flags, "--kubeconfig", str(tmp_path / "none")), field)
+
+
+def test_kubemr_run_refuses_a_memory_budget_beyond_int64(tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("a b a\n")
+    refused(run_kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(data),
+                       "--output", str(tmp_path / "out"), "--memory", "99999999TiB"),
+            "spec.memory")
+
+
 @pytest.fixture(scope="module")
 def namespace(kube_cluster: TestCluster) -> Iterator[str]:
     async def install() -> None:
