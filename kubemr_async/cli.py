@@ -200,7 +200,7 @@ def run(
     max_skipped_records: MaxSkippedRecords = 0,
     splits_per_task: SplitsPerTask = 1,
     metrics_port: Annotated[int | None, typer.Option(
-        metavar="PORT", show_default=False,
+        metavar="PORT", show_default=False, min=0, max=65535,
         help="Serve the workers' Prometheus /metrics on 127.0.0.1:PORT while the job runs.")]
     = None,
     timeline: Annotated[Path | None, typer.Option(
@@ -300,10 +300,10 @@ def operator(
         help="Failed worker pods tolerated per worker before a job fails (kills and "
              "disruptions are not counted).")] = 4,
     metrics_port: Annotated[int, typer.Option(
-        envvar="KUBEMR_OPERATOR_METRICS_PORT", metavar="PORT",
+        envvar="KUBEMR_OPERATOR_METRICS_PORT", metavar="PORT", min=0, max=65535,
         help="Serve /metrics, /healthz and /readyz on this port (0: off).")] = 0,
     worker_metrics_port: Annotated[int, typer.Option(
-        envvar="KUBEMR_WORKER_METRICS_PORT", metavar="PORT",
+        envvar="KUBEMR_WORKER_METRICS_PORT", metavar="PORT", min=0, max=65535,
         help="Worker pods serve /metrics on this port, with scrape annotations (0: off).")]
     = 0,
     worker_metrics_linger: Annotated[float, typer.Option(

@@ -257,3 +257,17 @@ def test_a_busy_port_is_one_usage_error_not_a_traceback(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert run.stderr == f"kubemr: error: --metrics-port {port}: Address already in use\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_one_usage_error_not_a_traceback(tmp_path: Path,
+                                                                port: str) -> None:
+    """bind() raised OverflowError, which escaped as a traceback."""
+    out = tmp_path / "out"
+    run = subprocess.run([KUBEMR, "run", COUNTING, "-i", str(DATA), "--output", str(out),
+                          "--metrics-port", port], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "KUBEMR_LOG_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert run.stderr == (f"kubemr: error: Invalid value for '--metrics-port': {port} is not "
+                          "in the range 0<=x<=65535. (see kubemr run --help)\n")
+    assert not out.exists()
