@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -68,8 +69,12 @@ T = TypeVar("T")
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 #: Bytes per ranged GET when streaming a result object: bounded memory for any size.
 CAT_CHUNK = 8 * 1024 * 1024
-#: Reads answered with 429/5xx (or no answer) are tried this often (about 10 s in all).
+#: Reads answered with 429/5xx (or no answer) are tried this often (about 10 s in all)...
 READ_ATTEMPTS = 8
+#: ... but none is started this many seconds after the first: a server that does not
+#: answer makes each try wait for its connect or read timeout (30 s, 75 s), and eight of
+#: those kept a `kubemr status` waiting for minutes.
+READ_DEADLINE = 30.0
 #: Guarded writes that lose this many races in a row give up (somebody keeps writing).
 WRITE_ATTEMPTS = 10
 #: How long `retry` waits for the operator to finish a job that just ended.
@@ -421,12 +426,13 @@ async def _retrying(read: Callable[[], Awaitable[T]]) -> T:
     watches in KubeStateStore do.
     """
     backoff = Backoff(initial=0.4, maximum=2.0)
+    deadline = time.monotonic() + READ_DEADLINE
     for attempt in range(1, READ_ATTEMPTS + 1):
         await backoff.wait()  # the first try does not wait
         try:
             return await read()
         except KubeApiError as exc:
-            if attempt == READ_ATTEMPTS or not exc.transient:
+            if attempt == READ_ATTEMPTS or not exc.transient or time.monotonic() > deadline:
                 raise
     raise AssertionError("unreachable: the last attempt returns or raises")
 

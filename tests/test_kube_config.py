@@ -263,3 +263,37 @@ def test_refusals_right_after_an_outage_are_tried_again_for_a_while() -> None:
     assert not transient_after_outage(forbidden, None)
     assert transient_after_outage(error_for("patching", 503, b"{}"), None)
     assert not transient_after_outage(error_for("patching", 404, b"{}"), 1.0)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_server_that_accepts_and_never_answers_is_unreachable_not_a_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
+    """A call that is not a stream waited for ever for an answer (`kubemr status` against
+    a hung API server never ended), and a read was tried 8 times at up to 30 s each.
+    The timeouts are shortened here; the server is a real socket that accepts, then says
+    nothing (no TLS handshake either)."""
+    import socket
+    import time
+
+    import aiohttp
+
+    from kubemr_async import jobs
+    from kubemr_async.errors import KubemrError
+    from kubemr_async.kube import client
+
+    monkeypatch.setattr(client, "ANSWER_TIMEOUT",
+                        aiohttp.ClientTimeout(total=None, sock_connect=1, sock_read=1))
+    monkeypatch.setattr(jobs, "READ_DEADLINE", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        kubeconfig = _write(tmp_path / "config", _config(
+            {"c": {"server": f"{scheme}://127.0.0.1:{port}", "insecure-skip-tls-verify": True}},
+            {"u": {"token": "t"}}, {"m": {"cluster": "c", "user": "u"}}, current="m"))
+        started = time.monotonic()
+        with pytest.raises(KubemrError, match=f"^cannot reach the Kubernetes API server at "
+                                              f"{scheme}://127.0.0.1:{port}: "):
+            async with jobs.connect(str(kubeconfig)) as jobs_client:
+                await jobs_client.get("wordcount")
+    assert time.monotonic() - started < 10

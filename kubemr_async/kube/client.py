@@ -112,6 +112,12 @@ Query = Mapping[str, str | int | bool | None]
 
 #: What an HTTP call raises when the server gave no (complete) answer.
 _NO_ANSWER = (aiohttp.ClientError, TimeoutError, OSError)
+#: How long a call that is not a stream (every verb but watches and logs) waits for each
+#: piece of its answer. The API server ends such a request itself after 60 s (its
+#: --request-timeout), so silence past that means no answer is coming: a server that
+#: accepted the connection and hung, or a connection that died without a reset. Without
+#: it such a call waited for ever.
+ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=75)
 
 
 async def _read_all(resp: aiohttp.ClientResponse, context: str) -> bytes:
@@ -217,10 +223,12 @@ class Kube:
                       read_timeout: float | None = None,
                       accept: str = "application/json") -> KubeObject:
         """Send a request and return its decoded JSON answer (``accept`` may ask for
-        another rendering, such as a ``kubectl get``-style Table)."""
+        another rendering, such as a ``kubectl get``-style Table); without
+        ``read_timeout``, ANSWER_TIMEOUT bounds the wait."""
         resp = await self.open(method, path, context=context, query=query, body=body,
-                               content_type=content_type, read_timeout=read_timeout,
-                               accept=accept)
+                               content_type=content_type,
+                               read_timeout=ANSWER_TIMEOUT if read_timeout is None
+                               else read_timeout, accept=accept)
         raw = await _read_all(resp, context)
         decoded: KubeObject = orjson.loads(raw) if raw else {}
         return decoded
