@@ -6,7 +6,7 @@ the namespace) can see. So every message that leaves the operator or a worker is
 through :func:`scrub` first. It removes the values the caller knows to be secret (the
 keys it just read from a Secret) and anything shaped like a credential whatever its
 source: signed-URL query parameters, ``Authorization`` headers and bearer tokens,
-``key=value`` pairs whose key names a secret, and AWS access key ids. Pure: no I/O.
+``key=value`` pairs whose key names a secret, URL passwords and AWS access key ids. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ _SHAPES = (
     re.compile(r"(?i)((?:aws_)?(?:secret_access_key|secretaccesskey|session_?token|"
                r"password|passwd|client_?secret|private_?key)[\"']?\s*[:=]\s*[\"']?)"
                r"[^\s\"',;&}]+"),
+    # A URL's password (scheme://user:password@host), as a database client's error or an
+    # input the user typed carries it; the user name is kept.
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/?#@:\"']*:)[^\s/?#@\"']+(?=@)"),
     # AWS access key ids (long-term AKIA, temporary ASIA).
     re.compile(r"()\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
 )

@@ -240,3 +240,48 @@ def test_malformed_command_lines_fail_with_one_line(argv: list[str], message: st
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kubemr: error: ") and message in lines[0]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://reader:PLANTED-url-pass@127.0.0.1:1/data.txt",
+     "input https://reader:***@127.0.0.1:1/data.txt does not exist"),
+    ("s3://AKIAIOSFODNN7EXAMPLE:PLANTED-url-pass@bucket/x",
+     "invalid S3 URL 's3://***:***@bucket/x': credentials do not belong in it; give them "
+     "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+])
+def test_an_input_url_with_a_password_is_refused_without_printing_it(
+        tmp_path: Path, url: str, shown: str) -> None:
+    """The error line quoted the URL as typed, password and all (and the bucket part of an
+    s3:// one again on its own, key and secret)."""
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "--input", url,
+                    "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr == f"kubemr: error: {shown}\n"
+
+
+def test_a_callbacks_error_loses_a_url_password_everywhere(tmp_path: Path) -> None:
+    """A driver's error names its connection URL: not in the error line, the worker logs
+    or the timeline."""
+    (tmp_path / "job.py").write_text("""
+from kubemr_async import Job
+job = Job("dburl")
+
+@job.map
+def words(text, ctx):
+    raise ConnectionError("cannot reach postgresql://app:PLANTED-url-pass@db:5432/x")
+
+job.reduce("sum")
+""")
+    (tmp_path / "in.txt").write_text("a b\n")
+    logs = Path(os.environ["KUBEMR_LOG_DIR"])
+    result = kubemr("run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
+                    "--output", str(tmp_path / "out"), "--max-attempts", "1",
+                    "--timeline", str(tmp_path / "timeline.html"))
+    assert result.returncode == 1
+    assert "ConnectionError: cannot reach postgresql://app:***@db:5432/x" in result.stderr
+    job = result.stderr.split("job ", 1)[1].split(" ", 1)[0]
+    written = [*(logs / job).iterdir(), tmp_path / "timeline.html"]
+    assert len(written) >= 2
+    for path in written:
+        assert "PLANTED-url-pass" not in path.read_text(), path
+    assert "PLANTED-url-pass" not in result.stderr

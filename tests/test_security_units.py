@@ -254,6 +254,12 @@ def test_submit_writes_the_tenants_credentials_into_spec_storage() -> None:
     ("key AKIAIOSFODNN7EXAMPLE is unknown", "key *** is unknown"),
     ("input s3://b/x: access denied (AccessDenied)", "input s3://b/x: access denied "
                                                      "(AccessDenied)"),
+    ("connect to postgresql://app:hunter2@db:5432/x failed",
+     "connect to postgresql://app:***@db:5432/x failed"),
+    ("input 'https://u:p%40ss@h/x' and s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI@b/k",
+     "input 'https://u:***@h/x' and s3://***:***@b/k"),
+    ("ssh://git@host/repo and http://host:8080/x@y keep their parts",
+     "ssh://git@host/repo and http://host:8080/x@y keep their parts"),
 ])
 def test_credential_shapes_are_scrubbed(text: str, kept: str) -> None:
     assert scrub(text) == kept
