@@ -484,7 +484,7 @@ class _Crew:
                 pumped = anyio.Event()
                 group.start_soon(_pump, proc, index, self.work, self.router, pumped)
                 code = await proc.wait()
-                if self.stopping or code == 0:
+                if self.stopping or (code == 0 and await self._decided()):
                     return  # stopped by us, or the job was decided
                 if proc.stdin is not None:  # its watchdog pipe: a new process gets its own
                     proc.stdin.close()
@@ -501,6 +501,14 @@ class _Crew:
             self._gone += 1
             if self._gone == self.count:
                 self._all_gone.set()
+
+    async def _decided(self) -> bool:
+        """Whether the job has its verdict. A worker exits 0 once it has seen it, so an
+        exit 0 before (user code calling ``os._exit(0)``) is a death like any other: taken
+        for the end, it left the attempt unfailed and the job ended as "all workers
+        exited", naming no task."""
+        records, _ = await self.store.snapshot(self.name)
+        return JobPhase(records[protocol.JOB_KEY].job["phase"]).finished
 
     async def _fail_claims(self, worker_id: str, cause: str) -> None:
         """Fail the attempts the dead worker held: it can never renew or commit them."""

@@ -132,7 +132,7 @@ async def words(chunk, ctx):
     print("about to die", flush=True)
     if ctx.args["how"] == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
-    os._exit(3)
+    os._exit(0 if ctx.args["how"] == "exit0" else 3)
 
 job.reduce("sum")
 """
@@ -154,6 +154,9 @@ def run_failing(tmp_path: Path, job: str, *extra: str) -> tuple[str, float]:
 @pytest.mark.parametrize(("how", "cause"), [
     ("sigkill", "was killed by SIGKILL"),
     ("exit3", "exited with code 3"),
+    # An exit 0 before the verdict is a death too: it was taken for the end of the job,
+    # which failed as "all 2 workers exited before the job finished", naming no task.
+    ("exit0", "exited with code 0"),
 ])
 def test_workers_that_keep_dying_fail_the_job_naming_the_cause(tmp_path: Path, how: str,
                                                                cause: str) -> None:
