@@ -137,6 +137,13 @@ async def connect(kubeconfig: str | None = None, context: str | None = None,
                           f"{kube.host}: {exc.reason}") from None
     except JobNotFound as exc:
         raise NoSuchJob(str(exc)) from None
+    except NotFound as exc:
+        if exc.body:  # a Status object: what the request named does not exist
+            raise
+        # A bare 404 page: the API server does not serve the resource at all.
+        raise KubemrError(f"{exc.context}: the API server at {kube.host} does not serve "
+                          "MapReduceJobs; install kubemr-async's CRDs and operator (its "
+                          "Helm chart) on this cluster") from None
     finally:
         await kube.aclose()
 
@@ -174,7 +181,9 @@ class JobClient:
             return await _retrying(lambda: self.kube.get(
                 MAPREDUCE_JOBS, name, self.namespace,
                 context=f"reading job {name} in namespace {self.namespace}"))
-        except NotFound:
+        except NotFound as exc:
+            if not exc.body:  # no Status object: no such resource, not no such job
+                raise
             raise self._missing(name) from None
 
     async def list(self, all_namespaces: bool = False, selector: str | None = None

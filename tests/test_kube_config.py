@@ -297,3 +297,45 @@ async def test_a_server_that_accepts_and_never_answers_is_unreachable_not_a_hang
             async with jobs.connect(str(kubeconfig)) as jobs_client:
                 await jobs_client.get("wordcount")
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(("status", "body", "message"), [
+    # What kube-apiserver's mux answers for a path it does not serve (no CRDs installed).
+    (404, "404 page not found\n",
+     "reading job wordcount in namespace default: the API server at {server} does not serve "
+     "MapReduceJobs; install kubemr-async's CRDs and operator (its Helm chart) on this "
+     "cluster"),
+    # A proxy in front of the API server, with an HTML page.
+    (401, "<html>\n<body>\n<h1>401 Unauthorized</h1>\n</body>\n</html>\n",
+     "reading job wordcount in namespace default: HTTP 401: <html> <body> <h1>401 "
+     "Unauthorized</h1> </body> </html>"),
+])
+def test_an_answer_that_is_not_a_status_is_one_clear_line(
+        tmp_path: Path, status: int, body: str, message: str) -> None:
+    """A 404 without a Status object said `job wordcount not found` (status) or printed
+    the server's page with its newline (list, submit): two lines, and not the cause."""
+    import http.server
+    import threading
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        kubeconfig = _write(tmp_path / "config", _config(
+            {"c": {"server": url}}, {"u": {"token": "t"}},
+            {"m": {"cluster": "c", "user": "u"}}, current="m"))
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "kubemr"), "status", "wordcount",
+             "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, timeout=60)
+        server.shutdown()
+    assert result.returncode == 1
+    assert result.stderr == f"kubemr: error: {message.format(server=url)}\n"

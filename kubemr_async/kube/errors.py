@@ -120,7 +120,9 @@ def status_message(body: bytes | str | None, fallback: str = "") -> str:
         return str(status["message"])
     if isinstance(body, bytes):
         body = body.decode(errors="replace")
-    return body[:500] if body else fallback
+    # Not a Status: a plain "404 page not found\n", or a proxy's HTML page. One line, as
+    # every error is: it ends up in `kubemr: error: ...`, a task record, an Event.
+    return " ".join(body[:500].split()) if body and body.strip() else fallback
 
 
 def error_for(context: str, status: int, body: bytes | str | None = None,
