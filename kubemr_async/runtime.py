@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import random
+import sysconfig
 import threading
 import time
 import traceback
@@ -981,16 +982,30 @@ class _Holder:
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
+#: Python's own library, where a callback's error is raised but never written (json.loads
+#: on a bad line): the user's line that called it is the place to name. Installed packages
+#: (a job package too) may live below it, in site-packages: they are not skipped.
+_STDLIB_DIRS = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib")})
+_INSTALLED_DIRS = tuple({sysconfig.get_paths()[name] for name in ("purelib", "platlib")})
+
+
+def _is_stdlib(filename: str) -> bool:
+    return filename.startswith("<frozen ") or (
+        filename.startswith(_STDLIB_DIRS) and not filename.startswith(_INSTALLED_DIRS))
 
 
 def _describe(exc: BaseException) -> str:
     """One line: the exception and the last place in the *user's* code it passed through.
 
     Frames inside kubemr_async itself would only point at the framework (an input that
-    fails to decompress is about the file, not about a line of ours), so they are skipped.
+    fails to decompress is about the file, not about a line of ours), so they are skipped,
+    and so are the standard library's below the user's own (``KeyError`` from
+    ``os.environ[...]`` is about the user's line, not ``<frozen os>``).
     """
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith(_PACKAGE_DIR)]
+    while len(frames) > 1 and _is_stdlib(frames[-1].filename):
+        frames.pop()
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     # The error goes into the task record, the job's status and its Events: never the
     # worker's own keys, even if user code put its environment into a message.

@@ -291,3 +291,23 @@ def test_sys_exit_while_importing_the_job_module_is_a_usage_error(tmp_path: Path
     assert result.returncode == 2
     assert result.stderr == (f"kubemr: error: job module {tmp_path / 'job.py'} failed to "
                              "import: SystemExit: 3\n")
+
+
+def test_an_error_raised_inside_the_standard_library_names_the_users_line(
+        tmp_path: Path) -> None:
+    """The error's place was the last frame outside kubemr: json.loads on a bad line named
+    `.../json/decoder.py:355` and os.environ[...] `<frozen os>`, never the user's line."""
+    result = run_job(tmp_path, """
+import json, os
+from kubemr_async import Job
+job = Job("stdlib")
+
+@job.map(input="lines")
+def parse(line, ctx):
+    yield json.loads(line)["k"], os.environ["KUBEMR_NO_SUCH_VARIABLE"]
+
+job.reduce("sum")
+""", "--max-attempts", "1")
+    assert result.returncode == 1, result.stderr
+    assert (f"JSONDecodeError: Expecting value: line 1 column 1 (char 0) "
+            f"(at {tmp_path / 'job.py'}:8); log: ") in result.stderr.splitlines()[-1]
