@@ -107,7 +107,9 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
                           stores=stores)
         try:
             tables.append(await map_table(job, [MapSplit.held(url, data)], ctx))
-        except Exception as exc:  # the user's map: name the sampling in the job's failure
+        # The user's map: name the sampling in the job's failure. SystemExit too: `kubemr
+        # run` samples in its own process, which sys.exit() in the map ended silently.
+        except (Exception, SystemExit) as exc:
             raise SamplingFailed(_sampling_failure(exc)) from exc
     table = shuffle.concat_tables(tables)
     keys = order.subsample(table.column("key"), settings.sample, seed=SAMPLE_SEED)

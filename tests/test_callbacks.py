@@ -6,6 +6,7 @@ and compares the result files with a reference computed here.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -311,3 +312,24 @@ job.reduce("sum")
     assert result.returncode == 1, result.stderr
     assert (f"JSONDecodeError: Expecting value: line 1 column 1 (char 0) "
             f"(at {tmp_path / 'job.py'}:8); log: ") in result.stderr.splitlines()[-1]
+
+
+def test_sys_exit_in_the_map_while_sampling_for_a_total_order_is_the_jobs_failure(
+        tmp_path: Path) -> None:
+    """`kubemr run` samples a total-order job's keys by running its map in its own
+    process: sys.exit(5) there ended kubemr with exit 5 and no word."""
+    result = run_job(tmp_path, """
+import sys
+from kubemr_async import Job
+job = Job("sampled")
+job.partition("total-order")
+
+@job.map
+def words(text, ctx):
+    sys.exit(5)
+
+job.reduce("identity")
+""", "--reducers", "2")
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(r"kubemr: error: job sampled-[0-9a-f]{6} failed: sampling keys for "
+                        r"the total-order partitioner: SystemExit: 5\n", result.stderr)
