@@ -113,25 +113,38 @@ def container_memory_limit() -> int | None:
 
 
 class CallbackExit(Exception):
-    """A callback raised SystemExit (``sys.exit()``) or, on the user thread,
-    KeyboardInterrupt: the attempt fails, as for any exception a callback raises.
+    """A callback raised SystemExit (``sys.exit()``), CancelledError of its own or, on the
+    user thread, KeyboardInterrupt: the attempt fails, as for any exception a callback
+    raises.
 
-    Left as they are, these end the event loop they run on, not the attempt: the user
-    thread's loop stopped with the attempt's future never resolved, and the worker went on
-    renewing the lease of an attempt that could never end, so the job never did either.
+    Left as they are, SystemExit and KeyboardInterrupt end the event loop they run on, not
+    the attempt: the user thread's loop stopped with the attempt's future never resolved,
+    and the worker went on renewing the lease of an attempt that could never end. A
+    CancelledError looked like the worker's own shutdown: the attempt was released, not
+    failed, and claimed again, for ever.
     """
+
+
+def _callback_exit(exc: BaseException) -> CallbackExit:
+    """``exc`` as a CallbackExit keeping its traceback (the error names the user's line)."""
+    detail = f": {exc}" if str(exc) else ""
+    return CallbackExit(f"the callback raised {type(exc).__name__}{detail}"
+                        ).with_traceback(exc.__traceback__)
 
 
 async def _contained(coro: Coroutine[Any, Any, T],
                      exits: tuple[type[BaseException], ...]) -> T:
-    """``coro``, with ``exits`` raised by user code turned into a CallbackExit that keeps
-    their traceback (so the error still points at the user's line)."""
+    """``coro``, with ``exits`` and a CancelledError nobody asked for (the task running
+    it is not being cancelled) raised by user code turned into a CallbackExit."""
     try:
         return await coro
     except exits as exc:
-        detail = f": {exc}" if str(exc) else ""
-        raise CallbackExit(f"the callback raised {type(exc).__name__}{detail}"
-                           ).with_traceback(exc.__traceback__) from None
+        raise _callback_exit(exc) from None
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the worker cancelled the attempt (lease lost, shutdown): not a failure
+        raise _callback_exit(exc) from None
 
 
 class UserLoop:

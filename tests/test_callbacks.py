@@ -333,3 +333,32 @@ job.reduce("identity")
     assert result.returncode == 1, result.stderr
     assert re.fullmatch(r"kubemr: error: job sampled-[0-9a-f]{6} failed: sampling keys for "
                         r"the total-order partitioner: SystemExit: 5\n", result.stderr)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_cancelled_error_raised_by_a_callback_fails_the_task(tmp_path: Path,
+                                                               inline: bool) -> None:
+    """It was taken for the worker's own cancellation (a shutdown): the attempt was
+    released, not failed, and claimed again for ever; `kubemr run` never ended."""
+    (tmp_path / "job.py").write_text("""
+import asyncio
+from kubemr_async import Job
+job = Job("cancels")
+
+@job.map
+async def words(text, ctx):
+    raise asyncio.CancelledError()
+
+job.reduce("sum")
+""")
+    (tmp_path / "in.txt").write_text(TEXT)
+    result = subprocess.run(
+        [KUBEMR, "run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
+         "--output", str(tmp_path / "out"), "--max-attempts", "2",
+         *(["--inline"] if inline else [])],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(
+        rf"kubemr: error: job cancels-[0-9a-f]{{6}} failed: task map-00000 attempt 2: "
+        rf"CallbackExit: the callback raised CancelledError \(at {re.escape(str(tmp_path))}"
+        rf"/job.py:8\)(; log: \S+)?", result.stderr.splitlines()[-1]), result.stderr
