@@ -89,8 +89,6 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
             if not paths:
                 raise UsageError(f"input directory {pattern} contains no data files "
                                  f"({HIDDEN_NOTE})")
-        elif not path.is_file():  # a FIFO or a device: no object the workers can read
-            raise UsageError(f"input {pattern} is not a regular file")
         else:
             paths = [path]
     # One file reached by several names (a symlink to it, or to a directory above it) is

@@ -32,8 +32,9 @@ _SHAPES = (
     # S3 error bodies name the access key id and echo the signature.
     re.compile(r"(?i)(<(?:AWSAccessKeyId|SignatureProvided|StringToSign)>)[^<]+"),
     re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9._~+/=-]+"),
-    # key=value, key: value and "key": "value" where the key names a secret.
-    re.compile(r"(?i)((?:aws_)?(?:secret_access_key|secretaccesskey|session_?token|"
+    # key=value, key: value and "key": "value" where the key names a secret (not a path
+    # that ends in such a word: "/etc/passwd: Permission denied" keeps its reason).
+    re.compile(r"(?i)((?<![/\\])(?:aws_)?(?:secret_access_key|secretaccesskey|session_?token|"
                r"password|passwd|client_?secret|private_?key)[\"']?\s*[:=]\s*[\"']?)"
                r"[^\s\"',;&}]+"),
     # A URL's password (scheme://user:password@host), as a database client's error or an

@@ -260,6 +260,8 @@ def test_submit_writes_the_tenants_credentials_into_spec_storage() -> None:
      "input 'https://u:***@h/x' and s3://***:***@b/k"),
     ("ssh://git@host/repo and http://host:8080/x@y keep their parts",
      "ssh://git@host/repo and http://host:8080/x@y keep their parts"),
+    ("cannot open /etc/passwd: Permission denied", "cannot open /etc/passwd: Permission denied"),
+    ("db_password=hunter2 was refused", "db_password=*** was refused"),
 ])
 def test_credential_shapes_are_scrubbed(text: str, kept: str) -> None:
     assert scrub(text) == kept
