@@ -158,7 +158,8 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
 
     bucket, key = split_s3(pattern)
     if "@" in bucket:  # s3://KEY:SECRET@bucket/...: never echo what is before the @
-        raise UsageError(f"invalid S3 URL {pattern!r}: credentials do not belong in it; "
+        shown = f"s3://***@{bucket.rpartition('@')[2]}/{key}"
+        raise UsageError(f"invalid S3 URL {shown!r}: credentials do not belong in it; "
                          "give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if not valid_bucket_name(bucket):
         raise UsageError(f"invalid S3 URL {pattern!r}: {bucket!r} is not a bucket name")

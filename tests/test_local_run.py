@@ -246,7 +246,7 @@ def test_malformed_command_lines_fail_with_one_line(argv: list[str], message: st
     ("https://reader:PLANTED-url-pass@127.0.0.1:1/data.txt",
      "input https://reader:***@127.0.0.1:1/data.txt does not exist"),
     ("s3://AKIAIOSFODNN7EXAMPLE:PLANTED-url-pass@bucket/x",
-     "invalid S3 URL 's3://***:***@bucket/x': credentials do not belong in it; give them "
+     "invalid S3 URL 's3://***@bucket/x': credentials do not belong in it; give them "
      "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
 ])
 def test_an_input_url_with_a_password_is_refused_without_printing_it(
