@@ -178,6 +178,24 @@ def test_worker_pods_that_always_die_fail_the_job_naming_the_cause(
           f"creation, after {len(attempts)} attempts: {message}")
 
 
+def test_workers_that_exit_0_before_the_verdict_fail_the_job_instead_of_leaving_it_hanging(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        tmp_path: Path) -> None:
+    """A map that ends its worker with os._exit(0): the pod succeeds, the Job controller
+    replaces no pod that succeeded, and the job, Running with no worker left, hung for
+    ever. The operator fails it, saying why."""
+    log = tmp_path / "attempts.log"
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "exit0", [f"item-{i:04d}" for i in range(4)], workers=2, reducers=1,
+        leaseSeconds=3, args={"log": str(log), "die": "exit0"}))
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator, timeout=180)
+    status = job["status"]
+    assert status["phase"] == "Failed", status
+    assert status["error"]["message"].startswith(
+        "every worker pod exited with code 0 before the job was decided"), status
+    assert len({pid for _, _, pid in _attempts(log)}) == 2, "each worker ran one map"
+
+
 def test_a_worker_cut_off_from_the_api_server_is_taken_over_and_its_late_writes_refused(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
         fake_kubelet: FakeKubelet, tmp_path: Path) -> None:

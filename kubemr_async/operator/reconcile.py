@@ -71,6 +71,7 @@ from .resources import (
     worker_env,
     worker_job,
     worker_names,
+    workers_ended_early,
     workers_failed,
 )
 from .tenancy import Tenancy
@@ -337,7 +338,8 @@ class Reconciler:
         deaths = self.deaths.setdefault(key, DeathWatch())
         deaths.observe(progress_of(mrj), pods)
         if failed is None:
-            reason = pods_stuck(pods) or deaths.verdict(int(workers["spec"]["parallelism"]))
+            reason = (workers_ended_early(workers) or pods_stuck(pods)
+                      or deaths.verdict(int(workers["spec"]["parallelism"])))
         else:  # the Job controller's reason does not say why the pods died; OOM is common
             oom = pods_out_of_memory(pods)
             reason = failed if oom is None else f"{failed}; {oom}"
@@ -352,10 +354,10 @@ class Reconciler:
         reason = scrub(reason, secrets)
         records, _ = await store.snapshot(name)
         job = records[protocol.JOB_KEY].job
-        if not JobPhase(job["phase"]).finished:
+        if not JobPhase(job["phase"]).finished:  # not decided meanwhile (a stale body)
             await store.patch(name, protocol.abort(job, JobPhase.FAILED, reason))
             await self.event(mrj["metadata"], "Failed", reason, warning=True)
-        log.warning("job failed", extra={"job": name, "error": reason})
+            log.warning("job failed", extra={"job": name, "error": reason})
 
     # --- the end of a job -------------------------------------------------------------
 

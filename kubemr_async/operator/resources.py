@@ -295,6 +295,23 @@ def workers_failed(workers: KubeObject) -> str | None:
     return None
 
 
+def workers_ended_early(workers: KubeObject) -> str | None:
+    """Why a job that is not decided has no workers left: its batch Job is Complete.
+
+    A worker exits 0 only once it has seen the job's verdict, and the Job controller
+    replaces no pod that succeeded: a Complete batch Job under an undecided job means its
+    pods exited 0 before the verdict (user code calling ``os._exit(0)``, or a wrapper
+    script that swallowed the worker's exit code), and no worker will ever finish it.
+    None while it is not Complete.
+    """
+    for condition in (workers.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Complete" and condition.get("status") == "True":
+            return ("every worker pod exited with code 0 before the job was decided, so "
+                    "none is left to finish it (does the job's code end its process, e.g. "
+                    "os._exit(0)?)")
+    return None
+
+
 def pods_out_of_memory(pods: list[KubeObject]) -> str | None:
     """Why the worker pods died, when the memory cgroup killed them: the Job controller's
     own reason (BackoffLimitExceeded) does not say, and a job that needs more memory than

@@ -3,7 +3,8 @@
 The log (one line per attempt, appended with O_APPEND so concurrent processes never
 interleave) lets a test count real executions independently of what the store says.
 ``--arg die=always`` makes every map attempt SIGKILL its own worker process (after a last
-line on stderr), as a worker that always crashes before committing.
+line on stderr), as a worker that always crashes before committing; ``--arg die=exit0``
+ends it with ``os._exit(0)`` instead, as user code that exits "successfully".
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Echo(JobWorker):
             print(f"{ctx.task} attempt {ctx.attempt} kills its worker", file=sys.stderr,
                   flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if ctx.args.get("die") == "exit0":
+            os._exit(0)
         if ctx.args.get("sleep"):
             await asyncio.sleep(float(ctx.args["sleep"]))
         if (ctx.task, ctx.attempt) == (ctx.args.get("slow"), 1):  # one slow first attempt
