@@ -85,22 +85,26 @@ class FormatError(shuffle.ShuffleError):
 
 
 def manifest(job: str, fmt: OutputFormat, results: Sequence[object], parts: Sequence[str],
-             **extra: object) -> bytes:
+             sizes: Sequence[int], **extra: object) -> bytes:
     """The ``_SUCCESS`` manifest, one shape for `kubemr run` and for cluster jobs on S3:
-    the job, the format, the result URLs and the parts relative to the manifest (what
-    ``read_results`` follows), plus any ``extra`` fields the writer knows."""
+    the job, the format, the result URLs, the parts relative to the manifest and their
+    sizes in bytes (what ``read_results`` follows and checks), plus any ``extra`` fields
+    the writer knows."""
     body = {"job": job, "format": _checked(fmt), "results": list(results),
-            "parts": list(parts), **extra}
+            "parts": list(parts), "sizes": list(sizes), **extra}
     return orjson.dumps(body, option=orjson.OPT_INDENT_2)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """A ``_SUCCESS`` manifest as read back: what :func:`manifest` wrote."""
+    """A ``_SUCCESS`` manifest as read back: what :func:`manifest` wrote. ``sizes``: each
+    part's bytes, so a part cut short or rewritten since is not read as the result (None
+    in a manifest written before they were recorded)."""
 
     job: str
     format: OutputFormat
     parts: tuple[str, ...]
+    sizes: tuple[int, ...] | None = None
 
 
 def read_manifest(data: bytes) -> Manifest:
@@ -117,7 +121,12 @@ def read_manifest(data: bytes) -> Manifest:
     parts = body.get("parts")
     if not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts):
         raise ValueError("its parts are not a list of names")
-    return Manifest(body["job"], fmt, tuple(parts))
+    sizes = body.get("sizes")
+    if sizes is not None and not (
+            isinstance(sizes, list) and len(sizes) == len(parts)
+            and all(type(n) is int and n >= 0 for n in sizes)):
+        raise ValueError("its sizes are not one byte count per part")
+    return Manifest(body["job"], fmt, tuple(parts), None if sizes is None else tuple(sizes))
 
 
 def part_name(index: int, fmt: PartFormat) -> str:

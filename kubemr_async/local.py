@@ -744,7 +744,8 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, blob_dir: Path, 
     # The results are where the parts will be, not where the workers wrote them: the
     # work directory holding those is removed once the run ends.
     (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
-        name, output_format, [str(p) for p in parts], [p.name for p in parts], module=job_ref,
+        name, output_format, [str(p) for p in parts], [p.name for p in parts],
+        [(staging / p.name).stat().st_size for p in parts], module=job_ref,
         seconds=round(seconds, 3), counters=totals, **(extra or {})))
     lock, expected = held
     if not lock.held():

@@ -29,7 +29,8 @@ def read_results(location: str | os.PathLike[str]) -> Iterator[tuple[Any, Any]]:
     ``location`` is a local result directory or an ``s3://bucket/prefix`` holding a
     ``_SUCCESS`` manifest. text parts give str keys and values (surrogateescape, split on
     the first TAB); jsonl parts the decoded JSON; parquet parts the typed values. A location
-    without a manifest raises UsageError. Parts are read one at a time.
+    without a manifest, or a part whose size is not the one the manifest records, raises
+    UsageError. Parts are read one at a time.
     """
     where = str(location).rstrip("/")
     manifest_url = f"{where}/{SUCCESS_MARKER}"
@@ -40,8 +41,14 @@ def read_results(location: str | os.PathLike[str]) -> Iterator[tuple[Any, Any]]:
                          "finished kubemr job") from None
     except ValueError as exc:
         raise UsageError(f"{manifest_url}: not a kubemr manifest: {exc}") from None
-    for part in manifest.parts:
-        yield from formats.decode(_read(_part_url(where, part, manifest_url)), manifest.format)
+    sizes = manifest.sizes or (None,) * len(manifest.parts)
+    for part, size in zip(manifest.parts, sizes, strict=True):
+        url = _part_url(where, part, manifest_url)
+        data = _read(url)
+        if size is not None and len(data) != size:
+            raise UsageError(f"{url}: {len(data)} bytes where the job wrote {size}: the part "
+                             "was cut short or changed since, so these are not its results")
+        yield from formats.decode(data, manifest.format)
 
 
 def _part_url(where: str, part: str, manifest_url: str) -> str:

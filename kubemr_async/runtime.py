@@ -538,12 +538,21 @@ class Worker:
         """Make the result location self-describing before the job is stamped Succeeded.
 
         The same shape as `kubemr run`'s ``_SUCCESS``: the format, the result URLs, and the
-        parts relative to the manifest, which is what ``read_results`` follows.
+        parts relative to the manifest with their sizes, which is what ``read_results``
+        follows and checks.
         """
         base = self.blobs.url(self.base_prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
+        # One listing gives every part's size (each is under the job's prefix).
+        listed = dict(await self.blobs.list_sized(f"{self.base_prefix}/"))
+        keys = [f"{self.base_prefix}/{part}" for part in parts]
+        missing = [self.blobs.url(key) for key in keys if key not in listed]
+        if missing:  # committed, yet not there: not a result to stamp Succeeded
+            raise RuntimeError(f"job {self.job_name}: committed result parts are missing: "
+                               f"{', '.join(missing)}")
+        sizes = [listed[key] for key in keys]
         await self.blobs.put(f"{self.base_prefix}/{SUCCESS_MARKER}", formats.manifest(
-            self.job_name, self.spec.output_format, results, parts, counters=totals,
+            self.job_name, self.spec.output_format, results, parts, sizes, counters=totals,
             **({"skipped": skipped} if skipped else {})))
 
     # --- one attempt ------------------------------------------------------------------

@@ -262,11 +262,16 @@ def test_printable_shows_a_parquet_part_as_json_lines(values: list[Any]) -> None
 
 def test_a_manifest_reads_back_as_written_and_anything_else_says_why() -> None:
     written = formats.manifest("wc", "jsonl", ["s3://b/p/part-00000.jsonl"],
-                               ["part-00000.jsonl"], rows=3)
+                               ["part-00000.jsonl"], [17], rows=3)
     assert formats.read_manifest(written) == formats.Manifest("wc", "jsonl",
-                                                              ("part-00000.jsonl",))
+                                                              ("part-00000.jsonl",), (17,))
+    older = b'{"job": "x", "parts": ["part-00000"]}'  # written before sizes were recorded
+    assert formats.read_manifest(older) == formats.Manifest("x", "text", ("part-00000",))
     for data, reason in [(b"{", "not JSON"), (b"[]", "no job name"),
                          (b'{"job": "x", "format": "csv", "parts": []}', "unknown format"),
-                         (b'{"job": "x", "parts": "part-00000"}', "not a list of names")]:
+                         (b'{"job": "x", "parts": "part-00000"}', "not a list of names"),
+                         (b'{"job": "x", "parts": ["p"], "sizes": [1, 2]}', "sizes"),
+                         (b'{"job": "x", "parts": ["p"], "sizes": [-1]}', "sizes"),
+                         (b'{"job": "x", "parts": ["p"], "sizes": [true]}', "sizes")]:
         with pytest.raises(ValueError, match=reason):
             formats.read_manifest(data)

@@ -306,7 +306,7 @@ def test_a_new_job_of_an_earlier_jobs_name_drops_its_stale_manifest(
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/output/part-00000.attempt-1", Body=b"old\t1\n")
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{SUCCESS_MARKER}", Body=formats.manifest(
         name, "text", [f"s3://{BUCKET}/{prefix}/output/part-00000.attempt-1"],
-        ["output/part-00000.attempt-1"]))
+        ["output/part-00000.attempt-1"], [6]))
     manifest = echo_job("unused", ["x"])
     manifest["metadata"] = {"name": name}
     manifest["spec"]["job"] = "tests.jobs.broken"

@@ -205,6 +205,23 @@ def test_bad_format_flag_and_a_location_without_results(tmp_path: Path) -> None:
         list(read_results(tmp_path / "half"))
 
 
+def test_a_result_part_cut_short_since_is_refused_not_read(tmp_path: Path) -> None:
+    """A part truncated at a line boundary (a failed copy, a disk that filled) still
+    decodes; read_results must not present what is left as the job's result."""
+    out = tmp_path / "out"
+    result = kubemr("run", str(ROOT / "examples" / "wordcount.py"), "-i", str(DATA),
+                    "--output", str(out), "--reducers", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "_SUCCESS").read_bytes())
+    assert manifest["sizes"] == [(out / part).stat().st_size for part in manifest["parts"]]
+    assert counts(out)  # as written, it reads
+    part = out / manifest["parts"][0]
+    data = part.read_bytes()
+    part.write_bytes(data[:data.rindex(b"\n", 0, len(data) - 1) + 1])
+    with pytest.raises(UsageError, match="bytes where the job wrote"):
+        list(read_results(out))
+
+
 @pytest.mark.anyio
 async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
         tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,8 +254,17 @@ async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
         assert manifest["results"] == [f"{location}/{part}" for part in manifest["parts"]]
         reference = Counter(w for p in sorted(DATA.iterdir()) for w in p.read_bytes().split())
         assert counts(location) == reference
+        sizes = [await blobs.size(f"results/wc-s3/{part}") for part in manifest["parts"]]
+        assert manifest["sizes"] == sizes and min(sizes) > 0
         with pytest.raises(UsageError, match="no _SUCCESS manifest"):
             list(read_results(f"s3://{bucket}/results/elsewhere"))
+        # A part rewritten since, one whole line shorter: never read as the result.
+        second = f"results/wc-s3/{manifest['parts'][1]}"
+        lines = (await blobs.get(second)).splitlines(keepends=True)
+        await blobs.put(second, b"".join(lines[:-1]))
+        with pytest.raises(UsageError, match=rf"part-00001.*: {sizes[1] - len(lines[-1])} "
+                                             rf"bytes where the job wrote {sizes[1]}"):
+            await asyncio.to_thread(lambda: list(read_results(location)))
     finally:
         await store.aclose()
         await blobs.delete_prefix("")
@@ -260,7 +286,7 @@ async def test_an_s3_manifest_naming_a_local_file_is_refused(
     client = await blobs._client()
     await client.create_bucket(Bucket=bucket)
     try:
-        await blobs.put("r/_SUCCESS", formats.manifest("j", "text", [], [str(private)]))
+        await blobs.put("r/_SUCCESS", formats.manifest("j", "text", [], [str(private)], [0]))
         with pytest.raises(UsageError, match="names the local file"):
             await asyncio.to_thread(lambda: list(read_results(f"s3://{bucket}/r")))
     finally:
