@@ -443,7 +443,9 @@ async def run_reducer(shell: Shell, chunks: Iterable[shuffle.Table], ctx: TaskCo
     async def write(lines: bytes) -> None:
         if part.fmt == "text":
             _check_text(lines, where)
-            part.write_bytes(lines)
+            # Only the command's last bytes may lack their LF: end the part's last line, so
+            # that parts read one after another (`cat part-*`) never join two lines.
+            part.write_bytes(lines if lines.endswith(b"\n") else lines + b"\n")
         else:
             part.write(text_pairs(lines, where))
 

@@ -208,6 +208,12 @@ def test_reducer_gets_sorted_lines_and_its_output_is_the_part(
         assert (tmp_path / "seen").read_bytes() == b"a\t1\na\t2\nb\t3\n"
     assert parts["text"] == b"a\t2\nb\t1\n"
     assert list(formats.decode(parts["jsonl"], "jsonl")) == [("a", "2"), ("b", "1")]
+    # A reducer whose last line has no LF: the part's last line is ended all the same.
+    part = spill.PartWriter(tmp_path / "unended", "text")
+    asyncio.run(run_reducer(Shell("cat >/dev/null; printf 'x\\t1\\ny\\t2'"), [rows],
+                            context("reduce-00000"), part))
+    part.close()
+    assert part.path.read_bytes() == b"x\t1\ny\t2\n"
 
 
 def test_nonexistent_command_fails_permanently_naming_task_attempt_and_command() -> None:
