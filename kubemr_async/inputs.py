@@ -81,9 +81,11 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
         if not path.exists():
             raise UsageError(f"input {pattern} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            entries = sorted(p for p in path.rglob("*") if not p.is_dir())
+            files = [p for p in entries if p.is_file()]
             paths = [p for p in files
                      if not any(is_hidden(part) for part in p.relative_to(path).parts)]
+            _refuse_unreadable(entries, path)
             if not files:
                 raise UsageError(f"input directory {pattern} contains no files")
             if not paths:
@@ -99,6 +101,19 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
         info = p.stat()
         unique.setdefault((info.st_dev, info.st_ino), p)
     return [_local_file(p, split) for p in unique.values()]
+
+
+def _refuse_unreadable(entries: Sequence[Path], directory: Path) -> None:
+    """UsageError naming the first data entry of ``directory`` that is not a file to read:
+    a symlink to nothing, a pipe, a socket or a device. Skipped, it would be an input
+    silently left out of the job."""
+    for entry in entries:
+        if entry.is_file() or any(is_hidden(part) for part in entry.relative_to(directory).parts):
+            continue
+        what = ("a symlink to nothing" if entry.is_symlink() and not entry.exists()
+                else "not a regular file (a pipe, a socket or a device)")
+        raise UsageError(f"input {entry} (in directory {directory}) is {what}; remove it or "
+                         "name the files to read")
 
 
 def _local_file(path: Path, split: bool) -> tuple[str, int]:

@@ -98,6 +98,24 @@ def test_inputs_whose_size_is_not_their_content_are_refused(tmp_path: Path) -> N
     assert expand_local(str(fifo), split=False) == [(str(fifo), 0)]
 
 
+def test_a_directory_entry_that_cannot_be_read_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A dangling symlink or a FIFO inside an input directory was skipped in silence: an
+    input left out of the job. Hidden ones stay skipped, as every hidden file is."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"a\n")
+    (d / ".gone").symlink_to(tmp_path / "nowhere")
+    assert [Path(p).name for p, _ in expand_local(str(d))] == ["a.txt"]
+    (d / "b.txt").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=rf"^input {d}/b.txt \(in directory {d}\) is a "
+                                         "symlink to nothing"):
+        expand_local(str(d))
+    (d / "b.txt").unlink()
+    os.mkfifo(d / "pipe")
+    with pytest.raises(UsageError, match=r"pipe .* is not a regular file"):
+        expand_local(str(d))
+
+
 def test_a_file_reached_by_several_names_is_read_once(tmp_path: Path) -> None:
     """A glob's ** follows symlinked directories: a link back up the tree used to name
     every file again at each of ~40 levels (3,000 files became 243,000 splits, and the
