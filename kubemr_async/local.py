@@ -732,6 +732,10 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, blob_dir: Path, 
     staging.mkdir()
     blobs = blob_dir.resolve()
     parts = []
+    # A part's result is where the part will be, not where the workers wrote it (the work
+    # directory is removed once the run ends); a low-level job's results are its reduces'
+    # own values, kept as they are.
+    published: list[object] = []
     for partition, result in enumerate(results):
         source = Path(result) if isinstance(result, str) else None  # parts are file paths
         if (source is not None and source.is_absolute() and blobs in source.parents
@@ -739,12 +743,13 @@ def _publish(results: Sequence[TaskOutputs | None], work: Path, blob_dir: Path, 
             target = staging / formats.part_name(partition, output_format)
             os.replace(source, target)
             parts.append(output / target.name)
+            published.append(str(parts[-1]))
+        else:
+            published.append(result)
     if (work / "logs").is_dir():
         os.replace(work / "logs", staging / LOGS_DIR)
-    # The results are where the parts will be, not where the workers wrote them: the
-    # work directory holding those is removed once the run ends.
     (staging / SUCCESS_MARKER).write_bytes(formats.manifest(
-        name, output_format, [str(p) for p in parts], [p.name for p in parts],
+        name, output_format, published, [p.name for p in parts],
         [(staging / p.name).stat().st_size for p in parts], module=job_ref,
         seconds=round(seconds, 3), counters=totals, **(extra or {})))
     lock, expected = held
