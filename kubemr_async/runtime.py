@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import posixpath
 import random
 import sysconfig
 import threading
@@ -86,6 +87,9 @@ _POLL_GAPS = (0.25, 2.0)
 _FLEET_IDLE_POLLS = 8.0
 #: Unfinished tasks a steal asks another shard for: a few claims' worth of candidates.
 _STEAL = 16
+#: Up to this many result parts, the manifest's sizes come from a HEAD each (concurrent);
+#: more, from one listing (a listing of a busy location costs more than a few HEADs).
+_HEADED_PARTS = 16
 
 
 def longest_poll_gap(shards: int, lease_seconds: float) -> float:
@@ -543,17 +547,24 @@ class Worker:
         """
         base = self.blobs.url(self.base_prefix).rstrip("/") + "/"
         parts = [url[len(base):] if url.startswith(base) else url for url in results]
-        # One listing gives every part's size (each is under the job's prefix).
-        listed = dict(await self.blobs.list_sized(f"{self.base_prefix}/"))
         keys = [f"{self.base_prefix}/{part}" for part in parts]
+        sizes = await self._part_sizes(keys)
+        await self.blobs.put(f"{self.base_prefix}/{SUCCESS_MARKER}", formats.manifest(
+            self.job_name, self.spec.output_format, results, parts, sizes, counters=totals,
+            **({"skipped": skipped} if skipped else {})))
+
+    async def _part_sizes(self, keys: list[str]) -> list[int]:
+        """The result parts' sizes: a HEAD each for a few (a small job's one part), else one
+        listing of the directory that holds them all."""
+        if len(keys) <= _HEADED_PARTS:
+            return list(await asyncio.gather(*(self.blobs.size(key) for key in keys)))
+        # More than one part: their common path is the directory, never a part itself.
+        listed = dict(await self.blobs.list_sized(posixpath.commonpath(keys) + "/"))
         missing = [self.blobs.url(key) for key in keys if key not in listed]
         if missing:  # committed, yet not there: not a result to stamp Succeeded
             raise RuntimeError(f"job {self.job_name}: committed result parts are missing: "
                                f"{', '.join(missing)}")
-        sizes = [listed[key] for key in keys]
-        await self.blobs.put(f"{self.base_prefix}/{SUCCESS_MARKER}", formats.manifest(
-            self.job_name, self.spec.output_format, results, parts, sizes, counters=totals,
-            **({"skipped": skipped} if skipped else {})))
+        return [listed[key] for key in keys]
 
     # --- one attempt ------------------------------------------------------------------
 
