@@ -223,8 +223,10 @@ def test_a_result_part_cut_short_since_is_refused_not_read(tmp_path: Path) -> No
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("reducers", [2, 20])  # the parts' sizes: a HEAD each; a listing
 async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
-        tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+        reducers: int) -> None:
     for key, value in s3_server.client_env().items():
         monkeypatch.setenv(key, value)
     for key in ("KUBEMR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
@@ -236,7 +238,7 @@ async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
     store = SQLiteStateStore(tmp_path / "state.db")
     try:
         job_ref = str(ROOT / "examples" / "wordcount.py")
-        spec = JobSpec(name="wc-s3", job=job_ref, inputs=(str(DATA),), reducers=2,
+        spec = JobSpec(name="wc-s3", job=job_ref, inputs=(str(DATA),), reducers=reducers,
                        chunk_size=4096, output_format="jsonl")
         splits = await plan_inputs(spec)
         await store.create(spec.name, [(protocol.JOB_KEY, protocol.new_job(spec))])
@@ -250,20 +252,23 @@ async def test_a_worker_on_s3_leaves_a_self_describing_result_location(
         location = f"s3://{bucket}/results/wc-s3"
         manifest = json.loads(await blobs.get("results/wc-s3/_SUCCESS"))
         assert manifest["format"] == "jsonl" and manifest["job"] == "wc-s3"
-        assert manifest["parts"] == [f"output/part-0000{r}.attempt-1.jsonl" for r in range(2)]
+        assert manifest["parts"] == [f"output/part-{r:05d}.attempt-1.jsonl"
+                                     for r in range(reducers)]
         assert manifest["results"] == [f"{location}/{part}" for part in manifest["parts"]]
         reference = Counter(w for p in sorted(DATA.iterdir()) for w in p.read_bytes().split())
         assert counts(location) == reference
         sizes = [await blobs.size(f"results/wc-s3/{part}") for part in manifest["parts"]]
-        assert manifest["sizes"] == sizes and min(sizes) > 0
+        assert manifest["sizes"] == sizes
         with pytest.raises(UsageError, match="no _SUCCESS manifest"):
             list(read_results(f"s3://{bucket}/results/elsewhere"))
         # A part rewritten since, one whole line shorter: never read as the result.
-        second = f"results/wc-s3/{manifest['parts'][1]}"
-        lines = (await blobs.get(second)).splitlines(keepends=True)
-        await blobs.put(second, b"".join(lines[:-1]))
-        with pytest.raises(UsageError, match=rf"part-00001.*: {sizes[1] - len(lines[-1])} "
-                                             rf"bytes where the job wrote {sizes[1]}"):
+        cut = next(r for r, size in enumerate(sizes) if size)
+        part = f"results/wc-s3/{manifest['parts'][cut]}"
+        lines = (await blobs.get(part)).splitlines(keepends=True)
+        await blobs.put(part, b"".join(lines[:-1]))
+        with pytest.raises(UsageError, match=rf"part-{cut:05d}.*: "
+                                             rf"{sizes[cut] - len(lines[-1])} bytes where the "
+                                             rf"job wrote {sizes[cut]}"):
             await asyncio.to_thread(lambda: list(read_results(location)))
     finally:
         await store.aclose()
