@@ -252,6 +252,17 @@ job = W()
     assert "needs at least one reducer" in result.stderr
 
 
+def run_failing_map(tmp_path: Path, inline: bool) -> subprocess.CompletedProcess[str]:
+    """`kubemr run` of ``tmp_path/job.py`` (a map that fails every attempt) on one small
+    input, 2 attempts, in worker processes or ``--inline``."""
+    (tmp_path / "in.txt").write_text(TEXT)
+    return subprocess.run(
+        [KUBEMR, "run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
+         "--output", str(tmp_path / "out"), "--max-attempts", "2",
+         *(["--inline"] if inline else [])],
+        capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize(("call", "raised", "inline"), [
     ("sys.exit(4)", "SystemExit: 4", False), ("sys.exit(0)", "SystemExit: 0", False),
     ("raise KeyboardInterrupt", "KeyboardInterrupt", False),
@@ -273,12 +284,7 @@ def words(text, ctx):
 
 job.reduce("sum")
 """)
-    (tmp_path / "in.txt").write_text(TEXT)
-    result = subprocess.run(
-        [KUBEMR, "run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
-         "--output", str(tmp_path / "out"), "--max-attempts", "2",
-         *(["--inline"] if inline else [])],
-        capture_output=True, text=True, timeout=60)
+    result = run_failing_map(tmp_path, inline)
     assert result.returncode == 1, result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith("kubemr: error: job exits-"), result.stderr
@@ -351,12 +357,7 @@ async def words(text, ctx):
 
 job.reduce("sum")
 """)
-    (tmp_path / "in.txt").write_text(TEXT)
-    result = subprocess.run(
-        [KUBEMR, "run", str(tmp_path / "job.py"), "--input", str(tmp_path / "in.txt"),
-         "--output", str(tmp_path / "out"), "--max-attempts", "2",
-         *(["--inline"] if inline else [])],
-        capture_output=True, text=True, timeout=60)
+    result = run_failing_map(tmp_path, inline)
     assert result.returncode == 1, result.stderr
     assert re.fullmatch(
         rf"kubemr: error: job cancels-[0-9a-f]{{6}} failed: task map-00000 attempt 2: "
