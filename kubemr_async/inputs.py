@@ -82,10 +82,11 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
             raise UsageError(f"input {pattern} does not exist")
         if path.is_dir():
             entries = sorted(p for p in path.rglob("*") if not p.is_dir())
-            files = [p for p in entries if p.is_file()]
-            paths = [p for p in files
-                     if not any(is_hidden(part) for part in p.relative_to(path).parts)]
-            _refuse_unreadable(entries, path)
+            files = {p for p in entries if p.is_file()}
+            visible = [p for p in entries
+                       if not any(is_hidden(part) for part in p.relative_to(path).parts)]
+            paths = [p for p in visible if p in files]
+            _refuse_unreadable([p for p in visible if p not in files], path)
             if not files:
                 raise UsageError(f"input directory {pattern} contains no files")
             if not paths:
@@ -96,28 +97,28 @@ def expand_local(pattern: str, *, split: bool = True) -> list[tuple[str, int]]:
     # One file reached by several names (a symlink to it, or to a directory above it) is
     # read once: a glob's ** follows symlinked directories, so a link back up the tree
     # named every file below it again at each of ~40 levels until the path was too long.
-    unique: dict[tuple[int, int], Path] = {}
+    unique: dict[tuple[int, int], tuple[Path, os.stat_result]] = {}
     for p in paths:
         info = p.stat()
-        unique.setdefault((info.st_dev, info.st_ino), p)
-    return [_local_file(p, split) for p in unique.values()]
+        unique.setdefault((info.st_dev, info.st_ino), (p, info))
+    return [_local_file(p, info, split) for p, info in unique.values()]
 
 
-def _refuse_unreadable(entries: Sequence[Path], directory: Path) -> None:
-    """UsageError naming the first data entry of ``directory`` that is not a file to read:
-    a symlink to nothing, a pipe, a socket or a device. Skipped, it would be an input
-    silently left out of the job."""
-    for entry in entries:
-        if entry.is_file() or any(is_hidden(part) for part in entry.relative_to(directory).parts):
-            continue
+def _refuse_unreadable(others: Sequence[Path], directory: Path) -> None:
+    """UsageError naming the first of ``others``, the data entries of ``directory`` that
+    are not files to read: a symlink to nothing, a pipe, a socket or a device. Skipped, it
+    would be an input silently left out of the job."""
+    if others:
+        entry = others[0]
         what = ("a symlink to nothing" if entry.is_symlink() and not entry.exists()
                 else "not a regular file (a pipe, a socket or a device)")
         raise UsageError(f"input {entry} (in directory {directory}) is {what}; remove it or "
                          "name the files to read")
 
 
-def _local_file(path: Path, split: bool) -> tuple[str, int]:
-    """One local input as ``(resolved path, size)``; UsageError if it cannot be read as data.
+def _local_file(path: Path, info: os.stat_result, split: bool) -> tuple[str, int]:
+    """One local input (``info``: its stat) as ``(resolved path, size)``; UsageError if it
+    cannot be read as data.
 
     Splits are planned from the size and read back by ranged reads, so only a regular file
     whose size is its content will do: a pipe or device (``/dev/stdin``, a FIFO) has no
@@ -129,7 +130,6 @@ def _local_file(path: Path, split: bool) -> tuple[str, int]:
     check_utf8_path(resolved, "input")
     if not os.access(path, os.R_OK):
         raise UsageError(f"input {path} is not readable")
-    info = path.stat()
     if not split:
         return resolved, info.st_size
     if not stat.S_ISREG(info.st_mode):
