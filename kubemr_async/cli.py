@@ -67,10 +67,9 @@ JobName = Annotated[str, typer.Argument(metavar="NAME", help="The MapReduceJob's
 def _fail(message: str, code: int) -> NoReturn:
     """The one error line. Scrubbed like a worker's errors: it may quote what the user
     typed (an input URL with a password in it) or an error carrying this process's keys."""
-    from .scrub import CREDENTIAL_KEYS, scrub
+    from .scrub import own_secrets, scrub
 
-    own = [os.environ.get(key, "") for key in CREDENTIAL_KEYS]
-    typer.echo(f"kubemr: error: {scrub(message, own)}", err=True)
+    typer.echo(f"kubemr: error: {scrub(message, own_secrets(os.environ))}", err=True)
     raise typer.Exit(code)
 
 

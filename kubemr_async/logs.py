@@ -16,14 +16,14 @@ import time
 
 import orjson
 
-from .scrub import CREDENTIAL_KEYS, scrub
+from .scrub import own_secrets, scrub
 
 CONTEXT_FIELDS = ("job", "task", "attempt", "worker", "phase", "error", "permanent", "count",
                   "pid", "exit_code", "port")
 
 
 def _clean(text: str) -> str:
-    return scrub(text, [os.environ.get(key, "") for key in CREDENTIAL_KEYS])
+    return scrub(text, own_secrets(os.environ))
 
 
 class JSONFormatter(logging.Formatter):

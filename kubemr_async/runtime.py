@@ -52,7 +52,7 @@ from .inputs import Split, read_map_input
 from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, JobRecord, Skipped, TaskOutputs, TaskRecord
-from .scrub import CREDENTIAL_KEYS, scrub
+from .scrub import own_secrets, scrub
 from .spec import JobSpec, memory_budget
 from .state.base import Record, StateStore, StoreUnavailable
 from .storage.base import BlobStore
@@ -1042,5 +1042,4 @@ def _describe(exc: BaseException) -> str:
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     # The error goes into the task record, the job's status and its Events: never the
     # worker's own keys, even if user code put its environment into a message.
-    own = [os.environ.get(key, "") for key in CREDENTIAL_KEYS]
-    return scrub(f"{type(exc).__name__}: {exc}{where}", own)
+    return scrub(f"{type(exc).__name__}: {exc}{where}", own_secrets(os.environ))

@@ -12,7 +12,7 @@ source: signed-URL query parameters, ``Authorization`` headers and bearer tokens
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 #: The environment variables that carry storage credentials (a Secret's keys, a worker's
 #: environment): their values are what a process knows to be secret.
@@ -54,3 +54,9 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     for shape in _SHAPES:
         text = shape.sub(lambda m: m.group(1) + REDACTED, text)
     return text
+
+
+def own_secrets(environ: Mapping[str, str]) -> list[str]:
+    """The credential values in ``environ`` (a process's own environment): what its logs,
+    errors and records must never carry, whatever put them into a message."""
+    return [environ.get(key, "") for key in CREDENTIAL_KEYS]
