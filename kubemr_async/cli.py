@@ -346,6 +346,16 @@ def operator(
         metavar="SELECTOR",
         help="Namespaces whose worker pods may be Pod Security 'privileged' (default: "
              "none).")] = "",
+    warm_workers: Annotated[int, typer.Option(
+        metavar="N", help="Keep N standby workers running, imported and connected, for new "
+                          "jobs to adopt (a small job then needs no cold pod start; "
+                          "default: none).")] = 0,
+    warm_image: Annotated[str, typer.Option(
+        metavar="IMAGE", help="The standbys' image; only jobs with exactly this spec.image, "
+                              "no template and the platform's credentials adopt one.")] = "",
+    pool_namespace: Annotated[str, typer.Option(
+        help="The namespace the standbys run in (made if missing; Pod Security "
+             "restricted).")] = "kubemr-pool",
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -378,7 +388,8 @@ def operator(
             worker_metrics_port=worker_metrics_port,
             worker_metrics_linger=worker_metrics_linger, leader_election=election,
             platform_credentials_namespaces=platform_credentials_namespaces,
-            baseline_namespaces=baseline_namespaces, privileged_namespaces=privileged_namespaces)
+            baseline_namespaces=baseline_namespaces, privileged_namespaces=privileged_namespaces,
+            warm_workers=warm_workers, warm_image=warm_image, pool_namespace=pool_namespace)
 
     config = _guard(configure)
 

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from . import metrics, protocol
 from .api import load_spec_steps
 from .errors import JobDefinitionError, UsageError
-from .kube import Kube
+from .kube import PODS, Forbidden, Kube, Listed, list_watch
 from .protocol import JobPhase
 from .runtime import Worker, container_memory_limit
-from .spec import JobSpec
+from .spec import ADOPTED_ANNOTATION, STANDBY_NAMESPACE_ENV, STANDBY_POD_ENV, JobSpec
+from .state.base import Record
 from .state.kube import KubeStateStore
 from .storage.s3 import S3BlobStore
 from .storage.urls import job_data_prefix, split_s3
@@ -40,20 +41,69 @@ def _require(env: Mapping[str, str], name: str) -> str:
 
 
 async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
-    """Work on the job named by the environment until it is decided; the exit code."""
-    job_name = _require(env, "KUBEMR_JOB")
-    namespace = _require(env, "KUBEMR_NAMESPACE")
+    """Work on the job named by the environment (or, a warm pool's standby, the job that
+    adopts it) until it is decided; the exit code."""
     worker_id = env.get("KUBEMR_WORKER_ID") or socket.gethostname()
-    endpoint = _serve_metrics(env, {"job": job_name, "worker": worker_id})
     stopped = asyncio.Event()  # SIGTERM: the pod is being stopped
+    async with await Kube.connect() as kube:
+        if env.get(STANDBY_POD_ENV):
+            adopted = await _standby(kube, _require(env, STANDBY_NAMESPACE_ENV),
+                                     env[STANDBY_POD_ENV], stopped)
+            if adopted is None:  # stopped before any job adopted it
+                return 0
+            namespace, job_name = adopted
+        else:
+            job_name = _require(env, "KUBEMR_JOB")
+            namespace = _require(env, "KUBEMR_NAMESPACE")
+        endpoint = _serve_metrics(env, {"job": job_name, "worker": worker_id})
+        try:
+            code = await _work(kube, job_name, namespace, worker_id, stopped, _ordinal(env))
+            if endpoint is not None:
+                await _linger(float(env.get(metrics.LINGER_ENV) or 0), stopped)
+            return code
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+
+
+async def _standby(kube: Kube, namespace: str, pod: str,
+                   stopped: asyncio.Event) -> tuple[str, str] | None:
+    """A warm pool's standby (operator.pool): get ready, then wait for a job to adopt
+    it; that job's (namespace, name), or None if SIGTERM came first.
+
+    Ready means what a cold worker spends its first half second on done already: the
+    imports (this module's), the API server's connection (``kube``) and the S3 client's
+    service model, parsed once per process and kept (storage.s3).
+    """
+    await S3BlobStore.warm_up()
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.current_task()
+    assert waiting is not None
+
+    def on_sigterm() -> None:
+        stopped.set()
+        waiting.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    log.info("standby waiting", extra={"namespace": namespace, "worker": pod})
     try:
-        code = await _work(job_name, namespace, worker_id, stopped, _ordinal(env))
-        if endpoint is not None:
-            await _linger(float(env.get(metrics.LINGER_ENV) or 0), stopped)
-        return code
+        async for item in list_watch(kube, PODS, namespace, context=f"standby {pod}",
+                                     field_selector=f"metadata.name={pod}"):
+            for obj in item.items if isinstance(item, Listed) else [item.object]:
+                adopted = (obj["metadata"].get("annotations") or {}).get(ADOPTED_ANNOTATION)
+                if adopted:
+                    job_namespace, _, job_name = adopted.partition("/")
+                    log.info("standby adopted", extra={"job": job_name,
+                                                       "namespace": job_namespace,
+                                                       "worker": pod})
+                    return job_namespace, job_name
+    except asyncio.CancelledError:
+        if stopped.is_set():
+            return None
+        raise
     finally:
-        if endpoint is not None:
-            endpoint.close()
+        loop.remove_signal_handler(signal.SIGTERM)
+    return None
 
 
 async def _linger(seconds: float, stopped: asyncio.Event) -> None:
@@ -86,44 +136,64 @@ def _ordinal(env: Mapping[str, str]) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-async def _work(job_name: str, namespace: str, worker_id: str, stopped: asyncio.Event,
-                ordinal: int | None) -> int:
-    async with await Kube.connect() as kube:
-        store = KubeStateStore(kube, namespace)
-        job_record = (await store.job_record(job_name)).job  # not the tasks: the worker's
-        if JobPhase(job_record["phase"]).finished:
-            return 0
-        spec = JobSpec.from_dict(job_name, job_record["spec"])
-        context = {"job": job_name, "worker": worker_id}
+async def _work(kube: Kube, job_name: str, namespace: str, worker_id: str,
+                stopped: asyncio.Event, ordinal: int | None) -> int:
+    store = KubeStateStore(kube, namespace)
+    job_record = (await _first_read(store, job_name)).job
+    if JobPhase(job_record["phase"]).finished:
+        return 0
+    spec = JobSpec.from_dict(job_name, job_record["spec"])
+    context = {"job": job_name, "worker": worker_id}
+    try:
+        steps = load_spec_steps(spec)
+    except JobDefinitionError as exc:
+        # Every pod of this image would fail the same way: decide the job instead of
+        # letting pods crash until the Job's backoff limit runs out.
+        await store.patch(job_name, protocol.abort(job_record, JobPhase.FAILED, str(exc)))
+        log.error("job module unusable; job failed", extra={**context, "error": str(exc)})
+        return 1
+    bucket, _ = split_s3(spec.output)
+    blobs = S3BlobStore.from_env(bucket)
+    try:
+        prefix = job_data_prefix(spec.output, namespace, job_name)
+        worker = Worker(job_name, steps, store, blobs, worker_id, data_prefix=prefix,
+                        memory_limit=container_memory_limit(),
+                        ordinal=ordinal)
+
+        def on_sigterm() -> None:
+            stopped.set()
+            worker.stop()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        phase = await worker.run()
+        log.info("worker done", extra={**context, "phase": phase.value,
+                                       "count": worker.tasks_done})
+    finally:
+        await blobs.aclose()
+    # Stopped (the pod deleted, its node drained) before the job was decided: exit as
+    # a SIGTERMed process does, so the pod is Failed and replaced. A pod that Succeeded
+    # would tell the work-queue Job that the work is done: it makes no new pods then.
+    return STOPPED_EXIT_CODE if stopped.is_set() and not phase.finished else 0
+
+
+
+#: How long a standby's first read of its job may be refused: the RoleBindings that name
+#: its account are written just after the operator adopts it, and the API server's
+#: authorizer sees them a moment later.
+ADOPTION_GRACE_SECONDS = 10.0
+
+
+async def _first_read(store: KubeStateStore, job_name: str) -> Record:
+    """The job's record (not its tasks: the worker reads those itself), read once; a
+    Forbidden answer is retried for ``ADOPTION_GRACE_SECONDS`` (a standby adopted a moment
+    ago), then raised."""
+    deadline = asyncio.get_running_loop().time() + ADOPTION_GRACE_SECONDS
+    delay = 0.02
+    while True:
         try:
-            steps = load_spec_steps(spec)
-        except JobDefinitionError as exc:
-            # Every pod of this image would fail the same way: decide the job instead of
-            # letting pods crash until the Job's backoff limit runs out.
-            await store.patch(job_name, protocol.abort(job_record, JobPhase.FAILED, str(exc)))
-            log.error("job module unusable; job failed", extra={**context, "error": str(exc)})
-            return 1
-        bucket, _ = split_s3(spec.output)
-        blobs = S3BlobStore.from_env(bucket)
-        try:
-            prefix = job_data_prefix(spec.output, namespace, job_name)
-            worker = Worker(job_name, steps, store, blobs, worker_id, data_prefix=prefix,
-                            memory_limit=container_memory_limit(),
-                            ordinal=ordinal)
-
-
-            def on_sigterm() -> None:
-                stopped.set()
-                worker.stop()
-
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
-            phase = await worker.run()
-            log.info("worker done", extra={**context, "phase": phase.value,
-                                           "count": worker.tasks_done})
-        finally:
-            await blobs.aclose()
-        # Stopped (the pod deleted, its node drained) before the job was decided: exit as
-        # a SIGTERMed process does, so the pod is Failed and replaced. A pod that Succeeded
-        # would tell the work-queue Job that the work is done: it makes no new pods then.
-        return STOPPED_EXIT_CODE if stopped.is_set() and not phase.finished else 0
-
+            return await store.job_record(job_name)
+        except Forbidden:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)

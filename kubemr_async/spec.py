@@ -40,6 +40,12 @@ MEMORY_HEADROOM = 192 * MIB
 #: MiB of freed buffers, and a 1 GiB sort at a 256 MiB budget peaked at 462 MiB RSS per
 #: worker instead of 348 MiB with two arenas, at the same speed (benchmarks/README.md).
 WORKER_PROCESS_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "2"}
+#: A warm pool's standby worker (operator.pool) is told its pod's name by this variable,
+#: and waits for the operator to write the job it adopts it for, as ``namespace/name``,
+#: in this annotation of its pod.
+STANDBY_POD_ENV = "KUBEMR_STANDBY_POD"
+STANDBY_NAMESPACE_ENV = "KUBEMR_STANDBY_NAMESPACE"
+ADOPTED_ANNOTATION = "kubemr.io/adopted-by"
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
 #: Batching tiny tasks: consecutive input splits one map record holds (``splitsPerTask``).

@@ -54,6 +54,9 @@ class StorageAccess:
     environ: Mapping[str, str] = field(repr=False)
     #: Credential values known to the operator for this job, scrubbed from its messages.
     secrets: tuple[str, ...] = field(repr=False, default=())
+    #: The platform's credentials (neither the tenant's Secret nor a workload identity):
+    #: what a warm pool's standby holds, so such a job may adopt one (.pool).
+    platform: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,11 @@ async def _storage(kube: Kube, config: OperatorConfig, tenancy: Tenancy, mrj: Ku
             "credentials: name a Secret of your own (spec.storage.credentialsSecret) or a "
             "workload identity (spec.storage.serviceAccountAnnotations)")
     if not config.s3_secret:
-        return StorageAccess(None, None, None, ambient)
+        return StorageAccess(None, None, None, ambient, platform=True)
     source = await kube.get(SECRETS, config.s3_secret, config.operator_namespace)
     data = source.get("data") or {}
     return StorageAccess(secret_copy_name(mrj["metadata"]["name"]), secret_copy(mrj, data),
-                         None, ambient, tuple(_decode(data).values()))
+                         None, ambient, tuple(_decode(data).values()), platform=True)
 
 
 async def _tenant_keys(kube: Kube, namespace: str, name: str) -> dict[str, str]:

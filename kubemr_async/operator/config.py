@@ -83,5 +83,19 @@ class OperatorConfig:
     #: /readyz fails once the jobs' watch has delivered nothing (no list, event or
     #: bookmark) for this long; the API server sends a bookmark about every minute.
     watch_ready_seconds: float = 180.0
+    #: The warm pool (.pool): this many standby workers kept running, imported and
+    #: connected, in ``pool_namespace``, each adopted by one new job that would run
+    #: exactly its pod (image ``warm_image``, no template, the platform's credentials).
+    #: 0: none; every job's workers start cold.
+    warm_workers: int = 0
+    warm_image: str = ""
+    pool_namespace: str = "kubemr-pool"
     #: Leader election (None: this operator reconciles at once, alone).
     leader_election: LeaderElection | None = None
+
+    def __post_init__(self) -> None:
+        if self.warm_workers < 0:
+            raise UsageError(f"--warm-workers must be 0 or more, not {self.warm_workers}")
+        if self.warm_workers and not self.warm_image:
+            raise UsageError("--warm-workers needs --warm-image: the image the standbys run "
+                             "(only jobs with exactly this spec.image adopt one)")

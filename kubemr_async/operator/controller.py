@@ -3,7 +3,8 @@
 Five loops run in one anyio task group: the jobs' list-watch (feeding the queue), a
 periodic resync (every job, whatever the watch said), the reconcile workers (draining the
 queue), the progress followers and the health heartbeat; with leader election, a sixth
-renews the Lease, and the others start only once this operator holds it. If one fails, the
+renews the Lease, and the others start only once this operator holds it; with a warm pool
+(``config.warm_workers``), another keeps its standbys (.pool). If one fails, the
 task group cancels the others and :meth:`Operator.run` raises that one error: nothing is
 left running behind it. With ``config.metrics_port`` set, /metrics, /healthz and /readyz are served
 (:class:`~kubemr_async.metrics.Endpoint`) for as long as :meth:`Operator.run` runs.
@@ -26,6 +27,7 @@ from ..protocol import JobPhase
 from .config import OperatorConfig
 from .followers import Followers, Key
 from .leader import LeaderElector
+from .pool import WarmPool
 from .queue import WorkQueue, run_workers
 from .reconcile import Reconciler
 from .resources import job_key
@@ -46,7 +48,10 @@ class Operator:
         self.config = config
         self.queue: WorkQueue[Key] = WorkQueue(retry_maximum=config.resync_seconds)
         self.followers = Followers(kube, self.queue.add)
-        self.reconciler = Reconciler(kube, config, self.followers, self.queue.add_after)
+        #: Standby workers for new jobs to adopt (config.warm_workers; None: none).
+        self.pool = WarmPool(kube, config, self.queue.add) if config.warm_workers else None
+        self.reconciler = Reconciler(kube, config, self.followers, self.queue.add_after,
+                                     self.pool)
         self.changes = ChangeFilter()
         self.health = metrics.Health()
         #: With leader election, only the holder of the Lease reconciles; a standby waits
@@ -81,6 +86,8 @@ class Operator:
                 group.start_soon(self._watch_jobs, name="kubemr-operator-watch")
                 group.start_soon(self._resync, name="kubemr-operator-resync")
                 group.start_soon(self.followers.run, name="kubemr-operator-followers")
+                if self.pool is not None:
+                    group.start_soon(self.pool.run, name="kubemr-operator-warm-pool")
                 group.start_soon(run_workers, self.queue, self._reconcile_key,
                                  self.config.reconcile_workers, name="kubemr-operator-workers")
         except BaseExceptionGroup as failed:

@@ -51,6 +51,7 @@ from .admission import Admission, Refused, StorageAccess, admit
 from .config import OperatorConfig
 from .crashloop import DeathWatch, progress_of
 from .followers import Followers, Key
+from .pool import WarmPool, may_adopt
 from .resources import (
     add_finalizer,
     event,
@@ -71,6 +72,7 @@ from .resources import (
     worker_env,
     worker_job,
     worker_names,
+    workers_adopted,
     workers_ended_early,
     workers_failed,
 )
@@ -113,9 +115,12 @@ class Reconciler:
     """Reconciles jobs; ``requeue_after(key, seconds)`` asks for a later reconcile."""
 
     def __init__(self, kube: Kube, config: OperatorConfig, followers: Followers,
-                 requeue_after: Callable[[Key, float], None]) -> None:
+                 requeue_after: Callable[[Key, float], None],
+                 pool: WarmPool | None = None) -> None:
         self.kube = kube
         self.config = config
+        #: The warm pool whose standbys new jobs adopt (None: every worker starts cold).
+        self.pool = pool
         self.tenancy = Tenancy.of(config)
         self.followers = followers
         self.requeue_after = requeue_after
@@ -144,12 +149,13 @@ class Reconciler:
         admission = await self._admit(mrj, store, phase)
         if admission is None:
             return
-        if phase == JobPhase.PENDING:
+        fresh = phase == JobPhase.PENDING
+        if fresh:
             if not await self._plan(mrj, store, admission.storage):
                 return
             phase = JobPhase.RUNNING
         await self._write_status(mrj, phase)
-        await self._ensure_workers(mrj, admission.storage)
+        await self._ensure_workers(mrj, admission.storage, fresh)
         self.followers.follow((namespace, name), store)
         await self._advance(mrj, store, admission.storage)
         await self._check_workers(mrj, store)
@@ -307,22 +313,30 @@ class Reconciler:
             await stores.aclose()
         log.info("removed data of finished steps", extra={"job": name, "count": removed})
 
-    async def _ensure_workers(self, mrj: KubeObject, storage: StorageAccess) -> None:
+    async def _ensure_workers(self, mrj: KubeObject, storage: StorageAccess,
+                              fresh: bool) -> None:
         """The workers' identity (a ServiceAccount whose Roles reach only this job's
         objects, with the job's workload identity), their S3 credentials (a reference to
         the tenant's Secret; a copy of the platform's only where the admin allowed it),
-        and the batch Job that runs them."""
+        and the batch Job that runs them. A job planned in this reconcile (``fresh``) that
+        would run a standby's pod adopts one from the warm pool first, so the RoleBindings
+        name its account from the start (.pool)."""
         namespace = mrj["metadata"]["namespace"]
         task_ns = await self._ensure_task_namespace(mrj)
+        standby = None
+        if self.pool is not None and may_adopt(mrj, self.config, storage):
+            standby = await self.pool.adopt(mrj, fresh)
         await self.kube.ensure(SERVICE_ACCOUNTS, service_account(mrj, storage.annotations),
                                namespace)
+        subject = None if standby is None else (self.config.pool_namespace, standby)
         for role, where in ((job_role(mrj), namespace), (task_role(mrj, task_ns), task_ns)):
             await self.kube.ensure(ROLES, role, where)
-            await self.kube.ensure(ROLE_BINDINGS, role_binding(mrj, role), where)
+            await self.kube.ensure(ROLE_BINDINGS, role_binding(mrj, role, subject), where)
         if storage.platform_copy is not None:
             await self.kube.ensure(SECRETS, storage.platform_copy, namespace)
         env = worker_env(mrj, self.config, storage.secret)
-        await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env), namespace)
+        await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env, standby),
+                               namespace)
 
     async def _check_workers(self, mrj: KubeObject, store: KubeStateStore) -> None:
         """Fail a Running job whose workers cannot run, or keep dying with no task
@@ -334,12 +348,14 @@ class Reconciler:
         if workers is None:
             return
         failed = workers_failed(workers)
+        await self._replace_lost_standby(workers)
         pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
         deaths = self.deaths.setdefault(key, DeathWatch())
         deaths.observe(progress_of(mrj), pods)
         if failed is None:
             reason = (workers_ended_early(workers) or pods_stuck(pods)
-                      or deaths.verdict(int(workers["spec"]["parallelism"])))
+                      or deaths.verdict(JobSpec.from_dict(name, mrj["spec"]).workers
+                                        or DEFAULT_WORKERS))
         else:  # the Job controller's reason does not say why the pods died; OOM is common
             oom = pods_out_of_memory(pods)
             reason = failed if oom is None else f"{failed}; {oom}"
@@ -347,6 +363,22 @@ class Reconciler:
             await self._fail(mrj, store, reason)
         elif deaths.since:
             self.requeue_after(key, DEATHS_RECHECK_SECONDS)
+
+    async def _replace_lost_standby(self, workers: KubeObject) -> None:
+        """An adopted standby that ended before its job was decided (killed, evicted,
+        crashed) is one worker short: its batch Job gets the whole parallelism back, so
+        a pod of the job's own takes its place."""
+        standby = workers_adopted(workers)
+        wanted = workers["spec"].get("completions") or 0  # an adopting Job is Indexed
+        if (standby is None or self.pool is None or workers["spec"]["parallelism"] >= wanted
+                or await self.pool.alive(standby)):
+            return
+        meta = workers["metadata"]
+        await self.kube.patch(BATCH_JOBS, meta["name"], {"spec": {"parallelism": wanted}},
+                              meta["namespace"])
+        log.warning("adopted standby lost; the job's own pods replace it",
+                    extra={"job": meta["name"], "namespace": meta["namespace"],
+                           "worker": standby})
 
     async def _fail(self, mrj: KubeObject, store: KubeStateStore, reason: str,
                     secrets: tuple[str, ...] = ()) -> None:
@@ -383,17 +415,21 @@ class Reconciler:
             await self._write_status(mrj, phase)
         self.followers.stop(key)
         self.deaths.pop(key, None)
-        await self._delete_workers(namespace, name, keep_tasks=phase != JobPhase.SUCCEEDED)
+        await self._delete_workers(mrj, keep_tasks=phase != JobPhase.SUCCEEDED)
         remaining = ttl_remaining(mrj, datetime.now(UTC))
         if remaining is not None and remaining <= 0:
             await self.kube.delete(MAPREDUCE_JOBS, name, namespace)
         elif remaining is not None:
             self.requeue_after(key, remaining)
 
-    async def _delete_workers(self, namespace: str, name: str, keep_tasks: bool) -> None:
-        """Stop the workers; drop task records unless a retry may still reuse them."""
+    async def _delete_workers(self, mrj: KubeObject, keep_tasks: bool) -> None:
+        """Stop the workers (an adopted standby too); drop task records unless a retry
+        may still reuse them."""
+        namespace, name = job_key(mrj)
         _, job_name = worker_names(name)
         await self.kube.delete(BATCH_JOBS, job_name, namespace, propagation="Background")
+        if self.pool is not None:
+            await self.pool.release(mrj["metadata"]["uid"])
         if not keep_tasks:
             await self.kube.delete(NAMESPACES, task_namespace_for(namespace, name))
 
@@ -404,6 +440,8 @@ class Reconciler:
         namespace, name = key
         self.followers.stop(key)
         self.deaths.pop(key, None)
+        if self.pool is not None:
+            await self.pool.release(mrj["metadata"]["uid"])
         await self.kube.delete(NAMESPACES, task_namespace_for(namespace, name))
         ops = remove_finalizer(mrj)
         if ops is None:

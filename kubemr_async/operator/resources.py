@@ -19,7 +19,14 @@ from ..kube import KubeObject
 from ..protocol import JobPhase
 from ..records import JobError
 from ..scrub import CREDENTIAL_KEYS
-from ..spec import AZURE_CLIENT_ID, DEFAULT_WORKERS, WORKER_PROCESS_ENV, JobSpec
+from ..spec import (
+    AZURE_CLIENT_ID,
+    DEFAULT_WORKERS,
+    STANDBY_NAMESPACE_ENV,
+    STANDBY_POD_ENV,
+    WORKER_PROCESS_ENV,
+    JobSpec,
+)
 from .config import OperatorConfig
 
 FINALIZER = "kubemr.io/cleanup"
@@ -43,6 +50,8 @@ REQUIRED_KEYS = CREDENTIAL_KEYS[:2]
 #: Azure's webhook acts only on pods labelled so; its annotation on the account is not
 #: enough.
 AZURE_USE_LABEL = "azure.workload.identity/use"
+#: On a job's batch Job: the warm pool's pod adopted as one of its workers.
+STANDBY_ANNOTATION = "kubemr.io/standby"
 
 
 def now() -> str:
@@ -124,15 +133,21 @@ def task_role(mrj: KubeObject, task_namespace: str) -> KubeObject:
                        "verbs": ["get", "list", "watch", "patch"]}]}
 
 
-def role_binding(mrj: KubeObject, role: KubeObject) -> KubeObject:
+def role_binding(mrj: KubeObject, role: KubeObject,
+                 standby: tuple[str, str] | None = None) -> KubeObject:
     """Binds ``role`` (built above) to the workers' ServiceAccount (which lives beside the
-    job, wherever the role is), with the role's metadata."""
+    job, wherever the role is), with the role's metadata; and to ``standby`` (its
+    namespace and name), the account of a warm pool pod adopted as one of the workers."""
     account = role["metadata"]["name"]
+    subjects = [{"kind": "ServiceAccount", "name": account,
+                 "namespace": mrj["metadata"]["namespace"]}]
+    if standby is not None:
+        subjects.append({"kind": "ServiceAccount", "name": standby[1],
+                         "namespace": standby[0]})
     return {"apiVersion": f"{RBAC_API}/v1", "kind": "RoleBinding",
             "metadata": copy.deepcopy(role["metadata"]),
             "roleRef": {"apiGroup": RBAC_API, "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account,
-                          "namespace": mrj["metadata"]["namespace"]}]}
+            "subjects": subjects}
 
 
 def secret_copy(mrj: KubeObject, data: dict[str, str]) -> KubeObject:
@@ -152,9 +167,15 @@ def worker_env(mrj: KubeObject, config: OperatorConfig,
     their S3 keys (the tenant's own, or the copy of the platform's); none: workload
     identity, the pods' ambient credentials."""
     meta = mrj["metadata"]
+    return [{"name": "KUBEMR_JOB", "value": meta["name"]},
+            {"name": "KUBEMR_NAMESPACE", "value": meta["namespace"]},
+            *_process_env(config, secret)]
+
+
+def _process_env(config: OperatorConfig, secret: str | None) -> list[KubeObject]:
+    """What every worker process gets, whatever its job: its id, the S3 endpoint and
+    keys, the /metrics port, the allocator's settings."""
     env: list[KubeObject] = [
-        {"name": "KUBEMR_JOB", "value": meta["name"]},
-        {"name": "KUBEMR_NAMESPACE", "value": meta["namespace"]},
         {"name": "KUBEMR_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "AWS_REGION", "value": config.s3_region},
         *({"name": name, "value": value} for name, value in WORKER_PROCESS_ENV.items()),
@@ -164,12 +185,76 @@ def worker_env(mrj: KubeObject, config: OperatorConfig,
     if config.worker_metrics_port:
         env += [{"name": metrics.PORT_ENV, "value": str(config.worker_metrics_port)},
                 {"name": metrics.LINGER_ENV, "value": str(config.worker_metrics_linger)}]
-    if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {
-                    "name": secret, "key": key, **({} if key in REQUIRED_KEYS else
-                                                   {"optional": True})}}}
-                for key in CREDENTIAL_KEYS]
-    return env
+    return env + _secret_env(secret)
+
+
+def _secret_env(secret: str | None) -> list[KubeObject]:
+    """The S3 keys, by reference to the Secret ``secret`` (none: ambient credentials)."""
+    if not secret:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {
+                "name": secret, "key": key, **({} if key in REQUIRED_KEYS else
+                                               {"optional": True})}}}
+            for key in CREDENTIAL_KEYS]
+
+
+# --- the warm pool's standbys (.pool) ------------------------------------------------
+
+#: What marks a warm pool's objects; an adopted standby also carries its job's uid.
+STANDBY_LABELS = {"app.kubernetes.io/name": "kubemr-async",
+                  "app.kubernetes.io/component": "standby"}
+ADOPTED_LABEL = "kubemr.io/adopted-by-uid"
+#: The copy of the platform's S3 Secret in the pool namespace, for the standbys' env.
+POOL_SECRET = "kubemr-standby-s3"
+
+
+def standby_meta(name: str, namespace: str) -> KubeObject:
+    """A standby's objects (pod, ServiceAccount, Role, RoleBinding) share its name."""
+    return {"name": name, "namespace": namespace, "labels": dict(STANDBY_LABELS)}
+
+
+def standby_account(name: str, namespace: str) -> KubeObject:
+    """A standby's own ServiceAccount: a job's RoleBindings name it when the job adopts
+    the standby, and nothing else ever does (its name is random and never reused)."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": standby_meta(name, namespace)}
+
+
+def standby_role(name: str, namespace: str) -> KubeObject:
+    """What a standby may do before it is adopted: read and watch its own pod (where the
+    operator writes the job it adopts it for), nothing else."""
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "Role",
+            "metadata": standby_meta(name, namespace),
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "resourceNames": [name],
+                       "verbs": ["get", "list", "watch"]}]}
+
+
+def standby_binding(name: str, namespace: str) -> KubeObject:
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "RoleBinding",
+            "metadata": standby_meta(name, namespace),
+            "roleRef": {"apiGroup": RBAC_API, "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
+
+
+def standby_pod(name: str, namespace: str, config: OperatorConfig,
+                secret: str | None) -> KubeObject:
+    """A standby: a job's worker pod (:func:`worker_pod`) with no job yet, its identity
+    its own account, its S3 keys the platform's (``secret``, the pool's copy; None:
+    ambient credentials). Only a job that would run exactly this pod may adopt it."""
+    env: list[KubeObject] = [{"name": STANDBY_POD_ENV, "value": name},
+                             {"name": STANDBY_NAMESPACE_ENV, "value": namespace},
+                             *_process_env(config, secret)]
+    pod = worker_pod(config, config.warm_image, name, STANDBY_LABELS, env)
+    _add_scratch(pod["spec"])
+    pod["metadata"].update(name=name, namespace=namespace)
+    return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
+def pool_secret(data: Mapping[str, str], namespace: str) -> KubeObject:
+    """The pool's copy of the platform's S3 Secret (pods reference Secrets of their own
+    namespace only)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": standby_meta(POOL_SECRET, namespace), "data": dict(data)}
 
 
 def deep_merge(base: KubeObject, override: KubeObject) -> KubeObject:
@@ -189,20 +274,18 @@ def deep_merge(base: KubeObject, override: KubeObject) -> KubeObject:
     return merged
 
 
-def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -> KubeObject:
-    """The batch/v1 Job whose pods are the workers: an Indexed Job, one index per worker,
-    each done when its worker exits 0 (the job decided); kills are not counted as failures
-    (:data:`POD_FAILURE_POLICY`), other deaths ``worker_backoff_limit`` times per worker."""
-    name = mrj["metadata"]["name"]
-    account, job_name = worker_names(name)
-    spec = JobSpec.from_dict(name, mrj["spec"])
+def worker_pod(config: OperatorConfig, image: str | None, account: str, labels: Mapping[str, str],
+               env: list[KubeObject]) -> KubeObject:
+    """A worker's pod template as the operator makes it, before a job's overlay: the
+    same for a job's own workers and for the warm pool's standbys (.pool), which is what
+    lets a standby stand in for a job's worker."""
     pod: KubeObject = {
-        "metadata": {"labels": worker_labels(name)},
+        "metadata": {"labels": dict(labels)},
         "spec": {
             "serviceAccountName": account,
             "restartPolicy": "Never",
             "containers": [{
-                "name": "worker", "image": spec.image,
+                "name": "worker", "image": image,
                 "imagePullPolicy": config.image_pull_policy,
                 "command": list(config.worker_command), "env": env,
                 # A worker that fails reports its log's tail as its termination message,
@@ -220,6 +303,24 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
     }
     if config.worker_metrics_port:
         _add_metrics_port(pod, config.worker_metrics_port)
+    return pod
+
+
+def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject],
+               standby: str | None = None) -> KubeObject:
+    """The batch/v1 Job whose pods are the workers: an Indexed Job, one index per worker,
+    each done when its worker exits 0 (the job decided); kills are not counted as failures
+    (:data:`POD_FAILURE_POLICY`), other deaths ``worker_backoff_limit`` times per worker.
+
+    ``standby``: the warm pool's pod adopted as one of the job's workers (.pool). It
+    stands for one of them, so the Job starts one pod fewer (none for a one-worker job);
+    its name is kept in an annotation, and if it dies before the job is decided the
+    reconciler gives the Job its whole parallelism back.
+    """
+    name = mrj["metadata"]["name"]
+    account, job_name = worker_names(name)
+    spec = JobSpec.from_dict(name, mrj["spec"])
+    pod = worker_pod(config, spec.image, account, worker_labels(name), env)
     if spec.template:
         pod = deep_merge(pod, dict(spec.template))
         # A job may shape its pods, but never choose their identity: the account is the
@@ -231,7 +332,7 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
         pod["metadata"].setdefault("labels", {})[AZURE_USE_LABEL] = "true"
     _add_scratch(pod["spec"])
     workers = spec.workers or DEFAULT_WORKERS
-    job_spec: KubeObject = {"parallelism": workers, "template": pod}
+    job_spec: KubeObject = {"parallelism": workers - (standby is not None), "template": pod}
     if pod["spec"].get("restartPolicy") == "Never":  # the API refuses the policies otherwise
         # One index per worker, each with its own failure count and its own backoff
         # before a replacement: a work-queue Job's one backoff grows with every death
@@ -242,12 +343,16 @@ def worker_job(mrj: KubeObject, config: OperatorConfig, env: list[KubeObject]) -
                         podFailurePolicy=copy.deepcopy(POD_FAILURE_POLICY))
     else:
         job_spec["backoffLimit"] = config.worker_backoff_limit
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": job_name, "namespace": mrj["metadata"]["namespace"],
-                     "labels": worker_labels(name), "ownerReferences": [owner_reference(mrj)]},
-        "spec": job_spec,
-    }
+    meta: KubeObject = {"name": job_name, "namespace": mrj["metadata"]["namespace"],
+                        "labels": worker_labels(name), "ownerReferences": [owner_reference(mrj)]}
+    if standby is not None:
+        meta["annotations"] = {STANDBY_ANNOTATION: standby}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def workers_adopted(workers: KubeObject) -> str | None:
+    """The standby a job's batch Job was made beside (``worker_job(standby=)``), if any."""
+    return ((workers["metadata"].get("annotations") or {}).get(STANDBY_ANNOTATION))
 
 
 def _add_metrics_port(pod: KubeObject, port: int) -> None:

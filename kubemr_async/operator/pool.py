@@ -1,0 +1,229 @@
+"""The warm pool: standby workers already running when a job is created.
+
+A cold worker pod spends most of a small job's time starting: the Job controller and the
+kubelet, then ~0.5 s of imports and the first S3 client's set-up (docs/scaling.md, "A
+small job's latency"). A standby has done all that before the job exists, and is adopted
+by it within a watch event of the job being planned.
+
+A standby's life::
+
+    created ─► waiting: imported, connected, watching its own pod; its account may read
+      │        that pod and nothing else (resources.standby_role)
+      │ adopt: a new job that would run exactly its pod (may_adopt) labels and annotates
+      │        it, guarded by the pod's resourceVersion (one job wins it), and the job's
+      │        RoleBindings then name its account beside the job's own
+      ▼
+    working: one of the job's workers, with the job's rights (a Forbidden at first only
+      │      means the RoleBindings are not in force yet: the worker retries a moment)
+      │ the job decided: the worker exits, and the operator deletes the pod (a decided
+      │ or deleted job releases its standby)
+      ▼
+    gone:  the pod, its account, Role and RoleBinding are deleted; a fresh standby (a new
+           random name: a job's RoleBinding never names a later pod's account) replaces it
+
+Why a standby serves one job only: user code ran in it, and nothing of one tenant's job
+(its files, its child processes, its credentials) may outlive it into another's. Why only
+identical pods: a standby cannot become what its pod spec does not say (another image, a
+template's resources or volumes, a tenant's own Secret, a workload identity), and
+adopting it anyway would run the job with a pod the job did not ask for. Its S3 keys are
+the platform's (the pool's copy of ``s3_secret``), which is why only jobs that use the
+platform's credentials may adopt one.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+
+import anyio
+
+from ..kube import (
+    PODS,
+    ROLE_BINDINGS,
+    ROLES,
+    SECRETS,
+    SERVICE_ACCOUNTS,
+    Conflict,
+    Kube,
+    KubeApiError,
+    KubeObject,
+    NotFound,
+    ensure_namespace,
+)
+from ..spec import ADOPTED_ANNOTATION, JobSpec
+from .admission import StorageAccess
+from .config import OperatorConfig
+from .resources import (
+    ADOPTED_LABEL,
+    POOL_SECRET,
+    STANDBY_LABELS,
+    pool_secret,
+    standby_account,
+    standby_binding,
+    standby_pod,
+    standby_role,
+)
+
+log = logging.getLogger("kubemr.operator")
+
+#: How often the pool is topped up whatever happened (an adoption tops it up at once).
+REFILL_SECONDS = 2.0
+#: The pool namespace runs tenants' code: its pods are held to Pod Security "restricted".
+POOL_NAMESPACE_LABELS = {"app.kubernetes.io/name": "kubemr-async",
+                         "pod-security.kubernetes.io/enforce": "restricted"}
+_STANDBYS = ",".join(f"{key}={value}" for key, value in STANDBY_LABELS.items())
+_ENDED = ("Succeeded", "Failed")
+
+
+def may_adopt(mrj: KubeObject, config: OperatorConfig, storage: StorageAccess) -> bool:
+    """Whether job ``mrj``'s worker pod would be exactly a standby's: the pool's image,
+    no template overlay, the platform's storage credentials (not a tenant's Secret, not a
+    workload identity)."""
+    spec = JobSpec.from_dict(mrj["metadata"]["name"], mrj["spec"])
+    return (config.warm_workers > 0 and spec.image == config.warm_image
+            and not spec.template and storage.platform)
+
+
+def _ended(pod: KubeObject) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp")) or (
+        (pod.get("status") or {}).get("phase") in _ENDED)
+
+
+class WarmPool:
+    """Keeps ``config.warm_workers`` standbys waiting in ``config.pool_namespace``, and
+    hands them to jobs."""
+
+    def __init__(self, kube: Kube, config: OperatorConfig,
+                 on_lost: Callable[[tuple[str, str]], None]) -> None:
+        """``on_lost(key)``: a standby adopted by job ``key`` (namespace, name) has ended
+        or is gone; the job is reconciled, which replaces it if the job is not decided."""
+        self.kube = kube
+        self.config = config
+        self.namespace = config.pool_namespace
+        self.on_lost = on_lost
+        self._wake = anyio.Event()
+        #: The adopted standbys seen working at the last refill, and their jobs.
+        self._working: dict[str, tuple[str, str]] = {}
+
+    async def run(self) -> None:
+        """Top the pool up now, after each adoption, and every REFILL_SECONDS; until
+        cancelled. Trouble talking to the API server is logged and tried again."""
+        await ensure_namespace(self.kube, self.namespace, POOL_NAMESPACE_LABELS,
+                               context=f"creating the warm pool's namespace {self.namespace}")
+        while True:
+            try:
+                await self.refill()
+            except KubeApiError as exc:
+                log.warning("topping up the warm pool failed; retrying",
+                            extra={"namespace": self.namespace, "error": str(exc)})
+            with anyio.move_on_after(REFILL_SECONDS):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def refill(self) -> None:
+        """Remove the standbys whose work is over, and start new ones until
+        ``warm_workers`` are waiting."""
+        pods, _ = await self.kube.list(PODS, self.namespace, label_selector=_STANDBYS)
+        waiting = 0
+        working: dict[str, tuple[str, str]] = {}
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            adopted = (pod["metadata"].get("annotations") or {}).get(ADOPTED_ANNOTATION)
+            if (pod.get("status") or {}).get("phase") in _ENDED:
+                await self._remove(name)
+            elif _ended(pod):
+                pass
+            elif adopted:
+                namespace, _, job = adopted.partition("/")
+                working[name] = (namespace, job)
+            else:
+                waiting += 1
+        for name, key in self._working.items():
+            if name not in working:
+                self.on_lost(key)
+        self._working = working
+        live = {pod["metadata"]["name"] for pod in pods}
+        accounts, _ = await self.kube.list(SERVICE_ACCOUNTS, self.namespace,
+                                           label_selector=_STANDBYS)
+        for account in accounts:  # left by an operator stopped between account and pod
+            if account["metadata"]["name"] not in live:
+                await self._remove(account["metadata"]["name"])
+        secret = await self._secret()
+        for _ in range(self.config.warm_workers - waiting):
+            await self._start(secret)
+
+    async def _secret(self) -> str | None:
+        """The pool's copy of the platform's S3 Secret, made or brought up to date; None
+        when the platform has none (the standbys use ambient credentials then)."""
+        if not self.config.s3_secret:
+            return None
+        source = await self.kube.get(SECRETS, self.config.s3_secret,
+                                     self.config.operator_namespace)
+        copy = pool_secret(source.get("data") or {}, self.namespace)
+        found = await self.kube.find(SECRETS, POOL_SECRET, self.namespace)
+        if found is None:
+            await self.kube.ensure(SECRETS, copy, self.namespace)
+        elif found.get("data") != copy["data"]:  # the platform's keys were rotated
+            await self.kube.patch(SECRETS, POOL_SECRET, {"data": copy["data"]},
+                                  self.namespace)
+        return POOL_SECRET
+
+    async def _start(self, secret: str | None) -> None:
+        """One new standby: its account and the Role to read its own pod, then the pod."""
+        name = f"kubemr-standby-{secrets.token_hex(5)}"
+        ns = self.namespace
+        await self.kube.create(SERVICE_ACCOUNTS, standby_account(name, ns), ns)
+        await self.kube.create(ROLES, standby_role(name, ns), ns)
+        await self.kube.create(ROLE_BINDINGS, standby_binding(name, ns), ns)
+        await self.kube.create(PODS, standby_pod(name, ns, self.config, secret), ns)
+        log.info("standby started", extra={"namespace": ns, "worker": name})
+
+    async def _remove(self, name: str) -> None:
+        """A standby's pod, and then its account (which ends its tokens) and Role."""
+        for resource in (PODS, ROLE_BINDINGS, ROLES, SERVICE_ACCOUNTS):
+            await self.kube.delete(resource, name, self.namespace)
+
+    async def adopt(self, mrj: KubeObject, fresh: bool) -> str | None:
+        """The standby that works for job ``mrj``: one adopted earlier, or (``fresh``: the
+        job was planned in this reconcile) a waiting one adopted now; None if none."""
+        meta = mrj["metadata"]
+        mine = [pod for pod in await self._adopted(meta["uid"]) if not _ended(pod)]
+        if mine or not fresh:
+            return str(mine[0]["metadata"]["name"]) if mine else None
+        pods, _ = await self.kube.list(PODS, self.namespace,
+                                       label_selector=f"{_STANDBYS},!{ADOPTED_LABEL}")
+        # Those running first (imported and watching, or nearly), the oldest first.
+        pods.sort(key=lambda pod: ((pod.get("status") or {}).get("phase") != "Running",
+                                   pod["metadata"]["creationTimestamp"]))
+        for pod in (pod for pod in pods if not _ended(pod)):
+            name = str(pod["metadata"]["name"])
+            claim = {"metadata": {
+                "resourceVersion": pod["metadata"]["resourceVersion"],
+                "labels": {ADOPTED_LABEL: meta["uid"]},
+                "annotations": {ADOPTED_ANNOTATION: f"{meta['namespace']}/{meta['name']}"}}}
+            try:
+                await self.kube.patch(PODS, name, claim, self.namespace)
+            except (Conflict, NotFound):  # changed or gone since the list: the next one
+                continue
+            self._wake.set()
+            log.info("standby adopted", extra={"job": meta["name"],
+                                               "namespace": meta["namespace"],
+                                               "worker": name})
+            return name
+        return None
+
+    async def release(self, uid: str) -> None:
+        """Remove the standby a decided or deleted job adopted, if it is still there."""
+        for pod in await self._adopted(uid):
+            await self._remove(pod["metadata"]["name"])
+
+    async def alive(self, name: str) -> bool:
+        """Whether the adopted standby ``name`` is still working (not ended, not gone)."""
+        pod = await self.kube.find(PODS, name, self.namespace)
+        return pod is not None and not _ended(pod)
+
+    async def _adopted(self, uid: str) -> list[KubeObject]:
+        pods, _ = await self.kube.list(PODS, self.namespace,
+                                       label_selector=f"{_STANDBYS},{ADOPTED_LABEL}={uid}")
+        return pods

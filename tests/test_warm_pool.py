@@ -1,0 +1,166 @@
+"""The warm pool on the real API server: standby workers, adopted by new jobs.
+
+The operator (its own process, tests/operator_fixtures.py) keeps one standby running in a
+pool namespace of this module's; a job that would run exactly the standby's pod adopts it
+and runs with no pod of its own, any other job starts cold, a standby can read nothing but
+its own pod until a job adopts it, and a standby lost mid-job is replaced by the job's own
+pods.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubemr_async.testing.cluster import ApiError, TestCluster
+from kubemr_async.testing.kubelet import FakeKubelet
+
+from .operator_fixtures import kube_namespace, operator, s3
+from .test_operator_e2e import create_job, echo_job, wait_for_phase
+
+__all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
+
+pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
+
+POOL_NS = f"pool-{uuid.uuid4().hex[:8]}"
+IMAGE = "kubemr-tests:dev"  # echo_job's image: the jobs that may adopt a standby
+STANDBYS = "app.kubernetes.io/component=standby"
+
+
+@pytest.fixture(scope="module")
+def operator_args(kube_cluster: TestCluster) -> Any:
+    yield ["--warm-workers", "1", "--warm-image", IMAGE, "--pool-namespace", POOL_NS]
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}")
+
+
+def pool_pods(cluster: TestCluster) -> list[dict[str, Any]]:
+    listing = cluster.api("GET", f"/api/v1/namespaces/{POOL_NS}/pods?labelSelector={STANDBYS}")
+    return [pod for pod in listing["items"] if not pod["metadata"].get("deletionTimestamp")]
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def waiting_standby(cluster: TestCluster, kubelet: FakeKubelet) -> str:
+    """The name of a standby that is running and says it is waiting for a job."""
+    def ready() -> str | None:
+        for pod in pool_pods(cluster):
+            name = pod["metadata"]["name"]
+            log = kubelet.log_dir / POOL_NS / f"{name}.log"
+            if ("kubemr.io/adopted-by" not in (pod["metadata"].get("annotations") or {})
+                    and log.exists() and "standby waiting" in log.read_text()):
+                return str(name)
+        return None
+    return str(wait_until("a waiting standby", ready))
+
+
+def gone(cluster: TestCluster, path: str) -> bool:
+    try:
+        cluster.api("GET", path)
+    except ApiError as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False
+
+
+def job_pod_logs(kubelet: FakeKubelet, namespace: str, name: str) -> list[Path]:
+    """The log files of every pod the job's own batch Job ever ran (the kubelet keeps
+    them after the pods are deleted)."""
+    return sorted((kubelet.log_dir / namespace).glob(f"{name}-workers-*.log"))
+
+
+def allowed(cluster: TestCluster, account: str, verb: str, resource: str, namespace: str,
+            name: str = "", group: str = "") -> bool:
+    """What RBAC lets ServiceAccount ``account`` of the pool namespace do (a
+    SubjectAccessReview, as the API server's authorizer answers it)."""
+    review = cluster.api("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": f"system:serviceaccount:{POOL_NS}:{account}",
+                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{POOL_NS}"],
+                 "resourceAttributes": {"verb": verb, "resource": resource, "group": group,
+                                        "namespace": namespace, "name": name}}})
+    return bool(review["status"].get("allowed"))
+
+
+def test_a_new_job_adopts_the_standby_and_starts_no_pod_of_its_own(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    # Before it is adopted, the standby's account reaches its own pod and nothing else.
+    assert allowed(kube_cluster, standby, "watch", "pods", POOL_NS, standby)
+    assert not allowed(kube_cluster, standby, "get", "pods", POOL_NS, "another-pod")
+    assert not allowed(kube_cluster, standby, "get", "secrets", POOL_NS, "kubemr-standby-s3")
+    assert not allowed(kube_cluster, standby, "list", "mapreducejobs", kube_namespace,
+                       group="kubemr.io")
+
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "adopting", ["a", "b", "c"], workers=1, reducers=1))
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert job["status"]["results"] == ["a,b,c"]
+    log = fake_kubelet.logs(POOL_NS, standby)
+    assert "standby adopted" in log and name in log, log[-2000:]
+    assert job_pod_logs(fake_kubelet, kube_namespace, name) == [], \
+        "a one-worker job that adopted a standby runs no pod of its own"
+    # The job's RoleBindings named the standby's account beside the job's own.
+    binding = kube_cluster.api("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/"
+                               f"{kube_namespace}/rolebindings/kubemr-worker-{name}")
+    assert {"kind": "ServiceAccount", "name": standby, "namespace": POOL_NS} in \
+        binding["subjects"]
+    # A standby serves one job: it is removed with its account, and a fresh one (another
+    # name, so no RoleBinding of the decided job names it) waits in its place.
+    wait_until("the adopted standby's removal", lambda: gone(
+        kube_cluster, f"/api/v1/namespaces/{POOL_NS}/pods/{standby}"))
+    wait_until("the adopted standby's account's removal", lambda: gone(
+        kube_cluster, f"/api/v1/namespaces/{POOL_NS}/serviceaccounts/{standby}"))
+    assert waiting_standby(kube_cluster, fake_kubelet) != standby
+
+
+def test_a_job_whose_pod_would_differ_starts_cold(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """A template overlay (resources, here) makes the job's pod other than a standby's:
+    the standby is left waiting and the job runs on its own pods."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    manifest = echo_job("shaped", ["x", "y"], workers=1, reducers=1)
+    manifest["spec"]["template"] = {"spec": {"containers": [
+        {"name": "worker", "resources": {"limits": {"memory": "1Gi"}}}]}}
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1
+    pods = {pod["metadata"]["name"]: pod for pod in pool_pods(kube_cluster)}
+    assert standby in pods, "the standby was not taken"
+    assert "kubemr.io/adopted-by" not in (pods[standby]["metadata"].get("annotations") or {})
+
+
+def test_a_standby_lost_mid_job_is_replaced_by_the_jobs_own_pod(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    attempts = tmp_path / "attempts.log"
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "orphaned", ["p", "q"], workers=1, reducers=1,
+        args={"log": str(attempts), "sleep": "2"}))
+    wait_until("the standby's first attempt", lambda: attempts.exists()
+               and attempts.read_text().strip())
+    assert job_pod_logs(fake_kubelet, kube_namespace, name) == []
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert job["status"]["results"] == ["p,q"]
+    assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1, \
+        "the job's own pod took the lost standby's place"
