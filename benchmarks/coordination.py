@@ -92,7 +92,7 @@ from kubemr_async import protocol  # noqa: E402
 from kubemr_async.crd import MAPREDUCE_TASKS, ensure_crds  # noqa: E402
 from kubemr_async.inputs import plan_inputs  # noqa: E402
 from kubemr_async.kube import JSON_PATCH, Kube  # noqa: E402
-from kubemr_async.spec import MAX_SPLITS_PER_TASK, JobSpec  # noqa: E402
+from kubemr_async.spec import ADOPTED_ANNOTATION, MAX_SPLITS_PER_TASK, JobSpec  # noqa: E402
 from kubemr_async.state.kube import KubeStateStore  # noqa: E402
 
 GROUP = "kubemr.io"
@@ -836,6 +836,9 @@ def table(runs: list[Run], bare: Bare | None = None) -> str:
 TINY_TEXT = b"the quick brown fox jumps over the lazy dog\n" * 8
 TINY_BUCKET = "kubemr-tiny"
 TINY_NAMESPACE = "tiny"
+TINY_IMAGE = "kubemr-bench:dev"
+#: With --warm: the operator's warm pool, one standby.
+TINY_POOL_NS = "kubemr-pool"
 #: The operator's namespace and its S3 Secret, as the Helm chart names them.
 TINY_OPERATOR_NS = "kubemr-system"
 #: Each stage of a tiny job, in order, as seconds since `kubemr submit` was started.
@@ -843,7 +846,8 @@ TINY_STAGES = (
     ("created", "the CLI printed the job's name (its start-up, connect, POST)"),
     ("planned", "the job is Running (the operator planned it: tasks, RBAC, worker Job)"),
     ("pod_created", "the worker Pod exists (the Job controller made it)"),
-    ("pod_started", "the Pod is Running (the kubelet stand-in started its process)"),
+    ("pod_started", "the Pod is Running (the kubelet stand-in started its process), or "
+                    "with --warm the standby adopted"),
     ("map_claimed", "the map is claimed (the worker imported, connected, took a snapshot)"),
     ("map_committed", "the map is committed"),
     ("reduce_claimed", "the reduce is claimed"),
@@ -882,11 +886,14 @@ class _TinyWatcher:
     def _note(self, job: str, stage: str) -> None:
         self.seen.setdefault(job, {}).setdefault(stage, time.time())
 
-    async def _follow(self, resource: Any, on: Callable[[dict[str, Any]], None]) -> None:
+    async def _follow(self, resource: Any, on: Callable[[dict[str, Any]], None],
+                      every_namespace: bool = False) -> None:
+        """``every_namespace``: the warm pool's standbys run in a namespace of their own."""
         from kubemr_async.kube import Changed, list_watch
 
         async with await Kube.connect(str(self._kubeconfig)) as kube:
-            async for event in list_watch(kube, resource, self._namespace,
+            async for event in list_watch(kube, resource,
+                                          None if every_namespace else self._namespace,
                                           context=f"tiny-job watch of {resource.plural}"):
                 if isinstance(event, Changed) and event.type != "DELETED":
                     on(event.object)
@@ -900,7 +907,9 @@ class _TinyWatcher:
             self._note(name, "decided")
 
     def _on_pod(self, obj: dict[str, Any]) -> None:
-        job = (obj["metadata"].get("labels") or {}).get("kubemr.io/job")
+        meta = obj["metadata"]
+        adopted = (meta.get("annotations") or {}).get(ADOPTED_ANNOTATION, "")
+        job = (meta.get("labels") or {}).get("kubemr.io/job") or adopted.partition("/")[2]
         if job:
             self._note(job, "pod_created")
             phase = (obj.get("status") or {}).get("phase")
@@ -915,7 +924,7 @@ class _TinyWatcher:
 
         async def follow_both() -> None:
             await asyncio.gather(self._follow(MAPREDUCE_JOBS, self._on_job),
-                                 self._follow(PODS, self._on_pod))
+                                 self._follow(PODS, self._on_pod, every_namespace=True))
 
         self._thread.start()
         self._follows = asyncio.run_coroutine_threadsafe(follow_both(), self._loop)
@@ -929,9 +938,11 @@ class _TinyWatcher:
         self._thread.join(timeout=10)
 
 
-def _tiny_cluster_setup(cluster: Any, s3_server: Any, scratch: Path) -> subprocess.Popen[bytes]:
+def _tiny_cluster_setup(cluster: Any, s3_server: Any, scratch: Path,
+                        warm: bool) -> subprocess.Popen[bytes]:
     """The namespaces, the operator's S3 Secret, the input, and `kubemr operator` (as the
-    Helm chart runs it, at INFO) watching the tiny jobs' namespace."""
+    Helm chart runs it, at INFO) watching the tiny jobs' namespace; ``warm``: with one
+    standby worker in its warm pool."""
     import boto3
 
     cluster.create_namespace(TINY_NAMESPACE)
@@ -952,7 +963,9 @@ def _tiny_cluster_setup(cluster: Any, s3_server: Any, scratch: Path) -> subproce
              "--operator-namespace", TINY_OPERATOR_NS, "--s3-secret", "kubemr-s3",
              "--s3-endpoint", s3_server.endpoint_url, "--namespace", TINY_NAMESPACE,
              "--platform-credentials-namespaces",
-             f"kubernetes.io/metadata.name={TINY_NAMESPACE}"],
+             f"kubernetes.io/metadata.name={TINY_NAMESPACE}",
+             *(["--warm-workers", "1", "--warm-image", TINY_IMAGE,
+                "--pool-namespace", TINY_POOL_NS] if warm else [])],
             stdout=out, stderr=subprocess.STDOUT,
             env={"PATH": str(kubemr.parent), "PYTHONPATH": _pythonpath(),
                  "HOME": os.environ.get("HOME", "/"), "KUBEMR_LOG_LEVEL": "INFO",
@@ -972,7 +985,7 @@ def _tiny_submit(cluster: Any, s3_server: Any, watcher: _TinyWatcher,
     kubemr = Path(sys.executable).parent / "kubemr"
     env = {**os.environ, "PYTHONPATH": _pythonpath(), **s3_server.client_env()}
     env.pop("KUBECONFIG", None)
-    argv = [str(kubemr), "submit", "--image", "kubemr-bench:dev", "--job",
+    argv = [str(kubemr), "submit", "--image", TINY_IMAGE, "--job",
             "examples.wordcount", "--input", f"s3://{TINY_BUCKET}/in/tiny.txt",
             "--output", f"s3://{TINY_BUCKET}/out", "--generate-name", "tiny-",
             "--workers", "1", "--reducers", "1", "--wait", "-n", TINY_NAMESPACE,
@@ -1016,11 +1029,13 @@ def _tiny_submit(cluster: Any, s3_server: Any, watcher: _TinyWatcher,
 
 
 def tiny_job_latency(repeats: int = 5, timeout: float = 120.0,
-                     say: Callable[[str], None] = print) -> list[TinyRun]:
+                     say: Callable[[str], None] = print, warm: bool = False) -> list[TinyRun]:
     """The tiny job (one small input, 1 reducer, 1 worker) submitted `repeats` times with
     `kubemr submit --wait` on the test cluster, the whole product path: the CLI, `kubemr
     operator`, the controller-manager's Job controller, the kubelet stand-in's Pod process
-    (`kubemr worker`), the S3 server. One job first warms the caches and is not counted."""
+    (`kubemr worker`), the S3 server. One job first warms the caches and is not counted.
+    ``warm``: the operator keeps one standby worker, which each job adopts; each submit
+    waits for a fresh standby to be ready first."""
     from kubemr_async.testing.cluster import TestCluster
     from kubemr_async.testing.kubelet import FakeKubelet
     from kubemr_async.testing.s3server import S3Server
@@ -1037,7 +1052,7 @@ def tiny_job_latency(repeats: int = 5, timeout: float = 120.0,
         asyncio.run(install())
         cluster.wait_until_listed([f"{GROUP_PATH}/{plural}"
                                    for plural in ("mapreducejobs", "mapreducetasks")])
-        operator = _tiny_cluster_setup(cluster, s3_server, scratch)
+        operator = _tiny_cluster_setup(cluster, s3_server, scratch, warm)
         stack.callback(operator.wait, 30)
         stack.callback(operator.terminate)
         stack.enter_context(FakeKubelet(cluster.kubeconfig_path, log_dir=scratch / "pods",
@@ -1045,12 +1060,26 @@ def tiny_job_latency(repeats: int = 5, timeout: float = 120.0,
         watcher = stack.enter_context(_TinyWatcher(cluster.kubeconfig_path, TINY_NAMESPACE))
         runs = []
         for i in range(repeats + 1):
+            if warm:
+                _wait_for_standby(scratch / "pods" / TINY_POOL_NS, i + 1, timeout)
             run = _tiny_submit(cluster, s3_server, watcher, timeout)
             say(f"  {'warm-up' if i == 0 else f'run {i}'}: {run.name} "
                 f"{run.at['exited']:.2f}s, load average {os.getloadavg()[0]:.1f}")
             if i:
                 runs.append(run)
         return runs
+
+
+def _wait_for_standby(logs: Path, count: int, timeout: float) -> None:
+    """Until ``count`` standbys have said they are waiting (each does once, and serves
+    one job): the one the next job adopts is ready."""
+    deadline = time.monotonic() + timeout
+    while sum("standby waiting" in path.read_text(errors="replace")
+              for path in logs.glob("*.log")) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no standby ready in {timeout:.0f}s (logs in {logs})")
+        time.sleep(0.05)
+    time.sleep(0.5)  # the machine settles after the standby's start, as a cold run's does
 
 
 def _pythonpath() -> str:
@@ -1135,6 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-job", type=int, metavar="N", default=0,
                         help="instead: a tiny job's `kubemr submit --wait`, N times (median, "
                              "with each stage's moment)")
+    parser.add_argument("--warm", action="store_true",
+                        help="with --tiny-job: the operator keeps a standby worker (its warm "
+                             "pool) that each job adopts")
     args = parser.parse_args(argv)
     if args.splits_per_task and args.mode == "operator":
         parser.error("--splits-per-task runs in direct or plain mode (the operator would "
@@ -1143,7 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--splits-per-task must be between 1 and {MAX_SPLITS_PER_TASK}")
     if args.tiny_job:
         print(tiny_table(tiny_job_latency(args.tiny_job, say=lambda text: print(
-            text, file=sys.stderr, flush=True))))
+            text, file=sys.stderr, flush=True), warm=args.warm)))
         return 0
 
     from kubemr_async.testing.cluster import TestCluster

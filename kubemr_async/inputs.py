@@ -25,7 +25,7 @@ import glob
 import itertools
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,21 +144,22 @@ def _local_file(path: Path, info: os.stat_result, split: bool) -> tuple[str, int
 
 
 async def expand_inputs(patterns: Sequence[str],
-                        environ: Mapping[str, str] | None = None) -> list[tuple[str, int]]:
+                        stores: StoreCache | None = None) -> list[tuple[str, int]]:
     """Every input object with its size, in a stable order; UsageError if any names nothing.
 
-    ``environ``: where S3 credentials come from (default: this process's environment).
+    ``stores``: the stores to list S3 with (their credentials; default: this process's).
     """
     found: list[tuple[str, int]] = []
     for pattern in patterns:
         if is_s3(pattern):
-            found += await expand_s3(pattern, _config(environ))
+            found += await expand_s3(pattern, stores=stores)
         else:
             found += expand_local(pattern)
     return found
 
 
-async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[str, int]]:
+async def expand_s3(pattern: str, config: S3Config | None = None, *,
+                    stores: StoreCache | None = None) -> list[tuple[str, int]]:
     """The objects an ``s3://`` input names, as ``(url, size)``, without reading any data.
 
     ``s3://bucket/key`` is one object (or, if absent, the prefix ``key/``);
@@ -166,7 +167,8 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
     per path segment. Objects whose name below a prefix (or, for a glob, whose own last
     segment) starts with ``_`` or ``.`` are skipped, as for local inputs; an object named
     exactly is read whatever its name. Anything that names nothing is a UsageError with a
-    one-line reason, raised before a job starts.
+    one-line reason, raised before a job starts. The listing uses ``stores`` (whose
+    clients the caller keeps) if given, else a store of its own with ``config``.
     """
     # Imported here: a job with local inputs never loads aiobotocore.
     from .storage.s3 import S3BlobStore, S3Config, S3Error, valid_bucket_name
@@ -178,7 +180,12 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
                          "give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if not valid_bucket_name(bucket):
         raise UsageError(f"invalid S3 URL {pattern!r}: {bucket!r} is not a bucket name")
-    store = S3BlobStore(bucket, config if config is not None else S3Config.from_env())
+    if stores is None:
+        store = S3BlobStore(bucket, config if config is not None else S3Config.from_env())
+    else:
+        opened = stores.open(f"s3://{bucket}")[0]
+        assert isinstance(opened, S3BlobStore)  # what a StoreCache opens for s3://
+        store = opened
     try:
         return await expand_store(store, pattern, key)
     except _EmptyPrefix:
@@ -194,16 +201,8 @@ async def expand_s3(pattern: str, config: S3Config | None = None) -> list[tuple[
                              f"credentials and the bucket policy") from None
         raise
     finally:
-        await store.aclose()
-
-
-def _config(environ: Mapping[str, str] | None) -> S3Config | None:
-    """The S3 settings of ``environ``, or None for this process's own (read lazily)."""
-    if environ is None:
-        return None
-    from .storage.s3 import S3Config
-
-    return S3Config.from_env(environ)
+        if stores is None:
+            await store.aclose()
 
 
 class _EmptyPrefix(UsageError):
@@ -324,29 +323,32 @@ def check_local_compressed(objects: Sequence[tuple[str, int]]) -> None:
 
 
 async def plan_inputs(spec: JobSpec, map_input: str | None = None,
-                      environ: Mapping[str, str] | None = None) -> list[Split]:
+                      stores: StoreCache | None = None) -> list[Split]:
     """The map tasks' inputs: data splits, or (unsplit jobs) one input string per map.
 
     ``map_input`` is the job's map input when the planner knows it (``kubemr run``):
     ``"parquet"`` plans Parquet files by row group (:func:`plan_parquet_splits`). A
     planner that does not know it (the operator imports no job module) cuts every file
     into byte ranges, which a Parquet map reads by row-group midpoints just as well.
-    ``environ`` holds the S3 credentials to plan with (the operator: the job's own).
+    ``stores`` reach S3 with the credentials to plan with (the operator: the job's own;
+    default: this process's, with stores made and closed here).
     """
+    if stores is None:
+        stores = StoreCache()
+        try:
+            return await plan_inputs(spec, map_input, stores)
+        finally:
+            await stores.aclose()
     if not spec.split_inputs:
         return [(text, None) for pattern in spec.inputs
-                for text in await _unsplit(pattern, environ)]
-    objects = await expand_inputs(spec.inputs, environ)
+                for text in await _unsplit(pattern, stores)]
+    objects = await expand_inputs(spec.inputs, stores)
     check_local_compressed(objects)
     chunk = spec.chunk_size
     if spec.memory is not None:
         chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
     if map_input in recordio.PARQUET_INPUTS:
-        stores = StoreCache(environ)
-        try:
-            return await plan_parquet_splits(objects, chunk, stores)
-        finally:
-            await stores.aclose()
+        return await plan_parquet_splits(objects, chunk, stores)
     return plan_splits(objects, chunk)
 
 
@@ -478,7 +480,7 @@ async def read_map_input(store: BlobStore, key: str, byte_range: tuple[int, int]
     return await read_task_input(store, key, byte_range)
 
 
-async def _unsplit(text: str, environ: Mapping[str, str] | None = None) -> list[str]:
+async def _unsplit(text: str, stores: StoreCache) -> list[str]:
     """What one input of an unsplit (low-level) job stands for, as map input strings.
 
     Files are expanded so ``--input dir`` or a glob gives one map per data file (absolute
@@ -490,7 +492,7 @@ async def _unsplit(text: str, environ: Mapping[str, str] | None = None) -> list[
     if is_s3(text):
         key = text[len("s3://"):].partition("/")[2]
         if text.endswith("/") or _GLOB_CHARS & set(key):
-            return [url for url, _ in await expand_s3(text, _config(environ))]
+            return [url for url, _ in await expand_s3(text, stores=stores)]
         return [text]
     return _unsplit_local(text)
 

@@ -15,12 +15,15 @@ import signal
 import socket
 from collections.abc import Mapping
 
+import anyio
+import anyio.to_thread
+
 from . import metrics, protocol
 from .api import load_spec_steps
 from .errors import JobDefinitionError, UsageError
 from .kube import PODS, Forbidden, Kube, Listed, list_watch
 from .protocol import JobPhase
-from .runtime import Worker, container_memory_limit
+from .runtime import UserLoop, Worker, container_memory_limit
 from .spec import ADOPTED_ANNOTATION, STANDBY_NAMESPACE_ENV, STANDBY_POD_ENV, JobSpec
 from .state.base import Record
 from .state.kube import KubeStateStore
@@ -28,6 +31,10 @@ from .storage.s3 import S3BlobStore
 from .storage.urls import job_data_prefix, split_s3
 
 log = logging.getLogger("kubemr.worker")
+
+#: The bucket name a standby's S3 client is made with before it knows its job's; no
+#: request names it (``S3BlobStore.warm_up``).
+WARM_UP_BUCKET = "kubemr-warm-up"
 
 #: A worker's exit code when SIGTERM stopped it mid-job: 128 + SIGTERM, as a shell reports.
 STOPPED_EXIT_CODE = 128 + signal.SIGTERM
@@ -46,10 +53,13 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
     worker_id = env.get("KUBEMR_WORKER_ID") or socket.gethostname()
     stopped = asyncio.Event()  # SIGTERM: the pod is being stopped
     async with await Kube.connect() as kube:
+        ready = None
         if env.get(STANDBY_POD_ENV):
+            ready = await _Ready.make()
             adopted = await _standby(kube, _require(env, STANDBY_NAMESPACE_ENV),
                                      env[STANDBY_POD_ENV], stopped)
             if adopted is None:  # stopped before any job adopted it
+                await ready.aclose()
                 return 0
             namespace, job_name = adopted
         else:
@@ -57,7 +67,8 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
             namespace = _require(env, "KUBEMR_NAMESPACE")
         endpoint = _serve_metrics(env, {"job": job_name, "worker": worker_id})
         try:
-            code = await _work(kube, job_name, namespace, worker_id, stopped, _ordinal(env))
+            code = await _work(kube, job_name, namespace, worker_id, stopped, _ordinal(env),
+                               ready)
             if endpoint is not None:
                 await _linger(float(env.get(metrics.LINGER_ENV) or 0), stopped)
             return code
@@ -66,16 +77,33 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
                 endpoint.close()
 
 
+class _Ready:
+    """What a standby makes before any job exists, so that its job does not wait for it:
+    the loop user code will run on, an S3 client on each loop with its first request
+    made (``S3BlobStore.warm_up``; the job's stores are then ``for_bucket`` of ``s3``),
+    and anyio's thread pool (its first use imports its asyncio backend, ~40 ms)."""
+
+    def __init__(self, s3: S3BlobStore, user: UserLoop) -> None:
+        self.s3 = s3
+        self.user = user
+
+    @classmethod
+    async def make(cls) -> _Ready:
+        s3, user = S3BlobStore.from_env(WARM_UP_BUCKET), UserLoop()
+        await anyio.to_thread.run_sync(lambda: None)
+        await s3.warm_up()
+        await user.run(s3.warm_up())
+        return cls(s3, user)
+
+    async def aclose(self) -> None:
+        await self.s3.aclose()
+        await self.user.aclose()
+
+
 async def _standby(kube: Kube, namespace: str, pod: str,
                    stopped: asyncio.Event) -> tuple[str, str] | None:
-    """A warm pool's standby (operator.pool): get ready, then wait for a job to adopt
-    it; that job's (namespace, name), or None if SIGTERM came first.
-
-    Ready means what a cold worker spends its first half second on done already: the
-    imports (this module's), the API server's connection (``kube``) and the S3 client's
-    service model, parsed once per process and kept (storage.s3).
-    """
-    await S3BlobStore.warm_up()
+    """A warm pool's standby (operator.pool): wait for a job to adopt it; that job's
+    (namespace, name), or None if SIGTERM came first."""
     loop = asyncio.get_running_loop()
     waiting = asyncio.current_task()
     assert waiting is not None
@@ -137,7 +165,7 @@ def _ordinal(env: Mapping[str, str]) -> int | None:
 
 
 async def _work(kube: Kube, job_name: str, namespace: str, worker_id: str,
-                stopped: asyncio.Event, ordinal: int | None) -> int:
+                stopped: asyncio.Event, ordinal: int | None, ready: _Ready | None) -> int:
     store = KubeStateStore(kube, namespace)
     job_record = (await _first_read(store, job_name)).job
     if JobPhase(job_record["phase"]).finished:
@@ -153,12 +181,12 @@ async def _work(kube: Kube, job_name: str, namespace: str, worker_id: str,
         log.error("job module unusable; job failed", extra={**context, "error": str(exc)})
         return 1
     bucket, _ = split_s3(spec.output)
-    blobs = S3BlobStore.from_env(bucket)
+    blobs = S3BlobStore.from_env(bucket) if ready is None else ready.s3.for_bucket(bucket)
     try:
         prefix = job_data_prefix(spec.output, namespace, job_name)
         worker = Worker(job_name, steps, store, blobs, worker_id, data_prefix=prefix,
                         memory_limit=container_memory_limit(),
-                        ordinal=ordinal)
+                        ordinal=ordinal, user=None if ready is None else ready.user)
 
         def on_sigterm() -> None:
             stopped.set()
@@ -169,7 +197,7 @@ async def _work(kube: Kube, job_name: str, namespace: str, worker_id: str,
         log.info("worker done", extra={**context, "phase": phase.value,
                                        "count": worker.tasks_done})
     finally:
-        await blobs.aclose()
+        await (blobs if ready is None else ready.s3).aclose()
     # Stopped (the pod deleted, its node drained) before the job was decided: exit as
     # a SIGTERMed process does, so the pod is Failed and replaced. A pod that Succeeded
     # would tell the work-queue Job that the work is done: it makes no new pods then.

@@ -218,8 +218,11 @@ class Worker:
                  clock: Callable[[], float] = time.time, inline: bool = False,
                  memory_limit: int | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
-                 ordinal: int | None = None) -> None:
+                 ordinal: int | None = None, user: UserLoop | None = None) -> None:
+        """``user``: the loop user code runs on, made already (a warm pool's standby made
+        it, and its S3 client there, before its job existed); the worker closes it."""
         self.job_name = job_name
+        self._user = user
         # This worker's index among the job's workers, if it has one (a pod of an Indexed
         # Job): shards are then dealt to workers evenly (protocol.worker_shard).
         self.ordinal = ordinal
@@ -256,7 +259,7 @@ class Worker:
         self._read_at: float | None = None
 
         # Input stores and the stores user code reaches through ctx.fetch/ctx.store.
-        self._stores = StoreCache()
+        self._stores = StoreCache(s3=blobs)
         self._rng = random.Random()
         # The store's last blind spell this worker has judged leases after (last_outage).
         self._outage_seen: float | None = None
@@ -301,7 +304,8 @@ class Worker:
         self.budget = shuffle.ShuffleBudget(memory_budget(self.job_spec.memory,
                                                           self.memory_limit))
         self._enter_step(self._view.step)
-        self.user: UserLoop | SameLoop = SameLoop() if self.inline else UserLoop()
+        self.user: UserLoop | SameLoop = self._user or (
+            SameLoop() if self.inline else UserLoop())
         watcher = asyncio.create_task(self._watch(revision), name="kubemr-watch")
         try:
             return await self._claim_loop()

@@ -94,6 +94,8 @@ class Operator:
             raise _sole(failed) from None
         finally:
             metrics.LEADER.set(0)
+            with anyio.CancelScope(shield=True):
+                await self.reconciler.aclose()
             if self.elector is not None:  # every loop has stopped: hand the lease on
                 with anyio.CancelScope(shield=True), anyio.move_on_after(
                         self.elector.config.renew_deadline):

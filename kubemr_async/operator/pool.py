@@ -9,12 +9,13 @@ A standby's life::
 
     created ─► waiting: imported, connected, watching its own pod; its account may read
       │        that pod and nothing else (resources.standby_role)
-      │ adopt: a new job that would run exactly its pod (may_adopt) labels and annotates
-      │        it, guarded by the pod's resourceVersion (one job wins it), and the job's
-      │        RoleBindings then name its account beside the job's own
+      │ adopt: a new job that would run exactly its pod (may_adopt) labels it, guarded
+      │        by the pod's resourceVersion (one job wins it); the job's RoleBindings
+      │        then name its account beside the job's own, and only then is the job
+      │        written in its annotation, which the standby is watching for
       ▼
     working: one of the job's workers, with the job's rights (a Forbidden at first only
-      │      means the RoleBindings are not in force yet: the worker retries a moment)
+      │      means the authorizer has not seen the RoleBindings yet: it retries a moment)
       │ the job decided: the worker exits, and the operator deletes the pod (a decided
       │ or deleted job releases its standby)
       ▼
@@ -137,7 +138,7 @@ class WarmPool:
             elif adopted:
                 namespace, _, job = adopted.partition("/")
                 working[name] = (namespace, job)
-            else:
+            elif ADOPTED_LABEL not in pod["metadata"]["labels"]:
                 waiting += 1
         for name, key in self._working.items():
             if name not in working:
@@ -186,9 +187,13 @@ class WarmPool:
 
     async def adopt(self, mrj: KubeObject, fresh: bool) -> str | None:
         """The standby that works for job ``mrj``: one adopted earlier, or (``fresh``: the
-        job was planned in this reconcile) a waiting one adopted now; None if none."""
-        meta = mrj["metadata"]
-        mine = [pod for pod in await self._adopted(meta["uid"]) if not _ended(pod)]
+        job was planned in this reconcile) a waiting one claimed now; None if none.
+
+        A standby claimed here is not told its job yet (:meth:`assign`, once the job's
+        RoleBindings name it): told first, it would only be refused its first reads.
+        """
+        uid = mrj["metadata"]["uid"]
+        mine = [pod for pod in await self._adopted(uid) if not _ended(pod)]
         if mine or not fresh:
             return str(mine[0]["metadata"]["name"]) if mine else None
         pods, _ = await self.kube.list(PODS, self.namespace,
@@ -198,20 +203,24 @@ class WarmPool:
                                    pod["metadata"]["creationTimestamp"]))
         for pod in (pod for pod in pods if not _ended(pod)):
             name = str(pod["metadata"]["name"])
-            claim = {"metadata": {
-                "resourceVersion": pod["metadata"]["resourceVersion"],
-                "labels": {ADOPTED_LABEL: meta["uid"]},
-                "annotations": {ADOPTED_ANNOTATION: f"{meta['namespace']}/{meta['name']}"}}}
+            claim = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],
+                                  "labels": {ADOPTED_LABEL: uid}}}
             try:
                 await self.kube.patch(PODS, name, claim, self.namespace)
             except (Conflict, NotFound):  # changed or gone since the list: the next one
                 continue
             self._wake.set()
-            log.info("standby adopted", extra={"job": meta["name"],
-                                               "namespace": meta["namespace"],
-                                               "worker": name})
             return name
         return None
+
+    async def assign(self, mrj: KubeObject, standby: str) -> None:
+        """Tell the standby adopted for ``mrj`` its job (its rights are in place)."""
+        meta = mrj["metadata"]
+        job = f"{meta['namespace']}/{meta['name']}"
+        await self.kube.patch(PODS, standby, {"metadata": {"annotations": {
+            ADOPTED_ANNOTATION: job}}}, self.namespace)
+        log.info("standby adopted", extra={"job": meta["name"], "namespace": meta["namespace"],
+                                           "worker": standby})
 
     async def release(self, uid: str) -> None:
         """Remove the standby a decided or deleted job adopted, if it is still there."""

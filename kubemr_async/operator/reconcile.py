@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -121,6 +121,9 @@ class Reconciler:
         self.config = config
         #: The warm pool whose standbys new jobs adopt (None: every worker starts cold).
         self.pool = pool
+        #: The stores reaching S3 with the platform's credentials (.admission), kept: see
+        #: _stores. The operator closes them when it stops (aclose).
+        self.platform_stores = StoreCache()
         self.tenancy = Tenancy.of(config)
         self.followers = followers
         self.requeue_after = requeue_after
@@ -159,6 +162,10 @@ class Reconciler:
         self.followers.follow((namespace, name), store)
         await self._advance(mrj, store, admission.storage)
         await self._check_workers(mrj, store)
+
+    async def aclose(self) -> None:
+        """Close what the reconciler keeps between jobs (its S3 clients)."""
+        await self.platform_stores.aclose()
 
     async def event(self, meta: KubeObject, reason: str, message: str,
                     warning: bool = False) -> None:
@@ -208,9 +215,11 @@ class Reconciler:
         name = mrj["metadata"]["name"]
         try:
             spec = JobSpec.from_dict(name, mrj["spec"])
-            splits = await plan_inputs(spec, environ=storage.environ)
-            check_inputs_outside(splits, spec.output, job_key(mrj)[0], name)
-            await self._drop_earlier_manifest(spec, job_key(mrj)[0], name, storage)
+            async with self._stores(storage) as stores:
+                splits = await plan_inputs(spec, stores=stores)
+                check_inputs_outside(splits, spec.output, job_key(mrj)[0], name)
+                await self._drop_earlier_manifest(spec, job_key(mrj)[0], name, stores,
+                                                  storage.secrets)
         except KubemrError as exc:
             await self._refuse(mrj, f"invalid job: {exc}", storage.secrets)
             return False
@@ -230,7 +239,7 @@ class Reconciler:
         return True
 
     async def _drop_earlier_manifest(self, spec: JobSpec, namespace: str, name: str,
-                                     storage: StorageAccess) -> None:
+                                     stores: StoreCache, secrets: tuple[str, ...]) -> None:
         """Remove the ``_SUCCESS`` an earlier job of this name left (``kubemr delete`` keeps
         results): this job writes the same attempt-unique keys under the same prefix, so
         that manifest would present the parts this job overwrites, or this job's failure,
@@ -240,7 +249,6 @@ class Reconciler:
         Best effort: a job whose inputs need no S3 must not be refused over an S3 hiccup
         here (a missing bucket, say, holds no manifest); the workers report S3 problems.
         """
-        stores = StoreCache(storage.environ)
         try:
             blobs, _ = stores.open(spec.output)
             prefix = job_data_prefix(spec.output, namespace, name)
@@ -250,7 +258,21 @@ class Reconciler:
         except KubemrError as exc:
             log.warning("could not remove an earlier job's manifest",
                         extra={"job": name, "namespace": namespace,
-                               "error": scrub(str(exc), storage.secrets)})
+                               "error": scrub(str(exc), secrets)})
+
+    @contextlib.asynccontextmanager
+    async def _stores(self, storage: StorageAccess) -> AsyncIterator[StoreCache]:
+        """The stores that reach a job's data with its own credentials: with the
+        platform's (the operator's own), the ones kept for the operator's life, whose
+        clients and connections every such job reuses (a first request costs ~50 ms);
+        with a tenant's, stores made for this use and closed after it (a tenant's keys are
+        not kept beyond the reconcile that needs them)."""
+        if storage.platform:
+            yield self.platform_stores
+            return
+        stores = StoreCache(storage.environ)
+        try:
+            yield stores
         finally:
             await stores.aclose()
 
@@ -283,7 +305,8 @@ class Reconciler:
         try:
             step_spec = replace(spec.at_step(done + 1), inputs=tuple(parts))
             # "pairs": the map input of later steps.
-            splits = await plan_inputs(step_spec, "pairs", storage.environ)
+            async with self._stores(storage) as stores:
+                splits = await plan_inputs(step_spec, "pairs", stores)
         except KubemrError as exc:
             await self._fail(mrj, store, f"planning {label}: {exc}", storage.secrets)
             return
@@ -300,8 +323,7 @@ class Reconciler:
         """Step ``done`` has committed: its shuffle objects, and the whole previous step
         (the parts it read), will never be read again (a retry keeps committed tasks).
         Deleted with the job's own credentials: never more than the job could delete."""
-        stores = StoreCache(storage.environ)
-        try:
+        async with self._stores(storage) as stores:
             blobs, _ = stores.open(spec.output)
             prefix = job_data_prefix(spec.output, namespace, name)
             removed = await blobs.delete_prefix(
@@ -309,8 +331,6 @@ class Reconciler:
             if done:
                 removed += await blobs.delete_prefix(
                     f"{protocol.step_prefix(prefix, spec.at_step(done - 1))}/")
-        finally:
-            await stores.aclose()
         log.info("removed data of finished steps", extra={"job": name, "count": removed})
 
     async def _ensure_workers(self, mrj: KubeObject, storage: StorageAccess,
@@ -334,6 +354,9 @@ class Reconciler:
             await self.kube.ensure(ROLE_BINDINGS, role_binding(mrj, role, subject), where)
         if storage.platform_copy is not None:
             await self.kube.ensure(SECRETS, storage.platform_copy, namespace)
+        if standby is not None:
+            assert self.pool is not None
+            await self.pool.assign(mrj, standby)
         env = worker_env(mrj, self.config, storage.secret)
         await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env, standby),
                                namespace)

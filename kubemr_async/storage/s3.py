@@ -293,21 +293,31 @@ class S3BlobStore:
         self.config = config if config is not None else S3Config()
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary())
+        self._borrowed = False  # clients of another store (for_bucket): not ours to close
 
     @classmethod
     def from_env(cls, bucket: str) -> S3BlobStore:
         """A store for ``bucket`` configured from the environment (``S3Config.from_env``)."""
         return cls(bucket, S3Config.from_env())
 
-    @classmethod
-    async def warm_up(cls) -> None:
-        """Do now what a first client costs (~0.1 s: botocore parses its service model,
-        this loop's session resolves credentials), so that a later store's first request
-        does not pay it: a warm pool's standby, before any job (operator.pool). No
-        request is sent."""
-        store = cls.from_env("kubemr-warm-up")
-        await store._client()
-        await store.aclose()
+    def for_bucket(self, bucket: str) -> S3BlobStore:
+        """A store for ``bucket`` over this store's clients (and their warm connections),
+        borrowed: closing it does nothing, closing this store closes them."""
+        borrowed = S3BlobStore(bucket, self.config)
+        borrowed._clients = self._clients
+        borrowed._borrowed = True
+        return borrowed
+
+    async def warm_up(self) -> None:
+        """Do now, on this loop, what a first request costs (~0.1 s: botocore parses its
+        service model, the session resolves credentials, aiohttp makes its TLS context
+        and connects): a warm pool's standby does it before any job exists, and the stores
+        its job needs are then :meth:`for_bucket` of this one. The request is a
+        ListBuckets (no bucket named, nothing written); its answer, a refusal included,
+        does not matter."""
+        client = await self._client()
+        with contextlib.suppress(ClientError, BotoCoreError, aiohttp.ClientError):
+            await client.list_buckets()
 
     def __repr__(self) -> str:
         return f"S3BlobStore(bucket={self.bucket!r}, config={self.config!r})"
@@ -557,6 +567,8 @@ class S3BlobStore:
 
     async def aclose(self) -> None:
         """Close this loop's client; clients of other, still running loops close there."""
+        if self._borrowed:
+            return
         current = asyncio.get_running_loop()
         states = list(self._clients.items())
         self._clients.clear()

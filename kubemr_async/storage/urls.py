@@ -49,11 +49,17 @@ def _locate(url: str) -> tuple[str, str]:
     return path.anchor, path.relative_to(path.anchor).as_posix()
 
 
-def _new_store(identity: str, environ: Mapping[str, str] | None = None) -> BlobStore:
+def _new_store(identity: str, environ: Mapping[str, str] | None = None,
+               base: BlobStore | None = None) -> BlobStore:
+    """The store for ``identity``; over ``base``'s clients if it is an S3 store with the
+    same configuration."""
     if is_s3(identity):
         from .s3 import S3BlobStore, S3Config
 
-        return S3BlobStore(split_s3(identity)[0], S3Config.from_env(environ))
+        bucket, config = split_s3(identity)[0], S3Config.from_env(environ)
+        if isinstance(base, S3BlobStore) and base.config == config:
+            return base.for_bucket(bucket)
+        return S3BlobStore(bucket, config)
     return FileBlobStore(identity)
 
 
@@ -67,20 +73,24 @@ class StoreCache:
     """One store per bucket (or filesystem root) for a worker's whole life.
 
     An S3 store owns a client and a connection pool; building one per task or per object
-    would throw both away each time.
+    would throw both away each time. With ``s3`` (a worker's own store), the buckets it
+    opens with the same settings and credentials share that store's clients, and their
+    warm connections, instead of making their own.
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None,
+                 s3: BlobStore | None = None) -> None:
         """``environ``: where S3 settings and credentials come from (default: this
         process's environment; the operator passes a job's own credentials)."""
         self._stores: dict[str, BlobStore] = {}
         self._environ = environ
+        self._s3 = s3
 
     def open(self, url: str) -> tuple[BlobStore, str]:
         """The shared store for ``url`` and the key inside it (do not close the store)."""
         identity, key = _locate(url)
         if identity not in self._stores:
-            self._stores[identity] = _new_store(identity, self._environ)
+            self._stores[identity] = _new_store(identity, self._environ, self._s3)
         return self._stores[identity], key
 
     async def aclose(self) -> None:
