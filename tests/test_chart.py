@@ -576,6 +576,37 @@ def test_admission_policy_pins_the_operator_and_the_watched_namespace(
     assert not by_kind(off, "ValidatingAdmissionPolicy")
 
 
+def test_warm_pool_renders_its_namespace_its_rbac_and_the_operators_flags(
+        tools: Tools, tmp_path: Path) -> None:
+    values = {"warmPool": {"workers": 2, "image": "registry.example/wc:1", "namespace": "pool"}}
+    objects = render(tools, values, tmp_path, release="rel", namespace="ops")
+    (namespace,) = [o for o in by_kind(objects, "Namespace") if o["metadata"]["name"] == "pool"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    args = container(objects)["args"]
+    assert {"--warm-workers=2", "--warm-image=registry.example/wc:1",
+            "--pool-namespace=pool"} <= set(args)
+    assert rules_by_scope(objects)["pool"] == {
+        ("", "pods"): {"get", "list", "watch", "create", "patch", "delete"},
+        ("", "serviceaccounts"): {"list", "create", "delete"},
+        ("rbac.authorization.k8s.io", "roles"): {"create", "delete"},
+        ("rbac.authorization.k8s.io", "rolebindings"): {"create", "delete"},
+        ("", "secrets"): {"create"}}
+    (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["namespace"] == "pool"]
+    assert [r for r in role["rules"] if r.get("resourceNames")] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["kubemr-standby-s3"],
+         "verbs": ["get", "patch"]}]
+    policy = json.dumps(one(objects, "ValidatingAdmissionPolicy")["spec"]["validations"])
+    assert "request.namespace == 'pool'" in policy
+    # No pool: no namespace, no flags, and the policy allows job Secrets only.
+    plain = render(tools, {}, tmp_path, release="rel", namespace="ops")
+    assert not by_kind(plain, "Namespace")
+    assert not any(a.startswith("--warm") for a in container(plain)["args"])
+    assert "kubemr-standby-s3" not in json.dumps(one(plain, "ValidatingAdmissionPolicy"))
+    proc = tools.helm("template", "x", str(CHART), "--values",
+                      str(values_file({"warmPool": {"workers": 1}}, tmp_path)), check=False)
+    assert proc.returncode != 0 and "warmPool.image is required" in proc.stderr
+
+
 def test_chart_ships_the_generated_crds_as_they_are(tools: Tools, tmp_path: Path) -> None:
     """crds/ (written by kubemr_async.crd) is the only source: helm installs those files."""
     files = sorted(CHART.joinpath("crds").glob("*.yaml"))
@@ -1144,7 +1175,9 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
     """
     operator_ns = create_namespace(kube_cluster, "kubemr-op")
     jobs_ns = create_namespace(kube_cluster, "kubemr-jobs")
+    pool_ns = f"kubemr-pool-{uuid.uuid4().hex[:6]}"  # the chart makes it
     s3 = upload_example_data(s3_server)
+    example = yaml.safe_load((ROOT / "examples" / "wordcount.yaml").read_text())
     http_port = free_port()
     values = {"replicaCount": 0, "watchNamespace": jobs_ns,
               "operator": {"logLevel": "DEBUG", "workerBackoffLimit": 1, "httpPort": http_port},
@@ -1157,7 +1190,11 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
               # The example names no credentials of its own: the admin allows the
               # platform's in its namespace.
               "tenancy": {"platformCredentialsNamespaces":
-                          f"kubernetes.io/metadata.name={jobs_ns}"}}
+                          f"kubernetes.io/metadata.name={jobs_ns}"},
+              # One standby, which the example (its image, no template, the platform's
+              # credentials) adopts as one of its two workers.
+              "warmPool": {"workers": 1, "image": example["spec"]["image"],
+                           "namespace": pool_ns}}
     log = tmp_path / "operator.log"
     try:
         with installed(tools, kube_cluster, values, operator_ns, tmp_path) as release:
@@ -1174,7 +1211,11 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
                 # The probes' endpoints, where the Deployment's args put them.
                 wait_for_status(f"http://127.0.0.1:{http_port}/healthz", 200)
                 wait_for_status(f"http://127.0.0.1:{http_port}/readyz", 200)
+                standby = eventually(lambda: waiting_standby(fake_kubelet, pool_ns),
+                                     "a standby waiting in the warm pool", timeout=120)
                 run_wordcount(kube_cluster, jobs_ns, s3, log)
+                assert "standby adopted" in fake_kubelet.logs(pool_ns, standby), \
+                    "the example adopted the standby (its RBAC granted by the operator)"
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -1183,6 +1224,14 @@ def test_operator_with_only_the_charts_permissions_runs_the_wordcount_example(
     finally:
         delete_namespace(kube_cluster, jobs_ns)
         delete_namespace(kube_cluster, operator_ns)
+
+
+def waiting_standby(kubelet: Any, namespace: str) -> str | None:
+    """A standby of the pool in ``namespace`` that says it is waiting for a job."""
+    for log in sorted((kubelet.log_dir / namespace).glob("kubemr-standby-*.log")):
+        if "standby waiting" in log.read_text(errors="replace"):
+            return log.stem
+    return None
 
 
 def run_wordcount(cluster: TestCluster, namespace: str, s3: Any, log: Path) -> None:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import anyio
 
 from ..kube import (
+    NAMESPACES,
     PODS,
     ROLE_BINDINGS,
     ROLES,
@@ -110,8 +111,10 @@ class WarmPool:
     async def run(self) -> None:
         """Top the pool up now, after each adoption, and every REFILL_SECONDS; until
         cancelled. Trouble talking to the API server is logged and tried again."""
-        await ensure_namespace(self.kube, self.namespace, POOL_NAMESPACE_LABELS,
-                               context=f"creating the warm pool's namespace {self.namespace}")
+        if await self.kube.find(NAMESPACES, self.namespace) is None:  # the chart makes it
+            await ensure_namespace(self.kube, self.namespace, POOL_NAMESPACE_LABELS,
+                                   context=f"creating the warm pool's namespace "
+                                           f"{self.namespace}")
         while True:
             try:
                 await self.refill()
