@@ -6,10 +6,15 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from kubemr_async.conditions import job_conditions
+from kubemr_async.errors import UsageError
 from kubemr_async.operator import FINALIZER, OperatorConfig, worker_names
 from kubemr_async.operator import resources as build
+from kubemr_async.operator.admission import StorageAccess
 from kubemr_async.operator.controller import ChangeFilter
+from kubemr_async.operator.pool import may_adopt
 from kubemr_async.protocol import JobPhase, Progress
 
 MRJ: dict[str, Any] = {
@@ -289,3 +294,66 @@ def test_jobs_are_counted_by_the_phase_the_watch_last_saw() -> None:
     assert changes.phases() == {"Succeeded": 1, "Pending": 1}
     changes.changed("DELETED", mrj_with(metadata={"namespace": "team", "name": "new"}))
     assert changes.phases() == {"Succeeded": 1}
+
+
+# --- the warm pool ---------------------------------------------------------------------
+
+WARM = OperatorConfig(warm_workers=1, warm_image="img:1", s3_endpoint="http://s3:9000")
+
+
+def test_a_standby_runs_the_pod_a_job_of_its_image_would_run_but_for_the_job() -> None:
+    """What lets a standby stand in for a job's worker: the same container (image,
+    command, security context, scratch volume), only its identity and job env differ."""
+    job_pod = build.worker_job(MRJ, WARM, build.worker_env(MRJ, WARM, "s"))["spec"]["template"]
+    standby = build.standby_pod("kubemr-standby-ab", "pool", WARM, "s")
+    assert standby["metadata"]["namespace"] == "pool"
+    assert standby["spec"]["serviceAccountName"] == "kubemr-standby-ab"
+    drop_env = [{k: v for k, v in c.items() if k != "env"}
+                for c in (job_pod["spec"]["containers"][0], standby["spec"]["containers"][0])]
+    assert drop_env[0] == drop_env[1]
+    pod_level = [{k: v for k, v in pod["spec"].items()
+                  if k not in ("serviceAccountName", "containers")} for pod in (job_pod, standby)]
+    assert pod_level[0] == pod_level[1]
+    env = {e["name"]: e for e in standby["spec"]["containers"][0]["env"]}
+    assert "KUBEMR_JOB" not in env and env["KUBEMR_STANDBY_POD"]["value"] == "kubemr-standby-ab"
+    job_env = {e["name"]: e for e in job_pod["spec"]["containers"][0]["env"]}
+    shared = set(job_env) - {"KUBEMR_JOB", "KUBEMR_NAMESPACE"}
+    assert {name: env[name] for name in shared} == {name: job_env[name] for name in shared}
+    # Before adoption its account reads its own pod and nothing else.
+    assert build.standby_role("kubemr-standby-ab", "pool")["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "resourceNames": ["kubemr-standby-ab"],
+         "verbs": ["get", "list", "watch"]}]
+
+
+def test_an_adopting_job_starts_one_pod_fewer_and_binds_the_standby() -> None:
+    adopting = build.worker_job(MRJ, WARM, [], standby="kubemr-standby-ab")
+    assert (adopting["spec"]["parallelism"], adopting["spec"]["completions"]) == (2, 3)
+    assert build.workers_adopted(adopting) == "kubemr-standby-ab"
+    assert build.workers_adopted(build.worker_job(MRJ, WARM, [])) is None
+    alone = build.worker_job(mrj_with({"workers": 1}), WARM, [], standby="kubemr-standby-ab")
+    assert (alone["spec"]["parallelism"], alone["spec"]["completions"]) == (0, 1)
+    role = build.job_role(MRJ)
+    binding = build.role_binding(MRJ, role, ("pool", "kubemr-standby-ab"))
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubemr-worker-wc-1", "namespace": "team"},
+        {"kind": "ServiceAccount", "name": "kubemr-standby-ab", "namespace": "pool"}]
+    assert build.role_binding(MRJ, role)["subjects"] == binding["subjects"][:1]
+
+
+def test_only_a_job_whose_pod_would_be_a_standbys_may_adopt_one() -> None:
+    platform = StorageAccess("wc-1-s3", None, None, {}, platform=True)
+    tenant = StorageAccess("team-s3", None, None, {})
+    identity = StorageAccess(None, None, {"eks.amazonaws.com/role-arn": "arn"}, {})
+    assert may_adopt(MRJ, WARM, platform)
+    assert not may_adopt(MRJ, WARM, tenant) and not may_adopt(MRJ, WARM, identity)
+    assert not may_adopt(mrj_with({"image": "img:2"}), WARM, platform)
+    shaped = mrj_with({"template": {"spec": {"nodeSelector": {"disk": "ssd"}}}})
+    assert not may_adopt(shaped, WARM, platform)
+    assert not may_adopt(MRJ, OperatorConfig(), platform)
+
+
+def test_a_warm_pool_without_its_image_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--warm-workers needs --warm-image"):
+        OperatorConfig(warm_workers=2)
+    with pytest.raises(UsageError, match="--warm-workers must be 0 or more"):
+        OperatorConfig(warm_workers=-1, warm_image="img:1")
