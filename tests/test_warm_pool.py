@@ -17,6 +17,10 @@ from typing import Any
 
 import pytest
 
+from kubemr_async.kube import NAMESPACES, PODS, SERVICE_ACCOUNTS, Kube
+from kubemr_async.operator import OperatorConfig
+from kubemr_async.operator.pool import WarmPool
+from kubemr_async.operator.resources import standby_account, standby_pod
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
 
@@ -164,3 +168,50 @@ def test_a_standby_lost_mid_job_is_replaced_by_the_jobs_own_pod(
     assert job["status"]["results"] == ["p,q"]
     assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1, \
         "the job's own pod took the lost standby's place"
+
+
+@pytest.mark.anyio
+async def test_a_standby_that_cannot_start_is_never_adopted_nor_replaced_in_a_hot_loop(
+        kube_cluster: TestCluster, fake_kubelet: FakeKubelet,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A pool whose standbys die before any job (here their command exits 3, as a bad
+    image's would) starts the next one only after a growing wait, and says why; a standby
+    that is not running is never adopted (a job would be a worker short behind it)."""
+    namespace = f"pool-{uuid.uuid4().hex[:8]}"
+    config = OperatorConfig(warm_workers=1, warm_image=IMAGE, pool_namespace=namespace,
+                            worker_command=["sh", "-c", "exit 3"])
+    lost: list[tuple[str, str]] = []
+    try:
+        async with await Kube.connect(str(kube_cluster.kubeconfig_path)) as kube:
+            pool = WarmPool(kube, config, lost.append)
+            await kube.create(NAMESPACES, {"metadata": {"name": namespace}})
+            await pool.refill()
+            (first,) = [p["metadata"]["name"] for p in pool_pods_in(kube_cluster, namespace)]
+            job = {"metadata": {"name": "j", "namespace": "team", "uid": "u-1"}}
+            wait_until("the standby's end", lambda: phase_of(
+                kube_cluster, namespace, first) == "Failed")
+            assert await pool.adopt(job, fresh=True) is None, "an ended standby is not adopted"
+            await pool.refill()  # removes it, and waits before the next
+            await pool.refill()
+            assert pool_pods_in(kube_cluster, namespace) == []
+            assert "a standby ended before any job adopted it" in caplog.text
+            assert lost == []
+            # A standby that never runs (no node takes it) is not adopted either.
+            pending = standby_pod("kubemr-standby-pending", namespace, config, None)
+            pending["spec"]["nodeSelector"] = {"kubemr.io/no-such-node": "x"}
+            await kube.create(SERVICE_ACCOUNTS, standby_account(
+                "kubemr-standby-pending", namespace), namespace)
+            await kube.create(PODS, pending, namespace)
+            assert await pool.adopt(job, fresh=True) is None
+    finally:
+        kube_cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+def pool_pods_in(cluster: TestCluster, namespace: str) -> list[dict[str, Any]]:
+    listing = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector={STANDBYS}")
+    return [pod for pod in listing["items"] if not pod["metadata"].get("deletionTimestamp")]
+
+
+def phase_of(cluster: TestCluster, namespace: str, name: str) -> str:
+    pod = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    return str((pod.get("status") or {}).get("phase"))

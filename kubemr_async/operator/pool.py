@@ -56,10 +56,12 @@ from ..kube import (
 from ..spec import ADOPTED_ANNOTATION, JobSpec
 from .admission import StorageAccess
 from .config import OperatorConfig
+from .crashloop import pod_death_cause
 from .resources import (
     ADOPTED_LABEL,
     POOL_SECRET,
     STANDBY_LABELS,
+    pods_stuck,
     pool_secret,
     standby_account,
     standby_binding,
@@ -71,6 +73,8 @@ log = logging.getLogger("kubemr.operator")
 
 #: How often the pool is topped up whatever happened (an adoption tops it up at once).
 REFILL_SECONDS = 2.0
+#: The longest wait before replacing a standby that ended with no job (_failed_standby).
+FAILED_BACKOFF_MAX = 300.0
 #: The pool namespace runs tenants' code: its pods are held to Pod Security "restricted".
 POOL_NAMESPACE_LABELS = {"app.kubernetes.io/name": "kubemr-async",
                          "pod-security.kubernetes.io/enforce": "restricted"}
@@ -107,6 +111,10 @@ class WarmPool:
         self._wake = anyio.Event()
         #: The adopted standbys seen working at the last refill, and their jobs.
         self._working: dict[str, tuple[str, str]] = {}
+        #: Standbys that ended unadopted since one was last adopted, and when the next
+        #: may start (see _failed_standby).
+        self._failures = 0
+        self._next_start = 0.0
 
     async def run(self) -> None:
         """Top the pool up now, after each adoption, and every REFILL_SECONDS; until
@@ -127,14 +135,17 @@ class WarmPool:
 
     async def refill(self) -> None:
         """Remove the standbys whose work is over, and start new ones until
-        ``warm_workers`` are waiting."""
+        ``warm_workers`` are waiting; standbys that keep ending before any job adopted
+        them (a bad image, say) are replaced ever more slowly, and reported."""
         pods, _ = await self.kube.list(PODS, self.namespace, label_selector=_STANDBYS)
-        waiting = 0
+        waiting: list[str] = []
         working: dict[str, tuple[str, str]] = {}
         for pod in pods:
             name = pod["metadata"]["name"]
             adopted = (pod["metadata"].get("annotations") or {}).get(ADOPTED_ANNOTATION)
             if (pod.get("status") or {}).get("phase") in _ENDED:
+                if ADOPTED_LABEL not in pod["metadata"]["labels"]:
+                    self._failed_standby(pod)
                 await self._remove(name)
             elif _ended(pod):
                 pass
@@ -142,7 +153,11 @@ class WarmPool:
                 namespace, _, job = adopted.partition("/")
                 working[name] = (namespace, job)
             elif ADOPTED_LABEL not in pod["metadata"]["labels"]:
-                waiting += 1
+                waiting.append(name)
+                stuck = pods_stuck([pod])
+                if stuck is not None:
+                    log.warning("a standby cannot start", extra={
+                        "namespace": self.namespace, "worker": name, "error": stuck})
         for name, key in self._working.items():
             if name not in working:
                 self.on_lost(key)
@@ -153,9 +168,24 @@ class WarmPool:
         for account in accounts:  # left by an operator stopped between account and pod
             if account["metadata"]["name"] not in live:
                 await self._remove(account["metadata"]["name"])
+        for name in waiting[self.config.warm_workers:]:  # the pool was made smaller
+            await self._remove(name)
+        missing = self.config.warm_workers - len(waiting)
+        if missing <= 0 or anyio.current_time() < self._next_start:
+            return
         secret = await self._secret()
-        for _ in range(self.config.warm_workers - waiting):
+        for _ in range(missing):
             await self._start(secret)
+
+    def _failed_standby(self, pod: KubeObject) -> None:
+        """A standby ended with no job: wait twice as long as last time (up to
+        FAILED_BACKOFF_MAX seconds) before the next start."""
+        self._failures += 1
+        delay = min(REFILL_SECONDS * 2 ** self._failures, FAILED_BACKOFF_MAX)
+        self._next_start = anyio.current_time() + delay
+        log.warning("a standby ended before any job adopted it; the next starts later",
+                    extra={"namespace": self.namespace, "worker": pod["metadata"]["name"],
+                           "error": pod_death_cause(pod), "seconds": delay})
 
     async def _secret(self) -> str | None:
         """The pool's copy of the platform's S3 Secret, made or brought up to date; None
@@ -201,10 +231,11 @@ class WarmPool:
             return str(mine[0]["metadata"]["name"]) if mine else None
         pods, _ = await self.kube.list(PODS, self.namespace,
                                        label_selector=f"{_STANDBYS},!{ADOPTED_LABEL}")
-        # Those running first (imported and watching, or nearly), the oldest first.
-        pods.sort(key=lambda pod: ((pod.get("status") or {}).get("phase") != "Running",
-                                   pod["metadata"]["creationTimestamp"]))
-        for pod in (pod for pod in pods if not _ended(pod)):
+        # Only a running standby (imported and watching, or nearly): a pending one may
+        # never start (a bad image), and the job would be a worker short meanwhile.
+        running = [pod for pod in pods if not _ended(pod)
+                   and (pod.get("status") or {}).get("phase") == "Running"]
+        for pod in sorted(running, key=lambda pod: pod["metadata"]["creationTimestamp"]):
             name = str(pod["metadata"]["name"])
             claim = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],
                                   "labels": {ADOPTED_LABEL: uid}}}
@@ -212,6 +243,7 @@ class WarmPool:
                 await self.kube.patch(PODS, name, claim, self.namespace)
             except (Conflict, NotFound):  # changed or gone since the list: the next one
                 continue
+            self._failures = 0  # standbys do start
             self._wake.set()
             return name
         return None
