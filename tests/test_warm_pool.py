@@ -25,7 +25,7 @@ from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
 
 from .operator_fixtures import kube_namespace, operator, s3
-from .test_operator_e2e import create_job, echo_job, wait_for_phase
+from .test_operator_e2e import create_job, echo_job, events_for, wait_for_phase
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
 
@@ -119,6 +119,10 @@ def test_a_new_job_adopts_the_standby_and_starts_no_pod_of_its_own(
     assert "standby adopted" in log and name in log, log[-2000:]
     assert job_pod_logs(fake_kubelet, kube_namespace, name) == [], \
         "a one-worker job that adopted a standby runs no pod of its own"
+    adopted = [e["message"] for e in events_for(kube_cluster, kube_namespace, name)
+               if e["reason"] == "Adopted"]
+    assert adopted == [f"standby worker {standby} (namespace {POOL_NS}) works as one of "
+                       "its workers"], "the job's Events say where its worker's log is"
     # The job's RoleBindings named the standby's account beside the job's own.
     binding = kube_cluster.api("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/"
                                f"{kube_namespace}/rolebindings/kubemr-worker-{name}")

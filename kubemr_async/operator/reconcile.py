@@ -357,6 +357,10 @@ class Reconciler:
         if standby is not None:
             assert self.pool is not None
             await self.pool.assign(mrj, standby)
+            if fresh:
+                await self.event(mrj["metadata"], "Adopted",
+                                 f"standby worker {standby} (namespace "
+                                 f"{self.config.pool_namespace}) works as one of its workers")
         env = worker_env(mrj, self.config, storage.secret)
         await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env, standby),
                                namespace)
