@@ -8,10 +8,19 @@ starve heartbeats. Built-in reducers never call into per-record Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +58,19 @@ MapData = bytes | TextSplit | ParquetSplit
 @dataclass(frozen=True)
 class MapSplit:
     """One split of a map attempt: its input (``ctx.input`` while it is mapped) and how
-    to fetch it. A batched map (``splitsPerTask``) has several, fetched one at a time as
-    the map reaches them, so only one split is ever held in memory."""
+    to fetch it, in pieces. A batched map (``splitsPerTask``) has several splits, fetched
+    one at a time as the map reaches them, so only one split is ever held in memory; a
+    split is one piece, but a compressed input's is its decoded stream, a piece (about a
+    split's size) at a time (``inputs.read_map_input``)."""
 
     input: str
-    read: Callable[[], Awaitable[MapData]]
+    read: Callable[[], AsyncGenerator[MapData, None]]
 
     @classmethod
     def held(cls, url: str, data: MapData) -> MapSplit:
         """A split already in memory (a sample window, a test's bytes)."""
-        async def read() -> MapData:
-            return data
+        async def read() -> AsyncGenerator[MapData, None]:
+            yield data
 
         return cls(url, read)
 
@@ -107,15 +118,26 @@ async def _apply_user_reduce(fn: object, table: shuffle.Table, ctx: TaskContext)
         raise PermanentTaskError(str(exc)) from exc
 
 
-async def _read_split(job: Job, split: MapSplit, ctx: TaskContext) -> MapData:
-    """Fetch the next split of the attempt and make it ``ctx.input``; its bytes count
-    towards the attempt's map input (a ``name`` map reads nothing)."""
+@contextlib.asynccontextmanager
+async def _read_split(job: Job, split: MapSplit,
+                      ctx: TaskContext) -> AsyncGenerator[AsyncGenerator[MapData, None], None]:
+    """The next split of the attempt, made ``ctx.input``: its pieces, each fetched when
+    the map reaches it, and each counted towards the attempt's map input (a ``name`` map
+    reads nothing: one empty piece). What is not read yet is given up on leaving."""
     ctx.input = split.input
+    async with contextlib.aclosing(split.read()) as pieces:
+        yield _counted(job, pieces, ctx)
+
+
+async def _counted(job: Job, pieces: AsyncGenerator[MapData, None],
+                   ctx: TaskContext) -> AsyncGenerator[MapData, None]:
     if job.map_input == "name":
-        return b""
-    data = await split.read()
-    ctx._counters.add_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
-    return data
+        yield b""
+        return
+    async for data in pieces:
+        ctx._counters.add_framework(counters.MAP_INPUT_BYTES, recordio.split_bytes(data))
+        yield data
+        del data  # before the next piece is fetched
 
 
 async def _run_user_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) -> None:
@@ -129,7 +151,10 @@ async def _run_user_map(job: Job, splits: Sequence[MapSplit], ctx: TaskContext) 
     await _setup(job.map_setup_fn, ctx)
     try:
         for split in splits:
-            await _map_split(job, fn, await _read_split(job, split, ctx), ctx)
+            async with _read_split(job, split, ctx) as pieces:
+                async for data in pieces:
+                    await _map_split(job, fn, data, ctx)
+                    del data
     except Exception:
         await _teardown_after_failure(job.map_teardown_fn, ctx)
         raise
@@ -148,17 +173,19 @@ class _ShellCombining:
 
 async def _run_shell_maps(job: Job, mapper: Shell, splits: Sequence[MapSplit],
                           ctx: TaskContext, combining: _ShellCombining | None = None) -> None:
-    """A shell mapper on each split in turn; with ``combining``, a text split's stdout goes
-    straight through the shell combiner (a pairs split's batches cannot: they are parsed)."""
+    """A shell mapper on each split (each piece of a compressed one) in turn; with
+    ``combining``, a text split's stdout goes straight through the shell combiner (a pairs
+    split's batches cannot: they are parsed)."""
     for split in splits:
-        data = await _read_split(job, split, ctx)
-        lines = data.data if isinstance(data, TextSplit) else data
-        if combining is not None and isinstance(lines, bytes):
-            await streaming.run_mapper_combined(mapper, combining.combiner, lines, ctx,
-                                                combining.buffer_bytes, combining.spill)
-        else:
-            await _run_shell_map(job, mapper, data, ctx)
-        del data, lines  # the split's bytes go before the next one is read
+        async with _read_split(job, split, ctx) as pieces:
+            async for data in pieces:
+                lines = data.data if isinstance(data, TextSplit) else data
+                if combining is not None and isinstance(lines, bytes):
+                    await streaming.run_mapper_combined(mapper, combining.combiner, lines, ctx,
+                                                        combining.buffer_bytes, combining.spill)
+                else:
+                    await _run_shell_map(job, mapper, data, ctx)
+                del data, lines  # the piece's bytes go before the next one is read
 
 
 async def _run_shell_map(job: Job, fn: Shell, data: MapData, ctx: TaskContext) -> None:

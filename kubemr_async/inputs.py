@@ -13,8 +13,12 @@ Two more of Hadoop's rules keep real directories safe to name as inputs:
   file's own name), so a previous job's output directory is a valid input without its
   manifest being counted as data. A file named explicitly is still read: the user asked.
 * **Compressed files are one split.** ``.gz``/``.bz2``/``.xz``/``.zst`` inputs
-  (:mod:`.compression`) cannot be entered mid-stream, so each is one map task ``(0, size)``
-  that is decompressed whole, in memory, when read.
+  (:mod:`.compression`) cannot be entered mid-stream, so each is one map task ``(0, size)``.
+  Its map reads it as a stream (:func:`read_compressed`): fetched in ranged windows,
+  decoded as it comes and cut into line-aligned pieces of about the split size, which the
+  map gets one at a time, as a batched map gets its splits. So a task holds about a split
+  of it however large it inflates (a compressed Parquet file, read by offsets from its
+  footer, is the exception: it is decoded whole, in memory).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import glob
 import itertools
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     from .storage.s3 import S3Config
 
 _WINDOW = 64 * 1024
+#: Compressed bytes fetched per ranged read of a compressed input.
+_COMPRESSED_WINDOW = 4 * 1024 * 1024
 _GLOB_CHARS = set("*?[")
 HIDDEN_NOTE = "names starting with _ or . are skipped"
 
@@ -344,12 +350,18 @@ async def plan_inputs(spec: JobSpec, map_input: str | None = None,
                 for text in await _unsplit(pattern, stores)]
     objects = await expand_inputs(spec.inputs, stores)
     check_local_compressed(objects)
-    chunk = spec.chunk_size
-    if spec.memory is not None:
-        chunk = min(chunk, shuffle.ShuffleBudget(spec.memory).split_bytes)
+    chunk = split_size(spec)
     if map_input in recordio.PARQUET_INPUTS:
         return await plan_parquet_splits(objects, chunk, stores)
     return plan_splits(objects, chunk)
+
+
+def split_size(spec: JobSpec) -> int:
+    """The input bytes of one map split: the chunk size, within the memory budget's share.
+    A compressed input (one split) is read in pieces of this size."""
+    if spec.memory is None:
+        return spec.chunk_size
+    return min(spec.chunk_size, shuffle.ShuffleBudget(spec.memory).split_bytes)
 
 
 async def plan_parquet_splits(objects: Sequence[tuple[str, int]], chunk_size: int,
@@ -409,11 +421,13 @@ async def read_parquet_split(store: BlobStore, key: str,
                              byte_range: tuple[int, int] | None) -> ParquetSplit:
     """The row groups a split owns (midpoint in its range): the footer and their bytes.
 
-    A compressed file is read and decompressed whole (it is one split).
+    A compressed file (one split) is decoded whole, in memory: Parquet is read by offsets
+    from its footer, at its end, so it cannot be read as a stream.
     """
     url = store.url(key)
     if compression.codec_for(key) is not None:
-        data = await read_task_input(store, key, None)
+        data = b"".join([piece async for _, piece in
+                         read_compressed(store, key, byte_range, _COMPRESSED_WINDOW)])
         size = len(data)
         footer_length = recordio.parquet_footer_length(data[-8:], url)
         footer = data[max(0, size - 8 - footer_length):]
@@ -435,8 +449,9 @@ async def read_parquet_split(store: BlobStore, key: str,
 
 async def read_text_split(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
                           kind: str) -> TextSplit:
-    """A text split for a per-record map: its lines, offset, and (csv) the file's header."""
-    if byte_range is None or compression.codec_for(key) is not None:
+    """A text split of an uncompressed input for a per-record map: its lines, offset, and
+    (csv) the file's header."""
+    if byte_range is None:
         return TextSplit(store.url(key), await read_task_input(store, key, byte_range))
     size = await store.size(key)
     check_planned_size(store, key, byte_range, size)
@@ -470,14 +485,32 @@ async def _first_line(store: BlobStore, key: str, size: int) -> bytes:
 
 
 async def read_map_input(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
-                         kind: str) -> bytes | TextSplit | ParquetSplit:
-    """What a map of input ``kind`` reads: the split's bytes (``"text"``/``"bytes"``),
-    a TextSplit (``"lines"``, ``"jsonl"``, ``"csv"``) or a ParquetSplit."""
+                         kind: str, piece_bytes: int,
+                         ) -> AsyncGenerator[bytes | TextSplit | ParquetSplit, None]:
+    """What a map of input ``kind`` reads, in pieces that it gets one at a time: the
+    split's bytes (``"text"``/``"bytes"``), a TextSplit (``"lines"``, ``"jsonl"``,
+    ``"csv"``) or a ParquetSplit.
+
+    A split is one piece. A compressed object (one split) is its decoded stream in
+    line-aligned pieces of about ``piece_bytes`` (:func:`read_compressed`), each placed at
+    its offset in that stream, and for CSV with the stream's first line as its header.
+    """
     if kind in recordio.PARQUET_INPUTS:
-        return await read_parquet_split(store, key, byte_range)
-    if kind in recordio.RECORD_INPUTS:
-        return await read_text_split(store, key, byte_range, kind)
-    return await read_task_input(store, key, byte_range)
+        yield await read_parquet_split(store, key, byte_range)
+    elif compression.codec_for(key) is None:
+        yield await (read_text_split(store, key, byte_range, kind)
+                     if kind in recordio.RECORD_INPUTS else read_task_input(store, key, byte_range))
+    else:
+        header: bytes | None = None
+        async for offset, piece in read_compressed(store, key, byte_range, piece_bytes):
+            data: bytes | TextSplit = piece
+            if kind in recordio.RECORD_INPUTS:
+                data = TextSplit(store.url(key), piece, offset, header if offset else None)
+                if kind == "csv" and header is None:
+                    header = piece.partition(b"\n")[0].removesuffix(b"\r")
+            del piece  # each piece goes before the next is decoded
+            yield data
+            del data
 
 
 async def _unsplit(text: str, stores: StoreCache) -> list[str]:
@@ -508,33 +541,100 @@ def _unsplit_local(text: str) -> list[str]:
 
 async def read_task_input(store: BlobStore, key: str,
                           byte_range: tuple[int, int] | None) -> bytes:
-    """The bytes one map task processes: its line-aligned split, or a whole object.
+    """The bytes of an uncompressed split: its lines, or (``byte_range`` None, an unsplit
+    job) the whole object."""
+    if byte_range is None:
+        return await store.get(key)
+    start, end = byte_range
+    size = await store.size(key)
+    check_planned_size(store, key, byte_range, size)
+    return await read_split(store, key, start, end, size)
 
-    ``byte_range`` None (an unsplit job) reads the whole object. A compressed object is
-    read and decompressed whole, in memory (off the event loop, which must keep renewing
-    the lease); data that does not decode is a PermanentTaskError naming the object, as
-    retrying cannot fix it.
+
+async def read_compressed(store: BlobStore, key: str, byte_range: tuple[int, int] | None,
+                          piece_bytes: int) -> AsyncGenerator[tuple[int, bytes], None]:
+    """A compressed object's decoded stream in line-aligned pieces, each with its offset
+    in the stream: the lines that begin in the next ``piece_bytes`` bytes (one line longer
+    than that is a piece of its own). An empty stream is one empty piece, as an empty
+    file is one empty split.
+
+    The object is fetched in ranged windows and decoded as the pieces are asked for, so
+    what is held is a window, a piece and the decoder's bounded output, whatever the
+    decoded size. Decoding runs off the event loop (which must keep renewing the lease),
+    one piece per step. Data that does not decode is a PermanentTaskError naming the
+    object, as retrying cannot fix it.
     """
     codec = compression.codec_for(key)
-    if codec is None:
-        if byte_range is None:
-            return await store.get(key)
-        start, end = byte_range
-        size = await store.size(key)
-        check_planned_size(store, key, byte_range, size)
-        return await read_split(store, key, start, end, size)
+    assert codec is not None
     if byte_range is not None and byte_range[0] != 0:
         raise PermanentTaskError(f"input {store.url(key)} is {codec.name}-compressed and "
                                  f"cannot be read from offset {byte_range[0]}")
-    data = await store.get(key)
+    size = await store.size(key)
     # A compressed object is planned as one split (0, its size): any other size now means
-    # it was replaced, and it is decompressed whole, so growth shows here too.
-    if byte_range is not None and len(data) != byte_range[1]:
-        raise PermanentTaskError(_changed(store, key, byte_range[1], len(data)))
+    # it was replaced, and it is read to its end, so growth counts too.
+    if byte_range is not None and size != byte_range[1]:
+        raise PermanentTaskError(_changed(store, key, byte_range[1], size))
+    decoder = compression.decoder(codec, store.url(key))
+    pieces = _LinePieces(decoder.read, piece_bytes)
+    fed = offset = 0
+    ended = False
     try:
-        return await asyncio.to_thread(compression.decompress, codec, data, store.url(key))
-    except compression.InvalidCompressedData as exc:
-        raise PermanentTaskError(str(exc)) from None
+        while True:
+            try:
+                piece = await asyncio.to_thread(pieces.next, ended)
+            except compression.InvalidCompressedData as exc:
+                raise PermanentTaskError(str(exc)) from None
+            if piece or (ended and offset == 0):
+                length = len(piece)
+                yield offset, piece
+                del piece  # before the next is decoded
+                if not length:
+                    return
+                offset += length
+            elif fed < size:
+                window = await store.get(key, fed, min(size, fed + _COMPRESSED_WINDOW))
+                if not window:  # shorter now than a moment ago: replaced while read
+                    raise PermanentTaskError(_changed(store, key, size, fed))
+                decoder.feed(window)
+                fed += len(window)
+            elif not ended:
+                decoder.end()
+                ended = True
+            else:
+                return
+    finally:
+        decoder.close()
+
+
+class _LinePieces:
+    """Decoded bytes (``read()``: the next, b"" when it needs more input) cut into pieces of
+    whole lines: the lines that begin in the next ``size`` bytes."""
+
+    def __init__(self, read: Callable[[], bytes], size: int) -> None:
+        self._read, self._size = read, size
+        self._buffer = bytearray()
+        self._searched = 0  # no line ends in the buffer from size - 1 up to here
+
+    def next(self, ended: bool) -> bytes:
+        """The next piece, or b"" if ``read`` needs more input first; once the input has
+        ``ended``, the last piece may lack a line end, and b"" is the end. Blocking (it
+        decodes): run it in a thread."""
+        while True:
+            cut = self._buffer.find(b"\n", max(self._searched, self._size - 1))
+            if cut >= 0:
+                return self._take(cut + 1)
+            self._searched = len(self._buffer)
+            out = self._read()
+            if not out:
+                return self._take(len(self._buffer)) if ended else b""
+            self._buffer += out
+
+    def _take(self, length: int) -> bytes:
+        with memoryview(self._buffer) as view:
+            piece = view[:length].tobytes()
+        del self._buffer[:length]
+        self._searched = 0
+        return piece
 
 
 def check_planned_size(store: BlobStore, key: str, byte_range: tuple[int, int] | None,

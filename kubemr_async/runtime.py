@@ -25,7 +25,15 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +56,7 @@ from . import (
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
-from .inputs import Split, read_map_input
+from .inputs import Split, read_map_input, split_size
 from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, JobRecord, Skipped, TaskOutputs, TaskRecord
@@ -914,16 +922,17 @@ class Worker:
         return protocol.shuffle_outputs(key, size, key_type)
 
     def _map_splits(self, body: TaskRecord, kind: str) -> list[execute.MapSplit]:
-        """The record's splits, each read when the map (on the user loop) asks for it: the
-        read itself runs on this worker's loop, where the stores' connections live."""
+        """The record's splits, each read (piece by piece) when the map (on the user loop)
+        asks for it: the reads themselves run on this worker's loop, where the stores'
+        connections live."""
         loop = asyncio.get_running_loop()
 
-        def reader(split: Split) -> Callable[[], Awaitable[execute.MapData]]:
-            async def read() -> execute.MapData:
-                fetch = self._read_input(split, kind)
+        def reader(split: Split) -> Callable[[], AsyncGenerator[execute.MapData, None]]:
+            def read() -> AsyncGenerator[execute.MapData, None]:
+                pieces = self._read_input(split, kind)
                 if asyncio.get_running_loop() is loop:  # inline: user code on this loop
-                    return await fetch
-                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fetch, loop))
+                    return pieces
+                return _stepped_on(loop, pieces)
             return read
 
         return [execute.MapSplit(split[0], reader(split)) for split in protocol.task_splits(body)]
@@ -952,15 +961,23 @@ class Worker:
         """Every map task's splits, in task order: the splits it was planned on."""
         return [split for body in self._view.maps for split in protocol.task_splits(body)]
 
-    async def _read_input(self, split: Split, kind: str) -> execute.MapData:
-        """One split (or, for unsplit inputs, the whole object), decompressed, as a map of
-        input ``kind`` reads it (see inputs.read_map_input)."""
+    async def _read_input(self, split: Split,
+                          kind: str) -> AsyncGenerator[execute.MapData, None]:
+        """One split (or, for unsplit inputs, the whole object) as a map of input ``kind``
+        reads it, in pieces (a compressed object's decoded stream: see
+        inputs.read_map_input); each piece's read takes a turn of the I/O bound."""
         url, byte_range = split
         source, key = self._stores.open(url)
-        async with self._io:
-            data = await read_map_input(source, key, byte_range, kind)
-        metrics.READ_BYTES.labels("input").inc(recordio.split_bytes(data))
-        return data
+        async with contextlib.aclosing(read_map_input(source, key, byte_range, kind,
+                                                      split_size(self.spec))) as pieces:
+            while True:
+                async with self._io:
+                    data = await anext(pieces, None)
+                if data is None:
+                    return
+                metrics.READ_BYTES.labels("input").inc(recordio.split_bytes(data))
+                yield data
+                del data  # before the next piece is read
 
     async def _gather(self, jobs: Any) -> list[Any]:
         async def bounded(aw: Awaitable[T]) -> T:
@@ -968,6 +985,25 @@ class Worker:
                 return await aw
 
         return list(await asyncio.gather(*(bounded(aw) for aw in jobs)))
+
+
+async def _stepped_on(loop: asyncio.AbstractEventLoop,
+                      pieces: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """``pieces``, which belong to ``loop`` (another thread's), iterated from this loop:
+    every step, and the close, runs on ``loop``."""
+    async def step() -> T | None:
+        return await anext(pieces, None)
+
+    async def close() -> None:
+        await pieces.aclose()
+
+    try:
+        while (piece := await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(step(), loop))) is not None:
+            yield piece
+            del piece
+    finally:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), loop))
 
 
 #: The counter of each outcome of an attempt (a lost one counts only in the histogram).

@@ -37,6 +37,7 @@ failed map already assumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -76,25 +77,40 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
     """Run the job's map on deterministic windows of the inputs; the sampled key column.
 
     Returns at most ``settings.sample`` keys and their Python type name (None: no keys).
-    Compressed inputs and unsplit inputs are read whole (they cannot be read in windows).
+    Splits that cannot be read in windows are read from their start: a Parquet split whole
+    (by its row groups), an unsplit input's or a compressed input's stream in pieces of a
+    window's size until they hold as many bytes as its windows span (reaching further
+    windows of a compressed stream would mean decoding all that comes before them).
     """
     stores = stores or StoreCache()
     sizes = [(rng[1] - rng[0]) if rng is not None else 1 for _, rng in splits]
     windows = order.sample_windows(sizes, settings.splits, settings.per_split, settings.window)
+    spans: dict[int, int] = {}
+    for index, begin, end in windows:
+        spans[index] = spans.get(index, 0) + end - begin
     tables = []
-    whole: set[int] = set()
     for index, begin, end in windows:
         url, rng = splits[index]
         store, key = stores.open(url)
         data: MapData
         if (rng is None or job.map_input in ("name", "parquet", "pairs")
                 or compression.codec_for(key) is not None):
-            if index in whole:  # read whole: a Parquet split by its row groups
+            span = spans.pop(index, None)
+            if span is None:  # read from its start already
                 continue
-            whole.add(index)
-            data = (b"" if job.map_input == "name"
-                    else await read_map_input(store, key, rng, job.map_input))
-        elif job.map_input in recordio.RECORD_INPUTS:  # a window of records (CSV: + header)
+            if job.map_input == "name":
+                tables.append(await _map_sample(job, url, b"", stores))
+                continue
+            taken = 0
+            async with contextlib.aclosing(read_map_input(
+                    store, key, rng, job.map_input, settings.window)) as pieces:
+                async for data in pieces:
+                    tables.append(await _map_sample(job, url, data, stores))
+                    taken += recordio.split_bytes(data)
+                    if taken >= span:
+                        break
+            continue
+        if job.map_input in recordio.RECORD_INPUTS:  # a window of records (CSV: + header)
             size = await store.size(key)
             start, window = await read_split_at(store, key, rng[0] + begin, rng[0] + end, size)
             data = dataclasses.replace(
@@ -103,19 +119,25 @@ async def sample_keys(job: Job, splits: Sequence[Split], settings: TotalOrderSam
             offset = rng[0]
             data = await read_split(store, key, offset + begin, offset + end,
                                     await store.size(key))
-        ctx = TaskContext(job=job.name, task="sample", attempt=1, partitions=1, input=url,
-                          stores=stores)
-        try:
-            tables.append(await map_table(job, [MapSplit.held(url, data)], ctx))
-        # The user's map: name the sampling in the job's failure. SystemExit too: `kubemr
-        # run` samples in its own process, which sys.exit() in the map ended silently.
-        except (Exception, SystemExit) as exc:
-            raise SamplingFailed(_sampling_failure(exc)) from exc
+        tables.append(await _map_sample(job, url, data, stores))
     table = shuffle.concat_tables(tables)
     keys = order.subsample(table.column("key"), settings.sample, seed=SAMPLE_SEED)
     if isinstance(keys, pa.Array):
         keys = keys.cast(table.schema.field("key").type)
     return pa.array(keys), shuffle.key_type(table)
+
+
+async def _map_sample(job: Job, url: str, data: MapData,
+                      stores: StoreCache) -> shuffle.Table:
+    """The job's map on sampled input from ``url``: what it emitted."""
+    ctx = TaskContext(job=job.name, task="sample", attempt=1, partitions=1, input=url,
+                      stores=stores)
+    try:
+        return await map_table(job, [MapSplit.held(url, data)], ctx)
+    # The user's map: name the sampling in the job's failure. SystemExit too: `kubemr
+    # run` samples in its own process, which sys.exit() in the map ended silently.
+    except (Exception, SystemExit) as exc:
+        raise SamplingFailed(_sampling_failure(exc)) from exc
 
 
 async def plan_total_order(job: Job, splits: Sequence[Split], partitions: int,

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
+import os
 import subprocess
 import sys
+import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
+from .test_inputs import MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBEMR = str(Path(sys.executable).parent / "kubemr")
@@ -70,6 +76,114 @@ def test_wordcount_over_every_codec_matches_the_plain_files(tmp_path: Path) -> N
     expected = word_counts(p.read_bytes() for p in plain_files() for _ in COMPRESS)
     expected.update(story.split())
     assert output_counts(out) == expected
+
+
+PIECES_JOB = """
+from kubemr_async import Job
+job = Job("pieces")
+
+@job.map(input="bytes")
+def piece(data, ctx):
+    name = ctx.input.rsplit("/", 1)[-1]
+    yield name + " pieces", 1
+    yield name + " bytes", len(data)
+    yield name + " lines", data.count(b"\\n")
+    yield name + " short", int(len(data) < 1024)  # only the last piece may be
+
+job.reduce("sum")
+"""
+LINES_JOB = """
+from kubemr_async import Job
+job = Job("lines")
+
+@job.map(input="lines")
+def line(text, ctx):
+    yield ctx.input.rsplit("/", 1)[-1], len(text.encode("utf-8", "surrogateescape"))
+
+job.reduce("sum")
+"""
+#: Lines of every length up to a few pieces', CRLF and LF, and a last line without an end.
+TEXT = b"".join(b"%d %s%s" % (i, b"ab" * ((i * 37) % 900), b"\r\n" if i % 3 else b"\n")
+                for i in range(300)) + b"no line end"
+
+
+def test_a_compressed_input_is_mapped_a_piece_at_a_time(tmp_path: Path) -> None:
+    """With a chunk size of 1 KiB, each compressed file (several members, frames or xz
+    streams) is mapped in pieces of whole lines of at least that size, each once: a
+    bytes map once per piece, a lines map once per line, a shell mapper once per piece;
+    the map input counted is the decoded size."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for ext, compress in MEMBERS.items():
+        (inputs / f"t{ext}").write_bytes(compress(TEXT))
+    (tmp_path / "pieces.py").write_text(PIECES_JOB)
+    (tmp_path / "lines.py").write_text(LINES_JOB)
+    runs = {"pieces": [str(tmp_path / "pieces.py")], "lines": [str(tmp_path / "lines.py")],
+            "shell": ["--mapper", "awk 'END { print \"lines\\t\" NR }'", "--reducer",
+                      "awk -F'\\t' '{ n += $2 } END { print \"lines\\t\" n }'"]}
+    for name, job in runs.items():
+        result = kubemr("run", *job, "--input", str(inputs), "--output", str(tmp_path / name),
+                        "--chunk-size", "1k", "--reducers", "1", "--workers", "2")
+        assert result.returncode == 0, result.stderr
+    pieces = dict(line.split(b"\t") for line in (tmp_path / "pieces" / "part-00000")
+                  .read_bytes().splitlines())
+    lines = TEXT.splitlines()
+    for ext in MEMBERS:
+        assert int(pieces[f"t{ext} bytes".encode()]) == len(TEXT)
+        assert int(pieces[f"t{ext} lines".encode()]) == TEXT.count(b"\n")
+        assert int(pieces[f"t{ext} pieces".encode()]) > 100
+        assert int(pieces[f"t{ext} short".encode()]) <= 1
+    totals = json.loads((tmp_path / "pieces" / "_SUCCESS").read_text())["counters"]
+    assert totals["kubemr"]["mapInputBytes"] == len(TEXT) * len(MEMBERS)
+    assert output_counts(tmp_path / "lines") == {
+        f"t{ext}".encode(): sum(map(len, lines)) for ext in MEMBERS}
+    shell = (tmp_path / "shell" / "part-00000").read_bytes()
+    assert shell == b"lines\t%d\n" % (len(lines) * len(MEMBERS))  # awk counts the last too
+
+
+BOMB_LINE = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+LINE_COUNT_JOB = """
+from kubemr_async import Job
+job = Job("line-count")
+
+@job.map(input="bytes")
+def count(data, ctx):
+    ctx.emit("lines", data.count(b"\\n"))
+
+job.reduce("sum")
+"""
+
+
+def test_a_gzip_bomb_is_mapped_in_bounded_memory(tmp_path: Path) -> None:
+    """600 MiB of one repeated line, 4 MiB gzipped (written a mebibyte at a time: this
+    test never holds it either), counted by ``kubemr run`` with a 4 MiB chunk size: the
+    worker's peak RSS stays far below the decoded size (it was above it, the file being
+    decompressed whole), and every line is counted."""
+    block = BOMB_LINE * ((1 << 20) // len(BOMB_LINE))
+    blocks = 600
+    packer = zlib.compressobj(1, wbits=31)
+    with open(tmp_path / "bomb.txt.gz", "wb") as f:
+        for _ in range(blocks):
+            f.write(packer.compress(block))
+        f.write(packer.flush())
+    decoded = len(block) * blocks
+    (tmp_path / "count.py").write_text(LINE_COUNT_JOB)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [KUBEMR, "run", str(tmp_path / "count.py"), "--input", str(tmp_path / "bomb.txt.gz"),
+             "--output", str(out), "--chunk-size", "4m", "--workers", "1", "--reducers", "1"],
+            stdout=log, stderr=log)
+        # wait4: the peak RSS of kubemr run and of every process it waited for, its worker.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, (tmp_path / "log").read_text()
+    assert (out / "part-00000").read_bytes() == b"lines\t%d\n" % (decoded // len(BOMB_LINE))
+    peak = usage.ru_maxrss * 1024
+    assert peak < decoded / 3, f"peak RSS {peak >> 20} MiB for {decoded >> 20} MiB decoded"
+    assert took < 60, f"{took:.0f} s"
 
 
 def _truncated(data: bytes) -> bytes:

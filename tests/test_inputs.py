@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
+import io
+import json
+import lzma
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kubemr_async import inputs, recordio
 from kubemr_async.errors import PermanentTaskError, UsageError
 from kubemr_async.inputs import (
     expand_inputs,
@@ -17,9 +26,11 @@ from kubemr_async.inputs import (
     expand_store,
     plan_inputs,
     plan_splits,
+    read_map_input,
     read_split,
     read_task_input,
 )
+from kubemr_async.recordio import TextSplit
 from kubemr_async.spec import JobSpec
 from kubemr_async.storage.fs import FileBlobStore
 
@@ -214,23 +225,127 @@ async def test_a_local_file_that_is_not_its_codec_fails_planning(tmp_path: Path)
         await plan_inputs(bad)
 
 
+#: Each codec in more than one member (xz: with stream padding between; zstd: frames).
+MEMBERS: dict[str, Callable[[bytes], bytes]] = {
+    ".gz": lambda data: gzip.compress(data[:5000]) + gzip.compress(data[5000:]),  # 2 members
+    ".bz2": bz2.compress,
+    ".xz": lambda data: lzma.compress(data[:7000]) + b"\0" * 8 + lzma.compress(data[7000:]),
+    ".zst": lambda data: b"".join(bytes(pa.Codec("zstd").compress(data[i:i + 6000],
+                                                                  asbytes=True))
+                                  for i in range(0, max(len(data), 1), 6000)),  # frames
+}
+
+
+async def pieces(store: FileBlobStore, key: str, byte_range: tuple[int, int] | None,
+                 kind: str, piece_bytes: int) -> list[Any]:
+    return [data async for data in read_map_input(store, key, byte_range, kind, piece_bytes)]
+
+
+def line_pieces(text: bytes, size: int) -> list[bytes]:
+    """The reference cut: the lines that begin in each next ``size`` bytes, found by
+    splitting the whole text into lines."""
+    out: list[bytes] = []
+    for line in text.splitlines(keepends=True):
+        if out and len(out[-1]) < size:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
+@pytest.fixture(params=sorted(MEMBERS))
+def ext(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+TEXT = b"".join(b"line %d %s\r\n" % (i, b"x" * (i % 37)) if i % 5 == 0
+                else b"line %d %s\n" % (i, b"y" * (i % 53)) for i in range(600))
+TEXT += b"z" * 700 + b"\n"  # a line longer than a piece: a piece of its own
+TEXT += b"the last line has no line end"
+
+
 @pytest.mark.anyio
-async def test_read_task_input_decompresses_and_reports_bad_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece_bytes", [1, 100, 4096, 1 << 20])
+async def test_a_compressed_input_is_read_in_line_aligned_pieces(
+        tmp_path: Path, ext: str, piece_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fetched in small windows (members and frames end inside them), the decoded stream
+    comes in the pieces a plain split of it would: whole lines, the ones beginning in the
+    next ``piece_bytes`` bytes, each TextSplit at its offset in the decoded stream."""
+    monkeypatch.setattr(inputs, "_COMPRESSED_WINDOW", 777)
+    packed = MEMBERS[ext](TEXT)
+    (tmp_path / f"in{ext}").write_bytes(packed)
+    store = FileBlobStore(tmp_path)
+    want = line_pieces(TEXT, piece_bytes)
+    assert await pieces(store, f"in{ext}", (0, len(packed)), "text", piece_bytes) == want
+    assert await pieces(store, f"in{ext}", None, "bytes", piece_bytes) == want
+    splits = await pieces(store, f"in{ext}", (0, len(packed)), "lines", piece_bytes)
+    offsets = [sum(map(len, want[:i])) for i in range(len(want))]
+    assert splits == [TextSplit(store.url(f"in{ext}"), piece, offset)
+                      for piece, offset in zip(want, offsets, strict=True)]
+    lines = [line for split in splits for line in recordio.records("lines", split)]
+    assert lines == TEXT.decode().splitlines()
+
+
+@pytest.mark.anyio
+async def test_a_compressed_csv_gives_every_piece_the_header(tmp_path: Path, ext: str) -> None:
+    text = b"name,count\r\n" + b"".join(b'"word, %d",%d\r\n' % (i, i) for i in range(300))
+    (tmp_path / f"in.csv{ext}").write_bytes(MEMBERS[ext](text))
+    store = FileBlobStore(tmp_path)
+    splits = await pieces(store, f"in.csv{ext}", None, "csv", 500)
+    assert len(splits) > 5
+    assert [split.header for split in splits] == [None] + [b"name,count"] * (len(splits) - 1)
+    rows = [row for split in splits for row in recordio.records("csv", split)]
+    assert rows == list(csv.DictReader(io.StringIO(text.decode())))
+
+
+@pytest.mark.anyio
+async def test_a_bad_record_in_a_compressed_input_is_placed_in_the_decoded_stream(
+        tmp_path: Path, ext: str) -> None:
+    good = b"".join(b'{"n": %d}\n' % i for i in range(1000))
+    (tmp_path / f"in.jsonl{ext}").write_bytes(MEMBERS[ext](good + b"{broken\n"))
+    store = FileBlobStore(tmp_path)
+    splits = await pieces(store, f"in.jsonl{ext}", None, "jsonl", 1000)
+    assert len(splits) > 5
+    last = splits[-1]
+    number = last.data.count(b"\n")  # the bad line is the last piece's last
+    records = []
+    with pytest.raises(PermanentTaskError, match=(
+            rf"in.jsonl{ext} byte {len(good)} \(line {number} of the split "
+            rf"starting at byte {last.offset}\): invalid JSON")):
+        for split in splits:
+            for record in recordio.records("jsonl", split):
+                records.append(record)
+    assert records == [json.loads(line) for line in good.splitlines()]
+
+
+@pytest.mark.anyio
+async def test_an_empty_compressed_stream_is_one_empty_piece(tmp_path: Path, ext: str) -> None:
+    (tmp_path / f"in{ext}").write_bytes(MEMBERS[ext](b""))
+    store = FileBlobStore(tmp_path)
+    assert await pieces(store, f"in{ext}", None, "text", 10) == [b""]
+
+
+@pytest.mark.anyio
+async def test_a_compressed_input_that_does_not_decode_or_changed_is_an_error(
+        tmp_path: Path) -> None:
     text = b"".join(b"word %d\n" % i for i in range(20000))
     packed = gzip.compress(text[:50000]) + gzip.compress(text[50000:])
     (tmp_path / "in.gz").write_bytes(packed)
     (tmp_path / "cut.gz").write_bytes(packed[:-20])
     (tmp_path / "in.txt").write_bytes(text)
     store = FileBlobStore(tmp_path)
-    assert await read_task_input(store, "in.gz", (0, len(packed))) == text
-    assert await read_task_input(store, "in.gz", None) == text
     assert await read_task_input(store, "in.txt", None) == text
     assert await read_task_input(store, "in.txt", (0, 10)) == b"word 0\nword 1\n"
     with pytest.raises(PermanentTaskError, match=f"^input {tmp_path}/cut.gz is not valid gzip "
                                                  "data: the file is truncated"):
-        await read_task_input(store, "cut.gz", (0, len(packed) - 20))
+        await pieces(store, "cut.gz", (0, len(packed) - 20), "lines", 1000)
     with pytest.raises(PermanentTaskError, match="cannot be read from offset 10"):
-        await read_task_input(store, "in.gz", (10, 20))
+        await pieces(store, "in.gz", (10, 20), "text", 1000)
+    for planned in (len(packed) - 1, len(packed) + 1):
+        with pytest.raises(PermanentTaskError, match=(
+                f"^input {tmp_path}/in.gz changed after the job was planned: it is "
+                f"{len(packed)} bytes now, and a split planned on it ends at byte {planned}")):
+            await pieces(store, "in.gz", (0, planned), "text", 1000)
 
 
 @pytest.mark.anyio

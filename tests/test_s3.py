@@ -467,9 +467,11 @@ async def test_expand_s3_names_the_problem(inputs_bucket: Bucket, s3_env: None, 
 
 
 @real_s3
-async def test_s3_hidden_objects_are_skipped_and_compressed_ones_read_whole(
-        bucket: Bucket, s3_env: None) -> None:
+async def test_s3_hidden_objects_are_skipped_and_compressed_ones_are_one_split(
+        bucket: Bucket, s3_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     import gzip
+
+    from kubemr_async import inputs
 
     text = b"".join(b"word %d\n" % i for i in range(5000))
     packed = gzip.compress(text[:100]) + gzip.compress(text[100:])  # two members
@@ -489,13 +491,18 @@ async def test_s3_hidden_objects_are_skipped_and_compressed_ones_read_whole(
         await expand_s3(bucket.url("only-hidden/"))
     with pytest.raises(UsageError, match="matches no data objects"):
         await expand_s3(bucket.url("run/_*"))
-    # The compressed object is one split, decompressed whole; a truncated one is an error.
+    # The compressed object is one split, read in ranged windows (here, many: the members
+    # end inside them) and decoded in pieces; a truncated one is an error.
     assert plan_splits(data, 1024)[:2] == [(data[0][0], (0, data[0][1])),
                                            (data[1][0], (0, len(packed)))]
-    assert await read_task_input(store, "run/part-00000.gz", (0, len(packed))) == text
+    monkeypatch.setattr(inputs, "_COMPRESSED_WINDOW", 1000)
+    pieces = [piece async for piece in
+              read_map_input(store, "run/part-00000.gz", (0, len(packed)), "text", 4096)]
+    assert len(pieces) > 5 and b"".join(pieces) == text
     with pytest.raises(PermanentTaskError, match=f"^input s3://{bucket.name}/run/cut.gz is "
                                                  "not valid gzip data: the file is truncated"):
-        await read_task_input(store, "run/cut.gz", (0, len(packed) - 10))
+        [_ async for _ in read_map_input(store, "run/cut.gz", (0, len(packed) - 10), "lines",
+                                         4096)]
 
 
 @real_s3
@@ -543,14 +550,14 @@ async def test_an_input_shortened_or_replaced_after_planning_is_an_error(
     assert [rng for _, rng in splits][-1:] == [(20_000, 30_000)]
     await store.put("in/log.txt", text[:15_000])
     await store.put("in/log.gz", gzip.compress(text + text))
+    with pytest.raises(PermanentTaskError, match="changed after the job was planned"):
+        await read_task_input(store, "in/log.txt", splits[-1][1])
     for url, rng in (splits[0], splits[-1]):
         key = url[len(bucket.url()):]
-        with pytest.raises(PermanentTaskError, match=f"^input {url} changed after the job "
-                                                     "was planned: it is .* bytes now"):
-            await read_task_input(store, key, rng)
         for kind in ("lines", "text"):
-            with pytest.raises(PermanentTaskError, match="changed after the job was planned"):
-                await read_map_input(store, key, rng, kind)
+            with pytest.raises(PermanentTaskError, match=f"^input {url} changed after the "
+                                                         "job was planned: it is .* bytes now"):
+                [_ async for _ in read_map_input(store, key, rng, kind, 10_000)]
     # A split the shorter object still covers reads as before.
     assert splits[1][1] == (0, 10_000)
     assert await read_task_input(store, "in/log.txt", splits[1][1]) == text[:10_000]

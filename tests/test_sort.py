@@ -310,3 +310,31 @@ def test_validation_compares_keys_exactly_across_blocks(
     path = tmp_path / "r.txt"
     path.write_bytes(b"a" + b" " * 7 + b"~~" + payload + b"a" + b" " * 6 + b"!  " + payload)
     assert summarize([path]).sorted
+
+
+def test_a_compressed_input_is_sampled_from_the_head_of_its_decoded_stream(
+        tmp_path: Path) -> None:
+    """A compressed stream cannot be entered at a window: its sample is its first pieces,
+    as many decoded bytes as its windows span, and the rest is never decoded for it."""
+    import gzip
+
+    from kubemr_async.api import TotalOrderSampling
+    from kubemr_async.sampling import sample_keys
+
+    lines = [b"%08d" % i for i in range(200_000)]  # 1.8 MB decoded, in key order
+    packed = tmp_path / "keys.txt.gz"
+    packed.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    job = Job("keys")
+
+    @job.map(input="lines")
+    def key(line: str, ctx: TaskContext) -> tuple[int, int]:
+        return int(line), 1
+
+    settings = TotalOrderSampling(splits=1, per_split=4, window=1000, sample=10_000)
+    span = min(packed.stat().st_size, 4 * 1000)  # what the windows span, at most
+    keys, kind = asyncio.run(sample_keys(
+        job, plan_splits([(str(packed), packed.stat().st_size)], 1 << 20), settings))
+    assert kind == "int"
+    # Whole lines from the start, the pieces (of a window's size) that reach the span.
+    assert keys.to_pylist() == list(range(len(keys)))
+    assert span // 9 <= len(keys) <= (span + 1000) // 9 + 1
