@@ -10,7 +10,6 @@ import lzma
 import os
 import subprocess
 import sys
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -169,7 +168,6 @@ def test_a_gzip_bomb_is_mapped_in_bounded_memory(tmp_path: Path) -> None:
     decoded = len(block) * blocks
     (tmp_path / "count.py").write_text(LINE_COUNT_JOB)
     out = tmp_path / "out"
-    started = time.monotonic()
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen(
             [KUBEMR, "run", str(tmp_path / "count.py"), "--input", str(tmp_path / "bomb.txt.gz"),
@@ -178,12 +176,10 @@ def test_a_gzip_bomb_is_mapped_in_bounded_memory(tmp_path: Path) -> None:
         # wait4: the peak RSS of kubemr run and of every process it waited for, its worker.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    took = time.monotonic() - started
     assert proc.returncode == 0, (tmp_path / "log").read_text()
     assert (out / "part-00000").read_bytes() == b"lines\t%d\n" % (decoded // len(BOMB_LINE))
     peak = usage.ru_maxrss * 1024
     assert peak < decoded / 3, f"peak RSS {peak >> 20} MiB for {decoded >> 20} MiB decoded"
-    assert took < 60, f"{took:.0f} s"
 
 
 def _truncated(data: bytes) -> bytes:
