@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import anyio
 import anyio.to_thread
 
-from . import metrics, protocol
+from . import metrics, protocol, shuffle
 from .api import load_spec_steps
 from .errors import JobDefinitionError, UsageError
 from .kube import PODS, Forbidden, Kube, Listed, list_watch
@@ -81,7 +81,8 @@ class _Ready:
     """What a standby makes before any job exists, so that its job does not wait for it:
     the loop user code will run on, an S3 client on each loop with its first request
     made (``S3BlobStore.warm_up``; the job's stores are then ``for_bucket`` of ``s3``),
-    and anyio's thread pool (its first use imports its asyncio backend, ~40 ms)."""
+    anyio's thread pool (its first use imports its asyncio backend, ~40 ms) and the
+    shuffle's hot path (``shuffle.warm_up``)."""
 
     def __init__(self, s3: S3BlobStore, user: UserLoop) -> None:
         self.s3 = s3
@@ -90,7 +91,7 @@ class _Ready:
     @classmethod
     async def make(cls) -> _Ready:
         s3, user = S3BlobStore.from_env(WARM_UP_BUCKET), UserLoop()
-        await anyio.to_thread.run_sync(lambda: None)
+        await anyio.to_thread.run_sync(shuffle.warm_up)
         await s3.warm_up()
         await user.run(s3.warm_up())
         return cls(s3, user)

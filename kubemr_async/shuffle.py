@@ -1135,6 +1135,17 @@ _SHUFFLE_VERSION = 1
 _FOOTER = struct.Struct("<6sBxIQ")
 
 
+def warm_up() -> None:
+    """Run the hot path once on a few pairs, so that its first real use does not pay
+    for what pyarrow and numpy load on first use: ``group_by`` imports Acero and the
+    dataset module, masked arrays load on first access (~0.2 s together, measured in a
+    warm pool's standby, which calls this before it has a job)."""
+    table = pairs_to_table(split_words(b"warm up warm\n"), 1)
+    for run in partition(combine(table, "sum"), 2):
+        merged = merge_runs([decode_run(encode_run(sort_by_key(run)))], "sum")
+        list(iter_groups(merged))
+
+
 class SliceEntry(NamedTuple):
     """Where one partition's rows are in a shuffle object (module docstring)."""
 
