@@ -67,6 +67,12 @@ QUEUE_DEPTH = Gauge("kubemr_operator_workqueue_depth",
 LEADER = Gauge("kubemr_operator_leader",
                "1 while this operator leads (holds the leader Lease, or runs without leader "
                "election) and reconciles; 0 on a standby.")
+STANDBYS = Gauge("kubemr_operator_standbys",
+                 "The warm pool's standby workers at its last look, by state (waiting: "
+                 "ready for a job; working: adopted).", ["state"])
+ADOPTIONS = Counter("kubemr_operator_adoptions",
+                    "New jobs that could adopt a standby, by result (adopted; none: no "
+                    "standby was waiting, so the job started cold).", ["result"])
 API_RETRIES = Counter("kubemr_api_retries",
                       "Waits before retrying the API server after transient trouble (a "
                       "watch or read loop backing off).")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from kubemr_async.kube import NAMESPACES, PODS, SERVICE_ACCOUNTS, Kube
 from kubemr_async.operator import OperatorConfig
@@ -194,10 +195,16 @@ async def test_a_standby_that_cannot_start_is_never_adopted_nor_replaced_in_a_ho
             job = {"metadata": {"name": "j", "namespace": "team", "uid": "u-1"}}
             wait_until("the standby's end", lambda: phase_of(
                 kube_cluster, namespace, first) == "Failed")
+            none = REGISTRY.get_sample_value("kubemr_operator_adoptions_total",
+                                             {"result": "none"}) or 0
             assert await pool.adopt(job, fresh=True) is None, "an ended standby is not adopted"
+            assert REGISTRY.get_sample_value("kubemr_operator_adoptions_total",
+                                             {"result": "none"}) == none + 1
             await pool.refill()  # removes it, and waits before the next
             await pool.refill()
             assert pool_pods_in(kube_cluster, namespace) == []
+            assert REGISTRY.get_sample_value("kubemr_operator_standbys",
+                                             {"state": "waiting"}) == 0
             assert "a standby ended before any job adopted it" in caplog.text
             assert lost == []
             # A standby that never runs (no node takes it) is not adopted either.

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import anyio
 
+from .. import metrics
 from ..kube import (
     NAMESPACES,
     PODS,
@@ -162,6 +163,8 @@ class WarmPool:
             if name not in working:
                 self.on_lost(key)
         self._working = working
+        metrics.STANDBYS.labels("waiting").set(len(waiting))
+        metrics.STANDBYS.labels("working").set(len(working))
         live = {pod["metadata"]["name"] for pod in pods}
         accounts, _ = await self.kube.list(SERVICE_ACCOUNTS, self.namespace,
                                            label_selector=_STANDBYS)
@@ -245,7 +248,9 @@ class WarmPool:
                 continue
             self._failures = 0  # standbys do start
             self._wake.set()
+            metrics.ADOPTIONS.labels("adopted").inc()
             return name
+        metrics.ADOPTIONS.labels("none").inc()
         return None
 
     async def assign(self, mrj: KubeObject, standby: str) -> None:
