@@ -39,7 +39,8 @@ STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
 POD_FAILURE_POLICY: KubeObject = {"rules": [
     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
     {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In",
-                                         "values": [137, 143, STUCK_EXIT_CODE]}},
+                                         # ascending, as the API server requires
+                                         "values": [STUCK_EXIT_CODE, 137, 143]}},
 ]}
 #: The keys a credentials Secret must hold (AWS_SESSION_TOKEN is optional).
 REQUIRED_KEYS = CREDENTIAL_KEYS[:2]
