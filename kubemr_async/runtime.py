@@ -723,9 +723,9 @@ class Worker:
         assert self.spec.task_timeout is not None
         kind = holder.body["kind"]
         work.cancel()
-        started = self.monotonic()
+        started = time.monotonic()  # real time, as the waits are (not the injected clock)
         await asyncio.wait({work}, timeout=_CANCEL_GRACE)
-        left = max(0.0, _CANCEL_GRACE - (self.monotonic() - started))
+        left = max(0.0, _CANCEL_GRACE - (time.monotonic() - started))
         self.stuck = not (work.done() and await self.user.ended(left))
         message = (f"{kind} timed out after {self.spec.task_timeout:g} s "
                    f"({TASK_TIMEOUT_FIELD}) and was cancelled")
