@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from .deaths import STUCK_EXIT_CODE
 from .errors import Interrupted, JobFailed, KubemrError, UsageError
 from .spec import (
     DEFAULT_LEASE_SECONDS,
@@ -136,6 +137,11 @@ MaxSkippedRecords = Annotated[int, typer.Option(
     help="Skip mode: each task skips up to N bad records (lines/jsonl/csv map inputs: a "
          "call that raises, a JSONL/CSV record that does not parse) or reduce keys (a "
          "Python call that raises), reporting them, instead of failing. 0: off.")]
+TaskTimeout = Annotated[float | None, typer.Option(
+    metavar="SECONDS", show_default=False,
+    help="Fail a task attempt whose work (reads, callbacks or commands, writes) runs longer "
+         "than this; it is cancelled (a shell command killed) and retried up to "
+         "--max-attempts. Default: no limit.")]
 SplitsPerTask = Annotated[int, typer.Option(
     metavar="K",
     help="Batch tiny tasks: each map task maps K consecutive input splits in one attempt, "
@@ -150,7 +156,8 @@ _RUN_FLAGS = {"spec.mapper": "--mapper", "spec.combiner": "--combiner",
               "spec.leaseSeconds": "--lease-seconds", "spec.chunkSize": "--chunk-size",
               "spec.outputFormat": "--format", "spec.inputs": "--input",
               "spec.memory": "--memory", "spec.maxSkippedRecords": "--max-skipped-records",
-              "spec.splitsPerTask": "--splits-per-task"}
+              "spec.splitsPerTask": "--splits-per-task",
+              "spec.taskTimeoutSeconds": "--task-timeout"}
 
 
 @app.command()
@@ -214,6 +221,7 @@ def run(
     speculative: Annotated[bool, typer.Option(
         help="Backup tasks: an idle worker re-runs a straggling task; the first attempt "
              "to commit wins.")] = True,
+    task_timeout: TaskTimeout = None,
 ) -> None:
     """Run a job on this machine with N worker processes; no cluster needed.
 
@@ -246,7 +254,8 @@ def run(
                 memory=None if memory is None else _size("--memory", memory),
                 commands=commands, max_skipped_records=max_skipped_records,
                 splits_per_task=splits_per_task, metrics_port=metrics_port,
-                timeline_page=timeline, speculative=speculative)
+                timeline_page=timeline, speculative=speculative,
+                task_timeout=task_timeout)
         except InvalidSpec as exc:  # name the flag the user typed, and the spec field
             flag = _RUN_FLAGS.get(exc.field)
             if flag is None:
@@ -284,7 +293,12 @@ def worker() -> None:
     from .pod import run_pod_worker
 
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
-    raise typer.Exit(_guard(lambda: _run(run_pod_worker())))
+    code = _guard(lambda: _run(run_pod_worker()))
+    if code == STUCK_EXIT_CODE:
+        from .runtime import exit_stuck
+
+        exit_stuck()
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -477,7 +491,8 @@ def _read_manifest(file: str) -> dict[str, Any]:
 _JOB_FLAGS = ("name", "generate_name", "image", "job", "input", "output", "workers",
               "reducers", "max_attempts", "chunk_size", "lease_seconds", "arg",
               "split_inputs", "output_format", "mapper", "combiner", "reducer",
-              "max_skipped_records", "splits_per_task", "credentials_secret", "identity")
+              "max_skipped_records", "splits_per_task", "credentials_secret", "identity",
+              "task_timeout")
 
 
 @app.command()
@@ -532,6 +547,7 @@ def submit(
     reducer: Reducer = None,
     max_skipped_records: MaxSkippedRecords = 0,
     splits_per_task: SplitsPerTask = 1,
+    task_timeout: TaskTimeout = None,
     namespace: Namespace = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -562,7 +578,7 @@ def submit(
             chunk_size=parse_size(chunk_size), lease_seconds=lease_seconds,
             output_format=output_format,  # type: ignore[arg-type]  # JobSpec checks it
             max_skipped_records=max_skipped_records, splits_per_task=splits_per_task,
-            credentials_secret=credentials_secret,
+            task_timeout=task_timeout, credentials_secret=credentials_secret,
             identity=_args(identity, "--identity") if identity else None))
 
     body = _guard(manifest)

@@ -179,6 +179,15 @@ def _job_spec_schema() -> dict[str, Any]:
                     "input splits and maps them one after another in one attempt, so the "
                     "coordination writes are paid once per batch. A retry re-maps the "
                     "whole batch. Unset or 1: one split per map."),
+            "taskTimeoutSeconds": {
+                "type": "number",
+                "description": "Seconds a task attempt's work (reading its inputs, the "
+                               "callbacks or shell commands, writing its output) may take; "
+                               "a longer attempt is cancelled and fails as timed out, "
+                               "retried up to maxAttempts. Unset: no limit.",
+                "minimum": 0,
+                "exclusiveMinimum": True,
+            },
             "speculative": {
                 "type": "boolean",
                 "description": "Backup tasks: an idle worker may run a second attempt of a "

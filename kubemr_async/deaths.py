@@ -14,6 +14,12 @@ import signal
 #: (a crash loop). A worker killed now and then (a node drained, a pod deleted, a process
 #: SIGKILLed) costs a job a lease at most, never the job: tasks commit in between.
 CRASH_LOOP_DEATHS = 3
+#: A worker's exit code after a task attempt timed out and its user code would not stop
+#: (a synchronous callback cannot be interrupted): the attempt was failed first (counted
+#: against ``maxAttempts``), and the process left so that no more user code runs beside
+#: the stuck thread. Replaced like any dead worker, but not a crash-loop death: the
+#: attempts it failed already bound how often it happens. 75 is sysexits' EX_TEMPFAIL.
+STUCK_EXIT_CODE = 75
 
 
 def death_cause(returncode: int, last_line: str, oom_killed: bool) -> str:
@@ -32,6 +38,8 @@ def death_cause(returncode: int, last_line: str, oom_killed: bool) -> str:
             how = f"was killed by signal {-returncode}"
     else:
         how = f"exited with code {returncode}"
+    if returncode == STUCK_EXIT_CODE:
+        how += " (a task attempt timed out and its user code did not stop)"
     if (oom_killed and returncode == -signal.SIGKILL) or last_line.startswith("MemoryError"):
         how += " (out of memory)"
     line = " ".join(last_line.split())[:200]

@@ -43,7 +43,7 @@ import orjson
 
 from . import counters, formats, logs, metrics, protocol, timeline
 from .api import AnyJob, Commands, Job, load_spec_job, load_steps, step_reducer_count
-from .deaths import CRASH_LOOP_DEATHS, death_cause
+from .deaths import CRASH_LOOP_DEATHS, STUCK_EXIT_CODE, death_cause
 from .errors import JobFailed, OutputBusy, PermanentTaskError, UsageError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, plan_inputs
@@ -117,7 +117,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
                     splits_per_task: int = 1,
                     metrics_port: int | None = None,
                     timeline_page: Path | None = None,
-                    speculative: bool = True) -> LocalRunResult:
+                    speculative: bool = True,
+                    task_timeout: float | None = None) -> LocalRunResult:
     """Run ``job_ref`` over ``inputs`` and publish results in ``output``.
 
     ``commands``: shell-command steps (``--mapper`` ...) replacing the module's, or the
@@ -134,8 +135,8 @@ async def run_local(job_ref: str, inputs: Sequence[str], output: Path, *, worker
         args=args or {}, progress=progress, verbose=verbose, inline=inline or workers == 0,
         output_format=output_format, memory=memory, commands=commands,
         max_skipped_records=max_skipped_records, splits_per_task=splits_per_task,
-        metrics_port=metrics_port,
-        timeline_page=timeline_page, speculative=speculative))
+        metrics_port=metrics_port, timeline_page=timeline_page, speculative=speculative,
+        task_timeout=task_timeout))
 
 
 async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: int,
@@ -146,7 +147,8 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                max_skipped_records: int = 0, splits_per_task: int = 1,
                metrics_port: int | None = None,
                timeline_page: Path | None = None,
-               speculative: bool = True) -> LocalRunResult:
+               speculative: bool = True,
+               task_timeout: float | None = None) -> LocalRunResult:
     if not 0 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 0 (runs --inline) and {MAX_WORKERS}, "
                          f"got {workers}")
@@ -168,7 +170,7 @@ async def _run(job_ref: str, inputs: Sequence[str], output: Path, *, workers: in
                    chunk_size=chunk_size, args=args, split_inputs=isinstance(job, Job),
                    output_format=output_format, memory=memory, steps=len(steps),
                    max_skipped_records=max_skipped_records, speculative=speculative,
-                   splits_per_task=splits_per_task)
+                   splits_per_task=splits_per_task, task_timeout=task_timeout)
     splits = await plan_inputs(spec, job.map_input if isinstance(job, Job) else None)
     input_paths = _local_paths(inputs, splits)
     check_output(output, overwrite, input_paths)  # refuse before creating anything
@@ -493,7 +495,7 @@ class _Crew:
                 oom = oom_before is not None and (_oom_kills() or 0) > oom_before
                 cause = death_cause(code, self.router.last_lines.get(index, ""), oom)
                 await self._fail_claims(worker_id, cause)
-                if await self._crash_loop(worker_id, cause):
+                if code != STUCK_EXIT_CODE and await self._crash_loop(worker_id, cause):
                     return
                 self.router.notice(index, f"worker {worker_id} {cause}; starting another")
                 generation += 1
@@ -837,6 +839,8 @@ async def _worker_main(state: str, blobs: str, job_name: str, worker_id: str) ->
         _watch_stdin(loop, worker.stop)
         try:
             await worker.run()
+            if worker.stuck:
+                return STUCK_EXIT_CODE
         finally:
             # Done: a SIGTERM from now on has nothing to stop. Ignore it before the loop
             # closes its wakeup pipe, or one landing in between prints a traceback.
@@ -862,7 +866,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.breakpointhook = _no_breakpoint
     logs.setup(os.environ.get("KUBEMR_LOG_LEVEL", "INFO"))
     logging.captureWarnings(True)
-    return asyncio.run(_worker_main(ns.state, ns.blobs, ns.job, ns.worker_id))
+    code = asyncio.run(_worker_main(ns.state, ns.blobs, ns.job, ns.worker_id))
+    if code == STUCK_EXIT_CODE:
+        from .runtime import exit_stuck
+
+        exit_stuck()
+    return code
 
 
 if __name__ == "__main__":

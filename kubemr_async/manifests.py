@@ -92,6 +92,7 @@ class SubmitOptions:
     reducer: str | None = None
     max_skipped_records: int = 0
     splits_per_task: int = 1
+    task_timeout: float | None = None
     #: The job's own storage credentials (spec.storage): a Secret in its namespace, or
     #: workload-identity annotations for its ServiceAccount.
     credentials_secret: str | None = None
@@ -126,7 +127,7 @@ def build_manifest(options: SubmitOptions) -> KubeObject:
         output_format=options.output_format, image=options.image, workers=options.workers,
         mapper=options.mapper, combiner=options.combiner, reducer=options.reducer,
         max_skipped_records=options.max_skipped_records,
-        splits_per_task=options.splits_per_task,
+        splits_per_task=options.splits_per_task, task_timeout=options.task_timeout,
         credentials_secret=options.credentials_secret, identity_annotations=options.identity,
     ).to_dict()
     metadata = {"name": options.name} if options.name else {"generateName": prefix}

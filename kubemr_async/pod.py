@@ -20,6 +20,7 @@ import anyio.to_thread
 
 from . import metrics, protocol, shuffle
 from .api import load_spec_steps
+from .deaths import STUCK_EXIT_CODE
 from .errors import JobDefinitionError, UsageError
 from .kube import PODS, Forbidden, Kube, Listed, list_watch
 from .protocol import JobPhase
@@ -202,6 +203,8 @@ async def _work(kube: Kube, job_name: str, namespace: str, worker_id: str,
     # Stopped (the pod deleted, its node drained) before the job was decided: exit as
     # a SIGTERMed process does, so the pod is Failed and replaced. A pod that Succeeded
     # would tell the work-queue Job that the work is done: it makes no new pods then.
+    if worker.stuck:
+        return STUCK_EXIT_CODE
     return STOPPED_EXIT_CODE if stopped.is_set() and not phase.finished else 0
 
 

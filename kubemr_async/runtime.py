@@ -20,6 +20,7 @@ import logging
 import os
 import posixpath
 import random
+import sys
 import sysconfig
 import threading
 import time
@@ -35,7 +36,7 @@ from collections.abc import (
     Sequence,
 )
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import orjson
@@ -54,6 +55,7 @@ from . import (
     timeline,
 )
 from .api import PARTITION_FILE_ARG, AnyJob, Job, TaskContext
+from .deaths import STUCK_EXIT_CODE
 from .errors import JobDefinitionError, PermanentTaskError
 from .formats import SUCCESS_MARKER
 from .inputs import Split, read_map_input, split_size
@@ -61,7 +63,7 @@ from .kept import KeptObjects
 from .protocol import JobPhase, JobView, TaskKind, TaskState
 from .records import Body, Counters, JobRecord, Skipped, TaskOutputs, TaskRecord
 from .scrub import own_secrets, scrub
-from .spec import JobSpec, memory_budget
+from .spec import TASK_TIMEOUT_FIELD, JobSpec, memory_budget
 from .state.base import Record, StateStore, StoreUnavailable
 from .storage.base import BlobStore
 from .storage.urls import StoreCache
@@ -95,6 +97,9 @@ _POLL_GAPS = (0.25, 2.0)
 _FLEET_IDLE_POLLS = 8.0
 #: Unfinished tasks a steal asks another shard for: a few claims' worth of candidates.
 _STEAL = 16
+#: Seconds a timed-out attempt's cancelled user code has to end (a killed shell command
+#: reaped, an async callback unwound) before the user thread counts as lost.
+_CANCEL_GRACE = 2.0
 #: Up to this many result parts, the manifest's sizes come from a HEAD each (concurrent);
 #: more, from one listing (a listing of a busy location costs more than a few HEADs).
 _HEADED_PARTS = 16
@@ -106,6 +111,17 @@ def longest_poll_gap(shards: int, lease_seconds: float) -> float:
     fleet = shards * protocol.WATCHERS_PER_SHARD
     return min(max(_POLL_GAPS[1], fleet / _FLEET_IDLE_POLLS),
                max(_POLL_GAPS[1], lease_seconds / 3))
+
+
+def exit_stuck() -> NoReturn:
+    """End a stuck worker's process (``Worker.stuck``) with ``STUCK_EXIT_CODE`` at once.
+
+    A normal exit waits for the process's non-daemon threads, and a stuck callback may
+    be blocking one (an executor's): the process would never end."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(STUCK_EXIT_CODE)
 
 
 def container_memory_limit() -> int | None:
@@ -167,6 +183,31 @@ class UserLoop:
         self._thread = threading.Thread(target=self.loop.run_forever, name="kubemr-user",
                                         daemon=True)
         self._thread.start()
+        # Set once a cancelled callback failed to end (see ended): the thread is not ours
+        # to run anything on any more.
+        self.lost = False
+
+    async def ended(self, seconds: float) -> bool:
+        """Whether everything on the loop (a cancelled attempt's callbacks) ends within
+        ``seconds``; if not, the loop is lost (``lost``).
+
+        Cancelling an attempt's ``run`` returns at once on the caller's side, whatever the
+        user thread does: a cancelled async callback or a killed shell command unwinds in
+        a moment, but a synchronous callback computing (or blocked in a call) cannot be
+        interrupted in Python, and a callback may swallow its cancellation. Either way
+        the thread is still running user code that nobody can stop.
+        """
+        async def others_ended() -> None:
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others)
+
+        probe = asyncio.run_coroutine_threadsafe(others_ended(), self.loop)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(probe), seconds)
+        except TimeoutError:
+            self.lost = True
+        return not self.lost
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         # No signal reaches this thread: a KeyboardInterrupt here is the callback's own.
@@ -182,8 +223,11 @@ class UserLoop:
         being killed and reaped): stopping the loop under it left it pending, and at exit
         Python printed its "Task was destroyed but it is pending!" and "Event loop is
         closed" tracebacks on the user's terminal. A callback still hogging the thread is
-        abandoned: the thread is a daemon.
+        abandoned: the thread is a daemon (at once, once the loop is known to be lost).
         """
+        if self.lost:
+            return
+
         async def cancel_all() -> None:
             tasks = asyncio.all_tasks() - {asyncio.current_task()}
             for task in tasks:
@@ -208,6 +252,11 @@ class SameLoop:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         # KeyboardInterrupt is left alone: on the main thread it is the user's Ctrl-C.
         return await _contained(coro, (SystemExit,))
+
+    async def ended(self, seconds: float) -> bool:
+        """Always: a cancelled callback on this loop has ended once its attempt's task has
+        (which the caller waits for)."""
+        return True
 
     async def aclose(self) -> None:
         pass
@@ -279,6 +328,9 @@ class Worker:
         self._job_deleted = False
         self._current: asyncio.Task[Any] | None = None
         self.tasks_done = 0
+        # An attempt timed out and its user code would not stop (see _time_out): the
+        # worker stopped, and its process must exit non-zero (deaths.STUCK_EXIT_CODE).
+        self.stuck = False
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -603,7 +655,10 @@ class Worker:
         self._current = work = asyncio.create_task(self._perform(body), name=task)
         lost_waiter = asyncio.create_task(lost.wait())
         try:
-            await asyncio.wait({work, lost_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({work, lost_waiter}, timeout=self.spec.task_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return await self._time_out(work, holder, context)
             if lost.is_set():
                 work.cancel()
                 log.warning("lease lost; abandoning attempt", extra=context)
@@ -664,6 +719,38 @@ class Worker:
             for helper in (heartbeat, lost_waiter):
                 helper.cancel()
             await asyncio.gather(heartbeat, lost_waiter, return_exceptions=True)
+
+    async def _time_out(self, work: asyncio.Task[Any], holder: _Holder,
+                        context: dict[str, Any]) -> str:
+        """The attempt's work ran past ``spec.taskTimeoutSeconds``: cancel it and fail the
+        attempt (retried up to ``maxAttempts``), as Hadoop's ``mapreduce.task.timeout``
+        does; the heartbeats alone would keep a hung callback's task running for ever.
+
+        User code that does not stop within ``_CANCEL_GRACE`` (a synchronous callback
+        computing or blocked in a call, which Python cannot interrupt) still holds the
+        user thread: no more user code may run on it, so this worker stops (``stuck``)
+        and its process exits for another to replace it. The attempt is failed first, so
+        the retries stay bounded by ``maxAttempts`` however often that happens.
+        """
+        assert self.spec.task_timeout is not None
+        kind = holder.body["kind"]
+        work.cancel()
+        started = time.monotonic()  # real time, as the waits are (not the injected clock)
+        await asyncio.wait({work}, timeout=_CANCEL_GRACE)
+        left = max(0.0, _CANCEL_GRACE - (time.monotonic() - started))
+        self.stuck = not (work.done() and await self.user.ended(left))
+        message = (f"{kind} timed out after {self.spec.task_timeout:g} s "
+                   f"({TASK_TIMEOUT_FIELD}) and was cancelled")
+        if self.stuck:
+            message += (f", but its callback did not stop (a synchronous callback cannot be "
+                        f"interrupted): worker {self.worker_id} exits to be replaced")
+        log.warning("attempt timed out", extra={**context, "error": message})
+        await self._settle(holder, lambda b: protocol.fail(
+            b, self.worker_id, message, self.spec.max_attempts, now=self.clock()))
+        if self.stuck:
+            self._stopping.set()
+            self._changed.set()
+        return "failed"
 
     async def _settle(self, holder: _Holder, write: Callable[[TaskRecord], protocol.Update]
                       ) -> Record | None:

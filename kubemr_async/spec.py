@@ -60,6 +60,8 @@ MAX_SPLITS_PER_TASK = 512
 MAX_SKIPPED_RECORDS_LIMIT = 2**31 - 1
 DEFAULT_LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 1
+#: The field of the per-task timeout, which every timeout error names.
+TASK_TIMEOUT_FIELD = "spec.taskTimeoutSeconds"
 #: The largest byte count (``chunkSize``, ``memory``): the CRD's ``int64`` format, and
 #: what the JSON of a job record can hold.
 MAX_BYTES = 2**63 - 1
@@ -138,6 +140,7 @@ class JobSpecDict(TypedDict):
     stepReducers: NotRequired[list[int]]
     step: NotRequired[int]
     speculative: NotRequired[bool]
+    taskTimeoutSeconds: NotRequired[float]
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,10 @@ class JobSpec:
     # Backup tasks (speculative execution): an idle worker may start a second attempt of a
     # straggling task, the first to commit wins (protocol.JobView.backup_candidate).
     speculative: bool = True
+    # Seconds an attempt's work (its reads, callbacks and writes) may take before it fails
+    # as timed out (Hadoop's mapreduce.task.timeout); None: no limit. A hung callback
+    # otherwise keeps its lease renewed, and so its task running, for ever.
+    task_timeout: float | None = None
     # Shell commands for the steps (Hadoop Streaming; kubemr_async.streaming): they replace
     # the job module's steps, or are the whole job when ``job`` is empty.
     mapper: str | None = None
@@ -231,6 +238,8 @@ class JobSpec:
             spec["splitsPerTask"] = self.splits_per_task
         if not self.speculative:  # absent: the default, on
             spec["speculative"] = False
+        if self.task_timeout is not None:
+            spec["taskTimeoutSeconds"] = self.task_timeout
         if self.mapper is not None:
             spec["mapper"] = self.mapper
         if self.combiner is not None:
@@ -301,6 +310,7 @@ class JobSpec:
             max_skipped_records=_int(data, "maxSkippedRecords", 0),
             splits_per_task=_int(data, "splitsPerTask", 1),
             speculative=_bool(data, "speculative", True),
+            task_timeout=_optional(data, "taskTimeoutSeconds", _number),
             mapper=_optional(data, "mapper", _str),
             combiner=_optional(data, "combiner", _str),
             reducer=_optional(data, "reducer", _str),
@@ -437,6 +447,10 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec("spec.leaseSeconds", f"must be a finite number, got "
                           f"{spec.lease_seconds}")
     _between("leaseSeconds", spec.lease_seconds, MIN_LEASE_SECONDS)
+    if spec.task_timeout is not None and not (math.isfinite(spec.task_timeout)
+                                              and spec.task_timeout > 0):
+        raise InvalidSpec(TASK_TIMEOUT_FIELD, f"must be a number of seconds above 0, got "
+                          f"{_num(spec.task_timeout)}")
     _between("chunkSize", spec.chunk_size, MIN_CHUNK_SIZE)
     if spec.output and not re.match(OUTPUT_PATTERN, spec.output):
         raise InvalidSpec("spec.output", f"must be an S3 URL like s3://bucket/prefix, "

@@ -639,6 +639,9 @@ def test_manifest_from_flags() -> None:
         split_inputs=False, output_format="parquet"))
     assert named["metadata"] == {"name": "mine"} and named["spec"]["splitInputs"] is False
     assert named["spec"]["outputFormat"] == "parquet"
+    timed = manifests.build_manifest(manifests.SubmitOptions(
+        image="i", job="j", inputs=["x"], output="s3://bkt/o", task_timeout=2.5))
+    assert timed["spec"]["taskTimeoutSeconds"] == 2.5, "unset (above): no field, no limit"
     assert manifests.build_manifest(manifests.SubmitOptions(
         image="i", job="/app/My_Job.py", inputs=["x"], output="s3://bkt/o"),
     )["metadata"] == {"generateName": "my-job-"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemr_async.deaths import container_returncode
+from kubemr_async.deaths import STUCK_EXIT_CODE, container_returncode
 from kubemr_async.operator.crashloop import DeathWatch, pod_death_cause, progress_of
 
 
@@ -65,6 +65,17 @@ def test_out_of_memory_deaths_say_so_with_the_limit() -> None:
     assert "was killed by SIGKILL (out of memory)" in verdict
     assert verdict.endswith("3 of 3 worker pods ran out of memory (OOMKilled; memory limit "
                             "64Mi): raise the workers' memory limit")
+
+
+def test_a_worker_that_left_stuck_after_a_task_timeout_is_no_crash_loop_death() -> None:
+    """It failed its timed-out attempt before leaving (maxAttempts bounds those), so
+    taking it for a crash would fail a job whose stuck attempts had retries left."""
+    watch = DeathWatch()
+    watch.observe((0, 0, 0), [])
+    watch.observe((0, 0, 0), [pod(str(i), exit_code=STUCK_EXIT_CODE) for i in range(5)])
+    assert watch.since == [] and watch.verdict(workers=1) is None
+    assert pod_death_cause(pod("a", exit_code=STUCK_EXIT_CODE)) == (
+        "exited with code 75 (a task attempt timed out and its user code did not stop)")
 
 
 def test_a_death_cause_from_a_pod() -> None:

@@ -278,6 +278,24 @@ def test_fifty_workers_commit_a_thousand_tasks_exactly_once(
           f"job {wall:.1f}s; every task run and committed once")
 
 
+def test_a_task_stuck_in_a_blocking_call_times_out_and_its_worker_pods_are_replaced(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
+    """spec.taskTimeoutSeconds on a cluster: each attempt is failed, then its pod exits 75
+    (its user thread cannot be stopped) and is replaced without counting toward the
+    workers' backoff limit (1 here) or the crash-loop rule; the job fails, naming the
+    timeout, once maxAttempts have timed out."""
+    manifest = echo_job("stuck", ["x"], workers=1, maxAttempts=2, taskTimeoutSeconds=1,
+                        args={"block": "1000"})
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    status = wait_for_phase(kube_cluster, kube_namespace, name, operator)["status"]
+    assert status["phase"] == "Failed", status
+    error = status["error"]
+    assert (error["task"], error["attempt"]) == ("map-00000", 2), error
+    assert error["message"].startswith(
+        "map timed out after 1 s (spec.taskTimeoutSeconds) and was cancelled, but its "
+        "callback did not stop"), error
+
+
 def test_unloadable_job_module_fails_the_job_with_the_reason(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path) -> None:
     manifest = echo_job("broken", ["x"])

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kubemr_async.conditions import job_conditions
+from kubemr_async.deaths import STUCK_EXIT_CODE
 from kubemr_async.errors import UsageError
 from kubemr_async.operator import FINALIZER, OperatorConfig, worker_names
 from kubemr_async.operator import resources as build
@@ -45,11 +46,12 @@ def test_worker_job_is_owned_and_parallel() -> None:
         3, 3, "Indexed")
     assert spec["backoffLimitPerIndex"] == OperatorConfig().worker_backoff_limit
     assert spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
-    # Kills and disruptions are not counted: the operator judges crash loops (crashloop).
+    # Kills, disruptions and a stuck worker's exit are not counted: the operator judges
+    # crash loops (crashloop), and maxAttempts bounds a stuck worker's timed-out attempts.
     assert spec["podFailurePolicy"]["rules"] == [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
         {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In",
-                                             "values": [137, 143]}}]
+                                             "values": [STUCK_EXIT_CODE, 137, 143]}}]
     assert spec["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == \
         "FallbackToLogsOnError"
     # A template that restarts in place cannot have either (the API refuses them).

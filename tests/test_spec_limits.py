@@ -49,6 +49,9 @@ CASES = [
          "spec.maxAttempts", MAX_ATTEMPTS_LIMIT + 1),
     Case("lease below the minimum", ["--lease-seconds", "0.5"], "spec.leaseSeconds", 0.5),
     Case("chunk size 0", ["--chunk-size", "0"], "spec.chunkSize", 0),
+    Case("task timeout 0", ["--task-timeout", "0"], "spec.taskTimeoutSeconds", 0),
+    Case("negative task timeout", ["--task-timeout", "-1.5"], "spec.taskTimeoutSeconds",
+         -1.5),
     Case("bad output format", ["--format", "csv"], "spec.outputFormat", "csv"),
     Case("bad name", ["--name", "Bad_Name"], "metadata.name", "Bad_Name", run=False),
     Case("workers above the max", ["--workers", str(MAX_WORKERS + 1)], "spec.workers",
@@ -61,6 +64,7 @@ CASES = [
     Case("reducers a string", None, "spec.reducers", "2", run=False),
     Case("reducers a fraction", None, "spec.reducers", 2.5, run=False),
     Case("an args value not a string", None, "spec.args", {"n": 3}, run=False),
+    Case("task timeout a string", None, "spec.taskTimeoutSeconds", "30s", run=False),
 ]
 
 
@@ -136,7 +140,10 @@ def test_kubemr_submit_refuses_flags_and_manifests(case: Case, tmp_path: Path) -
     (["--lease-seconds", "nan"], "spec.leaseSeconds"),
     (["--lease-seconds", "inf"], "spec.leaseSeconds"),
     (["--chunk-size", "99999999TiB"], "spec.chunkSize"),
-], ids=["lease NaN", "lease infinite", "chunk size beyond int64"])
+    (["--task-timeout", "nan"], "spec.taskTimeoutSeconds"),
+    (["--task-timeout", "inf"], "spec.taskTimeoutSeconds"),
+], ids=["lease NaN", "lease infinite", "chunk size beyond int64", "task timeout NaN",
+        "task timeout infinite"])
 def test_values_no_manifest_can_hold_are_refused_by_run_and_submit(
         flags: list[str], field: str, tmp_path: Path) -> None:
     """A NaN or infinite lease passed every comparison: `kubemr run` started workers that
@@ -149,6 +156,22 @@ def test_values_no_manifest_can_hold_are_refused_by_run_and_submit(
                        "--output", str(out), *flags), field)
     assert not out.exists()
     refused(run_kubemr(*SUBMIT, *flags, "--kubeconfig", str(tmp_path / "none")), field)
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_a_task_timeout_that_is_not_a_number_is_a_one_line_usage_error(
+        command: str, tmp_path: Path) -> None:
+    """Refused by the flag's own parsing, before any spec exists: the flag is named."""
+    data = tmp_path / "in.txt"
+    data.write_text("a b a\n")
+    args = (["run", str(ROOT / "examples" / "wordcount.py"), "-i", str(data), "--output",
+             str(tmp_path / "out")] if command == "run"
+            else [*SUBMIT, "--kubeconfig", str(tmp_path / "none")])
+    result = run_kubemr(*args, "--task-timeout", "30s")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "--task-timeout" in result.stderr and "'30s' is not a valid float" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_kubemr_run_refuses_a_memory_budget_beyond_int64(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..deaths import CRASH_LOOP_DEATHS, container_returncode, death_cause
+from ..deaths import CRASH_LOOP_DEATHS, STUCK_EXIT_CODE, container_returncode, death_cause
 from ..kube import KubeObject
 from .resources import pods_out_of_memory
 
@@ -71,7 +71,8 @@ class DeathWatch:
         """Take in the job's worker pods and its progress now."""
         dead = sorted((pod for pod in pods
                        if (pod.get("status") or {}).get("phase") == "Failed"
-                       and pod["metadata"]["uid"] not in self.seen), key=_finished_at)
+                       and pod["metadata"]["uid"] not in self.seen
+                       and _exit_code(pod) != STUCK_EXIT_CODE), key=_finished_at)
         self.seen.update(pod["metadata"]["uid"] for pod in dead)
         self.since += dead
         if progress != self.progress:
@@ -90,6 +91,17 @@ class DeathWatch:
                   f"{pod_death_cause(last)}")
         oom = pods_out_of_memory(self.since)
         return reason if oom is None else f"{reason}; {oom}"
+
+
+def _exit_code(pod: KubeObject) -> int | None:
+    """The worker container's exit code, if it has terminated. A worker that exits with
+    ``STUCK_EXIT_CODE`` failed its timed-out attempt first: ``maxAttempts``, not the
+    crash-loop rule, bounds those deaths."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated is not None:
+            return int(terminated.get("exitCode") or 0)
+    return None
 
 
 def _finished_at(pod: KubeObject) -> str:

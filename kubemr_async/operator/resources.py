@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from .. import metrics, protocol
 from ..conditions import job_conditions
 from ..crd import API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, TASK_PLURAL
+from ..deaths import STUCK_EXIT_CODE
 from ..kube import KubeObject
 from ..protocol import JobPhase
 from ..records import JobError
@@ -39,11 +40,14 @@ STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
 #: SIGTERM, 143: the pod deleted, its node drained) or disrupted (DisruptionTarget:
 #: evicted, preempted, its node gone). A killed worker's tasks are taken over after a
 #: lease and the job carries on, so such deaths must not fail it; the operator fails a job
-#: whose workers keep dying with no task committing instead (:mod:`.crashloop`).
+#: whose workers keep dying with no task committing instead (:mod:`.crashloop`). Nor a
+#: worker that left because a timed-out attempt's user code would not stop
+#: (``STUCK_EXIT_CODE``): it failed that attempt first, so ``maxAttempts`` bounds those.
 POD_FAILURE_POLICY: KubeObject = {"rules": [
     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
     {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In",
-                                         "values": [137, 143]}},
+                                         # ascending, as the API server requires
+                                         "values": [STUCK_EXIT_CODE, 137, 143]}},
 ]}
 #: The keys a credentials Secret must hold (AWS_SESSION_TOKEN is optional).
 REQUIRED_KEYS = CREDENTIAL_KEYS[:2]

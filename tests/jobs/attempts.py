@@ -5,6 +5,8 @@ interleave) lets a test count real executions independently of what the store sa
 ``--arg die=always`` makes every map attempt SIGKILL its own worker process (after a last
 line on stderr), as a worker that always crashes before committing; ``--arg die=exit0``
 ends it with ``os._exit(0)`` instead, as user code that exits "successfully".
+``--arg block=SECONDS`` blocks every map's user thread in a synchronous call (which no
+cancellation reaches), as a callback stuck in a blocking read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 
 from kubemr_async import JobWorker, TaskContext
@@ -41,6 +44,8 @@ class Echo(JobWorker):
             os.kill(os.getpid(), signal.SIGKILL)
         if ctx.args.get("die") == "exit0":
             os._exit(0)
+        if ctx.args.get("block"):
+            time.sleep(float(ctx.args["block"]))  # noqa: ASYNC251 - the blocking call
         if ctx.args.get("sleep"):
             await asyncio.sleep(float(ctx.args["sleep"]))
         if (ctx.task, ctx.attempt) == (ctx.args.get("slow"), 1):  # one slow first attempt
