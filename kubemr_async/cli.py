@@ -743,9 +743,12 @@ def logs(
     if tail < -1:
         _fail(f"--tail must be -1 (all lines) or more, got {tail}", 2)
 
+    def note(text: str) -> None:
+        typer.echo(f"kubemr: note: {text}", err=True)
+
     async def action(client: JobClient) -> None:
-        async with contextlib.aclosing(client.logs(name, follow, None if tail < 0 else tail)
-                                       ) as lines:
+        async with contextlib.aclosing(client.logs(name, follow, None if tail < 0 else tail,
+                                                   note)) as lines:
             async for pod, container, line in lines:
                 _write(f"[pod/{pod}/{container}] ".encode() + line
                        + (b"" if line.endswith(b"\n") else b"\n"))

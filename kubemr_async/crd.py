@@ -82,6 +82,10 @@ LABEL_STATE = f"{GROUP}/state"
 #: On a task namespace: the namespace of the MapReduceJob that owns it.
 LABEL_JOB_NAMESPACE = f"{GROUP}/job-namespace"
 
+#: The reason of the Event saying a job adopted a warm pool's standby; its ``related``
+#: object is the standby's pod (the operator writes it, ``kubemr logs`` reads it).
+ADOPTED_REASON = "Adopted"
+
 #: Field manager for server-side apply, so ``kubectl`` shows who owns the fields.
 FIELD_MANAGER = "kubemr-async"
 

@@ -34,15 +34,17 @@ import yaml
 from anyio.abc import ObjectSendStream
 
 from . import protocol, timeline
-from .crd import LABEL_JOB, MAPREDUCE_JOBS
+from .crd import ADOPTED_REASON, LABEL_JOB, MAPREDUCE_JOBS
 from .errors import JobFailed, KubemrError, UsageError
 from .kube import (
+    EVENTS,
     MERGE_PATCH,
     PODS,
     SELF_SUBJECT_REVIEWS,
     Backoff,
     BadRequest,
     Conflict,
+    Forbidden,
     Kube,
     KubeApiError,
     KubeconfigError,
@@ -391,27 +393,42 @@ class JobClient:
             raise JobFailed(f"{verdict_message(name, view.job or {})} (partitions complete: "
                             f"{done} of {total})")
 
-    async def logs(self, name: str, follow: bool = False,
-                   tail: int | None = None) -> AsyncGenerator[tuple[str, str, bytes], None]:
+    async def logs(self, name: str, follow: bool = False, tail: int | None = None,
+                   on_unreadable: Callable[[str], None] = lambda note: None,
+                   ) -> AsyncGenerator[tuple[str, str, bytes], None]:
         """``(pod, container, line)`` from every worker pod of the job, as lines arrive.
 
         Pods are read concurrently (pods/log API); with ``follow`` until each one ends.
         Worker pods exist while the job runs: the operator removes them once it is decided.
+        A warm pool's standby that the job adopted (its ``Adopted`` Event names the pod)
+        is read too where the caller may read the pool's namespace; where it may not,
+        ``on_unreadable`` is told, in one line.
         """
         await self.get(name)
         pods, _ = await self.kube.list(PODS, self.namespace, label_selector=f"{LABEL_JOB}={name}",
                                        context=f"job {name}: listing its worker pods")
-        targets = sorted((p["metadata"]["name"], p["spec"]["containers"][0]["name"])
-                         for p in pods)
+        targets = sorted((self.namespace, p["metadata"]["name"],
+                          p["spec"]["containers"][0]["name"]) for p in pods)
+        for namespace, pod in await self._standbys(name):
+            try:
+                found = await self.kube.get(PODS, pod, namespace)
+            except Forbidden:
+                on_unreadable(f"the standby worker {pod} that job {name} adopted runs in "
+                              f"namespace {namespace}, whose logs you may not read")
+                continue
+            except NotFound:
+                continue  # removed with the job's end
+            targets.append((namespace, pod, found["spec"]["containers"][0]["name"]))
         if not targets:
             raise KubemrError(f"job {name} has no worker pods in namespace {self.namespace} "
                               "(they exist only while the job runs)")
 
-        def reader(pod: str, container: str) -> Producer[tuple[str, str, bytes]]:
+        def reader(namespace: str, pod: str,
+                   container: str) -> Producer[tuple[str, str, bytes]]:
             async def read(send: ObjectSendStream[tuple[str, str, bytes]]) -> None:
                 context = f"job {name}: logs of pod {pod}"
                 resp = await self.kube.open(
-                    "GET", PODS.path(self.namespace, pod, "log"), context=context,
+                    "GET", PODS.path(namespace, pod, "log"), context=context,
                     query={"container": container, "follow": follow, "tailLines": tail})
                 try:
                     while line := await resp.content.readline():
@@ -420,11 +437,25 @@ class JobClient:
                     resp.release()
             return read
 
-        lines = merge([reader(pod, container) for pod, container in targets],
+        lines = merge([reader(*target) for target in targets],
                       name=f"kubemr-logs-{name}")
         async with contextlib.aclosing(lines):
             async for line in lines:
                 yield line
+
+    async def _standbys(self, name: str) -> Sequence[tuple[str, str]]:
+        """(namespace, pod) of the warm pool's standbys the job adopted, from its
+        ``Adopted`` Events' related pod; none if Events cannot be listed here."""
+        try:
+            events, _ = await self.kube.list(
+                EVENTS, self.namespace, context=f"job {name}: listing its Events",
+                field_selector=f"involvedObject.name={name},reason={ADOPTED_REASON}")
+        except Forbidden:
+            return []
+        related = (event.get("related") or {} for event in events)
+        return sorted({(obj["namespace"], obj["name"]) for obj in related
+                       if obj.get("kind") == "Pod" and obj.get("name")
+                       and obj.get("namespace")})
 
 
 async def _retrying(read: Callable[[], Awaitable[T]]) -> T:

@@ -9,6 +9,7 @@ pods.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
 
 from .operator_fixtures import kube_namespace, operator, s3
+from .test_local_run import KUBEMR
 from .test_operator_e2e import create_job, echo_job, events_for, wait_for_phase
 
 __all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
@@ -226,3 +228,54 @@ def pool_pods_in(cluster: TestCluster, namespace: str) -> list[dict[str, Any]]:
 def phase_of(cluster: TestCluster, namespace: str, name: str) -> str:
     pod = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
     return str((pod.get("status") or {}).get("phase"))
+
+
+def test_kubemr_logs_of_a_job_shows_its_adopted_standby(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    """The standby runs in the pool's namespace, not the job's: `kubemr logs` finds it
+    through the job's Adopted Event (its related pod) and reads it beside the job's own."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    attempts = tmp_path / "attempts.log"
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "logged", ["x"], workers=1, reducers=1, args={"log": str(attempts), "sleep": "8"}))
+    wait_until("the standby's first attempt", lambda: attempts.exists()
+               and attempts.read_text().strip())
+    printed = subprocess.run(
+        [KUBEMR, "logs", name, "-n", kube_namespace,
+         "--kubeconfig", str(kube_cluster.kubeconfig_path)],
+        capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    lines = [line for line in printed.stdout.splitlines()
+             if line.startswith(f"[pod/{standby}/worker] ")]
+    assert any("claimed" in line and name in line for line in lines), printed.stdout[-2000:]
+    # A tenant who may read its own namespace's pods, logs and Events, not the pool's, is
+    # told where the standby's log is instead of finding nothing.
+    reader = tenant_kubeconfig(kube_cluster, kube_namespace, tmp_path)
+    printed = subprocess.run([KUBEMR, "logs", name, "-n", kube_namespace,
+                              "--kubeconfig", str(reader)],
+                             capture_output=True, text=True, timeout=120)
+    assert (f"kubemr: note: the standby worker {standby} that job {name} adopted runs in "
+            f"namespace {POOL_NS}, whose logs you may not read") in printed.stderr
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+
+
+def tenant_kubeconfig(cluster: TestCluster, namespace: str, directory: Path) -> Path:
+    """A kubeconfig for a ServiceAccount of ``namespace`` that may read its jobs, pods,
+    their logs and Events there, and nothing in the pool's namespace."""
+    api = f"/api/v1/namespaces/{namespace}"
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    cluster.api("POST", f"{api}/serviceaccounts", {"metadata": {"name": "log-reader"}})
+    cluster.api("POST", f"{rbac}/roles", {"metadata": {"name": "log-reader"}, "rules": [
+        {"apiGroups": ["kubemr.io"], "resources": ["mapreducejobs"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "events"],
+         "verbs": ["get", "list"]}]})
+    cluster.api("POST", f"{rbac}/rolebindings", {
+        "metadata": {"name": "log-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "log-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "log-reader",
+                      "namespace": namespace}]})
+    return Path(cluster.kubeconfig_for_token(cluster.token_for(namespace, "log-reader"),
+                                             directory / "reader.kubeconfig"))

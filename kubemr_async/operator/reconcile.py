@@ -21,7 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from .. import protocol
-from ..crd import MAPREDUCE_JOBS
+from ..crd import ADOPTED_REASON, MAPREDUCE_JOBS
 from ..errors import KubemrError, UsageError
 from ..formats import SUCCESS_MARKER
 from ..inputs import Split, plan_inputs
@@ -168,12 +168,12 @@ class Reconciler:
         await self.platform_stores.aclose()
 
     async def event(self, meta: KubeObject, reason: str, message: str,
-                    warning: bool = False) -> None:
+                    warning: bool = False, related: KubeObject | None = None) -> None:
         """Record an Event about the job with metadata ``meta`` (best effort: an Event that
         cannot be written must not stop a reconcile), scrubbed of anything credential-like."""
         try:
-            await self.kube.create(EVENTS, event(meta, reason, scrub(message), warning, now()),
-                                   meta["namespace"])
+            await self.kube.create(EVENTS, event(meta, reason, scrub(message), warning, now(),
+                                                 related), meta["namespace"])
         except KubeApiError as exc:
             log.debug("writing an event failed: %s", exc)
 
@@ -358,9 +358,12 @@ class Reconciler:
             assert self.pool is not None
             await self.pool.assign(mrj, standby)
             if fresh:
-                await self.event(mrj["metadata"], "Adopted",
-                                 f"standby worker {standby} (namespace "
-                                 f"{self.config.pool_namespace}) works as one of its workers")
+                pool = self.config.pool_namespace
+                await self.event(mrj["metadata"], ADOPTED_REASON,
+                                 f"standby worker {standby} (namespace {pool}) works as one "
+                                 f"of its workers", related={
+                                     "apiVersion": "v1", "kind": "Pod", "name": standby,
+                                     "namespace": pool})
         env = worker_env(mrj, self.config, storage.secret)
         await self.kube.ensure(BATCH_JOBS, worker_job(mrj, self.config, env, standby),
                                namespace)

@@ -518,8 +518,11 @@ def ttl_remaining(mrj: KubeObject, at: datetime) -> float | None:
     return ttl - (at - finished).total_seconds()
 
 
-def event(meta: KubeObject, reason: str, message: str, warning: bool, at: str) -> KubeObject:
-    """An Event about the MapReduceJob with metadata ``meta``, for ``kubectl describe``."""
+def event(meta: KubeObject, reason: str, message: str, warning: bool, at: str,
+          related: KubeObject | None = None) -> KubeObject:
+    """An Event about the MapReduceJob with metadata ``meta``, for ``kubectl describe``;
+    ``related``: the other object it concerns (the standby an ``Adopted`` Event names,
+    whose log ``kubemr logs`` then reads too)."""
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -530,4 +533,5 @@ def event(meta: KubeObject, reason: str, message: str, warning: bool, at: str) -
         "type": "Warning" if warning else "Normal",
         "firstTimestamp": at, "lastTimestamp": at, "count": 1,
         "source": {"component": "kubemr-operator"},
+        **({"related": related} if related is not None else {}),
     }
