@@ -236,21 +236,9 @@ async def test_forbidden_writes_raise_naming_job_and_record(
         records, _ = await admin_store.snapshot("locked")
         # A ServiceAccount that may read this job but has no rights on its tasks, like a
         # worker of another job would be.
-        base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
-        kube_cluster.api("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                         {"metadata": {"name": "outsider"}})
-        kube_cluster.api("POST", f"{base}/roles", {
-            "metadata": {"name": "read-job"},
-            "rules": [{"apiGroups": [GROUP], "resources": [JOB_PLURAL],
-                       "resourceNames": ["locked"], "verbs": ["get", "list", "watch"]}]})
-        kube_cluster.api("POST", f"{base}/rolebindings", {
-            "metadata": {"name": "read-job"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": "read-job"},
-            "subjects": [{"kind": "ServiceAccount", "name": "outsider",
-                          "namespace": namespace}]})
-        token = kube_cluster.token_for(namespace, "outsider")
-        kubeconfig = kube_cluster.kubeconfig_for_token(token, tmp_path / "outsider.kubeconfig")
+        token, kubeconfig = kube_cluster.account_with(namespace, "outsider", [
+            {"apiGroups": [GROUP], "resources": [JOB_PLURAL], "resourceNames": ["locked"],
+             "verbs": ["get", "list", "watch"]}], tmp_path / "outsider.kubeconfig")
         outsider = await KubeStateStore.connect(namespace, kubeconfig=str(kubeconfig))
         try:
             task = records["map-00000"].body

@@ -264,18 +264,7 @@ def test_kubemr_logs_of_a_job_shows_its_adopted_standby(
 def tenant_kubeconfig(cluster: TestCluster, namespace: str, directory: Path) -> Path:
     """A kubeconfig for a ServiceAccount of ``namespace`` that may read its jobs, pods,
     their logs and Events there, and nothing in the pool's namespace."""
-    api = f"/api/v1/namespaces/{namespace}"
-    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
-    cluster.api("POST", f"{api}/serviceaccounts", {"metadata": {"name": "log-reader"}})
-    cluster.api("POST", f"{rbac}/roles", {"metadata": {"name": "log-reader"}, "rules": [
+    return cluster.account_with(namespace, "log-reader", [
         {"apiGroups": ["kubemr.io"], "resources": ["mapreducejobs"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["pods", "pods/log", "events"],
-         "verbs": ["get", "list"]}]})
-    cluster.api("POST", f"{rbac}/rolebindings", {
-        "metadata": {"name": "log-reader"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": "log-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "log-reader",
-                      "namespace": namespace}]})
-    return Path(cluster.kubeconfig_for_token(cluster.token_for(namespace, "log-reader"),
-                                             directory / "reader.kubeconfig"))
+         "verbs": ["get", "list"]}], directory / "reader.kubeconfig")[1]

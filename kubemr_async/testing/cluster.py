@@ -385,6 +385,22 @@ class TestCluster(ServerGroup):
         """Write a kubeconfig for this cluster that authenticates with ``token``."""
         return write_kubeconfig(path, self.server, self.ca_file.read_bytes(), token)
 
+    def account_with(self, namespace: str, name: str, rules: list[dict[str, Any]],
+                     path: Path) -> tuple[str, Path]:
+        """A ServiceAccount ``name`` in ``namespace`` that may do ``rules`` there (a Role
+        and RoleBinding of its name) and nothing else: a token for it, and a kubeconfig
+        with that token at ``path``."""
+        rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+        self.api("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                 {"metadata": {"name": name}})
+        self.api("POST", f"{rbac}/roles", {"metadata": {"name": name}, "rules": rules})
+        self.api("POST", f"{rbac}/rolebindings", {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+        token = self.token_for(namespace, name)
+        return token, self.kubeconfig_for_token(token, path)
+
 
 def _http_ok(url: str) -> bool:
     try:
