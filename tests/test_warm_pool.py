@@ -71,6 +71,19 @@ def waiting_standby(cluster: TestCluster, kubelet: FakeKubelet) -> str:
     return str(wait_until("a waiting standby", ready))
 
 
+def standby_at_work(cluster: TestCluster, namespace: str, kubelet: FakeKubelet,
+                    attempts: Path, prefix: str, sleep: float) -> tuple[str, str]:
+    """A waiting standby, and a one-worker job (maps of ``sleep`` seconds, logged to
+    ``attempts``) created to adopt it, once the standby runs its first map."""
+    standby = waiting_standby(cluster, kubelet)
+    name = create_job(cluster, namespace, echo_job(
+        prefix, ["p", "q"], workers=1, reducers=1,
+        args={"log": str(attempts), "sleep": str(sleep)}))
+    wait_until("the standby's first attempt", lambda: attempts.exists()
+               and attempts.read_text().strip())
+    return standby, name
+
+
 def gone(cluster: TestCluster, path: str) -> bool:
     try:
         cluster.api("GET", path)
@@ -159,13 +172,8 @@ def test_a_job_whose_pod_would_differ_starts_cold(
 def test_a_standby_lost_mid_job_is_replaced_by_the_jobs_own_pod(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path,
         fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
-    standby = waiting_standby(kube_cluster, fake_kubelet)
-    attempts = tmp_path / "attempts.log"
-    name = create_job(kube_cluster, kube_namespace, echo_job(
-        "orphaned", ["p", "q"], workers=1, reducers=1,
-        args={"log": str(attempts), "sleep": "2"}))
-    wait_until("the standby's first attempt", lambda: attempts.exists()
-               and attempts.read_text().strip())
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "orphaned", sleep=2)
     assert job_pod_logs(fake_kubelet, kube_namespace, name) == []
     kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
     job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
@@ -226,3 +234,98 @@ def pool_pods_in(cluster: TestCluster, namespace: str) -> list[dict[str, Any]]:
 def phase_of(cluster: TestCluster, namespace: str, name: str) -> str:
     pod = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
     return str((pod.get("status") or {}).get("phase"))
+
+
+def standby_objects(cluster: TestCluster, name: str) -> list[str]:
+    """Which of standby ``name``'s objects (pod, account, Role, RoleBinding) still exist."""
+    paths = {"pod": f"/api/v1/namespaces/{POOL_NS}/pods/{name}",
+             "serviceaccount": f"/api/v1/namespaces/{POOL_NS}/serviceaccounts/{name}",
+             "role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}/roles/{name}",
+             "rolebinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}"
+                            f"/rolebindings/{name}"}
+    return [kind for kind, path in paths.items() if not gone(cluster, path)]
+
+
+def test_a_three_worker_job_adopts_one_standby_and_runs_each_task_once(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    attempts = tmp_path / "attempts.log"
+    inputs = [f"in{i}" for i in range(9)]
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "three", inputs, workers=3, reducers=2, args={"log": str(attempts)}))
+    workers = wait_until("the batch Job", lambda: not gone(
+        kube_cluster, f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/{name}-workers")
+        and kube_cluster.api("GET", f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/"
+                             f"{name}-workers"))
+    assert (workers["spec"]["parallelism"], workers["spec"]["completions"]) == (2, 3)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    expected = [",".join(sorted(i for n, i in enumerate(inputs) if n % 2 == p))
+                for p in range(2)]
+    assert job["status"]["results"] == expected
+    lines = attempts.read_text().split()
+    tasks = lines[0::3]
+    assert sorted(tasks) == sorted(set(tasks)), f"a task ran twice: {lines}"
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [])
+    assert waiting_standby(kube_cluster, fake_kubelet) != standby
+
+
+def test_a_job_deleted_while_it_holds_a_standby_leaves_nothing_behind(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "deleted", sleep=30)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the job's removal", lambda: gone(
+        kube_cluster, f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                      f"mapreducejobs/{name}"), timeout=60)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+    assert waiting_standby(kube_cluster, fake_kubelet) != standby
+
+
+def test_jobs_created_at_once_each_adopt_their_own_standby_or_run_cold(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """Three jobs at once, one standby waiting (the pool refills meanwhile, so a later
+    job may adopt the next one): no standby serves two jobs, an adopter starts no pod of
+    its own (not even once its standby has exited with the verdict), the rest run cold."""
+    waiting_standby(kube_cluster, fake_kubelet)
+    names = [create_job(kube_cluster, kube_namespace, echo_job(
+        f"race{i}", ["a", "b"], workers=1, reducers=1)) for i in range(3)]
+    for name in names:
+        job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+        assert job["status"]["phase"] == "Succeeded", job["status"]
+        assert job["status"]["results"] == ["a,b"]
+    adopted = {name: e["message"].split()[2] for name in names
+               for e in events_for(kube_cluster, kube_namespace, name)
+               if e["reason"] == "Adopted"}
+    assert adopted and len(set(adopted.values())) == len(adopted), adopted
+    for standby in adopted.values():
+        assert fake_kubelet.logs(POOL_NS, standby).count("standby adopted") == 1
+    time.sleep(1)  # a pod started for a decided job would have a log by now
+    assert [n for n in names if job_pod_logs(fake_kubelet, kube_namespace, n)] == [
+        n for n in names if n not in adopted], adopted
+
+
+def test_a_failing_job_that_adopted_a_standby_fails_and_releases_it(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    poison = tmp_path / "poison.txt"
+    poison.write_text("poison\n")
+    manifest = echo_job("failing", [str(poison)], workers=1, reducers=1, maxAttempts=1,
+                        args={"log": str(tmp_path / "a.log")})
+    manifest["spec"]["job"] = "tests.jobs.poison"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Failed", job["status"]
+    assert "poisoned input" in job["status"]["error"]["message"], job["status"]
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
