@@ -24,11 +24,15 @@ from kubemr_async.operator.pool import WarmPool
 from kubemr_async.operator.resources import standby_account, standby_pod
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.s3server import S3Server
 
-from .operator_fixtures import kube_namespace, operator, s3
+from .operator_fixtures import OPERATOR_NS, PROCESSES, kube_namespace, operator, s3, start_operator
+from .test_cli import Cli, cli, completed
+from .test_cluster_steps import result_lines, submit_three_steps
 from .test_operator_e2e import create_job, echo_job, events_for, wait_for_phase
+from .test_steps import three_steps_reference
 
-__all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
+__all__ = ["cli", "kube_namespace", "operator", "s3"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
@@ -329,3 +333,105 @@ def test_a_failing_job_that_adopted_a_standby_fails_and_releases_it(
     wait_until("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
 
+
+
+def test_a_pipeline_that_adopted_a_standby_fails_then_is_retried_cold(
+        cli: Cli, kube_cluster: TestCluster, s3: Any, fake_kubelet: FakeKubelet,
+        tmp_path: Path) -> None:
+    """A three-step job adopts the standby; step 2 fails once; `kubemr retry` reopens it
+    (no standby this time: the job is not new) and it finishes with exact results."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    result = submit_three_steps(cli, "--max-attempts", "1", "--arg", "fail_once=2",
+                                "--arg", f"log={tmp_path / 'attempts.log'}")
+    name = result.stdout.strip()
+    status = completed(kube_cluster, cli.namespace, name)
+    assert status["phase"] == "Failed" and status["step"] == 1, status
+    assert f"standby worker {standby} " in str(events_for(kube_cluster, cli.namespace, name))
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+    retried = cli("retry", name, "--wait")
+    assert retried.returncode == 0, retried.stderr
+    status = completed(kube_cluster, cli.namespace, name)
+    assert status["phase"] == "Succeeded" and status["step"] == 2, status
+    assert result_lines(s3, status) == three_steps_reference()[2]
+    assert job_pod_logs(fake_kubelet, cli.namespace, name), "the retry ran cold pods"
+    assert [e.get("count", 1) for e in events_for(kube_cluster, cli.namespace, name)
+            if e["reason"] == "Adopted"] == [1], "adopted once, when new"
+
+
+def test_an_adopted_standby_reaches_its_job_and_nothing_else(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    """A hostile tenant's map in an adopted standby has its job's rights, not the pool's:
+    no Secret, no other pod, no write to its own pod, no other job."""
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "hostile", sleep=20)
+    group = "kubemr.io"
+    assert allowed(kube_cluster, standby, "get", "mapreducejobs", kube_namespace, name,
+                   group), "the job's RoleBinding names the standby"
+    assert not allowed(kube_cluster, standby, "get", "mapreducejobs", kube_namespace,
+                       "another-job", group)
+    assert not allowed(kube_cluster, standby, "list", "mapreducejobs", "default", group=group)
+    for verb, resource, where, what in (
+            ("get", "secrets", POOL_NS, "kubemr-standby-s3"),
+            ("list", "secrets", kube_namespace, ""),
+            ("list", "pods", POOL_NS, ""),
+            ("patch", "pods", POOL_NS, standby),
+            ("create", "pods", kube_namespace, ""),
+            ("patch", "rolebindings", kube_namespace, f"kubemr-worker-{name}")):
+        assert not allowed(kube_cluster, standby, verb, resource, where, what), \
+            (verb, resource, where, what)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
+
+def test_waiting_standbys_are_replaced_when_the_platforms_keys_change(
+        kube_cluster: TestCluster, operator: Path, fake_kubelet: FakeKubelet) -> None:
+    """A standby reads its S3 keys when it starts: after the platform's Secret changes
+    (keys rotated, the old ones revoked), a job adopting a standby started before would
+    run with the old keys. The waiting ones are replaced by standbys with the new keys."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    secret = f"/api/v1/namespaces/{OPERATOR_NS}/secrets/kubemr-s3"
+    mark = {"data": {"KUBEMR_ROTATED": "MQ=="}}
+    kube_cluster.api("PATCH", secret, mark, content_type="application/merge-patch+json")
+    try:
+        wait_until("the stale standby's replacement", lambda: standby not in {
+            p["metadata"]["name"] for p in pool_pods(kube_cluster)}, timeout=30)
+        copy = kube_cluster.api("GET", f"/api/v1/namespaces/{POOL_NS}/secrets/"
+                                       "kubemr-standby-s3")
+        assert copy["data"]["KUBEMR_ROTATED"] == "MQ=="
+        assert waiting_standby(kube_cluster, fake_kubelet) != standby
+    finally:
+        kube_cluster.api("PATCH", secret, {"data": {"KUBEMR_ROTATED": None}},
+                         content_type="application/merge-patch+json")
+
+
+# Last in the module: it replaces the module's operator with a new process.
+def test_a_standby_lost_while_the_operator_is_down_is_replaced_after_its_restart(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3_server: S3Server,
+        operator_args: list[str], fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "restart", sleep=3)
+    PROCESSES[operator].kill()
+    PROCESSES[operator].wait()
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
+    wait_until("the standby's end", lambda: gone(
+        kube_cluster, f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
+        or phase_of(kube_cluster, POOL_NS, standby) in ("Failed", "Succeeded"))
+    replacement_log = tmp_path / "operator-2.log"
+    replacement = start_operator(kube_cluster, s3_server, kube_namespace, operator_args,
+                                 replacement_log)
+    try:
+        job = wait_for_phase(kube_cluster, kube_namespace, name, replacement_log,
+                             timeout=120)
+        assert job["status"]["phase"] == "Succeeded", job["status"]
+        assert job["status"]["results"] == ["p,q"]
+        assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1
+        wait_until("the standby's objects' removal",
+                   lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+        assert waiting_standby(kube_cluster, fake_kubelet) != standby
+    finally:
+        replacement.terminate()
+        replacement.wait(timeout=30)
