@@ -28,6 +28,9 @@ from kubemr_async.testing.s3server import S3Server
 
 from .operator_fixtures import OPERATOR_NS, PROCESSES, kube_namespace, operator, s3, start_operator
 from .test_cli import Cli, cli, completed
+from .test_cluster_order import (
+    test_a_total_order_job_sorts_globally_on_a_cluster as sort_globally,
+)
 from .test_cluster_steps import result_lines, submit_three_steps
 from .test_operator_e2e import create_job, echo_job, events_for, wait_for_phase
 from .test_steps import three_steps_reference
@@ -406,6 +409,75 @@ def test_waiting_standbys_are_replaced_when_the_platforms_keys_change(
     finally:
         kube_cluster.api("PATCH", secret, {"data": {"KUBEMR_ROTATED": None}},
                          content_type="application/merge-patch+json")
+
+
+def test_a_total_order_job_that_adopts_a_standby_sorts_globally(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    """The sampling before the first map (the partition file) runs in the standby too."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    sort_globally(kube_cluster, kube_namespace, operator, s3, tmp_path)
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+
+
+def test_jobs_deleted_right_after_creation_leave_the_pool_as_it_was(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}"
+    kinds = (f"/api/v1/namespaces/{POOL_NS}/serviceaccounts", f"{rbac}/roles",
+             f"{rbac}/rolebindings")
+
+    def settled() -> bool:
+        pods = pool_pods(kube_cluster)
+        names = {p["metadata"]["name"] for p in pods}
+        waiting = [p for p in pods if "kubemr.io/adopted-by-uid" not in p["metadata"]["labels"]]
+        return len(pods) == len(waiting) == 1 and all(
+            {o["metadata"]["name"] for o in kube_cluster.api(
+                "GET", f"{kind}?labelSelector={STANDBYS}")["items"]} == names
+            for kind in kinds)
+
+    for delay in (0.0, 0.2, 0.5, 1.0):
+        waiting_standby(kube_cluster, fake_kubelet)
+        name = create_job(kube_cluster, kube_namespace, echo_job(
+            "gone", ["a"], workers=1, reducers=1, args={"sleep": "30"}))
+        time.sleep(delay)
+        kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                                   f"mapreducejobs/{name}")
+        path = f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/mapreducejobs/{name}"
+        wait_until("the job's removal", lambda p=path: gone(kube_cluster, p), timeout=60)
+        wait_until(f"the pool to settle after deleting at {delay} s", settled, timeout=60)
+
+
+def test_a_standby_whose_job_kills_it_at_once_is_replaced_by_the_jobs_own_pod(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """The standby dies before the pool has seen it working (its first map SIGKILLs it):
+    the job gets a pod of its own all the same, soon."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "killer", ["a"], workers=1, reducers=1, args={"die": "always"}))
+    wait_until("the job's own pod", lambda: job_pod_logs(
+        fake_kubelet, kube_namespace, name), timeout=20)
+    assert "kills its worker" in fake_kubelet.logs(POOL_NS, standby)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
+def test_a_standby_killed_by_its_jobs_import_is_replaced_by_the_jobs_own_pod(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """The standby dies before it claims anything (the job module's import kills it), so
+    nothing of the job changes: the job must get a pod of its own all the same."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    manifest = echo_job("importkill", ["a"], workers=1, reducers=1)
+    manifest["spec"]["job"] = "tests.jobs.dies_on_import"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    wait_until("the job's own pod", lambda: job_pod_logs(
+        fake_kubelet, kube_namespace, name), timeout=30)
+    assert "killing the worker at import" in fake_kubelet.logs(POOL_NS, standby)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
 
 
 # Last in the module: it replaces the module's operator with a new process.
