@@ -25,12 +25,19 @@ from kubemr_async.operator.pool import WarmPool
 from kubemr_async.operator.resources import standby_account, standby_pod
 from kubemr_async.testing.cluster import ApiError, TestCluster
 from kubemr_async.testing.kubelet import FakeKubelet
+from kubemr_async.testing.s3server import S3Server
 
-from .operator_fixtures import kube_namespace, operator, s3
+from .operator_fixtures import OPERATOR_NS, PROCESSES, kube_namespace, operator, s3, start_operator
+from .test_cli import Cli, cli, completed
+from .test_cluster_order import (
+    test_a_total_order_job_sorts_globally_on_a_cluster as sort_globally,
+)
+from .test_cluster_steps import result_lines, submit_three_steps
 from .test_local_run import KUBEMR
 from .test_operator_e2e import create_job, echo_job, events_for, wait_for_phase
+from .test_steps import three_steps_reference
 
-__all__ = ["kube_namespace", "operator", "s3"]  # fixtures, used by name
+__all__ = ["cli", "kube_namespace", "operator", "s3"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3, pytest.mark.slow]
 
@@ -71,6 +78,19 @@ def waiting_standby(cluster: TestCluster, kubelet: FakeKubelet) -> str:
                 return str(name)
         return None
     return str(wait_until("a waiting standby", ready))
+
+
+def standby_at_work(cluster: TestCluster, namespace: str, kubelet: FakeKubelet,
+                    attempts: Path, prefix: str, sleep: float) -> tuple[str, str]:
+    """A waiting standby, and a one-worker job (maps of ``sleep`` seconds, logged to
+    ``attempts``) created to adopt it, once the standby runs its first map."""
+    standby = waiting_standby(cluster, kubelet)
+    name = create_job(cluster, namespace, echo_job(
+        prefix, ["p", "q"], workers=1, reducers=1,
+        args={"log": str(attempts), "sleep": str(sleep)}))
+    wait_until("the standby's first attempt", lambda: attempts.exists()
+               and attempts.read_text().strip())
+    return standby, name
 
 
 def gone(cluster: TestCluster, path: str) -> bool:
@@ -161,13 +181,8 @@ def test_a_job_whose_pod_would_differ_starts_cold(
 def test_a_standby_lost_mid_job_is_replaced_by_the_jobs_own_pod(
         kube_cluster: TestCluster, kube_namespace: str, operator: Path,
         fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
-    standby = waiting_standby(kube_cluster, fake_kubelet)
-    attempts = tmp_path / "attempts.log"
-    name = create_job(kube_cluster, kube_namespace, echo_job(
-        "orphaned", ["p", "q"], workers=1, reducers=1,
-        args={"log": str(attempts), "sleep": "2"}))
-    wait_until("the standby's first attempt", lambda: attempts.exists()
-               and attempts.read_text().strip())
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "orphaned", sleep=2)
     assert job_pod_logs(fake_kubelet, kube_namespace, name) == []
     kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
     job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
@@ -268,3 +283,269 @@ def tenant_kubeconfig(cluster: TestCluster, namespace: str, directory: Path) -> 
         {"apiGroups": ["kubemr.io"], "resources": ["mapreducejobs"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["pods", "pods/log", "events"],
          "verbs": ["get", "list"]}], directory / "reader.kubeconfig")[1]
+
+
+def standby_objects(cluster: TestCluster, name: str) -> list[str]:
+    """Which of standby ``name``'s objects (pod, account, Role, RoleBinding) still exist."""
+    paths = {"pod": f"/api/v1/namespaces/{POOL_NS}/pods/{name}",
+             "serviceaccount": f"/api/v1/namespaces/{POOL_NS}/serviceaccounts/{name}",
+             "role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}/roles/{name}",
+             "rolebinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}"
+                            f"/rolebindings/{name}"}
+    return [kind for kind, path in paths.items() if not gone(cluster, path)]
+
+
+def test_a_three_worker_job_adopts_one_standby_and_runs_each_task_once(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    attempts = tmp_path / "attempts.log"
+    inputs = [f"in{i}" for i in range(9)]
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "three", inputs, workers=3, reducers=2, args={"log": str(attempts)}))
+    workers = wait_until("the batch Job", lambda: not gone(
+        kube_cluster, f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/{name}-workers")
+        and kube_cluster.api("GET", f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/"
+                             f"{name}-workers"))
+    assert (workers["spec"]["parallelism"], workers["spec"]["completions"]) == (2, 3)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    expected = [",".join(sorted(i for n, i in enumerate(inputs) if n % 2 == p))
+                for p in range(2)]
+    assert job["status"]["results"] == expected
+    lines = attempts.read_text().split()
+    tasks = lines[0::3]
+    assert sorted(tasks) == sorted(set(tasks)), f"a task ran twice: {lines}"
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [])
+    assert waiting_standby(kube_cluster, fake_kubelet) != standby
+
+
+def test_a_job_deleted_while_it_holds_a_standby_leaves_nothing_behind(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "deleted", sleep=30)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the job's removal", lambda: gone(
+        kube_cluster, f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                      f"mapreducejobs/{name}"), timeout=60)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+    assert waiting_standby(kube_cluster, fake_kubelet) != standby
+
+
+def test_jobs_created_at_once_each_adopt_their_own_standby_or_run_cold(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """Three jobs at once, one standby waiting (the pool refills meanwhile, so a later
+    job may adopt the next one): no standby serves two jobs, an adopter starts no pod of
+    its own (not even once its standby has exited with the verdict), the rest run cold."""
+    waiting_standby(kube_cluster, fake_kubelet)
+    names = [create_job(kube_cluster, kube_namespace, echo_job(
+        f"race{i}", ["a", "b"], workers=1, reducers=1)) for i in range(3)]
+    for name in names:
+        job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+        assert job["status"]["phase"] == "Succeeded", job["status"]
+        assert job["status"]["results"] == ["a,b"]
+    adopted = {name: e["message"].split()[2] for name in names
+               for e in events_for(kube_cluster, kube_namespace, name)
+               if e["reason"] == "Adopted"}
+    assert adopted and len(set(adopted.values())) == len(adopted), adopted
+    for standby in adopted.values():
+        assert fake_kubelet.logs(POOL_NS, standby).count("standby adopted") == 1
+    time.sleep(1)  # a pod started for a decided job would have a log by now
+    assert [n for n in names if job_pod_logs(fake_kubelet, kube_namespace, n)] == [
+        n for n in names if n not in adopted], adopted
+
+
+def test_a_failing_job_that_adopted_a_standby_fails_and_releases_it(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    poison = tmp_path / "poison.txt"
+    poison.write_text("poison\n")
+    manifest = echo_job("failing", [str(poison)], workers=1, reducers=1, maxAttempts=1,
+                        args={"log": str(tmp_path / "a.log")})
+    manifest["spec"]["job"] = "tests.jobs.poison"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    job = wait_for_phase(kube_cluster, kube_namespace, name, operator)
+    assert job["status"]["phase"] == "Failed", job["status"]
+    assert "poisoned input" in job["status"]["error"]["message"], job["status"]
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
+
+
+def test_a_pipeline_that_adopted_a_standby_fails_then_is_retried_cold(
+        cli: Cli, kube_cluster: TestCluster, s3: Any, fake_kubelet: FakeKubelet,
+        tmp_path: Path) -> None:
+    """A three-step job adopts the standby; step 2 fails once; `kubemr retry` reopens it
+    (no standby this time: the job is not new) and it finishes with exact results."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    result = submit_three_steps(cli, "--max-attempts", "1", "--arg", "fail_once=2",
+                                "--arg", f"log={tmp_path / 'attempts.log'}")
+    name = result.stdout.strip()
+    status = completed(kube_cluster, cli.namespace, name)
+    assert status["phase"] == "Failed" and status["step"] == 1, status
+    assert f"standby worker {standby} " in str(events_for(kube_cluster, cli.namespace, name))
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+    retried = cli("retry", name, "--wait")
+    assert retried.returncode == 0, retried.stderr
+    status = completed(kube_cluster, cli.namespace, name)
+    assert status["phase"] == "Succeeded" and status["step"] == 2, status
+    assert result_lines(s3, status) == three_steps_reference()[2]
+    assert job_pod_logs(fake_kubelet, cli.namespace, name), "the retry ran cold pods"
+    assert [e.get("count", 1) for e in events_for(kube_cluster, cli.namespace, name)
+            if e["reason"] == "Adopted"] == [1], "adopted once, when new"
+
+
+def test_an_adopted_standby_reaches_its_job_and_nothing_else(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    """A hostile tenant's map in an adopted standby has its job's rights, not the pool's:
+    no Secret, no other pod, no write to its own pod, no other job."""
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "hostile", sleep=20)
+    group = "kubemr.io"
+    assert allowed(kube_cluster, standby, "get", "mapreducejobs", kube_namespace, name,
+                   group), "the job's RoleBinding names the standby"
+    assert not allowed(kube_cluster, standby, "get", "mapreducejobs", kube_namespace,
+                       "another-job", group)
+    assert not allowed(kube_cluster, standby, "list", "mapreducejobs", "default", group=group)
+    for verb, resource, where, what in (
+            ("get", "secrets", POOL_NS, "kubemr-standby-s3"),
+            ("list", "secrets", kube_namespace, ""),
+            ("list", "pods", POOL_NS, ""),
+            ("patch", "pods", POOL_NS, standby),
+            ("create", "pods", kube_namespace, ""),
+            ("patch", "rolebindings", kube_namespace, f"kubemr-worker-{name}")):
+        assert not allowed(kube_cluster, standby, verb, resource, where, what), \
+            (verb, resource, where, what)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
+
+def test_waiting_standbys_are_replaced_when_the_platforms_keys_change(
+        kube_cluster: TestCluster, operator: Path, fake_kubelet: FakeKubelet) -> None:
+    """A standby reads its S3 keys when it starts: after the platform's Secret changes
+    (keys rotated, the old ones revoked), a job adopting a standby started before would
+    run with the old keys. The waiting ones are replaced by standbys with the new keys."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    secret = f"/api/v1/namespaces/{OPERATOR_NS}/secrets/kubemr-s3"
+    mark = {"data": {"KUBEMR_ROTATED": "MQ=="}}
+    kube_cluster.api("PATCH", secret, mark, content_type="application/merge-patch+json")
+    try:
+        wait_until("the stale standby's replacement", lambda: standby not in {
+            p["metadata"]["name"] for p in pool_pods(kube_cluster)}, timeout=30)
+        copy = kube_cluster.api("GET", f"/api/v1/namespaces/{POOL_NS}/secrets/"
+                                       "kubemr-standby-s3")
+        assert copy["data"]["KUBEMR_ROTATED"] == "MQ=="
+        assert waiting_standby(kube_cluster, fake_kubelet) != standby
+    finally:
+        kube_cluster.api("PATCH", secret, {"data": {"KUBEMR_ROTATED": None}},
+                         content_type="application/merge-patch+json")
+
+
+def test_a_total_order_job_that_adopts_a_standby_sorts_globally(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3: Any,
+        fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    """The sampling before the first map (the partition file) runs in the standby too."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    sort_globally(kube_cluster, kube_namespace, operator, s3, tmp_path)
+    assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
+
+
+def test_jobs_deleted_right_after_creation_leave_the_pool_as_it_was(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{POOL_NS}"
+    kinds = (f"/api/v1/namespaces/{POOL_NS}/serviceaccounts", f"{rbac}/roles",
+             f"{rbac}/rolebindings")
+
+    def settled() -> bool:
+        pods = pool_pods(kube_cluster)
+        names = {p["metadata"]["name"] for p in pods}
+        waiting = [p for p in pods if "kubemr.io/adopted-by-uid" not in p["metadata"]["labels"]]
+        return len(pods) == len(waiting) == 1 and all(
+            {o["metadata"]["name"] for o in kube_cluster.api(
+                "GET", f"{kind}?labelSelector={STANDBYS}")["items"]} == names
+            for kind in kinds)
+
+    for delay in (0.0, 0.2, 0.5, 1.0):
+        waiting_standby(kube_cluster, fake_kubelet)
+        name = create_job(kube_cluster, kube_namespace, echo_job(
+            "gone", ["a"], workers=1, reducers=1, args={"sleep": "30"}))
+        time.sleep(delay)
+        kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                                   f"mapreducejobs/{name}")
+        path = f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/mapreducejobs/{name}"
+        wait_until("the job's removal", lambda p=path: gone(kube_cluster, p), timeout=60)
+        wait_until(f"the pool to settle after deleting at {delay} s", settled, timeout=60)
+
+
+def test_a_standby_whose_job_kills_it_at_once_is_replaced_by_the_jobs_own_pod(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """The standby dies before the pool has seen it working (its first map SIGKILLs it):
+    the job gets a pod of its own all the same, soon."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    name = create_job(kube_cluster, kube_namespace, echo_job(
+        "killer", ["a"], workers=1, reducers=1, args={"die": "always"}))
+    wait_until("the job's own pod", lambda: job_pod_logs(
+        fake_kubelet, kube_namespace, name), timeout=20)
+    assert "kills its worker" in fake_kubelet.logs(POOL_NS, standby)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+    wait_until("the standby's objects' removal",
+               lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+
+def test_a_standby_killed_by_its_jobs_import_is_replaced_by_the_jobs_own_pod(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path,
+        fake_kubelet: FakeKubelet) -> None:
+    """The standby dies before it claims anything (the job module's import kills it), so
+    nothing of the job changes: the job must get a pod of its own all the same."""
+    standby = waiting_standby(kube_cluster, fake_kubelet)
+    manifest = echo_job("importkill", ["a"], workers=1, reducers=1)
+    manifest["spec"]["job"] = "tests.jobs.dies_on_import"
+    name = create_job(kube_cluster, kube_namespace, manifest)
+    wait_until("the job's own pod", lambda: job_pod_logs(
+        fake_kubelet, kube_namespace, name), timeout=30)
+    assert "killing the worker at import" in fake_kubelet.logs(POOL_NS, standby)
+    kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
+                               f"mapreducejobs/{name}")
+
+
+# Last in the module: it replaces the module's operator with a new process.
+def test_a_standby_lost_while_the_operator_is_down_is_replaced_after_its_restart(
+        kube_cluster: TestCluster, kube_namespace: str, operator: Path, s3_server: S3Server,
+        operator_args: list[str], fake_kubelet: FakeKubelet, tmp_path: Path) -> None:
+    standby, name = standby_at_work(kube_cluster, kube_namespace, fake_kubelet,
+                                    tmp_path / "attempts.log", "restart", sleep=3)
+    PROCESSES[operator].kill()
+    PROCESSES[operator].wait()
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
+    wait_until("the standby's end", lambda: gone(
+        kube_cluster, f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
+        or phase_of(kube_cluster, POOL_NS, standby) in ("Failed", "Succeeded"))
+    replacement_log = tmp_path / "operator-2.log"
+    replacement = start_operator(kube_cluster, s3_server, kube_namespace, operator_args,
+                                 replacement_log)
+    try:
+        job = wait_for_phase(kube_cluster, kube_namespace, name, replacement_log,
+                             timeout=120)
+        assert job["status"]["phase"] == "Succeeded", job["status"]
+        assert job["status"]["results"] == ["p,q"]
+        assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1
+        wait_until("the standby's objects' removal",
+                   lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
+        assert waiting_standby(kube_cluster, fake_kubelet) != standby
+    finally:
+        replacement.terminate()
+        replacement.wait(timeout=30)

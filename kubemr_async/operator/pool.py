@@ -60,6 +60,7 @@ from .config import OperatorConfig
 from .crashloop import pod_death_cause
 from .resources import (
     ADOPTED_LABEL,
+    KEYS_ANNOTATION,
     POOL_SECRET,
     STANDBY_LABELS,
     pods_stuck,
@@ -137,7 +138,10 @@ class WarmPool:
     async def refill(self) -> None:
         """Remove the standbys whose work is over, and start new ones until
         ``warm_workers`` are waiting; standbys that keep ending before any job adopted
-        them (a bad image, say) are replaced ever more slowly, and reported."""
+        them (a bad image, say) are replaced ever more slowly, and reported. A waiting
+        standby whose S3 keys are not the platform's current ones (rotated since it
+        started: its env keeps the old) is replaced too, before a job adopts it."""
+        secret, keys = await self._secret()
         pods, _ = await self.kube.list(PODS, self.namespace, label_selector=_STANDBYS)
         waiting: list[str] = []
         working: dict[str, tuple[str, str]] = {}
@@ -145,7 +149,9 @@ class WarmPool:
             name = pod["metadata"]["name"]
             adopted = (pod["metadata"].get("annotations") or {}).get(ADOPTED_ANNOTATION)
             if (pod.get("status") or {}).get("phase") in _ENDED:
-                if ADOPTED_LABEL not in pod["metadata"]["labels"]:
+                # One that was deleted (replaced, say) ended because of that: no failure.
+                if (ADOPTED_LABEL not in pod["metadata"]["labels"]
+                        and not pod["metadata"].get("deletionTimestamp")):
                     self._failed_standby(pod)
                 await self._remove(name)
             elif _ended(pod):
@@ -154,6 +160,9 @@ class WarmPool:
                 namespace, _, job = adopted.partition("/")
                 working[name] = (namespace, job)
             elif ADOPTED_LABEL not in pod["metadata"]["labels"]:
+                if (pod["metadata"].get("annotations") or {}).get(KEYS_ANNOTATION) != keys:
+                    await self._remove(name)
+                    continue
                 waiting.append(name)
                 stuck = pods_stuck([pod])
                 if stuck is not None:
@@ -176,9 +185,8 @@ class WarmPool:
         missing = self.config.warm_workers - len(waiting)
         if missing <= 0 or anyio.current_time() < self._next_start:
             return
-        secret = await self._secret()
         for _ in range(missing):
-            await self._start(secret)
+            await self._start(secret, keys)
 
     def _failed_standby(self, pod: KubeObject) -> None:
         """A standby ended with no job: wait twice as long as last time (up to
@@ -190,30 +198,32 @@ class WarmPool:
                     extra={"namespace": self.namespace, "worker": pod["metadata"]["name"],
                            "error": pod_death_cause(pod), "seconds": delay})
 
-    async def _secret(self) -> str | None:
-        """The pool's copy of the platform's S3 Secret, made or brought up to date; None
+    async def _secret(self) -> tuple[str | None, str | None]:
+        """The pool's copy of the platform's S3 Secret, made or brought up to date, and
+        its resourceVersion (which version of the keys a standby started with); Nones
         when the platform has none (the standbys use ambient credentials then)."""
         if not self.config.s3_secret:
-            return None
+            return None, None
         source = await self.kube.get(SECRETS, self.config.s3_secret,
                                      self.config.operator_namespace)
         copy = pool_secret(source.get("data") or {}, self.namespace)
         found = await self.kube.find(SECRETS, POOL_SECRET, self.namespace)
         if found is None:
-            await self.kube.ensure(SECRETS, copy, self.namespace)
+            found = await self.kube.create(SECRETS, copy, self.namespace)
         elif found.get("data") != copy["data"]:  # the platform's keys were rotated
-            await self.kube.patch(SECRETS, POOL_SECRET, {"data": copy["data"]},
-                                  self.namespace)
-        return POOL_SECRET
+            found = await self.kube.patch(SECRETS, POOL_SECRET, {"data": copy["data"]},
+                                          self.namespace)
+        return POOL_SECRET, str(found["metadata"]["resourceVersion"])
 
-    async def _start(self, secret: str | None) -> None:
-        """One new standby: its account and the Role to read its own pod, then the pod."""
+    async def _start(self, secret: str | None, keys: str | None) -> None:
+        """One new standby: its account and the Role to read its own pod, then the pod
+        (with the keys of ``secret`` at resourceVersion ``keys``)."""
         name = f"kubemr-standby-{secrets.token_hex(5)}"
         ns = self.namespace
         await self.kube.create(SERVICE_ACCOUNTS, standby_account(name, ns), ns)
         await self.kube.create(ROLES, standby_role(name, ns), ns)
         await self.kube.create(ROLE_BINDINGS, standby_binding(name, ns), ns)
-        await self.kube.create(PODS, standby_pod(name, ns, self.config, secret), ns)
+        await self.kube.create(PODS, standby_pod(name, ns, self.config, secret, keys), ns)
         log.info("standby started", extra={"namespace": ns, "worker": name})
 
     async def _remove(self, name: str) -> None:

@@ -378,7 +378,7 @@ class Reconciler:
         if workers is None:
             return
         failed = workers_failed(workers)
-        await self._replace_lost_standby(workers)
+        await self._replace_lost_standby(workers, store, name)
         pods, _ = await self.kube.list(PODS, namespace, label_selector=f"job-name={job_name}")
         deaths = self.deaths.setdefault(key, DeathWatch())
         deaths.observe(progress_of(mrj), pods)
@@ -394,14 +394,20 @@ class Reconciler:
         elif deaths.since:
             self.requeue_after(key, DEATHS_RECHECK_SECONDS)
 
-    async def _replace_lost_standby(self, workers: KubeObject) -> None:
+    async def _replace_lost_standby(self, workers: KubeObject, store: KubeStateStore,
+                                    name: str) -> None:
         """An adopted standby that ended before its job was decided (killed, evicted,
         crashed) is one worker short: its batch Job gets the whole parallelism back, so
-        a pod of the job's own takes its place."""
+        a pod of the job's own takes its place.
+
+        The job's record, not its status, says whether it is decided: a standby exits
+        once it has seen the verdict, often before the operator has copied the verdict to
+        the status, and taking it for lost then would start a pod for a decided job."""
         standby = workers_adopted(workers)
         wanted = workers["spec"].get("completions") or 0  # an adopting Job is Indexed
         if (standby is None or self.pool is None or workers["spec"]["parallelism"] >= wanted
-                or await self.pool.alive(standby)):
+                or await self.pool.alive(standby)
+                or JobPhase((await store.job_record(name)).job["phase"]).finished):
             return
         meta = workers["metadata"]
         await self.kube.patch(BATCH_JOBS, meta["name"], {"spec": {"parallelism": wanted}},

@@ -210,6 +210,9 @@ STANDBY_LABELS = {"app.kubernetes.io/name": "kubemr-async",
 ADOPTED_LABEL = "kubemr.io/adopted-by-uid"
 #: The copy of the platform's S3 Secret in the pool namespace, for the standbys' env.
 POOL_SECRET = "kubemr-standby-s3"
+#: On a standby: the resourceVersion of POOL_SECRET when it started (its env has the keys
+#: of that version; a pod's env never changes).
+KEYS_ANNOTATION = "kubemr.io/keys-version"
 
 
 def standby_meta(name: str, namespace: str) -> KubeObject:
@@ -241,16 +244,19 @@ def standby_binding(name: str, namespace: str) -> KubeObject:
 
 
 def standby_pod(name: str, namespace: str, config: OperatorConfig,
-                secret: str | None) -> KubeObject:
+                secret: str | None, keys: str | None = None) -> KubeObject:
     """A standby: a job's worker pod (:func:`worker_pod`) with no job yet, its identity
-    its own account, its S3 keys the platform's (``secret``, the pool's copy; None:
-    ambient credentials). Only a job that would run exactly this pod may adopt it."""
+    its own account, its S3 keys the platform's (``secret``, the pool's copy, at
+    resourceVersion ``keys``; None: ambient credentials). Only a job that would run
+    exactly this pod may adopt it."""
     env: list[KubeObject] = [{"name": STANDBY_POD_ENV, "value": name},
                              {"name": STANDBY_NAMESPACE_ENV, "value": namespace},
                              *_process_env(config, secret)]
     pod = worker_pod(config, config.warm_image, name, STANDBY_LABELS, env)
     _add_scratch(pod["spec"])
     pod["metadata"].update(name=name, namespace=namespace)
+    if keys is not None:
+        pod["metadata"]["annotations"] = {KEYS_ANNOTATION: keys}
     return {"apiVersion": "v1", "kind": "Pod", **pod}
 
 
