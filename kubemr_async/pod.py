@@ -80,10 +80,12 @@ async def run_pod_worker(env: Mapping[str, str] = os.environ) -> int:
 
 class _Ready:
     """What a standby makes before any job exists, so that its job does not wait for it:
-    the loop user code will run on, an S3 client on each loop with its first request
-    made (``S3BlobStore.warm_up``; the job's stores are then ``for_bucket`` of ``s3``),
-    anyio's thread pool (its first use imports its asyncio backend, ~40 ms) and the
-    shuffle's hot path (``shuffle.warm_up``)."""
+    the loop user code will run on, an S3 client on the worker's loop with its first
+    request made (``S3BlobStore.warm_up``; the job's stores are then ``for_bucket`` of
+    ``s3``, and a job reads its inputs and writes its outputs on that loop), anyio's
+    thread pool (its first use imports its asyncio backend, ~40 ms) and the shuffle's hot
+    path (``shuffle.warm_up``). No client is made on the user loop: the worker stops that
+    loop before ``s3`` is closed, and a client left on it would be reported unclosed."""
 
     def __init__(self, s3: S3BlobStore, user: UserLoop) -> None:
         self.s3 = s3
@@ -94,7 +96,6 @@ class _Ready:
         s3, user = S3BlobStore.from_env(WARM_UP_BUCKET), UserLoop()
         await anyio.to_thread.run_sync(shuffle.warm_up)
         await s3.warm_up()
-        await user.run(s3.warm_up())
         return cls(s3, user)
 
     async def aclose(self) -> None:

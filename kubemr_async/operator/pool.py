@@ -113,6 +113,8 @@ class WarmPool:
         self._wake = anyio.Event()
         #: The adopted standbys seen working at the last refill, and their jobs.
         self._working: dict[str, tuple[str, str]] = {}
+        #: The standbys told their job by this operator (assign writes it once).
+        self._told: set[str] = set()
         #: Standbys that ended unadopted since one was last adopted, and when the next
         #: may start (see _failed_standby).
         self._failures = 0
@@ -228,6 +230,7 @@ class WarmPool:
 
     async def _remove(self, name: str) -> None:
         """A standby's pod, and then its account (which ends its tokens) and Role."""
+        self._told.discard(name)
         for resource in (PODS, ROLE_BINDINGS, ROLES, SERVICE_ACCOUNTS):
             await self.kube.delete(resource, name, self.namespace)
 
@@ -264,11 +267,16 @@ class WarmPool:
         return None
 
     async def assign(self, mrj: KubeObject, standby: str) -> None:
-        """Tell the standby adopted for ``mrj`` its job (its rights are in place)."""
+        """Tell the standby adopted for ``mrj`` its job (its rights are in place), once:
+        a later reconcile of the job finds it told (an operator started since tells it
+        again, which changes nothing)."""
+        if standby in self._told:
+            return
         meta = mrj["metadata"]
         job = f"{meta['namespace']}/{meta['name']}"
         await self.kube.patch(PODS, standby, {"metadata": {"annotations": {
             ADOPTED_ANNOTATION: job}}}, self.namespace)
+        self._told.add(standby)
         log.info("standby adopted", extra={"job": meta["name"], "namespace": meta["namespace"],
                                            "worker": standby})
 
