@@ -485,7 +485,7 @@ class _Crew:
                 self.procs[index] = proc
                 pumped = anyio.Event()
                 group.start_soon(_pump, proc, index, self.work, self.router, pumped)
-                code = await proc.wait()
+                code = await _exited(proc)
                 if self.stopping or (code == 0 and await self._decided()):
                     return  # stopped by us, or the job was decided
                 if proc.stdin is not None:  # its watchdog pipe: a new process gets its own
@@ -570,7 +570,35 @@ async def _spawn_worker(work: Path, name: str, index: int, blobs: Path | None = 
         "--worker-id", worker_id or f"local-{index}",
         "--parent-pid", str(os.getpid()),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT)
+        stderr=asyncio.subprocess.STDOUT, env=env, limit=_LINE_LIMIT,
+        process_group=0)  # what its user code starts is killed with it (see _exited)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """A worker's exit code, once it has exited and its process group has been killed.
+
+    A process its user code started (a ``subprocess.Popen`` a timed-out map was waiting
+    for, which the worker cannot stop) is in the worker's process group, and has its
+    output pipe: it outlived the worker, and ``proc.wait()``, which returns only once the
+    pipes are closed too, kept ``kubemr run`` waiting for it (for ever, for a daemon).
+    So the exit itself is watched (a pidfd), and then what is left of the group killed.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # already exited and reaped
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                exited = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(pidfd, exited.set)
+                try:
+                    await exited.wait()
+                finally:
+                    loop.remove_reader(pidfd)
+            finally:
+                os.close(pidfd)
+    with contextlib.suppress(ProcessLookupError):  # nothing of the group is left
+        os.killpg(proc.pid, signal.SIGKILL)
+    return await proc.wait()
 
 
 async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
@@ -584,12 +612,12 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
             proc.stdin.close()
     with anyio.move_on_after(10.0):
         for proc in procs:
-            await proc.wait()
+            await _exited(proc)
     for proc in procs:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        await proc.wait()
+        await _exited(proc)
 
 
 async def _pump(proc: asyncio.subprocess.Process, index: int, work: Path,

@@ -114,6 +114,38 @@ job.reduce("sum")
         in result.stderr, "the replaced worker's notice"
 
 
+def test_a_child_process_a_stuck_map_started_does_not_outlive_its_worker(
+        tmp_path: Path) -> None:
+    """The map waits on a `sleep` it started: the worker exits 75 and the child, which has
+    the worker's output pipe, is killed with it, instead of `kubemr run` waiting for it."""
+    marker = f"1000.{uuid.uuid4().int % 10**9:09d}"
+    (tmp_path / "job.py").write_text(f"""
+import subprocess
+from kubemr_async import Job
+job = Job("child")
+
+@job.map
+def words(text, ctx):
+    subprocess.Popen(["sleep", "{marker}"]).wait()
+    yield text, 1
+
+job.reduce("sum")
+""")
+    result = run(tmp_path, str(tmp_path / "job.py"), "--task-timeout", "1",
+                 "--max-attempts", "2")
+    failed_by_timeout(result, 2, tmp_path)
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit()
+            and marker.encode() in _cmdline(pid) and not _zombie(pid)]
+    assert not left, "the worker's process group was killed"
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_a_job_whose_tasks_finish_in_time_succeeds(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text("""
 import asyncio
