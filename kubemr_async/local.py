@@ -582,8 +582,9 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
     output pipe: it outlived the worker, and ``proc.wait()``, which returns only once the
     pipes are closed too, kept ``kubemr run`` waiting for it (for ever, for a daemon).
     So the exit itself is watched (a pidfd), and then what is left of the group killed.
+    Where there are no pidfds (not Linux), the pipes are waited for as before.
     """
-    if proc.returncode is None:
+    if proc.returncode is None and hasattr(os, "pidfd_open"):
         with contextlib.suppress(ProcessLookupError):  # already exited and reaped
             pidfd = os.pidfd_open(proc.pid)
             try:
