@@ -232,7 +232,12 @@ class UserLoop:
             tasks = asyncio.all_tasks() - {asyncio.current_task()}
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # What they start as they unwind is waited for too, not cancelled: a killed
+            # command's reaping (streaming's shielded proc.wait) begun after the first
+            # look was left pending under a stopped loop.
+            while tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+                tasks = asyncio.all_tasks() - {asyncio.current_task()}
 
         done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(cancel_all(), self.loop))
         with contextlib.suppress(TimeoutError):
