@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from kubemr_async.testing.kubelet import FakeKubelet
 from kubemr_async.testing.s3server import S3Server
 
 from .operator_fixtures import OPERATOR_NS, PROCESSES, kube_namespace, operator, s3, start_operator
-from .test_cli import Cli, cli, completed
+from .test_cli import Cli, cli, completed, wait_for
 from .test_cluster_order import (
     test_a_total_order_job_sorts_globally_on_a_cluster as sort_globally,
 )
@@ -57,16 +56,6 @@ def pool_pods(cluster: TestCluster) -> list[dict[str, Any]]:
     return [pod for pod in listing["items"] if not pod["metadata"].get("deletionTimestamp")]
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def waiting_standby(cluster: TestCluster, kubelet: FakeKubelet) -> str:
     """The name of a standby that is running and says it is waiting for a job."""
     def ready() -> str | None:
@@ -77,7 +66,7 @@ def waiting_standby(cluster: TestCluster, kubelet: FakeKubelet) -> str:
                     and log.exists() and "standby waiting" in log.read_text()):
                 return str(name)
         return None
-    return str(wait_until("a waiting standby", ready))
+    return str(wait_for("a waiting standby", ready))
 
 
 def standby_at_work(cluster: TestCluster, namespace: str, kubelet: FakeKubelet,
@@ -88,7 +77,7 @@ def standby_at_work(cluster: TestCluster, namespace: str, kubelet: FakeKubelet,
     name = create_job(cluster, namespace, echo_job(
         prefix, ["p", "q"], workers=1, reducers=1,
         args={"log": str(attempts), "sleep": str(sleep)}))
-    wait_until("the standby's first attempt", lambda: attempts.exists()
+    wait_for("the standby's first attempt", lambda: attempts.exists()
                and attempts.read_text().strip())
     return standby, name
 
@@ -153,9 +142,9 @@ def test_a_new_job_adopts_the_standby_and_starts_no_pod_of_its_own(
         binding["subjects"]
     # A standby serves one job: it is removed with its account, and a fresh one (another
     # name, so no RoleBinding of the decided job names it) waits in its place.
-    wait_until("the adopted standby's removal", lambda: gone(
+    wait_for("the adopted standby's removal", lambda: gone(
         kube_cluster, f"/api/v1/namespaces/{POOL_NS}/pods/{standby}"))
-    wait_until("the adopted standby's account's removal", lambda: gone(
+    wait_for("the adopted standby's account's removal", lambda: gone(
         kube_cluster, f"/api/v1/namespaces/{POOL_NS}/serviceaccounts/{standby}"))
     assert waiting_standby(kube_cluster, fake_kubelet) != standby
 
@@ -210,7 +199,7 @@ async def test_a_standby_that_cannot_start_is_never_adopted_nor_replaced_in_a_ho
             await pool.refill()
             (first,) = [p["metadata"]["name"] for p in pool_pods_in(kube_cluster, namespace)]
             job = {"metadata": {"name": "j", "namespace": "team", "uid": "u-1"}}
-            wait_until("the standby's end", lambda: phase_of(
+            wait_for("the standby's end", lambda: phase_of(
                 kube_cluster, namespace, first) == "Failed")
             none = REGISTRY.get_sample_value("kubemr_operator_adoptions_total",
                                              {"result": "none"}) or 0
@@ -254,7 +243,7 @@ def test_kubemr_logs_of_a_job_shows_its_adopted_standby(
     attempts = tmp_path / "attempts.log"
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "logged", ["x"], workers=1, reducers=1, args={"log": str(attempts), "sleep": "8"}))
-    wait_until("the standby's first attempt", lambda: attempts.exists()
+    wait_for("the standby's first attempt", lambda: attempts.exists()
                and attempts.read_text().strip())
     printed = subprocess.run(
         [KUBEMR, "logs", name, "-n", kube_namespace,
@@ -303,7 +292,7 @@ def test_a_three_worker_job_adopts_one_standby_and_runs_each_task_once(
     inputs = [f"in{i}" for i in range(9)]
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "three", inputs, workers=3, reducers=2, args={"log": str(attempts)}))
-    workers = wait_until("the batch Job", lambda: not gone(
+    workers = wait_for("the batch Job", lambda: not gone(
         kube_cluster, f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/{name}-workers")
         and kube_cluster.api("GET", f"/apis/batch/v1/namespaces/{kube_namespace}/jobs/"
                              f"{name}-workers"))
@@ -317,7 +306,7 @@ def test_a_three_worker_job_adopts_one_standby_and_runs_each_task_once(
     tasks = lines[0::3]
     assert sorted(tasks) == sorted(set(tasks)), f"a task ran twice: {lines}"
     assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [])
     assert waiting_standby(kube_cluster, fake_kubelet) != standby
 
@@ -329,10 +318,10 @@ def test_a_job_deleted_while_it_holds_a_standby_leaves_nothing_behind(
                                     tmp_path / "attempts.log", "deleted", sleep=30)
     kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
                                f"mapreducejobs/{name}")
-    wait_until("the job's removal", lambda: gone(
+    wait_for("the job's removal", lambda: gone(
         kube_cluster, f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
                       f"mapreducejobs/{name}"), timeout=60)
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
     assert waiting_standby(kube_cluster, fake_kubelet) != standby
 
@@ -375,7 +364,7 @@ def test_a_failing_job_that_adopted_a_standby_fails_and_releases_it(
     assert job["status"]["phase"] == "Failed", job["status"]
     assert "poisoned input" in job["status"]["error"]["message"], job["status"]
     assert "standby adopted" in fake_kubelet.logs(POOL_NS, standby)
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
 
 
@@ -392,7 +381,7 @@ def test_a_pipeline_that_adopted_a_standby_fails_then_is_retried_cold(
     status = completed(kube_cluster, cli.namespace, name)
     assert status["phase"] == "Failed" and status["step"] == 1, status
     assert f"standby worker {standby} " in str(events_for(kube_cluster, cli.namespace, name))
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
     retried = cli("retry", name, "--wait")
     assert retried.returncode == 0, retried.stderr
@@ -428,7 +417,7 @@ def test_an_adopted_standby_reaches_its_job_and_nothing_else(
             (verb, resource, where, what)
     kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
                                f"mapreducejobs/{name}")
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
 
 
@@ -442,7 +431,7 @@ def test_waiting_standbys_are_replaced_when_the_platforms_keys_change(
     mark = {"data": {"KUBEMR_ROTATED": "MQ=="}}
     kube_cluster.api("PATCH", secret, mark, content_type="application/merge-patch+json")
     try:
-        wait_until("the stale standby's replacement", lambda: standby not in {
+        wait_for("the stale standby's replacement", lambda: standby not in {
             p["metadata"]["name"] for p in pool_pods(kube_cluster)}, timeout=30)
         copy = kube_cluster.api("GET", f"/api/v1/namespaces/{POOL_NS}/secrets/"
                                        "kubemr-standby-s3")
@@ -486,8 +475,8 @@ def test_jobs_deleted_right_after_creation_leave_the_pool_as_it_was(
         kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
                                    f"mapreducejobs/{name}")
         path = f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/mapreducejobs/{name}"
-        wait_until("the job's removal", lambda p=path: gone(kube_cluster, p), timeout=60)
-        wait_until(f"the pool to settle after deleting at {delay} s", settled, timeout=60)
+        wait_for("the job's removal", lambda p=path: gone(kube_cluster, p), timeout=60)
+        wait_for(f"the pool to settle after deleting at {delay} s", settled, timeout=60)
 
 
 def test_a_standby_whose_job_kills_it_at_once_is_replaced_by_the_jobs_own_pod(
@@ -498,12 +487,12 @@ def test_a_standby_whose_job_kills_it_at_once_is_replaced_by_the_jobs_own_pod(
     standby = waiting_standby(kube_cluster, fake_kubelet)
     name = create_job(kube_cluster, kube_namespace, echo_job(
         "killer", ["a"], workers=1, reducers=1, args={"die": "always"}))
-    wait_until("the job's own pod", lambda: job_pod_logs(
+    wait_for("the job's own pod", lambda: job_pod_logs(
         fake_kubelet, kube_namespace, name), timeout=20)
     assert "kills its worker" in fake_kubelet.logs(POOL_NS, standby)
     kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
                                f"mapreducejobs/{name}")
-    wait_until("the standby's objects' removal",
+    wait_for("the standby's objects' removal",
                lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
 
 def test_a_standby_killed_by_its_jobs_import_is_replaced_by_the_jobs_own_pod(
@@ -515,7 +504,7 @@ def test_a_standby_killed_by_its_jobs_import_is_replaced_by_the_jobs_own_pod(
     manifest = echo_job("importkill", ["a"], workers=1, reducers=1)
     manifest["spec"]["job"] = "tests.jobs.dies_on_import"
     name = create_job(kube_cluster, kube_namespace, manifest)
-    wait_until("the job's own pod", lambda: job_pod_logs(
+    wait_for("the job's own pod", lambda: job_pod_logs(
         fake_kubelet, kube_namespace, name), timeout=30)
     assert "killing the worker at import" in fake_kubelet.logs(POOL_NS, standby)
     kube_cluster.api("DELETE", f"/apis/kubemr.io/v1alpha1/namespaces/{kube_namespace}/"
@@ -531,7 +520,7 @@ def test_a_standby_lost_while_the_operator_is_down_is_replaced_after_its_restart
     PROCESSES[operator].kill()
     PROCESSES[operator].wait()
     kube_cluster.api("DELETE", f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
-    wait_until("the standby's end", lambda: gone(
+    wait_for("the standby's end", lambda: gone(
         kube_cluster, f"/api/v1/namespaces/{POOL_NS}/pods/{standby}")
         or phase_of(kube_cluster, POOL_NS, standby) in ("Failed", "Succeeded"))
     replacement_log = tmp_path / "operator-2.log"
@@ -543,7 +532,7 @@ def test_a_standby_lost_while_the_operator_is_down_is_replaced_after_its_restart
         assert job["status"]["phase"] == "Succeeded", job["status"]
         assert job["status"]["results"] == ["p,q"]
         assert len(job_pod_logs(fake_kubelet, kube_namespace, name)) == 1
-        wait_until("the standby's objects' removal",
+        wait_for("the standby's objects' removal",
                    lambda: standby_objects(kube_cluster, standby) == [], timeout=60)
         assert waiting_standby(kube_cluster, fake_kubelet) != standby
     finally:
